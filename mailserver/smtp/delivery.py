@@ -1,0 +1,112 @@
+"""Delivery of one received message: recipients, streamed body, commit with per-mailbox status.
+
+The session talks to `IDelivery` only.  `LocalDelivery` puts the message into the Maildirs of
+local users (one stored copy each, hard links where possible) and reports a status for each
+mailbox, so that a failure for one mailbox never makes the sender retry the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+if TYPE_CHECKING:
+    from mailserver.accounts import User
+    from mailserver.maildir import MaildirStore
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """An accepted RCPT: the address given, and what it resolved to."""
+
+    address: str
+    local: tuple["User", ...] = ()
+    remote: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    """The outcome for one destination mailbox (a local user or a remote address)."""
+
+    mailbox: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class DeliveryOutcome:
+    statuses: list[MailboxStatus] = field(default_factory=list)
+
+    @property
+    def delivered(self) -> list[MailboxStatus]:
+        return [s for s in self.statuses if s.ok]
+
+    @property
+    def failed(self) -> list[MailboxStatus]:
+        return [s for s in self.statuses if not s.ok]
+
+
+class IDelivery(Interface):
+    """One message on its way to its recipients."""
+
+    def add_recipient(recipient: Recipient) -> None:
+        """Register an accepted recipient; called before any body data."""
+
+    def write(data: bytes) -> None:
+        """Append message bytes (already dot-unstuffed, CRLF line ends)."""
+
+    def commit() -> defer.Deferred:
+        """Make the message durable for every mailbox; fires with a DeliveryOutcome."""
+
+    def abort() -> None:
+        """Forget the message; nothing of it stays visible anywhere."""
+
+
+@implementer(IDelivery)
+class LocalDelivery:
+    """Writes into the Maildirs of local users through the store."""
+
+    def __init__(self, store: "MaildirStore") -> None:
+        self.store = store
+        self._users: dict[Path, "User"] = {}
+        self._store_delivery = None
+        self._pending: list[bytes] = []
+
+    @property
+    def mailboxes(self) -> list["User"]:
+        return list(self._users.values())
+
+    def add_recipient(self, recipient: Recipient) -> None:
+        for user in recipient.local:
+            path = self.store.user_path(user.domain, user.localpart)
+            self._users.setdefault(path, user)
+
+    def write(self, data: bytes) -> None:
+        if self._store_delivery is None:
+            self._store_delivery = self.store.begin_delivery(list(self._users))
+        self._store_delivery.write(data)
+
+    def commit(self) -> defer.Deferred:
+        if not self._users:
+            return defer.succeed(DeliveryOutcome())
+        if self._store_delivery is None:
+            self.write(b"")
+        d = self._store_delivery.commit()
+
+        def statuses(results) -> DeliveryOutcome:
+            out = DeliveryOutcome()
+            for result in results:
+                user = self._users[result.target]
+                out.statuses.append(MailboxStatus(user.address, result.ok,
+                                                  "" if result.ok else str(result.error)))
+            return out
+
+        return d.addCallback(statuses)
+
+    def abort(self) -> None:
+        if self._store_delivery is not None:
+            self._store_delivery.abort()

@@ -1,0 +1,58 @@
+"""The MX service: accepts mail for local domains from anyone, and never relays."""
+
+from __future__ import annotations
+
+from mailserver.addresses import AddressError, check_recipient_syntax
+from mailserver.connlimit import LimitedFactory
+from mailserver.smtp import replies as R
+from mailserver.smtp.delivery import Recipient
+from mailserver.smtp.replies import SMTPReplyError
+from mailserver.smtp.session import SMTPContext, SMTPSession
+
+# Characters that only appear in a recipient to route it somewhere else.
+_ROUTING_CHARS = set("%!@:,\"")
+
+
+def resolve_local(context: SMTPContext, path: str) -> Recipient:
+    """Recipient for a local address, or SMTPReplyError: relay denied / user unknown."""
+    if path.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted without a domain
+        for domain in context.accounts.list_domains():
+            res = context.accounts.resolve(f"postmaster@{domain}")
+            if res.kind == "ok":
+                return Recipient(f"postmaster@{domain}", res.local, res.remote)
+        raise SMTPReplyError(R.UNKNOWN_USER)
+    try:
+        address = check_recipient_syntax(path)
+    except AddressError:
+        local_part = path.rpartition("@")[0] if "@" in path else path
+        if path.startswith("@") or _ROUTING_CHARS & set(local_part) or "@" not in path:
+            raise SMTPReplyError(R.RELAY_DENIED) from None
+        raise SMTPReplyError(R.BAD_RECIPIENT_SYNTAX) from None
+    res = context.accounts.resolve(address)
+    if res.kind == "nonlocal":
+        raise SMTPReplyError(R.RELAY_DENIED)
+    if res.kind != "ok" or not (res.local or res.remote):
+        raise SMTPReplyError(R.UNKNOWN_USER)
+    return Recipient(address, res.local, res.remote)
+
+
+class MXSession(SMTPSession):
+    """Port 25: no AUTH, local recipients only."""
+
+    def resolve_recipient(self, path: str) -> Recipient:
+        recipient = resolve_local(self.context, path)
+        if recipient.remote and not recipient.local:
+            # Forwarding to remote targets needs the outbound queue.
+            raise SMTPReplyError(R.Reply(451, "4.3.0", "Error: forwarding not available"))
+        return recipient
+
+
+class SMTPFactory(LimitedFactory):
+    refusal = b"421 4.7.0 Error: too many connections, try again later\r\n"
+
+    def __init__(self, context: SMTPContext, session_class: type[SMTPSession] = MXSession) -> None:
+        self.context = context
+        self.session_class = session_class
+
+    def protocol(self):  # type: ignore[override]
+        return self.session_class(self.context)

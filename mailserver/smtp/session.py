@@ -1,0 +1,519 @@
+"""The SMTP server session shared by the MX and submission services.
+
+Built on twisted.mail's ESMTP (reply formatting, command dispatch, AUTH state machine) and
+fixing what a public-facing server needs that it lacks:
+
+- its own input loop instead of LineOnlyReceiver, so that commands pipelined after STARTTLS
+  are discarded (CVE-2011-0411), bare CR/LF are refused (as Postfix 3.9's
+  smtpd_forbid_bare_newline), command and data lines are bounded, and pipelined commands
+  wait while a message is being committed;
+- DATA is consumed in bulk, not line by line: the end marker, dot-unstuffing and the
+  bare-newline and line-length checks are done with bytes methods on whole chunks, and the
+  body streams to the store as it arrives;
+- STARTTLS resets the session to its pre-EHLO state (RFC 3207 4.2);
+- one reply per message with a status per mailbox: a write failure for one mailbox never
+  turns into a failure for the whole transaction when others were stored.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.smtp import replies as R
+from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
+from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
+from mailserver.smtp.replies import Reply, SMTPReplyError
+from mailserver.tls import describe_tls
+
+if TYPE_CHECKING:
+    from mailserver.accounts import Accounts
+    from mailserver.config import LimitsConfig
+    from mailserver.maildir import MaildirStore
+
+_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+_HELO_SAFE = re.compile(r"[^!-~]")
+
+
+@dataclass
+class SMTPContext:
+    """What every session of one service shares."""
+
+    hostname: str
+    limits: "LimitsConfig"
+    accounts: "Accounts"
+    store: "MaildirStore"
+    tls: Any = None  # IOpenSSLServerConnectionCreator, or None when TLS is off
+    service: str = "smtp"
+
+
+def new_queue_id() -> str:
+    """Short, unique, sortable by time: what the logs and the 250 reply call a message."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}".upper()
+
+
+@dataclass
+class _Incoming:
+    """State of a DATA phase in progress."""
+
+    delivery: IDelivery
+    queue_id: str
+    size: int = 0
+    error: Reply | None = None
+    skip_line: bool = False
+    first_chunk: bool = True
+    started: float = field(default_factory=time.monotonic)
+
+
+class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
+    log = Logger()
+
+    def __init__(self, context: SMTPContext) -> None:
+        smtp.ESMTP.__init__(self, chal={}, contextFactory=context.tls)
+        self.context = context
+        self.limits = context.limits
+        self.host = context.hostname.encode("ascii")
+        self.timeout = context.limits.idle_timeout
+        self._buffer = b""
+        self._discarding_line = False
+        self._paused = False
+        self._closing = False
+        self._incoming: _Incoming | None = None
+        self._long_data_line = re.compile(rb"[^\n]{%d}" % (self.limits.max_line_length + 2))
+        self._reset_session()
+
+    # -- session state ---------------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        self._greeted = False
+        self._esmtp = False
+        self._helo_name = ""
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self._sender: str | None = None
+        self._recipients: list[Recipient] = []
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.transport.getPeer()
+        return getattr(peer, "host", str(peer))
+
+    @property
+    def tls_active(self) -> bool:
+        return self.startedTLS or ISSLTransport.providedBy(self.transport)
+
+    def connectionMade(self) -> None:
+        smtp.ESMTP.connectionMade(self)
+        if ISSLTransport.providedBy(self.transport):
+            self.startedTLS = True  # implicit TLS (port 465)
+            self.canStartTLS = False
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP"
+
+    def reply(self, r: Reply, extra: str = "") -> None:
+        text = r.line() + (b" " + extra.encode("utf-8", "replace") if extra else b"")
+        self.sendCode(r.code, text)
+
+    def timeoutConnection(self) -> None:
+        self.sendCode(R.TIMEOUT.code, R.TIMEOUT.enhanced.encode() + b" " + self.host + b" "
+                      + R.TIMEOUT.text.encode())
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._buffer = b""
+        if self._incoming is not None:
+            self._incoming.delivery.abort()
+            self._incoming = None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
+        self._closing = True
+        if self._incoming is not None:
+            self._incoming.delivery.abort()
+            self._incoming = None
+        super().connectionLost(reason)
+
+    # -- input loop --------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._buffer and not self._paused and not self._closing:
+            if self._incoming is not None:
+                if not self._feed_data():
+                    return
+            elif not self._next_command():
+                return
+
+    def _pause(self) -> None:
+        self._paused = True
+        self.setTimeout(None)
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._closing:
+            return
+        self.setTimeout(self.timeout)
+        if self._buffer:
+            self._drain()
+
+    def _next_command(self) -> bool:
+        buf = self._buffer
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > self.limits.max_command_length + 2:
+                if not self._discarding_line:
+                    self.reply(R.LINE_TOO_LONG)
+                self._discarding_line = True
+                self._buffer = b""
+            return False
+        line, self._buffer = buf[:nl + 1], buf[nl + 1:]
+        if self._discarding_line:
+            self._discarding_line = False
+            return True
+        if len(line) > self.limits.max_command_length + 2:
+            self.reply(R.LINE_TOO_LONG)
+            return True
+        if line[-2:-1] != b"\r":
+            return self._refuse_bare(R.BARE_LF)
+        line = line[:-2]
+        if b"\r" in line:
+            return self._refuse_bare(R.BARE_CR)
+        self.resetTimeout()
+        self.lineReceived(line)
+        return True
+
+    def _refuse_bare(self, r: Reply) -> bool:
+        self.log.info("{service} {ip}: {reason}, disconnecting", service=self.context.service,
+                      ip=self.peer_ip, reason=r.text)
+        self.reply(r)
+        self._close()
+        return False
+
+    def lookupMethod(self, command: bytes):  # type: ignore[override]
+        try:
+            name = command.decode("ascii").upper()
+        except UnicodeDecodeError:
+            return None
+        if not name.isalpha():
+            return None
+        return getattr(self, "do_" + name, None) or getattr(self, "ext_" + name, None)
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.reply(R.UNKNOWN_COMMAND)
+
+    def sendSyntaxError(self) -> None:
+        self.reply(R.UNKNOWN_COMMAND)
+
+    # -- greeting, reset, TLS --------------------------------------------------------------
+
+    def extensions(self) -> list[bytes]:  # type: ignore[override]
+        ext = [b"PIPELINING", b"SIZE %d" % self.limits.max_message_size, b"ENHANCEDSTATUSCODES",
+               b"8BITMIME"]
+        if self.canStartTLS and not self.startedTLS:
+            ext.append(b"STARTTLS")
+        return ext
+
+    def _helo_arg(self, rest: bytes) -> str | None:
+        name = rest.strip().decode("ascii", "replace")
+        if not name:
+            return None
+        return _HELO_SAFE.sub("?", name)[:255]
+
+    def do_EHLO(self, rest: bytes) -> None:  # RFC 5321 4.1.1.1
+        name = self._helo_arg(rest)
+        if name is None:
+            self.reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            return
+        self._reset_transaction()
+        self._greeted, self._esmtp, self._helo_name = True, True, name
+        self.sendCode(250, b"\n".join([self.host] + self.extensions()))
+
+    def do_HELO(self, rest: bytes) -> None:
+        name = self._helo_arg(rest)
+        if name is None:
+            self.reply(Reply(501, "5.5.4", "Syntax: HELO hostname"))
+            return
+        self._reset_transaction()
+        self._greeted, self._esmtp, self._helo_name = True, False, name
+        self.sendCode(250, self.host)
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._reset_transaction()
+        self.reply(R.RESET)
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.reply(R.OK)
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self.reply(R.VRFY)
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.reply(R.BYE)
+        self._close()
+
+    def ext_STARTTLS(self, rest: bytes) -> None:  # RFC 3207
+        if rest.strip():
+            self.reply(R.SYNTAX)
+        elif self.startedTLS:
+            self.reply(R.TLS_ALREADY)
+        elif not self.canStartTLS:
+            self.reply(R.TLS_NOT_AVAILABLE)
+        else:
+            self.reply(R.START_TLS)
+            self._buffer = b""  # CVE-2011-0411: nothing sent before the handshake counts
+            self.transport.startTLS(self.context.tls)
+            self.startedTLS = True
+            self._reset_session()  # RFC 3207 4.2: back to the state after the greeting
+
+    # -- the envelope ----------------------------------------------------------------------
+
+    def do_MAIL(self, rest: bytes) -> None:  # RFC 5321 4.1.1.2
+        if not self._greeted:
+            return self.reply(R.BAD_SEQUENCE_HELO)
+        if self._sender is not None:
+            return self.reply(R.BAD_SEQUENCE_NESTED_MAIL)
+        try:
+            sender, params = parse_command_path(rest, "FROM")
+        except EnvelopeSyntaxError:
+            return self.reply(R.SYNTAX)
+        try:
+            self._check_mail_params(params)
+            sender = self.check_sender(sender)
+        except SMTPReplyError as e:
+            self.log.info("{service} {ip}: sender <{sender}> rejected: {reply}",
+                          service=self.context.service, ip=self.peer_ip, sender=sender,
+                          reply=str(e.reply))
+            return self.reply(e.reply)
+        self._sender = sender
+        self.reply(R.SENDER_OK)
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> None:
+        for key, value in params.items():
+            if key == "SIZE":  # RFC 1870
+                if value is None or not value.isdigit():
+                    raise SMTPReplyError(R.SYNTAX)
+                if int(value) > self.limits.max_message_size:
+                    raise SMTPReplyError(R.MESSAGE_TOO_BIG)
+            elif key == "BODY":  # RFC 6152
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPReplyError(R.SYNTAX)
+            else:
+                raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
+
+    def check_sender(self, sender: str) -> str:
+        """Policy for MAIL FROM; returns the sender to use or raises SMTPReplyError."""
+        if sender and (sender.count("@") < 1 or len(sender) > 254 or " " in sender):
+            raise SMTPReplyError(R.BAD_SENDER_SYNTAX)
+        return sender
+
+    def do_RCPT(self, rest: bytes) -> None:  # RFC 5321 4.1.1.3
+        if self._sender is None:
+            return self.reply(R.BAD_SEQUENCE_MAIL)
+        try:
+            path, params = parse_command_path(rest, "TO")
+        except EnvelopeSyntaxError:
+            return self.reply(R.SYNTAX)
+        try:
+            if params:
+                raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
+            if len(self._recipients) >= self.limits.max_recipients:
+                raise SMTPReplyError(R.TOO_MANY_RECIPIENTS)
+            recipient = self.resolve_recipient(path)
+        except SMTPReplyError as e:
+            self.log.info("{service} {ip}: recipient <{rcpt}> from <{sender}> rejected: {reply}",
+                          service=self.context.service, ip=self.peer_ip, rcpt=path,
+                          sender=self._sender, reply=str(e.reply))
+            return self.reply(e.reply)
+        if all(r.address != recipient.address for r in self._recipients):
+            self._recipients.append(recipient)
+        self.reply(R.RECIPIENT_OK)
+
+    def resolve_recipient(self, path: str) -> Recipient:
+        """Policy for RCPT TO; each service decides. Raises SMTPReplyError."""
+        raise SMTPReplyError(R.RELAY_DENIED)
+
+    # -- DATA ------------------------------------------------------------------------------
+
+    def make_delivery(self) -> IDelivery:
+        delivery = LocalDelivery(self.context.store)
+        for recipient in self._recipients:
+            delivery.add_recipient(recipient)
+        return delivery
+
+    def do_DATA(self, rest: bytes) -> None:  # RFC 5321 4.1.1.4
+        if self._sender is None:
+            return self.reply(R.BAD_SEQUENCE_MAIL)
+        if not self._recipients:
+            return self.reply(R.BAD_SEQUENCE_RCPT)
+        if rest.strip():
+            return self.reply(R.SYNTAX)
+        queue_id = new_queue_id()
+        try:
+            delivery = self.make_delivery()
+            delivery.write(self.trace_headers(queue_id))
+        except OSError as e:
+            self.log.error("{service} {ip}: cannot start delivery: {error}",
+                           service=self.context.service, ip=self.peer_ip, error=e)
+            self._reset_transaction()
+            return self.reply(R.LOCAL_ERROR)
+        self._incoming = _Incoming(delivery, queue_id)
+        self.reply(R.START_DATA)
+
+    def trace_headers(self, queue_id: str) -> bytes:
+        """Return-Path, Delivered-To (single mailbox only) and Received (RFC 5321 4.4)."""
+        tls = describe_tls(self.transport) if self.tls_active else None
+        proto = ("ESMTP" if self._esmtp else "SMTP") + ("S" if tls else "") + \
+            ("A" if self.authenticated else "")
+        lines = [f"Return-Path: <{self._sender}>"]
+        mailboxes = {u.address for r in self._recipients for u in r.local}
+        single = len(self._recipients) == 1 and len(mailboxes) == 1
+        if single:
+            lines.append(f"Delivered-To: {next(iter(mailboxes))}")
+        lines.append(f"Received: from {self._helo_name} ([{self.peer_ip}])")
+        if self.authenticated and getattr(self, "username", None):
+            lines.append(f"\t(authenticated user {self.username})")  # type: ignore[attr-defined]
+        lines.append(f"\tby {self.context.hostname} (mailserver) with {proto} id {queue_id}")
+        if tls:
+            version, _, cipher = tls.partition(" ")
+            lines.append(f"\t(using {version} with cipher {cipher})")
+        if len(self._recipients) == 1:
+            lines.append(f"\tfor <{self._recipients[0].address}>;")
+        else:
+            lines[-1] += ";"
+        lines.append("\t" + email.utils.formatdate(localtime=True))
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+    def _feed_data(self) -> bool:
+        """Consume complete lines of message data from the buffer; False when it needs more."""
+        inc = self._incoming
+        assert inc is not None
+        buf = self._buffer
+        if inc.skip_line:  # the rest of an over-long line
+            nl = buf.find(b"\n")
+            self._buffer = buf[nl + 1:] if nl >= 0 else b""
+            inc.skip_line = nl < 0
+            return nl >= 0
+        last = buf.rfind(b"\n")
+        if last < 0:
+            if len(buf) > self.limits.max_line_length + 2:
+                self._data_error(inc, R.DATA_LINE_TOO_LONG)
+                self._buffer, inc.skip_line = b"", True
+            return False
+        if buf.startswith(b".\r\n"):
+            end, resume = 0, 3
+        else:
+            end = buf.find(b"\r\n.\r\n", 0, last + 1)
+            if end >= 0:
+                end, resume = end + 2, end + 5
+            else:
+                end = resume = last + 1
+        chunk = buf[:end]
+        self._buffer = buf[resume:]
+        finished = resume != end
+        if chunk:
+            self._check_chunk(inc, chunk)
+            if self._closing:
+                return False
+        if inc.error is None and chunk:
+            chunk = self._unstuff(inc, chunk)
+            inc.size += len(chunk)
+            if inc.size > self.limits.max_message_size:
+                self._data_error(inc, R.MESSAGE_TOO_BIG)
+            else:
+                try:
+                    inc.delivery.write(chunk)
+                except OSError as e:
+                    self.log.error("{service}: write failed for {qid}: {error}",
+                                   service=self.context.service, qid=inc.queue_id, error=e)
+                    self._data_error(inc, R.LOCAL_ERROR)
+        if self._closing:
+            return False
+        self.resetTimeout()
+        if finished:
+            self._end_of_data(inc)
+        return True
+
+    def _check_chunk(self, inc: _Incoming, chunk: bytes) -> None:
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\n") != crlf:
+            self._refuse_bare(R.BARE_LF)
+        elif chunk.count(b"\r") != crlf:
+            self._refuse_bare(R.BARE_CR)
+        elif len(chunk) > self.limits.max_line_length + 2 and self._long_data_line.search(chunk):
+            self._data_error(inc, R.DATA_LINE_TOO_LONG)
+
+    def _unstuff(self, inc: _Incoming, chunk: bytes) -> bytes:
+        """Remove the leading dot of dot-stuffed lines (RFC 5321 4.5.2)."""
+        if chunk[:1] == b".":
+            chunk = chunk[1:]
+        chunk = chunk.replace(b"\r\n.", b"\r\n")
+        if inc.first_chunk:
+            inc.first_chunk = False
+            # A message that starts with body text gets an empty header section, so the
+            # first body line is not read as a continuation of our trace headers.
+            if chunk[:2] != b"\r\n" and not _HEADER_LINE.match(chunk):
+                chunk = b"\r\n" + chunk
+        return chunk
+
+    def _data_error(self, inc: _Incoming, r: Reply) -> None:
+        if inc.error is None:
+            inc.error = r
+            inc.delivery.abort()
+
+    def _end_of_data(self, inc: _Incoming) -> None:
+        self._incoming = None
+        sender, recipients = self._sender, self._recipients
+        self._reset_transaction()
+        if inc.error is not None:
+            self.log.info("{service} {ip}: message {qid} from <{sender}> refused: {reply}",
+                          service=self.context.service, ip=self.peer_ip, qid=inc.queue_id,
+                          sender=sender, reply=str(inc.error))
+            self.reply(inc.error)
+            return
+        self._pause()
+        d = defer.maybeDeferred(inc.delivery.commit)
+        d.addCallback(self._committed, inc, sender, recipients)
+        d.addErrback(self._commit_failed, inc)
+        d.addBoth(lambda _: self._resume())
+
+    def _committed(self, outcome: DeliveryOutcome, inc: _Incoming, sender: str,
+                   recipients: list[Recipient]) -> None:
+        for status in outcome.failed:
+            self.log.error("{service}: message {qid} not stored for {mailbox}: {error}",
+                           service=self.context.service, qid=inc.queue_id,
+                           mailbox=status.mailbox, error=status.error)
+        if outcome.statuses and not outcome.delivered:
+            self.reply(R.LOCAL_ERROR)
+            return
+        self.log.info(
+            "{service} accepted message {qid} from=<{sender}> to={recipients} size={size} "
+            "tls={tls} ip={ip} mailboxes={mailboxes}",
+            service=self.context.service, qid=inc.queue_id, sender=sender,
+            recipients=",".join(r.address for r in recipients), size=inc.size,
+            tls=describe_tls(self.transport) or "no", ip=self.peer_ip,
+            mailboxes=len(outcome.delivered))
+        self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
+
+    def _commit_failed(self, failure: Failure, inc: _Incoming) -> None:
+        self.log.failure("{service}: commit of {qid} failed", failure,
+                         service=self.context.service, qid=inc.queue_id)
+        inc.delivery.abort()
+        self.reply(R.LOCAL_ERROR)
+

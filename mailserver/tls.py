@@ -1,0 +1,133 @@
+"""Certificate loading/generation and the server TLS context (TLS 1.2 minimum).
+
+With no certificate configured, a self-signed pair for the hostname is generated into
+state_dir on first start and reused afterwards, so a fresh install offers STARTTLS at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import ISSLTransport
+
+from mailserver.config import Config
+
+# Forward-secret AEAD suites only; TLS 1.3 suites are always on and not affected.
+MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class CertificatePaths:
+    certificate: Path
+    private_key: Path
+    generated: bool
+
+
+def certificate_paths(config: Config) -> CertificatePaths:
+    """The PEM files to serve: configured ones, or the generated pair in state_dir."""
+    if config.tls.certificate:
+        return CertificatePaths(Path(config.tls.certificate), Path(config.tls.private_key), False)
+    tls_dir = config.state_dir / "tls"
+    return CertificatePaths(tls_dir / "cert.pem", tls_dir / "key.pem", True)
+
+
+def ensure_certificate(config: Config) -> CertificatePaths:
+    """Generate the self-signed pair when none is configured and none exists yet."""
+    paths = certificate_paths(config)
+    if paths.generated and not (paths.certificate.exists() and paths.private_key.exists()):
+        generate_self_signed(config.server.hostname, paths.certificate, paths.private_key)
+    return paths
+
+
+def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    try:
+        san = [x509.IPAddress(ipaddress.ip_address(hostname))]
+    except ValueError:
+        pass
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_bytes = key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    _write_atomic(key_path, key_bytes, 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def server_context_factory(paths: CertificatePaths) -> ssl.CertificateOptions:
+    """CertificateOptions for every TLS listener: TLS 1.2+, modern ciphers, full chain."""
+    pem = paths.certificate.read_bytes()
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, paths.private_key.read_bytes())
+    certs = [crypto.load_certificate(crypto.FILETYPE_PEM, block)
+             for block in _pem_blocks(pem, b"CERTIFICATE")]
+    if not certs:
+        raise ValueError(f"no certificate found in {paths.certificate}")
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=certs[0],
+        extraCertChain=certs[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
+    )
+
+
+def _pem_blocks(pem: bytes, label: bytes) -> list[bytes]:
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    blocks, pos = [], 0
+    while (start := pem.find(begin, pos)) >= 0:
+        stop = pem.find(end, start)
+        if stop < 0:
+            break
+        blocks.append(pem[start:stop + len(end)])
+        pos = stop + len(end)
+    return blocks
+
+
+def describe_tls(transport: object) -> str | None:
+    """'TLSv1.3 TLS_AES_256_GCM_SHA384' for a TLS transport, None for a plain one."""
+    if not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        conn = transport.getHandle()  # type: ignore[attr-defined]
+        version, cipher = conn.get_protocol_version_name(), conn.get_cipher_name()
+    except Exception:
+        return "TLS"
+    if not cipher:
+        return "TLS"
+    return f"{version} {cipher}"

@@ -1,0 +1,95 @@
+"""Config validation: every bad value is an error that names its key."""
+
+from pathlib import Path
+
+import pytest
+
+from mailserver.config import (DEFAULT_CONFIG, ConfigError, load_config, parse_config,
+                               parse_duration, parse_size)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "mailserver.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_loads():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.listen.smtp == "tcp:2525"
+    assert config.state_dir == (DEFAULT_CONFIG.parent / ".." / "var").resolve()
+    assert config.maildir_root == (DEFAULT_CONFIG.parent / ".." / "maildirs").resolve()
+
+
+def test_production_config_parses_apart_from_certificates(tmp_path):
+    text = (DEFAULT_CONFIG.parent / "mailserver.production.toml").read_text()
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key == "tls.certificate"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "etc").mkdir()
+    p = tmp_path / "etc" / "m.toml"
+    p.write_text('[server]\nstate_dir = "../state"\n[storage]\nmaildir_root = "mail"\n')
+    config = load_config(p)
+    assert config.state_dir == tmp_path / "state"
+    assert config.maildir_root == tmp_path / "etc" / "mail"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[limits]\nmax_recipientz = 5\n", "limits.max_recipientz"),
+    ("[limits]\nmax_recipients = \"many\"\n", "limits.max_recipients"),
+    ("[limits]\nmax_recipients = 0\n", "limits.max_recipients"),
+    ("[limits]\nmax_recipients = true\n", "limits.max_recipients"),
+    ("[limits]\nmax_message_size = \"huge\"\n", "limits.max_message_size"),
+    ("[limits]\nidle_timeout = \"soon\"\n", "limits.idle_timeout"),
+    ("[listen]\nsmtp = \"tcpp:25\"\n", "listen.smtp"),
+    ("[listen]\nsmtp = 25\n", "listen.smtp"),
+    ("[listen]\nsmtp = \"tcp:2525\"\nimap = \"tcp:2525\"\n", "listen.imap"),
+    ("[server]\nhostname = \"not a host\"\n", "server.hostname"),
+    ("[tls]\ncertificate = \"missing.pem\"\nprivate_key = \"missing.key\"\n", "tls.certificate"),
+    ("[tls]\ncertificate = \"x.pem\"\n", "tls.private_key"),
+    ("[auth]\nallow_plaintext_loopback = \"yes\"\n", "auth.allow_plaintext_loopback"),
+    ("[nonsense]\na = 1\n", "nonsense"),
+    ("limits = 3\n", "limits"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key == key
+    assert key in str(e.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[server\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_empty_endpoint_disables_a_service(tmp_path):
+    config = load_config(write(tmp_path, '[listen]\npop3 = ""\npop3s = ""\n'))
+    assert "pop3" not in config.listen.enabled()
+    assert "smtp" in config.listen.enabled()
+
+
+def test_sizes_and_durations():
+    assert parse_size("50M") == 50 * 1024 * 1024
+    assert parse_size("1.5k") == 1536
+    assert parse_size(10) == 10
+    assert parse_duration("5m") == 300
+    assert parse_duration("4h") == 14400
+    assert parse_duration(2) == 2.0
+    for bad in ("5 parsecs", "-3", ""):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    with pytest.raises(ValueError):
+        parse_duration("fortnight")
+
+
+def test_limits_accept_units(tmp_path):
+    config = parse_config({"limits": {"max_message_size": "10M", "idle_timeout": "2m"}},
+                          tmp_path / "c.toml")
+    assert config.limits.max_message_size == 10 * 1024 * 1024
+    assert config.limits.idle_timeout == 120.0
