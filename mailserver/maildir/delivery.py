@@ -1,0 +1,312 @@
+"""Durable delivery of one message into one or more Maildirs.
+
+The ordering is what makes "250 OK" safe:
+
+1. the message streams into a tmp/ file (O_EXCL, mode 0600);
+2. commit: flush, fsync the file, close;
+3. hard-link it into every other target's new/ (or copy via that target's tmp/ with its
+   own fsync when links cannot cross), then rename it into its own Maildir's new/;
+4. fsync each new/ directory once;
+5. only then fire the Deferred, so the caller replies 250 on it.
+
+So new/ only ever receives complete, fsynced files: a crash at any moment leaves at most
+a leftover in tmp/, which `MaildirStore.clean_tmp` removes later.  The rename into the
+file's own Maildir comes last so that a reader moving the message out of new/ (an IMAP
+session, POP3) can never pull the source away from under the links.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+log = Logger()
+
+FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
+_COPY_CHUNK = 256 * 1024
+_LINK_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+# One counter per process: with the pid and the time it makes every name unique even when
+# many deliveries start within the same microsecond.
+_counter = itertools.count(1)
+
+
+def escape_hostname(hostname: str) -> str:
+    """The host part of a Maildir name: '/' and ':' (and ',') escaped as Dovecot does.
+
+    ':' starts the flags suffix and ',' the S= field, '/' cannot be in a file name.
+    """
+    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
+def unique_base(escaped_host: str) -> str:
+    """A new base name `<secs>.M<usecs>P<pid>Q<counter>.<host>` (Maildir spec, Dovecot)."""
+    secs, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return f"{secs}.M{nanos // 1000}P{os.getpid()}Q{next(_counter)}.{escaped_host}"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The outcome for one target Maildir: `path` is where the message file lies."""
+
+    target: Path
+    ok: bool
+    path: Path | None
+    error: BaseException | None
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (a new link or rename) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directories(dirs: Sequence[Path]) -> dict[Path, OSError]:
+    """fsync each directory once; the errors by directory (empty when all went well)."""
+    errors: dict[Path, OSError] = {}
+    for d in dict.fromkeys(dirs):
+        try:
+            fsync_directory(d)
+        except OSError as e:
+            errors[d] = e
+    return errors
+
+
+@dataclass
+class Placement:
+    """Files placed in new/ whose directories still need an fsync.
+
+    Split from the fsync step so that a batcher can place many deliveries, fsync the union
+    of their directories once, then call `finish` on each.
+    """
+
+    targets: list[Path]
+    outcomes: dict[Path, tuple[Path | None, BaseException | None]] = field(default_factory=dict)
+
+    @property
+    def dirs(self) -> list[Path]:
+        return list(dict.fromkeys(p.parent for p, e in self.outcomes.values() if p is not None))
+
+    def finish(self, dir_errors: dict[Path, OSError]) -> list[DeliveryResult]:
+        """One result per target, in target order, after the directories were synced.
+
+        A placed file whose directory fsync failed is reported as failed (and left in
+        place): a duplicate after the client retries is better than a lost message.
+        """
+        results = []
+        for target in self.targets:
+            path, error = self.outcomes[_key(target)]
+            if path is not None and error is None and path.parent in dir_errors:
+                error = dir_errors[path.parent]
+            results.append(DeliveryResult(target, error is None, path, error))
+        return results
+
+
+def _key(target: Path) -> Path:
+    return Path(os.path.normpath(os.path.abspath(target)))
+
+
+class Delivery:
+    """One message on its way into one or more Maildirs, streamed through a tmp/ file.
+
+    Created by `MaildirStore.begin_delivery`.  `write` from the reactor thread as data
+    arrives, then `commit` (disk work in a thread) or `abort`.  A repeated target gets
+    the same file and result as its first occurrence: one copy per Maildir.
+    """
+
+    def __init__(self, targets: Sequence[Path], escaped_host: str) -> None:
+        if not targets:
+            raise ValueError("a delivery needs at least one target")
+        self.targets = [Path(t) for t in targets]
+        self._unique = list(dict.fromkeys(_key(t) for t in self.targets))
+        self._buffer = bytearray()
+        self._size = 0
+        self._error: OSError | None = None
+        self._state = "open"
+        self._fd, self._home, self._base = self._create_tmp(escaped_host)
+        self._tmp_path = self._home / "tmp" / self._base
+
+    def _create_tmp(self, escaped_host: str) -> tuple[int, Path, str]:
+        """Open a fresh tmp file in the first target whose tmp/ accepts one."""
+        last: OSError | None = None
+        for target in self._unique:
+            for _ in range(5):
+                base = unique_base(escaped_host)
+                try:
+                    return os.open(target / "tmp" / base, _OPEN_FLAGS, 0o600), target, base
+                except FileExistsError as e:
+                    last = e
+                except OSError as e:
+                    last = e
+                    break
+        assert last is not None
+        log.warn("cannot create a tmp file in any target Maildir: {error}", error=last)
+        raise last
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    @property
+    def tmp_path(self) -> Path:
+        """Where the message is being written."""
+        return self._tmp_path
+
+    def write(self, data: bytes) -> None:
+        """Append `data`, keeping at most about FLUSH_THRESHOLD bytes in memory.
+
+        A disk error does not raise here (the protocol is mid-DATA); it is kept and makes
+        every target fail at commit.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"delivery is {self._state}")
+        self._size += len(data)
+        if self._error is not None:
+            return
+        if len(self._buffer) + len(data) < FLUSH_THRESHOLD:
+            self._buffer += data
+            return
+        try:
+            self._write_all(self._buffer)
+            self._buffer.clear()
+            self._write_all(data)
+        except OSError as e:
+            self._fail(e)
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _fail(self, error: OSError) -> None:
+        log.error("writing {path} failed: {error}", path=str(self._tmp_path), error=error)
+        self._error = error
+        self._buffer = bytearray()
+
+    def commit(self) -> Deferred[list[DeliveryResult]]:
+        """Store the message durably; fires with one DeliveryResult per target.
+
+        Fires only after the file and directory fsyncs, so a 250 sent on it is true.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"delivery is {self._state}")
+        self._state = "committing"
+        return deferToThread(self._commit_sync)
+
+    def abort(self) -> None:
+        """Drop the message: close and remove the tmp file.  Idempotent; no-op after commit."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buffer = bytearray()
+        self._close()
+        _unlink_quietly(self._tmp_path)
+
+    # -- the thread side --------------------------------------------------------------
+
+    def _commit_sync(self) -> list[DeliveryResult]:
+        """All the blocking work of `commit`: place the file, then fsync the directories."""
+        if self._state not in ("open", "committing"):
+            raise RuntimeError(f"delivery is {self._state}")
+        self._state = "committing"
+        placement = self._place()
+        results = placement.finish(sync_directories(placement.dirs))
+        self._state = "committed"
+        for r in results:
+            if not r.ok:
+                log.warn("delivery to {target} failed: {error}", target=str(r.target),
+                         error=r.error)
+        return results
+
+    def _place(self) -> Placement:
+        """Flush and fsync the file, then link/copy/rename it into every new/ directory."""
+        placement = Placement(self.targets)
+        error: BaseException | None = self._error
+        if error is None:
+            try:
+                self._write_all(self._buffer)
+                self._buffer = bytearray()
+                os.fsync(self._fd)
+            except OSError as e:
+                error = e
+        self._close()
+        if error is not None:
+            _unlink_quietly(self._tmp_path)
+            for key in self._unique:
+                placement.outcomes[key] = (None, error)
+            return placement
+
+        name = f"{self._base},S={self._size}"
+        for key in self._unique:
+            if key == self._home:
+                continue
+            try:
+                placement.outcomes[key] = (self._link_or_copy(key, name), None)
+            except OSError as e:
+                placement.outcomes[key] = (None, e)
+        dest = self._home / "new" / name
+        try:
+            os.rename(self._tmp_path, dest)
+            placement.outcomes[self._home] = (dest, None)
+        except OSError as e:
+            placement.outcomes[self._home] = (None, e)
+            _unlink_quietly(self._tmp_path)
+        return placement
+
+    def _link_or_copy(self, target: Path, name: str) -> Path:
+        """Hard-link the fsynced tmp file into target's new/, or copy it if links fail."""
+        dest = target / "new" / name
+        try:
+            os.link(self._tmp_path, dest)
+            return dest
+        except OSError as e:
+            if e.errno not in _LINK_FALLBACK_ERRNOS:
+                raise
+        copy_tmp = target / "tmp" / name
+        out = os.open(copy_tmp, _OPEN_FLAGS, 0o600)
+        try:
+            try:
+                with open(self._tmp_path, "rb") as src:
+                    while chunk := src.read(_COPY_CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(out, view):]
+                os.fsync(out)
+            finally:
+                os.close(out)
+            os.rename(copy_tmp, dest)
+        except BaseException:
+            _unlink_quietly(copy_tmp)
+            raise
+        return dest
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("cannot remove {path}: {error}", path=str(path), error=e)

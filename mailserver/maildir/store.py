@@ -1,0 +1,188 @@
+"""The Maildir root: where each user's Maildir++ lives, and how deliveries start.
+
+Layout: `<root>/<domain>/<localpart>/` is a user's INBOX (cur/ new/ tmp/); folders are
+`.Name` children with their own cur/ new/ tmp/ and an empty `maildirfolder` file, exactly
+as Dovecot lays them out.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mailserver.maildir.delivery import Delivery, escape_hostname, fsync_directory
+from mailserver.maildir.names import (
+    INBOX,
+    SUBSCRIPTIONS_FILE,
+    check_path_component,
+    folder_dir,
+    format_subscriptions,
+    is_inside,
+)
+
+log = Logger()
+
+DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk", "Archive")
+MAILDIR_SUBDIRS = ("cur", "new", "tmp")
+TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
+
+
+class MaildirStore:
+    """All Maildirs under one root directory."""
+
+    folder_dir = staticmethod(folder_dir)
+
+    def __init__(self, root: Path, hostname: str | None = None) -> None:
+        self.root = Path(os.path.normpath(os.path.abspath(root)))
+        self.hostname = hostname or socket.gethostname()
+        self._escaped_host = escape_hostname(self.hostname)
+
+    def user_path(self, domain: str, localpart: str) -> Path:
+        """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk."""
+        check_path_component(domain, "domain")
+        check_path_component(localpart, "local part")
+        path = self.root / domain / localpart
+        if not is_inside(path, self.root) or path.parent.parent != self.root:
+            raise ValueError(f"mailbox path escapes the maildir root: {domain!r}/{localpart!r}")
+        return path
+
+    def create_user(self, domain: str, localpart: str) -> Path:
+        """Create the user's Maildir++ with the default folders; keep whatever exists.
+
+        Blocking (a few mkdirs): call it from the admin tool or via deferToThread.
+        """
+        path = self.user_path(domain, localpart)
+        synced: set[Path] = set()
+        if not self.root.is_dir():
+            os.makedirs(self.root, 0o700, exist_ok=True)
+        for d in (self.root / domain, path):
+            if _mkdir(d):
+                synced.add(d.parent)
+        for sub in MAILDIR_SUBDIRS:
+            if _mkdir(path / sub):
+                synced.add(path)
+        for name in DEFAULT_FOLDERS:
+            fdir = folder_dir(path, name)
+            if _mkdir(fdir):
+                synced.add(path)
+            for sub in MAILDIR_SUBDIRS:
+                if _mkdir(fdir / sub):
+                    synced.add(fdir)
+            if _create_file(fdir / "maildirfolder", b"", fdir / "tmp"):
+                synced.add(fdir)
+        subscriptions = format_subscriptions((INBOX, *DEFAULT_FOLDERS))
+        if _create_file(path / SUBSCRIPTIONS_FILE, subscriptions, path / "tmp"):
+            synced.add(path)
+        for d in synced:
+            fsync_directory(d)
+        return path
+
+    def begin_delivery(self, targets: Sequence[Path]) -> Delivery:
+        """Start one message for the Maildirs `targets` (each a user's INBOX or a folder).
+
+        Creates the tmp file at once (OSError if no target's tmp/ accepts it, which the
+        caller reports as a temporary failure).
+        """
+        for t in targets:
+            if not is_inside(t, self.root):
+                raise ValueError(f"delivery target outside the maildir root: {t}")
+        return Delivery(targets, self._escaped_host)
+
+    def clean_tmp(self, max_age: float = TMP_MAX_AGE) -> Deferred[int]:
+        """Remove tmp/ files untouched for `max_age` seconds, in a thread; fires with the count."""
+        return deferToThread(self._clean_tmp_sync, max_age)
+
+    def _clean_tmp_sync(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
+        limit = (time.time() if now is None else now) - max_age
+        removed = 0
+        for tmp in self._tmp_dirs():
+            try:
+                with os.scandir(tmp) as it:
+                    entries = list(it)
+            except OSError as e:
+                log.warn("cannot scan {dir}: {error}", dir=str(tmp), error=e)
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    # ctime too: mtime can be set back, ctime moves with every write.
+                    if max(st.st_mtime, st.st_ctime) < limit:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    log.warn("cannot clean {path}: {error}", path=entry.path, error=e)
+        if removed:
+            log.info("removed {count} stale tmp files", count=removed)
+        return removed
+
+    def _tmp_dirs(self) -> Iterator[Path]:
+        """Every tmp/ of every user's INBOX and folders."""
+        for domain in _subdirs(self.root):
+            if domain.name.startswith("."):
+                continue
+            for user in _subdirs(domain):
+                if user.name.startswith("."):
+                    continue
+                yield user / "tmp"
+                for folder in _subdirs(user):
+                    if folder.name.startswith("."):
+                        yield folder / "tmp"
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as it:
+            return [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _mkdir(path: Path) -> bool:
+    """mkdir with mode 0700; False if it already existed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    os.chmod(path, 0o700)  # the umask may have taken bits away; never add any beyond 0700
+    return True
+
+
+def _create_file(path: Path, content: bytes, tmp_dir: Path) -> bool:
+    """Write a file atomically unless it exists; False (and untouched) if it did.
+
+    A complete temporary file in `tmp_dir` (a Maildir tmp/, so `clean_tmp` removes any
+    leftover) is linked into place: a crash never leaves a half-written file, and an
+    existing file is never overwritten.
+    """
+    if os.path.lexists(path):
+        return False
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{time.time_ns()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
