@@ -1,0 +1,492 @@
+"""Domains, users, aliases and their password hashes, in SQLite (WAL) under state_dir.
+
+The running server and `mailserver-admin` open the same file at the same time.  There is
+no cache: every lookup is a query, so an admin change is visible to the server on its
+next lookup.  Point lookups on primary keys take microseconds, and in WAL mode readers
+never wait for a writer, so querying in the reactor thread is cheap; writes take the lock
+up front (BEGIN IMMEDIATE) and wait up to `BUSY_TIMEOUT_MS` for another writer.
+
+All addresses are stored in the canonical form of `mailserver.addresses.normalize`, so
+they compare case-insensitively as Dovecot's do.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal
+
+from twisted.logger import Logger
+
+from mailserver.addresses import (AddressError, is_domain_literal, normalize, normalize_domain,
+                                  split_address, subaddress_base)
+
+if TYPE_CHECKING:
+    from mailserver.config import Config
+
+log = Logger()
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+MAX_ALIAS_DEPTH = 10
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS users (
+    address TEXT PRIMARY KEY,
+    localpart TEXT NOT NULL,
+    domain TEXT NOT NULL REFERENCES domains(name),
+    password_hash TEXT NOT NULL,
+    quota INTEGER
+);
+CREATE INDEX IF NOT EXISTS users_domain ON users(domain);
+CREATE TABLE IF NOT EXISTS aliases (
+    source TEXT NOT NULL,
+    domain TEXT NOT NULL REFERENCES domains(name),
+    target TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (source, target)
+);
+CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
+"""
+
+
+class AccountsError(Exception):
+    """A refused account change; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class User:
+    address: str
+    localpart: str
+    domain: str
+    password_hash: str = field(repr=False)
+    quota: int | None = None  # bytes; None: no limit
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where mail for one RCPT TO address goes.
+
+    kind: "nonlocal" (not one of our domains; local and remote are empty), "unknown" (a
+    local domain but nothing to deliver to), or "ok".
+    """
+    kind: Literal["nonlocal", "unknown", "ok"]
+    local: tuple[User, ...] = ()
+    remote: tuple[str, ...] = ()
+
+
+class Accounts:
+    """The accounts database; safe to share between threads of one process."""
+
+    def __init__(self, path: str | Path, subaddress_separator: str = "+") -> None:
+        self.path = Path(path)
+        self.subaddress_separator = subaddress_separator
+        self._lock = threading.RLock()
+        self._db = _open(self.path)
+        try:
+            self._init_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def from_config(cls, config: Config) -> Accounts:
+        """The accounts database of this configuration (config.accounts_db)."""
+        return cls(config.accounts_db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Accounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions --------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot for several queries (fresh for every call)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise AccountsError(f"accounts database busy: {e}") from None
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _init_schema(self) -> None:
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise AccountsError(f"{self.path}: schema version {row[0]} is newer than this "
+                                    f"server supports ({SCHEMA_VERSION})")
+
+    # -- domains ---------------------------------------------------------------------
+
+    def add_domain(self, domain: str) -> str:
+        name = _domain(domain)
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
+                raise AccountsError(f"domain already exists: {name}")
+            db.execute("INSERT INTO domains (name) VALUES (?)", (name,))
+        return name
+
+    def del_domain(self, domain: str) -> None:
+        """Remove an empty domain; refused while users or aliases remain in it."""
+        name = _domain(domain)
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
+                raise AccountsError(f"no such domain: {name}")
+            users = db.execute("SELECT count(*) FROM users WHERE domain = ?", (name,)).fetchone()[0]
+            aliases = db.execute("SELECT count(DISTINCT source) FROM aliases WHERE domain = ?",
+                                 (name,)).fetchone()[0]
+            if users or aliases:
+                raise AccountsError(f"domain {name} is not empty ({users} users, {aliases} "
+                                    "aliases): delete them first")
+            db.execute("DELETE FROM domains WHERE name = ?", (name,))
+
+    def list_domains(self) -> list[str]:
+        with self._read() as db:
+            return [r[0] for r in db.execute("SELECT name FROM domains ORDER BY name")]
+
+    def is_local_domain(self, domain: str) -> bool:
+        try:
+            name = normalize_domain(domain)
+        except AddressError:
+            return False
+        with self._read() as db:
+            return self._has_domain(db, name)
+
+    @staticmethod
+    def _has_domain(db: sqlite3.Connection, name: str) -> bool:
+        return db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is not None
+
+    def _require_domain(self, db: sqlite3.Connection, name: str) -> None:
+        if not self._has_domain(db, name):
+            raise AccountsError(f"no such domain: {name} (add it first)")
+
+    # -- users -----------------------------------------------------------------------
+
+    def add_user(self, address: str, password_hash: str, quota: int | None = None) -> User:
+        local, domain = _address(address)
+        user = User(f"{local}@{domain}", local, domain, _hash(password_hash), _quota(quota))
+        with self._write() as db:
+            self._require_domain(db, domain)
+            if self._get_user(db, user.address):
+                raise AccountsError(f"user already exists: {user.address}")
+            db.execute("INSERT INTO users (address, localpart, domain, password_hash, quota) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (user.address, local, domain, user.password_hash, user.quota))
+        return user
+
+    def set_password(self, address: str, password_hash: str) -> None:
+        addr = "@".join(_address(address))
+        with self._write() as db:
+            cur = db.execute("UPDATE users SET password_hash = ? WHERE address = ?",
+                             (_hash(password_hash), addr))
+            if cur.rowcount == 0:
+                raise AccountsError(f"no such user: {addr}")
+
+    def replace_password_hash(self, address: str, old_hash: str, new_hash: str) -> bool:
+        """Swap the hash only if it is still `old_hash` (an upgrade must not undo a change
+        the admin made meanwhile); True if replaced."""
+        addr = "@".join(_address(address))
+        with self._write() as db:
+            cur = db.execute("UPDATE users SET password_hash = ? "
+                             "WHERE address = ? AND password_hash = ?",
+                             (_hash(new_hash), addr, old_hash))
+            return cur.rowcount > 0
+
+    def del_user(self, address: str) -> User:
+        addr = "@".join(_address(address))
+        with self._write() as db:
+            user = self._get_user(db, addr)
+            if user is None:
+                raise AccountsError(f"no such user: {addr}")
+            db.execute("DELETE FROM users WHERE address = ?", (addr,))
+        return user
+
+    def get_user(self, address: str) -> User | None:
+        """The user with this address (any case), or None, also for a malformed address."""
+        try:
+            addr = normalize(address)
+        except AddressError:
+            return None
+        with self._read() as db:
+            return self._get_user(db, addr)
+
+    def list_users(self, domain: str | None = None) -> list[User]:
+        query = "SELECT address, localpart, domain, password_hash, quota FROM users"
+        args: tuple[str, ...] = ()
+        if domain is not None:
+            query += " WHERE domain = ?"
+            args = (_domain(domain),)
+        with self._read() as db:
+            return [User(*row) for row in db.execute(query + " ORDER BY domain, localpart", args)]
+
+    @staticmethod
+    def _get_user(db: sqlite3.Connection, address: str) -> User | None:
+        row = db.execute("SELECT address, localpart, domain, password_hash, quota FROM users "
+                         "WHERE address = ?", (address,)).fetchone()
+        return User(*row) if row else None
+
+    # -- aliases ---------------------------------------------------------------------
+
+    def add_alias(self, alias: str, targets: list[str]) -> list[str]:
+        """Add targets to an alias (created if new); returns the alias's full target list.
+
+        `alias` may be '@domain', the catch-all for that domain.  Targets are addresses,
+        local or remote.
+        """
+        source, domain = _alias_source(alias)
+        if not targets:
+            raise AccountsError("an alias needs at least one target")
+        clean: list[str] = []
+        for target in targets:
+            try:
+                t = normalize(target.strip())
+            except AddressError as e:
+                raise AccountsError(f"bad alias target {target!r}: {e}") from None
+            if is_domain_literal(t.rpartition("@")[2]):
+                raise AccountsError(f"bad alias target {target!r}: domain literal")
+            if t not in clean:
+                clean.append(t)
+        with self._write() as db:
+            self._require_domain(db, domain)
+            existing = self._targets(db, source)
+            position = len(existing)
+            for t in clean:
+                if t not in existing:
+                    db.execute("INSERT INTO aliases (source, domain, target, position) "
+                               "VALUES (?, ?, ?, ?)", (source, domain, t, position))
+                    existing.append(t)
+                    position += 1
+            return existing
+
+    def del_alias(self, alias: str) -> None:
+        source, _ = _alias_source(alias)
+        with self._write() as db:
+            if db.execute("DELETE FROM aliases WHERE source = ?", (source,)).rowcount == 0:
+                raise AccountsError(f"no such alias: {source}")
+
+    def list_aliases(self) -> list[tuple[str, list[str]]]:
+        with self._read() as db:
+            rows = db.execute("SELECT source, target FROM aliases "
+                              "ORDER BY domain, source, position").fetchall()
+        result: dict[str, list[str]] = {}
+        for source, target in rows:
+            result.setdefault(source, []).append(target)
+        return list(result.items())
+
+    @staticmethod
+    def _targets(db: sqlite3.Connection, source: str) -> list[str]:
+        return [r[0] for r in db.execute(
+            "SELECT target FROM aliases WHERE source = ? ORDER BY position", (source,))]
+
+    # -- resolution --------------------------------------------------------------------
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail to `address` goes, as SMTP needs it at RCPT time.
+
+        Lookup order: an exact alias, then a user, then the subaddress base ('alice+tag'
+        -> alias or user 'alice'), then the domain's catch-all '@domain'.  Aliases expand
+        recursively; loops and chains deeper than MAX_ALIAS_DEPTH are cut, and a local
+        target that leads nowhere is dropped (logged).  A malformed address is "unknown".
+        """
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return Resolution("unknown")
+        if is_domain_literal(domain):
+            return Resolution("nonlocal")
+        with self._read() as db:
+            if not self._has_domain(db, domain):
+                return Resolution("nonlocal")
+            users: dict[str, User] = {}
+            remote: dict[str, None] = {}
+            _Expansion(self, db, users, remote).expand(f"{local}@{domain}", 0)
+        if not users and not remote:
+            return Resolution("unknown")
+        return Resolution("ok", tuple(users.values()), tuple(remote))
+
+
+class _Expansion:
+    """One recursive alias expansion inside one read snapshot."""
+
+    def __init__(self, accounts: Accounts, db: sqlite3.Connection,
+                 users: dict[str, User], remote: dict[str, None]) -> None:
+        self.separator = accounts.subaddress_separator
+        self.db = db
+        self.users = users
+        self.remote = remote
+        self.active: set[str] = set()     # being expanded: meeting one again is a loop
+        self.done: dict[str, bool] = {}   # expanded already: its result is counted
+
+    def expand(self, address: str, depth: int) -> bool:
+        """Collect where `address` (in a local domain) leads; False if nowhere."""
+        if address in self.done:
+            return self.done[address]
+        if address in self.active:
+            log.info("alias loop at {address}: cut", address=address)
+            return False
+        if depth > MAX_ALIAS_DEPTH:
+            log.warn("alias chain deeper than {max} at {address}: cut",
+                     max=MAX_ALIAS_DEPTH, address=address)
+            return False
+        self.active.add(address)
+        try:
+            found = self._lookup(address, depth)
+        finally:
+            self.active.discard(address)
+        self.done[address] = found
+        return found
+
+    def _lookup(self, address: str, depth: int) -> bool:
+        db = self.db
+        targets = Accounts._targets(db, address)
+        if targets:
+            return self._expand_targets(address, targets, depth)
+        if self._add_user(address):
+            return True
+        local, domain = address.rsplit("@", 1)
+        base = subaddress_base(local, self.separator)
+        if base is not None:
+            base_address = f"{base}@{domain}"
+            targets = Accounts._targets(db, base_address)
+            if targets:
+                return self._expand_targets(base_address, targets, depth)
+            if self._add_user(base_address):
+                return True
+        catch_all = "@" + domain
+        targets = Accounts._targets(db, catch_all)
+        if targets:
+            return self._expand_targets(catch_all, targets, depth)
+        return False
+
+    def _add_user(self, address: str) -> bool:
+        user = Accounts._get_user(self.db, address)
+        if user is None:
+            return False
+        self.users.setdefault(user.address, user)
+        return True
+
+    def _expand_targets(self, source: str, targets: list[str], depth: int) -> bool:
+        found = False
+        for target in targets:
+            if not Accounts._has_domain(self.db, target.rpartition("@")[2]):
+                self.remote.setdefault(target, None)
+                found = True
+            elif target == source:
+                # An alias naming itself keeps a copy in the same-named mailbox.
+                if self._add_user(target):
+                    found = True
+                else:
+                    log.warn("alias {source} names itself but there is no such user: "
+                             "dropped", source=source)
+            elif self.expand(target, depth + 1):
+                found = True
+            else:
+                log.warn("alias target {target} (of {source}) leads nowhere: dropped",
+                         target=target, source=source)
+        return found
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Open (creating with private permissions) the database in WAL mode."""
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, mode=0o700)
+            os.chmod(parent, 0o700)
+        except OSError as e:
+            raise AccountsError(f"cannot create {parent}: {e.strerror}") from None
+    try:
+        # Created 0600 before SQLite touches it; SQLite gives its -wal/-shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as e:
+        raise AccountsError(f"cannot open accounts database {path}: {e}") from None
+    try:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise AccountsError(f"{path}: cannot switch to WAL mode (got {mode})")
+        db.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as e:
+        db.close()
+        raise AccountsError(f"cannot open accounts database {path}: {e}") from None
+    return db
+
+
+def _domain(domain: str) -> str:
+    try:
+        return normalize_domain(domain)
+    except AddressError as e:
+        raise AccountsError(f"bad domain {domain!r}: {e}") from None
+
+
+def _address(address: str) -> tuple[str, str]:
+    try:
+        local, domain = split_address(address)
+    except AddressError as e:
+        raise AccountsError(f"bad address {address!r}: {e}") from None
+    if is_domain_literal(domain):
+        raise AccountsError(f"bad address {address!r}: a domain literal cannot be hosted")
+    return local, domain
+
+
+def _alias_source(alias: str) -> tuple[str, str]:
+    """(source key, domain) for 'alias@domain' or the catch-all '@domain'."""
+    if isinstance(alias, str) and alias.startswith("@") and alias.count("@") == 1:
+        domain = _domain(alias[1:])
+        return "@" + domain, domain
+    local, domain = _address(alias)
+    return f"{local}@{domain}", domain
+
+
+def _hash(password_hash: str) -> str:
+    if not isinstance(password_hash, str) or not password_hash:
+        raise AccountsError("empty password hash")
+    if any(c in password_hash for c in "\r\n\x00"):
+        raise AccountsError("password hash contains line breaks or NUL")
+    return password_hash
+
+
+def _quota(quota: int | None) -> int | None:
+    if quota is None:
+        return None
+    if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+        raise AccountsError(f"bad quota {quota!r}: expected bytes >= 0")
+    return quota or None

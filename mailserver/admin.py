@@ -1,0 +1,440 @@
+"""`mailserver-admin`: the operator's command line for config checks, domains, users, aliases.
+
+It writes the same SQLite accounts database the running server reads (WAL mode), so
+every change takes effect without a restart.  Errors are one line on stderr, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+from mailserver.accounts import Accounts, AccountsError
+from mailserver.addresses import AddressError, normalize_domain, split_address
+from mailserver.config import DEFAULT_CONFIG, Config, ConfigError, load_config, parse_size
+from mailserver.passwords import hash_password, is_supported_hash
+
+PROG = "mailserver-admin"
+
+_LISTENER_NOTES = {
+    "smtp": "MX, STARTTLS",
+    "submission": "submission, STARTTLS, AUTH required",
+    "submissions": "submission, implicit TLS, AUTH required",
+    "imap": "IMAP, STARTTLS",
+    "imaps": "IMAP, implicit TLS",
+    "pop3": "POP3, STLS",
+    "pop3s": "POP3, implicit TLS",
+}
+
+
+class AdminError(Exception):
+    """A failed command; the message is printed as the one error line."""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is our one-line error with exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        return _fail(str(e))
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        config = load_config(getattr(args, "config", None) or DEFAULT_CONFIG)
+        return args.handler(config, args)
+    except (AdminError, AccountsError, ConfigError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# -- parser ------------------------------------------------------------------------------
+
+def _build_parser() -> _Parser:
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser = _Parser(prog=PROG, parents=[common],
+                     description="Administer the mail server: domains, users, aliases.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+
+    def leaf(group: argparse._SubParsersAction, name: str, handler: Callable[..., int],
+             help: str) -> _Parser:
+        p = group.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    leaf(commands, "check", cmd_check,
+         "validate the configuration and show what would listen where")
+
+    domain = commands.add_parser("domain", help="manage mail domains")
+    actions = domain.add_subparsers(dest="action", metavar="ACTION", required=True)
+    leaf(actions, "add", cmd_domain_add, "add a domain").add_argument("domain")
+    leaf(actions, "del", cmd_domain_del, "delete an empty domain").add_argument("domain")
+    leaf(actions, "list", cmd_domain_list, "list domains")
+
+    user = commands.add_parser("user", help="manage mailbox users")
+    actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = leaf(actions, "add", cmd_user_add, "add a user and create the Maildir")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.add_argument("--quota", metavar="SIZE", help="mailbox quota, e.g. 2G (default: none)")
+    p = leaf(actions, "passwd", cmd_user_passwd, "set a user's password")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    leaf(actions, "del", cmd_user_del, "delete a user (the mail stays on disk)"
+         ).add_argument("address")
+    leaf(actions, "list", cmd_user_list, "list users").add_argument("domain", nargs="?")
+    leaf(actions, "import", cmd_user_import, "import users from a Dovecot passwd-file"
+         ).add_argument("passwd_file", metavar="PASSWD_FILE")
+
+    alias = commands.add_parser("alias", help="manage aliases and catch-alls")
+    actions = alias.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = leaf(actions, "add", cmd_alias_add, "add targets to an alias (@domain: catch-all)")
+    p.add_argument("alias")
+    p.add_argument("targets", metavar="TARGET[,TARGET...]")
+    leaf(actions, "del", cmd_alias_del, "delete an alias").add_argument("alias")
+    leaf(actions, "list", cmd_alias_list, "list aliases")
+
+    queue = commands.add_parser("queue", help="inspect the outbound queue")
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+    leaf(actions, "list", cmd_queue, "list queued messages")
+    leaf(actions, "flush", cmd_queue, "retry every queued message now")
+    leaf(actions, "delete", cmd_queue, "delete a queued message").add_argument("id", metavar="ID")
+
+    leaf(commands, "dns", cmd_dns, "print the DNS records to publish for a domain"
+         ).add_argument("domain")
+    return parser
+
+
+# -- check -------------------------------------------------------------------------------
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    rows = [("config", str(config.path)),
+            ("hostname", config.server.hostname),
+            ("state_dir", str(config.state_dir)),
+            ("maildir_root", str(config.maildir_root)),
+            ("tls", _tls_source(config)),
+            ("accounts", _accounts_summary(config))]
+    for key, value in rows:
+        print(f"{key:<13} {value}")
+    listeners = config.listen.enabled()
+    for name, endpoint in listeners.items():
+        print(f"{name}  {endpoint}  ({_LISTENER_NOTES.get(name, name)})")
+    if not listeners:
+        _warn("no listener is enabled")
+    if config.auth.allow_plaintext_loopback:
+        _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
+    print("configuration OK")
+    return 0
+
+
+def _tls_source(config: Config) -> str:
+    if config.tls.certificate:
+        return f"certificate {config.tls.certificate}, key {config.tls.private_key}"
+    try:
+        from mailserver.tls import certificate_paths
+        where = str(certificate_paths(config).certificate.parent)
+    except ImportError:
+        where = str(config.state_dir)
+    return f"self-signed certificate for {config.server.hostname}, generated in {where}"
+
+
+def _accounts_summary(config: Config) -> str:
+    path = config.accounts_db
+    if not path.exists():
+        return f"{path} (not created yet)"
+    with Accounts(path) as accounts:
+        domains = len(accounts.list_domains())
+        users = len(accounts.list_users())
+        aliases = len(accounts.list_aliases())
+    return f"{path} ({domains} domains, {users} users, {aliases} aliases)"
+
+
+# -- domains -----------------------------------------------------------------------------
+
+def _open_accounts(config: Config) -> Accounts:
+    accounts = Accounts(config.accounts_db)
+    _match_owner([config.accounts_db, Path(f"{config.accounts_db}-wal"),
+                  Path(f"{config.accounts_db}-shm")], config.state_dir)
+    return accounts
+
+
+def cmd_domain_add(config: Config, args: argparse.Namespace) -> int:
+    with _open_accounts(config) as accounts:
+        name = accounts.add_domain(args.domain)
+    print(f"domain {name} added")
+    return 0
+
+
+def cmd_domain_del(config: Config, args: argparse.Namespace) -> int:
+    with _open_accounts(config) as accounts:
+        accounts.del_domain(args.domain)
+    print(f"domain {_domain_name(args.domain)} deleted")
+    return 0
+
+
+def cmd_domain_list(config: Config, args: argparse.Namespace) -> int:
+    with _open_accounts(config) as accounts:
+        for name in accounts.list_domains():
+            print(name)
+    return 0
+
+
+def _domain_name(domain: str) -> str:
+    try:
+        return normalize_domain(domain)
+    except AddressError as e:
+        raise AdminError(f"bad domain {domain!r}: {e}") from None
+
+
+# -- users -------------------------------------------------------------------------------
+
+def _address(address: str) -> tuple[str, str]:
+    try:
+        return split_address(address)
+    except AddressError as e:
+        raise AdminError(f"bad address {address!r}: {e}") from None
+
+
+def _read_password(from_stdin: bool) -> str:
+    """The new password: first stdin line, or typed twice at a getpass prompt."""
+    if from_stdin:
+        password = sys.stdin.readline()
+        if password.endswith("\n"):
+            password = password[:-1]
+        if password.endswith("\r"):
+            password = password[:-1]
+    else:
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Retype password: "):
+            raise AdminError("passwords do not match")
+    if not password:
+        raise AdminError("empty password refused")
+    return password
+
+
+def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _address(args.address)
+    address = f"{local}@{domain}"
+    quota = None
+    if args.quota is not None:
+        try:
+            quota = parse_size(args.quota) or None
+        except ValueError as e:
+            raise AdminError(f"--quota: {e}") from None
+    with _open_accounts(config) as accounts:
+        if not accounts.is_local_domain(domain):
+            raise AdminError(f"no such domain: {domain} (add it with: {PROG} domain add {domain})")
+        if accounts.get_user(address):
+            raise AdminError(f"user already exists: {address}")
+        password_hash = hash_password(_read_password(args.password_stdin))
+        _create_maildir(config, domain, local)
+        accounts.add_user(address, password_hash, quota)
+    print(f"user {address} added")
+    return 0
+
+
+def _create_maildir(config: Config, domain: str, local: str) -> None:
+    """The user's Maildir with INBOX and the standard folders (idempotent)."""
+    try:
+        from mailserver.maildir import MaildirStore
+    except ImportError as e:
+        if e.name and e.name.startswith("mailserver.maildir"):
+            _warn(f"Maildir for {local}@{domain} not created: {e}")
+            return
+        raise
+    MaildirStore(config.maildir_root).create_user(domain, local)
+    _match_owner([config.maildir_root / domain], config.maildir_root, recursive=True)
+
+
+def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _address(args.address)
+    address = f"{local}@{domain}"
+    with _open_accounts(config) as accounts:
+        if accounts.get_user(address) is None:
+            raise AdminError(f"no such user: {address}")
+        accounts.set_password(address, hash_password(_read_password(args.password_stdin)))
+    print(f"password of {address} changed")
+    return 0
+
+
+def cmd_user_del(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _address(args.address)
+    with _open_accounts(config) as accounts:
+        user = accounts.del_user(f"{local}@{domain}")
+    maildir = config.maildir_root / user.domain / user.localpart
+    print(f"user {user.address} deleted (mail kept in {maildir})")
+    return 0
+
+
+def cmd_user_list(config: Config, args: argparse.Namespace) -> int:
+    with _open_accounts(config) as accounts:
+        if args.domain is not None and not accounts.is_local_domain(args.domain):
+            raise AdminError(f"no such domain: {_domain_name(args.domain)}")
+        for user in accounts.list_users(args.domain):
+            print(user.address if user.quota is None else f"{user.address}  quota={user.quota}")
+    return 0
+
+
+def cmd_user_import(config: Config, args: argparse.Namespace) -> int:
+    """Dovecot passwd-file lines: user@domain:{SCHEME}hash:uid:gid:gecos:home:shell:extra."""
+    path = Path(args.passwd_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AdminError(f"{path}: not UTF-8 text") from None
+    imported = skipped = 0
+    with _open_accounts(config) as accounts:
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where = f"{path.name}:{number}"
+            fields = line.split(":", 7)
+            user_field = fields[0].strip()
+            password_hash = fields[1].strip() if len(fields) > 1 else ""
+            try:
+                local, domain = split_address(user_field)
+            except AddressError as e:
+                _warn(f"{where}: bad address {user_field!r}: {e}; skipped")
+                skipped += 1
+                continue
+            address = f"{local}@{domain}"
+            if not password_hash:
+                _warn(f"{where}: {address} has no password; skipped")
+                skipped += 1
+                continue
+            if accounts.get_user(address):
+                _warn(f"{where}: {address} already exists; skipped")
+                skipped += 1
+                continue
+            if not is_supported_hash(password_hash):
+                _warn(f"{where}: {address}: unsupported password scheme, imported but "
+                      f"cannot log in until: {PROG} user passwd {address}")
+            if not accounts.is_local_domain(domain):
+                accounts.add_domain(domain)
+                print(f"domain {domain} added")
+            quota = _passwd_file_quota(fields[7] if len(fields) > 7 else "", where)
+            _create_maildir(config, domain, local)
+            accounts.add_user(address, password_hash, quota)
+            imported += 1
+    print(f"imported {imported} users" + (f", skipped {skipped}" if skipped else ""))
+    return 0
+
+
+def _passwd_file_quota(extra: str, where: str) -> int | None:
+    """The storage limit from a 'userdb_quota_rule=*:storage=1G' extra field, if any."""
+    for item in extra.split():
+        key, _, value = item.partition("=")
+        if key not in ("userdb_quota_rule", "quota_rule") or not value.startswith("*:storage="):
+            continue
+        size = value[len("*:storage="):]
+        try:
+            return parse_size(size) or None
+        except ValueError:
+            _warn(f"{where}: quota {size!r} not understood; ignored")
+    return None
+
+
+# -- aliases -----------------------------------------------------------------------------
+
+def cmd_alias_add(config: Config, args: argparse.Namespace) -> int:
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        raise AdminError("no alias target given")
+    source = _alias_name(args.alias)
+    with _open_accounts(config) as accounts:
+        all_targets = accounts.add_alias(source, targets)
+    print(f"alias {source} -> {', '.join(all_targets)}")
+    return 0
+
+
+def cmd_alias_del(config: Config, args: argparse.Namespace) -> int:
+    source = _alias_name(args.alias)
+    with _open_accounts(config) as accounts:
+        accounts.del_alias(source)
+    print(f"alias {source} deleted")
+    return 0
+
+
+def _alias_name(alias: str) -> str:
+    """'Sales@Example.org' -> 'sales@example.org'; '@Example.org' (catch-all) likewise."""
+    if alias.startswith("@") and alias.count("@") == 1:
+        return "@" + _domain_name(alias[1:])
+    return "@".join(_address(alias))
+
+
+def cmd_alias_list(config: Config, args: argparse.Namespace) -> int:
+    with _open_accounts(config) as accounts:
+        for source, targets in accounts.list_aliases():
+            print(f"{source} -> {', '.join(targets)}")
+    return 0
+
+
+# -- not yet available ---------------------------------------------------------------------
+
+def cmd_queue(config: Config, args: argparse.Namespace) -> int:
+    raise AdminError(f"queue {args.action}: the outbound queue commands are not available "
+                     "yet in this version")
+
+
+def cmd_dns(config: Config, args: argparse.Namespace) -> int:
+    raise AdminError("dns: DNS record suggestions are not available yet in this version")
+
+
+# -- ownership -----------------------------------------------------------------------------
+
+def _match_owner(paths: list[Path], reference: Path, recursive: bool = False) -> None:
+    """Run as root, hand new files to the owner of `reference` (the server's user), so a
+    server that dropped privileges can still write what the admin created."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    try:
+        st = reference.stat()
+    except OSError:
+        return
+    if st.st_uid == 0:
+        return
+    for path in paths:
+        if not path.exists():
+            continue
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        if recursive and path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    os.chown(os.path.join(root, name), st.st_uid, st.st_gid,
+                             follow_symlinks=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Authentication shared by SMTP submission, IMAP and POP3: checker, throttle, realm, portal.
+
+Protocol -> portal -> `AccountsChecker` (password against the accounts database) ->
+`MailRealm` (the avatar the protocol module registered for its interface).  Password
+hashing is slow on purpose, so it always runs in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+from zope.interface.interface import InterfaceClass
+
+from mailserver.accounts import Accounts
+from mailserver.addresses import AddressError, normalize
+from mailserver.passwords import hash_password, needs_rehash, verify_password
+
+log = Logger()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@implementer(ICredentialsChecker)
+class AccountsChecker:
+    """Checks an address and password against `Accounts`.
+
+    The username is the full address, in any case; the avatarId is its normalised form,
+    as str (not bytes as some Twisted checkers use: addresses are text everywhere here).
+    An unknown user still costs one hash verification against a dummy hash, so response
+    time does not reveal which addresses exist.  With `upgrade_hashes`, a successful
+    login replaces a hash from an older scheme (an imported {SHA512-CRYPT}, {PLAIN}...)
+    by argon2id.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, accounts: Accounts, upgrade_hashes: bool = True) -> None:
+        self.accounts = accounts
+        self.upgrade_hashes = upgrade_hashes
+        # Same parameters as a real hash, so verifying it costs the same.
+        self._dummy_hash = hash_password("dummy password for unknown users")
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred[str]:
+        try:
+            address: str | None = normalize(_text(credentials.username))
+        except (AddressError, UnicodeDecodeError):
+            address = None
+        try:
+            user = self.accounts.get_user(address) if address else None
+        except Exception:
+            return defer.fail()
+        stored = user.password_hash if user else self._dummy_hash
+        password = credentials.password
+        d = threads.deferToThread(verify_password, stored, password)
+
+        def checked(ok: bool) -> Any:
+            if not (ok and user):
+                raise UnauthorizedLogin("invalid credentials")
+            if self.upgrade_hashes and needs_rehash(stored):
+                return self._upgrade(user.address, stored, password).addCallback(
+                    lambda _: user.address)
+            return user.address
+
+        return d.addCallback(checked)
+
+    def _upgrade(self, address: str, old: str, password: str | bytes) -> defer.Deferred[None]:
+        """Re-hash with argon2id after a successful login; failures only get logged."""
+        d = threads.deferToThread(hash_password, password)
+        d.addCallback(lambda new: self.accounts.replace_password_hash(address, old, new))
+        d.addCallback(lambda replaced: replaced and log.info(
+            "password hash of {address} upgraded to argon2id", address=address))
+        d.addErrback(lambda f: log.failure("cannot upgrade password hash of {address}", f,
+                                           address=address))
+        return d
+
+
+_Failure = tuple[float, str]  # (time, account)
+_Table = OrderedDict[str, deque[_Failure]]
+
+
+class AuthThrottle:
+    """Counts failed logins per client IP and per account; says how long to stall a reply.
+
+    Shared by every protocol, so guessing on IMAP also slows SMTP AUTH from that client.
+    The delay is 0 until `delay_after` failures within `window` seconds, then 1, 2, 4, ...
+    seconds, capped at MAX_DELAY.  IPv6 clients count per /64, the block one client
+    usually controls.  Each table holds at most `max_entries` keys (least recently failed
+    evicted first), so a flood of addresses cannot exhaust memory.
+    """
+
+    MAX_DELAY = 15.0
+
+    def __init__(self, delay_after: int, window: float, clock: IReactorTime | None = None,
+                 max_entries: int = 100_000) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.delay_after = delay_after
+        self.window = window
+        self.clock = clock
+        self.max_entries = max_entries
+        # Enough remembered failures to reach the cap; older ones no longer change anything.
+        self._keep = max(delay_after, 1) + 8
+        self._by_ip: _Table = OrderedDict()
+        self._by_account: _Table = OrderedDict()
+
+    def failure(self, ip: str, account: str) -> None:
+        now = self.clock.seconds()
+        ip_key, account_key = _ip_key(ip), account.lower()
+        self._touch(self._by_ip, ip_key).append((now, account_key))
+        self._touch(self._by_account, account_key).append((now, account_key))
+
+    def success(self, ip: str, account: str) -> None:
+        """Forget this account's failures (also from this IP's count, but not the IP's
+        failures on other accounts: logging into one's own account must not reset a
+        guessing run against others)."""
+        ip_key, account_key = _ip_key(ip), account.lower()
+        self._by_account.pop(account_key, None)
+        entries = self._by_ip.get(ip_key)
+        if entries is not None:
+            kept = [e for e in entries if e[1] != account_key]
+            if kept:
+                self._by_ip[ip_key] = deque(kept, maxlen=self._keep)
+            else:
+                del self._by_ip[ip_key]
+
+    def failures(self, ip: str, account: str) -> int:
+        """Recent failures that count for this (ip, account): the larger of the two."""
+        cutoff = self.clock.seconds() - self.window
+        by_ip = self._by_ip.get(_ip_key(ip), ())
+        by_account = self._by_account.get(account.lower(), ())
+        return max(sum(1 for t, _ in by_ip if t > cutoff),
+                   sum(1 for t, _ in by_account if t > cutoff))
+
+    def delay(self, ip: str, account: str) -> float:
+        """Seconds to wait before the next reply to this client about this account."""
+        n = self.failures(ip, account)
+        if n == 0 or n < self.delay_after:
+            return 0.0
+        return min(self.MAX_DELAY, float(2 ** min(n - self.delay_after, 8)))
+
+    def _touch(self, table: _Table, key: str) -> deque[_Failure]:
+        entries = table.get(key)
+        if entries is None:
+            self._prune(table)
+            entries = table[key] = deque(maxlen=self._keep)
+        else:
+            table.move_to_end(key)
+        return entries
+
+    def _prune(self, table: _Table) -> None:
+        cutoff = self.clock.seconds() - self.window
+        while table:
+            entries = next(iter(table.values()))
+            if len(table) >= self.max_entries or not entries or entries[-1][0] <= cutoff:
+                table.popitem(last=False)
+            else:
+                break
+
+
+def _ip_key(ip: str) -> str:
+    """The IP itself, or its /64 for IPv6 (an IPv4-mapped address counts as IPv4)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+@implementer(IRealm)
+class MailRealm:
+    """Maps the interface a protocol asks for to the avatar factory registered for it.
+
+    A factory takes the avatarId (the normalised address, str) and returns the avatar or a
+    Deferred firing with it.  If the avatar has a callable `logout`, it is the logout
+    callback; otherwise logout does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._factories: dict[InterfaceClass, Callable[[str], Any]] = {}
+
+    def register(self, interface: InterfaceClass, factory: Callable[[str], Any]) -> None:
+        self._factories[interface] = factory
+
+    def requestAvatar(self, avatarId: str | bytes, mind: object,
+                      *interfaces: InterfaceClass) -> Any:
+        avatar_id = _text(avatarId)
+        for iface in interfaces:
+            factory = self._factories.get(iface)
+            if factory is None:
+                continue
+            result = factory(avatar_id)
+            if isinstance(result, defer.Deferred):
+                return result.addCallback(lambda avatar, i=iface: _login_tuple(i, avatar))
+            return _login_tuple(iface, result)
+        raise NotImplementedError(
+            f"no avatar for {', '.join(i.__name__ for i in interfaces) or 'no interface'}")
+
+
+def _login_tuple(iface: InterfaceClass,
+                 avatar: Any) -> tuple[InterfaceClass, Any, Callable[[], None]]:
+    logout = getattr(avatar, "logout", None)
+    return iface, avatar, logout if callable(logout) else (lambda: None)
+
+
+def build_portal(accounts: Accounts, realm: MailRealm) -> Portal:
+    """The portal every protocol logs in through."""
+    return Portal(realm, [AccountsChecker(accounts)])
