@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
 from twisted.application import service, strports
-from twisted.internet import protocol, threads
+from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -19,12 +20,37 @@ log = Logger()
 IMPLICIT_TLS = {"submissions", "imaps", "pop3s"}
 
 
+# Service name -> "module:function"; the function takes (MailServer, service name) and
+# returns the protocol factory.  A service whose module is not there yet is skipped.
+FACTORIES = {
+    "smtp": "mailserver.smtp.mx:build_factory",
+    "submission": "mailserver.smtp.submission:build_factory",
+    "submissions": "mailserver.smtp.submission:build_factory",
+    "imap": "mailserver.imap.service:build_factory",
+    "imaps": "mailserver.imap.service:build_factory",
+    "pop3": "mailserver.pop3:build_factory",
+    "pop3s": "mailserver.pop3:build_factory",
+}
+
+
+def _builder(name: str) -> Callable[["MailServer", str], protocol.ServerFactory] | None:
+    module_name, _, function = FACTORIES[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return None
+    return getattr(module, function, None)
+
+
 class MailServer(service.MultiService):
-    """Owns what the protocol services share: accounts, store, TLS context, limits."""
+    """Owns what the protocol services share: accounts, store, TLS, auth, limits."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         from mailserver.accounts import Accounts
+        from mailserver.auth import AccountsChecker, AuthThrottle, MailRealm, build_portal
         from mailserver.maildir import MaildirStore
         from mailserver.tls import ensure_certificate, server_context_factory
 
@@ -37,16 +63,19 @@ class MailServer(service.MultiService):
         self.store = MaildirStore(config.maildir_root, config.server.hostname)
         self.limiter = ConnectionLimiter(config.limits.max_connections,
                                          config.limits.max_connections_per_ip)
-        builders: dict[str, Callable[[], protocol.ServerFactory]] = {
-            "smtp": self._mx_factory,
-        }
+        # One realm and portal for every protocol: each protocol module registers the
+        # avatar for its interface when its factory is built.
+        self.realm = MailRealm()
+        self.portal = build_portal(self.accounts, self.realm)
+        self.throttle = AuthThrottle(config.limits.auth_failure_delay_after,
+                                     config.limits.auth_failure_window)
         for name, description in config.listen.enabled().items():
-            build = builders.get(name)
+            build = _builder(name)
             if build is None:
                 log.warn("listen.{name} = {desc!r}: this service is not available yet; "
                          "not listening", name=name, desc=description)
                 continue
-            factory = build()
+            factory = build(self, name)
             if isinstance(factory, LimitedFactory):
                 factory.limiter = self.limiter
             if name in IMPLICIT_TLS:
@@ -60,20 +89,8 @@ class MailServer(service.MultiService):
         log.info("mailserver {hostname} started (pid {pid}); maildirs in {root}",
                  hostname=self.config.server.hostname, pid=os.getpid(),
                  root=str(self.config.maildir_root))
-        threads.deferToThread(self.store.clean_tmp).addErrback(
+        self.store.clean_tmp().addErrback(
             lambda f: log.failure("cleaning tmp/ failed", f))
-
-    def _smtp_context(self, service_name: str):
-        from mailserver.smtp.session import SMTPContext
-
-        return SMTPContext(hostname=self.config.server.hostname, limits=self.config.limits,
-                           accounts=self.accounts, store=self.store, tls=self.tls,
-                           service=service_name)
-
-    def _mx_factory(self) -> protocol.ServerFactory:
-        from mailserver.smtp.mx import MXSession, SMTPFactory
-
-        return SMTPFactory(self._smtp_context("smtp"), MXSession)
 
 
 def make_service(config: Config) -> service.MultiService:

@@ -56,3 +56,11 @@ class SMTPFactory(LimitedFactory):
 
     def protocol(self):  # type: ignore[override]
         return self.session_class(self.context)
+
+
+def build_factory(server, name: str) -> SMTPFactory:
+    """The MX listener's factory (see mailserver.service.FACTORIES)."""
+    context = SMTPContext(hostname=server.config.server.hostname, limits=server.config.limits,
+                          accounts=server.accounts, store=server.store, tls=server.tls,
+                          service=name)
+    return SMTPFactory(context, MXSession)
