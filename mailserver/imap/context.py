@@ -1,0 +1,17 @@
+"""What every IMAP session of one listener shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class IMAPContext:
+    hostname: str
+    limits: Any      # LimitsConfig
+    portal: Any      # twisted.cred Portal
+    throttle: Any    # AuthThrottle
+    store: Any       # MaildirStore
+    tls: Any = None  # server TLS context factory; None: no STARTTLS
+    allow_plaintext_loopback: bool = False

@@ -1,0 +1,486 @@
+"""Formatting IMAP responses: FETCH (RFC 3501 6.4.5, 7.4.2), LIST/LSUB/STATUS, APPEND
+arguments, flag lists and UID sets.
+
+FETCH answers from the folder's metadata and its index cache; message files are opened
+only for body sections, and then streamed in chunks with the exact stored bytes.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from twisted.mail.imap4 import _FetchParser
+
+from mailserver.imap import mime
+from mailserver.imap.parser import Arguments, BadCommand
+
+if TYPE_CHECKING:
+    from mailserver.imap.server import IMAPSession
+
+LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}$")
+CHUNK = 64 * 1024
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+_DATE_TIME = re.compile(
+    rb"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
+_SAFE_ATOM = re.compile(rb"^[!#$&'+-\[^-z|}~]+$")
+UID_ITEM = _FetchParser.UID()
+STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE")
+
+
+# -- small formatters ----------------------------------------------------------------------
+
+def flag_list(flags: Iterable[bytes]) -> bytes:
+    return b"(" + b" ".join(flags) + b")"
+
+
+def quote_mailbox(name: bytes) -> bytes:
+    if _SAFE_ATOM.match(name) and name.upper() != b"NIL":
+        return name
+    return b'"' + name.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def uid_set(uids: list[int]) -> bytes:
+    """'1:3,7' style, in the order given (COPYUID pairs must line up)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(uids):
+        j = i
+        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
+            j += 1
+        out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
+        i = j + 1
+    return b",".join(out)
+
+
+def internal_date(ts: float) -> bytes:
+    t = time.gmtime(ts)
+    return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (t.tm_mday, _MONTHS[t.tm_mon - 1].encode(),
+                                                     t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def parse_date_time(text: bytes) -> float:
+    """APPEND's date-time (RFC 3501 9) as a UNIX time."""
+    m = _DATE_TIME.match(text)
+    if not m:
+        raise BadCommand("invalid date-time")
+    day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
+    try:
+        month = [x.lower() for x in _MONTHS].index(mon.decode().lower()) + 1
+        ts = calendar.timegm((int(year), month, int(day), int(hh), int(mm), int(ss), 0, 0, 0))
+    except (ValueError, OverflowError):
+        raise BadCommand("invalid date-time") from None
+    offset = (int(zh) * 60 + int(zm)) * 60
+    return float(ts - offset if sign == b"+" else ts + offset)
+
+
+def append_target(parts: list[bytes]) -> tuple[str, list[bytes], bytes | None] | None:
+    """(mailbox, flags, date) when `parts` is an APPEND command up to its message literal."""
+    args = Arguments(parts)
+    try:
+        args.atom()
+        args.space()
+        if args.atom().upper() != b"APPEND":
+            return None
+        args.space()
+        raw = args.astring()
+        args.space()
+        flags: list[bytes] = []
+        date = None
+        if args.peek() == b"(":
+            flags = args.flag_list()
+            args.space()
+        if args.peek() == b'"':
+            date = args.date_time()
+            args.space()
+        if not args.at_end():
+            return None
+    except BadCommand:
+        return None
+    from mailserver.maildir import decode_folder_name
+
+    try:
+        text = raw.decode("ascii")
+        name = decode_folder_name(text) if "&" in text else text
+    except (UnicodeDecodeError, ValueError):
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return ("INBOX" if name.upper() == "INBOX" else name), flags, date
+
+
+# -- STATUS and LIST -------------------------------------------------------------------------
+
+def status_line(folder: Any, items: list[bytes]) -> bytes:
+    values = {
+        b"MESSAGES": lambda: len(folder.messages),
+        b"RECENT": lambda: folder.recent_count,
+        b"UIDNEXT": lambda: folder.uidnext,
+        b"UIDVALIDITY": lambda: folder.uidvalidity,
+        b"UNSEEN": lambda: folder.unseen_count,
+        b"SIZE": lambda: folder.total_size(),
+    }
+    return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
+
+
+@dataclass
+class ListRequest:
+    reference: str
+    patterns: list[str]
+    lsub: bool = False
+    subscribed_only: bool = False
+    special_use_only: bool = False
+    return_special_use: bool = True
+    return_subscribed: bool = False
+    return_children: bool = True
+    status_items: list[bytes] = field(default_factory=list)
+
+
+def _decode_name(raw: bytes) -> str:
+    from mailserver.maildir import decode_folder_name
+
+    try:
+        text = raw.decode("ascii")
+        return decode_folder_name(text) if "&" in text else text
+    except (UnicodeDecodeError, ValueError):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadCommand("invalid mailbox name") from None
+
+
+def parse_list_arguments(args: Arguments, lsub: bool) -> ListRequest:
+    """LIST [(selection)] ref (pattern | (patterns)) [RETURN (options)] (RFC 5258, 5819, 6154)."""
+    args.space()
+    req = ListRequest("", [], lsub=lsub, subscribed_only=lsub)
+    if not lsub and args.peek() == b"(":
+        for opt in args.paren_list(Arguments.atom):
+            o = opt.upper()
+            if o == b"SUBSCRIBED":
+                req.subscribed_only = True
+                req.return_subscribed = True
+            elif o == b"SPECIAL-USE":
+                req.special_use_only = True
+            elif o in (b"REMOTE", b"RECURSIVEMATCH"):
+                pass
+            else:
+                raise BadCommand("unknown LIST selection option")
+        args.space()
+    req.reference = _decode_name(args.astring())
+    args.space()
+    if not lsub and args.peek() == b"(":
+        req.patterns = [_decode_name(p) for p in args.paren_list(Arguments.list_mailbox)]
+    else:
+        req.patterns = [_decode_name(args.list_mailbox())]
+    if not lsub and args.maybe_space():
+        if args.atom().upper() != b"RETURN":
+            raise BadCommand("expected RETURN")
+        args.space()
+        opts = args.paren_list(lambda a: a.generic())
+        i = 0
+        while i < len(opts):
+            o = opts[i]
+            name = o.upper() if isinstance(o, bytes) else b""
+            if name == b"SUBSCRIBED":
+                req.return_subscribed = True
+            elif name in (b"CHILDREN", b"SPECIAL-USE"):
+                pass
+            elif name == b"STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
+                req.status_items = [bytes(x).upper() for x in opts[i + 1]]
+                if any(x not in STATUS_ITEMS for x in req.status_items):
+                    raise BadCommand("unknown STATUS item")
+                i += 1
+            else:
+                raise BadCommand("unknown LIST return option")
+            i += 1
+    args.end()
+    return req
+
+
+def _pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
+    full = pattern if not reference or pattern.startswith(reference) else reference + pattern
+    out = []
+    for c in full:
+        if c == "*":
+            out.append(".*")
+        elif c == "%":
+            out.append("[^.]*")
+        else:
+            out.append(re.escape(c))
+    regex = "".join(out)
+    # INBOX is case-insensitive, also as the first level of a pattern.
+    if full[:5].upper() == "INBOX":
+        regex = "(?i:INBOX)" + regex[len(re.escape(full[:5])) if False else _escaped_len(full[:5]):]
+    return re.compile(regex + r"\Z", re.S)
+
+
+def _escaped_len(prefix: str) -> int:
+    return sum(len(re.escape(c)) if c not in "*%" else (2 if c == "*" else 5) for c in prefix)
+
+
+def list_with_names(account: Any, req: ListRequest,
+                    wire: Callable[[str], bytes]) -> Iterator[tuple[bytes, str, bool]]:
+    """(untagged LIST/LSUB line, folder name, selectable) for each match."""
+    verb = b"LSUB" if req.lsub else b"LIST"
+    if req.patterns == [""]:
+        yield verb + b' (\\Noselect) "." ""', "", False
+        return
+    entries = account.list_folders()
+    subscribed = set(account.subscriptions())
+    regexes = [_pattern_regex(req.reference, p) for p in req.patterns]
+    for entry in entries:
+        name = entry.name
+        if not any(r.match(name) for r in regexes):
+            continue
+        is_sub = name in subscribed or (name == "INBOX" and "INBOX" in subscribed)
+        if req.subscribed_only and not is_sub:
+            continue
+        attrs = list(entry.attributes)
+        if req.special_use_only and not any(a in _SPECIAL_USE for a in attrs):
+            continue
+        if req.lsub:
+            attrs = [a for a in attrs if a not in _SPECIAL_USE]
+        if req.return_subscribed and is_sub:
+            attrs.append("\\Subscribed")
+        line = verb + b" (" + " ".join(attrs).encode() + b') "." ' + wire(name)
+        yield line, name, "\\Noselect" not in attrs and "\\NonExistent" not in attrs
+
+
+_SPECIAL_USE = {"\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive", "\\All", "\\Flagged"}
+
+
+def list_responses(account: Any, req: ListRequest, wire: Callable[[str], bytes]) -> list[bytes]:
+    return [line for line, _, _ in list_with_names(account, req, wire)]
+
+
+# -- FETCH ------------------------------------------------------------------------------------
+
+def parse_fetch_items(text: bytes) -> list[Any]:
+    p = _FetchParser()
+    try:
+        p.parseString(text)
+    except Exception as e:
+        raise BadCommand(f"invalid FETCH items: {e}") from None
+    if not p.result:
+        raise BadCommand("no FETCH items")
+    return list(p.result)
+
+
+def sets_seen(items: list[Any]) -> bool:
+    """True when the fetch implicitly sets \\Seen (RFC 3501 6.4.5)."""
+    for item in items:
+        if item.type == "body" and not item.peek and (item.empty or item.header or item.text
+                                                      or item.mime or item.part):
+            return True
+        if item.type in ("rfc822", "rfc822text"):
+            return True
+    return False
+
+
+def _section_name(item: Any) -> bytes:
+    numbers = b".".join(b"%d" % (n + 1) for n in item.part)
+    if item.header is not None:
+        spec = b"HEADER"
+        if item.header.fields:
+            spec += b".FIELDS.NOT" if item.header.negate else b".FIELDS"
+            spec += b" (" + b" ".join(item.header.fields) + b")"
+    elif item.text:
+        spec = b"TEXT"
+    elif item.mime:
+        spec = b"MIME"
+    else:
+        spec = b""
+    if numbers and spec:
+        return numbers + b"." + spec
+    return numbers or spec
+
+
+def _cached(session: "IMAPSession", uid: int, key: str, compute: Callable[[], bytes]) -> bytes:
+    folder = session.folder
+    value = folder.cache_get(uid, key)
+    if value is None:
+        value = compute()
+        folder.cache_put(uid, key, value)
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+class _Message:
+    """Lazily opened message file and its parsed structure, for one FETCH row."""
+
+    def __init__(self, session: "IMAPSession", uid: int) -> None:
+        self.session, self.uid = session, uid
+        self._bytes: mime.MessageBytes | None = None
+        self._file: Any = None
+        self._root: mime.Part | None = None
+
+    @property
+    def data(self) -> Any:
+        if self._bytes is None:
+            self._file = self.session.folder.open_message(self.uid)
+            self._bytes = mime.MessageBytes(self._file)
+        return self._bytes.data
+
+    @property
+    def root(self) -> mime.Part:
+        if self._root is None:
+            self._root = mime.parse_structure(self.data)
+        return self._root
+
+    def header_only_root(self) -> mime.Part:
+        """Structure of the top-level header without mapping the body (ENVELOPE)."""
+        return self.root
+
+    def close(self) -> None:
+        if self._bytes is not None:
+            self._bytes.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _body_span(msg: _Message, item: Any) -> tuple[int, int] | None:
+    root = msg.root
+    if item.part:
+        part = mime.find_part(root, [n + 1 for n in item.part])
+        if part is None:
+            return None
+        if item.mime:
+            return part.start, part.body_start
+        if item.header is not None or item.text:
+            target = part.message
+            if target is None:
+                return None
+        else:
+            return part.body_start, part.end
+    else:
+        target = root
+    if item.text:
+        return target.body_start, target.end
+    if item.header is not None:
+        hend, _ = mime.header_end(msg.data, target.start, target.end)
+        return target.start, hend
+    return 0, len(msg.data)
+
+
+def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
+    name = b"BODY[" + _section_name(item) + b"]"
+    if item.header is not None and item.header.fields:
+        if item.part:
+            part = mime.find_part(msg.root, [n + 1 for n in item.part])
+            target = part.message if part is not None else None
+        else:
+            target = msg.root
+        data = b"" if target is None else mime.header_fields(
+            msg.data, target, item.header.fields, bool(item.header.negate))
+        span_data: bytes | None = data
+        start, end = 0, len(data)
+    else:
+        span = _body_span(msg, item)
+        span_data = None
+        start, end = span if span is not None else (0, 0)
+    if item.partialBegin is not None:
+        origin = item.partialBegin
+        name += b"<%d>" % origin
+        start = min(start + origin, end)
+        end = min(start + item.partialLength, end)
+    yield name + b" {%d}\r\n" % (end - start)
+    source = span_data if span_data is not None else msg.data
+    for pos in range(start, end, CHUNK):
+        yield bytes(source[pos:min(pos + CHUNK, end)])
+
+
+def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
+                    seen_changed: set[int]) -> Iterator[bytes]:
+    """Untagged FETCH responses for `uids`, produced lazily in chunks."""
+    folder = session.folder
+    wants_flags = any(i.type == "flags" for i in items)
+    batch: list[bytes] = []
+    for u in uids:
+        info = folder.by_uid(u)
+        seq = session._seq_of(u)
+        if info is None or seq is None:
+            continue  # expunged by another session; its EXPUNGE comes later
+        msg = _Message(session, u)
+        try:
+            out = [b"* %d FETCH (" % seq]
+            first = True
+            for item in items:
+                piece = _fetch_item(session, msg, info, item)
+                if isinstance(piece, bytes):
+                    out.append(piece if first else b" " + piece)
+                else:
+                    if not first:
+                        out.append(b" ")
+                    batch.append(b"".join(out))
+                    out = []
+                    yield b"".join(batch)
+                    batch = []
+                    yield from piece
+                first = False
+            if u in seen_changed and not wants_flags:
+                out.append(b" FLAGS " + flag_list(sorted(f.encode() for f in session._flags_of(u))))
+            out.append(b")\r\n")
+            batch.append(b"".join(out))
+        finally:
+            msg.close()
+        if sum(len(b) for b in batch) > CHUNK:
+            yield b"".join(batch)
+            batch = []
+    if batch:
+        yield b"".join(batch)
+
+
+def _fetch_item(session: "IMAPSession", msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:
+    kind = item.type
+    u = info.uid
+    if kind == "uid":
+        return b"UID %d" % u
+    if kind == "flags":
+        return b"FLAGS " + flag_list(sorted(f.encode() for f in session._flags_of(u)))
+    if kind == "internaldate":
+        return b"INTERNALDATE " + internal_date(info.internaldate)
+    if kind == "rfc822size":
+        return b"RFC822.SIZE %d" % _crlf_size(session, msg, info)
+    if kind == "envelope":
+        return b"ENVELOPE " + _cached(session, u, "envelope", lambda: mime.envelope(msg.root))
+    if kind == "bodystructure":
+        return b"BODYSTRUCTURE " + _cached(session, u, "bodystructure",
+                                           lambda: mime.body_structure(msg.root, True))
+    if kind == "body" and not (item.empty or item.header or item.text or item.mime or item.part
+                               or item.partialBegin is not None) and item.header is None:
+        return b"BODY " + _cached(session, u, "body", lambda: mime.body_structure(msg.root, False))
+    if kind == "body":
+        return _section_chunks(msg, item)
+    if kind == "rfc822":
+        return _labelled(b"RFC822", msg, 0, None)
+    if kind == "rfc822header":
+        hend, _ = mime.header_end(msg.data, 0, len(msg.data))
+        return _labelled(b"RFC822.HEADER", msg, 0, hend)
+    if kind == "rfc822text":
+        _, body = mime.header_end(msg.data, 0, len(msg.data))
+        return _labelled(b"RFC822.TEXT", msg, body, None)
+    raise BadCommand(f"unsupported FETCH item {kind}")
+
+
+def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Iterator[bytes]:
+    data = msg.data
+    end = len(data) if end is None else end
+    yield label + b" {%d}\r\n" % (end - start)
+    for pos in range(start, end, CHUNK):
+        yield bytes(data[pos:min(pos + CHUNK, end)])
+
+
+def _crlf_size(session: "IMAPSession", msg: _Message, info: Any) -> int:
+    """RFC822.SIZE: octets as sent (CRLF), from the name or the index, else measured."""
+    vsize = getattr(info, "vsize", None)
+    if vsize:
+        return vsize
+    cached = session.folder.cache_get(info.uid, "vsize")
+    if cached is not None:
+        return int(cached)
+    size = len(msg.data)
+    session.folder.cache_put(info.uid, "vsize", str(size))
+    return size

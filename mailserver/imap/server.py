@@ -1,0 +1,1127 @@
+"""The IMAP4rev1 session (RFC 3501) with IDLE, UIDPLUS, MOVE, NAMESPACE, LITERAL+,
+SPECIAL-USE, CHILDREN, UNSELECT, ENABLE, ID, QUOTA and LIST-STATUS.
+
+Built on twisted.mail's IMAP4Server (greeting, response helpers, timeouts, the
+`<state>_<COMMAND>` dispatch convention) with the parts that a server for real desktop
+clients cannot use replaced:
+
+- input: commands are assembled from lines and literals first (synchronising and LITERAL+),
+  every line and literal is bounded, an APPEND literal streams into the target folder's
+  tmp/ as it arrives, and a literal over the size limit is refused before it is read;
+- commands run one at a time in order, so a command pipelined behind a SELECT whose answer
+  is pending waits instead of getting BAD;
+- IDLE ends only on DONE; STARTTLS discards anything pipelined behind it;
+- FETCH answers from the folder index and exact file bytes (header order, repeated and
+  8-bit headers kept), honours partial fetches, and streams large bodies;
+- SELECT/EXAMINE send [UIDNEXT], [PERMANENTFLAGS] and [UNSEEN]; error codes are bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IPullProducer, ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import imap4
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailserver.config import is_loopback
+from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.imap import fetch as F
+from mailserver.imap import search as S
+from mailserver.imap.mailbox import IMAPAccount
+from mailserver.imap.parser import Arguments, BadCommand, Literal
+from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
+                                decode_folder_name, encode_folder_name)
+
+if TYPE_CHECKING:
+    from mailserver.imap.context import IMAPContext
+
+MAX_LINE = 65536           # bytes of command text (long UID sets are legitimate)
+MAX_LITERAL = 65536        # bytes of a literal that is not an APPEND message
+MAX_LITERALS = 1000        # literals in one command
+UNAUTH_TIMEOUT = 60.0
+AUTH_TIMEOUT = 30 * 60.0   # RFC 3501 5.4
+IDLE_POLL = 5.0            # seconds between looks at the disk for other processes' changes
+
+SYSTEM_FLAGS = (b"\\Answered", b"\\Flagged", b"\\Deleted", b"\\Seen", b"\\Draft")
+_SETTABLE_SYSTEM = {f.lower(): f for f in SYSTEM_FLAGS}
+
+
+class CommandFailed(Exception):
+    """Answer the command with a tagged NO (or BAD) carrying this text."""
+
+    def __init__(self, text: bytes, status: bytes = b"NO") -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+
+
+@implementer(IPullProducer)
+class _ChunkProducer:
+    """Writes an iterator of byte chunks to the transport as fast as it drains."""
+
+    BURST = 256 * 1024
+
+    def __init__(self, transport: Any, chunks: Iterator[bytes]) -> None:
+        self.transport = transport
+        self.chunks = chunks
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[None]:
+        self.transport.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        sent = 0
+        try:
+            while sent < self.BURST:
+                chunk = next(self.chunks)
+                self.transport.write(chunk)
+                sent += len(chunk)
+        except StopIteration:
+            self._finish(None)
+        except Exception:
+            self._finish(Failure())
+
+    def stopProducing(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close:
+            close()
+        self._finish(None)
+
+    def _finish(self, result: Any) -> None:
+        if not self.done.called:
+            self.transport.unregisterProducer()
+            self.done.callback(None) if result is None else self.done.errback(result)
+
+
+class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
+    log = Logger()
+    IDENT = b"IMAP4rev1 ready"
+
+    def __init__(self, context: "IMAPContext") -> None:
+        imap4.IMAP4Server.__init__(self, contextFactory=context.tls)
+        self.context = context
+        self.timeOut = UNAUTH_TIMEOUT
+        self._buffer = b""
+        self._parts: list[bytes] = []       # the command being assembled
+        self._literal_left = 0
+        self._literal_sink: Any = None      # bytearray, or an AppendWriter for APPEND
+        self._append_writer: Any = None
+        self._discard = False               # skipping the rest of a refused command
+        self._queue: list[list[bytes]] = []
+        self._busy = False
+        self._closing = False
+        self._continuation: Callable[[bytes], None] | None = None
+        self._auth_failures = 0
+        self.user: str | None = None
+        self.imap_account: IMAPAccount | None = None
+        # Selected state:
+        self.folder: Any = None
+        self._selected_name = ""
+        self.readonly = True
+        self.view: list[int] = []           # UIDs; sequence number = index + 1
+        self._uid_index: dict[int, int] = {}
+        self.recent: set[int] = set()
+        self._pending_added: list[Any] = []
+        self._pending_expunged: set[int] = set()
+        self._pending_flags: dict[int, Any] = {}
+        self._idle_tag: bytes | None = None
+        self._idle_poll: task.LoopingCall | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.transport.getPeer()
+        return getattr(peer, "host", str(peer))
+
+    @property
+    def tls_active(self) -> bool:
+        return self.startedTLS or ISSLTransport.providedBy(self.transport)
+
+    def connectionMade(self) -> None:
+        self.tags = {}
+        self.canStartTLS = (self.context.tls is not None and not self.tls_active
+                            and hasattr(self.transport, "startTLS"))
+        self.setTimeout(self.timeOut)
+        self.sendPositiveResponse(message=b"[CAPABILITY " + b" ".join(self.capability_list())
+                                  + b"] " + self.context.hostname.encode() + b" " + self.IDENT)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        self._end_idle_poll()
+        if self._append_writer is not None:
+            self._append_writer.abort()
+            self._append_writer = None
+        self._deselect()
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        self.transport.write(b"* BYE Autologout; connection idle too long\r\n")
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def untagged(self, line: bytes) -> None:
+        self.transport.write(b"* " + line + b"\r\n")
+
+    def tagged(self, tag: bytes, status: bytes, text: bytes) -> None:
+        self.transport.write(tag + b" " + status + b" " + text + b"\r\n")
+
+    def plaintext_allowed(self) -> bool:
+        return self.tls_active or (self.context.allow_plaintext_loopback
+                                   and is_loopback(self.peer_ip))
+
+    # -- capabilities ------------------------------------------------------------------
+
+    def capability_list(self) -> list[bytes]:
+        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
+                b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
+                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA"]
+        if self.canStartTLS and not self.tls_active:
+            caps.append(b"STARTTLS")
+        if self.user is None:
+            if self.plaintext_allowed():
+                caps.append(b"AUTH=PLAIN")
+            else:
+                caps.append(b"LOGINDISABLED")
+        return caps
+
+    # -- input: assembling commands from lines and literals --------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        self._drain_input()
+
+    def _drain_input(self) -> None:
+        while self._buffer and not self._closing:
+            if self._literal_left:
+                self._take_literal()
+                continue
+            nl = self._buffer.find(b"\n")
+            if nl < 0:
+                if len(self._buffer) > MAX_LINE:
+                    self.untagged(b"BAD Command line too long")
+                    self._close()
+                return
+            line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > MAX_LINE:
+                self.untagged(b"BAD Command line too long")
+                self._close()
+                return
+            self.resetTimeout()
+            self._line(line)
+
+    def _take_literal(self) -> None:
+        chunk = self._buffer[:self._literal_left]
+        self._buffer = self._buffer[len(chunk):]
+        self._literal_left -= len(chunk)
+        sink = self._literal_sink
+        if sink is not None:
+            if isinstance(sink, bytearray):
+                sink += chunk
+            else:
+                sink.write(chunk)
+        if self._literal_left == 0:
+            if isinstance(sink, bytearray):
+                self._parts.append(Literal(bytes(sink)))
+            else:
+                self._parts.append(Literal(b""))  # the message went to the writer
+            self._literal_sink = None
+        self.resetTimeout()
+
+    def _line(self, line: bytes) -> None:
+        if self._continuation is not None:
+            cont, self._continuation = self._continuation, None
+            cont(line)
+            return
+        if self._idle_tag is not None:
+            self._idle_line(line)
+            return
+        literal = F.LITERAL_AT_END.search(line)
+        text = line[:literal.start()] if literal else line
+        if self._discard:
+            if not literal:
+                self._discard = False
+                self._parts = []
+            elif literal.group(2):  # non-synchronising: its octets follow, skip them
+                self._start_literal(int(literal.group(1)), None)
+            return
+        self._parts.append(text)
+        if not literal:
+            parts, self._parts = self._parts, []
+            self._enqueue(parts)
+            return
+        size, non_sync = int(literal.group(1)), bool(literal.group(2))
+        if len(self._parts) // 1 > MAX_LITERALS * 2:
+            return self._refuse_command(b"BAD Too many literals", non_sync, size)
+        refusal, sink = self._literal_sink_for(size)
+        if refusal is not None:
+            return self._refuse_command(refusal, non_sync, size)
+        self._start_literal(size, sink)
+        if not non_sync:
+            self.send(b"+ Ready for literal data\r\n")
+
+    def _start_literal(self, size: int, sink: Any) -> None:
+        self._literal_left = size
+        self._literal_sink = sink
+        if size == 0:
+            self._take_literal()
+
+    def _refuse_command(self, text: bytes, non_sync: bool, size: int) -> None:
+        tag = self._parts[0].split(b" ", 1)[0] if self._parts and self._parts[0] else b"*"
+        self._parts = []
+        if self._append_writer is not None:
+            self._append_writer.abort()
+            self._append_writer = None
+        if non_sync:
+            # The client sends the octets without waiting: too many to skip, so hang up.
+            if size > self.context.limits.max_message_size:
+                self.tagged(tag, b"NO", text)
+                self.untagged(b"BYE Literal too large")
+                self._close()
+                return
+            self._discard = True
+            self._start_literal(size, None)
+            self.tagged(tag, b"NO" if text.startswith(b"[") else b"BAD", text)
+            return
+        status, _, rest = text.partition(b" ")
+        if status in (b"NO", b"BAD"):
+            self.tagged(tag, status, rest)
+        else:
+            self.tagged(tag, b"NO", text)
+        self._discard = False
+
+    def _literal_sink_for(self, size: int) -> tuple[bytes | None, Any]:
+        """Where a literal goes: APPEND's message streams to the folder; others to memory."""
+        first = self._parts[0] if len(self._parts) == 1 else None
+        append = F.append_target(self._parts) if self.user else None
+        if append is not None:
+            name, flags, date = append
+            if size > self.context.limits.max_message_size:
+                return b"[TOOBIG] Message too large", None
+            try:
+                folder = self.imap_account.folder(name)  # type: ignore[union-attr]
+            except (NoSuchFolder, InvalidFolderName):
+                return b"[TRYCREATE] No such mailbox", None
+            over = self._over_quota(size)
+            if over:
+                return over, None
+            try:
+                flags_set = self._parse_flags(flags)
+                when = F.parse_date_time(date) if date is not None else None
+            except BadCommand as e:
+                return b"BAD " + str(e).encode(), None
+            self._append_writer = folder.begin_append(flags_set, when)
+            return None, self._append_writer
+        del first
+        if size > MAX_LITERAL:
+            return b"BAD Literal too large", None
+        return None, bytearray()
+
+    # -- command execution -----------------------------------------------------------------
+
+    def _enqueue(self, parts: list[bytes]) -> None:
+        self._queue.append(parts)
+        if not self._busy:
+            self._run_queue()
+
+    def _run_queue(self) -> None:
+        while self._queue and not self._busy and not self._closing:
+            parts = self._queue.pop(0)
+            writer, self._append_writer = self._append_writer, None
+            d = self._execute(parts, writer)
+            if d is not None:
+                self._busy = True
+                self.setTimeout(None)
+                d.addBoth(self._command_done)
+
+    def _command_done(self, _: Any) -> None:
+        self._busy = False
+        if not self._closing and self._idle_tag is None:
+            self.setTimeout(self.timeOut)
+        self._run_queue()
+
+    def _execute(self, parts: list[bytes], writer: Any) -> defer.Deferred | None:
+        args = Arguments(parts)
+        try:
+            tag = args.atom() if args.peek() not in (b"", b" ") else None
+            if tag is None or b"+" in tag:
+                raise BadCommand("missing or bad tag")
+            args.space()
+            name = args.atom().upper()
+        except BadCommand:
+            if writer is not None:
+                writer.abort()
+            self.untagged(b"BAD Missing tag or command") if not parts or not parts[0] else \
+                self.tagged(parts[0].split(b" ")[0] or b"*", b"BAD", b"Missing command")
+            return None
+        uid = False
+        if name == b"UID" and self.state == "select":
+            try:
+                args.space()
+                name = args.atom().upper()
+            except BadCommand:
+                self.tagged(tag, b"BAD", b"Missing UID command")
+                return None
+            if name not in (b"FETCH", b"SEARCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE"):
+                self.tagged(tag, b"BAD", b"Unknown UID command")
+                return None
+            uid = True
+        handler = self._lookup(name)
+        if handler is None:
+            if writer is not None:
+                writer.abort()
+            known = any(hasattr(self, f"{s}_{name.decode('ascii', 'replace')}")
+                        for s in ("unauth", "auth", "select"))
+            self.tagged(tag, b"BAD", b"Command not valid in this state" if known
+                        else b"Unknown command")
+            return None
+        try:
+            if writer is not None:
+                result = handler(tag, args, writer=writer)
+            elif uid:
+                result = handler(tag, args, uid=True)
+            else:
+                result = handler(tag, args)
+        except Exception:
+            if writer is not None:
+                writer.abort()
+            self._command_error(Failure(), tag)
+            return None
+        if isinstance(result, defer.Deferred):
+            return result.addErrback(self._command_error, tag)
+        return None
+
+    def _lookup(self, name: bytes) -> Callable[..., Any] | None:
+        try:
+            text = name.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if not text.isalpha():
+            return None
+        states = {"unauth": ("any", "unauth"), "auth": ("any", "auth"),
+                  "select": ("any", "auth", "select")}.get(self.state, ("any",))
+        for state in states:
+            method = getattr(self, f"cmd_{state}_{text}", None)
+            if method is not None:
+                return method
+        return None
+
+    def _command_error(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(BadCommand):
+            self.tagged(tag, b"BAD", str(failure.value).encode("utf-8", "replace"))
+        elif failure.check(CommandFailed):
+            err = failure.value
+            self.tagged(tag, err.status, err.text)
+        elif failure.check(NoSuchFolder):
+            self.tagged(tag, b"NO", b"[NONEXISTENT] No such mailbox")
+        elif failure.check(FolderExists):
+            self.tagged(tag, b"NO", b"[ALREADYEXISTS] Mailbox already exists")
+        elif failure.check(InvalidFolderName):
+            self.tagged(tag, b"NO", b"[CANNOT] Invalid mailbox name")
+        elif failure.check(FolderError):
+            self.tagged(tag, b"NO", str(failure.value).encode("utf-8", "replace"))
+        else:
+            self.log.failure("IMAP command failed", failure)
+            self.tagged(tag, b"NO", b"[SERVERBUG] Internal error")
+
+    def done(self, tag: bytes, text: bytes, status: bytes = b"OK", expunges: bool = True) -> None:
+        """Send pending mailbox updates, then the tagged completion."""
+        self.flush_updates(expunges)
+        self.tagged(tag, status, text)
+
+    # -- any state (RFC 3501 6.1) ---------------------------------------------------------
+
+    def cmd_any_CAPABILITY(self, tag: bytes, args: Arguments) -> None:
+        args.end()
+        self.untagged(b"CAPABILITY " + b" ".join(self.capability_list()))
+        self.done(tag, b"CAPABILITY completed")
+
+    def cmd_any_NOOP(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        args.end()
+        if self.folder is None:
+            self.done(tag, b"NOOP completed")
+            return None
+        return self.folder.refresh().addCallback(lambda _: self.done(tag, b"NOOP completed"))
+
+    def cmd_any_LOGOUT(self, tag: bytes, args: Arguments) -> None:
+        args.end()
+        self.untagged(b"BYE Logging out")
+        self.tagged(tag, b"OK", b"LOGOUT completed")
+        self.state = "logout"
+        self._close()
+
+    def cmd_any_ID(self, tag: bytes, args: Arguments) -> None:  # RFC 2971
+        args.space()
+        if args.peek() == b"(":
+            args.generic()
+        else:
+            args.atom()
+        args.end()
+        self.untagged(b'ID ("name" "mailserver" "version" "0.1")')
+        self.done(tag, b"ID completed")
+
+    # -- not authenticated (RFC 3501 6.2) -------------------------------------------------
+
+    def cmd_unauth_STARTTLS(self, tag: bytes, args: Arguments) -> None:
+        args.end()
+        if not self.canStartTLS or self.tls_active:
+            self.tagged(tag, b"BAD", b"TLS not available")
+            return
+        self.tagged(tag, b"OK", b"Begin TLS negotiation now")
+        self._buffer = b""  # nothing pipelined before the handshake counts
+        self._queue = []
+        self.transport.startTLS(self.context.tls)
+        self.startedTLS = True
+        self.canStartTLS = False
+
+    def cmd_unauth_LOGIN(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        args.space()
+        user = args.astring()
+        args.space()
+        password = args.astring()
+        args.end()
+        if not self.plaintext_allowed():
+            self.tagged(tag, b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first")
+            return None
+        return self._login(tag, user, password)
+
+    def cmd_unauth_AUTHENTICATE(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        args.space()
+        mechanism = args.atom().upper()
+        initial = None
+        if args.maybe_space():
+            initial = args.atom() if args.peek() != b"=" else args.rest()
+        args.end()
+        if mechanism != b"PLAIN":
+            self.tagged(tag, b"NO", b"Unsupported authentication mechanism")
+            return None
+        if not self.plaintext_allowed():
+            self.tagged(tag, b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first")
+            return None
+        d: defer.Deferred = defer.Deferred()
+
+        def response(line: bytes) -> None:
+            if line == b"*":
+                self.tagged(tag, b"BAD", b"Authentication cancelled")
+                d.callback(None)
+                return
+            decoded = b"" if line == b"=" else self._b64(line)
+            if decoded is None:
+                self.tagged(tag, b"BAD", b"Invalid base64")
+                d.callback(None)
+                return
+            fields = decoded.split(b"\0")
+            if len(fields) != 3:
+                self.tagged(tag, b"BAD", b"Invalid PLAIN response")
+                d.callback(None)
+                return
+            authz, user, password = fields
+            if authz and authz.lower() != user.lower():
+                self.tagged(tag, b"NO", b"[AUTHORIZATIONFAILED] Proxy login not allowed")
+                d.callback(None)
+                return
+            self._login(tag, user, password).chainDeferred(d)
+
+        if initial is not None:  # RFC 4959 SASL-IR
+            response(initial)
+        else:
+            self._continuation = response
+            self.send(b"+ \r\n")
+        return d
+
+    @staticmethod
+    def _b64(data: bytes) -> bytes | None:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def _login(self, tag: bytes, user: bytes, password: bytes) -> defer.Deferred:
+        ip = self.peer_ip
+        account = user.decode("utf-8", "replace").lower()
+        throttle = self.context.throttle
+        delay = throttle.delay(ip, account)
+        d = task.deferLater(reactor, delay, lambda: None) if delay else defer.succeed(None)
+        d.addCallback(lambda _: self.context.portal.login(
+            UsernamePassword(user, password), None, imap4.IAccount))
+
+        def ok(result: tuple[Any, IMAPAccount, Callable[[], None]]) -> None:
+            _, avatar, logout = result
+            throttle.success(ip, account)
+            self._onLogout = logout
+            self.imap_account = avatar
+            self.user = avatar.user
+            self.account = avatar
+            self.state = "auth"
+            self.timeOut = AUTH_TIMEOUT
+            self.log.info("imap login {user} from {ip} tls={tls}", user=self.user, ip=ip,
+                          tls=self.tls_active)
+            self.tagged(tag, b"OK", b"[CAPABILITY " + b" ".join(self.capability_list())
+                        + b"] Logged in")
+
+        def failed(f: Failure) -> None:
+            if not f.check(UnauthorizedLogin):
+                self.log.failure("imap login error", f)
+            throttle.failure(ip, account)
+            self._auth_failures += 1
+            self.log.info("imap login failed for {user} from {ip}", user=account, ip=ip)
+            self.tagged(tag, b"NO", b"[AUTHENTICATIONFAILED] Authentication failed")
+            if self._auth_failures >= self.context.limits.auth_failures_per_connection:
+                self.untagged(b"BYE Too many authentication failures")
+                self._close()
+
+        return d.addCallbacks(ok, failed)
+
+    # -- authenticated (RFC 3501 6.3) --------------------------------------------------------
+
+    def _mailbox_name(self, args: Arguments) -> str:
+        raw = args.astring()
+        try:
+            text = raw.decode("ascii")
+            name = decode_folder_name(text) if "&" in text else text
+        except (UnicodeDecodeError, ValueError):
+            # Not modified UTF-7: accept UTF-8 as many clients send it.
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CommandFailed(b"[CANNOT] Invalid mailbox name") from None
+        if name.upper() == "INBOX":
+            return "INBOX"
+        return name
+
+    @staticmethod
+    def _wire_name(name: str) -> bytes:
+        if name.upper() == "INBOX":
+            return b"INBOX"
+        return F.quote_mailbox(encode_folder_name(name).encode("ascii"))
+
+    def cmd_auth_SELECT(self, tag: bytes, args: Arguments, readonly: bool = False) -> defer.Deferred:
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        self._deselect(announce=True)
+        folder = self.imap_account.folder(name)  # type: ignore[union-attr]
+        return folder.refresh().addCallback(lambda _: self._selected(tag, folder, readonly, name))
+
+    def cmd_auth_EXAMINE(self, tag: bytes, args: Arguments) -> defer.Deferred:
+        return self.cmd_auth_SELECT(tag, args, readonly=True)
+
+    def _selected(self, tag: bytes, folder: Any, readonly: bool, folder_name: str) -> None:
+        self.folder = folder
+        self._selected_name = folder_name
+        self.readonly = readonly
+        self.state = "select"
+        self.view = [m.uid for m in folder.messages]
+        self._uid_index = {u: i for i, u in enumerate(self.view)}
+        self.recent = set() if readonly else set(folder.claim_recent(self))
+        folder.add_listener(self)
+        flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords()))
+        self.untagged(b"FLAGS " + flags)
+        if readonly:
+            self.untagged(b"OK [PERMANENTFLAGS ()] Read-only mailbox")
+        else:
+            self.untagged(b"OK [PERMANENTFLAGS " + flags[:-1] + (b" " if flags != b"()" else b"")
+                          + b"\\*)] Flags permitted")
+        self.untagged(b"%d EXISTS" % len(self.view))
+        self.untagged(b"%d RECENT" % len(self.recent))
+        first_unseen = next((i + 1 for i, m in enumerate(folder.messages)
+                             if "\\Seen" not in m.flags), None)
+        if first_unseen:
+            self.untagged(b"OK [UNSEEN %d] First unseen" % first_unseen)
+        self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
+        self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
+        self.tagged(tag, b"OK", b"[READ-ONLY] EXAMINE completed" if readonly
+                    else b"[READ-WRITE] SELECT completed")
+
+    def _deselect(self, announce: bool = False) -> None:
+        if self.folder is not None:
+            self.folder.remove_listener(self)
+            if announce:
+                self.untagged(b"OK [CLOSED] Previous mailbox closed")
+        self.folder = None
+        self.view = []
+        self._uid_index = {}
+        self.recent = set()
+        self._pending_added, self._pending_expunged, self._pending_flags = [], set(), {}
+        if self.state == "select":
+            self.state = "auth"
+
+    def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> None:
+        args.space()
+        name = self._mailbox_name(args).rstrip(".")
+        args.end()
+        if name == "INBOX":
+            raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
+        self.imap_account.create_folder(name)  # type: ignore[union-attr]
+        self.done(tag, b"CREATE completed")
+
+    def cmd_auth_DELETE(self, tag: bytes, args: Arguments) -> None:
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        if name == "INBOX":
+            raise CommandFailed(b"[CANNOT] INBOX cannot be deleted")
+        if self.folder is not None and self._selected_name == name:
+            self._deselect()
+        self.imap_account.delete_folder(name)  # type: ignore[union-attr]
+        self.done(tag, b"DELETE completed")
+
+    def cmd_auth_RENAME(self, tag: bytes, args: Arguments) -> None:
+        args.space()
+        old = self._mailbox_name(args)
+        args.space()
+        new = self._mailbox_name(args).rstrip(".")
+        args.end()
+        if new == "INBOX":
+            raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
+        self.imap_account.rename_folder(old, new)  # type: ignore[union-attr]
+        self.done(tag, b"RENAME completed")
+
+    def cmd_auth_SUBSCRIBE(self, tag: bytes, args: Arguments) -> None:
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        self.imap_account.subscribe(name)  # type: ignore[union-attr]
+        self.done(tag, b"SUBSCRIBE completed")
+
+    def cmd_auth_UNSUBSCRIBE(self, tag: bytes, args: Arguments) -> None:
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        self.imap_account.unsubscribe(name)  # type: ignore[union-attr]
+        self.done(tag, b"UNSUBSCRIBE completed")
+
+    def cmd_auth_LIST(self, tag: bytes, args: Arguments, lsub: bool = False) -> defer.Deferred | None:
+        request = F.parse_list_arguments(args, lsub)
+        lines = F.list_responses(self.imap_account, request, self._wire_name)  # type: ignore[arg-type]
+        if not request.status_items:
+            for line in lines:
+                self.untagged(line)
+            self.done(tag, b"LSUB completed" if lsub else b"LIST completed")
+            return None
+
+        @defer.inlineCallbacks
+        def with_status() -> Any:  # RFC 5819 LIST-STATUS
+            for line, name, selectable in F.list_with_names(self.imap_account, request,  # type: ignore[arg-type]
+                                                            self._wire_name):
+                self.untagged(line)
+                if selectable:
+                    try:
+                        status = yield self._status(name, request.status_items)
+                    except FolderError:
+                        continue
+                    self.untagged(b"STATUS " + self._wire_name(name) + b" " + status)
+            self.done(tag, b"LIST completed")
+
+        return with_status()
+
+    def cmd_auth_LSUB(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        return self.cmd_auth_LIST(tag, args, lsub=True)
+
+    def cmd_auth_STATUS(self, tag: bytes, args: Arguments) -> defer.Deferred:
+        args.space()
+        name = self._mailbox_name(args)
+        args.space()
+        items = [i.upper() for i in args.paren_list(Arguments.atom)]
+        args.end()
+        for item in items:
+            if item not in F.STATUS_ITEMS:
+                raise BadCommand(f"unknown STATUS item {item.decode('ascii', 'replace')}")
+        return self._status(name, items).addCallback(
+            lambda status: (self.untagged(b"STATUS " + self._wire_name(name) + b" " + status),
+                            self.done(tag, b"STATUS completed")))
+
+    def _status(self, name: str, items: list[bytes]) -> defer.Deferred:
+        folder = self.imap_account.folder(name)  # type: ignore[union-attr]
+        return folder.refresh().addCallback(lambda _: F.status_line(folder, items))
+
+    def cmd_auth_APPEND(self, tag: bytes, args: Arguments, writer: Any = None) -> defer.Deferred | None:
+        args.space()
+        name = self._mailbox_name(args)
+        args.space()
+        flags: list[bytes] = []
+        date = None
+        if args.peek() == b"(":
+            flags = args.flag_list()
+            args.space()
+        if args.peek() == b'"':
+            date = args.date_time()
+            args.space()
+        if writer is None:
+            # A message that came as a quoted string or an empty literal.
+            message = args.string()
+            args.end()
+            folder = self.imap_account.folder(name)  # type: ignore[union-attr]
+            writer = folder.begin_append(self._parse_flags(flags),
+                                         F.parse_date_time(date) if date else None)
+            writer.write(message)
+        else:
+            args.string()
+            args.end()
+        if writer.size == 0:
+            writer.abort()
+            raise BadCommand("empty message")
+        folder = self.imap_account.folder(name)  # type: ignore[union-attr]
+
+        def appended(info: Any) -> None:
+            self.log.info("imap {user} appended uid {uid} to {folder} size {size}",
+                          user=self.user, uid=info.uid, folder=name, size=info.size)
+            self.done(tag, b"[APPENDUID %d %d] APPEND completed" % (folder.uidvalidity, info.uid))
+
+        return writer.commit().addCallback(appended)
+
+    def cmd_auth_NAMESPACE(self, tag: bytes, args: Arguments) -> None:  # RFC 2342
+        args.end()
+        self.untagged(b'NAMESPACE (("" ".")) NIL NIL')
+        self.done(tag, b"NAMESPACE completed")
+
+    def cmd_auth_ENABLE(self, tag: bytes, args: Arguments) -> None:  # RFC 5161
+        args.space()
+        args.rest()
+        self.untagged(b"ENABLED")
+        self.done(tag, b"ENABLE completed")
+
+    def cmd_auth_GETQUOTAROOT(self, tag: bytes, args: Arguments) -> defer.Deferred:  # RFC 2087
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        self.imap_account.folder(name)  # type: ignore[union-attr]
+        quota = self.imap_account.quota  # type: ignore[union-attr]
+        if quota is None:
+            self.untagged(b"QUOTAROOT " + self._wire_name(name))
+            self.done(tag, b"GETQUOTAROOT completed")
+            return defer.succeed(None)
+        return self._usage().addCallback(lambda used: (
+            self.untagged(b'QUOTAROOT ' + self._wire_name(name) + b' ""'),
+            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, quota // 1024)),
+            self.done(tag, b"GETQUOTAROOT completed")))
+
+    def cmd_auth_GETQUOTA(self, tag: bytes, args: Arguments) -> defer.Deferred:
+        args.space()
+        root = args.astring()
+        args.end()
+        quota = self.imap_account.quota  # type: ignore[union-attr]
+        if root != b"" or quota is None:
+            raise CommandFailed(b"No such quota root")
+        return self._usage().addCallback(lambda used: (
+            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, quota // 1024)),
+            self.done(tag, b"GETQUOTA completed")))
+
+    def cmd_auth_SETQUOTA(self, tag: bytes, args: Arguments) -> None:
+        args.rest()
+        raise CommandFailed(b"[NOPERM] Quotas are set by the administrator")
+
+    def _usage(self) -> defer.Deferred:
+        from twisted.internet.threads import deferToThread
+
+        return deferToThread(self.imap_account.total_size)  # type: ignore[union-attr]
+
+    def _over_quota(self, adding: int) -> bytes | None:
+        quota = self.imap_account.quota if self.imap_account else None  # type: ignore[union-attr]
+        if quota is None:
+            return None
+        if self.imap_account.cached_size() + adding > quota:  # type: ignore[union-attr]
+            return b"[OVERQUOTA] Quota exceeded"
+        return None
+
+    def cmd_auth_IDLE(self, tag: bytes, args: Arguments) -> defer.Deferred:  # RFC 2177
+        args.end()
+        self._idle_tag = tag
+        self._idle_done: defer.Deferred = defer.Deferred()
+        self.send(b"+ idling\r\n")
+        self.flush_updates(True)
+        if self.folder is not None:
+            self._idle_poll = task.LoopingCall(self._poll_folder)
+            self._idle_poll.start(IDLE_POLL, now=False).addErrback(
+                lambda f: self.log.failure("IDLE poll failed", f))
+        self.setTimeout(AUTH_TIMEOUT)
+        return self._idle_done
+
+    def _poll_folder(self) -> defer.Deferred | None:
+        if self.folder is None:
+            return None
+        return self.folder.refresh()
+
+    def _idle_line(self, line: bytes) -> None:
+        tag, self._idle_tag = self._idle_tag, None
+        self._end_idle_poll()
+        if line.strip().upper() == b"DONE":
+            self.done(tag, b"IDLE terminated")  # type: ignore[arg-type]
+        else:
+            self.tagged(tag, b"BAD", b"Expected DONE")  # type: ignore[arg-type]
+        d, self._idle_done = self._idle_done, None  # type: ignore[assignment]
+        d.callback(None)
+
+    def _end_idle_poll(self) -> None:
+        if self._idle_poll is not None and self._idle_poll.running:
+            self._idle_poll.stop()
+        self._idle_poll = None
+
+    # -- selected (RFC 3501 6.4) -------------------------------------------------------------
+
+    def cmd_select_CHECK(self, tag: bytes, args: Arguments) -> defer.Deferred:
+        args.end()
+        return self.folder.refresh().addCallback(lambda _: self.done(tag, b"CHECK completed"))
+
+    def cmd_select_CLOSE(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        args.end()
+        folder, readonly = self.folder, self.readonly
+        self._deselect()
+        if readonly:
+            self.tagged(tag, b"OK", b"CLOSE completed")
+            return None
+        return folder.expunge(None, origin=self).addCallback(
+            lambda _: self.tagged(tag, b"OK", b"CLOSE completed"))
+
+    def cmd_select_UNSELECT(self, tag: bytes, args: Arguments) -> None:  # RFC 3691
+        args.end()
+        self._deselect()
+        self.tagged(tag, b"OK", b"UNSELECT completed")
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise CommandFailed(b"[READ-ONLY] Mailbox is read-only")
+
+    def cmd_select_EXPUNGE(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
+        restrict = None
+        if uid:  # RFC 4315 UID EXPUNGE
+            args.space()
+            uidset = args.sequence_set()
+            restrict = uidset.select(self.view, self.view[-1] if self.view else 0)
+        args.end()
+        self._require_writable()
+        return self.folder.expunge(restrict, origin=self).addCallback(
+            lambda uids: (self._announce_expunged(uids), self.done(tag, b"EXPUNGE completed")))
+
+    def _announce_expunged(self, uids: list[int]) -> None:
+        for u in sorted(uids):
+            seq = self._seq_of(u)
+            if seq is None:
+                continue
+            self.untagged(b"%d EXPUNGE" % seq)
+            self._remove_from_view(u)
+            self._pending_flags.pop(u, None)
+            self._pending_expunged.discard(u)
+
+    def _seq_of(self, uid: int) -> int | None:
+        i = self._uid_index.get(uid)
+        return None if i is None else i + 1
+
+    def _remove_from_view(self, uid: int) -> None:
+        i = self._uid_index.pop(uid, None)
+        if i is None:
+            return
+        del self.view[i]
+        for u in self.view[i:]:
+            self._uid_index[u] -= 1
+        self.recent.discard(uid)
+
+    def _resolve(self, seqset: Any, uid: bool) -> list[int]:
+        """UIDs in the view named by a sequence set of message numbers or UIDs."""
+        if not self.view:
+            return []
+        if uid:
+            return seqset.select(self.view, self.view[-1])
+        out = []
+        for n in seqset.resolve(len(self.view)):
+            if n > len(self.view):
+                raise BadCommand("message number out of range")
+            out.append(self.view[n - 1])
+        return out
+
+    def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
+        args.space()
+        query = S.parse_search(args)
+        matches = S.search(self, query)
+
+        def answer(found: list[int]) -> None:
+            if uid:
+                nums = found
+            else:
+                nums = [self._uid_index[u] + 1 for u in found]
+            self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in nums))
+            self.done(tag, b"SEARCH completed", expunges=uid)
+
+        return matches.addCallback(answer)
+
+    def cmd_select_FETCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
+        args.space()
+        seqset = args.sequence_set()
+        args.space()
+        items = F.parse_fetch_items(args.rest())
+        uids = self._resolve(seqset, uid)
+        if uid and not any(i.type == "uid" for i in items):
+            items.insert(0, F.UID_ITEM)
+        marks = [] if self.readonly else [u for u in uids if F.sets_seen(items)
+                                          and "\\Seen" not in self._flags_of(u)]
+        d = self.folder.store_flags(marks, {"\\Seen"}, "add", origin=self) if marks \
+            else defer.succeed([])
+
+        def stream(changed: list[Any]) -> defer.Deferred:
+            changed_uids = {m.uid for m in changed}
+            chunks = F.fetch_responses(self, uids, items, changed_uids)
+            return _ChunkProducer(self.transport, chunks).start()
+
+        d.addCallback(stream)
+        d.addCallback(lambda _: self.done(tag, b"FETCH completed", expunges=uid))
+        return d
+
+    def _flags_of(self, uid: int) -> frozenset[str]:
+        info = self.folder.by_uid(uid)
+        flags = info.flags if info is not None else frozenset()
+        return flags | {"\\Recent"} if uid in self.recent else flags
+
+    def _parse_flags(self, flags: list[bytes]) -> set[str]:
+        out = set()
+        for f in flags:
+            if f.startswith(b"\\"):
+                canon = _SETTABLE_SYSTEM.get(f.lower())
+                if canon is None:
+                    if f.lower() == b"\\recent":
+                        continue
+                    raise BadCommand(f"invalid flag {f.decode('ascii', 'replace')}")
+                out.add(canon.decode())
+            else:
+                out.add(f.decode("ascii"))
+        return out
+
+    def cmd_select_STORE(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
+        args.space()
+        seqset = args.sequence_set()
+        args.space()
+        item = args.atom().upper()
+        args.space()
+        flags = self._parse_flags(args.flag_list())
+        args.end()
+        silent = item.endswith(b".SILENT")
+        op = item[:-7] if silent else item
+        mode = {b"FLAGS": "set", b"+FLAGS": "add", b"-FLAGS": "remove"}.get(op)
+        if mode is None:
+            raise BadCommand("invalid STORE item")
+        self._require_writable()
+        uids = self._resolve(seqset, uid)
+
+        def stored(changed: list[Any]) -> None:
+            if not silent:
+                done = set()
+                for info in changed:
+                    done.add(info.uid)
+                    self._send_flags(info.uid, uid)
+                if uid:
+                    pass
+            self.done(tag, b"STORE completed", expunges=uid)
+
+        return self.folder.store_flags(uids, flags, mode, origin=self).addCallback(stored)
+
+    def _send_flags(self, u: int, with_uid: bool = True) -> None:
+        seq = self._seq_of(u)
+        if seq is None:
+            return
+        flags = F.flag_list(sorted(f.encode() for f in self._flags_of(u)))
+        self.untagged(b"%d FETCH (UID %d FLAGS %s)" % (seq, u, flags))
+
+    def cmd_select_COPY(self, tag: bytes, args: Arguments, uid: bool = False,
+                        move: bool = False) -> defer.Deferred:
+        args.space()
+        seqset = args.sequence_set()
+        args.space()
+        name = self._mailbox_name(args)
+        args.end()
+        if move:
+            self._require_writable()
+        uids = self._resolve(seqset, uid)
+        try:
+            dest = self.imap_account.folder(name)  # type: ignore[union-attr]
+        except NoSuchFolder:
+            raise CommandFailed(b"[TRYCREATE] No such mailbox") from None
+        size = sum(self.folder.by_uid(u).size for u in uids if self.folder.by_uid(u))
+        over = self._over_quota(size)
+        if over:
+            raise CommandFailed(over)
+        if not uids:
+            self.done(tag, b"%s completed" % (b"MOVE" if move else b"COPY"), expunges=uid)
+            return defer.succeed(None)
+
+        def copied(pairs: list[tuple[int, int]]) -> Any:
+            code = b"COPYUID %d %s %s" % (dest.uidvalidity, F.uid_set([s for s, _ in pairs]),
+                                          F.uid_set([d for _, d in pairs]))
+            if not move:
+                self.done(tag, b"[" + code + b"] COPY completed", expunges=uid)
+                return None
+            self.untagged(b"OK [" + code + b"] Moved")
+            return self.folder.delete_messages([s for s, _ in pairs], origin=self).addCallback(
+                lambda gone: (self._announce_expunged(gone), self.done(tag, b"MOVE completed")))
+
+        return self.folder.copy_to(uids, dest).addCallback(copied)
+
+    def cmd_select_MOVE(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:  # RFC 6851
+        return self.cmd_select_COPY(tag, args, uid=uid, move=True)
+
+    # -- mailbox events (folder listener) ---------------------------------------------------
+
+    def messages_added(self, infos: list[Any]) -> None:
+        self._pending_added.extend(infos)
+        self._push_if_idle()
+
+    def messages_expunged(self, uids: list[int]) -> None:
+        self._pending_expunged.update(uids)
+        self._push_if_idle()
+
+    def flags_changed(self, infos: list[Any]) -> None:
+        for info in infos:
+            self._pending_flags[info.uid] = info
+        self._push_if_idle()
+
+    def _push_if_idle(self) -> None:
+        if self._idle_tag is not None:
+            self.flush_updates(True)
+
+    def flush_updates(self, expunges: bool) -> None:
+        """Tell the client what changed in the selected mailbox (RFC 3501 7.3.1, 7.4.1)."""
+        if self.folder is None:
+            return
+        if expunges and self._pending_expunged:
+            gone = sorted(u for u in self._pending_expunged if u in self._uid_index)
+            self._pending_expunged = set()
+            self._announce_expunged(gone)
+        if self._pending_added:
+            added = [i for i in self._pending_added if i.uid not in self._uid_index
+                     and i.uid not in self._pending_expunged]
+            self._pending_added = []
+            if added:
+                for info in sorted(added, key=lambda i: i.uid):
+                    if not self.view or info.uid > self.view[-1]:
+                        self._uid_index[info.uid] = len(self.view)
+                        self.view.append(info.uid)
+                if not self.readonly:
+                    self.recent |= set(self.folder.claim_recent(self))
+                self.untagged(b"%d EXISTS" % len(self.view))
+                self.untagged(b"%d RECENT" % len(self.recent))
+        if self._pending_flags:
+            pending, self._pending_flags = self._pending_flags, {}
+            for u in sorted(pending):
+                if u in self._uid_index and u not in self._pending_expunged:
+                    self._send_flags(u)
+
+
+def now() -> float:
+    return time.time()

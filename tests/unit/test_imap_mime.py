@@ -1,0 +1,62 @@
+"""MIME structure with offsets, ENVELOPE and BODYSTRUCTURE (RFC 3501 7.4.2)."""
+
+import io
+import os
+import tempfile
+
+from mailserver.imap.mime import (MessageBytes, body_structure, envelope, find_part,
+                                  header_fields, imap_string, parse_structure)
+
+MESSAGE = (
+    b"From: A <a@x.test>\r\nTo: b@y.test, \"C D\" <c@z.test>\r\nSubject: hi\r\n"
+    b"X-Dup: 1\r\nX-Dup: 2\r\nX-8bit: caf\xc3\xa9\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n"
+    b"preamble\r\n--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\nworld\r\n"
+    b"--XX\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n"
+    b"--XX--\r\nepilogue\r\n")
+
+
+def test_structure_offsets():
+    root = parse_structure(MESSAGE)
+    first = find_part(root, [1])
+    assert MESSAGE[first.body_start:first.end] == b"hello\r\nworld"
+    assert MESSAGE[first.start:first.body_start].startswith(b"Content-Type: text/plain")
+    inner = find_part(root, [2, 1])
+    assert MESSAGE[inner.body_start:inner.end] == b"inner body"
+    assert find_part(root, [3]) is None
+
+
+def test_bodystructure_and_envelope():
+    root = parse_structure(MESSAGE)
+    bs = body_structure(root)
+    assert bs.startswith(b'(("TEXT" "PLAIN" ("charset" "utf-8") NIL NIL "7BIT" 12 2 ')
+    assert b'"MESSAGE" "RFC822"' in bs and bs.endswith(b'"MIXED" ("boundary" "XX") NIL NIL NIL)')
+    assert body_structure(root, extended=False).endswith(b'"MIXED")')
+    env = envelope(root)
+    assert env.startswith(b'(NIL "hi" (("A" NIL "a" "x.test"))')
+    assert b'("C D" NIL "c" "z.test")' in env
+
+
+def test_header_fields_keep_order_repeats_and_8bit():
+    root = parse_structure(MESSAGE)
+    got = header_fields(MESSAGE, root, [b"X-DUP", b"x-8bit"], negate=False)
+    assert got == b"X-Dup: 1\r\nX-Dup: 2\r\nX-8bit: caf\xc3\xa9\r\n\r\n"
+    not_got = header_fields(MESSAGE, root, [b"content-type"], negate=True)
+    assert b"Content-Type" not in not_got and not_got.startswith(b"From: A")
+
+
+def test_lf_only_files_are_seen_with_crlf():
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(b"Subject: x\n\nline1\nline2\n")
+    try:
+        with open(f.name, "rb") as fh, MessageBytes(fh) as mb:
+            assert bytes(mb.data) == b"Subject: x\r\n\r\nline1\r\nline2\r\n"
+    finally:
+        os.unlink(f.name)
+
+
+def test_imap_string_quoting():
+    assert imap_string(None) == b"NIL"
+    assert imap_string(b"plain") == b'"plain"'
+    assert imap_string(b'q"uote') == b'"q\\"uote"'
+    assert imap_string(b"caf\xc3\xa9") == b"{5}\r\ncaf\xc3\xa9"

@@ -1,0 +1,68 @@
+"""IMAP argument reading (RFC 3501 9): atoms, strings, literals, lists, sequence sets."""
+
+import pytest
+
+from mailserver.imap.fetch import append_target, parse_date_time, quote_mailbox, uid_set
+from mailserver.imap.parser import (MAX_NESTING, Arguments, BadCommand, Literal,
+                                    parse_sequence_set)
+
+
+def args(*parts: bytes) -> Arguments:
+    return Arguments(list(parts))
+
+
+def test_atoms_strings_and_literals():
+    a = args(b'tag LOGIN "al\\"ice" ', Literal(b"pa ss"), b"")
+    assert a.atom() == b"tag"
+    a.space()
+    assert a.atom() == b"LOGIN"
+    a.space()
+    assert a.astring() == b'al"ice'
+    a.space()
+    assert a.astring() == b"pa ss"
+    a.end()
+
+
+def test_flag_lists_and_nesting():
+    a = args(b"(\\Seen $Forwarded foo) rest")
+    assert a.flag_list() == [b"\\Seen", b"$Forwarded", b"foo"]
+    deep = b"(" * (MAX_NESTING + 3) + b")" * (MAX_NESTING + 3)
+    with pytest.raises(BadCommand):
+        args(deep).generic()
+
+
+@pytest.mark.parametrize("bad", [b"", b"0", b"1:", b":2", b"a", b"1,,2", b"01", b"99999999999"])
+def test_bad_sequence_sets(bad):
+    with pytest.raises(BadCommand):
+        parse_sequence_set(bad)
+
+
+def test_sequence_sets_resolve():
+    s = parse_sequence_set(b"5:3,1,7:*")
+    assert list(s.resolve(8)) == [1, 3, 4, 5, 7, 8]
+    assert s.select([1, 2, 4, 9, 20], 20) == [1, 4, 9, 20]
+    assert parse_sequence_set(b"*").contains(12, 12)
+    assert not parse_sequence_set(b"1:3").contains(4, 10)
+
+
+def test_unterminated_things_are_bad():
+    for text in (b'"abc', b"(a b", b"\x01"):
+        with pytest.raises(BadCommand):
+            args(text).generic()
+
+
+def test_append_target_and_dates():
+    assert append_target([b"a1 APPEND Sent (\\Seen) \"05-Jan-2024 10:00:00 +0100\" "]) == (
+        "Sent", [b"\\Seen"], b"05-Jan-2024 10:00:00 +0100")
+    assert append_target([b"a1 APPEND inbox "]) == ("INBOX", [], None)
+    assert append_target([b"a1 LOGIN x "]) is None
+    assert parse_date_time(b"05-Jan-2024 10:00:00 +0100") == 1704445200.0
+    with pytest.raises(BadCommand):
+        parse_date_time(b"32-Foo-2024 10:00:00 +0100")
+
+
+def test_formatting_helpers():
+    assert uid_set([1, 2, 3, 7, 9, 10]) == b"1:3,7,9:10"
+    assert quote_mailbox(b"Sent") == b"Sent"
+    assert quote_mailbox(b"My Folder") == b'"My Folder"'
+    assert quote_mailbox(b'a"b') == b'"a\\"b"'
