@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +90,8 @@ class ListenConfig:
     imaps: str = "tcp:2993"
     pop3: str = "tcp:2110"
     pop3s: str = "tcp:2995"
+    autoconfig: str = "tcp:2443"       # HTTPS: Thunderbird autoconfig, Outlook autodiscover, Apple
+    autoconfig_http: str = "tcp:2080"  # plain HTTP for autoconfig.<domain> lookups
 
     def enabled(self) -> dict[str, str]:
         """Service name -> endpoint description, for the services that are switched on."""
@@ -108,12 +110,69 @@ class LimitsConfig:
     auth_failure_delay_after: int = 3
     auth_failures_per_connection: int = 3
     auth_failure_window: float = 900.0
+    # Submission only, per authenticated user.
+    submission_max_recipients: int = 100
+    messages_per_hour: int = 500
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     # Accept credentials without TLS from loopback clients only; for local testing.
     allow_plaintext_loopback: bool = False
+
+
+SMARTHOST_TLS_MODES = ("starttls", "tls", "none")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """How remote mail leaves: MX lookup and port 25, or one smart host."""
+
+    smarthost: str = ""                    # "host:port" or "[v6addr]:port"; "" = MX delivery
+    smarthost_tls: str = "starttls"        # starttls | tls (implicit) | none
+    smarthost_username: str = ""
+    smarthost_password: str = field(default="", repr=False)
+    smarthost_password_file: str = ""
+    port: int = 25                          # the port of MX hosts
+    resolver: str = ""                      # "ip[:port]" of a DNS server; "" = resolv.conf
+    tls_required_domains: tuple[str, ...] = ()
+    ca_file: str = ""                       # trust anchors (PEM); "" = the system store
+    connect_timeout: float = 30.0
+    timeout: float = 300.0                  # per reply (RFC 5321 4.5.3.2 uses 2-10 minutes)
+
+    @property
+    def smarthost_address(self) -> tuple[str, int] | None:
+        return split_host_port(self.smarthost) if self.smarthost else None
+
+    @property
+    def resolver_address(self) -> tuple[str, int] | None:
+        if not self.resolver:
+            return None
+        host, port = split_host_port(self.resolver, default_port=53)
+        return host, port
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_schedule: tuple[float, ...] = (300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    max_age: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0      # 0: no delay warnings
+    concurrency: int = 20                   # messages being delivered at the same time
+
+
+@dataclass(frozen=True)
+class AutoconfigConfig:
+    """What mail clients are told: the public host and ports (may differ from [listen])."""
+
+    hostname: str = ""          # "" = [server].hostname
+    display_name: str = ""      # organisation name shown by clients; "" = the mail domain
+    imaps_port: int = 993
+    imap_port: int = 143
+    pop3s_port: int = 995
+    pop3_port: int = 110
+    submissions_port: int = 465
+    submission_port: int = 587
+    https_port: int = 443       # where [listen].autoconfig is reached (the _autodiscover SRV)
 
 
 @dataclass(frozen=True)
@@ -125,6 +184,9 @@ class Config:
     listen: ListenConfig
     limits: LimitsConfig
     auth: AuthConfig
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    autoconfig: AutoconfigConfig = field(default_factory=AutoconfigConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -137,6 +199,14 @@ class Config:
     @property
     def accounts_db(self) -> Path:
         return self.server.state_dir / "accounts.sqlite3"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.server.state_dir / "queue"
+
+    @property
+    def dkim_dir(self) -> Path:
+        return self.server.state_dir / "dkim"
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -174,13 +244,97 @@ def _size(key: str, value: Any) -> int:
 
 
 def _duration(key: str, value: Any) -> float:
-    try:
-        seconds = parse_duration(value)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(key, str(e)) from None
+    seconds = _nonneg_duration(key, value)
     if seconds <= 0:
         raise ConfigError(key, "must be positive")
     return seconds
+
+
+def _nonneg_duration(key: str, value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _durations(key: str, value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, f"expected a non-empty list of durations, got {value!r}")
+    return tuple(_duration(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _port(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(key, f"expected a port number 1-65535, got {value!r}")
+    return value
+
+
+def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """('host', port) from 'host:port', '[2001:db8::1]:port', or 'host' with a default."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value)
+    if not m:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = m.group(1) or m.group(3)
+    port_text = m.group(2) or m.group(4)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"missing port in {value!r} (host:port)")
+        return host, default_port
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    return host, port
+
+
+def _host_port(key: str, value: Any) -> str:
+    _expect(str, "host:port")(key, value)
+    if not value:
+        return value
+    try:
+        host, _ = split_host_port(value)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+    if not _is_ip(host):
+        _hostname(key, host)
+    return value
+
+
+def _resolver(key: str, value: Any) -> str:
+    _expect(str, "a DNS server address such as '192.0.2.53' or '127.0.0.1:5353'")(key, value)
+    if not value:
+        return value
+    try:
+        host, _ = split_host_port(value, default_port=53)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+    if not _is_ip(host):
+        raise ConfigError(key, f"the resolver must be an IP address, got {host!r}")
+    return value
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}; got {value!r}")
+        return value
+    return check
+
+
+def _domains(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of domain names, got {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        out.append(_hostname(f"{key}[{i}]", v).lower())
+    return tuple(out)
 
 
 _HOSTNAME_RE = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
@@ -207,6 +361,17 @@ def check_endpoint(key: str, value: Any) -> str:
     return value
 
 
+def _hostname_or_empty(key: str, value: Any) -> str:
+    return _hostname(key, value) if value != "" else value
+
+
+def _display_name(key: str, value: Any) -> str:
+    _expect(str, "a name")(key, value)
+    if len(value) > 100 or not value.isprintable():
+        raise ConfigError(key, f"expected at most 100 printable characters, got {value!r}")
+    return value.strip()
+
+
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "server": (ServerConfig, {"hostname": _hostname, "state_dir": _expect(str, "a path")}),
     "storage": (StorageConfig, {"maildir_root": _expect(str, "a path")}),
@@ -224,8 +389,34 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "auth_failure_delay_after": _nonneg_int,
         "auth_failures_per_connection": _positive_int,
         "auth_failure_window": _duration,
+        "submission_max_recipients": _positive_int,
+        "messages_per_hour": _nonneg_int,
     }),
     "auth": (AuthConfig, {"allow_plaintext_loopback": _expect(bool, "true or false")}),
+    "relay": (RelayConfig, {
+        "smarthost": _host_port,
+        "smarthost_tls": _choice(*SMARTHOST_TLS_MODES),
+        "smarthost_username": _expect(str, "a user name"),
+        "smarthost_password": _expect(str, "a password"),
+        "smarthost_password_file": _expect(str, "a path"),
+        "port": _port,
+        "resolver": _resolver,
+        "tls_required_domains": _domains,
+        "ca_file": _expect(str, "a path"),
+        "connect_timeout": _duration,
+        "timeout": _duration,
+    }),
+    "queue": (QueueConfig, {
+        "retry_schedule": _durations,
+        "max_age": _duration,
+        "delay_warning": _nonneg_duration,
+        "concurrency": _positive_int,
+    }),
+    "autoconfig": (AutoconfigConfig, {
+        "hostname": _hostname_or_empty,
+        "display_name": _display_name,
+        **{f.name: _port for f in fields(AutoconfigConfig) if f.name.endswith("_port")},
+    }),
 }
 
 
@@ -276,7 +467,40 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if resolved:
         sections["tls"] = TLSConfig(**resolved)
     _check_distinct_endpoints(sections["listen"])
+    sections["relay"] = _check_relay(sections["relay"], base)
     return Config(path=path.resolve(), **sections)
+
+
+def _check_relay(relay: RelayConfig, base: Path) -> RelayConfig:
+    """Cross-key rules: credentials only with a smart host and never in the clear."""
+    changes: dict[str, Any] = {}
+    if relay.smarthost_password and relay.smarthost_password_file:
+        raise ConfigError("relay.smarthost_password_file",
+                          "set smarthost_password or smarthost_password_file, not both")
+    if (relay.smarthost_password or relay.smarthost_password_file) and not relay.smarthost_username:
+        raise ConfigError("relay.smarthost_username", "a smart host password needs a user name")
+    if relay.smarthost_username:
+        if not relay.smarthost:
+            raise ConfigError("relay.smarthost_username", "set only together with relay.smarthost")
+        if relay.smarthost_tls == "none":
+            raise ConfigError("relay.smarthost_tls",
+                              "AUTH to the smart host needs TLS (starttls or tls), not none")
+    if relay.smarthost_password_file:
+        p = (base / relay.smarthost_password_file).resolve()
+        try:
+            password = p.read_text(encoding="utf-8").splitlines()[0] if p.stat().st_size else ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("relay.smarthost_password_file", f"cannot read {p}: {e}") from None
+        if not password:
+            raise ConfigError("relay.smarthost_password_file", f"{p} is empty")
+        changes["smarthost_password_file"] = str(p)
+        changes["smarthost_password"] = password
+    if relay.ca_file:
+        p = (base / relay.ca_file).resolve()
+        if not p.is_file():
+            raise ConfigError("relay.ca_file", f"file not found: {p}")
+        changes["ca_file"] = str(p)
+    return replace(relay, **changes) if changes else relay
 
 
 def _check_distinct_endpoints(listen: ListenConfig) -> None:

@@ -17,7 +17,7 @@ from mailserver.connlimit import ConnectionLimiter, LimitedFactory
 log = Logger()
 
 # Services on implicit-TLS ports: the whole connection is wrapped in TLS.
-IMPLICIT_TLS = {"submissions", "imaps", "pop3s"}
+IMPLICIT_TLS = {"submissions", "imaps", "pop3s", "autoconfig"}
 
 
 # Service name -> "module:function"; the function takes (MailServer, service name) and
@@ -30,6 +30,8 @@ FACTORIES = {
     "imaps": "mailserver.imap.service:build_factory",
     "pop3": "mailserver.pop3:build_factory",
     "pop3s": "mailserver.pop3:build_factory",
+    "autoconfig": "mailserver.autoconfig:build_factory",
+    "autoconfig_http": "mailserver.autoconfig:build_factory",
 }
 
 
@@ -45,7 +47,8 @@ def _builder(name: str) -> Callable[["MailServer", str], protocol.ServerFactory]
 
 
 class MailServer(service.MultiService):
-    """Owns what the protocol services share: accounts, store, TLS, auth, limits."""
+    """Owns what the protocol services share: accounts, store, TLS, auth, limits, and the
+    outbound queue."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -69,6 +72,14 @@ class MailServer(service.MultiService):
         self.portal = build_portal(self.accounts, self.realm)
         self.throttle = AuthThrottle(config.limits.auth_failure_delay_after,
                                      config.limits.auth_failure_window)
+        # Outbound: the queue (with its runner and relay) that MX forwarding and
+        # submission hand messages to, and the per-user submission rate.
+        from mailserver.ratelimit import SlidingWindowCounter
+        from mailserver.smtp.outbound import build_queue
+
+        self.send_rate = SlidingWindowCounter(config.limits.messages_per_hour, 3600.0)
+        self.queue = build_queue(self)
+        self.queue.setServiceParent(self)
         for name, description in config.listen.enabled().items():
             build = _builder(name)
             if build is None:

@@ -201,25 +201,25 @@ def parse_list_arguments(args: Arguments, lsub: bool) -> ListRequest:
     return req
 
 
-def _pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
-    full = pattern if not reference or pattern.startswith(reference) else reference + pattern
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
     out = []
-    for c in full:
-        if c == "*":
-            out.append(".*")
-        elif c == "%":
-            out.append("[^.]*")
-        else:
-            out.append(re.escape(c))
-    regex = "".join(out)
-    # INBOX is case-insensitive, also as the first level of a pattern.
-    if full[:5].upper() == "INBOX":
-        regex = "(?i:INBOX)" + regex[len(re.escape(full[:5])) if False else _escaped_len(full[:5]):]
-    return re.compile(regex + r"\Z", re.S)
+    for c in pattern:
+        out.append(".*" if c == "*" else "[^.]*" if c == "%" else re.escape(c))
+    return re.compile("".join(out) + r"\Z", re.S)
 
 
-def _escaped_len(prefix: str) -> int:
-    return sum(len(re.escape(c)) if c not in "*%" else (2 if c == "*" else 5) for c in prefix)
+class _Matcher:
+    """LIST pattern matching (RFC 3501 6.3.8): '*' any, '%' within one level; INBOX as
+    the first level matches case-insensitively."""
+
+    def __init__(self, reference: str, pattern: str) -> None:
+        full = pattern if not reference or pattern.startswith(reference) else reference + pattern
+        self.regex = _pattern_regex(full)
+        self.inbox_regex = (_pattern_regex("INBOX" + full[5:]) if full[:5].upper() == "INBOX"
+                            else None)
+
+    def match(self, name: str) -> bool:
+        return bool(self.regex.match(name) or (self.inbox_regex and self.inbox_regex.match(name)))
 
 
 def list_with_names(account: Any, req: ListRequest,
@@ -231,7 +231,7 @@ def list_with_names(account: Any, req: ListRequest,
         return
     entries = account.list_folders()
     subscribed = set(account.subscriptions())
-    regexes = [_pattern_regex(req.reference, p) for p in req.patterns]
+    regexes = [_Matcher(req.reference, p) for p in req.patterns]
     for entry in entries:
         name = entry.name
         if not any(r.match(name) for r in regexes):

@@ -140,7 +140,7 @@ class IMAPMailbox:
 
     def getFlags(self) -> list[str]:
         return ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"] + list(
-            self.folder.keywords())
+            self.folder.keywords)
 
     def getHierarchicalDelimiter(self) -> str:
         return "."

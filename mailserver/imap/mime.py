@@ -91,6 +91,16 @@ class Part:
         return self.maintype == "multipart"
 
 
+def count_lines(data: bytes | mmap.mmap, start: int, end: int) -> int:
+    """Lines in data[start:end], counting a last line without a line end."""
+    n = 0
+    for pos in range(start, end, 1 << 20):
+        n += data[pos:min(pos + (1 << 20), end)].count(b"\n")
+    if end > start and data[end - 1:end] != b"\n":
+        n += 1
+    return n
+
+
 def header_end(data: bytes | mmap.mmap, start: int, end: int) -> tuple[int, int]:
     """(end of the header section incl. the blank line, start of the body)."""
     if data[start:start + 2] == b"\r\n":
@@ -145,8 +155,7 @@ def _parse_part(data, start: int, end: int, default: tuple[str, str], depth: int
     part = Part(start=start, body_start=body_start, end=end, headers=headers)
     ctype = next((v for k, v in headers if k == b"content-type"), None)
     part.maintype, part.subtype, part.params = parse_content_type(ctype, default)
-    part.lines = data.count(b"\n", body_start, end) + (
-        1 if end > body_start and data[end - 1:end] != b"\n" else 0)
+    part.lines = count_lines(data, body_start, end)
     if depth >= MAX_DEPTH or counter[0] > MAX_PARTS:
         return part
     if part.is_multipart:

@@ -117,7 +117,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._literal_sink: Any = None      # bytearray, or an AppendWriter for APPEND
         self._append_writer: Any = None
         self._discard = False               # skipping the rest of a refused command
-        self._queue: list[list[bytes]] = []
+        self._queue: list[tuple[list[bytes], Any]] = []
         self._busy = False
         self._closing = False
         self._continuation: Callable[[bytes], None] | None = None
@@ -267,10 +267,11 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._parts.append(text)
         if not literal:
             parts, self._parts = self._parts, []
-            self._enqueue(parts)
+            writer, self._append_writer = self._append_writer, None
+            self._enqueue(parts, writer)
             return
         size, non_sync = int(literal.group(1)), bool(literal.group(2))
-        if len(self._parts) // 1 > MAX_LITERALS * 2:
+        if len(self._parts) > MAX_LITERALS * 2:
             return self._refuse_command(b"BAD Too many literals", non_sync, size)
         refusal, sink = self._literal_sink_for(size)
         if refusal is not None:
@@ -311,7 +312,6 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
 
     def _literal_sink_for(self, size: int) -> tuple[bytes | None, Any]:
         """Where a literal goes: APPEND's message streams to the folder; others to memory."""
-        first = self._parts[0] if len(self._parts) == 1 else None
         append = F.append_target(self._parts) if self.user else None
         if append is not None:
             name, flags, date = append
@@ -331,22 +331,20 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
                 return b"BAD " + str(e).encode(), None
             self._append_writer = folder.begin_append(flags_set, when)
             return None, self._append_writer
-        del first
         if size > MAX_LITERAL:
             return b"BAD Literal too large", None
         return None, bytearray()
 
     # -- command execution -----------------------------------------------------------------
 
-    def _enqueue(self, parts: list[bytes]) -> None:
-        self._queue.append(parts)
+    def _enqueue(self, parts: list[bytes], writer: Any) -> None:
+        self._queue.append((parts, writer))
         if not self._busy:
             self._run_queue()
 
     def _run_queue(self) -> None:
         while self._queue and not self._busy and not self._closing:
-            parts = self._queue.pop(0)
-            writer, self._append_writer = self._append_writer, None
+            parts, writer = self._queue.pop(0)
             d = self._execute(parts, writer)
             if d is not None:
                 self._busy = True
@@ -618,7 +616,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         args.space()
         name = self._mailbox_name(args)
         args.end()
-        self._deselect(announce=True)
+        self._deselect()
         folder = self.imap_account.folder(name)  # type: ignore[union-attr]
         return folder.refresh().addCallback(lambda _: self._selected(tag, folder, readonly, name))
 
@@ -634,7 +632,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._uid_index = {u: i for i, u in enumerate(self.view)}
         self.recent = set() if readonly else set(folder.claim_recent(self))
         folder.add_listener(self)
-        flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords()))
+        flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords))
         self.untagged(b"FLAGS " + flags)
         if readonly:
             self.untagged(b"OK [PERMANENTFLAGS ()] Read-only mailbox")
@@ -652,11 +650,9 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self.tagged(tag, b"OK", b"[READ-ONLY] EXAMINE completed" if readonly
                     else b"[READ-WRITE] SELECT completed")
 
-    def _deselect(self, announce: bool = False) -> None:
+    def _deselect(self) -> None:
         if self.folder is not None:
             self.folder.remove_listener(self)
-            if announce:
-                self.untagged(b"OK [CLOSED] Previous mailbox closed")
         self.folder = None
         self.view = []
         self._uid_index = {}
@@ -1021,18 +1017,15 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         uids = self._resolve(seqset, uid)
 
         def stored(changed: list[Any]) -> None:
-            if not silent:
-                done = set()
-                for info in changed:
-                    done.add(info.uid)
-                    self._send_flags(info.uid, uid)
-                if uid:
-                    pass
+            if not silent:  # RFC 3501 6.4.6: the new flags of every message named
+                for u in uids:
+                    if self.folder.by_uid(u) is not None:
+                        self._send_flags(u)
             self.done(tag, b"STORE completed", expunges=uid)
 
         return self.folder.store_flags(uids, flags, mode, origin=self).addCallback(stored)
 
-    def _send_flags(self, u: int, with_uid: bool = True) -> None:
+    def _send_flags(self, u: int) -> None:
         seq = self._seq_of(u)
         if seq is None:
             return

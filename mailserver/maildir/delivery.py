@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -127,10 +127,12 @@ class Delivery:
     the same file and result as its first occurrence: one copy per Maildir.
     """
 
-    def __init__(self, targets: Sequence[Path], escaped_host: str) -> None:
+    def __init__(self, targets: Sequence[Path], escaped_host: str,
+                 on_committed: Callable[[list[Path]], None] | None = None) -> None:
         if not targets:
             raise ValueError("a delivery needs at least one target")
         self.targets = [Path(t) for t in targets]
+        self._on_committed = on_committed
         self._unique = list(dict.fromkeys(_key(t) for t in self.targets))
         self._buffer = bytearray()
         self._size = 0
@@ -205,7 +207,13 @@ class Delivery:
         if self._state != "open":
             raise RuntimeError(f"delivery is {self._state}")
         self._state = "committing"
-        return deferToThread(self._commit_sync)
+        d = deferToThread(self._commit_sync)
+        if self._on_committed is not None:
+            def tell(results: list[DeliveryResult]) -> list[DeliveryResult]:
+                self._on_committed([r.target for r in results if r.ok])  # type: ignore[misc]
+                return results
+            d.addCallback(tell)
+        return d
 
     def abort(self) -> None:
         """Drop the message: close and remove the tmp file.  Idempotent; no-op after commit."""

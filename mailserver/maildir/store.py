@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -26,6 +26,9 @@ from mailserver.maildir.names import (
     format_subscriptions,
     is_inside,
 )
+
+if TYPE_CHECKING:
+    from mailserver.maildir.account import MailAccount
 
 log = Logger()
 
@@ -43,6 +46,7 @@ class MaildirStore:
         self.root = Path(os.path.normpath(os.path.abspath(root)))
         self.hostname = hostname or socket.gethostname()
         self._escaped_host = escape_hostname(self.hostname)
+        self._accounts: dict[Path, MailAccount] = {}
 
     def user_path(self, domain: str, localpart: str) -> Path:
         """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk."""
@@ -93,7 +97,37 @@ class MaildirStore:
         for t in targets:
             if not is_inside(t, self.root):
                 raise ValueError(f"delivery target outside the maildir root: {t}")
-        return Delivery(targets, self._escaped_host)
+        return Delivery(targets, self._escaped_host, self.notify_delivered)
+
+    def account(self, user_path: Path) -> MailAccount:
+        """The folder tree of the Maildir at `user_path`: one per user and process, so
+        every session shares its Folder objects."""
+        from mailserver.maildir.account import MailAccount
+
+        key = Path(os.path.normpath(os.path.abspath(user_path)))
+        if not is_inside(key, self.root):
+            raise ValueError(f"mailbox path outside the maildir root: {user_path}")
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = MailAccount(self, key)
+        return account
+
+    def notify_delivered(self, paths: Iterable[Path]) -> None:
+        """Tell open folders that SMTP just committed mail into `paths` (each a user's
+        Maildir or one of its folders), so their sessions hear of it at once.
+
+        Folders not in memory are left alone (not loaded for this): they see the mail
+        when they are opened.  A folder still loading refreshes right after its load.
+        """
+        for path in paths:
+            key = Path(os.path.normpath(os.path.abspath(path)))
+            account = self._accounts.get(key) or self._accounts.get(key.parent)
+            folder = account.folder_at(key) if account is not None else None
+            if folder is None:
+                continue  # nobody has it open
+            folder.refresh().addErrback(
+                lambda f, p=key: log.failure("refresh after delivery to {path} failed",
+                                             f, path=str(p)))
 
     def clean_tmp(self, max_age: float = TMP_MAX_AGE) -> Deferred[int]:
         """Remove tmp/ files untouched for `max_age` seconds, in a thread; fires with the count."""

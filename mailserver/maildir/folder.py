@@ -1,0 +1,1214 @@
+"""One Maildir folder as every IMAP and POP3 session of the process sees it.
+
+There is exactly one `Folder` per folder directory in the process (MailAccount hands
+them out), so a change made by one session, found on disk, or delivered by SMTP reaches
+every other session at once through the listeners.
+
+The state lives in the reactor thread; disk work runs in the thread pool, one operation
+at a time per folder (a DeferredLock), and its result is applied back in the reactor.
+Across processes (Dovecot, another instance) the folder follows Dovecot's rules:
+
+- uids come from dovecot-uidlist, changed only under its dot-lock (see uidlist.py);
+- flags are the file name's ":2,<letters>" suffix, changed by rename (see flags.py);
+- a message in new/ is moved to cur/ (":2," appended) when a sync first sees it, and the
+  message is then \\Recent for the first session that claims it (RFC 3501 2.3.2);
+- an expunge is an unlink.
+
+`refresh()` is cheap when nothing changed: it compares the mtimes of new/ and cur/ and the
+identity of dovecot-uidlist and dovecot-keywords with the last scan, and lists the
+directories only when one moved.  A directory whose mtime is less than DIRTY_WINDOW old at
+scan time is scanned again next time, since a second change within the file system's
+timestamp granularity would not move it.
+
+The first open of a large folder stats each file once (its mtime is the internal date);
+sizes come from the ",S=" field of the name.  Both go to the folder's index (index.py),
+so the next open, in this process or a new one, needs no per-message stat at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Protocol, Sequence
+
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailserver.maildir.delivery import (
+    _OPEN_FLAGS,
+    FLUSH_THRESHOLD,
+    fsync_directory,
+    unique_base,
+)
+from mailserver.maildir.flags import (
+    RECENT,
+    apply_mode,
+    base_name,
+    flags_from_letters,
+    info_letters,
+    is_keyword,
+    letters_for,
+    normalize_flag,
+    size_from_base,
+    with_letters,
+)
+from mailserver.maildir.index import CacheValue, FolderIndex
+from mailserver.maildir.keywords import KeywordLimit, Keywords
+from mailserver.maildir.uidlist import DotLock, FileStamp, LockTimeout, UidList, write_all
+
+log = Logger()
+
+DIRTY_WINDOW = 1.0         # seconds: a directory changed this recently is scanned again
+CACHE_FLUSH_DELAY = 2.0    # seconds cached values may wait before they are written
+CACHE_FLUSH_BATCH = 500    # ... or this many, whichever comes first
+_COPY_CHUNK = 256 * 1024
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+class FolderError(Exception):
+    """A folder operation that cannot be done; the message is fit for a NO reply."""
+
+
+class NoSuchFolder(FolderError):
+    pass
+
+
+class FolderExists(FolderError):
+    pass
+
+
+class InvalidFolderName(FolderError):
+    pass
+
+
+class FolderNotEmpty(FolderError):
+    """The name has children and no folder of its own (RFC 3501 6.3.4)."""
+
+
+class InvalidFlag(FolderError):
+    """A flag that cannot be stored (\\Recent is silently ignored instead)."""
+
+
+class TooManyKeywords(FolderError):
+    """The folder already uses all 26 keyword letters Maildir names can carry."""
+
+
+class FolderBusy(FolderError):
+    """Another process held the folder's lock for too long; try again."""
+
+
+# -- data -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message as stored.  Immutable: a change replaces the object.
+
+    `recent` says the message got its uid from this process (it arrived or was moved out
+    of new/ while the server ran); which session sees it \\Recent is `claim_recent`'s job.
+    """
+
+    uid: int
+    basename: str
+    filename: str
+    subdir: str
+    flags: frozenset[str]
+    size: int
+    internaldate: float
+    recent: bool = False
+
+
+@dataclass
+class FolderChanges:
+    """What a refresh found: new messages, vanished uids, and flag changes."""
+
+    added: list[MessageInfo] = field(default_factory=list)
+    expunged: list[int] = field(default_factory=list)
+    flags_changed: list[MessageInfo] = field(default_factory=list)
+    uidvalidity_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.expunged or self.flags_changed
+                    or self.uidvalidity_changed)
+
+
+class FolderListener(Protocol):
+    """What sessions implement to hear about changes (all called in the reactor thread).
+
+    A listener may also define `uidvalidity_changed(folder)`: it is then called instead of
+    the other three when the folder's UIDVALIDITY changed (the session should end its
+    selection); without it the listener gets every old uid expunged and every message added.
+    Likewise `folder_deleted(folder)` when the folder is deleted (else: all expunged).
+    """
+
+    def messages_added(self, infos: list[MessageInfo]) -> None: ...
+    def messages_expunged(self, uids: list[int]) -> None: ...
+    def flags_changed(self, infos: list[MessageInfo]) -> None: ...
+
+
+@dataclass
+class _Sync:
+    """The outcome of a scan, computed in a thread and applied in the reactor."""
+
+    stamps: tuple[Any, ...]
+    unchanged: bool = True
+    uidvalidity: int = 0
+    uidnext: int = 1
+    expunged: list[int] = field(default_factory=list)
+    renamed: list[MessageInfo] = field(default_factory=list)  # same uid, new name
+    flags_changed: list[MessageInfo] = field(default_factory=list)
+    added: list[MessageInfo] = field(default_factory=list)
+    reset: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class _Edit:
+    """The outcome of a flag change, expunge, append or copy."""
+
+    sync: _Sync | None = None
+    changed: list[MessageInfo] = field(default_factory=list)   # flags differ now
+    renamed: list[MessageInfo] = field(default_factory=list)   # only the name differs
+    gone: list[int] = field(default_factory=list)              # vanished meanwhile
+    expunged: list[int] = field(default_factory=list)          # removed by this edit
+    added: list[MessageInfo] = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    uidnext: int | None = None
+
+
+# -- the folder ----------------------------------------------------------------------------
+
+class Folder:
+    """One Maildir folder, shared by every session of the process.
+
+    Call `refresh()` (and wait for it) before reading anything: the first refresh loads
+    the folder.  Operations that change it load it first if need be.
+    """
+
+    def __init__(self, path: Path, name: str, escaped_host: str,
+                 clock: Any = None) -> None:
+        self.path = Path(path)
+        self.name = name
+        self._escaped_host = escaped_host
+        if clock is None:
+            from twisted.internet import reactor as clock  # noqa: PLC0415
+        self._clock = clock
+        self._lock = DeferredLock()
+        self._listeners: list[Any] = []
+        self._loaded = False
+        self._deleted = False
+        self.uidvalidity = 0
+        self.uidnext = 1
+        self._infos: dict[int, MessageInfo] = {}  # uid order
+        self._by_base: dict[str, int] = {}
+        self._recent: set[int] = set()
+        self._uidlist: UidList | None = None
+        self._keywords: Keywords | None = None
+        self._meta: dict[str, str] = {}
+        self._index_rows: dict[str, tuple[int, float]] = {}
+        self._stamps: tuple[Any, ...] | None = None
+        self._dirty = False
+        self._index = FolderIndex(self.path)
+        self._index_generation = 0
+        self._flag_cache: dict[str, frozenset[str]] = {}
+        self._list_cache: list[MessageInfo] | None = None
+        self._stats_cache: tuple[int, int | None, int] | None = None
+        self._flush_call: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Folder {self.name!r} at {str(self.path)!r}>"
+
+    # -- reading (reactor thread) ----------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def messages(self) -> list[MessageInfo]:
+        """The messages in uid order (a shared list: do not modify it)."""
+        if self._list_cache is None:
+            self._list_cache = list(self._infos.values())
+        return self._list_cache
+
+    def uids(self) -> list[int]:
+        return list(self._infos)
+
+    def by_uid(self, uid: int) -> MessageInfo | None:
+        return self._infos.get(uid)
+
+    @property
+    def exists(self) -> int:
+        return len(self._infos)
+
+    def _stats(self) -> tuple[int, int | None, int]:
+        stats = self._stats_cache
+        if stats is None:
+            unseen, first, total = 0, None, 0
+            # A snapshot (one C-level copy): total_size() may be asked from a thread.
+            for info in list(self._infos.values()):
+                total += info.size
+                if "\\Seen" not in info.flags:
+                    unseen += 1
+                    if first is None:
+                        first = info.uid
+            stats = self._stats_cache = (unseen, first, total)
+        return stats
+
+    @property
+    def unseen_count(self) -> int:
+        return self._stats()[0]
+
+    @property
+    def first_unseen_uid(self) -> int | None:
+        return self._stats()[1]
+
+    def total_size(self) -> int:
+        """Octets of all messages as stored."""
+        return self._stats()[2]
+
+    @property
+    def recent_count(self) -> int:
+        """Messages that are \\Recent and not yet claimed by a session."""
+        return len(self._recent)
+
+    @property
+    def keywords(self) -> list[str]:
+        """The keywords defined in this folder (for FLAGS / PERMANENTFLAGS)."""
+        return self._keywords.names() if self._keywords is not None else []
+
+    @property
+    def can_create_keywords(self) -> bool:
+        """False once all 26 keyword letters are taken (PERMANENTFLAGS without \\*)."""
+        return len(self.keywords) < 26
+
+    def claim_recent(self, session: object) -> set[int]:
+        """The \\Recent uids nobody claimed yet, now \\Recent for `session` only.
+
+        A session calls it when it SELECTs and again when it hears of new messages;
+        EXAMINE does not claim.
+        """
+        claimed, self._recent = self._recent, set()
+        return claimed
+
+    def message_path(self, uid: int) -> Path:
+        info = self._infos[uid]
+        return self.path / info.subdir / info.filename
+
+    def open_message(self, uid: int) -> BinaryIO:
+        """Open a message file for reading (blocking; the caller streams from it).
+
+        KeyError for an unknown uid; FileNotFoundError if the file is gone (expunged by
+        another process: the next refresh reports it).  A file renamed by another process
+        is found by its base name.
+        """
+        info = self._infos[uid]
+        try:
+            return open(self.path / info.subdir / info.filename, "rb")
+        except FileNotFoundError:
+            self._dirty = True
+            found = _find_base(self.path, info.basename)
+            if found is None:
+                raise
+            return open(self.path / found[0] / found[1], "rb")
+
+    # -- the index cache ---------------------------------------------------------------------
+
+    def cache_get(self, uid: int, key: str) -> CacheValue | None:
+        """A value the IMAP layer cached for message `uid`, or None."""
+        info = self._infos.get(uid)
+        return None if info is None else self._index.get(info.basename, key)
+
+    def cache_get_many(self, uids: Iterable[int], key: str) -> dict[int, CacheValue]:
+        """`cache_get` for many messages at once (uids without a value are left out)."""
+        infos = [self._infos[u] for u in uids if u in self._infos]
+        found = self._index.get_many([i.basename for i in infos], key)
+        return {i.uid: found[i.basename] for i in infos if i.basename in found}
+
+    def cache_put(self, uid: int, key: str, value: CacheValue) -> None:
+        """Remember a value computed from message `uid`; written in batches."""
+        info = self._infos.get(uid)
+        if info is None:
+            return
+        self._index.put(info.basename, key, value)
+        if self._index.pending >= CACHE_FLUSH_BATCH:
+            self.flush_cache()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(CACHE_FLUSH_DELAY, self.flush_cache)
+
+    def flush_cache(self) -> Deferred[int]:
+        """Write the cached values now; fires with how many were written."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._index.pending:
+            return succeed(0)
+        return deferToThread(self._index.flush)
+
+    def close(self) -> Deferred[None]:
+        """Write pending cache values and close the index (the folder stays usable: the
+        index reopens on next use)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        return self._lock.run(lambda: deferToThread(self._index.close))
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    def add_listener(self, listener: Any) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def _notify(self, origin: Any, expunged: Sequence[int] = (),
+                changed: Sequence[MessageInfo] = (), added: Sequence[MessageInfo] = (),
+                reset: bool = False) -> None:
+        if not (expunged or changed or added or reset):
+            return
+        for listener in list(self._listeners):
+            if listener is origin:
+                continue
+            try:
+                if reset and hasattr(listener, "uidvalidity_changed"):
+                    listener.uidvalidity_changed(self)
+                    continue
+                if expunged:
+                    listener.messages_expunged(list(expunged))
+                if changed:
+                    listener.flags_changed(list(changed))
+                if added:
+                    listener.messages_added(list(added))
+            except Exception:
+                log.failure("folder listener {listener} failed", listener=listener)
+
+    # -- running disk work ---------------------------------------------------------------------
+
+    def _run(self, work: Callable[..., Any], apply: Callable[[Any], Any],
+             *args: Any) -> Deferred[Any]:
+        """Run `work(*args)` in a thread under the folder lock, loading the folder first
+        if need be, then `apply(result)` in the reactor before the lock is released."""
+        def locked() -> Deferred[Any]:
+            if self._deleted:
+                return fail(NoSuchFolder(f"folder {self.name} was deleted"))
+            d: Deferred[Any] = succeed(None)
+            if not self._loaded:
+                d.addCallback(lambda _: deferToThread(self._sync_thread))
+                d.addCallback(self._apply_sync, None)
+            d.addCallback(lambda _: deferToThread(work, *args))
+            d.addCallback(apply)
+            d.addErrback(self._translate)
+            return d
+        return self._lock.run(locked)
+
+    def _translate(self, failure: Failure) -> Failure:
+        if failure.check(KeywordLimit):
+            return Failure(TooManyKeywords(str(failure.value)))
+        if failure.check(LockTimeout):
+            return Failure(FolderBusy(f"folder {self.name} is locked by another process"))
+        if failure.check(FileNotFoundError) and not self.path.joinpath("cur").is_dir():
+            return Failure(NoSuchFolder(f"folder {self.name} does not exist"))
+        return failure
+
+    def _changed(self) -> None:
+        self._list_cache = None
+        self._stats_cache = None
+
+    def _relocate(self, path: Path, name: str) -> FolderIndex:
+        """The folder's directory was renamed (with the folder): follow it.  Returns the
+        old index, to be closed once work in progress is over."""
+        old = self._index
+        self.path = Path(path)
+        self.name = name
+        self._index = FolderIndex(self.path)
+        self._index_generation = self._index.generation
+        self._uidlist = None
+        self._keywords = None
+        return old
+
+    def _mark_deleted(self) -> None:
+        """The folder's directory is gone (deleted through the account): tell sessions."""
+        uids = list(self._infos)
+        self._deleted = True
+        self._infos.clear()
+        self._by_base.clear()
+        self._recent.clear()
+        self._changed()
+        for listener in list(self._listeners):
+            try:
+                if hasattr(listener, "folder_deleted"):
+                    listener.folder_deleted(self)
+                elif uids:
+                    listener.messages_expunged(list(uids))
+            except Exception:
+                log.failure("folder listener {listener} failed", listener=listener)
+
+    # -- refresh ------------------------------------------------------------------------------
+
+    def refresh(self) -> Deferred[FolderChanges]:
+        """Catch up with the disk; fires with what changed (listeners hear it too)."""
+        def locked() -> Deferred[FolderChanges]:
+            if self._deleted:
+                return fail(NoSuchFolder(f"folder {self.name} was deleted"))
+            d = deferToThread(self._sync_thread)
+            d.addCallback(self._apply_sync, None)
+            d.addErrback(self._translate)
+            return d
+        return self._lock.run(locked)
+
+    def _sync_thread(self) -> _Sync:
+        try:
+            return self._sync_core(lock_held=False)
+        except BaseException:
+            self._uidlist = None  # may be half-changed: read it again next time
+            self._dirty = True
+            raise
+
+    def _apply_sync(self, sync: _Sync, origin: Any) -> FolderChanges:
+        if self._deleted:
+            raise NoSuchFolder(f"folder {self.name} was deleted")
+        self._stamps = sync.stamps
+        self._dirty = sync.dirty
+        if sync.unchanged:
+            return FolderChanges()
+        first_load = not self._loaded
+        self._loaded = True
+        if sync.reset:
+            sync.expunged = list(self._infos)
+            self._infos.clear()
+            self._by_base.clear()
+            self._recent.clear()
+        for uid in sync.expunged:
+            info = self._infos.pop(uid, None)
+            if info is not None and self._by_base.get(info.basename) == uid:
+                del self._by_base[info.basename]
+            self._recent.discard(uid)
+        for info in sync.renamed:
+            self._infos[info.uid] = info
+        self._add_infos(sync.added)
+        self.uidvalidity = sync.uidvalidity
+        self.uidnext = sync.uidnext
+        self._changed()
+        changes = FolderChanges(added=list(sync.added), expunged=sorted(sync.expunged),
+                                flags_changed=list(sync.flags_changed),
+                                uidvalidity_changed=sync.reset and not first_load)
+        if first_load:
+            return changes
+        self._notify(origin, changes.expunged, changes.flags_changed, changes.added,
+                     reset=changes.uidvalidity_changed)
+        return changes
+
+    def _add_infos(self, infos: Iterable[MessageInfo]) -> None:
+        for info in infos:
+            self._infos[info.uid] = info
+            self._by_base[info.basename] = info.uid
+            if info.recent:
+                self._recent.add(info.uid)
+
+    # -- the scan (thread; the folder lock is held) -----------------------------------------
+
+    def _disk_stamps(self) -> tuple[Any, ...]:
+        try:
+            new = os.stat(self.path / "new").st_mtime_ns
+            cur = os.stat(self.path / "cur").st_mtime_ns
+        except FileNotFoundError:
+            raise NoSuchFolder(f"folder {self.name} does not exist") from None
+        return (new, cur, FileStamp.of(self.path / "dovecot-uidlist"),
+                FileStamp.of(self.path / "dovecot-keywords"))
+
+    def _scan(self) -> dict[str, tuple[str, str]]:
+        """base name -> (subdir, file name) of every message file.
+
+        new/ is listed before cur/, so a file moving from one to the other meanwhile is
+        seen at least once; cur/ wins when both have it.
+        """
+        listing: dict[str, tuple[str, str]] = {}
+        for subdir in ("new", "cur"):
+            try:
+                names = os.listdir(self.path / subdir)
+            except FileNotFoundError:
+                raise NoSuchFolder(f"folder {self.name} does not exist") from None
+            for name in names:
+                if name[0] == "." or "\n" in name or "\r" in name:
+                    continue
+                listing[base_name(name)] = (subdir, name)
+        return listing
+
+    def _current_uidlist(self) -> UidList:
+        """The uid list as on disk now (read again if it changed), created if missing."""
+        ul = self._uidlist
+        disk = FileStamp.of(self.path / "dovecot-uidlist")
+        if ul is not None and disk is not None and ul.stamp == disk:
+            return ul
+        if ul is not None and disk is None and ul.stamp is None:
+            return ul  # created by us, not written yet
+        previous = self.uidvalidity or _int(self._meta.get("uidvalidity"))
+        fresh = UidList.read(self.path) if disk is not None else None
+        if fresh is None:
+            if previous and disk is None and self._loaded:
+                log.warn("{path}: dovecot-uidlist vanished; new UIDVALIDITY",
+                         path=str(self.path))
+            fresh = UidList.create(self.path, previous_uidvalidity=previous or None)
+        elif not fresh.uidvalidity:
+            meta_v = _int(self._meta.get("uidvalidity"))
+            if len(fresh) and meta_v:
+                fresh.uidvalidity = meta_v
+                fresh.nextuid = max(fresh.nextuid, _int(self._meta.get("uidnext")) or 1)
+            else:
+                fresh = UidList.create(self.path, previous_uidvalidity=previous or None)
+                fresh.damaged = True
+        self._uidlist = fresh
+        return fresh
+
+    def _current_keywords(self) -> tuple[Keywords, bool]:
+        """The keyword table, read again if the file changed; (table, was it re-read)."""
+        kw = self._keywords
+        if kw is not None and not kw.changed_on_disk():
+            return kw, False
+        self._keywords = Keywords.read(self.path)
+        self._flag_cache = {}
+        return self._keywords, kw is not None
+
+    def _flags_of(self, filename: str) -> frozenset[str]:
+        """Flags of a file name (cached by its info part: most messages share a few)."""
+        info = filename.partition(":")[2]
+        flags = self._flag_cache.get(info)
+        if flags is None:
+            assert self._keywords is not None
+            flags = flags_from_letters(info_letters(filename), self._keywords.name_at)
+            self._flag_cache[info] = flags
+        return flags
+
+    def _sync_core(self, lock_held: bool, force: bool = False) -> _Sync:
+        stamps = self._disk_stamps()
+        if (self._loaded and not force and not self._dirty and stamps == self._stamps):
+            return _Sync(stamps)
+        if not self._loaded and not self._meta:
+            self._meta, self._index_rows = self._index.load()
+            self._index_generation = self._index.generation
+        scan_start = time.time()
+        listing = self._scan()
+        if any(b not in listing for b in self._by_base):
+            # A rename racing with readdir may hide a file: look once more before
+            # calling anything expunged.
+            for base, where in self._scan().items():
+                listing[base] = where
+        ul = self._current_uidlist()
+        kw, kw_reread = self._current_keywords()
+        reset = self._loaded and ul.uidvalidity != self.uidvalidity
+        limit = 0 if reset else (next(reversed(self._infos)) if self._infos else 0)
+        by_base = {} if reset else self._by_base
+        uid_of = ul.mapping().get
+        dirs = {"cur": os.path.join(self.path, "cur"), "new": os.path.join(self.path, "new")}
+
+        def needs_uid(base: str) -> bool:
+            uid = uid_of(base)
+            return uid is None or (uid <= limit and by_base.get(base) != uid)
+
+        need_write = (ul.stamp is None or ul.damaged or ul.version != 3 or kw.dirty
+                      or any(sub == "new" or needs_uid(b) for b, (sub, _) in listing.items())
+                      or any(b not in listing for _, b in ul.items()))
+        if need_write and not lock_held:
+            with DotLock(ul.path):
+                return self._sync_core(lock_held=True, force=True)
+
+        fresh_stats: dict[str, os.stat_result] = {}
+        moved: set[str] = set()
+        if need_write:
+            moved = self._move_new(listing)
+            for uid, base in list(ul.items()):
+                if base not in listing:
+                    ul.remove(uid)
+            fresh = []
+            for base in listing:
+                if needs_uid(base):
+                    old = ul.lookup(base)
+                    if old is not None:
+                        ul.remove(old)
+                    sub, name = listing[base]
+                    try:
+                        fresh_stats[base] = os.stat(os.path.join(dirs[sub], name))
+                    except FileNotFoundError:
+                        continue
+                    fresh.append(base)
+            fresh.sort(key=lambda b: (fresh_stats[b].st_mtime, b))
+            for base in fresh:
+                ul.add(base)
+            for base in [b for b in listing if uid_of(b) is None]:
+                del listing[base]  # vanished while we looked
+            ul.write()
+            if kw.dirty:
+                kw.write()
+
+        # Stamps taken after our own changes: anything another process did since the
+        # scan started has an mtime inside the dirty window, so it is not missed.
+        after = self._disk_stamps()
+        sync = _Sync(stamps=after, unchanged=False, uidvalidity=ul.uidvalidity,
+                     uidnext=ul.nextuid, reset=reset)
+        sync.dirty = max(after[0], after[1]) / 1e9 >= scan_start - DIRTY_WINDOW
+
+        rows = self._index_rows
+        new_rows: list[tuple[str, int, float]] = []
+        recent_bases = moved | set(fresh_stats)
+        known = {} if reset else self._infos
+        seen_uids: set[int] = set()
+        flags_of = self._flags_of
+        for base, (sub, name) in listing.items():
+            uid = uid_of(base)
+            assert uid is not None
+            seen_uids.add(uid)
+            old = known.get(uid)
+            if old is not None and old.basename == base:
+                if old.filename != name or old.subdir != sub or kw_reread:
+                    flags = flags_of(name)
+                    info = MessageInfo(uid, base, name, sub, flags, old.size,
+                                       old.internaldate, old.recent)
+                    sync.renamed.append(info)
+                    if flags != old.flags:
+                        sync.flags_changed.append(info)
+                continue
+            row = rows.get(base)
+            st = fresh_stats.get(base)
+            if row is not None and st is None:
+                size, date = row
+            else:
+                size = size_from_base(base)
+                if st is None:
+                    try:
+                        st = os.stat(os.path.join(dirs[sub], name))
+                    except FileNotFoundError:
+                        continue  # vanished
+                date = st.st_mtime
+                if size is None:
+                    size = st.st_size
+                new_rows.append((base, size, date))
+            sync.added.append(MessageInfo(uid, base, name, sub, flags_of(name),
+                                          size, date, base in recent_bases))
+        sync.added.sort(key=lambda i: i.uid)
+        sync.expunged = [uid for uid in known if uid not in seen_uids
+                         or known[uid].basename != ul.name(uid)]
+
+        gone_bases = [known[u].basename for u in sync.expunged]
+        if not self._loaded:
+            gone_bases = [b for b in rows if b not in listing]
+            self._index_rows = {}
+        if self._index.generation != self._index_generation:
+            new_rows = [(i.basename, i.size, i.internaldate) for i in self._infos.values()
+                        if i.uid not in sync.expunged] + new_rows
+            self._index_generation = self._index.generation
+        self._index.drop(gone_bases)
+        self._index.put_messages(new_rows)
+        self._index.set_meta({"uidvalidity": ul.uidvalidity, "uidnext": ul.nextuid})
+        self._meta = {"uidvalidity": str(ul.uidvalidity), "uidnext": str(ul.nextuid)}
+        return sync
+
+    def _move_new(self, listing: dict[str, tuple[str, str]]) -> set[str]:
+        """Move every file of new/ to cur/ (adding ":2,"); the base names we moved."""
+        moved: set[str] = set()
+        lost = False
+        for base, (sub, name) in list(listing.items()):
+            if sub != "new":
+                continue
+            dest = name if ":" in name else name + ":2,"
+            try:
+                os.rename(self.path / "new" / name, self.path / "cur" / dest)
+            except FileNotFoundError:
+                lost = True  # moved or expunged by someone else: look again below
+                del listing[base]
+                continue
+            except OSError as e:
+                log.warn("cannot move {name} to cur/: {error}", name=name, error=e)
+                continue
+            listing[base] = ("cur", dest)
+            moved.add(base)
+        if lost:
+            for base, where in self._scan().items():
+                listing.setdefault(base, where)
+        return moved
+
+    # -- flags -----------------------------------------------------------------------------------
+
+    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
+                    origin: Any = None) -> Deferred[list[MessageInfo]]:
+        """Set, add or remove flags (`mode` "set" | "add" | "remove") on messages `uids`.
+
+        Fires with the updated infos of the messages whose flags changed, in uid order.
+        \\Recent is ignored; an unknown system flag or a bad keyword fails with
+        InvalidFlag, a 27th keyword with TooManyKeywords (nothing is changed then).
+        A message that vanished meanwhile is reported expunged to every listener.
+        """
+        try:
+            wanted = frozenset(normalize_flag(f) for f in flags if f.lower() != RECENT.lower())
+        except ValueError as e:
+            return fail(InvalidFlag(str(e)))
+        if mode not in ("set", "add", "remove"):
+            return fail(ValueError(f"unknown mode {mode!r}"))
+        targets = sorted(set(uids))
+        d = self._run(self._store_thread, lambda e: self._apply_edit(e, origin),
+                      targets, wanted, mode)
+        return d.addCallback(lambda e: e.changed)
+
+    def _canonical(self, kw: Keywords, flags: frozenset[str]) -> frozenset[str]:
+        return frozenset(kw.canonical(f) if is_keyword(f) else f for f in flags)
+
+    def _store_thread(self, uids: list[int], flags: frozenset[str], mode: str) -> _Edit:
+        kw, _ = self._current_keywords()
+        flags = self._canonical(kw, flags)
+        plans = []
+        for uid in uids:
+            info = self._infos.get(uid)
+            if info is None:
+                continue
+            new = apply_mode(info.flags, flags, mode)
+            if new != info.flags or info.subdir != "cur":
+                plans.append(info)
+        edit = _Edit()
+        if not plans:
+            return edit
+        if mode != "remove" and any(is_keyword(f) and not kw.has(f) for f in flags):
+            self._define_keywords(flags)
+            kw = self._keywords  # type: ignore[assignment]
+        found: dict[str, tuple[str, str]] | None = None
+        for info in plans:
+            sub, name = info.subdir, info.filename
+            current = info.flags
+            for _attempt in (1, 2):
+                new = apply_mode(current, flags, mode)
+                dest = with_letters(name, letters_for(new, kw.letter))
+                try:
+                    if (sub, name) != ("cur", dest):
+                        os.rename(self.path / sub / name, self.path / "cur" / dest)
+                except FileNotFoundError:
+                    if found is None:
+                        found = self._scan()
+                    where = found.get(info.basename)
+                    if where is None or where == (sub, name):
+                        edit.gone.append(info.uid)
+                        break
+                    sub, name = where
+                    current = self._flags_of(name)
+                    continue
+                updated = MessageInfo(info.uid, info.basename, dest, "cur",
+                                      self._flags_of(dest), info.size, info.internaldate,
+                                      info.recent)
+                (edit.changed if updated.flags != info.flags else edit.renamed).append(updated)
+                break
+            else:
+                edit.gone.append(info.uid)
+        try:
+            fsync_directory(self.path / "cur")
+        except OSError as e:
+            log.warn("fsync of {path} failed: {error}", path=str(self.path), error=e)
+        return edit
+
+    def _define_keywords(self, flags: Iterable[str]) -> None:
+        """Give letters to the new keywords among `flags` and store them (all or none)."""
+        with DotLock(self.path / "dovecot-uidlist"):
+            self._keywords = None
+            kw, _ = self._current_keywords()
+            try:
+                for f in sorted(flags):
+                    if is_keyword(f):
+                        kw.letter(f)
+            except KeywordLimit:
+                self._keywords = None  # forget the half-done allocation
+                self._current_keywords()
+                raise
+            if kw.dirty:
+                kw.write()
+
+    def _apply_edit(self, edit: _Edit, origin: Any) -> Any:
+        """Apply an edit made by `origin`; what the operation's Deferred fires with."""
+        if self._deleted:
+            raise NoSuchFolder(f"folder {self.name} was deleted")
+        if edit.sync is not None:
+            self._apply_sync(edit.sync, None)
+        gone = [u for u in edit.gone + edit.expunged if u in self._infos]
+        for uid in gone:
+            info = self._infos.pop(uid)
+            if self._by_base.get(info.basename) == uid:
+                del self._by_base[info.basename]
+            self._recent.discard(uid)
+        changed = edit.changed = [i for i in edit.changed if i.uid in self._infos]
+        for info in changed + [i for i in edit.renamed if i.uid in self._infos]:
+            self._infos[info.uid] = info
+        self._add_infos(edit.added)
+        if edit.uidnext is not None:
+            self.uidnext = max(self.uidnext, edit.uidnext)
+        self._changed()
+        vanished = sorted(u for u in edit.gone if u in gone)
+        self._notify(None, expunged=vanished)
+        self._notify(origin, expunged=sorted(u for u in edit.expunged if u in gone),
+                     changed=changed, added=edit.added)
+        return edit
+
+    # -- expunge ---------------------------------------------------------------------------------
+
+    def expunge(self, uids: Iterable[int] | None = None,
+                origin: Any = None) -> Deferred[list[int]]:
+        """Remove the messages flagged \\Deleted (only among `uids` when given: UID
+        EXPUNGE); fires with the expunged uids, ascending."""
+        chosen = None if uids is None else sorted(set(uids))
+        d = self._run(self._remove_thread, lambda e: self._apply_edit(e, origin),
+                      chosen, True)
+        return d.addCallback(lambda e: sorted(e.expunged))
+
+    def delete_messages(self, uids: Iterable[int], origin: Any = None) -> Deferred[list[int]]:
+        """Remove exactly these messages whatever their flags (POP3 DELE + QUIT, MOVE)."""
+        d = self._run(self._remove_thread, lambda e: self._apply_edit(e, origin),
+                      sorted(set(uids)), False)
+        return d.addCallback(lambda e: sorted(e.expunged))
+
+    def _remove_thread(self, uids: list[int] | None, only_deleted: bool) -> _Edit:
+        chosen = self._infos.values() if uids is None else (
+            self._infos[u] for u in uids if u in self._infos)
+        targets = [i for i in chosen if not only_deleted or "\\Deleted" in i.flags]
+        edit = _Edit()
+        found: dict[str, tuple[str, str]] | None = None
+        removed: list[MessageInfo] = []
+        for info in targets:
+            try:
+                os.unlink(self.path / info.subdir / info.filename)
+            except FileNotFoundError:
+                if found is None:
+                    found = self._scan()
+                where = found.get(info.basename)
+                if where is not None and where != (info.subdir, info.filename):
+                    if only_deleted and "T" not in info_letters(where[1]):
+                        self._dirty = True  # undeleted meanwhile: a refresh will show it
+                        continue
+                    try:
+                        os.unlink(self.path / where[0] / where[1])
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        log.error("cannot expunge {name}: {error}", name=where[1], error=e)
+                        continue
+            except OSError as e:
+                log.error("cannot expunge {name}: {error}", name=info.filename, error=e)
+                continue
+            removed.append(info)
+        if not removed:
+            return edit
+        edit.expunged = [i.uid for i in removed]
+        try:
+            fsync_directory(self.path / "cur")
+        except OSError as e:
+            log.warn("fsync of {path} failed: {error}", path=str(self.path), error=e)
+        try:
+            with DotLock(self.path / "dovecot-uidlist"):
+                ul = self._current_uidlist()
+                if ul.uidvalidity == self.uidvalidity:
+                    for info in removed:
+                        if ul.name(info.uid) == info.basename:
+                            ul.remove(info.uid)
+                    ul.write()
+        except OSError as e:
+            # The files are gone whatever happens here; the next sync drops the records.
+            self._uidlist = None
+            log.error("cannot update {path}: {error}", path=str(self.path), error=e)
+        self._index.drop(i.basename for i in removed)
+        return edit
+
+    # -- append and copy -------------------------------------------------------------------------
+
+    def begin_append(self, flags: Iterable[str] = (), internaldate: float | None = None,
+                     origin: Any = None) -> AppendWriter:
+        """Start storing a new message in this folder (IMAP APPEND).
+
+        InvalidFlag at once for an unstorable flag; OSError if tmp/ refuses the file.
+        """
+        try:
+            wanted = frozenset(normalize_flag(f) for f in flags if f.lower() != RECENT.lower())
+        except ValueError as e:
+            raise InvalidFlag(str(e)) from None
+        if self._deleted:
+            raise NoSuchFolder(f"folder {self.name} was deleted")
+        return AppendWriter(self, wanted, internaldate, origin)
+
+    def _append_thread(self, writer: AppendWriter) -> _Edit:
+        tmp, base, size = writer._finish_file()
+        full_base = f"{base},S={size}"
+        try:
+            mtime = os.stat(tmp).st_mtime
+            with DotLock(self.path / "dovecot-uidlist"):
+                edit = _Edit(sync=self._locked_sync())
+                ul = self._current_uidlist()
+                kw, _ = self._current_keywords()
+                flags = self._canonical(kw, writer.flags)
+                letters = letters_for(flags, kw.letter)
+                if kw.dirty:
+                    kw.write()
+                name = f"{full_base}:2,{letters}"
+                os.rename(tmp, self.path / "cur" / name)
+                fsync_directory(self.path / "cur")
+                uid = ul.add(full_base)
+                ul.write()
+        except BaseException:
+            self._keywords = None
+            self._uidlist = None
+            self._dirty = True
+            _unlink_quietly(tmp)
+            raise
+        self._index.put_messages([(full_base, size, mtime)])
+        edit.added = [MessageInfo(uid, full_base, name, "cur", self._flags_of(name), size,
+                                  mtime, True)]
+        edit.uidnext = ul.nextuid
+        return edit
+
+    def _locked_sync(self) -> _Sync:
+        """A sync while the uid list lock is held, so our own uids come after every uid
+        another process gave out."""
+        try:
+            return self._sync_core(lock_held=True)
+        except BaseException:
+            self._uidlist = None
+            self._dirty = True
+            raise
+
+    def copy_to(self, uids: Iterable[int], dest: Folder,
+                origin: Any = None) -> Deferred[list[tuple[int, int]]]:
+        """Copy messages into `dest` with their flags (hard links where possible).
+
+        Fires with (source uid, dest uid) pairs in source uid order; a message that
+        vanished meanwhile is skipped.  `dest`'s listeners other than `origin` hear of
+        the new messages.
+        """
+        items = [self._infos[u] for u in sorted(set(uids)) if u in self._infos]
+        d = dest._run(dest._copy_thread, lambda e: dest._apply_edit(e, origin),
+                      self.path, items)
+        return d.addCallback(lambda e: e.pairs)
+
+    def _copy_thread(self, src_dir: Path, items: list[MessageInfo]) -> _Edit:
+        placed: list[tuple[int, str, str, int, float]] = []
+        created: list[Path] = []
+        try:
+            with DotLock(self.path / "dovecot-uidlist"):
+                edit = _Edit(sync=self._locked_sync())
+                ul = self._current_uidlist()
+                kw, _ = self._current_keywords()
+                wanted = [self._canonical(kw, i.flags) for i in items]
+                letters = [letters_for(f, kw.letter) for f in wanted]
+                if kw.dirty:
+                    kw.write()
+                found: dict[str, tuple[str, str]] | None = None
+                for info, info_letters_ in zip(items, letters):
+                    src = src_dir / info.subdir / info.filename
+                    if not src.exists():
+                        if found is None:
+                            found = _scan_dir(src_dir)
+                        where = found.get(info.basename)
+                        if where is None:
+                            continue
+                        src = src_dir / where[0] / where[1]
+                    new_base = unique_base(self._escaped_host) + _base_fields(info)
+                    name = f"{new_base}:2,{info_letters_}"
+                    target = self.path / "cur" / name
+                    try:
+                        self._link_or_copy(src, target, info.internaldate)
+                    except FileNotFoundError:
+                        continue
+                    created.append(target)
+                    placed.append((info.uid, new_base, name, info.size, info.internaldate))
+                if placed:
+                    fsync_directory(self.path / "cur")
+                    for src_uid, new_base, name, size, date in placed:
+                        uid = ul.add(new_base)
+                        edit.pairs.append((src_uid, uid))
+                        edit.added.append(MessageInfo(uid, new_base, name, "cur",
+                                                      self._flags_of(name), size, date, True))
+                    ul.write()
+                    edit.uidnext = ul.nextuid
+        except BaseException:
+            self._keywords = None
+            self._uidlist = None
+            self._dirty = True
+            for path in created:
+                _unlink_quietly(path)
+            raise
+        self._index.put_messages((i.basename, i.size, i.internaldate) for i in edit.added)
+        return edit
+
+    def _link_or_copy(self, src: Path, target: Path, mtime: float) -> None:
+        try:
+            os.link(src, target)
+            return
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise
+        tmp = self.path / "tmp" / target.name.partition(":")[0]
+        fd = os.open(tmp, _OPEN_FLAGS, 0o600)
+        try:
+            try:
+                with open(src, "rb") as f:
+                    while chunk := f.read(_COPY_CHUNK):
+                        write_all(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.utime(tmp, (mtime, mtime))
+            os.rename(tmp, target)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+
+class AppendWriter:
+    """A message on its way into a folder: `write` as data arrives, then `commit`.
+
+    The data streams into the folder's tmp/ (at most FLUSH_THRESHOLD bytes held in
+    memory).  `commit` fsyncs it, renames it into cur/ with its flags and ",S=<size>",
+    sets the mtime to the internal date, fsyncs cur/, gives it a uid and stores the uid
+    list, and only then fires with the MessageInfo: an OK sent on it is true.
+    """
+
+    def __init__(self, folder: Folder, flags: frozenset[str], internaldate: float | None,
+                 origin: Any) -> None:
+        self.folder = folder
+        self.flags = flags
+        self.internaldate = internaldate
+        self.origin = origin
+        self._buffer = bytearray()
+        self._size = 0
+        self._state = "open"
+        self._error: OSError | None = None
+        last: OSError | None = None
+        for _ in range(5):
+            self._base = unique_base(folder._escaped_host)
+            self._tmp = folder.path / "tmp" / self._base
+            try:
+                self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+                return
+            except FileExistsError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; a disk error is kept and fails the commit."""
+        if self._state != "open":
+            raise RuntimeError(f"append is {self._state}")
+        self._size += len(data)
+        if self._error is not None:
+            return
+        self._buffer += data
+        if len(self._buffer) >= FLUSH_THRESHOLD:
+            try:
+                write_all(self._fd, bytes(self._buffer))
+            except OSError as e:
+                log.error("writing {path} failed: {error}", path=str(self._tmp), error=e)
+                self._error = e
+            self._buffer = bytearray()
+
+    def commit(self) -> Deferred[MessageInfo]:
+        """Store the message durably; fires with its MessageInfo (uid included)."""
+        if self._state != "open":
+            raise RuntimeError(f"append is {self._state}")
+        self._state = "committing"
+        folder = self.folder
+
+        def failed(f: Failure) -> Failure:
+            self._state = "failed"
+            self._close()
+            _unlink_quietly(self._tmp)
+            return f
+
+        def done(edit: _Edit) -> MessageInfo:
+            self._state = "committed"
+            return edit.added[0]
+
+        d = folder._run(folder._append_thread,
+                        lambda e: folder._apply_edit(e, self.origin), self)
+        return d.addCallbacks(done, failed)
+
+    def abort(self) -> None:
+        """Drop the message.  Idempotent; no effect once committing."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buffer = bytearray()
+        self._close()
+        _unlink_quietly(self._tmp)
+
+    def _finish_file(self) -> tuple[Path, str, int]:
+        """Thread side of commit: flush, fsync, close, set the internal date."""
+        try:
+            if self._error is not None:
+                raise self._error
+            write_all(self._fd, bytes(self._buffer))
+            self._buffer = bytearray()
+            os.fsync(self._fd)
+        finally:
+            self._close()
+        if self.internaldate is not None:
+            os.utime(self._tmp, (self.internaldate, self.internaldate))
+        return self._tmp, self._base, self._size
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0
+
+
+def _scan_dir(folder_dir: Path) -> dict[str, tuple[str, str]]:
+    """base name -> (subdir, name) in another folder's directory (missing dirs: empty)."""
+    listing: dict[str, tuple[str, str]] = {}
+    for subdir in ("new", "cur"):
+        try:
+            names = os.listdir(folder_dir / subdir)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not name.startswith("."):
+                listing[base_name(name)] = (subdir, name)
+    return listing
+
+
+def _find_base(folder_dir: Path, base: str) -> tuple[str, str] | None:
+    return _scan_dir(folder_dir).get(base)
+
+
+def _base_fields(info: MessageInfo) -> str:
+    """The ",S=..." (and ",W=...") fields a copy's new base name keeps."""
+    fields = [f for f in info.basename.split(",")[1:] if f[:2] in ("S=", "W=")]
+    if not any(f.startswith("S=") for f in fields):
+        fields.insert(0, f"S={info.size}")
+    return "".join("," + f for f in fields)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("cannot remove {path}: {error}", path=str(path), error=e)

@@ -1,0 +1,286 @@
+"""A per-folder cache so that a large folder opens fast and IMAP never re-parses a message.
+
+One SQLite file, `mailserver.index.sqlite3` (WAL mode), in each folder's directory, next
+to dovecot-uidlist, so it moves and disappears with the folder on RENAME and DELETE.
+Dovecot ignores it; it ignores Dovecot's files.
+
+Everything here is keyed by a message's base name (the file name without ":2,<flags>"):
+it identifies the file's contents for good, whatever the flags or the UIDVALIDITY.
+
+- `msg`: size and internal date (file mtime) of every message, so that opening a folder
+  needs no stat() per known message;
+- `cache`: opaque values the IMAP layer computes once (envelope, bodystructure, header
+  subsets...), written in batches;
+- `meta`: UIDVALIDITY and UIDNEXT last seen, a fallback when dovecot-uidlist is lost.
+
+It is only a cache: a missing, corrupt or foreign-version file is removed and rebuilt
+without a word to the client.  Writes use `synchronous=NORMAL`: a crash may lose the
+last writes, never the database.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from twisted.logger import Logger
+
+log = Logger()
+
+INDEX_NAME = "mailserver.index.sqlite3"
+SCHEMA_VERSION = "1"
+_BATCH = 900  # host parameters per statement stay below SQLite's default limit
+
+CacheValue = bytes | str
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS msg (
+    base TEXT PRIMARY KEY, size INTEGER NOT NULL, internaldate REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cache (
+    base TEXT NOT NULL, key TEXT NOT NULL, value BLOB,
+    PRIMARY KEY (base, key)) WITHOUT ROWID;
+"""
+
+
+class FolderIndex:
+    """The index file of one folder directory.
+
+    Writes (`load`, `put_messages`, `drop`, `flush`...) are blocking and meant for a thread;
+    `get`/`get_many` are point reads on a second connection, cheap enough for the reactor
+    and never held up by a long write (WAL readers do not wait for the writer).
+    """
+
+    def __init__(self, folder_dir: Path) -> None:
+        self.dir = Path(folder_dir)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._w: sqlite3.Connection | None = None
+        self._r: sqlite3.Connection | None = None
+        self._pending: dict[tuple[str, str], CacheValue] = {}
+        self._pending_lock = threading.Lock()
+        self._broken = False
+        self.generation = 0  # grows whenever the file was rebuilt empty
+
+    @property
+    def path(self) -> Path:
+        return self.dir / INDEX_NAME
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _writer(self) -> sqlite3.Connection:
+        """The write connection (caller holds _write_lock); rebuilds a broken file."""
+        if self._broken:
+            self._rebuild()
+        if self._w is None:
+            try:
+                self._w = self._open_checked()
+            except sqlite3.DatabaseError as e:
+                log.warn("index {path} unusable ({error}): rebuilding", path=str(self.path),
+                         error=e)
+                self._rebuild()
+        assert self._w is not None
+        return self._w
+
+    def _open_checked(self) -> sqlite3.Connection:
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        conn = self._connect()
+        try:
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)",
+                             (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                conn.close()
+                raise sqlite3.DatabaseError(f"schema {row[0]}, expected {SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _rebuild(self) -> None:
+        """Throw the file away and start empty (caller holds _write_lock)."""
+        self._close_connections()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.unlink(str(self.path) + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot remove index {path}: {error}", path=str(self.path),
+                          error=e)
+        self._broken = False
+        self.generation += 1
+        self._w = self._open_checked()
+
+    def _close_connections(self) -> None:
+        with self._read_lock:
+            for conn in (self._w, self._r):
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except sqlite3.Error:
+                        pass
+            self._w = self._r = None
+
+    def _write(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run `fn(conn, *args)` in one transaction; a corrupt file is rebuilt, once."""
+        with self._write_lock:
+            for attempt in (1, 2):
+                conn = self._writer()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(conn, *args)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                    return result
+                except sqlite3.DatabaseError as e:
+                    if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                        raise
+                    if attempt == 2:
+                        raise
+                    log.warn("index {path} damaged ({error}): rebuilding",
+                             path=str(self.path), error=e)
+                    self._broken = True
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def load(self) -> tuple[dict[str, str], dict[str, tuple[int, float]]]:
+        """(meta, base name -> (size, internaldate)) as stored; empty if rebuilt."""
+        def run(conn: sqlite3.Connection):  # type: ignore[no-untyped-def]
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            msgs = {b: (s, d) for b, s, d in
+                    conn.execute("SELECT base, size, internaldate FROM msg")}
+            return meta, msgs
+        try:
+            return self._write(run)
+        except sqlite3.Error as e:
+            log.error("index {path} unreadable: {error}", path=str(self.path), error=e)
+            return {}, {}
+
+    def set_meta(self, values: dict[str, str | int]) -> None:
+        self._safe(lambda conn: conn.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [(k, str(v)) for k, v in values.items()]))
+
+    def put_messages(self, rows: Iterable[tuple[str, int, float]]) -> None:
+        """Record (base, size, internaldate) of messages."""
+        rows = list(rows)
+        if rows:
+            self._safe(lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO msg VALUES (?, ?, ?)", rows))
+
+    def drop(self, bases: Iterable[str]) -> None:
+        """Forget expunged messages and everything cached about them."""
+        bases = list(bases)
+        if not bases:
+            return
+        with self._pending_lock:
+            gone = set(bases)
+            for k in [k for k in self._pending if k[0] in gone]:
+                del self._pending[k]
+
+        def run(conn: sqlite3.Connection) -> None:
+            for i in range(0, len(bases), _BATCH):
+                chunk = bases[i:i + _BATCH]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM msg WHERE base IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM cache WHERE base IN ({marks})", chunk)
+        self._safe(run)
+
+    def _safe(self, fn) -> None:  # type: ignore[no-untyped-def]
+        """A write whose failure costs only speed: logged, not raised."""
+        try:
+            self._write(fn)
+        except sqlite3.Error as e:
+            log.error("index {path} write failed: {error}", path=str(self.path), error=e)
+
+    # -- cached values -----------------------------------------------------------------------
+
+    def put(self, base: str, key: str, value: CacheValue) -> None:
+        """Remember a value; it reaches the file on the next `flush`."""
+        with self._pending_lock:
+            self._pending[(base, key)] = value
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Write the pending values (blocking); how many were written."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, {}
+        if batch:
+            self._safe(lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
+                [(b, k, v) for (b, k), v in batch.items()]))
+        return len(batch)
+
+    def get(self, base: str, key: str) -> CacheValue | None:
+        value = self._pending.get((base, key))
+        if value is not None:
+            return value
+        rows = self._read("SELECT value FROM cache WHERE base=? AND key=?", (base, key))
+        return rows[0][0] if rows else None
+
+    def get_many(self, bases: list[str], key: str) -> dict[str, CacheValue]:
+        """The cached `key` of each base name that has one."""
+        found: dict[str, CacheValue] = {}
+        missing = []
+        for b in bases:
+            value = self._pending.get((b, key))
+            if value is not None:
+                found[b] = value
+            else:
+                missing.append(b)
+        for i in range(0, len(missing), _BATCH):
+            chunk = missing[i:i + _BATCH]
+            marks = ",".join("?" * len(chunk))
+            for b, v in self._read(
+                    f"SELECT base, value FROM cache WHERE key=? AND base IN ({marks})",
+                    (key, *chunk)):
+                found[b] = v
+        return found
+
+    def _read(self, sql: str, params: tuple) -> list[tuple]:
+        with self._read_lock:
+            try:
+                if self._r is None:
+                    if not self.path.exists():
+                        return []
+                    self._r = self._connect()
+                return self._r.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                log.warn("index {path} read failed: {error}", path=str(self.path), error=e)
+                if self._r is not None:
+                    self._r.close()
+                    self._r = None
+                if not isinstance(e, sqlite3.OperationalError):
+                    self._broken = True
+                return []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write what is pending and close the file (blocking)."""
+        self.flush()
+        with self._write_lock:
+            self._close_connections()

@@ -1,0 +1,529 @@
+"""dovecot-uidlist: a folder's UIDVALIDITY, UIDNEXT and uid -> base name map.
+
+Written in Dovecot's format version 3 so Dovecot and this server can take turns on the
+same Maildir without clients re-downloading anything:
+
+    3 V<uidvalidity> N<nextuid> G<mailbox guid, 32 hex digits> [other header fields]
+    <uid> [<ext field>...] :<base name>
+
+Ext fields are one uppercase letter and a value (W<vsize>, S<size>, P<pop3 uidl>, ...);
+unknown header and ext fields are kept on rewrite.  Version 1 files (Courier's
+courierimapuiddb format, old Dovecot: "1 <uidvalidity> <nextuid>" then "<uid> <name>")
+are read too and rewritten as version 3.
+
+Concurrency with Dovecot (and other processes of ours) uses Dovecot's own protocol: the
+dot-lock `dovecot-uidlist.lock` is held while the list is read, changed and rewritten; a
+rewrite goes to `dovecot-uidlist.tmp`, is fsynced and renamed over the list, and the
+directory is fsynced, so a crash at any moment leaves either the old or the new file.
+Dovecot may also append lines in place; a changed size or inode means "read it again".
+
+A damaged file never stops a folder from opening: whatever parses is kept, the rest is
+logged and dropped on the next rewrite.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from twisted.logger import Logger
+
+from mailserver.maildir.delivery import fsync_directory
+from mailserver.maildir.flags import base_name
+
+log = Logger()
+
+UIDLIST_NAME = "dovecot-uidlist"
+UIDLIST_TMP_NAME = "dovecot-uidlist.tmp"
+LOCK_SUFFIX = ".lock"
+VERSION = 3
+MAX_UID = 0xFFFFFFFF - 1  # uids and uidvalidity are nz-number (32 bits)
+LOCK_STALE_AFTER = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
+LOCK_TIMEOUT = 30.0
+_ENCODING = ("utf-8", "surrogateescape")  # file names are bytes; keep them exactly
+
+
+# -- file identity --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """What tells whether a file changed since it was read: Dovecot rewrites by rename
+    (new inode) or appends (new size)."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# -- UIDVALIDITY ---------------------------------------------------------------------------
+
+_uidvalidity_lock = threading.Lock()
+_last_uidvalidity = 0
+
+
+def new_uidvalidity(previous: int | None = None) -> int:
+    """A fresh UIDVALIDITY: the current time as Dovecot uses, but always above `previous`
+    and above every value handed out before in this process (so a folder deleted and
+    created again within one second still gets a new one)."""
+    global _last_uidvalidity
+    with _uidvalidity_lock:
+        value = max(int(time.time()), _last_uidvalidity + 1, (previous or 0) + 1)
+        if value > MAX_UID:
+            value = 1  # the year 2106: wrap rather than write an invalid value
+        _last_uidvalidity = value
+        return value
+
+
+# -- dot-locks --------------------------------------------------------------------------------
+
+class LockTimeout(OSError):
+    """Another process kept a dot-lock for longer than we wait."""
+
+
+_local_locks: dict[str, threading.Lock] = {}
+_local_locks_guard = threading.Lock()
+
+
+def _local_lock(path: Path) -> threading.Lock:
+    with _local_locks_guard:
+        return _local_locks.setdefault(str(path), threading.Lock())
+
+
+class DotLock:
+    """Dovecot's dot-lock on `target`: the file `<target>.lock`, created exclusively and
+    holding "<pid>:<host>".
+
+    Blocking (call it in a thread).  A lock whose process is gone (same host) or that is
+    older than LOCK_STALE_AFTER seconds is broken, as Dovecot breaks it.  Threads of this
+    process also exclude each other through an in-process lock.
+    """
+
+    def __init__(self, target: Path, timeout: float = LOCK_TIMEOUT,
+                 stale_after: float = LOCK_STALE_AFTER) -> None:
+        self.path = Path(str(target) + LOCK_SUFFIX)
+        self.timeout = timeout
+        self.stale_after = stale_after
+        self._local = _local_lock(self.path)
+        self._fd = -1
+
+    def acquire(self) -> int:
+        """Take the lock; returns the open descriptor of the lock file (mode 0600)."""
+        deadline = time.monotonic() + self.timeout
+        if not self._local.acquire(timeout=self.timeout):
+            raise LockTimeout(errno.EAGAIN, "lock busy in this process", str(self.path))
+        try:
+            delay = 0.005
+            while True:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                except FileExistsError:
+                    if self._break_if_stale():
+                        continue
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(errno.EAGAIN, "dot-lock held too long",
+                                          str(self.path)) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+                    continue
+                os.write(fd, f"{os.getpid()}:{_hostname()}".encode())
+                self._fd = fd
+                return fd
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release(self, unlink: bool = True) -> None:
+        """Drop the lock (`unlink=False` when the lock file was renamed into place)."""
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+            if unlink:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            self._local.release()
+
+    def _break_if_stale(self) -> bool:
+        try:
+            st = os.stat(self.path)
+            with open(self.path, "rb") as f:
+                owner = f.read(256).decode("ascii", "replace")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        stale = time.time() - st.st_mtime > self.stale_after
+        pid_s, _, host = owner.partition(":")
+        if not stale and host == _hostname() and pid_s.isdigit():
+            pid = int(pid_s)
+            if pid == os.getpid():
+                # We hold the in-process lock, so no thread of ours owns this file: it is
+                # a leftover of an earlier process that had our pid.
+                stale = True
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    stale = True
+                except OSError:
+                    pass
+        if not stale:
+            return False
+        try:
+            if os.stat(self.path).st_ino == st.st_ino:
+                os.unlink(self.path)
+                log.warn("broke stale lock {path} ({owner})", path=str(self.path), owner=owner)
+        except FileNotFoundError:
+            pass
+        return True
+
+    def __enter__(self) -> DotLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_HOSTNAME: str | None = None
+
+
+def _hostname() -> str:
+    global _HOSTNAME
+    if _HOSTNAME is None:
+        _HOSTNAME = socket.gethostname()
+    return _HOSTNAME
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def replace_locked(path: Path, data: bytes | Callable[[bytes | None], bytes | None],
+                   mtime: float | None = None, break_lock: bool = False,
+                   timeout: float = LOCK_TIMEOUT) -> bool:
+    """Replace a small control file the way Dovecot does: write it as `<path>.lock`
+    (which is also the lock), fsync, rename over `path`, fsync the directory.
+
+    `data` may be a function of the current content (None when there is no file), called
+    while the lock is held; it returns None to leave the file alone.  True if the file
+    was replaced.  `break_lock`: remove a leftover lock file first (Dovecot does so for
+    dovecot-keywords, which it only writes while holding the uid list lock).
+    """
+    lock = DotLock(path, timeout=timeout)
+    if break_lock:
+        try:
+            os.unlink(lock.path)
+        except FileNotFoundError:
+            pass
+    fd = lock.acquire()
+    renamed = False
+    try:
+        if callable(data):
+            try:
+                current: bytes | None = path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            data = data(current)
+            if data is None:
+                return False
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        write_all(fd, data)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
+        os.rename(lock.path, path)
+        renamed = True
+        fsync_directory(path.parent)
+        return True
+    finally:
+        lock.release(unlink=not renamed)
+
+
+# -- the uid list ------------------------------------------------------------------------------
+
+class UidList:
+    """The parsed dovecot-uidlist of one folder directory.
+
+    Records are kept in uid order (uids only ever grow).  Not thread-safe: the folder
+    serializes its use.
+    """
+
+    def __init__(self, folder_dir: Path, uidvalidity: int = 0, nextuid: int = 1,
+                 guid: str | None = None) -> None:
+        self.dir = Path(folder_dir)
+        self.uidvalidity = uidvalidity
+        self.nextuid = nextuid
+        self.guid = guid or uuid.uuid4().hex
+        self.header_ext: list[str] = []
+        self.version = VERSION
+        self.damaged = False
+        self.stamp: FileStamp | None = None
+        self._names: dict[int, str] = {}  # uid -> base name, in uid order
+        self._uids: dict[str, int] = {}   # base name -> uid
+        self._ext: dict[int, str] = {}    # uid -> its ext fields, verbatim
+
+    # -- paths ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.dir / UIDLIST_NAME
+
+    def lock(self) -> DotLock:
+        """The dot-lock to hold while reading, changing and writing the list."""
+        return DotLock(self.path)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder_dir: Path, previous_uidvalidity: int | None = None) -> UidList:
+        """A new empty list with a fresh UIDVALIDITY (not yet written)."""
+        return cls(folder_dir, new_uidvalidity(previous_uidvalidity), 1)
+
+    @classmethod
+    def read(cls, folder_dir: Path) -> UidList | None:
+        """The list on disk, or None if there is none (or it cannot be read at all)."""
+        path = Path(folder_dir) / UIDLIST_NAME
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.error("cannot read {path}: {error}", path=str(path), error=e)
+            return None
+        ul = cls.parse(folder_dir, data)
+        ul.stamp = FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
+        return ul
+
+    @classmethod
+    def parse(cls, folder_dir: Path, data: bytes) -> UidList:
+        """Parse a version 1 or 3 file (2 is read like 1); damage is logged, not raised."""
+        ul = cls(folder_dir)
+        text = data.decode(*_ENCODING)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if not lines:
+            ul._damage("empty file")
+            return ul
+        version = ul._parse_header(lines[0])
+        last = 0
+        for number, line in enumerate(lines[1:], start=2):
+            # Fast path for the common v3 line "<uid> :<name>".
+            head, sep, name = line.partition(" :")
+            if sep and version == 3 and head.isdigit() and name and ":" not in name \
+                    and "/" not in name and "\r" not in name and head[0] != "0":
+                uid, ext, base = int(head), "", name
+            else:
+                parsed = _parse_record(line, version)
+                if parsed is None:
+                    ul._damage(f"line {number}: unparsable record {line[:80]!r}")
+                    continue
+                uid, ext, name = parsed
+                base = base_name(name)
+            if uid <= last or uid > MAX_UID:
+                ul._damage(f"line {number}: uid {uid} out of order")
+                continue
+            last = uid
+            old = ul._uids.get(base)
+            if old is not None:
+                # Dovecot keeps the later record when a file shows up twice.
+                ul._damage(f"line {number}: {base} listed again (uid {old} -> {uid})")
+                ul._drop(old)
+            ul._names[uid] = base
+            ul._uids[base] = uid
+            if ext:
+                ul._ext[uid] = ext
+        if ul.nextuid <= last:
+            if version != 0:
+                ul._damage(f"next uid {ul.nextuid} not above last uid {last}")
+            ul.nextuid = last + 1
+        return ul
+
+    def _parse_header(self, line: str) -> int:
+        """Read the header line; the format version (0 when the header is unusable)."""
+        fields = line.split()
+        version = fields[0] if fields else ""
+        if version == "1" or version == "2":
+            try:
+                self.uidvalidity, self.nextuid = int(fields[1]), int(fields[2])
+            except (IndexError, ValueError):
+                self._damage("bad version 1 header")
+                self.uidvalidity, self.nextuid = 0, 1
+                return 0
+            self.version = 1
+            return 1
+        if version != "3":
+            self._damage(f"unsupported header {line[:80]!r}")
+            return 0
+        for field in fields[1:]:
+            key, value = field[:1], field[1:]
+            try:
+                if key == "V":
+                    self.uidvalidity = int(value)
+                elif key == "N":
+                    self.nextuid = int(value)
+                elif key == "G":
+                    int(value, 16)
+                    self.guid = value.lower()
+                else:
+                    self.header_ext.append(field)
+            except ValueError:
+                self._damage(f"bad header field {field!r}")
+        if not 0 < self.uidvalidity <= MAX_UID or not 0 < self.nextuid <= MAX_UID + 1:
+            self._damage(f"bad header {line[:80]!r}")
+            self.uidvalidity = 0
+            self.nextuid = max(self.nextuid, 1) if 0 < self.nextuid <= MAX_UID + 1 else 1
+        return 3
+
+    def _damage(self, what: str) -> None:
+        self.damaged = True
+        log.warn("damaged {path}: {what}", path=str(self.path), what=what)
+
+    # -- contents ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, base: str) -> bool:
+        return base in self._uids
+
+    def mapping(self) -> Mapping[str, int]:
+        """base name -> uid, read-only (for bulk lookups)."""
+        return self._uids
+
+    def lookup(self, base: str) -> int | None:
+        """The uid of base name `base`, None if it has none."""
+        return self._uids.get(base)
+
+    def name(self, uid: int) -> str | None:
+        return self._names.get(uid)
+
+    def ext(self, uid: int) -> str:
+        """The record's ext fields as written ("" when none)."""
+        return self._ext.get(uid, "")
+
+    def items(self) -> Iterator[tuple[int, str]]:
+        """(uid, base name) in uid order."""
+        return iter(self._names.items())
+
+    def add(self, base: str) -> int:
+        """Give `base` the next uid (or return the one it has)."""
+        uid = self._uids.get(base)
+        if uid is not None:
+            return uid
+        uid = self.nextuid
+        if uid > MAX_UID:
+            raise OverflowError(f"{self.path}: uids exhausted")
+        self.nextuid = uid + 1
+        self._names[uid] = base
+        self._uids[base] = uid
+        return uid
+
+    def put(self, uid: int, base: str) -> None:
+        """Record `base` under a given `uid`, which must be above every listed uid (used
+        when messages move to another folder together with their uids)."""
+        if self._names and uid <= next(reversed(self._names)):
+            raise ValueError(f"uid {uid} is not above the last listed uid")
+        old = self._uids.get(base)
+        if old is not None:
+            self._drop(old)
+        self._names[uid] = base
+        self._uids[base] = uid
+        self.nextuid = max(self.nextuid, uid + 1)
+
+    def remove(self, uid: int) -> bool:
+        """Forget `uid`; False if it was not listed."""
+        if uid not in self._names:
+            return False
+        self._drop(uid)
+        return True
+
+    def _drop(self, uid: int) -> None:
+        base = self._names.pop(uid)
+        if self._uids.get(base) == uid:
+            del self._uids[base]
+        self._ext.pop(uid, None)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def serialize(self) -> bytes:
+        """The version 3 file."""
+        head = [f"{VERSION} V{self.uidvalidity} N{self.nextuid} G{self.guid}", *self.header_ext]
+        out = [" ".join(head), "\n"]
+        ext = self._ext
+        for uid, base in self._names.items():
+            fields = ext.get(uid)
+            out.append(f"{uid} {fields} :{base}\n" if fields else f"{uid} :{base}\n")
+        return "".join(out).encode(*_ENCODING)
+
+    def write(self) -> None:
+        """Atomically replace the file (hold `lock()` around read-modify-write)."""
+        if not self.uidvalidity:
+            raise ValueError("a uid list needs a UIDVALIDITY before it is written")
+        tmp = self.dir / UIDLIST_TMP_NAME
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            try:
+                write_all(fd, self.serialize())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        fsync_directory(self.dir)
+        self.stamp = FileStamp.of(self.path)
+        self.version = VERSION
+        self.damaged = False
+
+
+def _parse_record(line: str, version: int) -> tuple[int, str, str] | None:
+    """(uid, ext fields, file name) of one record line, None if it is not one."""
+    if version == 3 or (version == 0 and " :" in line):
+        head, sep, name = line.partition(" :")
+        if not sep:
+            return None
+        uid_s, _, ext = head.partition(" ")
+        ext = " ".join(f for f in ext.split() if "A" <= f[0] <= "Z")
+    else:
+        parts = line.split(" ")
+        if len(parts) < 2:
+            return None
+        uid_s, ext, name = parts[0], "", parts[-1]
+    if not uid_s.isdigit() or not name or "/" in name or "\r" in name:
+        return None
+    uid = int(uid_s)
+    if uid == 0:
+        return None
+    return uid, ext, name

@@ -1,0 +1,358 @@
+"""The POP3 avatar: twisted.mail's POP3 IMailbox over a user's INBOX Folder.
+
+A session works on the snapshot of INBOX taken at login: message numbers never change
+during a session (RFC 1939 5).  DELE only marks; the marked messages are removed through
+the shared Folder at QUIT (RFC 1939 6), so IMAP sessions on the same folder see them go
+as EXPUNGE, and a dropped connection removes nothing.  A message expunged by someone else
+meanwhile stays listed but can no longer be retrieved.
+
+Identity is the Maildir base name, as for IMAP and Dovecot: it is the UIDL, and it is how
+a snapshot entry finds its message again even if the folder's uids were reset.
+
+Sizes are the octets of the CRLF form POP3 sends (RFC 1939 5, 11), from the index and the
+file name wherever possible: Dovecot's ",W=<size>", the shared "vsize" cache that IMAP's
+RFC822.SIZE also uses, or ",S=" on files this server wrote (always CRLF).  Any other file
+is measured once, in a thread, and the result cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.mail.pop3 import IMailbox
+from zope.interface import implementer
+
+from mailserver.maildir.delivery import escape_hostname
+from mailserver.pop3.wire import crlf_size_of_path
+
+log = Logger()
+
+VSIZE_KEY = "vsize"   # the folder cache key IMAP's RFC822.SIZE uses for the same number
+UIDL_MAX = 70         # RFC 1939 7: 1 to 70 characters in the range 0x21 to 0x7E
+_UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
+
+
+class MailboxInUse(Exception):
+    """Another POP3 session holds this mailbox (RFC 2449 8.1.2 IN-USE)."""
+
+
+class NoSuchMessage(ValueError):
+    """A message number outside the listing."""
+
+
+class MessageDeleted(ValueError):
+    """A message this session marked with DELE."""
+
+
+class MessageGone(ValueError):
+    """A message removed by another session or program since login."""
+
+
+def uidl_of(base: str) -> bytes:
+    """The UIDL of a message: its base name, or, for a name RFC 1939 does not allow as a
+    unique-id (too long, spaces, 8-bit), a digest of it that is just as stable."""
+    if _UIDL_OK.fullmatch(base):
+        return base.encode("ascii")
+    return b"H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40].encode()
+
+
+def _field(base: str, key: str) -> int | None:
+    for part in base.split(",")[1:]:
+        if part.startswith(key) and part[len(key):].isdigit():
+            return int(part[len(key):])
+    return None
+
+
+class MailboxLocks:
+    """The in-process IN-USE registry: one POP3 session per Maildir at a time.
+
+    The server is the only writer besides external tools, so a lock in memory is enough.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+
+    def acquire(self, key: str) -> bool:
+        if key in self._held:
+            return False
+        self._held.add(key)
+        return True
+
+    def release(self, key: str) -> None:
+        self._held.discard(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._held
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message of the session's snapshot."""
+
+    uid: int
+    base: str
+    size: int
+    deleted: bool = False
+    gone: bool = False
+
+
+@implementer(IMailbox)
+class POP3Mailbox:
+    """One POP3 session's view of an INBOX (the avatar the realm hands out).
+
+    IMailbox indexes are 0-based; the session uses the 1-based `entry()` API, whose
+    errors tell out-of-range, deleted and gone apart.
+    """
+
+    loginDelay = 0
+    messageExpiration = None
+
+    def __init__(self, address: str, folder: Any, entries: list[Entry],
+                 locks: MailboxLocks, lock_key: str) -> None:
+        self.address = address
+        self.folder = folder
+        self.entries = entries
+        self._locks = locks
+        self._lock_key = lock_key
+        self._by_base = {e.base: e for e in entries}
+        self._logged_out = False
+        self.retrieved = 0
+        folder.add_listener(self)
+
+    # -- the session's API ------------------------------------------------------------------
+
+    def entry(self, number: int) -> Entry:
+        """The message with 1-based `number` that is still there to be read or deleted."""
+        if not 1 <= number <= len(self.entries):
+            raise NoSuchMessage(number)
+        e = self.entries[number - 1]
+        if e.deleted:
+            raise MessageDeleted(number)
+        return e
+
+    def listing(self) -> Iterator[tuple[int, Entry]]:
+        """(number, entry) of every message not marked deleted."""
+        for n, e in enumerate(self.entries, 1):
+            if not e.deleted:
+                yield n, e
+
+    def stat(self) -> tuple[int, int]:
+        """(messages, octets) not marked deleted (RFC 1939 5 STAT)."""
+        count = total = 0
+        for e in self.entries:
+            if not e.deleted:
+                count += 1
+                total += e.size
+        return count, total
+
+    def open(self, e: Entry) -> IO[bytes]:
+        """Open a message for streaming (a quick open(2) in the reactor thread).
+
+        MessageGone if it was expunged elsewhere; the Folder finds a file renamed by
+        another process by its base name.
+        """
+        if e.gone:
+            raise MessageGone(e.uid)
+        info = self.folder.by_uid(e.uid)
+        uid = e.uid
+        if info is None or info.basename != e.base:
+            uid = next((i.uid for i in self.folder.messages if i.basename == e.base), None)
+            if uid is None:
+                e.gone = True
+                raise MessageGone(e.uid)
+        try:
+            return self.folder.open_message(uid)
+        except (KeyError, FileNotFoundError):
+            e.gone = True
+            raise MessageGone(e.uid) from None
+
+    def commit(self) -> defer.Deferred[tuple[int, int]]:
+        """The UPDATE state (RFC 1939 6): remove the marked messages.
+
+        Fires with (removed, not removed); a message already gone counts as removed.
+        """
+        wanted = {e.base for e in self.entries if e.deleted}
+        if not wanted:
+            return defer.succeed((0, 0))
+        uids = [i.uid for i in self.folder.messages if i.basename in wanted]
+        already = len(wanted) - len(uids)
+        if not uids:
+            return defer.succeed((already, 0))
+        d = self.folder.delete_messages(uids, origin=self)
+
+        def done(removed: list[int]) -> tuple[int, int]:
+            done_uids = set(removed)
+            left = [u for u in uids if u not in done_uids and self.folder.by_uid(u)]
+            return len(wanted) - len(left), len(left)
+
+        return d.addCallback(done)
+
+    def logout(self) -> None:
+        """Release the mailbox; called at QUIT and when the connection drops (idempotent)."""
+        if self._logged_out:
+            return
+        self._logged_out = True
+        self.folder.remove_listener(self)
+        self._locks.release(self._lock_key)
+
+    # -- twisted.mail.pop3.IMailbox ---------------------------------------------------------
+
+    def _at(self, index: int) -> Entry:
+        if not isinstance(index, int) or not 0 <= index < len(self.entries):
+            raise ValueError(index)
+        return self.entries[index]
+
+    def listMessages(self, index: int | None = None) -> int | list[int]:
+        if index is None:
+            return [0 if e.deleted else e.size for e in self.entries]
+        e = self._at(index)
+        return 0 if e.deleted else e.size
+
+    def getMessage(self, index: int) -> IO[bytes]:
+        e = self._at(index)
+        if e.deleted:
+            raise ValueError(index)
+        return self.open(e)
+
+    def getUidl(self, index: int) -> bytes:
+        e = self._at(index)
+        if e.deleted:
+            raise ValueError(index)
+        return uidl_of(e.base)
+
+    def deleteMessage(self, index: int) -> None:
+        self._at(index).deleted = True
+
+    def undeleteMessages(self) -> None:
+        for e in self.entries:
+            e.deleted = False
+
+    def sync(self) -> defer.Deferred[tuple[int, int]]:
+        return self.commit()
+
+    # -- folder listener ----------------------------------------------------------------------
+
+    def messages_added(self, infos: list[Any]) -> None:
+        """New mail waits for the next session (RFC 1939 5: the listing is fixed)."""
+
+    def messages_expunged(self, uids: list[int]) -> None:
+        gone = set(uids)
+        for e in self.entries:
+            if e.uid in gone and not e.gone:
+                e.gone = True
+
+    def flags_changed(self, infos: list[Any]) -> None:
+        """POP3 has no flags."""
+
+    def uidvalidity_changed(self, folder: Any) -> None:
+        """Uids were reset on disk: find each snapshot entry again by its base name."""
+        uids = {i.basename: i.uid for i in folder.messages}
+        for e in self.entries:
+            uid = uids.get(e.base)
+            if uid is None:
+                e.gone = True
+            else:
+                e.uid = uid
+
+
+# -- opening a mailbox --------------------------------------------------------------------
+
+def _inbox(store: Any, path: Path) -> Any:
+    """The shared INBOX Folder of the Maildir at `path`."""
+    return store.account(path).folder("INBOX")
+
+
+def open_inbox(store: Any, path: Path, address: str,
+               locks: MailboxLocks) -> defer.Deferred[POP3Mailbox]:
+    """Lock the mailbox (MailboxInUse if another POP3 session has it), catch up with the
+    disk and take the session's snapshot."""
+    key = str(path)
+    if not locks.acquire(key):
+        return defer.fail(MailboxInUse(address))
+    try:
+        folder = _inbox(store, path)
+        d = folder.refresh()
+    except Exception:
+        locks.release(key)
+        return defer.fail()
+    own = _own_name_pattern(store.hostname)
+
+    def snapshot(_: Any) -> defer.Deferred[POP3Mailbox]:
+        infos = list(folder.messages)
+        entries, unknown = _known_sizes(folder, infos, own)
+        mailbox = POP3Mailbox(address, folder, entries, locks, key)
+        if not unknown:
+            return defer.succeed(mailbox)
+        return _measure(folder, mailbox, unknown).addCallback(lambda _: mailbox)
+
+    def failed(f: Any) -> Any:
+        locks.release(key)
+        return f
+
+    return d.addCallback(snapshot).addErrback(failed)
+
+
+def _own_name_pattern(hostname: str) -> re.Pattern[str]:
+    """Base names this server's delivery and APPEND give (`unique_base` + ",S=")."""
+    return re.compile(r"\d+\.M\d+P\d+Q\d+\." + re.escape(escape_hostname(hostname)) + r",S=\d+")
+
+
+def _known_sizes(folder: Any, infos: list[Any],
+                 own: re.Pattern[str]) -> tuple[list[Entry], list[Entry]]:
+    """Snapshot entries with their CRLF sizes where the name or the cache knows them;
+    also the entries still to be measured (their size is provisional)."""
+    entries: list[Entry] = []
+    unknown: list[Entry] = []
+    for info in infos:
+        base = info.basename
+        size = _field(base, "W=")
+        if size is None and own.fullmatch(base):
+            size = info.size
+        entry = Entry(info.uid, base, info.size if size is None else size)
+        entries.append(entry)
+        if size is None:
+            unknown.append(entry)
+    if unknown:
+        cached = folder.cache_get_many([e.uid for e in unknown], VSIZE_KEY)
+        still = []
+        for e in unknown:
+            value = cached.get(e.uid)
+            try:
+                e.size = int(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                still.append(e)
+        unknown = still
+    return entries, unknown
+
+
+def _measure(folder: Any, mailbox: POP3Mailbox, entries: list[Entry]) -> defer.Deferred[None]:
+    """Count the CRLF octets of files nobody measured yet, in a thread; cache them."""
+    paths = [(e, folder.message_path(e.uid)) for e in entries]
+
+    def measure(items: Iterable[tuple[Entry, Path]]) -> list[tuple[Entry, int]]:
+        out = []
+        for e, p in items:
+            try:
+                out.append((e, crlf_size_of_path(p)))
+            except OSError:
+                pass  # renamed or removed meanwhile: keep the stored size
+        return out
+
+    def store(results: list[tuple[Entry, int]]) -> None:
+        for e, size in results:
+            e.size = size
+            info = folder.by_uid(e.uid)
+            if info is not None and info.basename == e.base:
+                folder.cache_put(e.uid, VSIZE_KEY, str(size))
+
+    def failed(f: Any) -> Any:
+        mailbox.logout()
+        return f
+
+    return threads.deferToThread(measure, paths).addCallbacks(store, failed)

@@ -1,0 +1,593 @@
+"""The POP3 session: RFC 1939 with CAPA (RFC 2449), STLS (RFC 2595), SASL PLAIN (RFC 5034)
+and response codes (RFC 2449 8, RFC 3206).
+
+Built on twisted.mail's POP3 (reply helpers, the TimeoutMixin idle timer, the cred login
+and `_onLogout` convention), replacing what a public-facing server cannot use:
+
+- its own input loop instead of LineOnlyReceiver: commands run one at a time in order, so
+  pipelined commands (RFC 2449 6.6) wait behind a login or a download in progress; every
+  line is bounded; over-long lines, NUL bytes, stray CRs and invalid UTF-8 get -ERR and are
+  discarded; nothing pipelined after STLS counts (as CVE-2011-0411 for SMTP);
+- credentials only under TLS (or from loopback when configured), through the shared
+  portal and auth throttle; no APOP (it needs passwords stored in the clear);
+- listings answered from the session's snapshot, messages streamed from the file,
+  converted to CRLF and dot-stuffed chunk by chunk;
+- DELE only marks; deletion happens at QUIT through the shared Folder (RFC 1939 6).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import LoginFailed
+from twisted.internet import defer, task
+from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import pop3
+from twisted.python.failure import Failure
+
+from mailserver.config import is_loopback
+from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
+                                     POP3Mailbox, uidl_of)
+from mailserver.pop3.stream import ChunkProducer
+from mailserver.pop3.wire import message_chunks
+
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+_AUTHZ = frozenset({AUTHORIZATION})
+_TRANS = frozenset({TRANSACTION})
+_BOTH = _AUTHZ | _TRANS
+
+# command -> (states where it is valid, least and most arguments; None: the raw rest of
+# the line is the one argument).
+_COMMANDS: dict[bytes, tuple[frozenset[str], int, int | None]] = {
+    b"CAPA": (_BOTH, 0, 0),      # RFC 2449 5
+    b"QUIT": (_BOTH, 0, 0),      # RFC 1939 5, 6
+    b"STLS": (_AUTHZ, 0, 0),     # RFC 2595 4
+    b"USER": (_AUTHZ, 1, None),  # RFC 1939 7
+    b"PASS": (_AUTHZ, 0, None),  # RFC 1939 7
+    b"AUTH": (_AUTHZ, 0, 2),     # RFC 5034 4
+    b"STAT": (_TRANS, 0, 0),     # RFC 1939 5
+    b"LIST": (_TRANS, 0, 1),
+    b"UIDL": (_TRANS, 0, 1),     # RFC 1939 7
+    b"TOP": (_TRANS, 2, 2),      # RFC 1939 7
+    b"RETR": (_TRANS, 1, 1),     # RFC 1939 5
+    b"DELE": (_TRANS, 1, 1),
+    b"RSET": (_TRANS, 0, 0),
+    b"NOOP": (_TRANS, 0, 0),
+}
+
+MAX_BAD_COMMANDS = 20       # in a row; then the connection is closed
+PIPELINE_BUFFER = 64 * 1024  # input held while a command runs before reading pauses
+LIST_CHUNK = 32 * 1024
+_PLAINTEXT_REFUSED = b"Plaintext authentication disallowed without TLS; use STLS"
+
+
+@dataclass
+class POP3Context:
+    """What every session of one listener shares."""
+
+    hostname: str
+    limits: Any                          # LimitsConfig
+    portal: Any                          # twisted.cred Portal
+    throttle: Any                        # AuthThrottle
+    tls: Any = None                      # server TLS context for STLS; None on pop3s
+    allow_plaintext_loopback: bool = False
+    service: str = "pop3"
+    clock: Any = None                    # IReactorTime; the reactor when None
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            from twisted.internet import reactor
+            self.clock = reactor
+
+
+class POP3Session(LimitedProtocolMixin, pop3.POP3):
+    log = Logger()
+
+    def __init__(self, context: POP3Context) -> None:
+        self.context = context
+        self.limits = context.limits
+        self.idle_timeout = context.limits.idle_timeout
+        self.pop_state = AUTHORIZATION
+        self.started_tls = False
+        self.mbox: POP3Mailbox | None = None  # type: ignore[assignment]
+        self.user: str | None = None
+        self._buffer = b""
+        self._discarding = False
+        self._busy = False
+        self._draining = False
+        self._closing = False
+        self._lost = False
+        self._reading_paused = False
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._user_arg: bytes | None = None
+        self._sasl: Callable[[bytes], None] | None = None
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # TimeoutMixin
+        return self.context.clock.callLater(period, func)
+
+    # -- connection ----------------------------------------------------------------------
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.transport.getPeer()
+        return getattr(peer, "host", str(peer))
+
+    @property
+    def tls_active(self) -> bool:
+        return self.started_tls or ISSLTransport.providedBy(self.transport)
+
+    def plaintext_allowed(self) -> bool:
+        """Credentials travel only under TLS, or from loopback when the config says so."""
+        return self.tls_active or (self.context.allow_plaintext_loopback
+                                   and is_loopback(self.peer_ip))
+
+    def connectionMade(self) -> None:  # RFC 1939 4: the greeting
+        self.setTimeout(self.idle_timeout)
+        self.ok(self.context.hostname.encode("ascii", "replace") + b" POP3 server ready")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # type: ignore[assignment]
+        self._closing = self._lost = True
+        self._buffer = b""
+        self._sasl = None
+        if self.pop_state == TRANSACTION:
+            self.log.info("{service} {user} disconnected without QUIT: nothing deleted",
+                          service=self.context.service, user=self.user)
+        super().connectionLost(reason)  # the mailbox is released; nothing is deleted
+
+    def timeoutConnection(self) -> None:
+        self.log.info("{service} {ip}: idle timeout, disconnecting",
+                      service=self.context.service, ip=self.peer_ip)
+        self.err(b"Disconnected for inactivity")
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._buffer = b""
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    # -- replies -------------------------------------------------------------------------
+
+    def ok(self, text: bytes = b"") -> None:
+        if not self._lost:
+            self.transport.write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+
+    def err(self, text: bytes, code: bytes | None = None) -> None:
+        """-ERR with an RFC 2449 8 response code when one applies."""
+        if not self._lost:
+            prefix = b"-ERR [" + code + b"] " if code else b"-ERR "
+            self.transport.write(prefix + text + b"\r\n")
+
+    def successResponse(self, message: Any = "") -> None:
+        self.ok(message if isinstance(message, bytes) else str(message).encode())
+
+    def failResponse(self, message: Any = b"") -> None:
+        self.err(message if isinstance(message, bytes) else str(message).encode())
+
+    # -- input loop ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer = self._buffer + data if self._buffer else data
+        self._drain()
+        if self._busy and len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def lineReceived(self, line: bytes) -> None:
+        """Not used: input goes through `dataReceived`'s own loop."""
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        if self._draining:
+            return  # a command finished at once, inside the loop below: it goes on
+        self._draining = True
+        try:
+            while not self._busy and not self._closing:
+                line = self._next_line()
+                if line is None:
+                    break
+                self.resetTimeout()
+                if self._sasl is not None:
+                    respond, self._sasl = self._sasl, None
+                    respond(line)
+                else:
+                    self._command(line)
+        finally:
+            self._draining = False
+        if self._reading_paused and not self._closing and len(self._buffer) <= PIPELINE_BUFFER:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _next_line(self) -> bytes | None:
+        """The next good input line; bad ones are answered and dropped on the way."""
+        limit = self.limits.max_command_length
+        while not self._closing:
+            buf = self._buffer
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > limit + 1:
+                    if not self._discarding:
+                        self._bad_input(b"Line too long")
+                    self._discarding = True
+                    self._buffer = b""
+                return None
+            line, self._buffer = buf[:nl], buf[nl + 1:]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if len(line) > limit:
+                self._bad_input(b"Line too long")
+            elif b"\0" in line:
+                self._bad_input(b"NUL byte in command")
+            elif b"\r" in line:
+                self._bad_input(b"Bare CR in command")
+            elif not _is_utf8(line):
+                self._bad_input(b"Invalid UTF-8 in command")
+            else:
+                return line
+        return None
+
+    def _bad_input(self, why: bytes) -> None:
+        if self._sasl is not None:
+            self._sasl = None  # the exchange ends with this -ERR
+        self._bad_command(why)
+
+    def _bad_command(self, why: bytes) -> None:
+        self._bad_commands += 1
+        self.err(why)
+        if self._bad_commands >= MAX_BAD_COMMANDS:
+            self.log.info("{service} {ip}: too many bad commands, disconnecting",
+                          service=self.context.service, ip=self.peer_ip)
+            self.err(b"Too many bad commands")
+            self._close()
+
+    def _hold(self, d: defer.Deferred[Any], idle_timer: bool = False) -> None:
+        """Run later commands only once `d` has fired (RFC 2449 6.6: pipelined commands
+        are answered in order).  Without `idle_timer` the idle timer stops meanwhile."""
+        self._busy = True
+        if not idle_timer:
+            self.setTimeout(None)
+
+        def release(result: Any) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("{service} {ip}: command failed", result,
+                                 service=self.context.service, ip=self.peer_ip)
+                self.err(b"Internal server error", b"SYS/TEMP")
+                self._close()
+            self._busy = False
+            if self._closing:
+                return
+            self.setTimeout(self.idle_timeout)
+            self._drain()
+
+        d.addBoth(release)
+
+    def _command(self, line: bytes) -> None:
+        verb, _, rest = line.partition(b" ")
+        name = verb.upper()
+        spec = _COMMANDS.get(name)
+        if spec is None:
+            self._bad_command(b"Unknown command")
+            return
+        states, least, most = spec
+        if self.pop_state not in states:
+            self._bad_command(b"Not logged in" if self.pop_state == AUTHORIZATION
+                              else b"Command not valid in this state")
+            return
+        handler = getattr(self, "do_" + name.decode("ascii"))
+        if most is None:
+            if least and not rest.strip():
+                self._bad_command(b"Missing argument")
+                return
+            self._bad_commands = 0
+            handler(rest)
+            return
+        args = rest.split()
+        if not least <= len(args) <= most:
+            self._bad_command(b"Wrong number of arguments")
+            return
+        self._bad_commands = 0
+        handler(*args)
+
+    # -- AUTHORIZATION state -------------------------------------------------------------
+
+    def listCapabilities(self) -> list[bytes]:  # RFC 2449 5, 6
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if self.pop_state == AUTHORIZATION:
+            if self.plaintext_allowed():
+                caps += [b"USER", b"SASL PLAIN"]
+            if self.context.tls is not None and not self.tls_active:
+                caps.append(b"STLS")
+        return caps
+
+    def do_CAPA(self) -> None:  # RFC 2449 5
+        lines = [b"+OK Capability list follows", *self.listCapabilities(), b"."]
+        self.transport.write(b"\r\n".join(lines) + b"\r\n")
+
+    def do_STLS(self) -> None:  # RFC 2595 4
+        if self.tls_active:
+            self.err(b"Already using TLS")
+        elif self.context.tls is None:
+            self.err(b"TLS not available")
+        else:
+            self.ok(b"Begin TLS negotiation now")
+            self._buffer = b""  # nothing pipelined before the handshake counts
+            self._user_arg = None
+            self.transport.startTLS(self.context.tls)
+            self.started_tls = True
+
+    def do_USER(self, rest: bytes) -> None:  # RFC 1939 7
+        if not self.plaintext_allowed():
+            self.err(_PLAINTEXT_REFUSED, b"AUTH")
+            return
+        self._user_arg = rest.strip()
+        self.ok(b"Send PASS")
+
+    def do_PASS(self, rest: bytes) -> None:  # RFC 1939 7: the password may hold spaces
+        if not self.plaintext_allowed():
+            self.err(_PLAINTEXT_REFUSED, b"AUTH")
+            return
+        if self._user_arg is None:
+            self.err(b"USER first")
+            return
+        user, self._user_arg = self._user_arg, None
+        self._login(user, rest)
+
+    def do_AUTH(self, mechanism: bytes | None = None, initial: bytes | None = None) -> None:
+        """RFC 5034 4; AUTH without a mechanism lists them, as many clients expect."""
+        if not self.plaintext_allowed():
+            self.err(_PLAINTEXT_REFUSED, b"AUTH")
+            return
+        if mechanism is None:
+            self.transport.write(b"+OK Mechanisms follow\r\nPLAIN\r\n.\r\n")
+            return
+        if mechanism.upper() != b"PLAIN":
+            self.err(b"Unsupported authentication mechanism")
+            return
+        if initial is not None:
+            self._auth_plain(initial)
+        else:
+            self._sasl = self._auth_plain
+            self.transport.write(b"+ \r\n")
+
+    def _auth_plain(self, response: bytes) -> None:  # RFC 4616
+        if response == b"*":
+            self.err(b"Authentication cancelled")  # RFC 5034 4
+            return
+        try:
+            decoded = b"" if response == b"=" else base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            self.err(b"Invalid base64")
+            return
+        fields = decoded.split(b"\0")
+        if len(fields) != 3:
+            self.err(b"Invalid PLAIN response")
+            return
+        authz, user, password = fields
+        if authz and authz.lower() != user.lower():
+            self.err(b"Proxy login not allowed", b"AUTH")
+            return
+        self._login(user, password)
+
+    def _login(self, user: bytes, password: bytes) -> None:
+        ip = self.peer_ip
+        account = user.decode("utf-8", "replace").lower()
+        throttle = self.context.throttle
+        delay = throttle.delay(ip, account)
+        d: defer.Deferred[Any] = (task.deferLater(self.context.clock, delay, lambda: None)
+                                  if delay else defer.succeed(None))
+        d.addCallback(lambda _: self.context.portal.login(
+            UsernamePassword(user, password), None, pop3.IMailbox))
+        d.addCallbacks(self._logged_in, self._login_failed,
+                       callbackArgs=(ip, account), errbackArgs=(ip, account))
+        self._hold(d)
+
+    def _logged_in(self, result: tuple[Any, POP3Mailbox, Callable[[], None]], ip: str,
+                   account: str) -> None:
+        _, mbox, logout = result
+        self.context.throttle.success(ip, account)
+        if self._lost:
+            logout()  # the client went away meanwhile: free the mailbox at once
+            return
+        self.mbox, self._onLogout = mbox, logout
+        self.user = mbox.address
+        self.pop_state = TRANSACTION
+        count, octets = mbox.stat()
+        self.log.info("{service} login {user} from {ip} tls={tls} messages={count}",
+                      service=self.context.service, user=self.user, ip=ip,
+                      tls=self.tls_active, count=count)
+        self.ok(b"Logged in, %d messages (%d octets)" % (count, octets))
+
+    def _login_failed(self, f: Failure, ip: str, account: str) -> None:
+        throttle = self.context.throttle
+        if f.check(MailboxInUse):  # RFC 2449 8.1.2; the password was right
+            throttle.success(ip, account)
+            self.log.info("{service} login {user} from {ip}: mailbox in use",
+                          service=self.context.service, user=account, ip=ip)
+            self.err(b"Mailbox is locked by another POP3 session", b"IN-USE")
+            return
+        if not f.check(LoginFailed):
+            self.log.failure("{service} login error for {user}", f,
+                             service=self.context.service, user=account)
+            self.err(b"Temporary server error, try again later", b"SYS/TEMP")
+            return
+        throttle.failure(ip, account)
+        self._auth_failures += 1
+        self.log.info("{service} login failed for {user} from {ip}",
+                      service=self.context.service, user=account, ip=ip)
+        self.err(b"Authentication failed", b"AUTH")  # RFC 3206 4
+        if self._auth_failures >= self.limits.auth_failures_per_connection:
+            self.err(b"Too many authentication failures")
+            self._close()
+
+    # -- TRANSACTION state ---------------------------------------------------------------
+
+    def _number(self, arg: bytes) -> int | None:
+        """A message number or line count: decimal digits only (RFC 1939 3)."""
+        if not arg.isdigit() or len(arg) > 10:
+            return None
+        return int(arg)
+
+    def _entry(self, arg: bytes) -> tuple[int, Any] | None:
+        """(number, snapshot entry) for a message argument; None after an -ERR reply."""
+        assert self.mbox is not None
+        n = self._number(arg)
+        if n is None:
+            self.err(b"Invalid message number")
+            return None
+        try:
+            return n, self.mbox.entry(n)
+        except NoSuchMessage:
+            self.err(b"No such message")
+        except MessageDeleted:
+            self.err(b"Message %d already deleted" % n)
+        return None
+
+    def do_STAT(self) -> None:  # RFC 1939 5
+        assert self.mbox is not None
+        self.ok(b"%d %d" % self.mbox.stat())
+
+    def do_LIST(self, arg: bytes | None = None) -> None:  # RFC 1939 5
+        assert self.mbox is not None
+        if arg is not None:
+            found = self._entry(arg)
+            if found:
+                self.ok(b"%d %d" % (found[0], found[1].size))
+            return
+        count, octets = self.mbox.stat()
+        self.ok(b"%d messages (%d octets)" % (count, octets))
+        self._stream(self._listing(lambda n, e: b"%d %d\r\n" % (n, e.size)))
+
+    def do_UIDL(self, arg: bytes | None = None) -> None:  # RFC 1939 7
+        assert self.mbox is not None
+        if arg is not None:
+            found = self._entry(arg)
+            if found:
+                self.ok(b"%d %s" % (found[0], uidl_of(found[1].base)))
+            return
+        self.ok(b"Unique-ID listing follows")
+        self._stream(self._listing(lambda n, e: b"%d %s\r\n" % (n, uidl_of(e.base))))
+
+    def _listing(self, line: Callable[[int, Any], bytes]) -> Iterator[bytes]:
+        assert self.mbox is not None
+        out: list[bytes] = []
+        size = 0
+        for n, e in self.mbox.listing():
+            item = line(n, e)
+            out.append(item)
+            size += len(item)
+            if size >= LIST_CHUNK:
+                yield b"".join(out)
+                out, size = [], 0
+        out.append(b".\r\n")
+        yield b"".join(out)
+
+    def do_RETR(self, arg: bytes) -> None:  # RFC 1939 5
+        self._send_message(arg, None)
+
+    def do_TOP(self, arg: bytes, lines: bytes) -> None:  # RFC 1939 7
+        if not lines.isdigit():
+            self.err(b"Invalid line count")
+            return
+        # fetchmail asks for "TOP n 99999999" to read a message whole; any count will do.
+        self._send_message(arg, int(lines) if len(lines) <= 18 else 10 ** 18)
+
+    def _send_message(self, arg: bytes, top: int | None) -> None:
+        found = self._entry(arg)
+        if not found:
+            return
+        n, e = found
+        assert self.mbox is not None
+        try:
+            f = self.mbox.open(e)
+        except MessageGone:
+            self.err(b"Message %d was removed by another session" % n)
+            return
+        except OSError as exc:
+            self.log.error("{service} {user}: cannot open message {n}: {error}",
+                           service=self.context.service, user=self.user, n=n, error=exc)
+            self.err(b"Cannot read message", b"SYS/TEMP")
+            return
+        if top is None:
+            self.mbox.retrieved += 1
+            self.ok(b"%d octets" % e.size)
+        else:
+            self.ok(b"Top of message follows")
+        self._stream(message_chunks(f, top))
+
+    def _stream(self, chunks: Iterator[bytes]) -> None:
+        producer = ChunkProducer(self.transport, chunks, self.resetTimeout)
+        self._hold(producer.start(), idle_timer=True)
+
+    def do_DELE(self, arg: bytes) -> None:  # RFC 1939 5
+        found = self._entry(arg)
+        if found:
+            found[1].deleted = True
+            self.ok(b"Message %d deleted" % found[0])
+
+    def do_RSET(self) -> None:  # RFC 1939 5
+        assert self.mbox is not None
+        self.mbox.undeleteMessages()
+        self.ok(b"%d messages (%d octets)" % self.mbox.stat())
+
+    def do_NOOP(self) -> None:  # RFC 1939 5
+        self.ok()
+
+    # -- QUIT and the UPDATE state -------------------------------------------------------
+
+    def do_QUIT(self) -> None:  # RFC 1939 5, 6
+        mbox = self.mbox
+        if mbox is None or self.pop_state != TRANSACTION:
+            self.ok(b"Bye")
+            self._close()
+            return
+        self.pop_state = UPDATE
+
+        def done(result: tuple[int, int]) -> None:
+            removed, left = result
+            self._logout()
+            self.log.info("{service} logout {user}: {retrieved} retrieved, {removed} deleted",
+                          service=self.context.service, user=self.user,
+                          retrieved=mbox.retrieved, removed=removed)
+            if left:
+                self.err(b"Some deleted messages not removed", b"SYS/TEMP")
+            else:
+                self.ok(b"Bye, %d messages deleted" % removed)
+            self._close()
+
+        def failed(f: Failure) -> None:
+            self.log.failure("{service} {user}: deleting messages failed", f,
+                             service=self.context.service, user=self.user)
+            self._logout()
+            self.err(b"Some deleted messages not removed", b"SYS/TEMP")
+            self._close()
+
+        self._hold(mbox.commit().addCallbacks(done, failed))
+
+    def _logout(self) -> None:
+        """Release the mailbox before saying goodbye, so the client may log in again at once."""
+        logout, self._onLogout = self._onLogout, None
+        if logout is not None:
+            logout()
+
+
+def _is_utf8(line: bytes) -> bool:
+    if line.isascii():
+        return True
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
