@@ -17,6 +17,8 @@ from twisted.mail.imap4 import _FetchParser
 
 from mailserver.imap import mime
 from mailserver.imap.parser import Arguments, BadCommand
+from mailserver.maildir import InvalidFolderName, decode_folder_name
+from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern_escaped
 
 if TYPE_CHECKING:
     from mailserver.imap.server import IMAPSession
@@ -100,17 +102,11 @@ def append_target(parts: list[bytes]) -> tuple[str, list[bytes], bytes | None] |
             return None
     except BadCommand:
         return None
-    from mailserver.maildir import decode_folder_name
-
     try:
-        text = raw.decode("ascii")
-        name = decode_folder_name(text) if "&" in text else text
-    except (UnicodeDecodeError, ValueError):
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return ("INBOX" if name.upper() == "INBOX" else name), flags, date
+        name = decode_mailbox(raw)
+    except InvalidFolderName:
+        return None
+    return name, flags, date
 
 
 # -- STATUS and LIST -------------------------------------------------------------------------
@@ -140,17 +136,25 @@ class ListRequest:
     status_items: list[bytes] = field(default_factory=list)
 
 
-def _decode_name(raw: bytes) -> str:
-    from mailserver.maildir import decode_folder_name
-
+def decode_mailbox(raw: bytes) -> str:
+    """A mailbox name from the wire: modified UTF-7 (RFC 3501 5.1.3), strictly; raw UTF-8
+    is accepted as many clients send it; INBOX in any case is INBOX."""
     try:
         text = raw.decode("ascii")
-        return decode_folder_name(text) if "&" in text else text
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadCommand("invalid mailbox name") from None
+            raise InvalidFolderName("mailbox name is neither modified UTF-7 nor UTF-8") from None
+    else:
+        if "&" in text:
+            try:
+                text = decode_folder_name(text)
+            except ValueError:
+                raise InvalidFolderName("invalid modified UTF-7 in mailbox name") from None
+    if "\0" in text:
+        raise InvalidFolderName("NUL in mailbox name")
+    return "INBOX" if text.upper() == "INBOX" else text
 
 
 def parse_list_arguments(args: Arguments, lsub: bool) -> ListRequest:
@@ -170,12 +174,12 @@ def parse_list_arguments(args: Arguments, lsub: bool) -> ListRequest:
             else:
                 raise BadCommand("unknown LIST selection option")
         args.space()
-    req.reference = _decode_name(args.astring())
+    req.reference = decode_mailbox(args.astring())
     args.space()
     if not lsub and args.peek() == b"(":
-        req.patterns = [_decode_name(p) for p in args.paren_list(Arguments.list_mailbox)]
+        req.patterns = [decode_mailbox(p) for p in args.paren_list(Arguments.list_mailbox)]
     else:
-        req.patterns = [_decode_name(args.list_mailbox())]
+        req.patterns = [decode_mailbox(args.list_mailbox())]
     if not lsub and args.maybe_space():
         if args.atom().upper() != b"RETURN":
             raise BadCommand("expected RETURN")
@@ -475,12 +479,18 @@ def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Itera
 
 def _crlf_size(session: "IMAPSession", msg: _Message, info: Any) -> int:
     """RFC822.SIZE: octets as sent (CRLF), from the name or the index, else measured."""
-    vsize = getattr(info, "vsize", None)
-    if vsize:
-        return vsize
-    cached = session.folder.cache_get(info.uid, "vsize")
-    if cached is not None:
-        return int(cached)
+    size = vsize_hint(session.folder, info)
+    if size is not None:
+        return size
     size = len(msg.data)
-    session.folder.cache_put(info.uid, "vsize", str(size))
+    session.folder.cache_put(info.uid, VSIZE_KEY, str(size))
     return size
+
+
+def vsize_hint(folder: Any, info: Any) -> int | None:
+    """The CRLF size from the file name or the folder cache; None if it must be measured."""
+    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(folder._escaped_host))
+    if size is not None:
+        return size
+    cached = folder.cache_get(info.uid, VSIZE_KEY)
+    return int(cached) if cached is not None else None

@@ -62,10 +62,17 @@ class IMAPAccount:
 
     def cached_size(self) -> int:
         """Last known usage, for a quick quota check without touching the disk."""
-        if self._size is None:
-            threads.deferToThread(self.total_size)
-            return 0
-        return self._size
+        return self._size or 0
+
+    def add_usage(self, octets: int) -> None:
+        if self._size is not None:
+            self._size += octets
+
+    def refresh_usage(self) -> defer.Deferred:
+        """Recount the usage in a thread (at login and after removals) when a quota is set."""
+        if self.quota is None:
+            return defer.succeed(None)
+        return threads.deferToThread(self.total_size)
 
     def logout(self) -> None:
         pass

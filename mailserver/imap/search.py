@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import threads
 
 from mailserver.imap import mime
+from mailserver.imap.fetch import vsize_hint
 from mailserver.imap.parser import Arguments, BadCommand, parse_sequence_set
 
 if TYPE_CHECKING:
@@ -44,13 +45,20 @@ class Row:
     seq: int
     uid: int
     flags: frozenset[str]
-    size: int
+    known_size: int | None  # CRLF size when the name or the index knows it
     internaldate: float
     path: Any
     largest_seq: int = 0  # what '*' means in a sequence set
     largest_uid: int = 0
     _headers: list[tuple[bytes, bytes]] | None = None
     _message: Any = None
+
+    def size(self) -> int:
+        """RFC822.SIZE of the message; measured (blocking) when not known."""
+        if self.known_size is None:
+            with open(self.path, "rb") as f, mime.MessageBytes(f) as mb:
+                self.known_size = len(mb.data)
+        return self.known_size
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self._headers is None:
@@ -223,8 +231,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         args.space()
         n = args.number()
         if word == b"LARGER":
-            return Query(lambda r: r.size > n, False)
-        return Query(lambda r: r.size < n, False)
+            return Query(lambda r: r.size() > n, True)
+        return Query(lambda r: r.size() < n, True)
     if word == b"NOT":
         args.space()
         inner = _key(args, charset, depth + 1)
@@ -251,7 +259,7 @@ def search(session: "IMAPSession", query: Query):
         info = folder.by_uid(u)
         if info is None:
             continue
-        rows.append(Row(i + 1, u, session._flags_of(u), info.size, info.internaldate,
+        rows.append(Row(i + 1, u, session._flags_of(u), vsize_hint(folder, info), info.internaldate,
                         folder.message_path(u) if query.needs_files else None,
                         largest_seq, largest_uid))
 

@@ -567,6 +567,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             throttle.success(ip, account)
             self._onLogout = logout
             self.imap_account = avatar
+            avatar.refresh_usage()
             self.user = avatar.user
             self.account = avatar
             self.state = "auth"
@@ -592,19 +593,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
     # -- authenticated (RFC 3501 6.3) --------------------------------------------------------
 
     def _mailbox_name(self, args: Arguments) -> str:
-        raw = args.astring()
-        try:
-            text = raw.decode("ascii")
-            name = decode_folder_name(text) if "&" in text else text
-        except (UnicodeDecodeError, ValueError):
-            # Not modified UTF-7: accept UTF-8 as many clients send it.
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise CommandFailed(b"[CANNOT] Invalid mailbox name") from None
-        if name.upper() == "INBOX":
-            return "INBOX"
-        return name
+        return F.decode_mailbox(args.astring())
 
     @staticmethod
     def _wire_name(name: str) -> bytes:
@@ -779,6 +768,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         folder = self.imap_account.folder(name)  # type: ignore[union-attr]
 
         def appended(info: Any) -> None:
+            self.imap_account.add_usage(info.size)  # type: ignore[union-attr]
             self.log.info("imap {user} appended uid {uid} to {folder} size {size}",
                           user=self.user, uid=info.uid, folder=name, size=info.size)
             self.done(tag, b"[APPENDUID %d %d] APPEND completed" % (folder.uidvalidity, info.uid))
@@ -853,9 +843,16 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         return self._idle_done
 
     def _poll_folder(self) -> defer.Deferred | None:
-        if self.folder is None:
+        """Look for changes made by other processes; one look per folder per period, however
+        many sessions are idling on it (changes made in this process arrive at once)."""
+        folder = self.folder
+        if folder is None:
             return None
-        return self.folder.refresh()
+        now = time.monotonic()
+        if now - getattr(folder, "_idle_polled", 0.0) < IDLE_POLL * 0.9:
+            return None
+        folder._idle_polled = now
+        return folder.refresh()
 
     def _idle_line(self, line: bytes) -> None:
         tag, self._idle_tag = self._idle_tag, None
@@ -906,7 +903,12 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         args.end()
         self._require_writable()
         return self.folder.expunge(restrict, origin=self).addCallback(
-            lambda uids: (self._announce_expunged(uids), self.done(tag, b"EXPUNGE completed")))
+            lambda uids: (self._announce_expunged(uids), self._usage_changed(uids),
+                          self.done(tag, b"EXPUNGE completed")))
+
+    def _usage_changed(self, removed: list[int]) -> None:
+        if removed and self.imap_account is not None:
+            self.imap_account.refresh_usage()
 
     def _announce_expunged(self, uids: list[int]) -> None:
         for u in sorted(uids):
@@ -1055,6 +1057,8 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             return defer.succeed(None)
 
         def copied(pairs: list[tuple[int, int]]) -> Any:
+            if not move:
+                self.imap_account.add_usage(size)  # type: ignore[union-attr]
             code = b"COPYUID %d %s %s" % (dest.uidvalidity, F.uid_set([s for s, _ in pairs]),
                                           F.uid_set([d for _, d in pairs]))
             if not move:
@@ -1115,6 +1119,3 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
                 if u in self._uid_index and u not in self._pending_expunged:
                     self._send_flags(u)
 
-
-def now() -> float:
-    return time.time()

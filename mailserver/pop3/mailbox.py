@@ -28,12 +28,11 @@ from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
-from mailserver.maildir.delivery import escape_hostname
+from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern
 from mailserver.pop3.wire import crlf_size_of_path
 
 log = Logger()
 
-VSIZE_KEY = "vsize"   # the folder cache key IMAP's RFC822.SIZE uses for the same number
 UIDL_MAX = 70         # RFC 1939 7: 1 to 70 characters in the range 0x21 to 0x7E
 _UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
 
@@ -60,13 +59,6 @@ def uidl_of(base: str) -> bytes:
     if _UIDL_OK.fullmatch(base):
         return base.encode("ascii")
     return b"H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40].encode()
-
-
-def _field(base: str, key: str) -> int | None:
-    for part in base.split(",")[1:]:
-        if part.startswith(key) and part[len(key):].isdigit():
-            return int(part[len(key):])
-    return None
 
 
 class MailboxLocks:
@@ -281,7 +273,7 @@ def open_inbox(store: Any, path: Path, address: str,
     except Exception:
         locks.release(key)
         return defer.fail()
-    own = _own_name_pattern(store.hostname)
+    own = own_name_pattern(store.hostname)
 
     def snapshot(_: Any) -> defer.Deferred[POP3Mailbox]:
         infos = list(folder.messages)
@@ -298,11 +290,6 @@ def open_inbox(store: Any, path: Path, address: str,
     return d.addCallback(snapshot).addErrback(failed)
 
 
-def _own_name_pattern(hostname: str) -> re.Pattern[str]:
-    """Base names this server's delivery and APPEND give (`unique_base` + ",S=")."""
-    return re.compile(r"\d+\.M\d+P\d+Q\d+\." + re.escape(escape_hostname(hostname)) + r",S=\d+")
-
-
 def _known_sizes(folder: Any, infos: list[Any],
                  own: re.Pattern[str]) -> tuple[list[Entry], list[Entry]]:
     """Snapshot entries with their CRLF sizes where the name or the cache knows them;
@@ -311,9 +298,7 @@ def _known_sizes(folder: Any, infos: list[Any],
     unknown: list[Entry] = []
     for info in infos:
         base = info.basename
-        size = _field(base, "W=")
-        if size is None and own.fullmatch(base):
-            size = info.size
+        size = known_vsize(base, info.size, own)
         entry = Entry(info.uid, base, info.size if size is None else size)
         entries.append(entry)
         if size is None:
