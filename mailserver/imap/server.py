@@ -110,7 +110,8 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
     def __init__(self, context: "IMAPContext") -> None:
         imap4.IMAP4Server.__init__(self, contextFactory=context.tls)
         self.context = context
-        self.timeOut = UNAUTH_TIMEOUT
+        # RFC 3501 5.4: at least 30 minutes once logged in; a stranger gets much less.
+        self.timeOut = min(UNAUTH_TIMEOUT, context.limits.idle_timeout)
         self._buffer = b""
         self._parts: list[bytes] = []       # the command being assembled
         self._literal_left = 0
@@ -359,6 +360,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
 
     def _execute(self, parts: list[bytes], writer: Any) -> defer.Deferred | None:
         args = Arguments(parts)
+        tag = None
         try:
             tag = args.atom() if args.peek() not in (b"", b" ") else None
             if tag is None or b"+" in tag:
@@ -368,8 +370,11 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         except BadCommand:
             if writer is not None:
                 writer.abort()
-            self.untagged(b"BAD Missing tag or command") if not parts or not parts[0] else \
-                self.tagged(parts[0].split(b" ")[0] or b"*", b"BAD", b"Missing command")
+            first = parts[0].split(b" ")[0] if parts and parts[0] else b""
+            if tag is not None and tag == first and b"+" not in tag:
+                self.tagged(tag, b"BAD", b"Missing command")
+            else:
+                self.untagged(b"BAD Missing tag or command")
             return None
         uid = False
         if name == b"UID" and self.state == "select":

@@ -33,8 +33,10 @@ HOSTNAME = "mail.example.test"
 DOMAIN = "example.test"
 USERS = ("alice@example.test", "bob@example.test", "carol@example.test")
 PASSWORD = "secret"
-SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
-SECTIONS = ("server", "storage", "tls", "listen", "limits", "auth")
+SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
+            "autoconfig", "autoconfig_http")
+SECTIONS = ("server", "storage", "tls", "listen", "limits", "auth", "relay", "queue",
+            "autoconfig")
 # [limits].max_message_size when the config does not set it (the schema's default).
 DEFAULT_MAX_MESSAGE_SIZE = 52428800
 
@@ -98,6 +100,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (str, Path)):
         return json.dumps(str(value))  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
