@@ -303,15 +303,6 @@ def _section_name(item: Any) -> bytes:
     return numbers or spec
 
 
-def _cached(session: "IMAPSession", uid: int, key: str, compute: Callable[[], bytes]) -> bytes:
-    folder = session.folder
-    value = folder.cache_get(uid, key)
-    if value is None:
-        value = compute()
-        folder.cache_put(uid, key, value)
-    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-
-
 class _Message:
     """Lazily opened message file and its parsed structure, for one FETCH row."""
 
@@ -396,67 +387,139 @@ def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
         yield bytes(source[pos:min(pos + CHUNK, end)])
 
 
+ROWS_PER_BATCH = 512
+
+
+class _FetchContext:
+    """Per-FETCH state: index values read in batches, and flag lists formatted once each."""
+
+    def __init__(self, session: "IMAPSession", items: list[Any]) -> None:
+        self.session = session
+        self.folder = session.folder
+        self.recent = session.recent
+        self._flag_text: dict[frozenset[str], bytes] = {}
+        self.keys = sorted({k for k in (_cache_key(i) for i in items) if k})
+        if any(i.type == "rfc822size" for i in items):
+            self.keys.append(VSIZE_KEY)
+        self.cached: dict[str, dict[int, Any]] = {}
+
+    def load(self, uids: list[int]) -> None:
+        self.cached = {key: self.folder.cache_get_many(uids, key) for key in self.keys}
+
+    def get(self, uid: int, key: str, compute: Callable[[], bytes]) -> bytes:
+        value = self.cached.get(key, {}).get(uid)
+        if value is None:
+            value = compute()
+            self.folder.cache_put(uid, key, value)
+        return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+    def flags(self, info: Any) -> bytes:
+        flags = info.flags | {"\\Recent"} if info.uid in self.recent else info.flags
+        text = self._flag_text.get(flags)
+        if text is None:
+            text = self._flag_text[flags] = flag_list(sorted(f.encode() for f in flags))
+        return text
+
+
+def _cache_key(item: Any) -> str | None:
+    """The index key under which an item's answer is kept, for items worth keeping."""
+    if item.type == "envelope":
+        return "envelope"
+    if item.type == "bodystructure":
+        return "bodystructure"
+    if item.type == "body" and _is_plain_body(item):
+        return "body"
+    if (item.type == "body" and item.header is not None and item.header.fields
+            and not item.part and item.partialBegin is None):
+        return _header_fields_key(item)
+    return None
+
+
+def _is_plain_body(item: Any) -> bool:
+    """FETCH BODY (the structure), as opposed to BODY[...] (a section)."""
+    return not (item.empty or item.header is not None or item.text or item.mime or item.part
+                or item.partialBegin is not None)
+
+
+def _header_fields_key(item: Any) -> str:
+    names = " ".join(sorted({n.upper().decode("ascii", "replace") for n in item.header.fields}))
+    return ("hfn:" if item.header.negate else "hf:") + names
+
+
 def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                     seen_changed: set[int]) -> Iterator[bytes]:
-    """Untagged FETCH responses for `uids`, produced lazily in chunks."""
+    """Untagged FETCH responses for `uids`, produced lazily in chunks; index values are
+    read for a batch of messages at a time and message files opened only when needed."""
     folder = session.folder
+    ctx = _FetchContext(session, items)
     wants_flags = any(i.type == "flags" for i in items)
     batch: list[bytes] = []
-    for u in uids:
-        info = folder.by_uid(u)
-        seq = session._seq_of(u)
-        if info is None or seq is None:
-            continue  # expunged by another session; its EXPUNGE comes later
-        msg = _Message(session, u)
-        try:
-            out = [b"* %d FETCH (" % seq]
-            first = True
-            for item in items:
-                piece = _fetch_item(session, msg, info, item)
-                if isinstance(piece, bytes):
-                    out.append(piece if first else b" " + piece)
-                else:
-                    if not first:
-                        out.append(b" ")
-                    batch.append(b"".join(out))
-                    out = []
-                    yield b"".join(batch)
-                    batch = []
-                    yield from piece
-                first = False
-            if u in seen_changed and not wants_flags:
-                out.append(b" FLAGS " + flag_list(sorted(f.encode() for f in session._flags_of(u))))
-            out.append(b")\r\n")
-            batch.append(b"".join(out))
-        finally:
-            msg.close()
-        if sum(len(b) for b in batch) > CHUNK:
-            yield b"".join(batch)
-            batch = []
+    size = 0
+    for first_row in range(0, len(uids), ROWS_PER_BATCH):
+        rows = uids[first_row:first_row + ROWS_PER_BATCH]
+        if ctx.keys:
+            ctx.load(rows)
+        for u in rows:
+            info = folder.by_uid(u)
+            seq = session._seq_of(u)
+            if info is None or seq is None:
+                continue  # expunged by another session; its EXPUNGE comes later
+            msg = _Message(session, u)
+            try:
+                out = [b"* %d FETCH (" % seq]
+                first = True
+                for item in items:
+                    piece = _fetch_item(ctx, msg, info, item)
+                    if isinstance(piece, bytes):
+                        out.append(piece if first else b" " + piece)
+                    else:
+                        if not first:
+                            out.append(b" ")
+                        batch.append(b"".join(out))
+                        out = []
+                        yield b"".join(batch)
+                        batch, size = [], 0
+                        yield from piece
+                    first = False
+                if u in seen_changed and not wants_flags:
+                    out.append(b" FLAGS " + ctx.flags(folder.by_uid(u) or info))
+                out.append(b")\r\n")
+                line = b"".join(out)
+                batch.append(line)
+                size += len(line)
+            finally:
+                msg.close()
+            if size > CHUNK:
+                yield b"".join(batch)
+                batch, size = [], 0
     if batch:
         yield b"".join(batch)
 
 
-def _fetch_item(session: "IMAPSession", msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:
+def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:
     kind = item.type
     u = info.uid
     if kind == "uid":
         return b"UID %d" % u
     if kind == "flags":
-        return b"FLAGS " + flag_list(sorted(f.encode() for f in session._flags_of(u)))
+        return b"FLAGS " + ctx.flags(info)
     if kind == "internaldate":
         return b"INTERNALDATE " + internal_date(info.internaldate)
     if kind == "rfc822size":
-        return b"RFC822.SIZE %d" % _crlf_size(session, msg, info)
+        return b"RFC822.SIZE %d" % _crlf_size(ctx, msg, info)
     if kind == "envelope":
-        return b"ENVELOPE " + _cached(session, u, "envelope", lambda: mime.envelope(msg.root))
+        return b"ENVELOPE " + ctx.get(u, "envelope", lambda: mime.envelope(msg.root))
     if kind == "bodystructure":
-        return b"BODYSTRUCTURE " + _cached(session, u, "bodystructure",
+        return b"BODYSTRUCTURE " + ctx.get(u, "bodystructure",
                                            lambda: mime.body_structure(msg.root, True))
-    if kind == "body" and not (item.empty or item.header or item.text or item.mime or item.part
-                               or item.partialBegin is not None) and item.header is None:
-        return b"BODY " + _cached(session, u, "body", lambda: mime.body_structure(msg.root, False))
+    if kind == "body" and _is_plain_body(item):
+        return b"BODY " + ctx.get(u, "body", lambda: mime.body_structure(msg.root, False))
     if kind == "body":
+        key = _cache_key(item)
+        if key is not None:  # header fields: small, asked for again and again by clients
+            data = ctx.get(u, key, lambda: mime.header_fields(
+                msg.data, msg.root, item.header.fields, bool(item.header.negate)))
+            return iter([b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data])
         return _section_chunks(msg, item)
     if kind == "rfc822":
         return _labelled(b"RFC822", msg, 0, None)
@@ -477,20 +540,17 @@ def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Itera
         yield bytes(data[pos:min(pos + CHUNK, end)])
 
 
-def _crlf_size(session: "IMAPSession", msg: _Message, info: Any) -> int:
+def _crlf_size(ctx: _FetchContext, msg: _Message, info: Any) -> int:
     """RFC822.SIZE: octets as sent (CRLF), from the name or the index, else measured."""
-    size = vsize_hint(session.folder, info)
+    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(ctx.folder._escaped_host))
     if size is not None:
         return size
-    size = len(msg.data)
-    session.folder.cache_put(info.uid, VSIZE_KEY, str(size))
-    return size
+    return int(ctx.get(info.uid, VSIZE_KEY, lambda: b"%d" % len(msg.data)))
 
 
-def vsize_hint(folder: Any, info: Any) -> int | None:
-    """The CRLF size from the file name or the folder cache; None if it must be measured."""
+def vsize_hint_from(folder: Any, info: Any, cached: Any) -> int | None:
+    """The CRLF size from the file name or an index value; None if it must be measured."""
     size = known_vsize(info.basename, info.size, own_name_pattern_escaped(folder._escaped_host))
     if size is not None:
         return size
-    cached = folder.cache_get(info.uid, VSIZE_KEY)
     return int(cached) if cached is not None else None

@@ -8,6 +8,7 @@ stalls other clients.
 from __future__ import annotations
 
 import calendar
+import json
 import email
 import email.header
 import email.policy
@@ -19,13 +20,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import threads
 
 from mailserver.imap import mime
-from mailserver.imap.fetch import vsize_hint
+from mailserver.imap.fetch import vsize_hint_from
+from mailserver.maildir.sizes import VSIZE_KEY
 from mailserver.imap.parser import Arguments, BadCommand, parse_sequence_set
 
 if TYPE_CHECKING:
     from mailserver.imap.server import IMAPSession
 
 CHARSETS = ("UTF-8", "US-ASCII")
+# Header fields SEARCH keys name most; their decoded text is kept in the folder index.
+SEARCH_FIELDS = ("subject", "from", "to", "cc", "bcc", "date")
+SEARCH_KEY = "search"
 _DATE = re.compile(rb'^"?(\d{1,2})-([A-Za-z]{3})-(\d{4})"?$')
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 _FLAG_KEYS = {
@@ -50,6 +55,8 @@ class Row:
     path: Any
     largest_seq: int = 0  # what '*' means in a sequence set
     largest_uid: int = 0
+    fields: dict[str, str] | None = None  # SEARCH_FIELDS from the index, or computed
+    fields_computed: bool = False
     _headers: list[tuple[bytes, bytes]] | None = None
     _message: Any = None
 
@@ -70,7 +77,16 @@ class Row:
         return self._headers
 
     def header_text(self, name: str) -> str:
-        key = name.lower().encode("latin-1", "replace")
+        name = name.lower()
+        if name in SEARCH_FIELDS:
+            if self.fields is None:
+                self.fields = {f: self._decoded(f) for f in SEARCH_FIELDS}
+                self.fields_computed = True
+            return self.fields[name]
+        return self._decoded(name)
+
+    def _decoded(self, name: str) -> str:
+        key = name.encode("latin-1", "replace")
         return "\n".join(_decode(v) for k, v in self.headers() if k == key)
 
     def message(self) -> Any:
@@ -135,9 +151,14 @@ def _body_text(row: Row, with_headers: bool) -> str:
 
 
 class Query:
-    def __init__(self, predicate: Predicate, needs_files: bool) -> None:
+    """A compiled search key: its predicate and whether it may have to read files."""
+
+    def __init__(self, predicate: Predicate, needs_files: bool, needs_size: bool = False,
+                 needs_fields: bool = False) -> None:
         self.predicate = predicate
-        self.needs_files = needs_files
+        self.needs_files = needs_files or needs_size or needs_fields
+        self.needs_size = needs_size
+        self.needs_fields = needs_fields
 
 
 def parse_search(args: Arguments) -> Query:
@@ -160,7 +181,12 @@ def parse_search(args: Arguments) -> Query:
 
 def _and(keys: list[Query]) -> Query:
     preds = [k.predicate for k in keys]
-    return Query(lambda r: all(p(r) for p in preds), any(k.needs_files for k in keys))
+    return _combine(lambda r: all(p(r) for p in preds), keys)
+
+
+def _combine(predicate: Predicate, keys: list[Query]) -> Query:
+    return Query(predicate, any(k.needs_files for k in keys), any(k.needs_size for k in keys),
+                 any(k.needs_fields for k in keys))
 
 
 def _text_arg(args: Arguments, charset: str) -> str:
@@ -203,7 +229,7 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     if word in _HEADER_KEYS:
         name = _HEADER_KEYS[word]
         needle = _text_arg(args, charset)
-        return Query(lambda r: _contains(r.header_text(name), needle), True)
+        return Query(lambda r: _contains(r.header_text(name), needle), False, needs_fields=True)
     if word == b"HEADER":
         args.space()
         field = args.astring().decode("ascii", "replace")
@@ -226,23 +252,24 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         day = _parse_date(args.astring())
         cmp = {b"SENTBEFORE": lambda d: d < day, b"SENTON": lambda d: d == day,
                b"SENTSINCE": lambda d: d >= day}[word]
-        return Query(lambda r: (lambda d: d is not None and cmp(d))(_sent_day(r)), True)
+        return Query(lambda r: (lambda d: d is not None and cmp(d))(_sent_day(r)), False,
+                     needs_fields=True)
     if word in (b"LARGER", b"SMALLER"):
         args.space()
         n = args.number()
         if word == b"LARGER":
-            return Query(lambda r: r.size() > n, True)
-        return Query(lambda r: r.size() < n, True)
+            return Query(lambda r: r.size() > n, False, needs_size=True)
+        return Query(lambda r: r.size() < n, False, needs_size=True)
     if word == b"NOT":
         args.space()
         inner = _key(args, charset, depth + 1)
-        return Query(lambda r: not inner.predicate(r), inner.needs_files)
+        return _combine(lambda r: not inner.predicate(r), [inner])
     if word == b"OR":
         args.space()
         a = _key(args, charset, depth + 1)
         args.space()
         b = _key(args, charset, depth + 1)
-        return Query(lambda r: a.predicate(r) or b.predicate(r), a.needs_files or b.needs_files)
+        return _combine(lambda r: a.predicate(r) or b.predicate(r), [a, b])
     if word == b"UID":
         args.space()
         uidset = args.sequence_set()
@@ -251,17 +278,37 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
 
 
 def search(session: "IMAPSession", query: Query):
-    """Deferred list of matching UIDs, in sequence order."""
+    """Deferred list of matching UIDs, in sequence order.
+
+    Flags, dates, UIDs and known sizes come from memory; header keys use the decoded
+    fields kept in the folder index (read for all rows in batches, computed from the files
+    in a thread for messages not indexed yet, then stored); body keys read the files.
+    """
+    from twisted.internet import defer
+
     folder = session.folder
+    view = list(session.view)
+    largest_seq, largest_uid = len(view), view[-1] if view else 0
+    sizes: dict[int, Any] = {}
+    fields: dict[int, Any] = {}
+    if query.needs_size:
+        sizes = folder.cache_get_many(view, VSIZE_KEY)
+    if query.needs_fields:
+        for i in range(0, len(view), 1000):
+            fields.update(folder.cache_get_many(view[i:i + 1000], SEARCH_KEY))
     rows = []
-    largest_seq, largest_uid = len(session.view), session.view[-1] if session.view else 0
-    for i, u in enumerate(session.view):
+    for i, u in enumerate(view):
         info = folder.by_uid(u)
         if info is None:
             continue
-        rows.append(Row(i + 1, u, session._flags_of(u), vsize_hint(folder, info), info.internaldate,
+        known = None
+        if query.needs_size:
+            known = vsize_hint_from(folder, info, sizes.get(u))
+        cached = fields.get(u)
+        rows.append(Row(i + 1, u, session._flags_of(u), known, info.internaldate,
                         folder.message_path(u) if query.needs_files else None,
-                        largest_seq, largest_uid))
+                        largest_seq, largest_uid,
+                        json.loads(cached) if cached is not None else None))
 
     def run() -> list[int]:
         out = []
@@ -273,11 +320,15 @@ def search(session: "IMAPSession", query: Query):
                 continue  # expunged meanwhile
         return out
 
-    if not query.needs_files:
-        from twisted.internet import defer
+    def remember(found: list[int]) -> list[int]:
+        for row in rows:
+            if row.fields_computed and row.fields is not None:
+                folder.cache_put(row.uid, SEARCH_KEY, json.dumps(row.fields))
+        return found
 
+    if not query.needs_files:
         return defer.maybeDeferred(run)
-    return threads.deferToThread(run)
+    return threads.deferToThread(run).addCallback(remember)
 
 
 __all__ = ["parse_search", "search", "parse_sequence_set"]
