@@ -15,7 +15,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+# The shipped config in a source checkout.  An installed package has no etc/ beside it, so
+# the default is looked up from the working directory first (see default_config_path).
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "mailserver.toml"
+
+
+def default_config_path() -> Path:
+    """etc/mailserver.toml in the working directory, else the checkout's shipped one."""
+    here = Path.cwd() / "etc" / "mailserver.toml"
+    if here.is_file() or not DEFAULT_CONFIG.is_file():
+        return here
+    return DEFAULT_CONFIG
 
 
 class ConfigError(Exception):
@@ -535,7 +545,7 @@ def _port_of(description: str) -> Any:
 
 def load_config(path: str | Path | None = None) -> Config:
     """Read and validate the config file; raises ConfigError naming the bad key."""
-    p = Path(path) if path else DEFAULT_CONFIG
+    p = Path(path) if path else default_config_path()
     try:
         with open(p, "rb") as f:
             data = tomllib.load(f)
