@@ -339,6 +339,39 @@ class Accounts:
             return Resolution("unknown")
         return Resolution("ok", tuple(users.values()), tuple(remote))
 
+    def may_send_as(self, login: str, address: str) -> bool:
+        """May the user `login` use `address` as sender (RFC 6409 8.1 territory)?
+
+        Yes for the user's own address and its subaddresses ('alice+news'), and for an
+        alias (not a catch-all) that delivers to the user.  Lookup order is that of
+        `resolve`, so an address that reaches someone else is never the user's.
+        """
+        try:
+            local, domain = split_address(address)
+            owner = normalize(login)
+        except AddressError:
+            return False
+        if is_domain_literal(domain):
+            return False
+        candidates = [f"{local}@{domain}"]
+        base = subaddress_base(local, self.subaddress_separator)
+        if base is not None:
+            candidates.append(f"{base}@{domain}")
+        with self._read() as db:
+            if not self._has_domain(db, domain):
+                return False
+            for candidate in candidates:
+                targets = self._targets(db, candidate)
+                if targets:
+                    users: dict[str, User] = {}
+                    _Expansion(self, db, users, {})._expand_targets(candidate, targets, 0)
+                    return owner in users
+                if candidate == owner:
+                    return self._get_user(db, owner) is not None
+                if self._get_user(db, candidate) is not None:
+                    return False
+        return False
+
 
 class _Expansion:
     """One recursive alias expansion inside one read snapshot."""

@@ -15,7 +15,7 @@ from typing import Callable, NoReturn, Sequence
 
 from mailserver.accounts import Accounts, AccountsError
 from mailserver.addresses import AddressError, normalize_domain, split_address
-from mailserver.config import DEFAULT_CONFIG, Config, ConfigError, load_config, parse_size
+from mailserver.config import Config, default_config_path, ConfigError, load_config, parse_size
 from mailserver.passwords import hash_password, is_supported_hash
 
 PROG = "mailserver-admin"
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     try:
-        config = load_config(getattr(args, "config", None) or DEFAULT_CONFIG)
+        config = load_config(getattr(args, "config", None) or default_config_path())
         return args.handler(config, args)
     except (AdminError, AccountsError, ConfigError) as e:
         return _fail(str(e))
@@ -80,7 +80,8 @@ def _warn(message: str) -> None:
 def _build_parser() -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+                        help="configuration file (default: etc/mailserver.toml in the current "
+                             "directory, else the shipped one)")
     parser = _Parser(prog=PROG, parents=[common],
                      description="Administer the mail server: domains, users, aliases.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -128,9 +129,10 @@ def _build_parser() -> _Parser:
 
     queue = commands.add_parser("queue", help="inspect the outbound queue")
     actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
-    leaf(actions, "list", cmd_queue, "list queued messages")
-    leaf(actions, "flush", cmd_queue, "retry every queued message now")
-    leaf(actions, "delete", cmd_queue, "delete a queued message").add_argument("id", metavar="ID")
+    leaf(actions, "list", cmd_queue_list, "list queued messages")
+    leaf(actions, "flush", cmd_queue_flush, "retry every queued message now")
+    leaf(actions, "delete", cmd_queue_delete, "delete a queued message (no DSN is sent)"
+         ).add_argument("id", metavar="ID")
 
     leaf(commands, "dns", cmd_dns, "print the DNS records to publish for a domain"
          ).add_argument("domain")
@@ -145,7 +147,8 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("state_dir", str(config.state_dir)),
             ("maildir_root", str(config.maildir_root)),
             ("tls", _tls_source(config)),
-            ("accounts", _accounts_summary(config))]
+            ("accounts", _accounts_summary(config)),
+            ("relay", _relay_summary(config))]
     for key, value in rows:
         print(f"{key:<13} {value}")
     listeners = config.listen.enabled()
@@ -157,6 +160,15 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
     print("configuration OK")
     return 0
+
+
+def _relay_summary(config: Config) -> str:
+    relay = config.relay
+    if relay.smarthost:
+        auth = f", AUTH as {relay.smarthost_username}" if relay.smarthost_username else ""
+        return f"smart host {relay.smarthost} ({relay.smarthost_tls}{auth})"
+    resolver = relay.resolver or "resolv.conf"
+    return f"MX lookup ({resolver}), port {relay.port}, STARTTLS when offered"
 
 
 def _tls_source(config: Config) -> str:
@@ -194,7 +206,21 @@ def cmd_domain_add(config: Config, args: argparse.Namespace) -> int:
     with _open_accounts(config) as accounts:
         name = accounts.add_domain(args.domain)
     print(f"domain {name} added")
+    key, created = _dkim_key(config, name)
+    if created:
+        print(f"DKIM key generated: selector {key.selector} ({key.path}); "
+              f"publish it with the records from: {PROG} dns {name}")
     return 0
+
+
+def _dkim_key(config: Config, domain: str):
+    """The domain's DKIM key, generated (RSA-2048) when it has none; (key, created)."""
+    from mailserver.dkim.keys import generate
+
+    key, created = generate(config.dkim_dir, domain)
+    if created:
+        _match_owner([config.dkim_dir, key.path], config.state_dir)
+    return key, created
 
 
 def cmd_domain_del(config: Config, args: argparse.Namespace) -> int:
@@ -401,15 +427,51 @@ def cmd_alias_list(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-# -- not yet available ---------------------------------------------------------------------
+# -- queue -------------------------------------------------------------------------------
 
-def cmd_queue(config: Config, args: argparse.Namespace) -> int:
-    raise AdminError(f"queue {args.action}: the outbound queue commands are not available "
-                     "yet in this version")
+def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
+    from mailserver.queueadmin import list_queue
 
+    list_queue(config, print)
+    return 0
+
+
+def cmd_queue_flush(config: Config, args: argparse.Namespace) -> int:
+    from mailserver.queueadmin import QueueAdminError, flush_queue
+
+    try:
+        print(flush_queue(config, lambda paths: _match_owner(paths, config.state_dir)))
+    except QueueAdminError as e:
+        raise AdminError(str(e)) from None
+    return 0
+
+
+def cmd_queue_delete(config: Config, args: argparse.Namespace) -> int:
+    from mailserver.queueadmin import QueueAdminError, delete_message
+
+    try:
+        print(delete_message(config, args.id))
+    except QueueAdminError as e:
+        raise AdminError(str(e)) from None
+    return 0
+
+
+# -- DNS records ---------------------------------------------------------------------------
 
 def cmd_dns(config: Config, args: argparse.Namespace) -> int:
-    raise AdminError("dns: DNS record suggestions are not available yet in this version")
+    from mailserver.dkim.keys import keys_for
+    from mailserver.dnsrecords import records
+
+    name = _domain_name(args.domain)
+    with _open_accounts(config) as accounts:
+        if not accounts.is_local_domain(name):
+            raise AdminError(f"no such domain: {name} (add it with: {PROG} domain add {name})")
+    if not keys_for(config.dkim_dir, name):
+        key, _ = _dkim_key(config, name)  # a domain added before DKIM keys existed
+        _warn(f"DKIM key generated for {name}: selector {key.selector}")
+    for line in records(config, name, keys_for(config.dkim_dir, name)):
+        print(line)
+    return 0
 
 
 # -- ownership -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 The session talks to `IDelivery` only.  `LocalDelivery` puts the message into the Maildirs of
 local users (one stored copy each, hard links where possible) and reports a status for each
 mailbox, so that a failure for one mailbox never makes the sender retry the others.
+A mailbox can also end up `queued`: handed to the outbound queue (a remote target, or a
+local mailbox whose write failed and will be retried from the queue).
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ class Recipient:
 
 @dataclass(frozen=True)
 class MailboxStatus:
-    """The outcome for one destination mailbox (a local user or a remote address)."""
+    """The outcome for one destination mailbox (a local user or a remote address).
+
+    ok: stored in the Maildir (`path`) or, with `queued`, durably in the outbound queue.
+    """
 
     mailbox: str
     ok: bool
     error: str = ""
+    queued: bool = False
+    path: Path | None = None
 
 
 @dataclass
@@ -43,10 +50,20 @@ class DeliveryOutcome:
 
     @property
     def delivered(self) -> list[MailboxStatus]:
-        return [s for s in self.statuses if s.ok]
+        """Stored in a Maildir."""
+        return [s for s in self.statuses if s.ok and not s.queued]
+
+    @property
+    def queued(self) -> list[MailboxStatus]:
+        return [s for s in self.statuses if s.ok and s.queued]
 
     @property
     def failed(self) -> list[MailboxStatus]:
+        """Neither stored nor queued (same as `lost`; kept for callers of the old name)."""
+        return [s for s in self.statuses if not s.ok]
+
+    @property
+    def lost(self) -> list[MailboxStatus]:
         return [s for s in self.statuses if not s.ok]
 
 
@@ -55,6 +72,11 @@ class IDelivery(Interface):
 
     def add_recipient(recipient: Recipient) -> None:
         """Register an accepted recipient; called before any body data."""
+
+    def write_headers(delivery: bytes, trace: bytes) -> None:
+        """The header fields the server adds in front of the message, before any data:
+        `delivery` (Return-Path, Delivered-To) belongs only in a final Maildir copy,
+        `trace` (Received) in every copy, also the one relayed onwards."""
 
     def write(data: bytes) -> None:
         """Append message bytes (already dot-unstuffed, CRLF line ends)."""
@@ -85,6 +107,9 @@ class LocalDelivery:
             path = self.store.user_path(user.domain, user.localpart)
             self._users.setdefault(path, user)
 
+    def write_headers(self, delivery: bytes, trace: bytes) -> None:
+        self.write(delivery + trace)
+
     def write(self, data: bytes) -> None:
         if self._store_delivery is None:
             self._store_delivery = self.store.begin_delivery(list(self._users))
@@ -102,7 +127,8 @@ class LocalDelivery:
             for result in results:
                 user = self._users[result.target]
                 out.statuses.append(MailboxStatus(user.address, result.ok,
-                                                  "" if result.ok else str(result.error)))
+                                                  "" if result.ok else str(result.error),
+                                                  path=result.path))
             return out
 
         return d.addCallback(statuses)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mailserver.addresses import AddressError, check_recipient_syntax
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
-from mailserver.smtp.delivery import Recipient
+from mailserver.smtp.delivery import IDelivery, Recipient
+from mailserver.smtp.forwarding import QueueingDelivery
 from mailserver.smtp.replies import SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
 
@@ -37,14 +38,25 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
 
 
 class MXSession(SMTPSession):
-    """Port 25: no AUTH, local recipients only."""
+    """Port 25: no AUTH, local recipients only; remote alias targets via the queue."""
 
     def resolve_recipient(self, path: str) -> Recipient:
         recipient = resolve_local(self.context, path)
-        if recipient.remote and not recipient.local:
-            # Forwarding to remote targets needs the outbound queue.
-            raise SMTPReplyError(R.Reply(451, "4.3.0", "Error: forwarding not available"))
+        if recipient.remote and self.context.queue is None:
+            if not recipient.local:
+                raise SMTPReplyError(R.Reply(451, "4.3.0", "Error: forwarding not available"))
+            self.log.warn("{rcpt}: no outbound queue; remote alias targets {targets} skipped",
+                          rcpt=recipient.address, targets=",".join(recipient.remote))
         return recipient
+
+    def make_delivery(self, queue_id: str) -> IDelivery:
+        if self.context.queue is None:
+            return super().make_delivery(queue_id)
+        delivery = QueueingDelivery(self.context.store, self.context.queue, queue_id,
+                                    self._sender or "")
+        for recipient in self._recipients:
+            delivery.add_recipient(recipient)
+        return delivery
 
 
 class SMTPFactory(LimitedFactory):
@@ -62,5 +74,5 @@ def build_factory(server, name: str) -> SMTPFactory:
     """The MX listener's factory (see mailserver.service.FACTORIES)."""
     context = SMTPContext(hostname=server.config.server.hostname, limits=server.config.limits,
                           accounts=server.accounts, store=server.store, tls=server.tls,
-                          service=name)
+                          service=name, queue=getattr(server, "queue", None))
     return SMTPFactory(context, MXSession)

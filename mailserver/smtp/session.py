@@ -11,8 +11,12 @@ fixing what a public-facing server needs that it lacks:
   bare-newline and line-length checks are done with bytes methods on whole chunks, and the
   body streams to the store as it arrives;
 - STARTTLS resets the session to its pre-EHLO state (RFC 3207 4.2);
-- one reply per message with a status per mailbox: a write failure for one mailbox never
-  turns into a failure for the whole transaction when others were stored.
+- one reply per message with a status per mailbox: a mailbox that could not be written is
+  handed to the outbound queue for a local retry, so a failure for one mailbox never turns
+  into a failure (and a duplicate) for the others, and nothing acknowledged is lost.
+
+Policy lives in the subclasses (mx.py, submission.py) through the hooks check_sender,
+resolve_recipient, make_delivery, max_recipients, check_mail_param and line_too_long.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class SMTPContext:
     store: "MaildirStore"
     tls: Any = None  # IOpenSSLServerConnectionCreator, or None when TLS is off
     service: str = "smtp"
+    queue: Any = None  # mailserver.smtp.queue.QueueRunner; None: no forwarding or retries
 
 
 def new_queue_id() -> str:
@@ -94,6 +99,8 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._reset_session()
 
     # -- session state ---------------------------------------------------------------
+
+    username: str = ""  # the authenticated address (submission)
 
     def _reset_session(self) -> None:
         self._greeted = False
@@ -162,13 +169,18 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
                 return
 
     def _pause(self) -> None:
+        """Stop handling input (a commit or an AUTH check is pending); the transport stops
+        reading too, so a client that keeps sending cannot grow the buffer."""
         self._paused = True
         self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.pauseProducing()
 
     def _resume(self) -> None:
         self._paused = False
         if self._closing:
             return
+        self.transport.resumeProducing()
         self.setTimeout(self.timeout)
         if self._buffer:
             self._drain()
@@ -179,7 +191,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         if nl < 0:
             if len(buf) > self.limits.max_command_length + 2:
                 if not self._discarding_line:
-                    self.reply(R.LINE_TOO_LONG)
+                    self.line_too_long(buf[:64])
                 self._discarding_line = True
                 self._buffer = b""
             return False
@@ -188,7 +200,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self._discarding_line = False
             return True
         if len(line) > self.limits.max_command_length + 2:
-            self.reply(R.LINE_TOO_LONG)
+            self.line_too_long(line[:64])
             return True
         if line[-2:-1] != b"\r":
             return self._refuse_bare(R.BARE_LF)
@@ -205,6 +217,10 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self.reply(r)
         self._close()
         return False
+
+    def line_too_long(self, head: bytes) -> None:
+        """A command line over max_command_length (its first bytes given); it is dropped."""
+        self.reply(R.LINE_TOO_LONG)
 
     def lookupMethod(self, command: bytes):  # type: ignore[override]
         try:
@@ -315,7 +331,15 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     raise SMTPReplyError(R.SYNTAX)
             else:
-                raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
+                self.check_mail_param(key, value)
+
+    def check_mail_param(self, key: str, value: str | None) -> None:
+        """A MAIL FROM parameter this class does not know: refused unless a subclass knows it."""
+        raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
+
+    @property
+    def max_recipients(self) -> int:
+        return self.limits.max_recipients
 
     def check_sender(self, sender: str) -> str:
         """Policy for MAIL FROM; returns the sender to use or raises SMTPReplyError."""
@@ -333,7 +357,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         try:
             if params:
                 raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
-            if len(self._recipients) >= self.limits.max_recipients:
+            if len(self._recipients) >= self.max_recipients:
                 raise SMTPReplyError(R.TOO_MANY_RECIPIENTS)
             recipient = self.resolve_recipient(path)
         except SMTPReplyError as e:
@@ -351,7 +375,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     # -- DATA ------------------------------------------------------------------------------
 
-    def make_delivery(self) -> IDelivery:
+    def make_delivery(self, queue_id: str) -> IDelivery:
         delivery = LocalDelivery(self.context.store)
         for recipient in self._recipients:
             delivery.add_recipient(recipient)
@@ -366,8 +390,8 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             return self.reply(R.SYNTAX)
         queue_id = new_queue_id()
         try:
-            delivery = self.make_delivery()
-            delivery.write(self.trace_headers(queue_id))
+            delivery = self.make_delivery(queue_id)
+            delivery.write_headers(self.delivery_headers(), self.received_header(queue_id))
         except OSError as e:
             self.log.error("{service} {ip}: cannot start delivery: {error}",
                            service=self.context.service, ip=self.peer_ip, error=e)
@@ -378,17 +402,25 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     def trace_headers(self, queue_id: str) -> bytes:
         """Return-Path, Delivered-To (single mailbox only) and Received (RFC 5321 4.4)."""
+        return self.delivery_headers() + self.received_header(queue_id)
+
+    def delivery_headers(self) -> bytes:
+        """What final delivery into a Maildir adds: Return-Path and, for one mailbox only,
+        Delivered-To (with several, the shared copy must not reveal Bcc recipients)."""
+        lines = [f"Return-Path: <{self._sender}>"]
+        mailboxes = {u.address for r in self._recipients for u in r.local}
+        if len(self._recipients) == 1 and len(mailboxes) == 1:
+            lines.append(f"Delivered-To: {next(iter(mailboxes))}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+    def received_header(self, queue_id: str) -> bytes:
+        """The Received trace field (RFC 5321 4.4; protocol names of RFC 3848)."""
         tls = describe_tls(self.transport) if self.tls_active else None
         proto = ("ESMTP" if self._esmtp else "SMTP") + ("S" if tls else "") + \
             ("A" if self.authenticated else "")
-        lines = [f"Return-Path: <{self._sender}>"]
-        mailboxes = {u.address for r in self._recipients for u in r.local}
-        single = len(self._recipients) == 1 and len(mailboxes) == 1
-        if single:
-            lines.append(f"Delivered-To: {next(iter(mailboxes))}")
-        lines.append(f"Received: from {self._helo_name} ([{self.peer_ip}])")
-        if self.authenticated and getattr(self, "username", None):
-            lines.append(f"\t(authenticated user {self.username})")  # type: ignore[attr-defined]
+        lines = [f"Received: from {self._helo_name} ([{self.peer_ip}])"]
+        if self.authenticated and self.username:
+            lines.append(f"\t(authenticated user {self.username})")
         lines.append(f"\tby {self.context.hostname} (mailserver) with {proto} id {queue_id}")
         if tls:
             version, _, cipher = tls.partition(" ")
@@ -495,25 +527,39 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     def _committed(self, outcome: DeliveryOutcome, inc: _Incoming, sender: str,
                    recipients: list[Recipient]) -> None:
-        for status in outcome.failed:
-            self.log.error("{service}: message {qid} not stored for {mailbox}: {error}",
-                           service=self.context.service, qid=inc.queue_id,
+        for status in outcome.lost:
+            self.log.error("{service}: message {qid} neither stored nor queued for {mailbox}: "
+                           "{error}", service=self.context.service, qid=inc.queue_id,
                            mailbox=status.mailbox, error=status.error)
-        if outcome.statuses and not outcome.delivered:
+        if outcome.lost:
+            # Something would be lost: the client must retry (a duplicate for the mailboxes
+            # that got it is better than a message acknowledged and gone).
             self.reply(R.LOCAL_ERROR)
             return
         self.log.info(
             "{service} accepted message {qid} from=<{sender}> to={recipients} size={size} "
-            "tls={tls} ip={ip} mailboxes={mailboxes}",
+            "tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}",
             service=self.context.service, qid=inc.queue_id, sender=sender,
             recipients=",".join(r.address for r in recipients), size=inc.size,
             tls=describe_tls(self.transport) or "no", ip=self.peer_ip,
-            mailboxes=len(outcome.delivered))
+            mailboxes=len(outcome.delivered), queued=len(outcome.queued),
+            user=f" user={self.username}" if self.authenticated else "")
+        self.message_accepted(inc.queue_id)
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
 
+    def message_accepted(self, queue_id: str) -> None:
+        """Called just before the 250 for a message; for per-user accounting."""
+
     def _commit_failed(self, failure: Failure, inc: _Incoming) -> None:
+        inc.delivery.abort()
+        if failure.check(SMTPReplyError):  # a policy refusal found in the message itself
+            error: SMTPReplyError = failure.value  # type: ignore[assignment]
+            self.log.info("{service} {ip}: message {qid} refused: {reply}",
+                          service=self.context.service, ip=self.peer_ip, qid=inc.queue_id,
+                          reply=str(error.reply))
+            self.reply(error.reply)
+            return
         self.log.failure("{service}: commit of {qid} failed", failure,
                          service=self.context.service, qid=inc.queue_id)
-        inc.delivery.abort()
         self.reply(R.LOCAL_ERROR)
 

@@ -109,7 +109,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_default_config_is_used_without_option(config, monkeypatch, capsys):
-    monkeypatch.setattr(admin, "DEFAULT_CONFIG", config)
+    # etc/mailserver.toml in the working directory, as in a checkout or an install dir.
+    monkeypatch.chdir(config.parent.parent)
     assert admin.main(["check"]) == 0
     assert "mail.example.test" in capsys.readouterr().out
 
@@ -137,7 +138,8 @@ def test_help_exits_0(run):
 # -- domains -----------------------------------------------------------------------------
 
 def test_domain_commands(run):
-    assert run("domain", "add", "Example.ORG")[:2] == (0, "domain example.org added\n")
+    code, out, _ = run("domain", "add", "Example.ORG")
+    assert code == 0 and out.startswith("domain example.org added\nDKIM key generated"), out
     assert run("domain", "add", "bücher.example")[0] == 0
     assert run("domain", "list")[1] == "example.org\nxn--bcher-kva.example\n"
     assert run("domain", "del", "xn--bcher-kva.example")[0] == 0
@@ -310,12 +312,29 @@ def test_alias_commands(run, config):
     assert_error(run("alias", "add", "x y@example.org", "a@example.org"), "bad address")
 
 
-# -- not yet available ---------------------------------------------------------------------
+# -- queue and DNS -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [("queue", "list"), ("queue", "flush"),
-                                  ("queue", "delete", "ABC123"), ("dns", "example.org")])
-def test_queue_and_dns_not_available_yet(run, argv):
-    assert_error(run(*argv), "not available yet")
+def test_queue_commands_on_an_empty_queue(run):
+    assert run("queue", "list")[1] == "0 messages in the queue\n"
+    assert "0 queued messages" in run("queue", "flush")[1]
+    assert_error(run("queue", "delete", "ABC123"), "no such queued message")
+    assert_error(run("queue", "delete", "../etc"), "not a queue id")
+
+
+def test_domain_add_generates_dkim_key_and_dns_prints_it(run, config):
+    out = run("domain", "add", "example.org")[1]
+    assert "DKIM key generated: selector mail" in out
+    [key] = list((config.parent.parent / "var" / "dkim").glob("example.org.*.key"))
+    assert key.stat().st_mode & 0o777 == 0o600
+    code, out, _ = run("dns", "example.org")
+    assert code == 0
+    assert any(line.split()[:4] == ["example.org.", "IN", "MX", "10"] and
+               line.split()[4] == "mail.example.test." for line in out.splitlines()), out
+    assert '"v=spf1 mx -all"' in out
+    assert "_dmarc.example.org." in out
+    assert "._domainkey.example.org." in out and "v=DKIM1; k=rsa; p=" in out
+    assert "_submissions._tcp.example.org." in out
+    assert_error(run("dns", "example.com"), "no such domain")
 
 
 def test_queue_delete_requires_id(run):

@@ -93,3 +93,54 @@ def test_limits_accept_units(tmp_path):
                           tmp_path / "c.toml")
     assert config.limits.max_message_size == 10 * 1024 * 1024
     assert config.limits.idle_timeout == 120.0
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[relay]\nsmarthost = \"smtp.example.net\"\n", "relay.smarthost"),
+    ("[relay]\nsmarthost = \"bad host:25\"\n", "relay.smarthost"),
+    ("[relay]\nsmarthost_tls = \"ssl\"\n", "relay.smarthost_tls"),
+    ("[relay]\nsmarthost_username = \"u\"\n", "relay.smarthost_username"),
+    ("[relay]\nsmarthost = \"h.example:587\"\nsmarthost_password = \"p\"\n",
+     "relay.smarthost_username"),
+    ("[relay]\nsmarthost = \"h.example:25\"\nsmarthost_tls = \"none\"\n"
+     "smarthost_username = \"u\"\n", "relay.smarthost_tls"),
+    ("[relay]\nsmarthost = \"h.example:587\"\nsmarthost_username = \"u\"\n"
+     "smarthost_password_file = \"missing\"\n", "relay.smarthost_password_file"),
+    ("[relay]\nport = 70000\n", "relay.port"),
+    ("[relay]\nresolver = \"dns.example\"\n", "relay.resolver"),
+    ("[relay]\ntls_required_domains = \"example.org\"\n", "relay.tls_required_domains"),
+    ("[relay]\nca_file = \"missing.pem\"\n", "relay.ca_file"),
+    ("[queue]\nretry_schedule = []\n", "queue.retry_schedule"),
+    ("[queue]\nmax_age = 0\n", "queue.max_age"),
+    ("[queue]\ndelay_warning = \"later\"\n", "queue.delay_warning"),
+    ("[limits]\nmessages_per_hour = -1\n", "limits.messages_per_hour"),
+    ("[limits]\nsubmission_max_recipients = 0\n", "limits.submission_max_recipients"),
+])
+def test_outbound_keys_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key.startswith(key), e.value.key
+
+
+def test_outbound_settings(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = load_config(write(tmp_path, """
+[relay]
+smarthost = "[2001:db8::25]:465"
+smarthost_tls = "tls"
+smarthost_username = "relay@example.org"
+smarthost_password_file = "pw"
+resolver = "127.0.0.1:5353"
+tls_required_domains = ["Bank.Example"]
+[queue]
+retry_schedule = ["30s", "2m", 3600]
+delay_warning = 0
+"""))
+    assert config.relay.smarthost_address == ("2001:db8::25", 465)
+    assert config.relay.smarthost_password == "s3cret"
+    assert "s3cret" not in repr(config.relay)
+    assert config.relay.resolver_address == ("127.0.0.1", 5353)
+    assert config.relay.tls_required_domains == ("bank.example",)
+    assert config.queue.retry_schedule == (30.0, 120.0, 3600.0)
+    assert config.queue.delay_warning == 0
+    assert config.queue_dir == config.state_dir / "queue"

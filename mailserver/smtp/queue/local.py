@@ -1,0 +1,82 @@
+"""Local delivery from the queue: a queued message into Maildirs, for local retries.
+
+Used for local mailboxes that could not be written when the message arrived (they are
+retried on the queue's schedule) and for DSNs to local senders.  The copy gets what the
+MX would have written in front of it: Return-Path and, for a single mailbox, Delivered-To.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mailserver.smtp.queue.attempt import AttemptResult
+from mailserver.smtp.queue.envelope import Envelope, RecipientState
+
+if TYPE_CHECKING:
+    from mailserver.accounts import Accounts
+    from mailserver.maildir import MaildirStore
+
+log = Logger()
+_COPY_CHUNK = 256 * 1024
+
+Results = list[tuple[RecipientState, AttemptResult]]
+
+
+class QueueLocalDelivery:
+    def __init__(self, store: "MaildirStore", accounts: "Accounts") -> None:
+        self.store = store
+        self.accounts = accounts
+
+    @defer.inlineCallbacks
+    def deliver(self, env: Envelope, message: Path, recipients: Sequence[RecipientState]):
+        results: Results = []
+        targets: dict[Path, RecipientState] = {}
+        for r in recipients:
+            user = self.accounts.get_user(r.address)
+            if user is None:
+                results.append((r, AttemptResult.failed(
+                    "550 5.1.1 mailbox no longer exists", "5.1.1")))
+                continue
+            try:
+                targets[self.store.user_path(user.domain, user.localpart)] = r
+            except ValueError as e:
+                results.append((r, AttemptResult.failed(f"unusable mailbox path: {e}", "5.3.0")))
+        if not targets:
+            return results
+        head = f"Return-Path: <{env.sender}>\r\n"
+        if len(targets) == 1:
+            head += f"Delivered-To: {next(iter(targets.values())).address}\r\n"
+        head += env.prefix
+        try:
+            delivery = yield threads.deferToThread(self._write, list(targets), head, message)
+            outcome = yield delivery.commit()
+        except Exception as e:
+            log.error("queue {id}: local delivery failed: {error}", id=env.id, error=e)
+            return results + [(r, AttemptResult.temporary(f"local delivery failed: {e}", "4.3.0"))
+                              for r in targets.values()]
+        by_target = {Path(t): r for t, r in targets.items()}
+        for result in outcome:
+            r = by_target[Path(result.target)]
+            if result.ok:
+                results.append((r, AttemptResult.delivered()))
+            else:
+                results.append((r, AttemptResult.temporary(
+                    f"cannot write to mailbox: {result.error}", "4.3.0")))
+        return results
+
+    def _write(self, targets: list[Path], head: str, message: Path):
+        """Thread: start a Maildir delivery and copy the queued file into it."""
+        delivery = self.store.begin_delivery(targets)
+        try:
+            delivery.write(head.encode("utf-8", "replace"))
+            with open(message, "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    delivery.write(chunk)
+        except BaseException:
+            delivery.abort()
+            raise
+        return delivery

@@ -1,0 +1,1 @@
+"""Outbound SMTP: MX routing, the client protocol, TLS policy, the relay itself."""

@@ -1,0 +1,225 @@
+"""The relay's parts: dot-stuffing, reply parsing, MX routing (RFC 5321 5.1, RFC 7505) with
+a fake resolver, and one transaction against a scripted server on loopback TCP."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor
+from twisted.names import dns, error
+from twisted.protocols import basic
+from twisted.trial import unittest
+
+from mailserver.smtp.queue.envelope import Envelope, RecipientState
+from mailserver.smtp.relay.client import DotStuffer, ServerReply, parse_extensions
+from mailserver.smtp.relay.routes import RouteError, host_addresses, mx_hosts
+from mailserver.smtp.relay.transaction import HostFailure, HostTarget, Settings, Transaction
+
+
+def reference_stuff(message: bytes) -> bytes:
+    stuffed = re.sub(rb"(?m)^\.", b"..", message)
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+def test_dot_stuffing_over_any_chunking():
+    rng = random.Random(3)
+    for _ in range(300):
+        lines = [rng.choice([b"", b".", b"..", b".x", b"a.b", b"x"]) for _ in range(rng.randint(0, 12))]
+        message = b"\r\n".join(lines) + rng.choice([b"\r\n", b""])
+        stuffer, out, pos = DotStuffer(), b"", 0
+        while pos < len(message):
+            n = rng.randint(1, 5)
+            out += stuffer(message[pos:pos + n])
+            pos += n
+        out += stuffer.end()
+        if message:
+            assert out == reference_stuff(message), message
+        else:
+            assert out == b".\r\n"
+
+
+def test_reply_and_extensions():
+    reply = ServerReply(250, ("mx.test hello", "PIPELINING", "SIZE 1000", "starttls",
+                              "AUTH PLAIN LOGIN", "b@d! x"))
+    assert parse_extensions(reply) == {"PIPELINING": "", "SIZE": "1000", "STARTTLS": "",
+                                       "AUTH": "PLAIN LOGIN"}
+    assert ServerReply(550, ("5.1.1 gone",)).enhanced == "5.1.1"
+    assert str(ServerReply(451, ("a", "b"))) == "451 a / b"
+
+
+# -- routes with a fake resolver -----------------------------------------------------------
+
+def mx(pref: int, name: str) -> dns.RRHeader:
+    return dns.RRHeader(b"d.test", dns.MX, payload=dns.Record_MX(pref, name.encode()))
+
+
+def a(name: str, address: str) -> dns.RRHeader:
+    return dns.RRHeader(name.encode(), dns.A, payload=dns.Record_A(address))
+
+
+class FakeResolver:
+    def __init__(self, mx_answer=None, mx_error=None, addresses=None):
+        self.mx_answer, self.mx_error = mx_answer or [], mx_error
+        self.addresses = addresses or {}
+
+    def lookupMailExchange(self, name, timeout=None):
+        if self.mx_error:
+            return defer.fail(self.mx_error)
+        return defer.succeed((self.mx_answer, [], [a("mx2.d.test", "192.0.2.2")]))
+
+    def lookupAddress(self, name, timeout=None):
+        if name not in self.addresses:
+            return defer.fail(error.DNSNameError(name))
+        return defer.succeed(([a(name, ip) for ip in self.addresses[name]], [], []))
+
+    def lookupIPV6Address(self, name, timeout=None):
+        return defer.succeed(([], [], []))
+
+
+class RouteTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_mx_order_hints_and_implicit_mx(self):
+        r = FakeResolver([mx(20, "mx2.d.test"), mx(10, "mx1.d.test"), mx(30, "mx3.d.test")])
+        hosts = yield mx_hosts(r, "d.test")
+        self.assertEqual([(h.preference, h.name) for h in hosts],
+                         [(10, "mx1.d.test"), (20, "mx2.d.test"), (30, "mx3.d.test")])
+        self.assertEqual(hosts[1].hint, ("192.0.2.2",))
+        hosts = yield mx_hosts(FakeResolver([]), "d.test")
+        self.assertEqual([(h.preference, h.name) for h in hosts], [(0, "d.test")])
+
+    @defer.inlineCallbacks
+    def test_permanent_and_temporary_route_errors(self):
+        cases = [(FakeResolver([mx(0, "")]), "permanent", "5.1.10"),
+                 (FakeResolver(mx_error=error.DNSNameError("d.test")), "permanent", "5.1.2"),
+                 (FakeResolver(mx_error=error.DNSServerError("x")), "temporary", "4.4.3"),
+                 (FakeResolver(mx_error=error.DNSQueryTimeoutError("x")), "temporary", "4.4.3")]
+        for resolver, kind, status in cases:
+            with self.assertRaises(RouteError) as e:
+                yield mx_hosts(resolver, "d.test")
+            self.assertEqual((e.exception.result.kind, e.exception.result.status), (kind, status))
+        # A null MX next to real ones is ignored (RFC 7505 3 says it must be alone).
+        hosts = yield mx_hosts(FakeResolver([mx(0, ""), mx(10, "mx1.d.test")]), "d.test")
+        self.assertEqual([h.name for h in hosts], ["mx1.d.test"])
+
+    @defer.inlineCallbacks
+    def test_host_addresses(self):
+        r = FakeResolver(addresses={"mx1.d.test": ["192.0.2.1", "192.0.2.1", "192.0.2.9"]})
+        self.assertEqual((yield host_addresses(r, "mx1.d.test")), ["192.0.2.1", "192.0.2.9"])
+        self.assertEqual((yield host_addresses(r, "nothing.d.test")), [])
+        self.assertEqual((yield host_addresses(r, "192.0.2.77")), ["192.0.2.77"])
+
+
+# -- one transaction against a scripted server ----------------------------------------------
+
+class ScriptedServer(basic.LineReceiver):
+    """Answers from factory.script: command prefix -> reply; records commands and data."""
+
+    delimiter = b"\r\n"
+
+    def connectionMade(self):
+        self.factory.connections += 1
+        self.in_data = False
+        self.sendLine(self.factory.script.get("greeting", b"220 scripted ESMTP"))
+
+    def lineReceived(self, line):
+        f = self.factory
+        if self.in_data:
+            if line == b".":
+                self.in_data = False
+                self.sendLine(f.script.get("end", b"250 2.0.0 ok"))
+            else:
+                f.data.append(line)
+            return
+        f.commands.append(line)
+        for prefix, reply in f.script.items():
+            if prefix != "greeting" and line.upper().startswith(prefix.upper().encode()):
+                if reply == b"354 go":
+                    self.in_data = True
+                if reply is None:
+                    self.transport.loseConnection()
+                    return
+                self.sendLine(reply)
+                return
+        self.sendLine(b"250 ok")
+
+
+class Scripted(protocol.ServerFactory):
+    protocol = ScriptedServer
+
+    def __init__(self, script):
+        self.script = script
+        self.commands, self.data, self.connections = [], [], 0
+
+
+class TransactionTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.message = self.dir / "msg"
+        self.message.write_bytes(b"Subject: t\r\n\r\n.dot line\r\nend\r\n")
+
+    def serve(self, script):
+        factory = Scripted(script)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return factory, port.getHost().port
+
+    def run_tx(self, port, rcpts, tls="opportunistic", size=0):
+        env = Envelope("T1", "a@example.test", [RecipientState(r) for r in rcpts],
+                       size=size or self.message.stat().st_size, prefix="X-Signed: yes\r\n")
+        target = HostTarget("mx.test", "127.0.0.1", port, tls)
+        tx = Transaction(reactor, target, Settings("mail.example.test", 5, 5), env,
+                         self.message, env.recipients)
+        return defer.ensureDeferred(tx.run())
+
+    @defer.inlineCallbacks
+    def test_pipelined_transaction_with_per_recipient_results(self):
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100000",
+                              "RCPT TO:<bad": b"550 5.1.1 unknown", "RCPT TO:<full":
+                              b"452 4.2.2 mailbox full", "DATA": b"354 go"})
+        results = yield self.run_tx(port, ["ok@d.test", "bad@d.test", "full@d.test"])
+        got = {r.address: (res.kind, res.status) for r, res in results}
+        self.assertEqual(got, {"ok@d.test": ("ok", "2.0.0"), "bad@d.test": ("permanent", "5.1.1"),
+                               "full@d.test": ("temporary", "4.2.2")})
+        self.assertIn(b"MAIL FROM:<a@example.test> SIZE=", f.commands[1])
+        self.assertEqual(f.data, [b"X-Signed: yes", b"Subject: t", b"", b"..dot line", b"end"])
+        self.assertEqual(f.commands[-1], b"QUIT")
+
+    @defer.inlineCallbacks
+    def test_without_pipelining_and_all_recipients_refused(self):
+        f, port = self.serve({"RCPT": b"550 5.1.1 unknown", "DATA": b"354 go"})
+        results = yield self.run_tx(port, ["x@d.test"])
+        self.assertEqual(results[0][1].kind, "permanent")
+        self.assertNotIn(b"DATA", f.commands)
+
+    @defer.inlineCallbacks
+    def test_host_failures_try_the_next_host(self):
+        for script in ({"greeting": b"554 go away"}, {"MAIL": b"421 4.3.2 shutting down"},
+                       {"EHLO": None}):
+            f, port = self.serve(script)
+            with self.assertRaises(HostFailure) as e:
+                yield self.run_tx(port, ["x@d.test"])
+            self.assertEqual(e.exception.result.kind, "temporary")
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(1, ["x@d.test"])  # nothing listens on port 1
+        self.assertIn("connection refused", e.exception.result.text)
+
+    @defer.inlineCallbacks
+    def test_tls_required_but_not_offered(self):
+        f, port = self.serve({})
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(port, ["x@d.test"], tls="required")
+        self.assertEqual(e.exception.result.status, "4.7.4")
+        self.assertNotIn(b"MAIL", b" ".join(f.commands))
+
+    @defer.inlineCallbacks
+    def test_message_larger_than_the_host_accepts(self):
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250 SIZE 10"})
+        results = yield self.run_tx(port, ["x@d.test"])
+        self.assertEqual((results[0][1].kind, results[0][1].status), ("permanent", "5.3.4"))
