@@ -103,6 +103,10 @@ class FolderBusy(FolderError):
     """Another process held the folder's lock for too long; try again."""
 
 
+# Deliveries arriving within this many seconds share one refresh of an open folder.
+REFRESH_COALESCE = 0.05
+
+
 # -- data -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,7 @@ class Folder:
         self._clock = clock
         self._lock = DeferredLock()
         self._listeners: list[Any] = []
+        self._refresh_call: Any = None
         self._loaded = False
         self._deleted = False
         self.uidvalidity = 0
@@ -365,6 +370,24 @@ class Folder:
     def add_listener(self, listener: Any) -> None:
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    @property
+    def watched(self) -> bool:
+        """Whether any session listens: only then is new mail worth a look at once."""
+        return bool(self._listeners)
+
+    def refresh_soon(self, delay: float = REFRESH_COALESCE) -> None:
+        """Refresh after `delay`, once for any number of calls meanwhile: a burst of
+        deliveries costs one directory scan, not one each."""
+        if self._refresh_call is not None and self._refresh_call.active():
+            return
+
+        def run() -> None:
+            self._refresh_call = None
+            self.refresh().addErrback(
+                lambda f: log.failure("refresh of {path} failed", f, path=str(self.path)))
+
+        self._refresh_call = self._clock.callLater(delay, run)
 
     def remove_listener(self, listener: Any) -> None:
         try:

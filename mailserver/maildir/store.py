@@ -123,11 +123,9 @@ class MaildirStore:
             key = Path(os.path.normpath(os.path.abspath(path)))
             account = self._accounts.get(key) or self._accounts.get(key.parent)
             folder = account.folder_at(key) if account is not None else None
-            if folder is None:
-                continue  # nobody has it open
-            folder.refresh().addErrback(
-                lambda f, p=key: log.failure("refresh after delivery to {path} failed",
-                                             f, path=str(p)))
+            if folder is None or not folder.watched:
+                continue  # nobody listens: whoever opens it next finds the mail on disk
+            folder.refresh_soon()
 
     def clean_tmp(self, max_age: float = TMP_MAX_AGE) -> Deferred[int]:
         """Remove tmp/ files untouched for `max_age` seconds, in a thread; fires with the count."""

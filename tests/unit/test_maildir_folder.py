@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
@@ -71,6 +72,15 @@ class FolderTestCase(unittest.TestCase):
         self.store = MaildirStore(self.root / "maildirs", hostname="mx.example.test")
         self.user = self.store.create_user("example.org", "alice")
         self.account = self.store.account(self.user)
+        self.addCleanup(self.cancel_coalesced_refreshes)
+
+    def cancel_coalesced_refreshes(self) -> None:
+        """A delivery schedules a refresh of watched folders; a test may end first."""
+        for account in self.store._accounts.values():
+            for folder in account._folders.values():
+                call = folder._refresh_call
+                if call is not None and call.active():
+                    call.cancel()
 
     def fresh_folder(self, path: Path | None = None) -> Folder:
         """A Folder object as a new process would build it."""
@@ -495,7 +505,9 @@ class Changes(FolderTestCase):
         d.write(MESSAGE)
         yield d.commit()
         self.store.notify_delivered([self.user])
-        yield self.folder.refresh()  # queued after the refresh notify_delivered started
+        # Deliveries close together share one refresh, a moment later.
+        yield deferLater(reactor, foldermod.REFRESH_COALESCE * 3, lambda: None)
+        yield self.folder.refresh()
         self.assertEqual(self.me.added_uids, [5])
         self.assertEqual(self.other.added_uids, [5])
 
