@@ -138,8 +138,18 @@ class Delivery:
         self._size = 0
         self._error: OSError | None = None
         self._state = "open"
-        self._fd, self._home, self._base = self._create_tmp(escaped_host)
-        self._tmp_path = self._home / "tmp" / self._base
+        self._escaped_host = escaped_host
+        # The tmp file is created when the first buffer is flushed: a message that fits
+        # in the buffer touches the disk only in the commit thread, never in the reactor.
+        self._fd = -1
+        self._home: Path | None = None
+        self._base = ""
+        self._tmp_path: Path | None = None
+
+    def _open(self) -> None:
+        if self._fd < 0 and self._home is None:
+            self._fd, self._home, self._base = self._create_tmp(self._escaped_host)
+            self._tmp_path = self._home / "tmp" / self._base
 
     def _create_tmp(self, escaped_host: str) -> tuple[int, Path, str]:
         """Open a fresh tmp file in the first target whose tmp/ accepts one."""
@@ -164,8 +174,8 @@ class Delivery:
         return self._size
 
     @property
-    def tmp_path(self) -> Path:
-        """Where the message is being written."""
+    def tmp_path(self) -> Path | None:
+        """Where the message is being written (None until the first flush)."""
         return self._tmp_path
 
     def write(self, data: bytes) -> None:
@@ -183,6 +193,7 @@ class Delivery:
             self._buffer += data
             return
         try:
+            self._open()
             self._write_all(self._buffer)
             self._buffer.clear()
             self._write_all(data)
@@ -195,7 +206,8 @@ class Delivery:
             view = view[os.write(self._fd, view):]
 
     def _fail(self, error: OSError) -> None:
-        log.error("writing {path} failed: {error}", path=str(self._tmp_path), error=error)
+        log.error("writing {path} failed: {error}", path=str(self._tmp_path or self.targets[0]),
+                  error=error)
         self._error = error
         self._buffer = bytearray()
 
@@ -222,7 +234,8 @@ class Delivery:
         self._state = "aborted"
         self._buffer = bytearray()
         self._close()
-        _unlink_quietly(self._tmp_path)
+        if self._tmp_path is not None:
+            _unlink_quietly(self._tmp_path)
 
     # -- the thread side --------------------------------------------------------------
 
@@ -246,6 +259,7 @@ class Delivery:
         error: BaseException | None = self._error
         if error is None:
             try:
+                self._open()
                 self._write_all(self._buffer)
                 self._buffer = bytearray()
                 os.fsync(self._fd)
@@ -253,7 +267,8 @@ class Delivery:
                 error = e
         self._close()
         if error is not None:
-            _unlink_quietly(self._tmp_path)
+            if self._tmp_path is not None:
+                _unlink_quietly(self._tmp_path)
             for key in self._unique:
                 placement.outcomes[key] = (None, error)
             return placement

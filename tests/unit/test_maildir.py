@@ -275,9 +275,9 @@ def test_first_target_without_tmp(store: MaildirStore) -> None:
     targets = users(store, 2)
     (targets[0] / "tmp").rmdir()
     d = store.begin_delivery(targets)
-    assert d.tmp_path.parent == targets[1] / "tmp"
     d.write(MESSAGE)
     results = d._commit_sync()
+    assert d.tmp_path.parent == targets[1] / "tmp"
     assert all(r.ok for r in results)
     assert new_files(targets[0])[0].read_bytes() == MESSAGE
     assert tmp_files(targets[1]) == []
@@ -292,11 +292,24 @@ def test_nothing_stored_cleans_tmp(store: MaildirStore) -> None:
     assert all(tmp_files(t) == [] for t in targets)
 
 
-def test_no_usable_tmp_raises(store: MaildirStore) -> None:
+def test_no_usable_tmp_fails_at_commit(store: MaildirStore) -> None:
+    # The tmp file is created lazily (in the commit thread for small messages).
     (u,) = users(store, 1)
     (u / "tmp").rmdir()
-    with pytest.raises(OSError):
-        store.begin_delivery([u])
+    d = store.begin_delivery([u])
+    d.write(MESSAGE)
+    (r,) = d._commit_sync()
+    assert not r.ok and isinstance(r.error, OSError)
+    assert new_files(u) == []
+
+
+def test_small_message_touches_no_file_before_commit(store: MaildirStore) -> None:
+    (u,) = users(store, 1)
+    d = store.begin_delivery([u])
+    d.write(MESSAGE)
+    assert tmp_files(u) == [] and d.tmp_path is None
+    (r,) = d._commit_sync()
+    assert r.ok and r.path.read_bytes() == MESSAGE
 
 
 def test_begin_delivery_checks_targets(store: MaildirStore, tmp_path: Path) -> None:
@@ -353,7 +366,8 @@ def test_streams_without_holding_the_message(store: MaildirStore) -> None:
     for _ in range(2000):
         d.write(b"y" * 999)
         assert len(d._buffer) < FLUSH_THRESHOLD
-        assert d.size - d.tmp_path.stat().st_size == len(d._buffer)
+        on_disk = d.tmp_path.stat().st_size if d.tmp_path is not None else 0
+        assert d.size - on_disk == len(d._buffer)
     d.write(b"z" * (FLUSH_THRESHOLD * 4))  # one big write goes straight to the file
     assert len(d._buffer) == 0
     assert d.size == 2000 * 999 + FLUSH_THRESHOLD * 4
@@ -462,7 +476,7 @@ def test_clean_tmp(store: MaildirStore) -> None:
     for p in stale:
         p.write_bytes(b"partial")
     live = store.begin_delivery([u])
-    live.write(b"in progress")
+    live.write(b"in progress" * FLUSH_THRESHOLD)  # big enough to be on disk already
     assert store._clean_tmp_sync(now=time.time()) == 0
     assert store._clean_tmp_sync(max_age=36 * 3600, now=time.time() + 37 * 3600) == 3
     assert not any(p.exists() for p in stale) and not live.tmp_path.exists()
