@@ -452,6 +452,9 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
     read for a batch of messages at a time and message files opened only when needed."""
     folder = session.folder
     ctx = _FetchContext(session, items)
+    if all(i.type in _METADATA for i in items):
+        yield from _metadata_responses(session, ctx, uids, items, seen_changed)
+        return
     wants_flags = any(i.type == "flags" for i in items)
     batch: list[bytes] = []
     size = 0
@@ -492,6 +495,41 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
             if size > CHUNK:
                 yield b"".join(batch)
                 batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+_METADATA = {"uid", "flags", "internaldate"}
+
+
+def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[int],
+                        items: list[Any], seen_changed: set[int]) -> Iterator[bytes]:
+    """FETCH of UID/FLAGS/INTERNALDATE only (what clients ask for every folder sync):
+    answered from memory in one tight loop, without per-item dispatch."""
+    infos = ctx.folder._infos
+    index = session._uid_index
+    kinds = [i.type for i in items]
+    batch: list[bytes] = []
+    size = 0
+    for u in uids:
+        info = infos.get(u)
+        i = index.get(u)
+        if info is None or i is None:
+            continue
+        parts = []
+        for kind in kinds:
+            if kind == "uid":
+                parts.append(b"UID %d" % u)
+            elif kind == "flags":
+                parts.append(b"FLAGS " + ctx.flags(info))
+            else:
+                parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
+        line = b"* %d FETCH (%s)\r\n" % (i + 1, b" ".join(parts))
+        batch.append(line)
+        size += len(line)
+        if size > CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
     if batch:
         yield b"".join(batch)
 

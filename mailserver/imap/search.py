@@ -43,7 +43,7 @@ _FLAG_KEYS = {
 _HEADER_KEYS = {b"BCC": "bcc", b"CC": "cc", b"FROM": "from", b"SUBJECT": "subject", b"TO": "to"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """What a search key may look at for one message."""
 
