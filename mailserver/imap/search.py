@@ -290,12 +290,8 @@ def search(session: "IMAPSession", query: Query):
     view = list(session.view)
     largest_seq, largest_uid = len(view), view[-1] if view else 0
     sizes: dict[int, Any] = {}
-    fields: dict[int, Any] = {}
     if query.needs_size:
         sizes = folder.cache_get_many(view, VSIZE_KEY)
-    if query.needs_fields:
-        for i in range(0, len(view), 1000):
-            fields.update(folder.cache_get_many(view[i:i + 1000], SEARCH_KEY))
     rows = []
     for i, u in enumerate(view):
         info = folder.by_uid(u)
@@ -304,13 +300,19 @@ def search(session: "IMAPSession", query: Query):
         known = None
         if query.needs_size:
             known = vsize_hint_from(folder, info, sizes.get(u))
-        cached = fields.get(u)
         rows.append(Row(i + 1, u, session._flags_of(u), known, info.internaldate,
                         folder.message_path(u) if query.needs_files else None,
-                        largest_seq, largest_uid,
-                        json.loads(cached) if cached is not None else None))
+                        largest_seq, largest_uid))
 
     def run() -> list[int]:
+        if query.needs_fields:  # index reads for a whole folder: here, not in the reactor
+            for i in range(0, len(rows), 1000):
+                chunk = rows[i:i + 1000]
+                found = folder.cache_get_many([r.uid for r in chunk], SEARCH_KEY)
+                for r in chunk:
+                    cached = found.get(r.uid)
+                    if cached is not None:
+                        r.fields = json.loads(cached)
         out = []
         for row in rows:
             try:
