@@ -183,6 +183,7 @@ class _Edit:
     added: list[MessageInfo] = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
     uidnext: int | None = None
+    stamps: tuple[Any, ...] | None = None  # the disk as this edit left it, if nothing else moved
 
 
 # -- the folder ----------------------------------------------------------------------------
@@ -429,11 +430,28 @@ class Folder:
             if not self._loaded:
                 d.addCallback(lambda _: deferToThread(self._sync_thread))
                 d.addCallback(self._apply_sync, None)
-            d.addCallback(lambda _: deferToThread(work, *args))
+            d.addCallback(lambda _: deferToThread(self._own_edit, work, *args))
             d.addCallback(apply)
             d.addErrback(self._translate)
             return d
         return self._lock.run(locked)
+
+    def _own_edit(self, work: Callable[..., Any], *args: Any) -> Any:
+        """Run `work` and, when the disk matched our view before it, remember the stamps it
+        leaves, so our own renames and uidlist writes do not make the next refresh rescan
+        the whole folder (a flag change costs a rename, not a directory listing).  A change
+        to new/ meanwhile (another delivery) is left for the refresh to find."""
+        try:
+            before = self._disk_stamps() if self._loaded else None
+        except NoSuchFolder:
+            before = None
+        result = work(*args)
+        if (isinstance(result, _Edit) and before is not None and before == self._stamps
+                and result.sync is None and not self._dirty):
+            after = self._disk_stamps()
+            if after[0] == before[0]:
+                result.stamps = after
+        return result
 
     def _translate(self, failure: Failure) -> Failure:
         if failure.check(KeywordLimit):
@@ -857,6 +875,8 @@ class Folder:
             raise NoSuchFolder(f"folder {self.name} was deleted")
         if edit.sync is not None:
             self._apply_sync(edit.sync, None)
+        if edit.stamps is not None:
+            self._stamps = edit.stamps
         gone = [u for u in edit.gone + edit.expunged if u in self._infos]
         for uid in gone:
             info = self._infos.pop(uid)
