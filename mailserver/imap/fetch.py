@@ -507,14 +507,13 @@ def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[i
     """FETCH of UID/FLAGS/INTERNALDATE only (what clients ask for every folder sync):
     answered from memory in one tight loop, without per-item dispatch."""
     infos = ctx.folder._infos
-    index = session._uid_index
     kinds = [i.type for i in items]
     batch: list[bytes] = []
     size = 0
     for u in uids:
         info = infos.get(u)
-        i = index.get(u)
-        if info is None or i is None:
+        seq = session._seq_of(u)
+        if info is None or seq is None:
             continue
         parts = []
         for kind in kinds:
@@ -524,7 +523,7 @@ def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[i
                 parts.append(b"FLAGS " + ctx.flags(info))
             else:
                 parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
-        line = b"* %d FETCH (%s)\r\n" % (i + 1, b" ".join(parts))
+        line = b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
         batch.append(line)
         size += len(line)
         if size > CHUNK:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -130,7 +131,6 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._selected_name = ""
         self.readonly = True
         self.view: list[int] = []           # UIDs; sequence number = index + 1
-        self._uid_index: dict[int, int] = {}
         self.recent: set[int] = set()
         self._pending_added: list[Any] = []
         self._pending_expunged: set[int] = set()
@@ -623,7 +623,6 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self.readonly = readonly
         self.state = "select"
         self.view = [m.uid for m in folder.messages]
-        self._uid_index = {u: i for i, u in enumerate(self.view)}
         self.recent = set() if readonly else set(folder.claim_recent(self))
         folder.add_listener(self)
         flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords))
@@ -649,7 +648,6 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             self.folder.remove_listener(self)
         self.folder = None
         self.view = []
-        self._uid_index = {}
         self.recent = set()
         self._pending_added, self._pending_expunged, self._pending_flags = [], set(), {}
         if self.state == "select":
@@ -925,17 +923,22 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             self._pending_flags.pop(u, None)
             self._pending_expunged.discard(u)
 
+    # The view is the session's UIDs in ascending order (sequence number = index + 1); it
+    # shares the folder's int objects, so a session on a large folder costs one pointer
+    # per message, and lookups bisect instead of keeping an index per session.
+
     def _seq_of(self, uid: int) -> int | None:
-        i = self._uid_index.get(uid)
-        return None if i is None else i + 1
+        view = self.view
+        i = bisect.bisect_left(view, uid)
+        return i + 1 if i < len(view) and view[i] == uid else None
+
+    def _in_view(self, uid: int) -> bool:
+        return self._seq_of(uid) is not None
 
     def _remove_from_view(self, uid: int) -> None:
-        i = self._uid_index.pop(uid, None)
-        if i is None:
-            return
-        del self.view[i]
-        for u in self.view[i:]:
-            self._uid_index[u] -= 1
+        i = bisect.bisect_left(self.view, uid)
+        if i < len(self.view) and self.view[i] == uid:
+            del self.view[i]
         self.recent.discard(uid)
 
     def _resolve(self, seqset: Any, uid: bool) -> list[int]:
@@ -960,7 +963,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             if uid:
                 nums = found
             else:
-                nums = [self._uid_index[u] + 1 for u in found]
+                nums = [self._seq_of(u) for u in found]
             self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in nums))
             self.done(tag, b"SEARCH completed", expunges=uid)
 
@@ -1102,17 +1105,16 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         if self.folder is None:
             return
         if expunges and self._pending_expunged:
-            gone = sorted(u for u in self._pending_expunged if u in self._uid_index)
+            gone = sorted(u for u in self._pending_expunged if self._in_view(u))
             self._pending_expunged = set()
             self._announce_expunged(gone)
         if self._pending_added:
-            added = [i for i in self._pending_added if i.uid not in self._uid_index
+            added = [i for i in self._pending_added if not self._in_view(i.uid)
                      and i.uid not in self._pending_expunged]
             self._pending_added = []
             if added:
                 for info in sorted(added, key=lambda i: i.uid):
                     if not self.view or info.uid > self.view[-1]:
-                        self._uid_index[info.uid] = len(self.view)
                         self.view.append(info.uid)
                 if not self.readonly:
                     self.recent |= set(self.folder.claim_recent(self))
@@ -1121,6 +1123,6 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         if self._pending_flags:
             pending, self._pending_flags = self._pending_flags, {}
             for u in sorted(pending):
-                if u in self._uid_index and u not in self._pending_expunged:
+                if self._in_view(u) and u not in self._pending_expunged:
                     self._send_flags(u)
 
