@@ -53,7 +53,7 @@ class MailServer(service.MultiService):
     def __init__(self, config: Config) -> None:
         super().__init__()
         from mailserver.accounts import Accounts
-        from mailserver.auth import AccountsChecker, AuthThrottle, MailRealm, build_portal
+        from mailserver.auth import AuthThrottle, MailRealm, build_portal
         from mailserver.maildir import MaildirStore
         from mailserver.tls import ensure_certificate, server_context_factory
 

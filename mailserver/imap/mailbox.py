@@ -49,12 +49,6 @@ class IMAPAccount:
     def subscriptions(self) -> list[str]:
         return self.account.subscriptions()
 
-    def subscribe(self, name: str) -> None:
-        self.account.subscribe(name)
-
-    def unsubscribe(self, name: str) -> None:
-        self.account.unsubscribe(name)
-
     def total_size(self) -> int:
         """Blocking walk of every folder; call in a thread. Also refreshes cached_size."""
         self._size = self.account.total_size()
@@ -104,11 +98,11 @@ class IMAPAccount:
     def isSubscribed(self, name: str) -> bool:
         return _text(name) in self.account.subscriptions()
 
-    def subscribe(self, name: str) -> bool:  # type: ignore[no-redef]
+    def subscribe(self, name: str | bytes) -> bool:
         self.account.subscribe(_text(name))
         return True
 
-    def unsubscribe(self, name: str) -> bool:  # type: ignore[no-redef]
+    def unsubscribe(self, name: str | bytes) -> bool:
         self.account.unsubscribe(_text(name))
         return True
 

@@ -22,25 +22,25 @@ import base64
 import binascii
 import bisect
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task
-from twisted.internet.interfaces import IPullProducer, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
 from mailserver.imap import search as S
 from mailserver.imap.mailbox import IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
 from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
-                                decode_folder_name, encode_folder_name)
+                                encode_folder_name)
 
 if TYPE_CHECKING:
     from mailserver.imap.context import IMAPContext
@@ -63,45 +63,6 @@ class CommandFailed(Exception):
         super().__init__(text)
         self.text = text
         self.status = status
-
-
-@implementer(IPullProducer)
-class _ChunkProducer:
-    """Writes an iterator of byte chunks to the transport as fast as it drains."""
-
-    BURST = 256 * 1024
-
-    def __init__(self, transport: Any, chunks: Iterator[bytes]) -> None:
-        self.transport = transport
-        self.chunks = chunks
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def start(self) -> defer.Deferred[None]:
-        self.transport.registerProducer(self, False)
-        return self.done
-
-    def resumeProducing(self) -> None:
-        sent = 0
-        try:
-            while sent < self.BURST:
-                chunk = next(self.chunks)
-                self.transport.write(chunk)
-                sent += len(chunk)
-        except StopIteration:
-            self._finish(None)
-        except Exception:
-            self._finish(Failure())
-
-    def stopProducing(self) -> None:
-        close = getattr(self.chunks, "close", None)
-        if close:
-            close()
-        self._finish(None)
-
-    def _finish(self, result: Any) -> None:
-        if not self.done.called:
-            self.transport.unregisterProducer()
-            self.done.callback(None) if result is None else self.done.errback(result)
 
 
 class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
@@ -985,7 +946,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         def stream(changed: list[Any]) -> defer.Deferred:
             changed_uids = {m.uid for m in changed}
             chunks = F.fetch_responses(self, uids, items, changed_uids)
-            return _ChunkProducer(self.transport, chunks).start()
+            return ChunkProducer(self.transport, chunks).start()
 
         d.addCallback(stream)
         d.addCallback(lambda _: self.done(tag, b"FETCH completed", expunges=uid))

@@ -35,7 +35,7 @@ from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
                                      POP3Mailbox, uidl_of)
-from mailserver.pop3.stream import ChunkProducer
+from mailserver.streaming import ChunkProducer
 from mailserver.pop3.wire import message_chunks
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"

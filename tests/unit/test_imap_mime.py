@@ -1,6 +1,5 @@
 """MIME structure with offsets, ENVELOPE and BODYSTRUCTURE (RFC 3501 7.4.2)."""
 
-import io
 import os
 import tempfile
 

@@ -31,6 +31,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
+from mailserver.maildir.delivery import fsync_directory
 from mailserver.smtp.queue.envelope import ID_RE, Envelope, EnvelopeError
 
 log = Logger()
@@ -44,14 +45,6 @@ _CONTROL_RE = re.compile(r"(flush|delete)(?:\.([0-9A-Za-z]{1,64}))?")
 
 class QueueLocked(Exception):
     """Another process (a running server) holds the queue lock."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -195,7 +188,7 @@ class QueueStore:
     def commit(self, spool: SpoolFile, envelope: Envelope) -> None:
         """Move a finished spool file into msg/ and write its envelope: now it is queued."""
         os.rename(spool.path, self.message_path(envelope.id))
-        fsync_dir(self.msg_dir)
+        fsync_directory(self.msg_dir)
         self.save(envelope)
 
     def save(self, envelope: Envelope) -> None:
@@ -213,7 +206,7 @@ class QueueStore:
         except BaseException:
             _unlink(tmp)
             raise
-        fsync_dir(self.env_dir)
+        fsync_directory(self.env_dir)
 
     def remove(self, queue_id: str) -> bool:
         """Take a message out of the queue (envelope first); False if it was not there."""
@@ -221,7 +214,7 @@ class QueueStore:
             os.unlink(self.envelope_path(queue_id))
         except FileNotFoundError:
             return False
-        fsync_dir(self.env_dir)
+        fsync_directory(self.env_dir)
         _unlink(self.message_path(queue_id))
         return True
 

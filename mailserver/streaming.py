@@ -1,4 +1,4 @@
-"""Writing a long multi-line response (RETR, TOP, LIST, UIDL) as fast as the client reads.
+"""Writing a long response (POP3 RETR/TOP/LIST/UIDL, IMAP FETCH) as fast as the client reads.
 
 A pull producer: the transport asks for more only when its buffer has drained, so a
 50 MB message to a slow client never piles up in memory, and one large download does not
