@@ -5,6 +5,7 @@ Everything here is stdlib only and Linux-specific (/proc).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -33,13 +34,12 @@ _ports_lock = threading.Lock()
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 below the ephemeral range, not handed out before."""
     low, high = 20000, 32000
-    try:
+    # Stay below the kernel's range for outgoing ports when it can be read.
+    with contextlib.suppress(OSError, ValueError, IndexError):
         eph_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
         if eph_low > 1100:
             high = min(high, eph_low - 1)
             low = min(low, high - 1000)
-    except (OSError, ValueError, IndexError):
-        pass
     with _ports_lock:
         for _ in range(1000):
             port = random.randint(low, high)
@@ -62,7 +62,7 @@ def wait_for_banner(port: int, prefix: bytes, timeout: float,
     while time.monotonic() < deadline:
         if not alive():
             return False
-        try:
+        with contextlib.suppress(OSError):  # not listening yet: try again
             with socket.create_connection((LOOPBACK, port), timeout=2) as s:
                 s.settimeout(max(0.5, deadline - time.monotonic()))
                 data = b""
@@ -73,8 +73,6 @@ def wait_for_banner(port: int, prefix: bytes, timeout: float,
                     data += chunk
                 if data.startswith(prefix):
                     return True
-        except OSError:
-            pass
         time.sleep(0.05)
     return False
 

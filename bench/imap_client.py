@@ -7,6 +7,7 @@ and the literal sizes, so that 100,000 FETCH responses cost the client little.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import time
@@ -16,7 +17,7 @@ _LITERAL = re.compile(rb"\{(\d+)\+?\}$")
 
 
 class IMAPError(Exception):
-    pass
+    """A tagged NO/BAD or a malformed answer from the server under test."""
 
 
 @dataclass
@@ -151,17 +152,13 @@ class IMAPConn:
         return self._read(self.idle_tag + b" ", ())
 
     def logout(self) -> None:
-        try:
+        with contextlib.suppress(OSError, IMAPError):  # the connection may already be gone
             self.command("LOGOUT")
-        except (OSError, IMAPError):
-            pass
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def search_numbers(resp: Response) -> list[int]:

@@ -9,6 +9,7 @@ Checked: STAT and UIDL count the corpus's messages, and the sizes of the retriev
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from common import tree_cpu_seconds
 
 
 class POP3Error(Exception):
-    pass
+    """An -ERR or malformed answer from the server under test."""
 
 
 class POP3Conn:
@@ -64,10 +65,8 @@ class POP3Conn:
         return data
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def unstuffed_size(data: bytes) -> int:

@@ -12,6 +12,7 @@ A server that cannot run here raises `Unavailable` (with the reason) from `check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -90,12 +91,10 @@ def _chown_tree_dirs(path: Path, user: str) -> None:
 def _open_dirs_to(path: Path) -> None:
     """Make each directory from `path` up to / traversable, so unprivileged daemons reach it."""
     for p in [path, *path.parents]:
-        try:
+        with contextlib.suppress(OSError):  # best effort: a daemon that can't reach it fails visibly
             mode = p.stat().st_mode
             if mode & 0o011 != 0o011:
                 os.chmod(p, mode | 0o011)
-        except OSError:
-            pass
 
 
 class Server:

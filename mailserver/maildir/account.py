@@ -45,7 +45,8 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mailserver.maildir.delivery import escape_hostname, fsync_directory
+from mailserver.fsutil import fsync_directory, write_all
+from mailserver.maildir.delivery import escape_hostname
 from mailserver.maildir.flags import size_from_base
 from mailserver.maildir.folder import (
     Folder,
@@ -69,7 +70,7 @@ from mailserver.maildir.names import (
     parse_subscriptions,
 )
 from mailserver.maildir.store import MAILDIR_SUBDIRS, _create_file, _mkdir
-from mailserver.maildir.uidlist import DotLock, LockTimeout, UidList, replace_locked, write_all
+from mailserver.maildir.uidlist import DotLock, LockTimeout, UidList, replace_locked
 
 log = Logger()
 

@@ -29,6 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
+
 log = Logger()
 
 FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
@@ -64,14 +66,6 @@ class DeliveryResult:
     path: Path | None
     error: BaseException | None
 
-
-def fsync_directory(path: Path) -> None:
-    """Make a directory's entries (a new link or rename) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sync_directories(dirs: Sequence[Path]) -> dict[Path, OSError]:
@@ -201,9 +195,7 @@ class Delivery:
             self._fail(e)
 
     def _write_all(self, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, data)
 
     def _fail(self, error: OSError) -> None:
         log.error("writing {path} failed: {error}", path=str(self._tmp_path or self.targets[0]),
@@ -235,7 +227,7 @@ class Delivery:
         self._buffer = bytearray()
         self._close()
         if self._tmp_path is not None:
-            _unlink_quietly(self._tmp_path)
+            unlink_quietly(self._tmp_path)
 
     # -- the thread side --------------------------------------------------------------
 
@@ -268,7 +260,7 @@ class Delivery:
         self._close()
         if error is not None:
             if self._tmp_path is not None:
-                _unlink_quietly(self._tmp_path)
+                unlink_quietly(self._tmp_path)
             for key in self._unique:
                 placement.outcomes[key] = (None, error)
             return placement
@@ -287,7 +279,7 @@ class Delivery:
             placement.outcomes[self._home] = (dest, None)
         except OSError as e:
             placement.outcomes[self._home] = (None, e)
-            _unlink_quietly(self._tmp_path)
+            unlink_quietly(self._tmp_path)
         return placement
 
     def _link_or_copy(self, target: Path, name: str) -> Path:
@@ -305,15 +297,13 @@ class Delivery:
             try:
                 with open(self._tmp_path, "rb") as src:
                     while chunk := src.read(_COPY_CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(out, view):]
+                        write_all(out, chunk)
                 os.fsync(out)
             finally:
                 os.close(out)
             os.rename(copy_tmp, dest)
         except BaseException:
-            _unlink_quietly(copy_tmp)
+            unlink_quietly(copy_tmp)
             raise
         return dest
 
@@ -324,12 +314,3 @@ class Delivery:
             except OSError:
                 pass
             self._fd = -1
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warn("cannot remove {path}: {error}", path=str(path), error=e)

@@ -39,10 +39,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
 from mailserver.maildir.delivery import (
     _OPEN_FLAGS,
     FLUSH_THRESHOLD,
-    fsync_directory,
     unique_base,
 )
 from mailserver.maildir.flags import (
@@ -59,7 +59,7 @@ from mailserver.maildir.flags import (
 )
 from mailserver.maildir.index import CacheValue, FolderIndex
 from mailserver.maildir.keywords import KeywordLimit, Keywords
-from mailserver.maildir.uidlist import DotLock, FileStamp, LockTimeout, UidList, write_all
+from mailserver.maildir.uidlist import DotLock, FileStamp, LockTimeout, UidList
 
 log = Logger()
 
@@ -1002,7 +1002,7 @@ class Folder:
             self._keywords = None
             self._uidlist = None
             self._dirty = True
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         self._index.put_messages([(full_base, size, mtime)])
         edit.added = [MessageInfo(uid, full_base, name, "cur", self._flags_of(name), size,
@@ -1078,7 +1078,7 @@ class Folder:
             self._uidlist = None
             self._dirty = True
             for path in created:
-                _unlink_quietly(path)
+                unlink_quietly(path)
             raise
         self._index.put_messages((i.basename, i.size, i.internaldate) for i in edit.added)
         return edit
@@ -1105,7 +1105,7 @@ class Folder:
             os.utime(tmp, (mtime, mtime))
             os.rename(tmp, target)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
 
 
@@ -1170,7 +1170,7 @@ class AppendWriter:
         def failed(f: Failure) -> Failure:
             self._state = "failed"
             self._close()
-            _unlink_quietly(self._tmp)
+            unlink_quietly(self._tmp)
             return f
 
         def done(edit: _Edit) -> MessageInfo:
@@ -1188,7 +1188,7 @@ class AppendWriter:
         self._state = "aborted"
         self._buffer = bytearray()
         self._close()
-        _unlink_quietly(self._tmp)
+        unlink_quietly(self._tmp)
 
     def _finish_file(self) -> tuple[Path, str, int]:
         """Thread side of commit: flush, fsync, close, set the internal date."""
@@ -1246,12 +1246,3 @@ def _base_fields(info: MessageInfo) -> str:
     if not any(f.startswith("S=") for f in fields):
         fields.insert(0, f"S={info.size}")
     return "".join("," + f for f in fields)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warn("cannot remove {path}: {error}", path=str(path), error=e)

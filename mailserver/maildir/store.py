@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mailserver.maildir.delivery import Delivery, escape_hostname, fsync_directory
+from mailserver.fsutil import fsync_directory
+from mailserver.maildir.delivery import Delivery, escape_hostname
 from mailserver.maildir.names import (
     INBOX,
     SUBSCRIPTIONS_FILE,

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping
 
 from twisted.logger import Logger
 
-from mailserver.maildir.delivery import fsync_directory
+from mailserver.fsutil import fsync_directory, write_all
 from mailserver.maildir.flags import base_name
 
 log = Logger()
@@ -214,11 +214,6 @@ def _hostname() -> str:
         _HOSTNAME = socket.gethostname()
     return _HOSTNAME
 
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def replace_locked(path: Path, data: bytes | Callable[[bytes | None], bytes | None],

@@ -31,7 +31,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
-from mailserver.maildir.delivery import fsync_directory
+from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
 from mailserver.smtp.queue.envelope import ID_RE, Envelope, EnvelopeError
 
 log = Logger()
@@ -46,11 +46,6 @@ _CONTROL_RE = re.compile(r"(flush|delete)(?:\.([0-9A-Za-z]{1,64}))?")
 class QueueLocked(Exception):
     """Another process (a running server) holds the queue lock."""
 
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def check_id(queue_id: str) -> str:
@@ -86,7 +81,7 @@ class SpoolFile:
         self._buffer += data
         if len(self._buffer) >= FLUSH_THRESHOLD:
             try:
-                _write_all(self._fd, self._buffer)
+                write_all(self._fd, self._buffer)
             except OSError as e:
                 self._error = e
             self._buffer = bytearray()
@@ -107,7 +102,7 @@ class SpoolFile:
             return
         try:
             if self._error is None:
-                _write_all(self._fd, self._buffer)
+                write_all(self._fd, self._buffer)
                 if fsync:
                     os.fsync(self._fd)
                     self.synced = True
@@ -198,13 +193,13 @@ class QueueStore:
         fd = os.open(tmp, _OPEN_NEW, 0o600)
         try:
             try:
-                _write_all(fd, envelope.to_json())
+                write_all(fd, envelope.to_json())
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, final)
         except BaseException:
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         fsync_directory(self.env_dir)
 
@@ -215,7 +210,7 @@ class QueueStore:
         except FileNotFoundError:
             return False
         fsync_directory(self.env_dir)
-        _unlink(self.message_path(queue_id))
+        unlink_quietly(self.message_path(queue_id))
         return True
 
     # -- reading -----------------------------------------------------------------------
@@ -249,7 +244,7 @@ class QueueStore:
             if not self.message_path(queue_id).exists():
                 log.error("queue: message file of {id} missing; dropping the envelope",
                           id=queue_id)
-                _unlink(self.envelope_path(queue_id))
+                unlink_quietly(self.envelope_path(queue_id))
                 continue
             yield env
 
@@ -265,12 +260,12 @@ class QueueStore:
         self.ensure()
         removed = 0
         for name in os.listdir(self.tmp_dir):
-            _unlink(self.tmp_dir / name)
+            unlink_quietly(self.tmp_dir / name)
             removed += 1
         envelopes = {n[:-5] for n in os.listdir(self.env_dir) if n.endswith(".json")}
         for name in os.listdir(self.msg_dir):
             if name not in envelopes:
-                _unlink(self.msg_dir / name)
+                unlink_quietly(self.msg_dir / name)
                 removed += 1
         if removed:
             log.info("queue: removed {count} files of interrupted accepts", count=removed)
@@ -333,16 +328,7 @@ class QueueStore:
         for name in names:
             m = _CONTROL_RE.fullmatch(name)
             if m is None:
-                _unlink(self.control_dir / name)
+                unlink_quietly(self.control_dir / name)
                 continue
             out.append((m.group(1), m.group(2) or "", self.control_dir / name))
         return out
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warn("cannot remove {path}: {error}", path=str(path), error=e)
