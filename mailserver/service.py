@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.application import service, strports
 from twisted.internet import protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.config import Config
+from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
 
 log = Logger()
@@ -102,6 +104,14 @@ class MailServer(service.MultiService):
                  root=str(self.config.maildir_root))
         self.store.clean_tmp().addErrback(
             lambda f: log.failure("cleaning tmp/ failed", f))
+        self._index_sweep = LoopingCall(self.store.close_idle_indexes)
+        self._index_sweep.start(INDEX_IDLE_SECONDS, now=False).addErrback(
+            lambda f: log.failure("closing idle folder indexes failed", f))
+
+    def stopService(self) -> Any:
+        if getattr(self, "_index_sweep", None) is not None and self._index_sweep.running:
+            self._index_sweep.stop()
+        return super().stopService()
 
 
 def make_service(config: Config) -> service.MultiService:

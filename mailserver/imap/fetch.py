@@ -311,6 +311,7 @@ class _Message:
         self._bytes: mime.MessageBytes | None = None
         self._file: Any = None
         self._root: mime.Part | None = None
+        self._head: tuple[bytes, mime.Part] | None = None
 
     @property
     def data(self) -> Any:
@@ -325,9 +326,18 @@ class _Message:
             self._root = mime.parse_structure(self.data)
         return self._root
 
-    def header_only_root(self) -> mime.Part:
-        """Structure of the top-level header without mapping the body (ENVELOPE)."""
-        return self.root
+    def head(self) -> tuple[Any, mime.Part]:
+        """(bytes, part) enough for the top-level header: ENVELOPE and header fields read
+        only the header section, not the whole file, unless it is mapped already."""
+        if self._root is not None or self._bytes is not None:
+            return self.data, self.root
+        if self._head is None:
+            with self.session.folder.open_message(self.uid) as f:
+                head = mime.read_head(f)
+            if head is None:  # a huge header: the general path
+                return self.data, self.root
+            self._head = (head, mime.parse_head(head))
+        return self._head
 
     def close(self) -> None:
         if self._bytes is not None:
@@ -545,7 +555,7 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
     if kind == "rfc822size":
         return b"RFC822.SIZE %d" % _crlf_size(ctx, msg, info)
     if kind == "envelope":
-        return b"ENVELOPE " + ctx.get(u, "envelope", lambda: mime.envelope(msg.root))
+        return b"ENVELOPE " + ctx.get(u, "envelope", lambda: mime.envelope(msg.head()[1]))
     if kind == "bodystructure":
         return b"BODYSTRUCTURE " + ctx.get(u, "bodystructure",
                                            lambda: mime.body_structure(msg.root, True))
@@ -555,7 +565,7 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
         key = _cache_key(item)
         if key is not None:  # header fields: small, asked for again and again by clients
             data = ctx.get(u, key, lambda: mime.header_fields(
-                msg.data, msg.root, item.header.fields, bool(item.header.negate)))
+                *msg.head(), item.header.fields, bool(item.header.negate)))
             return iter([b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data])
         return _section_chunks(msg, item)
     if kind == "rfc822":

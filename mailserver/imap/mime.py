@@ -142,6 +142,36 @@ def parse_content_type(value: bytes | None, default: tuple[str, str]) -> tuple[s
     return main.strip().lower(), sub.strip().lower(), params
 
 
+HEAD_READ = 16384
+HEAD_MAX = 65536
+
+
+def read_head(f: BinaryIO) -> bytes | None:
+    """The header section of the message in `f` (CRLF line ends, blank line included), read
+    with plain reads: what ENVELOPE, header-field fetches and header searches need, without
+    mapping or touching the body.  None when the header is longer than HEAD_MAX."""
+    buf = b""
+    while len(buf) < HEAD_MAX:
+        chunk = f.read(HEAD_READ)
+        buf += chunk
+        first_nl = buf.find(b"\n")
+        data = buf
+        if first_nl > 0 and buf[first_nl - 1:first_nl] != b"\r":
+            data = buf.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # an LF-only file
+        if not chunk:  # the whole file: a message without a body is all header
+            hend, _ = header_end(data, 0, len(data))
+            return data[:hend]
+        hend, _ = header_end(data, 0, len(data))
+        if hend < len(data) or data.startswith(b"\r\n"):
+            return data[:hend]
+    return None
+
+
+def parse_head(head: bytes) -> Part:
+    """The top-level part of a message from its header section alone (see read_head)."""
+    return Part(start=0, body_start=len(head), end=len(head), headers=parse_headers(head))
+
+
 def parse_structure(data: bytes | mmap.mmap) -> Part:
     counter = [0]
     return _parse_part(data, 0, len(data), ("text", "plain"), 0, counter)

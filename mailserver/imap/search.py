@@ -8,29 +8,35 @@ stalls other clients.
 from __future__ import annotations
 
 import calendar
-import json
 import email
 import email.header
 import email.policy
 import email.utils
 import re
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet import threads
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from mailserver.imap import mime
 from mailserver.imap.fetch import vsize_hint_from
+from mailserver.maildir.index import SEARCH_COLUMNS
 from mailserver.maildir.sizes import VSIZE_KEY
 from mailserver.imap.parser import Arguments, BadCommand, parse_sequence_set
 
 if TYPE_CHECKING:
     from mailserver.imap.server import IMAPSession
 
+log = Logger()
+
 CHARSETS = ("UTF-8", "US-ASCII")
-# Header fields SEARCH keys name most; their decoded text is kept in the folder index.
+FIELD_BATCH = 1000  # search-field rows written to the index per transaction
+# Header fields SEARCH keys name most; their decoded text is kept in the folder index
+# (in SEARCH_COLUMNS, the same order, date last).
 SEARCH_FIELDS = ("subject", "from", "to", "cc", "bcc", "date")
-SEARCH_KEY = "search"
 _DATE = re.compile(rb'^"?(\d{1,2})-([A-Za-z]{3})-(\d{4})"?$')
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 _FLAG_KEYS = {
@@ -41,24 +47,40 @@ _FLAG_KEYS = {
     b"SEEN": ("\\Seen", True), b"UNSEEN": ("\\Seen", False),
 }
 _HEADER_KEYS = {b"BCC": "bcc", b"CC": "cc", b"FROM": "from", b"SUBJECT": "subject", b"TO": "to"}
+_COLUMNS = dict(zip(SEARCH_FIELDS, SEARCH_COLUMNS))
 
 
 @dataclass(slots=True)
 class Row:
-    """What a search key may look at for one message."""
+    """What a search key may look at for one message.
 
-    seq: int
-    uid: int
-    flags: frozenset[str]
-    known_size: int | None  # CRLF size when the name or the index knows it
-    internaldate: float
-    path: Any
+    One Row object is reused for every message of a search (set with `load`): building a
+    fresh object per message costs more than the test of most keys.
+    """
+
     largest_seq: int = 0  # what '*' means in a sequence set
     largest_uid: int = 0
-    fields: dict[str, str] | None = None  # SEARCH_FIELDS from the index, or computed
-    fields_computed: bool = False
+    seq: int = 0
+    uid: int = 0
+    base: str = ""
+    flags: frozenset[str] = frozenset()
+    known_size: int | None = None  # CRLF size when the name or the index knows it
+    internaldate: float = 0.0
+    folder_path: Any = None
+    info: Any = None
     _headers: list[tuple[bytes, bytes]] | None = None
     _message: Any = None
+
+    def load(self, seq: int, uid: int, info: Any, flags: frozenset[str],
+             known_size: int | None, folder_path: Any) -> None:
+        self.seq, self.uid, self.base, self.flags = seq, uid, info.basename, flags
+        self.known_size, self.internaldate = known_size, info.internaldate
+        self.info, self.folder_path = info, folder_path
+        self._headers = self._message = None
+
+    @property
+    def path(self) -> Any:
+        return self.folder_path / self.info.subdir / self.info.filename
 
     def size(self) -> int:
         """RFC822.SIZE of the message; measured (blocking) when not known."""
@@ -70,24 +92,23 @@ class Row:
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self._headers is None:
             with open(self.path, "rb") as f:
-                with mime.MessageBytes(f) as mb:
-                    data = mb.data
-                    hend, _ = mime.header_end(data, 0, len(data))
-                    self._headers = mime.parse_headers(bytes(data[:hend]))
+                head = mime.read_head(f)
+                if head is None:  # a huge header: map the file
+                    f.seek(0)
+                    with mime.MessageBytes(f) as mb:
+                        hend, _ = mime.header_end(mb.data, 0, len(mb.data))
+                        head = bytes(mb.data[:hend])
+            self._headers = mime.parse_headers(head)
         return self._headers
 
     def header_text(self, name: str) -> str:
-        name = name.lower()
-        if name in SEARCH_FIELDS:
-            if self.fields is None:
-                self.fields = {f: self._decoded(f) for f in SEARCH_FIELDS}
-                self.fields_computed = True
-            return self.fields[name]
-        return self._decoded(name)
-
-    def _decoded(self, name: str) -> str:
-        key = name.encode("latin-1", "replace")
+        key = name.lower().encode("latin-1", "replace")
         return "\n".join(_decode(v) for k, v in self.headers() if k == key)
+
+    def search_fields(self) -> tuple[str, ...]:
+        """(base, *SEARCH_COLUMNS) as the index keeps them: text case-folded, date as is."""
+        return (self.base, *(self.header_text(f).casefold() for f in SEARCH_FIELDS[:-1]),
+                self.header_text("date"))
 
     def message(self) -> Any:
         if self._message is None:
@@ -101,6 +122,8 @@ def _decode(value: bytes) -> str:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         text = value.decode("latin-1")
+    if "=?" not in text:
+        return text  # no encoded words (RFC 2047): nothing to decode
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
     except Exception:
@@ -126,8 +149,7 @@ def _parse_date(raw: bytes) -> int:
         raise BadCommand("invalid date") from None
 
 
-def _sent_day(row: Row) -> int | None:
-    value = row.header_text("date")
+def _sent_day(value: str) -> int | None:
     parsed = email.utils.parsedate_tz(value) if value else None
     if not parsed:
         return None
@@ -150,15 +172,53 @@ def _body_text(row: Row, with_headers: bool) -> str:
     return "\n".join(texts)
 
 
+class FieldTest:
+    """A key on a header field the index keeps (SUBJECT, FROM, ..., SENT*): its answer,
+    the set of matching base names, is filled in for all messages at once before the
+    predicates run, from one SQL scan of the index."""
+
+    def __init__(self, field: str, needle: str | None = None,
+                 day_test: Callable[[int], bool] | None = None) -> None:
+        self.column = _COLUMNS[field]
+        self.needle = needle.casefold() if needle is not None else None
+        self.day_test = day_test
+        self.matches: set[str] = set()
+
+    def fill_from_index(self, index: Any) -> None:
+        if self.needle is not None:
+            self.matches = index.search_match(self.column, self.needle)
+        else:
+            self.matches = {b for b, v in index.search_column(self.column).items()
+                            if self._day_ok(v)}
+
+    def fill_from_rows(self, fields: dict[str, tuple[str, ...]]) -> None:
+        i = 1 + SEARCH_COLUMNS.index(self.column)
+        if self.needle is not None:
+            self.matches = {b for b, f in fields.items() if self.needle in f[i]}
+        else:
+            self.matches = {b for b, f in fields.items() if self._day_ok(f[i])}
+
+    def _day_ok(self, value: str) -> bool:
+        assert self.day_test is not None
+        day = _sent_day(value)
+        return day is not None and self.day_test(day)
+
+
 class Query:
-    """A compiled search key: its predicate and whether it may have to read files."""
+    """A compiled search key: its predicate and what it needs beyond the folder's memory.
+
+    `flag_tests` is set when the key is only a conjunction of flag tests (UNSEEN, DELETED
+    UNDELETED, ...), which has a fast path without per-message objects.
+    """
 
     def __init__(self, predicate: Predicate, needs_files: bool, needs_size: bool = False,
-                 needs_fields: bool = False) -> None:
+                 fields: list[FieldTest] | None = None,
+                 flag_tests: list[tuple[str, bool]] | None = None) -> None:
         self.predicate = predicate
-        self.needs_files = needs_files or needs_size or needs_fields
+        self.fields = fields or []
         self.needs_size = needs_size
-        self.needs_fields = needs_fields
+        self.needs_files = needs_files or needs_size or bool(self.fields)
+        self.flag_tests = flag_tests
 
 
 def parse_search(args: Arguments) -> Query:
@@ -180,13 +240,25 @@ def parse_search(args: Arguments) -> Query:
 
 
 def _and(keys: list[Query]) -> Query:
+    if len(keys) == 1:
+        return keys[0]
     preds = [k.predicate for k in keys]
-    return _combine(lambda r: all(p(r) for p in preds), keys)
+    flag_tests = None
+    if all(k.flag_tests is not None for k in keys):
+        flag_tests = [t for k in keys for t in k.flag_tests or ()]
+    return _combine(lambda r: all(p(r) for p in preds), keys, flag_tests)
 
 
-def _combine(predicate: Predicate, keys: list[Query]) -> Query:
+def _combine(predicate: Predicate, keys: list[Query],
+             flag_tests: list[tuple[str, bool]] | None = None) -> Query:
     return Query(predicate, any(k.needs_files for k in keys), any(k.needs_size for k in keys),
-                 any(k.needs_fields for k in keys))
+                 [f for k in keys for f in k.fields], flag_tests)
+
+
+def _field_key(field: str, needle: str | None = None,
+               day_test: Callable[[int], bool] | None = None) -> Query:
+    test = FieldTest(field, needle, day_test)
+    return Query(lambda r: r.base in test.matches, False, fields=[test])
 
 
 def _text_arg(args: Arguments, charset: str) -> str:
@@ -211,10 +283,11 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq), False)
     word = args.atom().upper()
     if word == b"ALL":
-        return Query(lambda r: True, False)
+        return Query(lambda r: True, False, flag_tests=[])
     if word in _FLAG_KEYS:
         flag, present = _FLAG_KEYS[word]
-        return Query(lambda r: (flag in r.flags) == present, False)
+        return Query(lambda r: (flag in r.flags) == present, False,
+                     flag_tests=[(flag, present)])
     if word in (b"NEW", b"OLD", b"RECENT"):
         if word == b"NEW":
             return Query(lambda r: "\\Recent" in r.flags and "\\Seen" not in r.flags, False)
@@ -227,15 +300,15 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         present = word == b"KEYWORD"
         return Query(lambda r: any(f.lower() == kw.lower() for f in r.flags) == present, False)
     if word in _HEADER_KEYS:
-        name = _HEADER_KEYS[word]
-        needle = _text_arg(args, charset)
-        return Query(lambda r: _contains(r.header_text(name), needle), False, needs_fields=True)
+        return _field_key(_HEADER_KEYS[word], _text_arg(args, charset))
     if word == b"HEADER":
         args.space()
         field = args.astring().decode("ascii", "replace")
         needle = _text_arg(args, charset)
         if not needle:
             return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()), True)
+        if field.lower() in _COLUMNS and field.lower() != "date":
+            return _field_key(field.lower(), needle)
         return Query(lambda r: _contains(r.header_text(field), needle), True)
     if word in (b"BODY", b"TEXT"):
         needle = _text_arg(args, charset)
@@ -252,8 +325,7 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         day = _parse_date(args.astring())
         cmp = {b"SENTBEFORE": lambda d: d < day, b"SENTON": lambda d: d == day,
                b"SENTSINCE": lambda d: d >= day}[word]
-        return Query(lambda r: (lambda d: d is not None and cmp(d))(_sent_day(r)), False,
-                     needs_fields=True)
+        return _field_key("date", day_test=cmp)
     if word in (b"LARGER", b"SMALLER"):
         args.space()
         n = args.number()
@@ -263,7 +335,11 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     if word == b"NOT":
         args.space()
         inner = _key(args, charset, depth + 1)
-        return _combine(lambda r: not inner.predicate(r), [inner])
+        flag_tests = None
+        if inner.flag_tests is not None and len(inner.flag_tests) == 1:
+            flag, present = inner.flag_tests[0]
+            flag_tests = [(flag, not present)]
+        return _combine(lambda r: not inner.predicate(r), [inner], flag_tests)
     if word == b"OR":
         args.space()
         a = _key(args, charset, depth + 1)
@@ -277,60 +353,128 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     raise BadCommand(f"unknown search key {word.decode('ascii', 'replace')}")
 
 
-def search(session: "IMAPSession", query: Query):
+def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     """Deferred list of matching UIDs, in sequence order.
 
-    Flags, dates, UIDs and known sizes come from memory; header keys use the decoded
-    fields kept in the folder index (read for all rows in batches, computed from the files
-    in a thread for messages not indexed yet, then stored); body keys read the files.
+    A conjunction of flag keys (UNSEEN, DELETED, ...) is answered from memory at once;
+    anything else runs in a thread: flags, dates, UIDs and known sizes from memory, header
+    keys from the search fields in the folder index (computed from the files, once, for
+    messages not indexed yet), body keys from the files.
     """
-    from twisted.internet import defer
-
     folder = session.folder
     view = list(session.view)
-    largest_seq, largest_uid = len(view), view[-1] if view else 0
-    sizes: dict[int, Any] = {}
-    if query.needs_size:
-        sizes = folder.cache_get_many(view, VSIZE_KEY)
-    rows = []
-    for i, u in enumerate(view):
+    if query.flag_tests is not None:
+        return succeed(_flag_search(folder, view, query.flag_tests))
+    sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
+    recent = set(session.recent)
+    return deferToThread(_run, folder, view, recent, query, sizes)
+
+
+def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:
+    get = folder.by_uid
+    if len(tests) == 1:
+        flag, present = tests[0]
+        if present:
+            return [u for u in view if (i := get(u)) is not None and flag in i.flags]
+        return [u for u in view if (i := get(u)) is not None and flag not in i.flags]
+    return [u for u in view if (i := get(u)) is not None
+            and all((flag in i.flags) == present for flag, present in tests)]
+
+
+def _run(folder: Any, view: list[int], recent: set[int], query: Query,
+         sizes: dict[int, Any]) -> list[int]:
+    """The search itself (thread): fills the field tests, then tests every message."""
+    if query.fields:
+        _fill_fields(folder, view, query.fields)
+    row = Row(len(view), view[-1] if view else 0)
+    folder_path = folder.path
+    predicate = query.predicate
+    out = []
+    for seq, u in enumerate(view, 1):
         info = folder.by_uid(u)
         if info is None:
-            continue
+            continue  # expunged meanwhile
         known = None
         if query.needs_size:
             known = vsize_hint_from(folder, info, sizes.get(u))
-        rows.append(Row(i + 1, u, session._flags_of(u), known, info.internaldate,
-                        folder.message_path(u) if query.needs_files else None,
-                        largest_seq, largest_uid))
+        flags = info.flags | {"\\Recent"} if u in recent else info.flags
+        row.load(seq, u, info, flags, known, folder_path)
+        try:
+            if predicate(row):
+                out.append(u)
+        except OSError:
+            continue  # expunged meanwhile
+    return out
 
-    def run() -> list[int]:
-        if query.needs_fields:  # index reads for a whole folder: here, not in the reactor
-            for i in range(0, len(rows), 1000):
-                chunk = rows[i:i + 1000]
-                found = folder.cache_get_many([r.uid for r in chunk], SEARCH_KEY)
-                for r in chunk:
-                    cached = found.get(r.uid)
-                    if cached is not None:
-                        r.fields = json.loads(cached)
-        out = []
-        for row in rows:
+
+def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest]) -> None:
+    """Answer the header-field keys for the whole folder: index the messages it does not
+    know yet (read from their files), then one SQL scan per key.  An unusable index costs
+    speed only: the fields are then computed from every file."""
+    index = folder.index
+    row = Row()
+    try:
+        have = index.search_bases()
+    except sqlite3.Error as e:
+        log.warn("search index of {folder} unusable ({error}): reading the messages",
+                 folder=str(folder.path), error=e)
+        index = None
+        have = set()
+    computed: dict[str, tuple[str, ...]] = {}
+    batch: list[tuple[str, ...]] = []
+    for u in view:
+        info = folder.by_uid(u)
+        if info is None or info.basename in have:
+            continue
+        row.load(0, u, info, info.flags, None, folder.path)
+        try:
+            fields = row.search_fields()
+        except OSError:
+            continue  # expunged meanwhile
+        computed[info.basename] = fields
+        batch.append(fields)
+        if index is not None and len(batch) >= FIELD_BATCH:
+            index = _put_fields(index, batch)
+            batch = []
+    if index is not None:
+        index = _put_fields(index, batch)
+    complete = not have  # `computed` holds every message
+    for test in tests:
+        if index is not None:
             try:
-                if query.predicate(row):
-                    out.append(row.uid)
-            except OSError:
-                continue  # expunged meanwhile
-        return out
+                test.fill_from_index(index)
+                continue
+            except sqlite3.Error as e:
+                log.warn("search index of {folder} unreadable ({error})",
+                         folder=str(folder.path), error=e)
+                index = None
+        if not complete:
+            computed, complete = _fields_from_files(folder, view), True
+        test.fill_from_rows(computed)
 
-    def remember(found: list[int]) -> list[int]:
-        for row in rows:
-            if row.fields_computed and row.fields is not None:
-                folder.cache_put(row.uid, SEARCH_KEY, json.dumps(row.fields))
-        return found
 
-    if not query.needs_files:
-        return defer.maybeDeferred(run)
-    return threads.deferToThread(run).addCallback(remember)
+def _put_fields(index: Any, batch: list[tuple[str, ...]]) -> Any:
+    try:
+        index.put_search(batch)
+        return index
+    except sqlite3.Error as e:
+        log.warn("search index write failed: {error}", error=e)
+        return None
+
+
+def _fields_from_files(folder: Any, view: list[int]) -> dict[str, tuple[str, ...]]:
+    row = Row()
+    fields: dict[str, tuple[str, ...]] = {}
+    for u in view:
+        info = folder.by_uid(u)
+        if info is None:
+            continue
+        row.load(0, u, info, info.flags, None, folder.path)
+        try:
+            fields[info.basename] = row.search_fields()
+        except OSError:
+            continue
+    return fields
 
 
 __all__ = ["parse_search", "search", "parse_sequence_set"]

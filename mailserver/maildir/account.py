@@ -469,6 +469,9 @@ class MailAccount:
                        for p in self._folder_dirs().values())
         return deferToThread(count)
 
+    def loaded_folders(self) -> list[Folder]:
+        return list(self._folders.values())
+
     def close(self) -> Deferred[Any]:
         """Flush and close every loaded folder's index."""
         return DeferredList([f.close() for f in self._folders.values()]) if self._folders \

@@ -225,6 +225,9 @@ class Folder:
         self._list_cache: list[MessageInfo] | None = None
         self._stats_cache: tuple[int, int | None, int] | None = None
         self._flush_call: Any = None
+        self._flushing: Deferred[int] | None = None
+        self._flush_again = False
+        self._flush_waiters: list[Deferred[int]] = []
 
     def __repr__(self) -> str:
         return f"<Folder {self.name!r} at {str(self.path)!r}>"
@@ -325,6 +328,11 @@ class Folder:
 
     # -- the index cache ---------------------------------------------------------------------
 
+    @property
+    def index(self) -> FolderIndex:
+        """The folder's index file, for blocking use from a thread (SEARCH)."""
+        return self._index
+
     def cache_get(self, uid: int, key: str) -> CacheValue | None:
         """A value the IMAP layer cached for message `uid`, or None."""
         info = self._infos.get(uid)
@@ -343,19 +351,57 @@ class Folder:
             return
         self._index.put(info.basename, key, value)
         if self._index.pending >= CACHE_FLUSH_BATCH:
-            self.flush_cache()
+            if self._flushing is None:
+                self.flush_cache()
+            else:
+                self._flush_again = True  # written right after the write in progress
         elif self._flush_call is None:
             self._flush_call = self._clock.callLater(CACHE_FLUSH_DELAY, self.flush_cache)
 
+    def close_idle_index(self, idle: float) -> Deferred[bool] | None:
+        """Close the index connections if unused for `idle` seconds (in a thread); None
+        when there is nothing to close.  The next use opens them again."""
+        index = self._index
+        if not index.is_open or index.pending or time.monotonic() - index.last_used < idle:
+            return None
+        return deferToThread(index.close_if_idle, idle)
+
     def flush_cache(self) -> Deferred[int]:
-        """Write the cached values now; fires with how many were written."""
+        """Write the cached values now; fires with how many were written.
+
+        One write at a time per folder: values cached meanwhile go with the next one, so
+        a FETCH over a large folder never queues a pile of writes ahead of other work.
+        """
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
+        if self._flushing is not None:
+            self._flush_again = True
+            waiter: Deferred[int] = Deferred()
+            self._flush_waiters.append(waiter)
+            return waiter
         if not self._index.pending:
             return succeed(0)
-        return deferToThread(self._index.flush)
+        return self._start_flush([])
+
+    def _start_flush(self, waiters: list[Deferred[int]]) -> Deferred[int]:
+        d = self._flushing = deferToThread(self._index.flush)
+
+        def done(result: Any) -> Any:
+            self._flushing = None
+            for w in waiters:
+                w.callback(result)
+            if self._flush_again:
+                self._flush_again = False
+                later, self._flush_waiters = self._flush_waiters, []
+                if self._index.pending:
+                    self._start_flush(later)
+                else:
+                    for w in later:
+                        w.callback(0)
+            return result
+        return d.addBoth(done)
 
     def close(self) -> Deferred[None]:
         """Write pending cache values and close the index (the folder stays usable: the
