@@ -516,7 +516,7 @@ def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[i
                         items: list[Any], seen_changed: set[int]) -> Iterator[bytes]:
     """FETCH of UID/FLAGS/INTERNALDATE only (what clients ask for every folder sync):
     answered from memory in one tight loop, without per-item dispatch."""
-    infos = ctx.folder._infos
+    infos = ctx.folder.info_map()
     kinds = [i.type for i in items]
     batch: list[bytes] = []
     size = 0

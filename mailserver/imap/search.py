@@ -362,16 +362,16 @@ def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     messages not indexed yet), body keys from the files.
     """
     folder = session.folder
-    view = list(session.view)
     if query.flag_tests is not None:
-        return succeed(_flag_search(folder, view, query.flag_tests))
+        return succeed(_flag_search(folder, session.view, query.flag_tests))
+    view = list(session.view)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
     return deferToThread(_run, folder, view, recent, query, sizes)
 
 
 def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:
-    get = folder.by_uid
+    get = folder.info_map().get
     if len(tests) == 1:
         flag, present = tests[0]
         if present:

@@ -92,6 +92,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._selected_name = ""
         self.readonly = True
         self.view: list[int] = []           # UIDs; sequence number = index + 1
+        self._view_shared = False           # view is the folder's list: copy before changing
         self.recent: set[int] = set()
         self._pending_added: list[Any] = []
         self._pending_expunged: set[int] = set()
@@ -583,7 +584,8 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._selected_name = folder_name
         self.readonly = readonly
         self.state = "select"
-        self.view = [m.uid for m in folder.messages]
+        self.view = folder.shared_uids()
+        self._view_shared = True
         self.recent = set() if readonly else set(folder.claim_recent(self))
         folder.add_listener(self)
         flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords))
@@ -595,8 +597,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
                           + b"\\*)] Flags permitted")
         self.untagged(b"%d EXISTS" % len(self.view))
         self.untagged(b"%d RECENT" % len(self.recent))
-        first_unseen = next((i + 1 for i, m in enumerate(folder.messages)
-                             if "\\Seen" not in m.flags), None)
+        first_unseen = self._seq_of(folder.first_unseen_uid or 0)
         if first_unseen:
             self.untagged(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
@@ -609,6 +610,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             self.folder.remove_listener(self)
         self.folder = None
         self.view = []
+        self._view_shared = False
         self.recent = set()
         self._pending_added, self._pending_expunged, self._pending_flags = [], set(), {}
         if self.state == "select":
@@ -896,10 +898,17 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
     def _in_view(self, uid: int) -> bool:
         return self._seq_of(uid) is not None
 
+    def _own_view(self) -> list[int]:
+        """The view, copied first if it is still the folder's shared list."""
+        if self._view_shared:
+            self.view = list(self.view)
+            self._view_shared = False
+        return self.view
+
     def _remove_from_view(self, uid: int) -> None:
         i = bisect.bisect_left(self.view, uid)
         if i < len(self.view) and self.view[i] == uid:
-            del self.view[i]
+            del self._own_view()[i]
         self.recent.discard(uid)
 
     def _resolve(self, seqset: Any, uid: bool) -> list[int]:
@@ -925,7 +934,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
                 nums = found
             else:
                 nums = [self._seq_of(u) for u in found]
-            self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in nums))
+            self.untagged(("SEARCH " + " ".join(map(str, nums))).rstrip().encode())
             self.done(tag, b"SEARCH completed", expunges=uid)
 
         return matches.addCallback(answer)
@@ -1076,7 +1085,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             if added:
                 for info in sorted(added, key=lambda i: i.uid):
                     if not self.view or info.uid > self.view[-1]:
-                        self.view.append(info.uid)
+                        self._own_view().append(info.uid)
                 if not self.readonly:
                     self.recent |= set(self.folder.claim_recent(self))
                 self.untagged(b"%d EXISTS" % len(self.view))

@@ -223,6 +223,7 @@ class Folder:
         self._index_generation = 0
         self._flag_cache: dict[str, frozenset[str]] = {}
         self._list_cache: list[MessageInfo] | None = None
+        self._uid_cache: list[int] | None = None
         self._stats_cache: tuple[int, int | None, int] | None = None
         self._flush_call: Any = None
         self._flushing: Deferred[int] | None = None
@@ -247,6 +248,17 @@ class Folder:
 
     def uids(self) -> list[int]:
         return list(self._infos)
+
+    def shared_uids(self) -> list[int]:
+        """The uids in order as one list shared by every caller until the folder changes:
+        a session copies it only if it must change its view (copy on write)."""
+        if self._uid_cache is None:
+            self._uid_cache = list(self._infos)
+        return self._uid_cache
+
+    def info_map(self) -> dict[int, MessageInfo]:
+        """uid -> MessageInfo, in uid order, for tight loops (a live dict: do not modify)."""
+        return self._infos
 
     def by_uid(self, uid: int) -> MessageInfo | None:
         return self._infos.get(uid)
@@ -410,6 +422,9 @@ class Folder:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
         return self._lock.run(lambda: deferToThread(self._index.close))
 
     # -- listeners ---------------------------------------------------------------------------
@@ -417,6 +432,14 @@ class Folder:
     def add_listener(self, listener: Any) -> None:
         if listener not in self._listeners:
             self._listeners.append(listener)
+        self._settle_soon()
+
+    def _settle_soon(self) -> None:
+        """A folder scanned while its directories were changing must be looked at again
+        (see DIRTY_WINDOW); for a folder sessions watch, do it in the background once the
+        window has passed, so their next command finds it settled and answers at once."""
+        if self._dirty and self._listeners and not self._deleted:
+            self.refresh_soon(DIRTY_WINDOW + 0.1)
 
     @property
     def watched(self) -> bool:
@@ -510,6 +533,7 @@ class Folder:
 
     def _changed(self) -> None:
         self._list_cache = None
+        self._uid_cache = None
         self._stats_cache = None
 
     def _relocate(self, path: Path, name: str) -> FolderIndex:
@@ -528,6 +552,9 @@ class Folder:
         """The folder's directory is gone (deleted through the account): tell sessions."""
         uids = list(self._infos)
         self._deleted = True
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
         self._infos.clear()
         self._by_base.clear()
         self._recent.clear()
@@ -544,7 +571,20 @@ class Folder:
     # -- refresh ------------------------------------------------------------------------------
 
     def refresh(self) -> Deferred[FolderChanges]:
-        """Catch up with the disk; fires with what changed (listeners hear it too)."""
+        """Catch up with the disk; fires with what changed (listeners hear it too).
+
+        The common case, nothing changed, is answered here: four stat() calls on the
+        folder's own files cost microseconds, less than a hop to a thread and back, and
+        every IMAP command asks.
+        """
+        if self._loaded and not self._dirty and not self._deleted and not self._lock.locked:
+            try:
+                unchanged = self._disk_stamps() == self._stamps
+            except (NoSuchFolder, OSError):
+                unchanged = False
+            if unchanged:
+                return succeed(FolderChanges())
+
         def locked() -> Deferred[FolderChanges]:
             if self._deleted:
                 return fail(NoSuchFolder(f"folder {self.name} was deleted"))
@@ -567,6 +607,7 @@ class Folder:
             raise NoSuchFolder(f"folder {self.name} was deleted")
         self._stamps = sync.stamps
         self._dirty = sync.dirty
+        self._settle_soon()
         if sync.unchanged:
             return FolderChanges()
         first_load = not self._loaded

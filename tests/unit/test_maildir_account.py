@@ -52,6 +52,7 @@ class AccountTestCase(unittest.TestCase):
         self.store = MaildirStore(self.root / "maildirs", hostname="mx.example.test")
         self.user = self.store.create_user("example.org", "alice")
         self.account = self.store.account(self.user)
+        self.addCleanup(self.account.close)
 
     def names(self) -> list[str]:
         return [e.name for e in self.account.list_folders()]
