@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -122,16 +122,19 @@ class Delivery:
     """
 
     def __init__(self, targets: Sequence[Path], escaped_host: str,
-                 on_committed: Callable[[list[Path]], None] | None = None) -> None:
+                 on_committed: Callable[[list[Path]], None] | None = None,
+                 committer: Any = None) -> None:
         if not targets:
             raise ValueError("a delivery needs at least one target")
         self.targets = [Path(t) for t in targets]
         self._on_committed = on_committed
+        self._committer = committer  # a GroupCommitter, else one pool thread per commit
         self._unique = list(dict.fromkeys(_key(t) for t in self.targets))
         self._buffer = bytearray()
         self._size = 0
         self._error: OSError | None = None
         self._state = "open"
+        self._synced = False
         self._escaped_host = escaped_host
         # The tmp file is created when the first buffer is flushed: a message that fits
         # in the buffer touches the disk only in the commit thread, never in the reactor.
@@ -211,7 +214,11 @@ class Delivery:
         if self._state != "open":
             raise RuntimeError(f"delivery is {self._state}")
         self._state = "committing"
-        d = deferToThread(self._commit_sync)
+        if self._committer is not None:
+            d = self._committer.commit(self)
+            d.addCallback(self._log_failures)
+        else:
+            d = deferToThread(self._commit_sync)
         if self._on_committed is not None:
             def tell(results: list[DeliveryResult]) -> list[DeliveryResult]:
                 self._on_committed([r.target for r in results if r.ok])  # type: ignore[misc]
@@ -233,30 +240,56 @@ class Delivery:
 
     def _commit_sync(self) -> list[DeliveryResult]:
         """All the blocking work of `commit`: place the file, then fsync the directories."""
+        placement = self._commit_place()
+        return self._log_failures(placement.finish(sync_directories(placement.dirs)))
+
+    def _commit_place(self) -> Placement:
+        """The blocking work of `commit` up to the directory fsync (a group committer
+        does that once for many deliveries)."""
         if self._state not in ("open", "committing"):
             raise RuntimeError(f"delivery is {self._state}")
         self._state = "committing"
         placement = self._place()
-        results = placement.finish(sync_directories(placement.dirs))
         self._state = "committed"
+        return placement
+
+    @staticmethod
+    def _log_failures(results: list[DeliveryResult]) -> list[DeliveryResult]:
         for r in results:
             if not r.ok:
                 log.warn("delivery to {target} failed: {error}", target=str(r.target),
                          error=r.error)
         return results
 
-    def _place(self) -> Placement:
-        """Flush and fsync the file, then link/copy/rename it into every new/ directory."""
-        placement = Placement(self.targets)
-        error: BaseException | None = self._error
-        if error is None:
+    # The three stages of a commit.  A group committer runs each stage for every message
+    # of the group before the next one: with all files written before the first fsync,
+    # that fsync's journal commit carries the others' data too, and theirs cost little.
+
+    def stage_write(self) -> None:
+        """Write what is buffered to the tmp file (created now if need be)."""
+        if self._error is None:
             try:
                 self._open()
                 self._write_all(self._buffer)
                 self._buffer = bytearray()
-                os.fsync(self._fd)
             except OSError as e:
-                error = e
+                self._error = e
+
+    def stage_sync(self) -> None:
+        """fsync the file's data."""
+        if self._error is None and not self._synced:
+            try:
+                os.fsync(self._fd)
+                self._synced = True
+            except OSError as e:
+                self._error = e
+
+    def _place(self) -> Placement:
+        """Flush and fsync the file, then link/copy/rename it into every new/ directory."""
+        self.stage_write()
+        self.stage_sync()
+        placement = Placement(self.targets)
+        error: BaseException | None = self._error
         self._close()
         if error is not None:
             if self._tmp_path is not None:

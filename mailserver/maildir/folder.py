@@ -448,8 +448,12 @@ class Folder:
 
     def refresh_soon(self, delay: float = REFRESH_COALESCE) -> None:
         """Refresh after `delay`, once for any number of calls meanwhile: a burst of
-        deliveries costs one directory scan, not one each."""
-        if self._refresh_call is not None and self._refresh_call.active():
+        deliveries costs one directory scan, not one each.  A sooner call moves a later
+        pending one forward."""
+        call = self._refresh_call
+        if call is not None and call.active():
+            if call.getTime() > self._clock.seconds() + delay:
+                call.reset(delay)
             return
 
         def run() -> None:

@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.fsutil import fsync_directory
+from mailserver.maildir.committer import GroupCommitter
 from mailserver.maildir.delivery import Delivery, escape_hostname
 from mailserver.maildir.names import (
     INBOX,
@@ -49,6 +50,7 @@ class MaildirStore:
         self.hostname = hostname or socket.gethostname()
         self._escaped_host = escape_hostname(self.hostname)
         self._accounts: dict[Path, MailAccount] = {}
+        self._committer: GroupCommitter | None = None
 
     def user_path(self, domain: str, localpart: str) -> Path:
         """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk."""
@@ -99,7 +101,9 @@ class MaildirStore:
         for t in targets:
             if not is_inside(t, self.root):
                 raise ValueError(f"delivery target outside the maildir root: {t}")
-        return Delivery(targets, self._escaped_host, self.notify_delivered)
+        if self._committer is None:
+            self._committer = GroupCommitter()
+        return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer)
 
     def account(self, user_path: Path) -> MailAccount:
         """The folder tree of the Maildir at `user_path`: one per user and process, so

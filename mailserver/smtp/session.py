@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from mailserver.fastwrite import write_now
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
@@ -95,6 +96,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._paused = False
         self._closing = False
         self._incoming: _Incoming | None = None
+        self._replies: list[bytes] | None = None  # replies held while input is handled
         self._long_data_line = re.compile(rb"[^\n]{%d}" % (self.limits.max_line_length + 2))
         self._reset_session()
 
@@ -130,6 +132,25 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
 
+    def sendCode(self, code: int, message: bytes = b"") -> None:  # type: ignore[override]
+        """One reply, all its lines in one send (RFC 5321 4.2.1)."""
+        lines = message.splitlines() or [b""]
+        last = lines.pop()
+        data = (b"".join(b"%03d-%s\r\n" % (code, line) for line in lines)
+                + b"%03d %s\r\n" % (code, last))
+        if self._replies is not None:
+            self._replies.append(data)  # sent with the others when the input is handled
+        else:
+            write_now(self.transport, data)
+
+    def _flush_replies(self) -> None:
+        """Send the replies gathered while handling pipelined input, in one segment: one
+        send for a PIPELINING group (RFC 2920), and no small segments held back by Nagle
+        behind each other."""
+        if self._replies:
+            data, self._replies = b"".join(self._replies), []
+            write_now(self.transport, data)
+
     def reply(self, r: Reply, extra: str = "") -> None:
         text = r.line() + (b" " + extra.encode("utf-8", "replace") if extra else b"")
         self.sendCode(r.code, text)
@@ -145,6 +166,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         if self._incoming is not None:
             self._incoming.delivery.abort()
             self._incoming = None
+        self._flush_replies()
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
@@ -161,12 +183,20 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._drain()
 
     def _drain(self) -> None:
-        while self._buffer and not self._paused and not self._closing:
-            if self._incoming is not None:
-                if not self._feed_data():
+        outer = self._replies is None
+        if outer:
+            self._replies = []
+        try:
+            while self._buffer and not self._paused and not self._closing:
+                if self._incoming is not None:
+                    if not self._feed_data():
+                        return
+                elif not self._next_command():
                     return
-            elif not self._next_command():
-                return
+        finally:
+            if outer:
+                self._flush_replies()
+                self._replies = None
 
     def _pause(self) -> None:
         """Stop handling input (a commit or an AUTH check is pending); the transport stops
@@ -294,6 +324,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         else:
             self.reply(R.START_TLS)
             self._buffer = b""  # CVE-2011-0411: nothing sent before the handshake counts
+            self._flush_replies()  # the 220 goes out in clear, before the handshake
             self.transport.startTLS(self.context.tls)
             self.startedTLS = True
             self._reset_session()  # RFC 3207 4.2: back to the state after the greeting

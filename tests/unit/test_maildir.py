@@ -428,6 +428,56 @@ def test_fsync_order(store: MaildirStore, monkeypatch) -> None:
         (t / "new").stat().st_ino for t in targets}
 
 
+def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
+    """A group: every file written, then every file fsynced, then placed, then one fsync
+    of the shared new/ directory, and one result list per delivery."""
+    from mailserver.maildir.committer import GroupCommitter
+
+    (user,) = users(store, 1)
+    deliveries = [store.begin_delivery([user]) for _ in range(3)]
+    for i, d in enumerate(deliveries):
+        d.write(MESSAGE + b"%d\r\n" % i)
+    events: list[str] = []
+    real_fsync, real_rename, real_write = os.fsync, os.rename, os.write
+
+    def fsync(fd):
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append("rename")
+        real_rename(src, dst)
+
+    def write(fd, data):
+        events.append("write")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "write", write)
+    out = GroupCommitter._commit_group([(d, None) for d in deliveries])
+    monkeypatch.undo()
+    assert events == ["write"] * 3 + ["fsync-file"] * 3 + ["rename"] * 3 + ["fsync-dir"]
+    assert [len(results) for _, results in out] == [1, 1, 1]
+    assert all(r.ok for _, results in out for r in results)
+    assert sorted(p.read_bytes() for p in new_files(user)) == [
+        MESSAGE + b"%d\r\n" % i for i in range(3)]
+    assert tmp_files(user) == []
+
+
+def test_group_commit_failure_stays_with_its_delivery(store: MaildirStore) -> None:
+    from mailserver.maildir.committer import GroupCommitter
+
+    good, bad = users(store, 2)
+    (bad / "new").rmdir()
+    deliveries = [store.begin_delivery([t]) for t in (good, bad, good)]
+    for d in deliveries:
+        d.write(MESSAGE)
+    out = GroupCommitter._commit_group([(d, None) for d in deliveries])
+    assert [[r.ok for r in results] for _, results in out] == [[True], [False], [True]]
+    assert len(new_files(good)) == 2 and tmp_files(bad) == []
+
+
 def test_link_fallback_copies(store: MaildirStore, monkeypatch) -> None:
     targets = users(store, 3)
     events: list[str] = []
@@ -521,6 +571,22 @@ class ReactorTests(trial.TestCase):
         d.write(MESSAGE)
         return d.commit().addCallback(
             lambda results: self.assertEqual([r.ok for r in results], [False, True]))
+
+    def test_many_commits_at_once(self):
+        """Twenty commits queued together all land, each with its own result."""
+        from twisted.internet.defer import gatherResults
+
+        deliveries = []
+        for i in range(20):
+            d = self.store.begin_delivery([self.targets[i % 2]])
+            d.write(MESSAGE + b"%d\r\n" % i)
+            deliveries.append(d.commit())
+
+        def check(all_results):
+            self.assertTrue(all(r.ok for results in all_results for r in results))
+            self.assertEqual(len(new_files(self.targets[0])) + len(new_files(self.targets[1])),
+                             20)
+        return gatherResults(deliveries).addCallback(check)
 
     def test_clean_tmp(self):
         (self.targets[0] / "tmp" / "stale").write_bytes(b"x")
