@@ -288,19 +288,18 @@ def targets(results: dict) -> str:
 
     smtp = results["areas"].get("smtp", {})
     for cfg in smtp.get("configs", []):
-        if cfg["size"] != 4096:
-            continue
         e = cfg["servers"]
+        size = f"{cfg['size'] // 1024} KB"
         ours = _median(e, OURS, "msgs_per_s")
         cpu = _median(e, OURS, "cpu_ms_per_msg")
         others = {k: _median(e, k, "msgs_per_s") for k in e if k != OURS}
         others = {k: v for k, v in others.items() if v}
         if ours and others:
             best = max(others, key=others.get)
-            rows.append((f"SMTP 4 KB {cfg['mode']}: faster than every anchor",
+            rows.append((f"SMTP {size} {cfg['mode']}: faster than every anchor",
                          f"{fmt(ours)} msgs/s vs best anchor {best} {fmt(others[best])}",
                          verdict(ours > others[best])))
-        if cpu is not None:
+        if cpu is not None and cfg["size"] == 4096:
             rows.append((f"SMTP 4 KB {cfg['mode']}: server CPU < 0.8 ms/msg", f"{fmt(cpu)} ms",
                          verdict(cpu < 0.8)))
     imap = results["areas"].get("imap", {})
@@ -313,7 +312,9 @@ def targets(results: dict) -> str:
                                      ("SEARCH SUBJECT", "search_subject_s", 3),
                                      ("SEARCH UNSEEN", "search_unseen_s", 3),
                                      ("100 bodies", "bodies_total_s", 3)):
-            for phase, pl in (("second", "warm"), ("restart", "after restart")):
+            # The targets are for the warm folder (second open); the open after a
+            # restart is shown too, marked as beyond them.
+            for phase, pl in (("second", "warm"), ("restart", "after restart (not a target)")):
                 a, b = _median(e, OURS, phase, metric), _median(e, "dovecot", phase, metric)
                 if a is not None and b:
                     rows.append((f"IMAP {n} {pl}: {label} within {limit}x of Dovecot",

@@ -2,17 +2,21 @@
 
 The ordering is what makes "250 OK" safe:
 
-1. the message streams into a tmp/ file (O_EXCL, mode 0600);
-2. commit: flush, fsync the file, close;
-3. hard-link it into every other target's new/ (or copy via that target's tmp/ with its
-   own fsync when links cannot cross), then rename it into its own Maildir's new/;
+1. the message streams into a file without a name (O_TMPFILE, mode 0600) created in the
+   first target's new/; where the system has no O_TMPFILE, into a tmp/ file (O_EXCL);
+2. commit: flush, fsync the file;
+3. link it into every target's new/ (a file without a name through /proc/self/fd; or
+   copy via that target's tmp/ with its own fsync when links cannot cross); a tmp/ file
+   is linked into the other targets, then renamed into its own Maildir's new/;
 4. fsync each new/ directory once;
 5. only then fire the Deferred, so the caller replies 250 on it.
 
-So new/ only ever receives complete, fsynced files: a crash at any moment leaves at most
-a leftover in tmp/, which `MaildirStore.clean_tmp` removes later.  The rename into the
-file's own Maildir comes last so that a reader moving the message out of new/ (an IMAP
-session, POP3) can never pull the source away from under the links.
+So new/ only ever receives complete, fsynced files: a crash at any moment leaves nothing
+(a file without a name disappears with its descriptor) or, on the tmp/ path, a leftover
+in tmp/ that `MaildirStore.clean_tmp` removes later.  The file without a name also spares
+the directory work of a tmp/ entry and a rename for every message.  On the tmp/ path the
+rename into the file's own Maildir comes last so that a reader moving the message out of
+new/ (an IMAP session, POP3) can never pull the source away from under the links.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tm
 _COPY_CHUNK = 256 * 1024
 _LINK_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+# Files without a name need O_TMPFILE (Linux 3.11, ext4/xfs/btrfs/tmpfs) and /proc to
+# give them one; elsewhere (or if the file system refuses) deliveries use tmp/ files.
+_anonymous_files = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+_ANON_FLAGS = os.O_RDWR | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
+_ANON_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+_root_fd = -1
+
+
+def _link_fd(fd: int, dest: Path) -> None:
+    """Give the open file `fd` the name `dest` (linkat through /proc/self/fd)."""
+    global _root_fd
+    if _root_fd < 0:
+        _root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # A directory fd makes Python call linkat (with AT_SYMLINK_FOLLOW) rather than link();
+    # the absolute source path ignores it.
+    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=_root_fd, follow_symlinks=True)
+
 
 # One counter per process: with the pid and the time it makes every name unique even when
 # many deliveries start within the same microsecond.
@@ -145,17 +167,28 @@ class Delivery:
 
     def _open(self) -> None:
         if self._fd < 0 and self._home is None:
-            self._fd, self._home, self._base = self._create_tmp(self._escaped_host)
-            self._tmp_path = self._home / "tmp" / self._base
+            self._fd, self._home, self._base, named = self._create_tmp(self._escaped_host)
+            self._tmp_path = self._home / "tmp" / self._base if named else None
 
-    def _create_tmp(self, escaped_host: str) -> tuple[int, Path, str]:
-        """Open a fresh tmp file in the first target whose tmp/ accepts one."""
+    def _create_tmp(self, escaped_host: str) -> tuple[int, Path, str, bool]:
+        """Open a fresh file without a name in the first target's new/, or a tmp/ file
+        in the first target whose tmp/ accepts one; (fd, target, base, named)."""
+        global _anonymous_files
         last: OSError | None = None
         for target in self._unique:
+            if _anonymous_files:
+                try:
+                    fd = os.open(target / "new", _ANON_FLAGS, 0o600)
+                    return fd, target, unique_base(escaped_host), False
+                except OSError as e:
+                    if e.errno in _ANON_UNSUPPORTED:
+                        log.info("no O_TMPFILE on {path} ({error}): delivering via tmp/",
+                                 path=str(target), error=e)
+                        _anonymous_files = False
             for _ in range(5):
                 base = unique_base(escaped_host)
                 try:
-                    return os.open(target / "tmp" / base, _OPEN_FLAGS, 0o600), target, base
+                    return os.open(target / "tmp" / base, _OPEN_FLAGS, 0o600), target, base, True
                 except FileExistsError as e:
                     last = e
                 except OSError as e:
@@ -172,7 +205,8 @@ class Delivery:
 
     @property
     def tmp_path(self) -> Path | None:
-        """Where the message is being written (None until the first flush)."""
+        """The tmp/ file the message is being written to (None until the first flush,
+        and None for a file without a name)."""
         return self._tmp_path
 
     def write(self, data: bytes) -> None:
@@ -290,8 +324,8 @@ class Delivery:
         self.stage_sync()
         placement = Placement(self.targets)
         error: BaseException | None = self._error
-        self._close()
         if error is not None:
+            self._close()
             if self._tmp_path is not None:
                 unlink_quietly(self._tmp_path)
             for key in self._unique:
@@ -299,6 +333,15 @@ class Delivery:
             return placement
 
         name = f"{self._base},S={self._size}"
+        if self._tmp_path is None:  # a file without a name: link it everywhere, then close
+            for key in self._unique:
+                try:
+                    placement.outcomes[key] = (self._link_anonymous(key, name), None)
+                except OSError as e:
+                    placement.outcomes[key] = (None, e)
+            self._close()
+            return placement
+        self._close()
         for key in self._unique:
             if key == self._home:
                 continue
@@ -315,6 +358,24 @@ class Delivery:
             unlink_quietly(self._tmp_path)
         return placement
 
+    def _link_anonymous(self, target: Path, name: str) -> Path:
+        """Name the fsynced file without a name in target's new/, or copy it there."""
+        dest = target / "new" / name
+        try:
+            _link_fd(self._fd, dest)
+            return dest
+        except OSError as e:
+            if e.errno not in _LINK_FALLBACK_ERRNOS:
+                raise
+        fd = self._fd
+
+        def chunks() -> Any:
+            pos = 0
+            while chunk := os.pread(fd, _COPY_CHUNK, pos):
+                yield chunk
+                pos += len(chunk)
+        return self._copy_into(target, name, chunks())
+
     def _link_or_copy(self, target: Path, name: str) -> Path:
         """Hard-link the fsynced tmp file into target's new/, or copy it if links fail."""
         dest = target / "new" / name
@@ -324,13 +385,23 @@ class Delivery:
         except OSError as e:
             if e.errno not in _LINK_FALLBACK_ERRNOS:
                 raise
+
+        def chunks() -> Any:
+            with open(self._tmp_path, "rb") as src:  # type: ignore[arg-type]
+                while chunk := src.read(_COPY_CHUNK):
+                    yield chunk
+        return self._copy_into(target, name, chunks())
+
+    @staticmethod
+    def _copy_into(target: Path, name: str, chunks: Any) -> Path:
+        """Copy into target's new/ via its tmp/, with its own fsync (links cannot cross)."""
+        dest = target / "new" / name
         copy_tmp = target / "tmp" / name
         out = os.open(copy_tmp, _OPEN_FLAGS, 0o600)
         try:
             try:
-                with open(self._tmp_path, "rb") as src:
-                    while chunk := src.read(_COPY_CHUNK):
-                        write_all(out, chunk)
+                for chunk in chunks:
+                    write_all(out, chunk)
                 os.fsync(out)
             finally:
                 os.close(out)

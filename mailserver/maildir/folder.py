@@ -631,7 +631,8 @@ class Folder:
         self._add_infos(sync.added)
         self.uidvalidity = sync.uidvalidity
         self.uidnext = sync.uidnext
-        self._changed()
+        if sync.reset or sync.expunged or sync.renamed or sync.added:
+            self._changed()  # a rescan that found nothing new keeps the cached lists
         changes = FolderChanges(added=list(sync.added), expunged=sorted(sync.expunged),
                                 flags_changed=list(sync.flags_changed),
                                 uidvalidity_changed=sync.reset and not first_load)

@@ -10,6 +10,7 @@ carries its own length and seed, so the parent can check any file that reached n
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def loop(store: MaildirStore, targets: list[Path]) -> None:
 
 def main(argv: list[str]) -> None:
     mode, root, *targets = argv
+    if os.environ.get("CRASH_HELPER_NAMED_TMP"):  # as on a system without O_TMPFILE
+        from mailserver.maildir import delivery
+        delivery._anonymous_files = False
     store = MaildirStore(Path(root), hostname="crash.test")
     {"slow": slow, "loop": loop}[mode](store, [Path(t) for t in targets])
 

@@ -44,6 +44,12 @@ def store(tmp_path: Path) -> MaildirStore:
     return MaildirStore(tmp_path / "maildirs", hostname="mx.example.test")
 
 
+@pytest.fixture
+def named_tmp(monkeypatch) -> None:
+    """Deliver through named tmp/ files, as on systems without O_TMPFILE."""
+    monkeypatch.setattr(delivery_mod, "_anonymous_files", False)
+
+
 def users(store: MaildirStore, n: int) -> list[Path]:
     return [store.create_user("example.org", f"user{i}") for i in range(n)]
 
@@ -271,7 +277,7 @@ def test_first_target_failing_still_delivers_others(store: MaildirStore) -> None
     assert tmp_files(targets[0]) == []
 
 
-def test_first_target_without_tmp(store: MaildirStore) -> None:
+def test_first_target_without_tmp(named_tmp: None, store: MaildirStore) -> None:
     targets = users(store, 2)
     (targets[0] / "tmp").rmdir()
     d = store.begin_delivery(targets)
@@ -292,7 +298,7 @@ def test_nothing_stored_cleans_tmp(store: MaildirStore) -> None:
     assert all(tmp_files(t) == [] for t in targets)
 
 
-def test_no_usable_tmp_fails_at_commit(store: MaildirStore) -> None:
+def test_no_usable_tmp_fails_at_commit(named_tmp: None, store: MaildirStore) -> None:
     # The tmp file is created lazily (in the commit thread for small messages).
     (u,) = users(store, 1)
     (u / "tmp").rmdir()
@@ -334,7 +340,7 @@ def test_deliver_into_folder(store: MaildirStore) -> None:
     assert r.ok and r.path.parent == junk / "new"
 
 
-def test_abort_removes_tmp(store: MaildirStore) -> None:
+def test_abort_removes_tmp(named_tmp: None, store: MaildirStore) -> None:
     (u,) = users(store, 1)
     d = store.begin_delivery([u])
     d.write(b"x" * (FLUSH_THRESHOLD * 3))
@@ -359,7 +365,7 @@ def test_abort_after_commit_does_nothing(store: MaildirStore) -> None:
         d._commit_sync()
 
 
-def test_streams_without_holding_the_message(store: MaildirStore) -> None:
+def test_streams_without_holding_the_message(named_tmp: None, store: MaildirStore) -> None:
     (u,) = users(store, 1)
     d = store.begin_delivery([u])
     assert isinstance(d, Delivery)
@@ -393,7 +399,7 @@ def test_write_error_fails_every_target(store: MaildirStore, monkeypatch) -> Non
     assert all(tmp_files(t) == [] and new_files(t) == [] for t in targets)
 
 
-def test_fsync_order(store: MaildirStore, monkeypatch) -> None:
+def test_fsync_order(named_tmp: None, store: MaildirStore, monkeypatch) -> None:
     targets = users(store, 3)
     events: list[tuple[str, int]] = []
     real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
@@ -428,6 +434,74 @@ def test_fsync_order(store: MaildirStore, monkeypatch) -> None:
         (t / "new").stat().st_ino for t in targets}
 
 
+def test_file_without_a_name_is_never_visible(store: MaildirStore) -> None:
+    """The default path: the message is written to a file without a name (O_TMPFILE) in
+    new/, which gets its names only once fsynced; nothing ever appears in tmp/."""
+    if not delivery_mod._anonymous_files:
+        pytest.skip("no O_TMPFILE here")
+    targets = users(store, 3)
+    d = store.begin_delivery(targets)
+    data = b"w" * (FLUSH_THRESHOLD * 3)
+    d.write(data)  # beyond the buffer: on disk already
+    assert d.tmp_path is None and d._fd >= 0
+    assert all(tmp_files(t) == [] and new_files(t) == [] for t in targets)
+    results = d._commit_sync()
+    assert all(r.ok for r in results)
+    files = [new_files(t)[0] for t in targets]
+    assert all(f.read_bytes() == data for f in files)
+    assert len({f.stat().st_ino for f in files}) == 1
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert all(tmp_files(t) == [] for t in targets)
+
+
+def test_file_without_a_name_abort_leaves_nothing(store: MaildirStore) -> None:
+    (u,) = users(store, 1)
+    d = store.begin_delivery([u])
+    d.write(b"x" * (FLUSH_THRESHOLD * 2))
+    d.abort()
+    assert tmp_files(u) == [] and new_files(u) == []
+
+
+def test_file_without_a_name_fsync_order(store: MaildirStore, monkeypatch) -> None:
+    if not delivery_mod._anonymous_files:
+        pytest.skip("no O_TMPFILE here")
+    targets = users(store, 2)
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def link(src, dst, **kw):
+        events.append("link")
+        real_link(src, dst, **kw)
+
+    d = store.begin_delivery(targets)
+    d.write(MESSAGE)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    results = d._commit_sync()
+    monkeypatch.undo()
+    assert all(r.ok for r in results)
+    assert events == ["fsync-file", "link", "link", "fsync-dir", "fsync-dir"]
+
+
+def test_file_without_a_name_copies_when_links_fail(store: MaildirStore, monkeypatch) -> None:
+    targets = users(store, 2)
+
+    def no_link(src, dst, **kw):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    data = MESSAGE * 10000
+    results = deliver(store, targets, data)
+    monkeypatch.undo()
+    assert all(r.ok for r in results)
+    assert all(new_files(t)[0].read_bytes() == data for t in targets)
+    assert all(tmp_files(t) == [] for t in targets)
+
+
 def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
     """A group: every file written, then every file fsynced, then placed, then one fsync
     of the shared new/ directory, and one result list per delivery."""
@@ -438,15 +512,19 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
     for i, d in enumerate(deliveries):
         d.write(MESSAGE + b"%d\r\n" % i)
     events: list[str] = []
-    real_fsync, real_rename, real_write = os.fsync, os.rename, os.write
+    real_fsync, real_rename, real_link, real_write = os.fsync, os.rename, os.link, os.write
 
     def fsync(fd):
         events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
         real_fsync(fd)
 
-    def rename(src, dst):
-        events.append("rename")
+    def rename(src, dst):  # a tmp/ file is renamed into new/
+        events.append("place")
         real_rename(src, dst)
+
+    def link(src, dst, **kw):  # a file without a name is linked into new/
+        events.append("place")
+        real_link(src, dst, **kw)
 
     def write(fd, data):
         events.append("write")
@@ -454,10 +532,11 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "write", write)
     out = GroupCommitter._commit_group([(d, None) for d in deliveries])
     monkeypatch.undo()
-    assert events == ["write"] * 3 + ["fsync-file"] * 3 + ["rename"] * 3 + ["fsync-dir"]
+    assert events == ["write"] * 3 + ["fsync-file"] * 3 + ["place"] * 3 + ["fsync-dir"]
     assert [len(results) for _, results in out] == [1, 1, 1]
     assert all(r.ok for _, results in out for r in results)
     assert sorted(p.read_bytes() for p in new_files(user)) == [
@@ -478,7 +557,7 @@ def test_group_commit_failure_stays_with_its_delivery(store: MaildirStore) -> No
     assert len(new_files(good)) == 2 and tmp_files(bad) == []
 
 
-def test_link_fallback_copies(store: MaildirStore, monkeypatch) -> None:
+def test_link_fallback_copies(named_tmp: None, store: MaildirStore, monkeypatch) -> None:
     targets = users(store, 3)
     events: list[str] = []
     real_fsync = os.fsync
@@ -520,7 +599,7 @@ def test_directory_fsync_failure_is_reported(store: MaildirStore, monkeypatch) -
     assert results[1].error.errno == errno.EIO
 
 
-def test_clean_tmp(store: MaildirStore) -> None:
+def test_clean_tmp(named_tmp: None, store: MaildirStore) -> None:
     (u,) = users(store, 1)
     stale = [u / "tmp" / "old1", u / ".Sent" / "tmp" / "old2"]
     for p in stale:
@@ -596,9 +675,12 @@ class ReactorTests(trial.TestCase):
 
 # -- crashes ------------------------------------------------------------------------------
 
-def _spawn(mode: str, store: MaildirStore, targets: list[Path]) -> subprocess.Popen:
+def _spawn(mode: str, store: MaildirStore, targets: list[Path],
+           named_tmp: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if named_tmp:
+        env["CRASH_HELPER_NAMED_TMP"] = "1"
     return subprocess.Popen(
         [sys.executable, str(HERE / "maildir_crash_helper.py"), mode, str(store.root),
          *map(str, targets)],
@@ -627,26 +709,32 @@ def _check_complete(path: Path) -> None:
     assert data == make_message(seed, length)
 
 
-def test_crash_mid_write_leaves_new_empty(store: MaildirStore) -> None:
+@pytest.mark.parametrize("named", [False, True], ids=["without-name", "tmp-file"])
+def test_crash_mid_write_leaves_new_empty(store: MaildirStore, named: bool) -> None:
+    if not named and not delivery_mod._anonymous_files:
+        pytest.skip("no O_TMPFILE here")
     (u,) = users(store, 1)
-    proc = _spawn("slow", store, [u])
+    proc = _spawn("slow", store, [u], named_tmp=named)
     line = proc.stdout.readline()
     assert line.startswith("writing"), line
     _kill(proc)
     assert new_files(u) == []
     leftovers = tmp_files(u)
-    assert len(leftovers) == 1 and leftovers[0].stat().st_size >= 1 << 20
+    if not named:  # the file without a name went with the process
+        assert leftovers == []
+    else:
+        assert len(leftovers) == 1 and leftovers[0].stat().st_size >= 1 << 20
     (r,) = deliver(store, [u], MESSAGE)
     assert r.ok and new_files(u) == [r.path]
-    assert store._clean_tmp_sync(now=time.time() + 37 * 3600) == 1
+    assert store._clean_tmp_sync(now=time.time() + 37 * 3600) == (1 if named else 0)
     assert tmp_files(u) == [] and new_files(u) == [r.path]
 
 
-@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("attempt", range(4))
 def test_crash_at_random_moment_leaves_only_complete_messages(
         store: MaildirStore, attempt: int) -> None:
     targets = users(store, 2)
-    proc = _spawn("loop", store, targets)
+    proc = _spawn("loop", store, targets, named_tmp=attempt % 2 == 1)
     assert proc.stdout.readline().startswith("committed")
     time.sleep(random.Random(attempt).uniform(0.0, 0.3))
     _kill(proc)
