@@ -82,6 +82,18 @@ class _Incoming:
     started: float = field(default_factory=time.monotonic)
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _received_date() -> str:
+    """The RFC 5322 date of now, formatted once per second (every Received field has one)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
 class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     log = Logger()
 
@@ -114,10 +126,14 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._sender: str | None = None
         self._recipients: list[Recipient] = []
 
+    _peer_ip = ""
+
     @property
     def peer_ip(self) -> str:
-        peer = self.transport.getPeer()
-        return getattr(peer, "host", str(peer))
+        if not self._peer_ip:
+            peer = self.transport.getPeer()
+            self._peer_ip = getattr(peer, "host", str(peer))
+        return self._peer_ip
 
     @property
     def tls_active(self) -> bool:
@@ -460,7 +476,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             lines.append(f"\tfor <{self._recipients[0].address}>;")
         else:
             lines[-1] += ";"
-        lines.append("\t" + email.utils.formatdate(localtime=True))
+        lines.append("\t" + _received_date())
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
     def _feed_data(self) -> bool:
