@@ -371,6 +371,8 @@ def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
 
 
 def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:
+    if len(tests) == 1 and _is_whole_folder(folder, view):
+        return folder.uids_with_flag(*tests[0])
     get = folder.info_map().get
     if len(tests) == 1:
         flag, present = tests[0]
@@ -379,6 +381,12 @@ def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) ->
         return [u for u in view if (i := get(u)) is not None and flag not in i.flags]
     return [u for u in view if (i := get(u)) is not None
             and all((flag in i.flags) == present for flag, present in tests)]
+
+
+def _is_whole_folder(folder: Any, view: list[int]) -> bool:
+    """Whether the session sees exactly the folder's messages (the usual case)."""
+    shared = folder.shared_uids()
+    return view is shared or view == shared
 
 
 def _run(folder: Any, view: list[int], recent: set[int], query: Query,

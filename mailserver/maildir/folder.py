@@ -224,6 +224,7 @@ class Folder:
         self._flag_cache: dict[str, frozenset[str]] = {}
         self._list_cache: list[MessageInfo] | None = None
         self._uid_cache: list[int] | None = None
+        self._flag_cache: dict[tuple[str, bool], list[int]] = {}
         self._stats_cache: tuple[int, int | None, int] | None = None
         self._flush_call: Any = None
         self._flushing: Deferred[int] | None = None
@@ -255,6 +256,20 @@ class Folder:
         if self._uid_cache is None:
             self._uid_cache = list(self._infos)
         return self._uid_cache
+
+    def uids_with_flag(self, flag: str, present: bool) -> list[int]:
+        """The uids (in order) that have (or lack) `flag`; kept until the folder changes,
+        so a client asking UNSEEN again and again costs one pass per change (a shared
+        list: do not modify it)."""
+        key = (flag, present)
+        found = self._flag_cache.get(key)
+        if found is None:
+            if present:
+                found = [u for u, i in self._infos.items() if flag in i.flags]
+            else:
+                found = [u for u, i in self._infos.items() if flag not in i.flags]
+            self._flag_cache[key] = found
+        return found
 
     def info_map(self) -> dict[int, MessageInfo]:
         """uid -> MessageInfo, in uid order, for tight loops (a live dict: do not modify)."""
@@ -538,6 +553,7 @@ class Folder:
     def _changed(self) -> None:
         self._list_cache = None
         self._uid_cache = None
+        self._flag_cache.clear()
         self._stats_cache = None
 
     def _relocate(self, path: Path, name: str) -> FolderIndex:

@@ -105,3 +105,16 @@ class SearchTests(unittest.TestCase):
             query.flag_tests = None
             found = yield S.search(self.session(), query)
             self.assertEqual(found, expected, text)
+
+    @inlineCallbacks
+    def test_flag_answers_follow_flag_changes(self):
+        yield self.check([("UNSEEN", [2, 4])])
+        yield self.folder.store_flags([2], {"\\Seen"}, "add")
+        yield self.check([("UNSEEN", [4]), ("SEEN", [1, 2, 3])])
+        yield self.folder.delete_messages([4])
+        yield self.check([("UNSEEN", []), ("SEEN", [1, 2, 3])])
+        # a session that has not caught up with an expunge yet searches its own view
+        stale = SimpleNamespace(folder=self.folder, view=[1, 2, 3, 4], recent=set())
+        query = S.parse_search(Arguments([b"SEEN"]))
+        found = yield S.search(stale, query)
+        self.assertEqual(found, [1, 2, 3])
