@@ -63,6 +63,7 @@ from mailserver.maildir.uidlist import DotLock, FileStamp, LockTimeout, UidList
 
 log = Logger()
 
+INLINE_STORE_MAX = 8       # STOREs on at most this many messages rename in the reactor
 DIRTY_WINDOW = 1.0         # seconds: a directory changed this recently is scanned again
 CACHE_FLUSH_DELAY = 2.0    # seconds cached values may wait before they are written
 CACHE_FLUSH_BATCH = 500    # ... or this many, whichever comes first
@@ -206,6 +207,7 @@ class Folder:
         self._lock = DeferredLock()
         self._listeners: list[Any] = []
         self._refresh_call: Any = None
+        self._settle_call: Any = None
         self._loaded = False
         self._deleted = False
         self.uidvalidity = 0
@@ -440,6 +442,7 @@ class Folder:
         if self._refresh_call is not None and self._refresh_call.active():
             self._refresh_call.cancel()
         self._refresh_call = None
+        self._stop_settling()
         return self._lock.run(lambda: deferToThread(self._index.close))
 
     # -- listeners ---------------------------------------------------------------------------
@@ -451,10 +454,29 @@ class Folder:
 
     def _settle_soon(self) -> None:
         """A folder scanned while its directories were changing must be looked at again
-        (see DIRTY_WINDOW); for a folder sessions watch, do it in the background once the
-        window has passed, so their next command finds it settled and answers at once."""
-        if self._dirty and self._listeners and not self._deleted:
-            self.refresh_soon(DIRTY_WINDOW + 0.1)
+        (see DIRTY_WINDOW): another process's change within the same timestamp tick would
+        not show in the stamps.  For a folder sessions watch, that second look is done in
+        the background once the window has passed (and again while changes go on); till
+        then commands trust the stamps, so a busy folder (many sessions storing flags)
+        is not rescanned at every command.  Another process's change hidden that way
+        reaches the sessions within DIRTY_WINDOW."""
+        if self._dirty and self._listeners and not self._deleted and self._settle_call is None:
+            self._settle_call = self._clock.callLater(DIRTY_WINDOW + 0.1, self._settle)
+
+    def _settle(self) -> None:
+        self._settle_call = None
+        self.refresh(force=True).addErrback(
+            lambda f: log.failure("refresh of {path} failed", f, path=str(self.path)))
+
+    @property
+    def _settling(self) -> bool:
+        """A background look is due: until then the stamps are trusted though dirty."""
+        return self._settle_call is not None
+
+    def _stop_settling(self) -> None:
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
 
     @property
     def watched(self) -> bool:
@@ -508,9 +530,21 @@ class Folder:
     # -- running disk work ---------------------------------------------------------------------
 
     def _run(self, work: Callable[..., Any], apply: Callable[[Any], Any],
-             *args: Any) -> Deferred[Any]:
+             *args: Any, inline: bool = False) -> Deferred[Any]:
         """Run `work(*args)` in a thread under the folder lock, loading the folder first
-        if need be, then `apply(result)` in the reactor before the lock is released."""
+        if need be, then `apply(result)` in the reactor before the lock is released.
+
+        `inline` (a small edit: a few renames) runs it here at once when the folder is
+        loaded and nothing else holds the lock: a thread hop would cost more than the
+        work, and under many concurrent STOREs the queue for the lock would make every
+        command of every session on the folder wait.
+        """
+        if inline and self._loaded and not self._deleted and not self._lock.locked:
+            try:
+                return succeed(apply(self._own_edit(work, *args)))
+            except BaseException:
+                return fail(self._translate(Failure()))
+
         def locked() -> Deferred[Any]:
             if self._deleted:
                 return fail(NoSuchFolder(f"folder {self.name} was deleted"))
@@ -535,7 +569,7 @@ class Folder:
             before = None
         result = work(*args)
         if (isinstance(result, _Edit) and before is not None and before == self._stamps
-                and result.sync is None and not self._dirty):
+                and result.sync is None and (not self._dirty or self._settling)):
             after = self._disk_stamps()
             if after[0] == before[0]:
                 result.stamps = after
@@ -575,6 +609,7 @@ class Folder:
         if self._refresh_call is not None and self._refresh_call.active():
             self._refresh_call.cancel()
         self._refresh_call = None
+        self._stop_settling()
         self._infos.clear()
         self._by_base.clear()
         self._recent.clear()
@@ -590,14 +625,15 @@ class Folder:
 
     # -- refresh ------------------------------------------------------------------------------
 
-    def refresh(self) -> Deferred[FolderChanges]:
+    def refresh(self, force: bool = False) -> Deferred[FolderChanges]:
         """Catch up with the disk; fires with what changed (listeners hear it too).
 
         The common case, nothing changed, is answered here: four stat() calls on the
         folder's own files cost microseconds, less than a hop to a thread and back, and
-        every IMAP command asks.
+        every IMAP command asks.  `force` rescans whatever the stamps say.
         """
-        if self._loaded and not self._dirty and not self._deleted and not self._lock.locked:
+        if (not force and self._loaded and (not self._dirty or self._settling)
+                and not self._deleted and not self._lock.locked):
             try:
                 unchanged = self._disk_stamps() == self._stamps
             except (NoSuchFolder, OSError):
@@ -608,15 +644,15 @@ class Folder:
         def locked() -> Deferred[FolderChanges]:
             if self._deleted:
                 return fail(NoSuchFolder(f"folder {self.name} was deleted"))
-            d = deferToThread(self._sync_thread)
+            d = deferToThread(self._sync_thread, force)
             d.addCallback(self._apply_sync, None)
             d.addErrback(self._translate)
             return d
         return self._lock.run(locked)
 
-    def _sync_thread(self) -> _Sync:
+    def _sync_thread(self, force: bool = False) -> _Sync:
         try:
-            return self._sync_core(lock_held=False)
+            return self._sync_core(lock_held=False, force=force)
         except BaseException:
             self._uidlist = None  # may be half-changed: read it again next time
             self._dirty = True
@@ -741,7 +777,8 @@ class Folder:
 
     def _sync_core(self, lock_held: bool, force: bool = False) -> _Sync:
         stamps = self._disk_stamps()
-        if (self._loaded and not force and not self._dirty and stamps == self._stamps):
+        if (self._loaded and not force and (not self._dirty or self._settling)
+                and stamps == self._stamps):
             return _Sync(stamps)
         if not self._loaded and not self._meta:
             self._meta, self._index_rows = self._index.load()
@@ -904,8 +941,11 @@ class Folder:
         if mode not in ("set", "add", "remove"):
             return fail(ValueError(f"unknown mode {mode!r}"))
         targets = sorted(set(uids))
+        kw = self._keywords
+        small = (len(targets) <= INLINE_STORE_MAX and kw is not None and not kw.changed_on_disk()
+                 and (mode == "remove" or all(kw.has(f) for f in wanted if is_keyword(f))))
         d = self._run(self._store_thread, lambda e: self._apply_edit(e, origin),
-                      targets, wanted, mode)
+                      targets, wanted, mode, inline=small)
         return d.addCallback(lambda e: e.changed)
 
     def _canonical(self, kw: Keywords, flags: frozenset[str]) -> frozenset[str]:

@@ -75,12 +75,14 @@ class FolderTestCase(unittest.TestCase):
         self.addCleanup(self.cancel_coalesced_refreshes)
 
     def cancel_coalesced_refreshes(self) -> None:
-        """A delivery schedules a refresh of watched folders; a test may end first."""
+        """A delivery schedules a refresh of watched folders, and a folder scanned while
+        it changed a second look (settling); a test may end first."""
         for account in self.store._accounts.values():
             for folder in account._folders.values():
                 call = folder._refresh_call
                 if call is not None and call.active():
                     call.cancel()
+                folder._stop_settling()
 
     def fresh_folder(self, path: Path | None = None) -> Folder:
         """A Folder object as a new process would build it."""
@@ -214,6 +216,36 @@ class UidAssignment(FolderTestCase):
         changes = yield folder.refresh()
         self.assertFalse(changes)
         self.assertEqual(listed, [])
+
+    @inlineCallbacks
+    def test_watched_dirty_folder_settles_in_the_background(self):
+        """A watched folder scanned while it was changing is not rescanned at every
+        refresh: the stamps are trusted until a background look (settling) rescans it,
+        which finds even a change that left the directory's mtime as it was."""
+        for _ in range(2):
+            yield self.deliver()
+        folder = self.account.folder("INBOX")
+        recorder = Recorder()
+        folder.add_listener(recorder)
+        yield folder.refresh()  # moves the files to cur/: changing right now
+        self.assertTrue(folder._dirty)
+        self.assertTrue(folder._settling)
+        two = folder.by_uid(2)
+        cur = self.user / "cur"
+        st = os.stat(cur)
+        os.rename(cur / two.filename, cur / (two.basename + ":2,S"))
+        os.utime(cur, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if within the same tick
+        listed = []
+        real = foldermod.os.listdir
+        self.patch(foldermod.os, "listdir", lambda p: (listed.append(p), real(p))[1])
+        changes = yield folder.refresh()
+        self.assertFalse(changes)
+        self.assertEqual(listed, [])  # trusted the stamps: no rescan
+        folder._stop_settling()
+        yield folder.refresh(force=True)  # what the background look does
+        self.assertNotEqual(listed, [])
+        self.assertEqual([(i.uid, i.flags) for batch in recorder.changed for i in batch],
+                         [(2, {"\\Seen"})])
 
     @inlineCallbacks
     def test_external_delete_and_flag_change(self):
