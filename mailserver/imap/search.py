@@ -211,13 +211,12 @@ class Query:
     UNDELETED, ...), which has a fast path without per-message objects.
     """
 
-    def __init__(self, predicate: Predicate, needs_files: bool, needs_size: bool = False,
+    def __init__(self, predicate: Predicate, needs_size: bool = False,
                  fields: list[FieldTest] | None = None,
                  flag_tests: list[tuple[str, bool]] | None = None) -> None:
         self.predicate = predicate
         self.fields = fields or []
         self.needs_size = needs_size
-        self.needs_files = needs_files or needs_size or bool(self.fields)
         self.flag_tests = flag_tests
 
 
@@ -251,14 +250,14 @@ def _and(keys: list[Query]) -> Query:
 
 def _combine(predicate: Predicate, keys: list[Query],
              flag_tests: list[tuple[str, bool]] | None = None) -> Query:
-    return Query(predicate, any(k.needs_files for k in keys), any(k.needs_size for k in keys),
+    return Query(predicate, any(k.needs_size for k in keys),
                  [f for k in keys for f in k.fields], flag_tests)
 
 
 def _field_key(field: str, needle: str | None = None,
                day_test: Callable[[int], bool] | None = None) -> Query:
     test = FieldTest(field, needle, day_test)
-    return Query(lambda r: r.base in test.matches, False, fields=[test])
+    return Query(lambda r: r.base in test.matches, fields=[test])
 
 
 def _text_arg(args: Arguments, charset: str) -> str:
@@ -280,25 +279,25 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         return _and(keys)
     if args.peek() in (b"*",) or args.peek().isdigit():
         seqset = args.sequence_set()
-        return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq), False)
+        return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq))
     word = args.atom().upper()
     if word == b"ALL":
-        return Query(lambda r: True, False, flag_tests=[])
+        return Query(lambda r: True, flag_tests=[])
     if word in _FLAG_KEYS:
         flag, present = _FLAG_KEYS[word]
-        return Query(lambda r: (flag in r.flags) == present, False,
+        return Query(lambda r: (flag in r.flags) == present,
                      flag_tests=[(flag, present)])
     if word in (b"NEW", b"OLD", b"RECENT"):
         if word == b"NEW":
-            return Query(lambda r: "\\Recent" in r.flags and "\\Seen" not in r.flags, False)
+            return Query(lambda r: "\\Recent" in r.flags and "\\Seen" not in r.flags)
         if word == b"OLD":
-            return Query(lambda r: "\\Recent" not in r.flags, False)
-        return Query(lambda r: "\\Recent" in r.flags, False)
+            return Query(lambda r: "\\Recent" not in r.flags)
+        return Query(lambda r: "\\Recent" in r.flags)
     if word in (b"KEYWORD", b"UNKEYWORD"):
         args.space()
         kw = args.flag().decode("ascii", "replace")
         present = word == b"KEYWORD"
-        return Query(lambda r: any(f.lower() == kw.lower() for f in r.flags) == present, False)
+        return Query(lambda r: any(f.lower() == kw.lower() for f in r.flags) == present)
     if word in _HEADER_KEYS:
         return _field_key(_HEADER_KEYS[word], _text_arg(args, charset))
     if word == b"HEADER":
@@ -306,20 +305,20 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         field = args.astring().decode("ascii", "replace")
         needle = _text_arg(args, charset)
         if not needle:
-            return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()), True)
+            return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()))
         if field.lower() in _COLUMNS and field.lower() != "date":
             return _field_key(field.lower(), needle)
-        return Query(lambda r: _contains(r.header_text(field), needle), True)
+        return Query(lambda r: _contains(r.header_text(field), needle))
     if word in (b"BODY", b"TEXT"):
         needle = _text_arg(args, charset)
         with_headers = word == b"TEXT"
-        return Query(lambda r: _contains(_body_text(r, with_headers), needle), True)
+        return Query(lambda r: _contains(_body_text(r, with_headers), needle))
     if word in (b"BEFORE", b"ON", b"SINCE"):
         args.space()
         day = _parse_date(args.astring())
         cmp = {b"BEFORE": lambda d: d < day, b"ON": lambda d: d == day,
                b"SINCE": lambda d: d >= day}[word]
-        return Query(lambda r: cmp(int(r.internaldate) // 86400), False)
+        return Query(lambda r: cmp(int(r.internaldate) // 86400))
     if word in (b"SENTBEFORE", b"SENTON", b"SENTSINCE"):
         args.space()
         day = _parse_date(args.astring())
@@ -330,8 +329,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         args.space()
         n = args.number()
         if word == b"LARGER":
-            return Query(lambda r: r.size() > n, False, needs_size=True)
-        return Query(lambda r: r.size() < n, False, needs_size=True)
+            return Query(lambda r: r.size() > n, needs_size=True)
+        return Query(lambda r: r.size() < n, needs_size=True)
     if word == b"NOT":
         args.space()
         inner = _key(args, charset, depth + 1)
@@ -349,7 +348,7 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     if word == b"UID":
         args.space()
         uidset = args.sequence_set()
-        return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid), False)
+        return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid))
     raise BadCommand(f"unknown search key {word.decode('ascii', 'replace')}")
 
 
