@@ -79,6 +79,19 @@ def parse_date_time(text: bytes) -> float:
     return float(ts - offset if sign == b"+" else ts + offset)
 
 
+def append_options(args: Arguments) -> tuple[list[bytes], bytes | None]:
+    """APPEND's optional flag list and date-time (RFC 3501 6.3.11), each followed by a space."""
+    flags: list[bytes] = []
+    date = None
+    if args.peek() == b"(":
+        flags = args.flag_list()
+        args.space()
+    if args.peek() == b'"':
+        date = args.date_time()
+        args.space()
+    return flags, date
+
+
 def append_target(parts: list[bytes]) -> tuple[str, list[bytes], bytes | None] | None:
     """(mailbox, flags, date) when `parts` is an APPEND command up to its message literal."""
     args = Arguments(parts)
@@ -90,14 +103,7 @@ def append_target(parts: list[bytes]) -> tuple[str, list[bytes], bytes | None] |
         args.space()
         raw = args.astring()
         args.space()
-        flags: list[bytes] = []
-        date = None
-        if args.peek() == b"(":
-            flags = args.flag_list()
-            args.space()
-        if args.peek() == b'"':
-            date = args.date_time()
-            args.space()
+        flags, date = append_options(args)
         if not args.at_end():
             return None
     except BadCommand:

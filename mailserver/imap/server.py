@@ -709,14 +709,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         args.space()
         name = self._mailbox_name(args)
         args.space()
-        flags: list[bytes] = []
-        date = None
-        if args.peek() == b"(":
-            flags = args.flag_list()
-            args.space()
-        if args.peek() == b'"':
-            date = args.date_time()
-            args.space()
+        flags, date = F.append_options(args)
         if writer is None:
             # A message that came as a quoted string or an empty literal.
             message = args.string()
