@@ -171,6 +171,7 @@ class Bench:
         finally:
             for srv in started:
                 srv.stop()
+                smtp_bench.discard_set_aside(srv)
         return {"configs": configs}
 
     def _fill_and_start(self, cls: type[S.Server], sub: str, users: list[str], corpus_dir: Path,

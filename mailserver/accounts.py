@@ -33,6 +33,7 @@ log = Logger()
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 MAX_ALIAS_DEPTH = 10
+RESOLVED_MAX = 4096  # addresses whose resolution is remembered (until the database changes)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -91,6 +92,10 @@ class Accounts:
         self.subaddress_separator = subaddress_separator
         self._lock = threading.RLock()
         self._db = _open(self.path)
+        # resolve() answers by address, valid while the database is unchanged: SQLite's
+        # data_version tells of other processes' commits (mailserver-admin), _write of ours.
+        self._resolved: dict[str, Resolution] = {}
+        self._resolved_version: int | None = None
         try:
             self._init_schema()
         except BaseException:
@@ -138,6 +143,8 @@ class Accounts:
                 raise
             else:
                 self._db.execute("COMMIT")
+            finally:
+                self._resolved.clear()
 
     def _init_schema(self) -> None:
         with self._write() as db:
@@ -323,6 +330,20 @@ class Accounts:
         recursively; loops and chains deeper than MAX_ALIAS_DEPTH are cut, and a local
         target that leads nowhere is dropped (logged).  A malformed address is "unknown".
         """
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._resolved_version:
+                self._resolved.clear()
+                self._resolved_version = version
+            known = self._resolved.get(address)
+            if known is None:
+                known = self._resolve(address)
+                if len(self._resolved) >= RESOLVED_MAX:
+                    self._resolved.clear()
+                self._resolved[address] = known
+            return known
+
+    def _resolve(self, address: str) -> Resolution:
         try:
             local, domain = split_address(address)
         except AddressError:

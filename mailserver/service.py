@@ -65,7 +65,8 @@ class MailServer(service.MultiService):
         self.tls_paths = ensure_certificate(config)
         self.tls = server_context_factory(self.tls_paths)
         self.accounts = Accounts(config.accounts_db)
-        self.store = MaildirStore(config.maildir_root, config.server.hostname)
+        self.store = MaildirStore(config.maildir_root, config.server.hostname,
+                                  commit_process=True)
         self.limiter = ConnectionLimiter(config.limits.max_connections,
                                          config.limits.max_connections_per_ip)
         # One realm and portal for every protocol: each protocol module registers the

@@ -67,6 +67,7 @@ from mailserver.maildir.names import (
     folder_dir,
     folder_name_from_dir,
     format_subscriptions,
+    normalized,
     parse_subscriptions,
 )
 from mailserver.maildir.store import MAILDIR_SUBDIRS, _create_file, _mkdir
@@ -206,7 +207,7 @@ class MailAccount:
 
     def folder_at(self, path: Path) -> Folder | None:
         """The in-memory Folder whose directory is `path`, if any."""
-        return self._folders.get(Path(os.path.normpath(os.path.abspath(path))))
+        return self._folders.get(normalized(path))
 
     def open_folder(self, name: str) -> Deferred[Folder]:
         """`folder(name)`, refreshed: fires when it is loaded."""

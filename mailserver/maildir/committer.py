@@ -11,6 +11,7 @@ grow by themselves (while one group syncs, the next one queues).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from typing import Any
@@ -19,12 +20,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailserver.maildir.delivery import DeliveryResult, Placement, sync_directories
+from mailserver.fsutil import can_sync_filesystem, sync_filesystem
+from mailserver.maildir.delivery import Delivery, DeliveryResult, Placement, sync_directories
 
 log = Logger()
 
 COMMIT_THREADS = 1   # one thread: its groups grow under load, and fewer threads fight for the GIL
 MAX_GROUP = 64       # deliveries per group, so one group never waits for a very long one
+SYNCFS_MIN_FILES = 3  # from this many files on, a group syncs their file system whole
 
 _Job = tuple[Any, Deferred]  # (Delivery, its Deferred)
 
@@ -86,35 +89,7 @@ class GroupCommitter:
                 if not self._queue:
                     return
                 group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
-            self._reactor.callFromThread(self._deliver, self._commit_group(group))
-
-    @staticmethod
-    def _commit_group(group: list[_Job]) -> list[tuple[Deferred, Any]]:
-        # Stage by stage over the whole group: every file written before the first fsync
-        # (whose journal commit then carries the others' data), then the fsyncs, then
-        # the links into new/, then one fsync per directory.
-        for delivery, _ in group:
-            delivery.stage_write()
-        for delivery, _ in group:
-            delivery.stage_sync()
-        placed: list[tuple[Deferred, Placement | Failure]] = []
-        for delivery, d in group:
-            try:
-                placed.append((d, delivery._commit_place()))
-            except BaseException:
-                placed.append((d, Failure()))
-        dirs = [p for _, pl in placed if isinstance(pl, Placement) for p in pl.dirs]
-        errors = sync_directories(dirs)
-        out: list[tuple[Deferred, Any]] = []
-        for d, pl in placed:
-            if isinstance(pl, Placement):
-                try:
-                    out.append((d, pl.finish(errors)))
-                except BaseException:
-                    out.append((d, Failure()))
-            else:
-                out.append((d, pl))
-        return out
+            self._reactor.callFromThread(self._deliver, commit_group(group))
 
     @staticmethod
     def _deliver(results: list[tuple[Deferred, Any]]) -> None:
@@ -123,3 +98,62 @@ class GroupCommitter:
                 d.errback(result)
             else:
                 d.callback(result)
+
+
+def commit_group(group: list[tuple[Delivery, Any]]) -> list[tuple[Any, Any]]:
+    """Commit every delivery of `group` ((delivery, key) pairs); (key, its results or a
+    Failure) for each, in order.  Blocking: a commit thread or the commit process."""
+    # Stage by stage over the whole group: every file written, then all synced, then
+    # the links into new/, then the directories synced once for all.
+    for delivery, _ in group:
+        delivery.stage_write()
+    whole = _sync_files([delivery for delivery, _ in group])
+    placed: list[tuple[Any, Placement | Failure]] = []
+    for delivery, key in group:
+        try:
+            placed.append((key, delivery._commit_place()))
+        except BaseException:
+            placed.append((key, Failure()))
+    dirs = [p for _, pl in placed if isinstance(pl, Placement) for p in pl.dirs]
+    errors = sync_directories(dirs, whole_filesystems=whole)
+    out: list[tuple[Any, Any]] = []
+    for key, pl in placed:
+        if isinstance(pl, Placement):
+            try:
+                out.append((key, pl.finish(errors)))
+            except BaseException:
+                out.append((key, Failure()))
+        else:
+            out.append((key, pl))
+    return out
+
+
+def _sync_files(deliveries: list[Delivery]) -> bool:
+    """Make the group's written files durable; True if it synced whole file systems.
+
+    An fsync flushes the disk's cache once per file: a group of twenty then waits for
+    twenty flushes in a row (about 0.25 ms each on a virtual disk, more on a spinning one).
+    From SYNCFS_MIN_FILES files on, one syncfs(2) per file system they lie on writes them
+    all with one flush (it also writes whatever else is dirty on that file system, which
+    is why single files keep their fsync).
+    """
+    pending = [d for d in deliveries if d.unsynced_fd >= 0]
+    if len(pending) < SYNCFS_MIN_FILES or not can_sync_filesystem():
+        for delivery in deliveries:
+            delivery.stage_sync()
+        return False
+    by_fs: dict[int, list[Delivery]] = {}
+    for delivery in pending:
+        try:
+            by_fs.setdefault(os.fstat(delivery.unsynced_fd).st_dev, []).append(delivery)
+        except OSError:
+            delivery.stage_sync()
+    for members in by_fs.values():
+        error: OSError | None = None
+        try:
+            sync_filesystem(members[0].unsynced_fd)
+        except OSError as e:
+            error = e
+        for delivery in members:
+            delivery.synced_with_filesystem(error)
+    return True

@@ -33,7 +33,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
+from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_filesystem,
+                               unlink_quietly, write_all)
+from mailserver.maildir.names import normalized
 
 log = Logger()
 
@@ -63,6 +65,15 @@ def _link_fd(fd: int, dest: Path) -> None:
 # One counter per process: with the pid and the time it makes every name unique even when
 # many deliveries start within the same microsecond.
 _counter = itertools.count(1)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def escape_hostname(hostname: str) -> str:
@@ -76,7 +87,7 @@ def escape_hostname(hostname: str) -> str:
 def unique_base(escaped_host: str) -> str:
     """A new base name `<secs>.M<usecs>P<pid>Q<counter>.<host>` (Maildir spec, Dovecot)."""
     secs, nanos = divmod(time.time_ns(), 1_000_000_000)
-    return f"{secs}.M{nanos // 1000}P{os.getpid()}Q{next(_counter)}.{escaped_host}"
+    return f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}.{escaped_host}"
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,31 @@ class DeliveryResult:
 
 
 
-def sync_directories(dirs: Sequence[Path]) -> dict[Path, OSError]:
-    """fsync each directory once; the errors by directory (empty when all went well)."""
+def sync_directories(dirs: Sequence[Path], whole_filesystems: bool = False
+                     ) -> dict[Path, OSError]:
+    """Make the directories' entries durable; the errors by directory (empty when all
+    went well).  fsync each directory once, or, with `whole_filesystems` and several of
+    them, sync each file system they lie on once (one device flush for all)."""
     errors: dict[Path, OSError] = {}
-    for d in dict.fromkeys(dirs):
+    unique = list(dict.fromkeys(dirs))
+    if whole_filesystems and len(unique) > 1 and can_sync_filesystem():
+        by_fs: dict[int, list[Path]] = {}
+        for d in unique:
+            try:
+                by_fs.setdefault(os.stat(d).st_dev, []).append(d)
+            except OSError as e:
+                errors[d] = e
+        for members in by_fs.values():
+            try:
+                fd = os.open(members[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    sync_filesystem(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                errors.update((d, e) for d in members)
+        return errors
+    for d in unique:
         try:
             fsync_directory(d)
         except OSError as e:
@@ -132,7 +164,7 @@ class Placement:
 
 
 def _key(target: Path) -> Path:
-    return Path(os.path.normpath(os.path.abspath(target)))
+    return normalized(target)
 
 
 class Delivery:
@@ -318,6 +350,54 @@ class Delivery:
             except OSError as e:
                 self._error = e
 
+    # -- a commit done by another process (see commit_process) ----------------------------
+
+    def commit_request(self) -> tuple[dict[str, Any], int] | None:
+        """Write what is buffered (creating the file), then describe this delivery for a
+        commit process: (its description, the file's descriptor to pass along).  None if
+        writing failed: the local commit then reports the error for every target."""
+        self.stage_write()
+        if self._error is not None or self._home is None:
+            return None
+        return ({"targets": [str(t) for t in self.targets], "home": str(self._home),
+                 "base": self._base, "size": self._size,
+                 "tmp": None if self._tmp_path is None else str(self._tmp_path)}, self._fd)
+
+    @classmethod
+    def adopt(cls, request: dict[str, Any], fd: int) -> Delivery:
+        """The commit process's side of `commit_request`: the delivery whose file is `fd`,
+        written and ready for the commit stages."""
+        delivery = cls([Path(t) for t in request["targets"]], "")
+        delivery._fd = fd
+        delivery._home = Path(request["home"])
+        delivery._base = str(request["base"])
+        delivery._size = int(request["size"])
+        delivery._tmp_path = Path(request["tmp"]) if request.get("tmp") else None
+        delivery._state = "committing"
+        return delivery
+
+    def handed_over(self) -> None:
+        """The commit process holds the file now: close this process's descriptor."""
+        self._close()
+
+    def message_name(self) -> str:
+        """The file name the message gets in every new/ directory."""
+        return f"{self._base},S={self._size}"
+
+    @property
+    def unsynced_fd(self) -> int:
+        """The file's descriptor while it is written but not yet synced, else -1."""
+        return self._fd if self._error is None and not self._synced else -1
+
+    def synced_with_filesystem(self, error: OSError | None) -> None:
+        """Its whole file system was synced instead of this file (a group committer does
+        that for many files at once): the file is durable, or the sync's error is ours."""
+        if self._error is None and not self._synced:
+            if error is None:
+                self._synced = True
+            else:
+                self._error = error
+
     def _place(self) -> Placement:
         """Flush and fsync the file, then link/copy/rename it into every new/ directory."""
         self.stage_write()
@@ -332,7 +412,7 @@ class Delivery:
                 placement.outcomes[key] = (None, error)
             return placement
 
-        name = f"{self._base},S={self._size}"
+        name = self.message_name()
         if self._tmp_path is None:  # a file without a name: link it everywhere, then close
             for key in self._unique:
                 try:

@@ -61,10 +61,32 @@ def check_path_component(value: str, what: str) -> str:
     return value
 
 
+_normalized: dict[object, Path] = {}
+_NORMALIZED_MAX = 4096
+
+
+def normalized(path: str | os.PathLike[str]) -> Path:
+    """`path` absolute, with '.', '..' and repeated separators resolved by name (no
+    symlinks followed): the form every per-path table of the store is keyed by.
+
+    Remembered for absolute paths, since every delivery and notification asks for the
+    same few Maildirs again.
+    """
+    known = _normalized.get(path)
+    if known is not None:
+        return known
+    result = Path(os.path.normpath(os.path.abspath(path)))
+    if os.path.isabs(path):
+        if len(_normalized) >= _NORMALIZED_MAX:
+            _normalized.clear()
+        _normalized[path] = result
+    return result
+
+
 def is_inside(path: Path, root: Path) -> bool:
     """True if `path` is `root` or below it, judged on the normalised names."""
-    p = os.path.normpath(os.path.abspath(path))
-    r = os.path.normpath(os.path.abspath(root))
+    p = str(normalized(path))
+    r = str(normalized(root))
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 

@@ -18,6 +18,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.fsutil import fsync_directory
+from mailserver.maildir import commit_process
+from mailserver.maildir.commit_process import ProcessCommitter
 from mailserver.maildir.committer import GroupCommitter
 from mailserver.maildir.delivery import Delivery, escape_hostname
 from mailserver.maildir.names import (
@@ -27,6 +29,7 @@ from mailserver.maildir.names import (
     folder_dir,
     format_subscriptions,
     is_inside,
+    normalized,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ log = Logger()
 DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk", "Archive")
 MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
+USER_PATHS_MAX = 4096  # users whose Maildir path is remembered
 INDEX_IDLE_SECONDS = 2.0  # a folder index unused this long is closed (reopened on use)
 
 
@@ -45,15 +49,34 @@ class MaildirStore:
 
     folder_dir = staticmethod(folder_dir)
 
-    def __init__(self, root: Path, hostname: str | None = None) -> None:
-        self.root = Path(os.path.normpath(os.path.abspath(root)))
+    def __init__(self, root: Path, hostname: str | None = None,
+                 commit_process: bool = False) -> None:
+        # commit_process: deliveries committed by a child process (the server does that;
+        # tests and tools commit in a thread of their own)
+        self.commit_process = commit_process
+        self.root = normalized(root)
         self.hostname = hostname or socket.gethostname()
         self._escaped_host = escape_hostname(self.hostname)
         self._accounts: dict[Path, MailAccount] = {}
-        self._committer: GroupCommitter | None = None
+        self._committer: GroupCommitter | ProcessCommitter | None = None
+        self._user_paths: dict[tuple[str, str], Path] = {}
 
     def user_path(self, domain: str, localpart: str) -> Path:
-        """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk."""
+        """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk.
+
+        The same Path object each time for a user (remembered), so the tables keyed by it
+        hash it once.
+        """
+        known = self._user_paths.get((domain, localpart))
+        if known is not None:
+            return known
+        path = self._user_path(domain, localpart)
+        if len(self._user_paths) >= USER_PATHS_MAX:
+            self._user_paths.clear()
+        self._user_paths[(domain, localpart)] = path
+        return path
+
+    def _user_path(self, domain: str, localpart: str) -> Path:
         check_path_component(domain, "domain")
         check_path_component(localpart, "local part")
         path = self.root / domain / localpart
@@ -102,15 +125,20 @@ class MaildirStore:
             if not is_inside(t, self.root):
                 raise ValueError(f"delivery target outside the maildir root: {t}")
         if self._committer is None:
-            self._committer = GroupCommitter()
+            self._committer = self._new_committer()
         return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer)
+
+    def _new_committer(self) -> GroupCommitter | ProcessCommitter:
+        if self.commit_process and commit_process.available():
+            return ProcessCommitter()
+        return GroupCommitter()
 
     def account(self, user_path: Path) -> MailAccount:
         """The folder tree of the Maildir at `user_path`: one per user and process, so
         every session shares its Folder objects."""
         from mailserver.maildir.account import MailAccount
 
-        key = Path(os.path.normpath(os.path.abspath(user_path)))
+        key = normalized(user_path)
         if not is_inside(key, self.root):
             raise ValueError(f"mailbox path outside the maildir root: {user_path}")
         account = self._accounts.get(key)
@@ -126,7 +154,7 @@ class MaildirStore:
         when they are opened.  A folder still loading refreshes right after its load.
         """
         for path in paths:
-            key = Path(os.path.normpath(os.path.abspath(path)))
+            key = normalized(path)
             account = self._accounts.get(key) or self._accounts.get(key.parent)
             folder = account.folder_at(key) if account is not None else None
             if folder is None or not folder.watched:

@@ -64,6 +64,10 @@ class SMTPContext:
     queue: Any = None  # mailserver.smtp.queue.QueueRunner; None: no forwarding or retries
 
 
+_ACCEPTED_LINE = ("{service} accepted message {qid} from=<{sender}> to={recipients} "
+                  "size={size} tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}")
+
+
 def new_queue_id() -> str:
     """Short, unique, sortable by time: what the logs and the 250 reply call a message."""
     return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}".upper()
@@ -583,14 +587,16 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             # that got it is better than a message acknowledged and gone).
             self.reply(R.LOCAL_ERROR)
             return
-        self.log.info(
-            "{service} accepted message {qid} from=<{sender}> to={recipients} size={size} "
-            "tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}",
+        fields = dict(
             service=self.context.service, qid=inc.queue_id, sender=sender,
             recipients=",".join(r.address for r in recipients), size=inc.size,
             tls=describe_tls(self.transport) or "no", ip=self.peer_ip,
             mailboxes=len(outcome.delivered), queued=len(outcome.queued),
             user=f" user={self.username}" if self.authenticated else "")
+        # One line per message: formatted here by str.format (the logger's own formatting
+        # of ten fields costs as much again); the fields stay in the event for observers
+        # that keep them.
+        self.log.info("{line}", line=_ACCEPTED_LINE.format(**fields), **fields)
         self.message_accepted(inc.queue_id)
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
 

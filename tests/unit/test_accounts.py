@@ -218,6 +218,20 @@ def test_resolve_nonlocal_and_unknown(populated):
     assert populated.resolve("not an address").kind == "unknown"
 
 
+def test_resolve_sees_changes_made_here_and_by_another_process(populated, db_path):
+    # resolve() remembers its answers; a change must still be seen at the next RCPT.
+    assert populated.resolve("dave@example.org").kind == "unknown"
+    populated.add_user("dave@example.org", HASH)             # this connection
+    assert addresses(populated.resolve("dave@example.org")) == ["dave@example.org"]
+    with Accounts(db_path) as admin:                         # another one (mailserver-admin)
+        admin.add_alias("dave@example.org", ["bob@example.org"])
+    assert addresses(populated.resolve("dave@example.org")) == ["bob@example.org"]
+    with Accounts(db_path) as admin:
+        admin.del_alias("dave@example.org")
+        admin.del_user("dave@example.org")
+    assert populated.resolve("dave@example.org").kind == "unknown"
+
+
 def test_resolve_user_case_insensitive(populated):
     r = populated.resolve("ALICE@Example.ORG")
     assert r.kind == "ok"

@@ -502,21 +502,34 @@ def test_file_without_a_name_copies_when_links_fail(store: MaildirStore, monkeyp
     assert all(tmp_files(t) == [] for t in targets)
 
 
-def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
-    """A group: every file written, then every file fsynced, then placed, then one fsync
-    of the shared new/ directory, and one result list per delivery."""
-    from mailserver.maildir.committer import GroupCommitter
+@pytest.mark.parametrize("whole_fs", [True, False], ids=["syncfs", "fsync-each"])
+def test_group_commit_stages(store: MaildirStore, monkeypatch, whole_fs: bool) -> None:
+    """A group: every file written, then every file synced (one syncfs for the file
+    system, or an fsync each where there is no syncfs), then placed, then one fsync of the
+    shared new/ directory, and one result list per delivery."""
+    from mailserver import fsutil
+    from mailserver.maildir import committer as committer_mod
+    from mailserver.maildir.committer import commit_group
 
+    if whole_fs and not fsutil.can_sync_filesystem():
+        pytest.skip("no syncfs here")
+    if not whole_fs:
+        monkeypatch.setattr(fsutil, "_syncfs", None)
     (user,) = users(store, 1)
     deliveries = [store.begin_delivery([user]) for _ in range(3)]
     for i, d in enumerate(deliveries):
         d.write(MESSAGE + b"%d\r\n" % i)
     events: list[str] = []
     real_fsync, real_rename, real_link, real_write = os.fsync, os.rename, os.link, os.write
+    real_syncfs = committer_mod.sync_filesystem
 
     def fsync(fd):
         events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
         real_fsync(fd)
+
+    def syncfs(fd):
+        events.append("syncfs")
+        real_syncfs(fd)
 
     def rename(src, dst):  # a tmp/ file is renamed into new/
         events.append("place")
@@ -531,12 +544,14 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(committer_mod, "sync_filesystem", syncfs)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "write", write)
-    out = GroupCommitter._commit_group([(d, None) for d in deliveries])
+    out = commit_group([(d, None) for d in deliveries])
     monkeypatch.undo()
-    assert events == ["write"] * 3 + ["fsync-file"] * 3 + ["place"] * 3 + ["fsync-dir"]
+    synced = ["syncfs"] if whole_fs else ["fsync-file"] * 3
+    assert events == ["write"] * 3 + synced + ["place"] * 3 + ["fsync-dir"]
     assert [len(results) for _, results in out] == [1, 1, 1]
     assert all(r.ok for _, results in out for r in results)
     assert sorted(p.read_bytes() for p in new_files(user)) == [
@@ -544,15 +559,63 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch) -> None:
     assert tmp_files(user) == []
 
 
+def test_group_commit_syncs_many_directories_with_their_file_system(
+        store: MaildirStore, monkeypatch) -> None:
+    from mailserver import fsutil
+    from mailserver.maildir import delivery as delivery_module
+    from mailserver.maildir.committer import commit_group
+
+    if not fsutil.can_sync_filesystem():
+        pytest.skip("no syncfs here")
+    targets = users(store, 4)
+    deliveries = [store.begin_delivery([t]) for t in targets]
+    for d in deliveries:
+        d.write(MESSAGE)
+    synced: list[int] = []
+    dir_fsyncs: list[str] = []
+    real_syncfs = delivery_module.sync_filesystem
+    monkeypatch.setattr(delivery_module, "sync_filesystem",
+                        lambda fd: (synced.append(fd), real_syncfs(fd)))
+    monkeypatch.setattr(delivery_module, "fsync_directory", lambda d: dir_fsyncs.append(d))
+    out = commit_group([(d, None) for d in deliveries])
+    assert len(synced) == 1 and dir_fsyncs == []  # four new/ directories, one file system
+    assert all(r.ok for _, results in out for r in results)
+    assert all(len(new_files(t)) == 1 for t in targets)
+
+
+def test_group_commit_syncfs_error_fails_the_group(store: MaildirStore, monkeypatch) -> None:
+    """A failed syncfs means none of the group's files is known to be durable: every
+    delivery fails (the client retries) and nothing is placed."""
+    from mailserver import fsutil
+    from mailserver.maildir import committer as committer_mod
+    from mailserver.maildir.committer import commit_group
+
+    if not fsutil.can_sync_filesystem():
+        pytest.skip("no syncfs here")
+    (user,) = users(store, 1)
+    deliveries = [store.begin_delivery([user]) for _ in range(4)]
+    for d in deliveries:
+        d.write(MESSAGE)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(committer_mod, "sync_filesystem", failing)
+    out = commit_group([(d, None) for d in deliveries])
+    assert [[r.ok for r in results] for _, results in out] == [[False]] * 4
+    assert all(results[0].error.errno == errno.EIO for _, results in out)
+    assert new_files(user) == [] and tmp_files(user) == []
+
+
 def test_group_commit_failure_stays_with_its_delivery(store: MaildirStore) -> None:
-    from mailserver.maildir.committer import GroupCommitter
+    from mailserver.maildir.committer import commit_group
 
     good, bad = users(store, 2)
     (bad / "new").rmdir()
     deliveries = [store.begin_delivery([t]) for t in (good, bad, good)]
     for d in deliveries:
         d.write(MESSAGE)
-    out = GroupCommitter._commit_group([(d, None) for d in deliveries])
+    out = commit_group([(d, None) for d in deliveries])
     assert [[r.ok for r in results] for _, results in out] == [[True], [False], [True]]
     assert len(new_files(good)) == 2 and tmp_files(bad) == []
 

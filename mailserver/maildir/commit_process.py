@@ -1,0 +1,360 @@
+"""Group commit in a process of its own, so delivery's disk work never waits for the GIL.
+
+The group committer's thread spent most of a group waiting to get the GIL back after each
+system call (open, write, fsync, link, close) while the reactor thread ran Python: a group
+of five messages took 3-4 ms instead of under one, and every hand-off cost both threads a
+futex call and a context switch.  Here the reactor writes the message into its file without
+a name (page cache only, as it already does for a message over the memory buffer) and
+passes the descriptor over a Unix socket (SCM_RIGHTS) to a child process.  The child runs
+the very same stages (`committer.commit_group`: sync the files, link them into new/, sync
+the directories) for whatever is waiting, and answers once per delivery, after the syncs.
+So a 250 still means the file and its directory entry are on disk.
+
+If the child dies, the deliveries in flight fail (the client gets a 451 and retries) and
+the next one starts a new child; a child that keeps dying at start makes the store fall
+back to the thread committer.  A crash of the server itself leaves the child to finish its
+group and exit at end of file: nothing acknowledged depends on it afterwards.
+
+Run as ``python -m mailserver.maildir.commit_process FD`` (FD: the socket), by the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from array import array
+from collections import deque
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import error as twisted_error
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailserver.maildir.committer import MAX_GROUP, GroupCommitter, commit_group
+from mailserver.maildir.delivery import Delivery, DeliveryResult
+
+log = Logger()
+
+MAX_IN_FLIGHT = 64          # requests in the socket at once (its buffer holds them all)
+REQUEST_MAX = 256 * 1024    # bytes of one request record (the targets' names)
+REPLY_MAX = 256 * 1024
+QUICK_DEATH_SECONDS = 5.0   # a child dying this soon after its start twice: fall back
+STOP_WAIT = 10.0            # seconds shutdown waits for the answers in flight
+
+CHILD_FD = 3
+
+
+def available() -> bool:
+    """Linux with SOCK_SEQPACKET Unix sockets and descriptor passing."""
+    return (sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET")
+            and hasattr(socket, "send_fds"))
+
+
+# -- the server's side -------------------------------------------------------------------
+
+class ProcessCommitter:
+    """`commit(delivery)` like GroupCommitter, done by a child process (module docstring)."""
+
+    def __init__(self, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self._reactor = reactor
+        self._ids = count(1)
+        self._sock: socket.socket | None = None
+        self._reader: _ReplyReader | None = None
+        self._process: Any = None
+        self._started = 0.0
+        self._quick_deaths = 0
+        self._fallback: GroupCommitter | None = None
+        self._shutdown_hooked = False
+        self._stopping = False
+        # id -> (Deferred, the targets in order, the message's file name)
+        self._in_flight: dict[int, tuple[Deferred, list[Path], str]] = {}
+        self._waiting: deque[tuple[int, bytes, Delivery, Deferred]] = deque()
+
+    def commit(self, delivery: Delivery) -> Deferred[list[DeliveryResult]]:
+        if self._fallback is not None or self._stopping:
+            return self._thread_commit(delivery)
+        request = delivery.commit_request()
+        if request is None:  # the file could not be written: report it for every target
+            return _local_result(delivery)
+        description, _fd = request
+        if not self._running() and not self._start():
+            return self._thread_commit(delivery)
+        key = next(self._ids)
+        description["id"] = key
+        d: Deferred[list[DeliveryResult]] = Deferred()
+        self._waiting.append((key, json.dumps(description).encode(), delivery, d))
+        self._send_waiting()
+        return d
+
+    def _thread_commit(self, delivery: Delivery) -> Deferred[list[DeliveryResult]]:
+        if self._fallback is None:
+            self._fallback = GroupCommitter(self._reactor)
+        return self._fallback.commit(delivery)
+
+    # -- the child ---------------------------------------------------------------------
+
+    def _running(self) -> bool:
+        return self._sock is not None
+
+    def _start(self) -> bool:
+        if not self._shutdown_hooked:
+            self._shutdown_hooked = True
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = self._reactor.spawnProcess(
+                _ChildProtocol(), sys.executable,
+                [sys.executable, "-m", "mailserver.maildir.commit_process", str(CHILD_FD)],
+                env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r",
+                                                CHILD_FD: theirs.fileno()})
+        except (OSError, twisted_error.ProcessExitedAlready) as e:
+            log.error("cannot start the commit process ({error}): committing in a thread",
+                      error=e)
+            ours.close()
+            self._fallback = GroupCommitter(self._reactor)
+            return False
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._started = time.monotonic()
+        self._reader = _ReplyReader(self, ours)
+        self._reactor.addReader(self._reader)
+        return True
+
+    def stop(self) -> Deferred[None] | None:
+        """At shutdown: wait (up to STOP_WAIT seconds) for the answers in flight, then
+        close the socket; the child leaves at end of file."""
+        self._stopping = True
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, delivery, d in waiting:  # never sent: commit them here
+            self._thread_commit(delivery).chainDeferred(d)
+        if self._in_flight and self._sock is not None:
+            self._drained = Deferred()
+            timeout = self._reactor.callLater(STOP_WAIT, self._drained.callback, None)
+            self._drained.addCallback(lambda _: timeout.active() and timeout.cancel())
+            return self._drained.addCallback(lambda _: self._close())
+        self._close()
+        return None
+
+    _drained: Deferred[None] | None = None
+
+    def _close(self) -> None:
+        if self._fallback is not None:
+            self._fallback.stop()
+        if self._reader is not None:
+            self._reactor.removeReader(self._reader)
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _send_waiting(self) -> None:
+        while self._waiting and self._sock is not None and len(self._in_flight) < MAX_IN_FLIGHT:
+            key, payload, delivery, d = self._waiting[0]
+            try:
+                socket.send_fds(self._sock, [payload], [delivery.unsynced_fd])
+            except BlockingIOError:
+                if not self._in_flight:  # nothing will come back to retry on: poll once
+                    self._reactor.callLater(0.005, self._send_waiting)
+                return
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:  # too many targets for one record
+                    self._waiting.popleft()
+                    self._thread_commit(delivery).chainDeferred(d)
+                    continue
+                self._lost(Failure(e))  # the child is gone: this one goes to the next
+                return
+            self._waiting.popleft()
+            self._in_flight[key] = (d, list(delivery.targets), delivery.message_name())
+            delivery.handed_over()
+
+    def _replied(self, record: bytes) -> None:
+        key, outcomes = json.loads(record)
+        entry = self._in_flight.pop(key, None)
+        if entry is None:
+            return
+        d, targets, name = entry
+        if self._drained is not None and not self._in_flight and not self._drained.called:
+            self._reactor.callLater(0, self._drained.callback, None)
+        if isinstance(outcomes, str):
+            d.errback(Failure(RuntimeError(f"commit process: {outcomes}")))
+            return
+        results = []
+        for target, (ok, code, message) in zip(targets, outcomes):
+            error = None if ok else OSError(code or errno.EIO, message)
+            results.append(DeliveryResult(target, bool(ok),
+                                          target / "new" / name if ok else None, error))
+        d.callback(results)
+
+    def _lost(self, reason: Failure) -> None:
+        """The child is gone: fail what it held, start another at the next commit."""
+        if self._reader is not None:
+            self._reactor.removeReader(self._reader)
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        in_flight, self._in_flight = self._in_flight, {}
+        if in_flight and not self._stopping:
+            log.error("the commit process ended with {n} deliveries in flight: {reason}",
+                      n=len(in_flight), reason=reason.getErrorMessage())
+        for d, _, _ in in_flight.values():
+            d.errback(Failure(OSError(errno.EIO, "the commit process ended")))
+        if time.monotonic() - self._started < QUICK_DEATH_SECONDS:
+            self._quick_deaths += 1
+            if self._quick_deaths >= 2 and self._fallback is None:
+                log.error("the commit process keeps ending at start: committing in a thread")
+                self._fallback = GroupCommitter(self._reactor)
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, delivery, d in waiting:
+            self.commit_again(delivery, d)
+
+    def commit_again(self, delivery: Delivery, d: Deferred) -> None:
+        """A delivery that never reached the child: send it to the next one (or the thread)."""
+        if self._fallback is not None or self._stopping or not self._start():
+            self._thread_commit(delivery).chainDeferred(d)
+            return
+        key = next(self._ids)
+        description, _ = delivery.commit_request() or ({}, -1)
+        description["id"] = key
+        self._waiting.append((key, json.dumps(description).encode(), delivery, d))
+        self._send_waiting()
+
+
+def _local_result(delivery: Delivery) -> Deferred[list[DeliveryResult]]:
+    """The outcome of a delivery whose file could not be written (no disk work left)."""
+    ((_, result),) = commit_group([(delivery, None)])
+    d: Deferred[list[DeliveryResult]] = Deferred()
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
+    return d
+
+
+class _ReplyReader:
+    """The reactor's reader of the child's answers (IReadDescriptor)."""
+
+    def __init__(self, owner: ProcessCommitter, sock: socket.socket) -> None:
+        self._owner = owner
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "commit-process"
+
+    def doRead(self) -> Any:
+        while True:
+            try:
+                record = self._sock.recv(REPLY_MAX)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return e
+            if not record:
+                return twisted_error.ConnectionDone()
+            self._owner._replied(record)
+        self._owner._send_waiting()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._owner._reader is self:
+            self._owner._lost(reason if isinstance(reason, Failure) else Failure(reason))
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            log.warn("commit process: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not reason.check(twisted_error.ProcessDone):
+            log.info("commit process ended: {reason}", reason=reason.getErrorMessage())
+
+
+# -- the child's side --------------------------------------------------------------------
+
+def serve(sock: socket.socket) -> None:
+    """Commit what arrives, a group at a time, until end of file."""
+    while True:
+        sock.setblocking(True)
+        group: list[tuple[Delivery, int]] = []
+        done = _receive(sock, group)
+        sock.setblocking(False)
+        while not done and len(group) < MAX_GROUP:
+            try:
+                done = _receive(sock, group)
+            except BlockingIOError:
+                break
+        sock.setblocking(True)
+        for key, outcome in commit_group(group):
+            _answer(sock, key, outcome)
+        if done:
+            return
+
+
+def _receive(sock: socket.socket, group: list[tuple[Delivery, int]]) -> bool:
+    """Add one request to `group`; True at end of file."""
+    data, fds, flags, _ = socket.recv_fds(sock, REQUEST_MAX, 1)
+    if not data and not fds:
+        return True
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
+            raise ValueError("truncated request")
+        request = json.loads(data)
+        group.append((Delivery.adopt(request, fds[0]), int(request["id"])))
+    except (ValueError, KeyError, TypeError) as e:
+        for fd in fds:
+            os.close(fd)
+        key = _request_id(data)
+        if key is not None:
+            _answer(sock, key, Failure(e))
+    return False
+
+
+def _request_id(data: bytes) -> int | None:
+    try:
+        return int(json.loads(data)["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _answer(sock: socket.socket, key: int, outcome: list[DeliveryResult] | Failure) -> None:
+    if isinstance(outcome, Failure):
+        body: Any = outcome.getErrorMessage()
+    else:
+        body = [[r.ok, getattr(r.error, "errno", None), str(r.error or "")] for r in outcome]
+    try:
+        sock.sendall(json.dumps([key, body]).encode())
+    except OSError:
+        pass  # the server is gone: nobody waits for this answer
+
+
+def main(argv: list[str]) -> int:
+    # Ctrl-C reaches the whole process group: finish the group, leave at end of file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[1]))
+    try:
+        serve(sock)
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
