@@ -35,9 +35,11 @@ from typing import Any
 
 from twisted.internet import error as twisted_error
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailserver.maildir.committer import MAX_GROUP, GroupCommitter, commit_group
 from mailserver.maildir.delivery import Delivery, DeliveryResult
@@ -113,9 +115,10 @@ class ProcessCommitter:
             self._shutdown_hooked = True
             self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._child = _ChildProtocol()
         try:
             self._process = self._reactor.spawnProcess(
-                _ChildProtocol(), sys.executable,
+                self._child, sys.executable,
                 [sys.executable, "-m", "mailserver.maildir.commit_process", str(CHILD_FD)],
                 env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r",
                                                 CHILD_FD: theirs.fileno()})
@@ -134,22 +137,39 @@ class ProcessCommitter:
         self._reactor.addReader(self._reader)
         return True
 
-    def stop(self) -> Deferred[None] | None:
-        """At shutdown: wait (up to STOP_WAIT seconds) for the answers in flight, then
-        close the socket; the child leaves at end of file."""
+    def stop(self) -> Deferred[None]:
+        """At shutdown: wait for the answers in flight, close the socket (the child leaves
+        at end of file) and wait for the child to end; STOP_WAIT seconds at most."""
         self._stopping = True
         waiting, self._waiting = self._waiting, deque()
         for _, _, delivery, d in waiting:  # never sent: commit them here
             self._thread_commit(delivery).chainDeferred(d)
         if self._in_flight and self._sock is not None:
             self._drained = Deferred()
-            timeout = self._reactor.callLater(STOP_WAIT, self._drained.callback, None)
-            self._drained.addCallback(lambda _: timeout.active() and timeout.cancel())
-            return self._drained.addCallback(lambda _: self._close())
-        self._close()
-        return None
+            drained: Deferred[None] = self._drained
+        else:
+            drained = succeed(None)
+        child = self._child
+        drained.addCallback(lambda _: self._close())
+        if child is not None and not child.ended.called:
+            drained.addCallback(lambda _: child.ended)
+        out: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            self._close()
+            _fire(out)
+
+        timeout = self._reactor.callLater(STOP_WAIT, give_up)
+
+        def done(_: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+            _fire(out)
+        drained.addBoth(done)
+        return out
 
     _drained: Deferred[None] | None = None
+    _child: _ChildProtocol | None = None
 
     def _close(self) -> None:
         if self._fallback is not None:
@@ -187,8 +207,8 @@ class ProcessCommitter:
         if entry is None:
             return
         d, targets, name = entry
-        if self._drained is not None and not self._in_flight and not self._drained.called:
-            self._reactor.callLater(0, self._drained.callback, None)
+        if self._drained is not None and not self._in_flight:
+            self._reactor.callLater(0, _fire, self._drained)
         if isinstance(outcomes, str):
             d.errback(Failure(RuntimeError(f"commit process: {outcomes}")))
             return
@@ -234,6 +254,11 @@ class ProcessCommitter:
         self._send_waiting()
 
 
+def _fire(d: Deferred[None]) -> None:
+    if not d.called:
+        d.callback(None)
+
+
 def _local_result(delivery: Delivery) -> Deferred[list[DeliveryResult]]:
     """The outcome of a delivery whose file could not be written (no disk work left)."""
     ((_, result),) = commit_group([(delivery, None)])
@@ -245,8 +270,9 @@ def _local_result(delivery: Delivery) -> Deferred[list[DeliveryResult]]:
     return d
 
 
+@implementer(IReadDescriptor)
 class _ReplyReader:
-    """The reactor's reader of the child's answers (IReadDescriptor)."""
+    """The reactor's reader of the child's answers."""
 
     def __init__(self, owner: ProcessCommitter, sock: socket.socket) -> None:
         self._owner = owner
@@ -278,6 +304,9 @@ class _ReplyReader:
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
             log.warn("commit process: {line}", line=line)
@@ -285,6 +314,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if not reason.check(twisted_error.ProcessDone):
             log.info("commit process ended: {reason}", reason=reason.getErrorMessage())
+        self.ended.callback(None)
 
 
 # -- the child's side --------------------------------------------------------------------

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
 from harness import (
     ConnectionClosed,
@@ -241,6 +243,23 @@ def _stream_large(server, size: int, half_sent: threading.Event, release: thread
         half_sent.set()
 
 
+def commit_children(pid: int) -> list[int]:
+    """The server's commit processes (children running mailserver.maildir.commit_process)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"mailserver.maildir.commit_process" in cmdline:
+            found.append(int(entry))
+    return found
+
+
 def test_kill9_never_loses_acknowledged_mail(server):
     attempted: dict[str, bytes | None] = {}
     acked: dict[str, bytes] = {}
@@ -249,8 +268,13 @@ def test_kill9_never_loses_acknowledged_mail(server):
     r1 = Senders(server, 1)
     r1.start(4)
     assert wait_until(lambda: len(r1.acked) >= 40, 20), f"only {len(r1.acked)} acked in 20s"
+    committers = commit_children(server.pid)
+    assert committers, "no commit process behind the server"
     server.kill9()
     r1.join()
+    # The commit process finishes its group and leaves once the server is gone.
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in committers),
+                      15), "the commit process outlived the server"
     attempted.update(r1.attempted)
     acked.update(r1.acked)
 
