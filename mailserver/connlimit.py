@@ -57,7 +57,7 @@ class LimitedFactory(protocol.ServerFactory):
     limiter: ConnectionLimiter | None = None
 
     def buildProtocol(self, addr):  # type: ignore[override]
-        ip = getattr(addr, "host", str(addr))
+        ip = addr.host if hasattr(addr, "host") else str(addr)
         if self.limiter is not None and not self.limiter.acquire(ip):
             self.log.warn("connection from {ip} refused: too many connections", ip=ip)
             return Refuser(self.refusal)

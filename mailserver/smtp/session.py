@@ -64,6 +64,8 @@ class SMTPContext:
     queue: Any = None  # mailserver.smtp.queue.QueueRunner; None: no forwarding or retries
 
 
+PAUSED_BUFFER_MAX = 64 * 1024  # input kept while paused before the transport stops reading
+
 _ACCEPTED_LINE = ("{service} accepted message {qid} from=<{sender}> to={recipients} "
                   "size={size} tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}")
 
@@ -110,6 +112,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._buffer = b""
         self._discarding_line = False
         self._paused = False
+        self._reading_paused = False
         self._closing = False
         self._incoming: _Incoming | None = None
         self._replies: list[bytes] | None = None  # replies held while input is handled
@@ -136,7 +139,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     def peer_ip(self) -> str:
         if not self._peer_ip:
             peer = self.transport.getPeer()
-            self._peer_ip = getattr(peer, "host", str(peer))
+            self._peer_ip = peer.host if hasattr(peer, "host") else str(peer)
         return self._peer_ip
 
     @property
@@ -176,6 +179,9 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self.sendCode(r.code, text)
 
     def timeoutConnection(self) -> None:
+        if self._paused:  # waiting for our own commit or password check, not the client
+            self.setTimeout(self.timeout)
+            return
         self.sendCode(R.TIMEOUT.code, R.TIMEOUT.enhanced.encode() + b" " + self.host + b" "
                       + R.TIMEOUT.text.encode())
         self._close()
@@ -200,6 +206,13 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer = self._buffer + data if self._buffer else data
+        if self._paused:
+            # A client that keeps sending while a commit or a password check is pending:
+            # past PAUSED_BUFFER_MAX bytes the transport stops reading until _resume.
+            if len(self._buffer) > PAUSED_BUFFER_MAX and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+            return
         self._drain()
 
     def _drain(self) -> None:
@@ -219,19 +232,21 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
                 self._replies = None
 
     def _pause(self) -> None:
-        """Stop handling input (a commit or an AUTH check is pending); the transport stops
-        reading too, so a client that keeps sending cannot grow the buffer."""
+        """Stop handling input while a commit or an AUTH check is pending.  Input that
+        arrives meanwhile is kept (up to PAUSED_BUFFER_MAX bytes, then the transport stops
+        reading), and the idle timeout does not run out on our own wait.  The transport
+        is not paused up front: that is two epoll changes per message for what is, with
+        nearly every client, nothing."""
         self._paused = True
-        self.setTimeout(None)
-        if self.transport is not None:
-            self.transport.pauseProducing()
 
     def _resume(self) -> None:
         self._paused = False
         if self._closing:
             return
-        self.transport.resumeProducing()
-        self.setTimeout(self.timeout)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self.resetTimeout()
         if self._buffer:
             self._drain()
 

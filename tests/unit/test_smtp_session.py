@@ -307,6 +307,32 @@ class SMTPSessionTests(unittest.TestCase):
         [msg] = self.s.stored()
         self.assertTrue(msg.endswith(b"\r\n\r\nno headers here\r\n"))
 
+    def test_input_while_paused_is_kept_then_bounded(self):
+        """While a commit (or a password check) is pending, input is kept and handled
+        afterwards; past PAUSED_BUFFER_MAX the transport stops reading, and the idle
+        timeout does not end the session for our own wait."""
+        from mailserver.smtp.session import PAUSED_BUFFER_MAX
+
+        clock = task.Clock()
+        self.s.proto.setTimeout(None)
+        self.s.proto.callLater = clock.callLater
+        self.s.proto.setTimeout(self.s.proto.timeout)
+        self.s.send(b"EHLO c\r\n")
+        self.s.lines()
+        self.s.proto._pause()
+        self.s.send(b"NOOP\r\n")
+        self.assertEqual(self.s.lines(), [])
+        self.assertEqual(self.s.transport.producerState, "producing")
+        clock.advance(301)
+        self.assertFalse(self.s.transport.disconnecting)
+        self.s.send(b"NOOP\r\n" * (PAUSED_BUFFER_MAX // 6 + 1))
+        self.assertEqual(self.s.transport.producerState, "paused")
+        self.s.proto._resume()
+        self.assertEqual(self.s.transport.producerState, "producing")
+        self.assertEqual(set(self.s.codes()), {250})
+        clock.advance(301)
+        self.assertTrue(self.s.transport.disconnecting)
+
     def test_idle_timeout(self):
         clock = task.Clock()
         self.s.proto.setTimeout(None)
