@@ -3,12 +3,13 @@
 The group committer's thread spent most of a group waiting to get the GIL back after each
 system call (open, write, fsync, link, close) while the reactor thread ran Python: a group
 of five messages took 3-4 ms instead of under one, and every hand-off cost both threads a
-futex call and a context switch.  Here the reactor writes the message into its file without
-a name (page cache only, as it already does for a message over the memory buffer) and
-passes the descriptor over a Unix socket (SCM_RIGHTS) to a child process.  The child runs
-the very same stages (`committer.commit_group`: sync the files, link them into new/, sync
-the directories) for whatever is waiting, and answers once per delivery, after the syncs.
-So a 250 still means the file and its directory entry are on disk.
+futex call and a context switch.  Here the reactor sends each delivery over a Unix socket
+to a child process: a message still in memory (under 64 KiB) as its bytes, a larger one,
+already streamed into its file without a name, as the file's descriptor (SCM_RIGHTS).
+The child runs the very same stages (`committer.commit_group`: write, sync the files,
+link them into new/, sync the directories) for whatever is waiting, and answers once per
+delivery, after the syncs.  So a 250 still means the file and its directory entry are on
+disk, and the reactor does no file system work for a small message at all.
 
 If the child dies, the deliveries in flight fail (the client gets a 451 and retries) and
 the next one starts a new child; a child that keeps dying at start makes the store fall
@@ -47,8 +48,8 @@ from mailserver.maildir.delivery import Delivery, DeliveryResult
 log = Logger()
 
 MAX_IN_FLIGHT = 64          # requests in the socket at once (its buffer holds them all)
-REQUEST_MAX = 256 * 1024    # bytes of one request record (the targets' names)
-REPLY_MAX = 256 * 1024
+REQUEST_MAX = 512 * 1024    # bytes of one request record (targets, a message under 64 KiB)
+REPLY_MAX = 1024 * 1024     # bytes of one answer (a result per target)
 QUICK_DEATH_SECONDS = 5.0   # a child dying this soon after its start twice: fall back
 STOP_WAIT = 10.0            # seconds shutdown waits for the answers in flight
 
@@ -59,6 +60,12 @@ def available() -> bool:
     """Linux with SOCK_SEQPACKET Unix sockets and descriptor passing."""
     return (sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET")
             and hasattr(socket, "send_fds"))
+
+
+def encode_request(description: dict[str, Any], content: bytes) -> bytes:
+    """One request record: 4 bytes of header length, the JSON header, the message bytes."""
+    header = json.dumps(description).encode()
+    return len(header).to_bytes(4, "big") + header + content
 
 
 # -- the server's side -------------------------------------------------------------------
@@ -80,25 +87,30 @@ class ProcessCommitter:
         self._fallback: GroupCommitter | None = None
         self._shutdown_hooked = False
         self._stopping = False
-        # id -> (Deferred, the targets in order, the message's file name)
-        self._in_flight: dict[int, tuple[Deferred, list[Path], str]] = {}
-        self._waiting: deque[tuple[int, bytes, Delivery, Deferred]] = deque()
+        # id -> (Deferred, the targets in order)
+        self._in_flight: dict[int, tuple[Deferred, list[Path]]] = {}
+        # (id, request record, descriptor to pass or -1, delivery, Deferred)
+        self._waiting: deque[tuple[int, bytes, int, Delivery, Deferred]] = deque()
 
     def commit(self, delivery: Delivery) -> Deferred[list[DeliveryResult]]:
-        if self._fallback is not None or self._stopping:
-            return self._thread_commit(delivery)
+        d: Deferred[list[DeliveryResult]] = Deferred()
+        self._enqueue(delivery, d)
+        return d
+
+    def _enqueue(self, delivery: Delivery, d: Deferred[list[DeliveryResult]]) -> None:
+        if self._fallback is not None or self._stopping or (
+                not self._running() and not self._start()):
+            self._thread_commit(delivery).chainDeferred(d)
+            return
         request = delivery.commit_request()
         if request is None:  # the file could not be written: report it for every target
-            return _local_result(delivery)
-        description, _fd = request
-        if not self._running() and not self._start():
-            return self._thread_commit(delivery)
+            _local_result(delivery).chainDeferred(d)
+            return
+        description, fd, content = request
         key = next(self._ids)
         description["id"] = key
-        d: Deferred[list[DeliveryResult]] = Deferred()
-        self._waiting.append((key, json.dumps(description).encode(), delivery, d))
+        self._waiting.append((key, encode_request(description, content), fd, delivery, d))
         self._send_waiting()
-        return d
 
     def _thread_commit(self, delivery: Delivery) -> Deferred[list[DeliveryResult]]:
         if self._fallback is None:
@@ -142,7 +154,7 @@ class ProcessCommitter:
         at end of file) and wait for the child to end; STOP_WAIT seconds at most."""
         self._stopping = True
         waiting, self._waiting = self._waiting, deque()
-        for _, _, delivery, d in waiting:  # never sent: commit them here
+        for _, _, _, delivery, d in waiting:  # never sent: commit them here
             self._thread_commit(delivery).chainDeferred(d)
         if self._in_flight and self._sock is not None:
             self._drained = Deferred()
@@ -183,30 +195,33 @@ class ProcessCommitter:
 
     def _send_waiting(self) -> None:
         while self._waiting and self._sock is not None and len(self._in_flight) < MAX_IN_FLIGHT:
-            key, payload, delivery, d = self._waiting[0]
+            key, record, fd, delivery, d = self._waiting[0]
             try:
-                socket.send_fds(self._sock, [payload], [delivery.unsynced_fd])
+                if fd >= 0:
+                    socket.send_fds(self._sock, [record], [fd])
+                else:
+                    self._sock.send(record)
             except BlockingIOError:
                 if not self._in_flight:  # nothing will come back to retry on: poll once
                     self._reactor.callLater(0.005, self._send_waiting)
                 return
             except OSError as e:
-                if e.errno == errno.EMSGSIZE:  # too many targets for one record
+                if e.errno == errno.EMSGSIZE:  # too big for one record
                     self._waiting.popleft()
                     self._thread_commit(delivery).chainDeferred(d)
                     continue
                 self._lost(Failure(e))  # the child is gone: this one goes to the next
                 return
             self._waiting.popleft()
-            self._in_flight[key] = (d, list(delivery.targets), delivery.message_name())
+            self._in_flight[key] = (d, list(delivery.targets))
             delivery.handed_over()
 
     def _replied(self, record: bytes) -> None:
-        key, outcomes = json.loads(record)
+        key, name, outcomes = json.loads(record)
         entry = self._in_flight.pop(key, None)
         if entry is None:
             return
-        d, targets, name = entry
+        d, targets = entry
         if self._drained is not None and not self._in_flight:
             self._reactor.callLater(0, _fire, self._drained)
         if isinstance(outcomes, str):
@@ -231,7 +246,7 @@ class ProcessCommitter:
         if in_flight and not self._stopping:
             log.error("the commit process ended with {n} deliveries in flight: {reason}",
                       n=len(in_flight), reason=reason.getErrorMessage())
-        for d, _, _ in in_flight.values():
+        for d, _ in in_flight.values():
             d.errback(Failure(OSError(errno.EIO, "the commit process ended")))
         if time.monotonic() - self._started < QUICK_DEATH_SECONDS:
             self._quick_deaths += 1
@@ -239,19 +254,8 @@ class ProcessCommitter:
                 log.error("the commit process keeps ending at start: committing in a thread")
                 self._fallback = GroupCommitter(self._reactor)
         waiting, self._waiting = self._waiting, deque()
-        for _, _, delivery, d in waiting:
-            self.commit_again(delivery, d)
-
-    def commit_again(self, delivery: Delivery, d: Deferred) -> None:
-        """A delivery that never reached the child: send it to the next one (or the thread)."""
-        if self._fallback is not None or self._stopping or not self._start():
-            self._thread_commit(delivery).chainDeferred(d)
-            return
-        key = next(self._ids)
-        description, _ = delivery.commit_request() or ({}, -1)
-        description["id"] = key
-        self._waiting.append((key, json.dumps(description).encode(), delivery, d))
-        self._send_waiting()
+        for _, _, _, delivery, d in waiting:  # never reached the child: to the next one
+            self._enqueue(delivery, d)
 
 
 def _fire(d: Deferred[None]) -> None:
@@ -277,6 +281,7 @@ class _ReplyReader:
     def __init__(self, owner: ProcessCommitter, sock: socket.socket) -> None:
         self._owner = owner
         self._sock = sock
+        self._buffer = bytearray(REPLY_MAX)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -285,16 +290,17 @@ class _ReplyReader:
         return "commit-process"
 
     def doRead(self) -> Any:
+        buffer = self._buffer
         while True:
             try:
-                record = self._sock.recv(REPLY_MAX)
+                size = self._sock.recv_into(buffer)
             except BlockingIOError:
                 break
             except OSError as e:
                 return e
-            if not record:
+            if not size:
                 return twisted_error.ConnectionDone()
-            self._owner._replied(record)
+            self._owner._replied(bytes(buffer[:size]))
         self._owner._send_waiting()
         return None
 
@@ -321,56 +327,66 @@ class _ChildProtocol(protocol.ProcessProtocol):
 
 def serve(sock: socket.socket) -> None:
     """Commit what arrives, a group at a time, until end of file."""
+    buffer = bytearray(REQUEST_MAX)
     while True:
         sock.setblocking(True)
         group: list[tuple[Delivery, int]] = []
-        done = _receive(sock, group)
+        done = _receive(sock, buffer, group)
         sock.setblocking(False)
         while not done and len(group) < MAX_GROUP:
             try:
-                done = _receive(sock, group)
+                done = _receive(sock, buffer, group)
             except BlockingIOError:
                 break
         sock.setblocking(True)
-        for key, outcome in commit_group(group):
-            _answer(sock, key, outcome)
+        for (delivery, _), (key, outcome) in zip(group, commit_group(group)):
+            _answer(sock, key, delivery.message_name(), outcome)
         if done:
             return
 
 
-def _receive(sock: socket.socket, group: list[tuple[Delivery, int]]) -> bool:
-    """Add one request to `group`; True at end of file."""
-    data, fds, flags, _ = socket.recv_fds(sock, REQUEST_MAX, 1)
-    if not data and not fds:
+_FD_SPACE = socket.CMSG_SPACE(array("i", [0]).itemsize)
+
+
+def _receive(sock: socket.socket, buffer: bytearray, group: list[tuple[Delivery, int]]
+             ) -> bool:
+    """Add one request to `group`; True at end of file.
+
+    A record: 4 bytes of header length, the JSON header, then the message's bytes (none
+    when its file comes as a descriptor).
+    """
+    size, ancillary, flags, _ = sock.recvmsg_into([buffer], _FD_SPACE)
+    fds = array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    if size == 0 and not fds:
         return True
+    key = None
     try:
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > 1:
             raise ValueError("truncated request")
-        request = json.loads(data)
-        group.append((Delivery.adopt(request, fds[0]), int(request["id"])))
+        length = int.from_bytes(buffer[:4], "big")
+        request = json.loads(bytes(buffer[4:4 + length]))
+        key = int(request["id"])
+        content = bytes(buffer[4 + length:size]) if not fds else b""
+        group.append((Delivery.adopt(request, fds[0] if fds else -1, content), key))
     except (ValueError, KeyError, TypeError) as e:
         for fd in fds:
             os.close(fd)
-        key = _request_id(data)
         if key is not None:
-            _answer(sock, key, Failure(e))
+            _answer(sock, key, "", Failure(e))
     return False
 
 
-def _request_id(data: bytes) -> int | None:
-    try:
-        return int(json.loads(data)["id"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _answer(sock: socket.socket, key: int, outcome: list[DeliveryResult] | Failure) -> None:
+def _answer(sock: socket.socket, key: int, name: str,
+            outcome: list[DeliveryResult] | Failure) -> None:
     if isinstance(outcome, Failure):
         body: Any = outcome.getErrorMessage()
     else:
         body = [[r.ok, getattr(r.error, "errno", None), str(r.error or "")] for r in outcome]
     try:
-        sock.sendall(json.dumps([key, body]).encode())
+        sock.sendall(json.dumps([key, name, body]).encode())
     except OSError:
         pass  # the server is gone: nobody waits for this answer
 

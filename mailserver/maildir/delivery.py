@@ -352,27 +352,40 @@ class Delivery:
 
     # -- a commit done by another process (see commit_process) ----------------------------
 
-    def commit_request(self) -> tuple[dict[str, Any], int] | None:
-        """Write what is buffered (creating the file), then describe this delivery for a
-        commit process: (its description, the file's descriptor to pass along).  None if
-        writing failed: the local commit then reports the error for every target."""
+    def commit_request(self) -> tuple[dict[str, Any], int, bytes] | None:
+        """Describe this delivery for a commit process: (description, the file's
+        descriptor to pass along or -1, the message bytes when it is still all in memory).
+
+        A message that fit in the memory buffer travels as bytes and the commit process
+        creates its file; a larger one is in its file already (the rest of the buffer is
+        written now) and travels as the descriptor.  None if writing failed: the local
+        commit then reports the error for every target.
+        """
+        description: dict[str, Any] = {"targets": [str(t) for t in self.targets],
+                                       "size": self._size}
+        if self._fd < 0 and self._home is None and self._error is None:
+            description["host"] = self._escaped_host
+            return description, -1, bytes(self._buffer)
         self.stage_write()
         if self._error is not None or self._home is None:
             return None
-        return ({"targets": [str(t) for t in self.targets], "home": str(self._home),
-                 "base": self._base, "size": self._size,
-                 "tmp": None if self._tmp_path is None else str(self._tmp_path)}, self._fd)
+        description.update(home=str(self._home), base=self._base,
+                           tmp=None if self._tmp_path is None else str(self._tmp_path))
+        return description, self._fd, b""
 
     @classmethod
-    def adopt(cls, request: dict[str, Any], fd: int) -> Delivery:
-        """The commit process's side of `commit_request`: the delivery whose file is `fd`,
-        written and ready for the commit stages."""
-        delivery = cls([Path(t) for t in request["targets"]], "")
-        delivery._fd = fd
-        delivery._home = Path(request["home"])
-        delivery._base = str(request["base"])
+    def adopt(cls, request: dict[str, Any], fd: int, content: bytes) -> Delivery:
+        """The commit process's side of `commit_request`: the delivery whose file is `fd`
+        (written), or whose bytes are `content` (its file is created by `stage_write`)."""
+        delivery = cls([Path(t) for t in request["targets"]], str(request.get("host", "")))
         delivery._size = int(request["size"])
-        delivery._tmp_path = Path(request["tmp"]) if request.get("tmp") else None
+        if fd >= 0:
+            delivery._fd = fd
+            delivery._home = Path(request["home"])
+            delivery._base = str(request["base"])
+            delivery._tmp_path = Path(request["tmp"]) if request.get("tmp") else None
+        else:
+            delivery._buffer = bytearray(content)
         delivery._state = "committing"
         return delivery
 

@@ -37,13 +37,19 @@ def store(tmp_path: Path) -> MaildirStore:
     return MaildirStore(tmp_path / "maildirs", hostname="mx.example.test")
 
 
-def _request(store: MaildirStore, targets: list[Path], data: bytes, key: int
-             ) -> tuple[bytes, int, object]:
+def _send(sock: socket.socket, store: MaildirStore, targets: list[Path], data: bytes,
+          key: int) -> None:
+    """Send one delivery the way the server does: bytes, or a descriptor when large."""
     delivery = store.begin_delivery(targets)
     delivery.write(data)
-    description, fd = delivery.commit_request()
+    description, fd, content = delivery.commit_request()
     description["id"] = key
-    return json.dumps(description).encode(), fd, delivery
+    record = commit_process.encode_request(description, content)
+    if fd >= 0:
+        socket.send_fds(sock, [record], [fd])
+    else:
+        sock.send(record)
+    delivery.handed_over()
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["no-name", "tmp-file"])
@@ -51,22 +57,27 @@ def test_child_commits_what_it_receives_and_answers_each(store, monkeypatch, nam
     if named:
         monkeypatch.setattr(delivery_mod, "_anonymous_files", False)
     alice, bob = (store.create_user("example.org", n) for n in ("alice", "bob"))
+    large = MESSAGE + b"x" * (2 * delivery_mod.FLUSH_THRESHOLD) + b"\r\n"
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    requests = [_request(store, [alice], MESSAGE + b"1\r\n", 1),
-                _request(store, [alice, bob, alice], MESSAGE + b"2\r\n", 2)]
-    for payload, fd, delivery in requests:
-        socket.send_fds(ours, [payload], [fd])
-        delivery.handed_over()
-    ours.send(b"not json")  # a bad request is refused, the others are not disturbed
+    _send(ours, store, [alice], MESSAGE + b"1\r\n", 1)              # as bytes
+    _send(ours, store, [alice, bob, alice], MESSAGE + b"2\r\n", 2)  # one copy each
+    _send(ours, store, [bob], large, 3)                              # as its file
+    ours.send(b"not a request")  # refused, the others are not disturbed
     ours.shutdown(socket.SHUT_WR)
     serve(theirs)  # returns at end of file
-    answers = [json.loads(ours.recv(65536)) for _ in range(2)]
-    assert answers == [[1, [[True, None, ""]]],
-                       [2, [[True, None, ""], [True, None, ""], [True, None, ""]]]]
+    answers = {}
+    for _ in range(3):
+        key, name, body = json.loads(ours.recv(65536))
+        answers[key] = body
+        assert name.endswith(",S=%d" % {1: len(MESSAGE) + 3, 2: len(MESSAGE) + 3,
+                                         3: len(large)}[key])
+    ok = [True, None, ""]
+    assert answers == {1: [ok], 2: [ok, ok, ok], 3: [ok]}
     assert sorted(p.read_bytes() for p in new_files(alice)) == [MESSAGE + b"1\r\n",
                                                                 MESSAGE + b"2\r\n"]
-    assert [p.read_bytes() for p in new_files(bob)] == [MESSAGE + b"2\r\n"]
-    assert list((alice / "tmp").iterdir()) == []
+    assert sorted(p.read_bytes() for p in new_files(bob)) == sorted([MESSAGE + b"2\r\n",
+                                                                     large])
+    assert list((alice / "tmp").iterdir()) == [] and list((bob / "tmp").iterdir()) == []
     ours.close()
     theirs.close()
 
@@ -75,12 +86,10 @@ def test_child_reports_a_failed_target(store) -> None:
     good, bad = (store.create_user("example.org", n) for n in ("good", "bad"))
     (bad / "new").rename(bad / "gone")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    payload, fd, delivery = _request(store, [good, bad], MESSAGE, 7)
-    socket.send_fds(ours, [payload], [fd])
-    delivery.handed_over()
+    _send(ours, store, [good, bad], MESSAGE, 7)
     ours.shutdown(socket.SHUT_WR)
     serve(theirs)
-    key, outcomes = json.loads(ours.recv(65536))
+    key, _, outcomes = json.loads(ours.recv(65536))
     assert key == 7 and [o[0] for o in outcomes] == [True, False]
     assert outcomes[1][1] is not None  # the errno travels back
     assert len(new_files(good)) == 1
