@@ -180,7 +180,7 @@ class Delivery:
                  committer: Any = None) -> None:
         if not targets:
             raise ValueError("a delivery needs at least one target")
-        self.targets = [Path(t) for t in targets]
+        self.targets = [t if isinstance(t, Path) else Path(t) for t in targets]
         self._on_committed = on_committed
         self._committer = committer  # a GroupCommitter, else one pool thread per commit
         self._unique = list(dict.fromkeys(_key(t) for t in self.targets))

@@ -71,15 +71,22 @@ class QueueingDelivery:
         if self._spool is not None:
             self._spool.abort()
 
-    @defer.inlineCallbacks
-    def commit(self):
-        outcome: DeliveryOutcome = yield self.local.commit()
+    def commit(self) -> defer.Deferred:
+        return self.local.commit().addCallback(self._after_local)
+
+    def _after_local(self, outcome: DeliveryOutcome) -> DeliveryOutcome | defer.Deferred:
+        """Every mailbox stored and nothing remote: done (the common case, no queue)."""
         failed = {s.mailbox for s in outcome.lost}
         queued = [RecipientState(a, "remote", original=o) for a, o in self._remote.items()]
         queued += [RecipientState(m, "local", original=self._original.get(m, ""))
                    for m in failed]
         if not queued:
             return outcome
+        return self._queue(outcome, failed, queued)
+
+    @defer.inlineCallbacks
+    def _queue(self, outcome: DeliveryOutcome, failed: set[str],
+               queued: list[RecipientState]):
         sources = [s.path for s in outcome.delivered if s.path is not None]
         if self._spool is None and not sources:
             return outcome  # nothing stored anywhere: the client retries (451)
