@@ -186,6 +186,10 @@ class ProcessCommitter:
     def _close(self) -> None:
         if self._fallback is not None:
             self._fallback.stop()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        """Stop reading answers and close the socket (the child leaves at end of file)."""
         if self._reader is not None:
             self._reactor.removeReader(self._reader)
             self._reader = None
@@ -236,12 +240,7 @@ class ProcessCommitter:
 
     def _lost(self, reason: Failure) -> None:
         """The child is gone: fail what it held, start another at the next commit."""
-        if self._reader is not None:
-            self._reactor.removeReader(self._reader)
-            self._reader = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._disconnect()
         in_flight, self._in_flight = self._in_flight, {}
         if in_flight and not self._stopping:
             log.error("the commit process ended with {n} deliveries in flight: {reason}",
