@@ -170,8 +170,7 @@ class Bench:
                             f"{', errors ' + str(r['errors']) if r['errors'] else ''}")
         finally:
             for srv in started:
-                srv.stop()
-                smtp_bench.discard_set_aside(srv)
+                srv.stop()  # the runs' messages stay until the bench's work directory goes
         return {"configs": configs}
 
     def _fill_and_start(self, cls: type[S.Server], sub: str, users: list[str], corpus_dir: Path,

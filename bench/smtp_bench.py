@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -241,16 +240,14 @@ def set_aside(maildir: Path, aside: Path) -> None:
     Not deleted: on ext4 without a journal, inode allocation skips every inode freed in the
     last 60-300 s, testing them one by one, so thousands of deletions between runs made the
     next runs' deliveries (of every server) pay a third of their CPU time to the file
-    system.  `discard_set_aside` deletes them once the area is over.
+    system.  They go with the bench's work directory at the very end, so that deleting
+    them (and the discards a file system mounted with `discard` then sends) does not
+    load the machine during the other areas either.
     """
     aside.mkdir(exist_ok=True)
     start = len(os.listdir(aside))
     for i, path in enumerate(maildir_files(maildir), start):
         os.rename(path, aside / str(i))
-
-
-def discard_set_aside(server) -> None:
-    shutil.rmtree(set_aside_dir(server), ignore_errors=True)
 
 
 def run_once(server, user: str, count: int, size: int, concurrency: int, mode: str,
