@@ -9,7 +9,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 from twisted.logger import Logger
 
@@ -48,6 +48,41 @@ def sync_filesystem(fd: int) -> None:
     if _syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+T = TypeVar("T")
+
+
+def sync_by_filesystem(items: Sequence[T], device: Callable[[T], int],
+                       handle: Callable[[T], int | str | os.PathLike[str]]
+                       ) -> dict[T, OSError]:
+    """Sync each file system the items lie on once (`sync_filesystem`); the error of every
+    item whose file system failed to sync or whose device could not be read.
+
+    `device(item)` is its st_dev; `handle(item)` an open descriptor on it, or a directory
+    path to open for the sync.
+    """
+    errors: dict[T, OSError] = {}
+    by_fs: dict[int, list[T]] = {}
+    for item in items:
+        try:
+            by_fs.setdefault(device(item), []).append(item)
+        except OSError as e:
+            errors[item] = e
+    for members in by_fs.values():
+        try:
+            target = handle(members[0])
+            if isinstance(target, int):
+                sync_filesystem(target)
+            else:
+                fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    sync_filesystem(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            errors.update((item, e) for item in members)
+    return errors
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailserver.fsutil import can_sync_filesystem, sync_filesystem
+from mailserver.fsutil import can_sync_filesystem, sync_by_filesystem
 from mailserver.maildir.delivery import Delivery, DeliveryResult, Placement, sync_directories
 
 log = Logger()
@@ -142,18 +142,8 @@ def _sync_files(deliveries: list[Delivery]) -> bool:
         for delivery in deliveries:
             delivery.stage_sync()
         return False
-    by_fs: dict[int, list[Delivery]] = {}
+    errors = sync_by_filesystem(pending, lambda d: os.fstat(d.unsynced_fd).st_dev,
+                                lambda d: d.unsynced_fd)
     for delivery in pending:
-        try:
-            by_fs.setdefault(os.fstat(delivery.unsynced_fd).st_dev, []).append(delivery)
-        except OSError:
-            delivery.stage_sync()
-    for members in by_fs.values():
-        error: OSError | None = None
-        try:
-            sync_filesystem(members[0].unsynced_fd)
-        except OSError as e:
-            error = e
-        for delivery in members:
-            delivery.synced_with_filesystem(error)
+        delivery.synced_with_filesystem(errors.get(delivery))
     return True

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_filesystem,
+from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_by_filesystem,
                                unlink_quietly, write_all)
 from mailserver.maildir.names import normalized
 
@@ -109,22 +109,7 @@ def sync_directories(dirs: Sequence[Path], whole_filesystems: bool = False
     errors: dict[Path, OSError] = {}
     unique = list(dict.fromkeys(dirs))
     if whole_filesystems and len(unique) > 1 and can_sync_filesystem():
-        by_fs: dict[int, list[Path]] = {}
-        for d in unique:
-            try:
-                by_fs.setdefault(os.stat(d).st_dev, []).append(d)
-            except OSError as e:
-                errors[d] = e
-        for members in by_fs.values():
-            try:
-                fd = os.open(members[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    sync_filesystem(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                errors.update((d, e) for d in members)
-        return errors
+        return sync_by_filesystem(unique, lambda d: os.stat(d).st_dev, lambda d: d)
     for d in unique:
         try:
             fsync_directory(d)
@@ -171,7 +156,7 @@ class Delivery:
     """One message on its way into one or more Maildirs, streamed through a tmp/ file.
 
     Created by `MaildirStore.begin_delivery`.  `write` from the reactor thread as data
-    arrives, then `commit` (disk work in a thread) or `abort`.  A repeated target gets
+    arrives, then `commit` (disk work in a commit thread or process) or `abort`.  A repeated target gets
     the same file and result as its first occurrence: one copy per Maildir.
     """
 
@@ -182,7 +167,7 @@ class Delivery:
             raise ValueError("a delivery needs at least one target")
         self.targets = [t if isinstance(t, Path) else Path(t) for t in targets]
         self._on_committed = on_committed
-        self._committer = committer  # a GroupCommitter, else one pool thread per commit
+        self._committer = committer  # Group/ProcessCommitter, else a pool thread per commit
         self._unique = list(dict.fromkeys(_key(t) for t in self.targets))
         self._buffer = bytearray()
         self._size = 0

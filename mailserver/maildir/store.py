@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.fsutil import fsync_directory
-from mailserver.maildir import commit_process
 from mailserver.maildir.commit_process import ProcessCommitter
+from mailserver.maildir.commit_process import available as commit_process_available
 from mailserver.maildir.committer import GroupCommitter
 from mailserver.maildir.delivery import Delivery, escape_hostname
 from mailserver.maildir.names import (
@@ -129,7 +129,7 @@ class MaildirStore:
         return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer)
 
     def _new_committer(self) -> GroupCommitter | ProcessCommitter:
-        if self.commit_process and commit_process.available():
+        if self.commit_process and commit_process_available():
             return ProcessCommitter()
         return GroupCommitter()
 

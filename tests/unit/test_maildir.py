@@ -508,7 +508,6 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch, whole_fs: bool) -
     system, or an fsync each where there is no syncfs), then placed, then one fsync of the
     shared new/ directory, and one result list per delivery."""
     from mailserver import fsutil
-    from mailserver.maildir import committer as committer_mod
     from mailserver.maildir.committer import commit_group
 
     if whole_fs and not fsutil.can_sync_filesystem():
@@ -521,7 +520,7 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch, whole_fs: bool) -
         d.write(MESSAGE + b"%d\r\n" % i)
     events: list[str] = []
     real_fsync, real_rename, real_link, real_write = os.fsync, os.rename, os.link, os.write
-    real_syncfs = committer_mod.sync_filesystem
+    real_syncfs = fsutil.sync_filesystem
 
     def fsync(fd):
         events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
@@ -544,7 +543,7 @@ def test_group_commit_stages(store: MaildirStore, monkeypatch, whole_fs: bool) -
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(committer_mod, "sync_filesystem", syncfs)
+    monkeypatch.setattr(fsutil, "sync_filesystem", syncfs)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "write", write)
@@ -573,9 +572,14 @@ def test_group_commit_syncs_many_directories_with_their_file_system(
         d.write(MESSAGE)
     synced: list[int] = []
     dir_fsyncs: list[str] = []
-    real_syncfs = delivery_module.sync_filesystem
-    monkeypatch.setattr(delivery_module, "sync_filesystem",
-                        lambda fd: (synced.append(fd), real_syncfs(fd)))
+    real_syncfs = fsutil.sync_filesystem
+
+    def syncfs(fd):  # the directories' sync (the files have one of their own)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(fd)
+        real_syncfs(fd)
+
+    monkeypatch.setattr(fsutil, "sync_filesystem", syncfs)
     monkeypatch.setattr(delivery_module, "fsync_directory", lambda d: dir_fsyncs.append(d))
     out = commit_group([(d, None) for d in deliveries])
     assert len(synced) == 1 and dir_fsyncs == []  # four new/ directories, one file system
@@ -587,7 +591,6 @@ def test_group_commit_syncfs_error_fails_the_group(store: MaildirStore, monkeypa
     """A failed syncfs means none of the group's files is known to be durable: every
     delivery fails (the client retries) and nothing is placed."""
     from mailserver import fsutil
-    from mailserver.maildir import committer as committer_mod
     from mailserver.maildir.committer import commit_group
 
     if not fsutil.can_sync_filesystem():
@@ -600,7 +603,7 @@ def test_group_commit_syncfs_error_fails_the_group(store: MaildirStore, monkeypa
     def failing(fd):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(committer_mod, "sync_filesystem", failing)
+    monkeypatch.setattr(fsutil, "sync_filesystem", failing)
     out = commit_group([(d, None) for d in deliveries])
     assert [[r.ok for r in results] for _, results in out] == [[False]] * 4
     assert all(results[0].error.errno == errno.EIO for _, results in out)
