@@ -22,6 +22,7 @@ resolve_recipient, make_delivery, max_recipients, check_mail_param and line_too_
 from __future__ import annotations
 
 import email.utils
+import random
 import re
 import secrets
 import time
@@ -34,7 +35,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from mailserver.fastwrite import write_now
+from mailserver.fastwrite import close_now, write_now
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
@@ -70,9 +71,15 @@ _ACCEPTED_LINE = ("{service} accepted message {qid} from=<{sender}> to={recipien
                   "size={size} tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}")
 
 
+_id_random = random.Random(secrets.randbits(64))
+
+
 def new_queue_id() -> str:
-    """Short, unique, sortable by time: what the logs and the 250 reply call a message."""
-    return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}".upper()
+    """Short, unique, sortable by time: what the logs and the 250 reply call a message.
+
+    The random part only tells apart messages of the same millisecond (nothing secret):
+    a seeded generator, not a getrandom(2) call per message."""
+    return f"{int(time.time() * 1000):x}{_id_random.getrandbits(24):06x}".upper()
 
 
 @dataclass
@@ -193,7 +200,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self._incoming.delivery.abort()
             self._incoming = None
         self._flush_replies()
-        self.transport.loseConnection()
+        close_now(self.transport)
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
         self._closing = True
