@@ -398,6 +398,10 @@ def run_once(server, user: str, count: int, size: int, concurrency: int, mode: s
     """One measured run against a started server; the Maildir is emptied afterwards."""
     maildir = server.maildir(user)
     set_aside(maildir, set_aside_dir(server))
+    # Start from a file system with nothing left to write back: the previous run's unsynced
+    # writes (twistd mail never syncs; 100 KB runs leave 100 MB) would otherwise be written
+    # back during this run, and slow whichever server comes next.
+    os.sync()
     pids = server.pids()
     wait_cpu_quiet(pids, 2.0)
     cpu0, client0, busy0 = tree_cpu_seconds(pids), own_cpu_seconds(), system_busy_seconds()
