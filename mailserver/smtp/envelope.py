@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 _PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class EnvelopeSyntaxError(ValueError):
@@ -15,6 +16,9 @@ def _split_path(rest: str) -> tuple[str, str]:
     """Split '<path> params' (or a bare path) into the path without brackets and the rest."""
     rest = rest.lstrip(" ")
     if rest.startswith("<"):
+        end = rest.find(">")
+        if end > 0 and '"' not in rest[1:end]:  # nearly every path: no quoted local part
+            return rest[1:end], rest[end + 1:]
         i, quoted = 1, False
         while i < len(rest):
             c = rest[i]
@@ -59,6 +63,6 @@ def parse_command_path(arg: bytes, keyword: str) -> tuple[str, dict[str, str | N
     if head.upper() != keyword + ":":
         raise EnvelopeSyntaxError(f"expected {keyword}:")
     path, rest = _split_path(text[len(keyword) + 1:])
-    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+    if _CONTROL.search(path):
         raise EnvelopeSyntaxError("control character in address")
     return path, _parse_params(rest.rstrip(" "))

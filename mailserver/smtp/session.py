@@ -279,8 +279,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         line = line[:-2]
         if b"\r" in line:
             return self._refuse_bare(R.BARE_CR)
-        self.resetTimeout()
-        self.lineReceived(line)
+        self.lineReceived(line)  # SMTP.lineReceived resets the idle timeout
         return True
 
     def _refuse_bare(self, r: Reply) -> bool:
