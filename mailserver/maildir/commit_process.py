@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserver.maildir.committer import MAX_GROUP, GroupCommitter, commit_group
-from mailserver.maildir.delivery import Delivery, DeliveryResult
+from mailserver.maildir.delivery import Delivery, DeliveryResult, new_dir
 
 log = Logger()
 
@@ -235,7 +235,7 @@ class ProcessCommitter:
         for target, (ok, code, message) in zip(targets, outcomes):
             error = None if ok else OSError(code or errno.EIO, message)
             results.append(DeliveryResult(target, bool(ok),
-                                          target / "new" / name if ok else None, error))
+                                          new_dir(target) / name if ok else None, error))
         d.callback(results)
 
     def _lost(self, reason: Failure) -> None:

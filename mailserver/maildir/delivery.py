@@ -131,7 +131,9 @@ class Placement:
 
     @property
     def dirs(self) -> list[Path]:
-        return list(dict.fromkeys(p.parent for p, e in self.outcomes.values() if p is not None))
+        # every placed file is <its key>/new/<name>
+        return list(dict.fromkeys(new_dir(key) for key, (p, _) in self.outcomes.items()
+                                  if p is not None))
 
     def finish(self, dir_errors: dict[Path, OSError]) -> list[DeliveryResult]:
         """One result per target, in target order, after the directories were synced.
@@ -141,15 +143,32 @@ class Placement:
         """
         results = []
         for target in self.targets:
-            path, error = self.outcomes[_key(target)]
-            if path is not None and error is None and path.parent in dir_errors:
-                error = dir_errors[path.parent]
+            key = _key(target)
+            path, error = self.outcomes[key]
+            if path is not None and error is None and new_dir(key) in dir_errors:
+                error = dir_errors[new_dir(key)]
             results.append(DeliveryResult(target, error is None, path, error))
         return results
 
 
 def _key(target: Path) -> Path:
     return normalized(target)
+
+
+_new_dirs: dict[Path, Path] = {}
+_NEW_DIRS_MAX = 4096
+
+
+def new_dir(target: Path) -> Path:
+    """`target / "new"`, one Path object per Maildir: a message's every step asks for it
+    (create, link, sync, report), and a fresh Path each time costs its parsing and hashing
+    again."""
+    known = _new_dirs.get(target)
+    if known is None:
+        if len(_new_dirs) >= _NEW_DIRS_MAX:
+            _new_dirs.clear()
+        known = _new_dirs[target] = target / "new"
+    return known
 
 
 class Delivery:
@@ -195,7 +214,7 @@ class Delivery:
         for target in self._unique:
             if _anonymous_files:
                 try:
-                    fd = os.open(target / "new", _ANON_FLAGS, 0o600)
+                    fd = os.open(new_dir(target), _ANON_FLAGS, 0o600)
                     return fd, target, unique_base(escaped_host), False
                 except OSError as e:
                     if e.errno in _ANON_UNSUPPORTED:
@@ -362,7 +381,9 @@ class Delivery:
     def adopt(cls, request: dict[str, Any], fd: int, content: bytes) -> Delivery:
         """The commit process's side of `commit_request`: the delivery whose file is `fd`
         (written), or whose bytes are `content` (its file is created by `stage_write`)."""
-        delivery = cls([Path(t) for t in request["targets"]], str(request.get("host", "")))
+        # normalized: the same Path objects for every message to a Maildir (its targets
+        # are the server's own, already in that form)
+        delivery = cls([normalized(t) for t in request["targets"]], str(request.get("host", "")))
         delivery._size = int(request["size"])
         if fd >= 0:
             delivery._fd = fd
@@ -427,7 +448,7 @@ class Delivery:
                 placement.outcomes[key] = (self._link_or_copy(key, name), None)
             except OSError as e:
                 placement.outcomes[key] = (None, e)
-        dest = self._home / "new" / name
+        dest = new_dir(self._home) / name
         try:
             os.rename(self._tmp_path, dest)
             placement.outcomes[self._home] = (dest, None)
@@ -438,7 +459,7 @@ class Delivery:
 
     def _link_anonymous(self, target: Path, name: str) -> Path:
         """Name the fsynced file without a name in target's new/, or copy it there."""
-        dest = target / "new" / name
+        dest = new_dir(target) / name
         try:
             _link_fd(self._fd, dest)
             return dest
@@ -456,7 +477,7 @@ class Delivery:
 
     def _link_or_copy(self, target: Path, name: str) -> Path:
         """Hard-link the fsynced tmp file into target's new/, or copy it if links fail."""
-        dest = target / "new" / name
+        dest = new_dir(target) / name
         try:
             os.link(self._tmp_path, dest)
             return dest
@@ -473,7 +494,7 @@ class Delivery:
     @staticmethod
     def _copy_into(target: Path, name: str, chunks: Any) -> Path:
         """Copy into target's new/ via its tmp/, with its own fsync (links cannot cross)."""
-        dest = target / "new" / name
+        dest = new_dir(target) / name
         copy_tmp = target / "tmp" / name
         out = os.open(copy_tmp, _OPEN_FLAGS, 0o600)
         try:
