@@ -22,6 +22,7 @@ new/ (an IMAP session, POP3) can never pull the source away from under the links
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import time
@@ -155,20 +156,12 @@ def _key(target: Path) -> Path:
     return normalized(target)
 
 
-_new_dirs: dict[Path, Path] = {}
-_NEW_DIRS_MAX = 4096
-
-
+@functools.lru_cache(maxsize=4096)
 def new_dir(target: Path) -> Path:
     """`target / "new"`, one Path object per Maildir: a message's every step asks for it
     (create, link, sync, report), and a fresh Path each time costs its parsing and hashing
     again."""
-    known = _new_dirs.get(target)
-    if known is None:
-        if len(_new_dirs) >= _NEW_DIRS_MAX:
-            _new_dirs.clear()
-        known = _new_dirs[target] = target / "new"
-    return known
+    return target / "new"
 
 
 class Delivery:

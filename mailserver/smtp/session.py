@@ -22,6 +22,7 @@ resolve_recipient, make_delivery, max_recipients, check_mail_param and line_too_
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import re
 import secrets
@@ -72,6 +73,7 @@ _ACCEPTED_LINE = ("{service} accepted message {qid} from=<{sender}> to={recipien
 
 
 _id_random = random.Random(secrets.randbits(64))
+os.register_at_fork(after_in_child=lambda: _id_random.seed(secrets.randbits(64)))
 
 
 def new_queue_id() -> str:

@@ -56,6 +56,8 @@ def test_normalize_is_case_insensitive_canonical_form():
     ("user\r\n@example.org", "control"),
     ("user\t@example.org", "control"),
     ('"john doe"@example.org', "spaces"),
+    ("user\u00a0x@example.org", "spaces"),  # Unicode spaces too (SMTPUTF8 addresses)
+    ("user@exam\u2003ple.org", "spaces"),
     ("user@-bad.org", "invalid domain label"),
     ("user@exa_mple.org", "invalid domain label"),
     ("user@example..org", "empty label"),
