@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import re
 from pathlib import Path
@@ -61,26 +62,21 @@ def check_path_component(value: str, what: str) -> str:
     return value
 
 
-_normalized: dict[object, Path] = {}
-_NORMALIZED_MAX = 4096
-
-
 def normalized(path: str | os.PathLike[str]) -> Path:
     """`path` absolute, with '.', '..' and repeated separators resolved by name (no
     symlinks followed): the form every per-path table of the store is keyed by.
 
     Remembered for absolute paths, since every delivery and notification asks for the
-    same few Maildirs again.
+    same few Maildirs again (a relative one depends on the working directory).
     """
-    known = _normalized.get(path)
-    if known is not None:
-        return known
-    result = Path(os.path.normpath(os.path.abspath(path)))
     if os.path.isabs(path):
-        if len(_normalized) >= _NORMALIZED_MAX:
-            _normalized.clear()
-        _normalized[path] = result
-    return result
+        return _normalized_absolute(path)
+    return Path(os.path.normpath(os.path.abspath(path)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized_absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.normpath(path))
 
 
 def is_inside(path: Path, root: Path) -> bool:
