@@ -123,6 +123,11 @@ class LimitsConfig:
     # Submission only, per authenticated user.
     submission_max_recipients: int = 100
     messages_per_hour: int = 500
+    # MX abuse (RFC 5321 leaves these to the server): RCPT commands per session, duplicates
+    # and refused ones counted, and commands answered with an error per session; past
+    # either the client gets 421 and is disconnected.
+    max_rcpt_commands: int = 1000
+    max_command_errors: int = 20
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,33 @@ class QueueConfig:
     concurrency: int = 20                   # messages being delivered at the same time
 
 
+RSPAMD_FAILURE_MODES = ("accept", "tempfail")
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    """What the MX checks in mail from the internet (mailserver.inbound)."""
+
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    dmarc_enforce: bool = True           # apply p=reject / p=quarantine; false: only record
+    arc: bool = True
+    trusted_arc_sealers: tuple[str, ...] = ()   # ARC sealers whose pass overrides DMARC
+    rspamd_url: str = ""                 # "http://127.0.0.1:11333"; "" = no spam filter
+    rspamd_timeout: float = 15.0
+    rspamd_failure: str = "accept"       # accept | tempfail, when rspamd does not answer
+    dnsbl: tuple[str, ...] = ()          # DNS blocklist zones, checked at connection
+    greet_delay: float = 1.0             # seconds before the banner; talking first is refused
+    junk_folder: str = "Junk"            # where spam and DMARC quarantine go
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # skip every check
+    psl_file: str = ""                   # a newer public_suffix_list.dat; "" = the packaged one
+
+    @property
+    def networks(self) -> tuple[Any, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_networks)
+
+
 @dataclass(frozen=True)
 class AutoconfigConfig:
     """What mail clients are told: the public host and ports (may differ from [listen])."""
@@ -197,6 +229,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     autoconfig: AutoconfigConfig = field(default_factory=AutoconfigConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -357,6 +390,34 @@ def _hostname(key: str, value: Any) -> str:
     return value.rstrip(".")
 
 
+def _http_url(key: str, value: Any) -> str:
+    _expect(str, "a URL such as 'http://127.0.0.1:11333'")(key, value)
+    if value and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise ConfigError(key, f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of networks such as '192.0.2.0/24', got {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(str(ipaddress.ip_network(_expect(str, "a network")(f"{key}[{i}]", v),
+                                                 strict=False)))
+        except ValueError as e:
+            raise ConfigError(f"{key}[{i}]", str(e)) from None
+    return tuple(out)
+
+
+def _folder_name(key: str, value: Any) -> str:
+    _expect(str, "a folder name")(key, value)
+    if (not value or len(value) > 200 or not value.isprintable() or value.upper() == "INBOX"
+            or any(c in value for c in "/\\*%") or value.startswith(".") or ".." in value):
+        raise ConfigError(key, f"not a usable folder name: {value!r}")
+    return value
+
+
 def check_endpoint(key: str, value: Any) -> str:
     """Validate a Twisted server endpoint description without listening on it."""
     _expect(str, "an endpoint description such as 'tcp:2525'")(key, value)
@@ -401,6 +462,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "auth_failure_window": _duration,
         "submission_max_recipients": _positive_int,
         "messages_per_hour": _nonneg_int,
+        "max_rcpt_commands": _positive_int,
+        "max_command_errors": _positive_int,
     }),
     "auth": (AuthConfig, {"allow_plaintext_loopback": _expect(bool, "true or false")}),
     "relay": (RelayConfig, {
@@ -421,6 +484,22 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "max_age": _duration,
         "delay_warning": _nonneg_duration,
         "concurrency": _positive_int,
+    }),
+    "inbound": (InboundConfig, {
+        "spf": _expect(bool, "true or false"),
+        "dkim": _expect(bool, "true or false"),
+        "dmarc": _expect(bool, "true or false"),
+        "dmarc_enforce": _expect(bool, "true or false"),
+        "arc": _expect(bool, "true or false"),
+        "trusted_arc_sealers": _domains,
+        "rspamd_url": _http_url,
+        "rspamd_timeout": _duration,
+        "rspamd_failure": _choice(*RSPAMD_FAILURE_MODES),
+        "dnsbl": _domains,
+        "greet_delay": _nonneg_duration,
+        "junk_folder": _folder_name,
+        "trusted_networks": _networks,
+        "psl_file": _expect(str, "a path"),
     }),
     "autoconfig": (AutoconfigConfig, {
         "hostname": _hostname_or_empty,
@@ -478,6 +557,12 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         sections["tls"] = TLSConfig(**resolved)
     _check_distinct_endpoints(sections["listen"])
     sections["relay"] = _check_relay(sections["relay"], base)
+    inbound: InboundConfig = sections["inbound"]
+    if inbound.psl_file:
+        p = (base / inbound.psl_file).resolve()
+        if not p.is_file():
+            raise ConfigError("inbound.psl_file", f"file not found: {p}")
+        sections["inbound"] = replace(inbound, psl_file=str(p))
     return Config(path=path.resolve(), **sections)
 
 

@@ -83,6 +83,16 @@ class MailServer(service.MultiService):
         self.send_rate = SlidingWindowCounter(config.limits.messages_per_hour, 3600.0)
         self.queue = build_queue(self)
         self.queue.setServiceParent(self)
+        # Inbound checks on the MX (SPF, DKIM, DMARC, ARC, blocklists, spam filter).
+        self.checker = None
+        inbound = config.inbound
+        if (inbound.spf or inbound.dkim or inbound.dmarc or inbound.arc or inbound.dnsbl
+                or inbound.rspamd_url or inbound.greet_delay > 0):
+            from mailserver.inbound.checker import build_checker
+            from mailserver.smtp.checked import clean_spool
+
+            clean_spool(config.state_dir / "inbound")
+            self.checker = build_checker(self)
         for name, description in config.listen.enabled().items():
             build = _builder(name)
             if build is None:
@@ -112,6 +122,8 @@ class MailServer(service.MultiService):
     def stopService(self) -> Any:
         if getattr(self, "_index_sweep", None) is not None and self._index_sweep.running:
             self._index_sweep.stop()
+        if self.checker is not None and self.checker.rspamd is not None:
+            self.checker.rspamd.close()
         return super().stopService()
 
 

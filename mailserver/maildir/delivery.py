@@ -174,7 +174,7 @@ class Delivery:
 
     def __init__(self, targets: Sequence[Path], escaped_host: str,
                  on_committed: Callable[[list[Path]], None] | None = None,
-                 committer: Any = None) -> None:
+                 committer: Any = None, info: str = "") -> None:
         if not targets:
             raise ValueError("a delivery needs at least one target")
         self.targets = [t if isinstance(t, Path) else Path(t) for t in targets]
@@ -187,6 +187,9 @@ class Delivery:
         self._state = "open"
         self._synced = False
         self._escaped_host = escaped_host
+        # ":2,<flags>" for a message placed with flags or keywords (a Junk delivery's
+        # $Junk letter); a sync keeps it when it moves the file to cur/.
+        self._info = info
         # The tmp file is created when the first buffer is flushed: a message that fits
         # in the buffer touches the disk only in the commit thread, never in the reactor.
         self._fd = -1
@@ -360,6 +363,8 @@ class Delivery:
         """
         description: dict[str, Any] = {"targets": [str(t) for t in self.targets],
                                        "size": self._size}
+        if self._info:
+            description["info"] = self._info
         if self._fd < 0 and self._home is None and self._error is None:
             description["host"] = self._escaped_host
             return description, -1, bytes(self._buffer)
@@ -376,7 +381,8 @@ class Delivery:
         (written), or whose bytes are `content` (its file is created by `stage_write`)."""
         # normalized: the same Path objects for every message to a Maildir (its targets
         # are the server's own, already in that form)
-        delivery = cls([normalized(t) for t in request["targets"]], str(request.get("host", "")))
+        delivery = cls([normalized(t) for t in request["targets"]], str(request.get("host", "")),
+                       info=str(request.get("info", "")))
         delivery._size = int(request["size"])
         if fd >= 0:
             delivery._fd = fd
@@ -394,7 +400,7 @@ class Delivery:
 
     def message_name(self) -> str:
         """The file name the message gets in every new/ directory."""
-        return f"{self._base},S={self._size}"
+        return f"{self._base},S={self._size}{self._info}"
 
     @property
     def unsynced_fd(self) -> int:

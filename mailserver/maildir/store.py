@@ -115,7 +115,7 @@ class MaildirStore:
             fsync_directory(d)
         return path
 
-    def begin_delivery(self, targets: Sequence[Path]) -> Delivery:
+    def begin_delivery(self, targets: Sequence[Path], info: str = "") -> Delivery:
         """Start one message for the Maildirs `targets` (each a user's INBOX or a folder).
 
         Creates the tmp file at once (OSError if no target's tmp/ accepts it, which the
@@ -126,7 +126,8 @@ class MaildirStore:
                 raise ValueError(f"delivery target outside the maildir root: {t}")
         if self._committer is None:
             self._committer = self._new_committer()
-        return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer)
+        return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer,
+                        info=info)
 
     def _new_committer(self) -> GroupCommitter | ProcessCommitter:
         if self.commit_process and commit_process_available():

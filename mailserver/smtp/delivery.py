@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
@@ -88,15 +88,25 @@ class IDelivery(Interface):
         """Forget the message; nothing of it stays visible anywhere."""
 
 
+Placement = Callable[[Path], tuple[Path, str]]
+
+
 @implementer(IDelivery)
 class LocalDelivery:
-    """Writes into the Maildirs of local users through the store."""
+    """Writes into the Maildirs of local users through the store.
 
-    def __init__(self, store: "MaildirStore") -> None:
+    `place` maps a user's Maildir to the folder that gets the message and the ":2,..."
+    info its file name carries (a Junk delivery: the user's Junk folder and its $Junk
+    keyword letter); without it every message goes to INBOX, unflagged.  One stored file
+    per distinct info suffix (nearly always one), hard-linked into every target.
+    """
+
+    def __init__(self, store: "MaildirStore", place: Placement | None = None) -> None:
         self.store = store
+        self.place = place
         self._users: dict[Path, "User"] = {}
-        self._store_delivery = None
-        self._pending: list[bytes] = []
+        self._infos: dict[Path, str] = {}
+        self._deliveries: dict[str, Any] | None = None
 
     @property
     def mailboxes(self) -> list["User"]:
@@ -105,22 +115,38 @@ class LocalDelivery:
     def add_recipient(self, recipient: Recipient) -> None:
         for user in recipient.local:
             path = self.store.user_path(user.domain, user.localpart)
-            self._users.setdefault(path, user)
+            info = ""
+            if self.place is not None:
+                path, info = self.place(path)
+            if path not in self._users:
+                self._users[path] = user
+                self._infos[path] = info
 
     def write_headers(self, delivery: bytes, trace: bytes) -> None:
         self.write(delivery + trace)
 
     def write(self, data: bytes) -> None:
-        if self._store_delivery is None:
-            self._store_delivery = self.store.begin_delivery(list(self._users))
-        self._store_delivery.write(data)
+        if self._deliveries is None:
+            groups: dict[str, list[Path]] = {}
+            for path, info in self._infos.items():
+                groups.setdefault(info, []).append(path)
+            self._deliveries = {info: self.store.begin_delivery(paths, info=info)
+                                for info, paths in groups.items()}
+        for delivery in self._deliveries.values():
+            delivery.write(data)
 
     def commit(self) -> defer.Deferred:
         if not self._users:
             return defer.succeed(DeliveryOutcome())
-        if self._store_delivery is None:
+        if self._deliveries is None:
             self.write(b"")
-        d = self._store_delivery.commit()
+        assert self._deliveries is not None
+        deliveries = list(self._deliveries.values())
+        if len(deliveries) == 1:
+            d = deliveries[0].commit()
+        else:
+            d = defer.gatherResults([x.commit() for x in deliveries], consumeErrors=True)
+            d.addCallback(lambda lists: [r for results in lists for r in results])
 
         def statuses(results) -> DeliveryOutcome:
             out = DeliveryOutcome()
@@ -134,5 +160,5 @@ class LocalDelivery:
         return d.addCallback(statuses)
 
     def abort(self) -> None:
-        if self._store_delivery is not None:
-            self._store_delivery.abort()
+        for delivery in (self._deliveries or {}).values():
+            delivery.abort()

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.smtp.delivery import (DeliveryOutcome, IDelivery, LocalDelivery, MailboxStatus,
-                                      Recipient)
+                                      Placement, Recipient)
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
 from mailserver.smtp.queue.store import SpoolFile
 
@@ -34,8 +34,8 @@ MAILDIR_ONLY_FIELDS = ("Return-Path", "Delivered-To")
 @implementer(IDelivery)
 class QueueingDelivery:
     def __init__(self, store: "MaildirStore", queue: "QueueRunner", queue_id: str,
-                 sender: str) -> None:
-        self.local = LocalDelivery(store)
+                 sender: str, place: Placement | None = None) -> None:
+        self.local = LocalDelivery(store, place)
         self.queue = queue
         self.queue_id = queue_id
         self.sender = sender

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+
 from mailserver.addresses import AddressError, check_recipient_syntax
+from mailserver.fastwrite import write_now
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
-from mailserver.smtp.delivery import IDelivery, Recipient
+from mailserver.smtp.checked import CheckedDelivery
+from mailserver.smtp.delivery import IDelivery, LocalDelivery, Placement, Recipient
+from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.forwarding import QueueingDelivery
 from mailserver.smtp.replies import SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
@@ -38,7 +47,97 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
 
 
 class MXSession(SMTPSession):
-    """Port 25: no AUTH, local recipients only; remote alias targets via the queue."""
+    """Port 25: no AUTH, local recipients only; remote alias targets via the queue.
+
+    With inbound checks (context.checker) for a client outside the trusted networks: the
+    banner waits greet_delay seconds and a client that talks first is refused
+    (postscreen's pregreet test); its address is looked up in the DNS blocklists while
+    it waits, a listed client has its RCPTs refused; SPF starts at MAIL FROM; and the
+    message goes through CheckedDelivery (DKIM, DMARC, ARC, spam filter, Junk).
+    """
+
+    _checks = False
+    _banner: bytes | None = None
+    _banner_call: Any = None
+    _blocked: Any = None          # Deferred[Reply | None] while the blocklists answer
+    _spf: defer.Deferred | None = None
+
+    def connectionMade(self) -> None:
+        checker = self.context.checker
+        self._checks = checker is not None and not checker.trusted(self.peer_ip)
+        if not self._checks:
+            super().connectionMade()
+            return
+        self._blocked = checker.check_client(self.peer_ip)
+        self._blocked.addCallback(self._listed)
+        delay = checker.greet_delay
+        if delay <= 0:
+            super().connectionMade()
+            return
+        self._replies = []  # the banner is built now and held back
+        super().connectionMade()
+        self._banner, self._replies = b"".join(self._replies), None
+        self._banner_call = reactor.callLater(delay, self._greet)
+
+    def _listed(self, refusal: Any) -> Any:
+        self._blocked = refusal  # the Reply, or None: not listed
+        return refusal
+
+    def _greet(self) -> None:
+        self._banner_call = None
+        banner, self._banner = self._banner, None
+        if banner and not self._closing:
+            write_now(self.transport, banner)
+            if self._buffer:  # cannot happen: input before the banner was refused
+                self._drain()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._banner is not None:  # RFC 5321 3.1: the client must wait for the 220
+            self._banner = None
+            if self._banner_call is not None and self._banner_call.active():
+                self._banner_call.cancel()
+            self.log.info("{service} {ip}: talked before the greeting, refused",
+                          service=self.context.service, ip=self.peer_ip)
+            self.reply(R.PREGREET)
+            self._close()
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._banner_call is not None and self._banner_call.active():
+            self._banner_call.cancel()
+        super().connectionLost(reason)
+
+    def _reset_transaction(self) -> None:
+        super()._reset_transaction()
+        self._spf = None
+
+    def do_MAIL(self, rest: bytes) -> None:
+        super().do_MAIL(rest)
+        if self._checks and self._sender is not None and self._spf is None:
+            self._spf = self.context.checker.check_sender(self.peer_ip, self._sender,
+                                                          self._helo_name)
+
+    def do_RCPT(self, rest: bytes) -> None:
+        blocked = self._blocked
+        if isinstance(blocked, defer.Deferred):  # the blocklists have not answered yet
+            self._pause()
+            blocked.addBoth(self._rcpt_after_lookup, rest)
+            return
+        if blocked is not None and self._sender is not None:
+            self._rcpt_commands += 1
+            self.log.info("{service} {ip}: recipient <{rcpt}> refused: {reply}",
+                          service=self.context.service, ip=self.peer_ip,
+                          rcpt=rest.decode("ascii", "replace")[3:].strip(), reply=str(blocked))
+            self.reply(blocked)
+            return
+        super().do_RCPT(rest)
+
+    def _rcpt_after_lookup(self, result: Any, rest: bytes) -> Any:
+        if not self._closing:
+            self.do_RCPT(rest)
+            self._resume()
+        return result
 
     def resolve_recipient(self, path: str) -> Recipient:
         recipient = resolve_local(self.context, path)
@@ -49,11 +148,24 @@ class MXSession(SMTPSession):
                           rcpt=recipient.address, targets=",".join(recipient.remote))
         return recipient
 
-    def make_delivery(self, queue_id: str) -> IDelivery:
+    def _inner_delivery(self, queue_id: str, sender: str,
+                        place: Placement | None = None) -> IDelivery:
         if self.context.queue is None:
-            return super().make_delivery(queue_id)
-        delivery = QueueingDelivery(self.context.store, self.context.queue, queue_id,
-                                    self._sender or "")
+            return LocalDelivery(self.context.store, place)
+        return QueueingDelivery(self.context.store, self.context.queue, queue_id, sender, place)
+
+    def make_delivery(self, queue_id: str) -> IDelivery:
+        sender = self._sender or ""
+        if self._checks:
+            delivery: IDelivery = CheckedDelivery(
+                self.context.checker, self.context.junk, self.context.store,
+                lambda place: self._inner_delivery(queue_id, sender, place),
+                self.context.spool_dir,
+                dict(ip=self.peer_ip, helo=self._helo_name, mail_from=sender,
+                     queue_id=queue_id),
+                self._spf)
+        else:
+            delivery = self._inner_delivery(queue_id, sender)
         for recipient in self._recipients:
             delivery.add_recipient(recipient)
         return delivery
@@ -75,4 +187,8 @@ def build_factory(server, name: str) -> SMTPFactory:
     context = SMTPContext(hostname=server.config.server.hostname, limits=server.config.limits,
                           accounts=server.accounts, store=server.store, tls=server.tls,
                           service=name, queue=getattr(server, "queue", None))
+    context.checker = getattr(server, "checker", None)
+    if context.checker is not None:
+        context.junk = JunkFolders(server.store, server.config.inbound.junk_folder)
+        context.spool_dir = server.config.state_dir / "inbound"
     return SMTPFactory(context, MXSession)

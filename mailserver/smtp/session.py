@@ -22,6 +22,7 @@ resolve_recipient, make_delivery, max_recipients, check_mail_param and line_too_
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import os
 import random
 import re
@@ -50,7 +51,24 @@ if TYPE_CHECKING:
     from mailserver.maildir import MaildirStore
 
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
-_HELO_SAFE = re.compile(r"[^!-~]")
+_HELO_BAD = re.compile(r"[\x00-\x1f\x7f]")
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
+
+
+def received_helo(name: str) -> str:
+    """The HELO name as written into Received: an address literal that is one, or a
+    domain-like name with every other character replaced (RFC 5321 4.1.4 lets the server
+    accept a wrong name, not copy anything into the header)."""
+    m = _ADDRESS_LITERAL.fullmatch(name)
+    if m:
+        try:
+            ipaddress.ip_address(m.group(1))
+            return name
+        except ValueError:
+            pass
+    clean = _HELO_UNSAFE.sub("-", name).strip(".-")[:255]
+    return clean or "unknown"
 
 
 @dataclass
@@ -64,6 +82,9 @@ class SMTPContext:
     tls: Any = None  # IOpenSSLServerConnectionCreator, or None when TLS is off
     service: str = "smtp"
     queue: Any = None  # mailserver.smtp.queue.QueueRunner; None: no forwarding or retries
+    checker: Any = None  # mailserver.inbound.checker.InboundChecker (MX); None: no checks
+    junk: Any = None     # mailserver.inbound.junk.JunkFolders, with the checker
+    spool_dir: Any = None  # where checked messages wait for their verdict
 
 
 PAUSED_BUFFER_MAX = 64 * 1024  # input kept while paused before the transport stops reading
@@ -132,6 +153,9 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     username: str = ""  # the authenticated address (submission)
 
+    _rcpt_commands = 0   # per session, never reset (limits.max_rcpt_commands)
+    _errors = 0          # error replies since the last accepted message
+
     def _reset_session(self) -> None:
         self._greeted = False
         self._esmtp = False
@@ -165,7 +189,21 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         return self.host + b" ESMTP"
 
     def sendCode(self, code: int, message: bytes = b"") -> None:  # type: ignore[override]
-        """One reply, all its lines in one send (RFC 5321 4.2.1)."""
+        """One reply, all its lines in one send (RFC 5321 4.2.1).
+
+        Error replies are counted: past limits.max_command_errors the client gets 421 and
+        the connection is closed instead (a client that only makes errors is probing)."""
+        if 400 <= code < 600 and code != 421 and not self._closing:
+            self._errors += 1
+            if self._errors > self.limits.max_command_errors:
+                self.log.info("{service} {ip}: too many errors, disconnecting",
+                              service=self.context.service, ip=self.peer_ip)
+                self._send(421, R.TOO_MANY_ERRORS.line())
+                self._close()
+                return
+        self._send(code, message)
+
+    def _send(self, code: int, message: bytes) -> None:
         lines = message.splitlines() or [b""]
         last = lines.pop()
         data = (b"".join(b"%03d-%s\r\n" % (code, line) for line in lines)
@@ -319,25 +357,32 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             ext.append(b"STARTTLS")
         return ext
 
-    def _helo_arg(self, rest: bytes) -> str | None:
-        name = rest.strip().decode("ascii", "replace")
-        if not name:
-            return None
-        return _HELO_SAFE.sub("?", name)[:255]
+    def _helo_arg(self, rest: bytes, verb: str) -> str | None:
+        """The HELO/EHLO name, or None after a 501: missing, not UTF-8, or with NUL or
+        other control characters (nothing a real client sends)."""
+        try:
+            name = rest.strip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            name = None
+        if name is not None and name and not _HELO_BAD.search(name) and len(name) <= 255:
+            return received_helo(name)
+        if not name and name is not None:
+            self.reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+        else:
+            self.reply(R.BAD_HELO)
+        return None
 
     def do_EHLO(self, rest: bytes) -> None:  # RFC 5321 4.1.1.1
-        name = self._helo_arg(rest)
+        name = self._helo_arg(rest, "EHLO")
         if name is None:
-            self.reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
             return
         self._reset_transaction()
         self._greeted, self._esmtp, self._helo_name = True, True, name
         self.sendCode(250, b"\n".join([self.host] + self.extensions()))
 
     def do_HELO(self, rest: bytes) -> None:
-        name = self._helo_arg(rest)
+        name = self._helo_arg(rest, "HELO")
         if name is None:
-            self.reply(Reply(501, "5.5.4", "Syntax: HELO hostname"))
             return
         self._reset_transaction()
         self._greeted, self._esmtp, self._helo_name = True, False, name
@@ -422,6 +467,14 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         return sender
 
     def do_RCPT(self, rest: bytes) -> None:  # RFC 5321 4.1.1.3
+        self._rcpt_commands += 1
+        if self._rcpt_commands > self.limits.max_rcpt_commands:
+            self.log.info("{service} {ip}: over {n} RCPT commands, disconnecting",
+                          service=self.context.service, ip=self.peer_ip,
+                          n=self.limits.max_rcpt_commands)
+            self.reply(R.TOO_MANY_RCPT_COMMANDS)
+            self._close()
+            return
         if self._sender is None:
             return self.reply(R.BAD_SEQUENCE_MAIL)
         try:
@@ -621,6 +674,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         # that keep them.
         self.log.info("{line}", line=_ACCEPTED_LINE.format(**fields), **fields)
         self.message_accepted(inc.queue_id)
+        self._errors = 0
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
 
     def message_accepted(self, queue_id: str) -> None:

@@ -28,11 +28,11 @@ class MailServerMaker:
 
         try:
             config = load_config(options["config"])
+            return make_service(config)
         except ConfigError as e:
             sys.stderr.write(f"mailserver: config error: {e}\n")
             sys.stderr.flush()
             raise SystemExit(1)
-        return make_service(config)
 
 
 serviceMaker = MailServerMaker()

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import client, dns, error
 
+from mailserver.inbound.dns import describe_failure
 from mailserver.smtp.queue.attempt import AttemptResult
 
 MAX_MX_HOSTS = 8       # hosts tried in one attempt; the rest of a long list waits
@@ -67,7 +68,7 @@ def mx_hosts(resolver: Any, domain: str):
             f"domain {domain} does not exist (DNS NXDOMAIN)", "5.1.2")) from None
     except Exception as e:  # SERVFAIL, REFUSED, timeouts, a cancelled query...
         raise RouteError(AttemptResult.temporary(
-            f"DNS lookup of MX {domain} failed: {_dns_error(e)}", "4.4.3")) from None
+            f"DNS lookup of MX {domain} failed: {describe_failure(e)}", "4.4.3")) from None
     records = [a for a in answers if a.type == dns.MX]
     if not records:
         # RFC 5321 5.1: no MX records, the domain itself is the implicit MX.
@@ -115,19 +116,9 @@ def host_addresses(resolver: Any, name: str):
                 addresses.append(_ipv6(rr.payload.address))
     if not addresses and errors:
         raise RouteError(AttemptResult.temporary(
-            f"DNS lookup of {name} failed: {_dns_error(errors[0].value)}", "4.4.3"))
+            f"DNS lookup of {name} failed: {describe_failure(errors[0].value)}", "4.4.3"))
     return list(dict.fromkeys(addresses))[:MAX_ADDRESSES]
 
 
 def _ipv6(packed: bytes) -> str:
     return str(ipaddress.IPv6Address(packed))
-
-
-def _dns_error(e: BaseException) -> str:
-    if isinstance(e, (error.DNSQueryTimeoutError, defer.TimeoutError)):
-        return "timeout"
-    if isinstance(e, error.DNSServerError):
-        return "server failure (SERVFAIL)"
-    if isinstance(e, error.DNSQueryRefusedError):
-        return "query refused"
-    return type(e).__name__

@@ -1,0 +1,205 @@
+"""Authentication-Results header fields (RFC 8601): writing ours, removing forged ones.
+
+A receiving MTA states its SPF/DKIM/DMARC/ARC verdicts in one Authentication-Results
+field named after itself (the authserv-id).  Mail readers trust a field only when the
+authserv-id is their own server's, so any such field arriving from outside is a forgery
+and is removed before ours is added (RFC 8601 5).
+"""
+
+from __future__ import annotations
+
+import re
+
+FIELD = "Authentication-Results"
+WIDTH = 78            # fold lines longer than this where there is a place to fold
+MAX_TOKEN = 900       # longest value or comment word written; keeps lines under 998
+
+# RFC 2045 token: printable US-ASCII except SPACE and tspecials.
+_TSPECIALS = '()<>@,;:\\"/[]?='
+_TOKEN_RE = re.compile(r"[!#-'*+\-.0-9A-Z^-~]+")
+_KEYWORD_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?")       # RFC 8601 2.2
+_PROPERTY_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+")
+# RFC 8601 pvalue may also be [local-part "@"] domain-name without quotes.
+_ADDRESS_RE = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)?@"
+                         r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def _printable(text: str) -> str:
+    """Tabs, CRs and LFs become spaces, other control characters go: nothing of a
+    value can end the field or start another."""
+    return "".join(" " if c in "\t\r\n" else c for c in text
+                   if c in "\t\r\n" or c.isprintable())
+
+
+def _value(value: str) -> str:
+    """An RFC 2045 token or local-part@domain as it is, anything else quoted."""
+    value = _printable(value)
+    if (_TOKEN_RE.fullmatch(value) or _ADDRESS_RE.fullmatch(value)) and len(value) <= MAX_TOKEN:
+        return value
+    out, size = ['"'], 2
+    for c in value:
+        piece = "\\" + c if c in '\\"' else c
+        size += len(piece.encode("utf-8"))
+        if size > MAX_TOKEN:
+            break
+        out.append(piece)
+    return "".join(out) + '"'
+
+
+def _comment_words(comment: str) -> list[str]:
+    """A comment's words, "(" on the first and ")" on the last, ( ) \\ escaped and
+    non-ASCII replaced, so the comment can be folded between any two words."""
+    text = "".join(c if c.isascii() else "?" for c in _printable(comment))
+    words = []
+    for word in text.split():
+        # Cut before escaping (which at most doubles a piece) so no escape is split.
+        for start in range(0, len(word), MAX_TOKEN // 2):
+            words.append(re.sub(r"([()\\])", r"\\\1", word[start:start + MAX_TOKEN // 2]))
+    if not words:
+        return []
+    words[0] = "(" + words[0]
+    words[-1] += ")"
+    return words
+
+
+def _resinfo_parts(method: str, result: str, comment: str,
+                   properties: dict[str, str]) -> list[str] | None:
+    """The words of one resinfo (RFC 8601 2.2); None when method or result is not a
+    keyword (such a result is left out rather than written malformed)."""
+    method = _printable(str(method)).strip()
+    result = _printable(str(result)).strip().lower()
+    if not _KEYWORD_RE.fullmatch(method) or not _KEYWORD_RE.fullmatch(result):
+        return None
+    parts = [f"{method.lower()}={result}"]
+    parts.extend(_comment_words(str(comment or "")))
+    for name, value in properties.items():
+        name = str(name).strip()
+        if not _PROPERTY_RE.fullmatch(name) or value is None:
+            continue
+        parts.append(f"{name}={_value(str(value))}")
+    return parts
+
+
+def format_header(authserv_id: str,
+                  results: list[tuple[str, str, str, dict[str, str]]]) -> bytes:
+    """RFC 8601 2.2: one Authentication-Results field, CRLF-terminated, each result on
+    its own folded line; "<id>; none" when there are no results."""
+    head = f"{FIELD}: {_value(authserv_id.strip().rstrip('.'))};"
+    resinfos = [p for p in (_resinfo_parts(*r) for r in results) if p]
+    if not resinfos:
+        return (head + " none\r\n").encode("utf-8")
+    lines = [head]
+    for i, parts in enumerate(resinfos):
+        last = i == len(resinfos) - 1
+        line = "\t" + parts[0]
+        for part in parts[1:]:
+            if len(line) + 1 + len(part) > WIDTH:
+                lines.append(line)
+                line = "\t" + part
+            else:
+                line += " " + part
+        lines.append(line if last else line + ";")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+# -- reading: RFC 8601 2.2 authserv-id ---------------------------------------------------
+
+def _skip_cfws(text: str, i: int) -> int | None:
+    """Index after any whitespace and (nested) comments at i; None if a comment does not
+    end."""
+    while i < len(text):
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == "(":
+            depth = 0
+            while i < len(text):
+                c = text[i]
+                if c == "\\":
+                    i += 2
+                    continue
+                if c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            else:
+                return None
+            i += 1
+        else:
+            break
+    return i
+
+
+def authserv_id_of(value: bytes | str) -> str | None:
+    """The authserv-id of an Authentication-Results field value (the part after the
+    colon, folded or not): the first token or quoted string after any comments, when
+    it is followed by whitespace, a comment, ";" or the end; else None."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = value
+    i = _skip_cfws(text, 0)
+    if i is None or i >= len(text):
+        return None
+    if text[i] == '"':
+        out = []
+        i += 1
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
+                i += 1
+            if text[i] not in "\r\n":
+                out.append(text[i])
+            i += 1
+        if i >= len(text):
+            return None
+        ident = "".join(out)
+        i += 1
+    else:
+        start = i
+        while i < len(text) and text[i] not in _TSPECIALS and text[i] not in " \t\r\n" \
+                and (ord(text[i]) > 0x7F or 0x20 < ord(text[i]) < 0x7F):
+            i += 1
+        ident = text[start:i]
+    if not ident or (i < len(text) and text[i] not in " \t\r\n(;"):
+        return None
+    return ident
+
+
+def _same_id(a: str, b: str) -> bool:
+    return a.strip().rstrip(".").lower() == b.strip().rstrip(".").lower()
+
+
+def strip_ours(header_block: bytes, authserv_id: str) -> bytes:
+    """RFC 8601 5: the header section without any Authentication-Results field that
+    carries our authserv-id (case-insensitive; comments and a version after it do not
+    matter).  Every other line is kept byte for byte, unparseable fields included."""
+    lines = re.findall(rb"[^\n]*\n|[^\n]+", header_block)
+    out: list[bytes] = []
+    field: list[bytes] = []
+
+    def flush() -> None:
+        if field and not _is_ours(field, authserv_id):
+            out.extend(field)
+        field.clear()
+
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and field:
+            field.append(line)
+            continue
+        flush()
+        field.append(line)
+    flush()
+    return b"".join(out)
+
+
+def _is_ours(field: list[bytes], authserv_id: str) -> bool:
+    name, colon, rest = field[0].partition(b":")
+    if not colon or name.rstrip(b" \t").lower() != FIELD.lower().encode():
+        return False
+    value = rest + b"".join(field[1:])
+    ident = authserv_id_of(value)
+    return ident is not None and _same_id(ident, authserv_id)

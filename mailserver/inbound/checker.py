@@ -1,0 +1,262 @@
+"""The MX's inbound checks, put together: one verdict per message.
+
+SPF starts when MAIL FROM is accepted; at the end of DATA, DKIM and ARC (verified in a
+thread on the spooled bytes) and rspamd (over HTTP) run side by side, then DMARC joins
+the From: domain to the SPF and DKIM results.  The verdict says where the message goes
+(INBOX, Junk, refused, or try later) and which header fields go in front of it: our
+Authentication-Results (RFC 8601) and, when rspamd ran, X-Spam fields.
+
+Every part fails soft: a DNS server that does not answer, a malformed signature or a
+spam filter talking nonsense gives the RFCs' temperror/permerror/none, a log line, and a
+message that is accepted or refused exactly once, never lost.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mailserver.config import ConfigError, InboundConfig
+from mailserver.inbound import dnsbl
+from mailserver.inbound.authresults import format_header
+from mailserver.inbound.dkimcheck import verify_message
+from mailserver.inbound.dmarc import DMARCResult, evaluate, from_domain
+from mailserver.inbound.psl import OrgDomains
+from mailserver.inbound.spf import SPFResult, check_spf
+from mailserver.smtp import replies as R
+from mailserver.smtp.replies import Reply
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """What the session knows of one message when its data is complete."""
+
+    path: Path               # the spooled message as received (no trace fields of ours)
+    header_block: bytes | None   # its whole header section (no blank line); None if too large
+    ip: str
+    helo: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    queue_id: str
+
+
+@dataclass
+class Verdict:
+    action: str                        # "inbox" | "junk" | "reject" | "tempfail"
+    reply: Reply | None = None         # for reject / tempfail
+    headers: bytes = b""               # fields to add in front of the message
+    subject: str | None = None         # rspamd "rewrite subject": the new Subject
+    summary: dict[str, str] = field(default_factory=dict)   # for the log line
+
+
+class InboundChecker:
+    def __init__(self, config: InboundConfig, authserv_id: str, resolver: Any,
+                 rspamd: Any = None, orgs: OrgDomains | None = None,
+                 run_in_thread: Callable[..., defer.Deferred] = deferToThread) -> None:
+        self.config = config
+        self.authserv_id = authserv_id
+        self.resolver = resolver
+        self.rspamd = rspamd
+        self.orgs = orgs if orgs is not None else OrgDomains(config.psl_file or None)
+        self.run_in_thread = run_in_thread
+        self._networks = config.networks
+        self._sealers = {s.lower() for s in config.trusted_arc_sealers}
+
+    # -- per connection ----------------------------------------------------------------
+
+    def trusted(self, ip: str) -> bool:
+        """Clients in trusted_networks skip every check (local programs, monitoring)."""
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in self._networks)
+
+    @property
+    def greet_delay(self) -> float:
+        return self.config.greet_delay
+
+    def check_client(self, ip: str) -> defer.Deferred:
+        """Deferred[Reply | None]: the refusal for a client on a blocklist."""
+        if not self.config.dnsbl:
+            return defer.succeed(None)
+
+        def refusal(listing: dnsbl.Listing | None) -> Reply | None:
+            if listing is None:
+                return None
+            log.info("smtp {ip}: listed in {zone} ({code})", ip=ip, zone=listing.zone,
+                     code=listing.answer)
+            return Reply(554, "5.7.1", f"Service unavailable; client [{ip}] blocked "
+                                       f"using {listing.zone}")
+
+        return dnsbl.check(self.resolver, ip, self.config.dnsbl).addCallback(refusal)
+
+    # -- per transaction ---------------------------------------------------------------
+
+    def check_sender(self, ip: str, mail_from: str, helo: str) -> defer.Deferred | None:
+        """Start SPF for MAIL FROM (RFC 7208 2.4; HELO for bounces); None when off."""
+        if not self.config.spf:
+            return None
+        return check_spf(self.resolver, ip, mail_from, helo)
+
+    @defer.inlineCallbacks
+    def check_message(self, facts: MessageFacts, spf: defer.Deferred | None):
+        """Deferred[Verdict]; never fails."""
+        try:
+            verdict = yield self._check_message(facts, spf)
+        except Exception:
+            log.failure("message {qid}: inbound checks failed; delivering unchecked",
+                        qid=facts.queue_id)
+            verdict = Verdict("inbox", headers=format_header(self.authserv_id, []))
+        return verdict
+
+    @defer.inlineCallbacks
+    def _check_message(self, facts: MessageFacts, spf_pending: defer.Deferred | None):
+        cfg = self.config
+        dkim_d = (verify_message(self.resolver, facts.path, self.run_in_thread,
+                                 check_arc=cfg.arc, header_block=facts.header_block)
+                  if cfg.dkim or cfg.arc else defer.succeed(([], None)))
+        spam_d = (self.rspamd.check(facts.path, ip=facts.ip, helo=facts.helo,
+                                    mail_from=facts.mail_from, rcpts=list(facts.rcpts),
+                                    queue_id=facts.queue_id)
+                  if self.rspamd is not None else defer.succeed(None))
+        spf: SPFResult | None = (yield spf_pending) if spf_pending is not None else None
+        dkim_results, arc = yield dkim_d
+        if not cfg.dkim:
+            dkim_results = []
+        dmarc: DMARCResult | None = None
+        if cfg.dmarc:
+            domain, why = from_domain(facts.header_block or b"")
+            if domain is None:
+                # RFC 7489 6.6.1: no single From: domain to evaluate.  Delivering it to the
+                # inbox would let "From: ceo@bank, x@attacker" walk past p=reject; it goes
+                # to Junk while the policy is enforced.
+                dmarc = DMARCResult("permerror", "", "", "quarantine", why)
+            else:
+                spf_domain = spf.domain if spf is not None and spf.identity == "mailfrom" else ""
+                dmarc = yield evaluate(self.resolver, self.orgs, domain,
+                                       spf.result if spf is not None else "none", spf_domain,
+                                       [r.domain for r in dkim_results if r.result == "pass"])
+        spam = yield spam_d
+        return self._decide(facts, spf, dkim_results, arc, dmarc, spam)
+
+    def _arc_override(self, arc: Any) -> str:
+        """The trusted sealer whose valid ARC chain vouches for the message, or ""."""
+        if arc is None or arc.result != "pass" or not arc.sealers:
+            return ""
+        last = arc.sealers[-1].lower()
+        return last if last in self._sealers else ""
+
+    def _decide(self, facts: MessageFacts, spf: SPFResult | None, dkim_results: list[Any],
+                arc: Any, dmarc: DMARCResult | None, spam: Any) -> Verdict:
+        cfg = self.config
+        results: list[tuple[str, str, str, dict[str, str]]] = []
+        summary: dict[str, str] = {}
+        if spf is not None:
+            prop = ({"smtp.mailfrom": spf.sender} if spf.identity == "mailfrom"
+                    else {"smtp.helo": spf.domain})
+            results.append(("spf", spf.result, spf.reason, prop))
+            summary["spf"] = spf.result
+        if cfg.dkim:
+            for r in dkim_results:
+                props = {"header.d": r.domain, "header.s": r.selector, "header.a": r.algorithm,
+                         "header.b": r.header_b}
+                if r.identity:
+                    props["header.i"] = r.identity
+                comment = r.reason
+                if r.body_length is not None:
+                    comment += f"; l={r.body_length}: only part of the body is signed"
+                results.append(("dkim", r.result, comment, {k: v for k, v in props.items() if v}))
+            if not dkim_results:
+                results.append(("dkim", "none", "", {}))
+            summary["dkim"] = ",".join(f"{r.result}:{r.domain}" for r in dkim_results) or "none"
+        override = ""
+        if arc is not None and cfg.arc:
+            props = {"arc.chain": ":".join(arc.sealers)} if arc.sealers else {}
+            results.append(("arc", arc.result, arc.reason, props))
+            summary["arc"] = arc.result
+        verdict = Verdict("inbox")
+        if dmarc is not None:
+            comment = dmarc.reason
+            disposition = dmarc.disposition
+            if dmarc.result == "fail" and disposition != "none":
+                override = self._arc_override(arc)
+                if override:
+                    comment += f"; policy {disposition} overridden: ARC sealed by {override}"
+                    disposition = "none"
+                elif not cfg.dmarc_enforce:
+                    comment += f"; policy {disposition} not enforced"
+                    disposition = "none"
+            props = {"header.from": dmarc.from_domain} if dmarc.from_domain else {}
+            if dmarc.policy:
+                props["policy.dmarc"] = dmarc.policy
+            results.append(("dmarc", dmarc.result, comment, props))
+            summary["dmarc"] = f"{dmarc.result}:{disposition}"
+            if disposition == "reject":
+                verdict = Verdict("reject", R.DMARC_REJECT)
+            elif disposition == "quarantine":
+                verdict = Verdict("junk")
+        extra = b""
+        if spam is not None:
+            summary["spam"] = f"{spam.action}:{spam.score:.2f}"
+            if spam.action == "error":
+                log.warn("message {qid}: rspamd gave no verdict ({reason}); {what}",
+                         qid=facts.queue_id, reason=spam.reason,
+                         what="accepting" if cfg.rspamd_failure == "accept" else "try later")
+                if cfg.rspamd_failure == "tempfail" and verdict.action != "reject":
+                    verdict = Verdict("tempfail", R.FILTER_TEMPFAIL)
+            else:
+                is_spam = spam.action in ("add header", "rewrite subject", "reject")
+                symbols = ",".join(spam.symbols[:40])
+                extra = (f"X-Spam: {'Yes' if is_spam else 'No'}\r\n"
+                         f"X-Spam-Status: {'Yes' if is_spam else 'No'}, score={spam.score:.2f} "
+                         f"required={spam.required_score:.2f}\r\n"
+                         f"\ttests={symbols}\r\n").encode("utf-8", "replace")
+                if verdict.action != "reject":
+                    if spam.action == "reject":
+                        verdict = Verdict("reject", _with_message(R.SPAM_REJECT, spam.message))
+                    elif spam.action in ("soft reject", "greylist"):
+                        verdict = Verdict("tempfail", _with_message(R.SPAM_TEMPFAIL, spam.message))
+                    elif is_spam and verdict.action == "inbox":
+                        verdict = Verdict("junk")
+                if spam.action == "rewrite subject" and spam.subject:
+                    verdict.subject = spam.subject
+        verdict.headers = format_header(self.authserv_id, results) + extra
+        verdict.summary = summary
+        return verdict
+
+
+def _with_message(reply: Reply, message: str) -> Reply:
+    text = "".join(c for c in message if c.isprintable())[:200].strip()
+    return Reply(reply.code, reply.enhanced, text) if text else reply
+
+
+def build_checker(server: Any) -> InboundChecker:
+    """The checker of a MailServer: its DNS through relay.resolver (else the system's)."""
+    from mailserver.inbound.dns import CachingResolver
+    from mailserver.smtp.relay.routes import make_resolver
+
+    config = server.config
+    resolver = CachingResolver(make_resolver(config.relay.resolver_address))
+    rspamd = None
+    if config.inbound.rspamd_url:
+        from mailserver.inbound.rspamd import RspamdClient
+
+        rspamd = RspamdClient(config.inbound.rspamd_url, config.inbound.rspamd_timeout,
+                              mta_name=config.server.hostname)
+    orgs = OrgDomains(config.inbound.psl_file or None)
+    try:
+        orgs.load()  # a bad psl_file fails at start, and the first message does not wait
+    except (OSError, ValueError) as e:
+        raise ConfigError("inbound.psl_file", f"not a usable Public Suffix List: {e}") from None
+    return InboundChecker(config.inbound, config.server.hostname, resolver, rspamd, orgs)

@@ -1,0 +1,99 @@
+"""DKIM and ARC checks of a spooled message, the reactor side.
+
+The header section is read in a thread, the keys every signature and ARC set needs are
+fetched concurrently through the shared resolver, and the verification itself
+(`dkimverify.verify_file`: file reading, hashing, RSA) runs in a thread again.  The
+Deferred never fails: whatever goes wrong unexpectedly becomes one temperror result and
+a logged failure, so the message still gets exactly one verdict.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailserver.inbound.dkimverify import (
+    ARCResult,
+    DKIMResult,
+    key_names,
+    read_header_block,
+    verify_file,
+)
+
+log = Logger()
+
+_SIGNED = re.compile(rb"(?im)^(?:dkim-signature|arc-seal|arc-message-signature|"
+                     rb"arc-authentication-results)[ \t]*:")
+
+
+def pick_key_record(records: tuple[bytes, ...]) -> bytes | None:
+    """RFC 6376 3.6.2.2: of several TXT records at a key name, the first that looks like
+    a DKIM key record (starts with v=DKIM1 or has a p= tag); failing that the first
+    record, whose verification then reports it malformed."""
+    for record in records:
+        text = record.strip()
+        if text.startswith(b"v=DKIM1") or b"p=" in text:
+            return record
+    return records[0] if records else None
+
+
+def _key_value(answer: Any) -> bytes | None | str:
+    """An Answer as verify_file wants it: the record, None (no record), or "error"."""
+    status = getattr(answer, "status", "error")
+    if status == "ok":
+        return pick_key_record(tuple(answer.records))
+    if status in ("nxdomain", "nodata"):
+        return None   # RFC 6376 6.1.2: no key -> permerror
+    return "error"    # timeout, SERVFAIL -> temperror
+
+
+def _names_for(path: Path, include_arc: bool) -> list[str]:
+    return key_names(read_header_block(path), include_arc=include_arc)
+
+
+def _verify_file(path: Path, keys: dict[str, bytes | None | str],
+                 check_arc: bool) -> tuple[list[DKIMResult], ARCResult]:
+    return verify_file(path, keys, check_arc=check_arc)
+
+
+@defer.inlineCallbacks
+def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferred],
+            check_arc: bool, header_block: bytes | None):  # type: ignore[no-untyped-def]
+    if header_block is not None:
+        if not _SIGNED.search(header_block):
+            return [], ARCResult("none", 0, (), "no ARC header fields")  # no DNS, no thread
+        names = key_names(header_block, include_arc=check_arc)
+    else:
+        names = yield run_in_thread(_names_for, path, check_arc)
+    lookups = []
+    for name in names:
+        d = defer.maybeDeferred(resolver.txt, name)
+        d.addErrback(lambda f, n=name: log.failure("DKIM key lookup {name}", f, name=n))
+        lookups.append(d)
+    answers = yield defer.gatherResults(lookups)
+    keys = {name: _key_value(answer) for name, answer in zip(names, answers)}
+    results = yield run_in_thread(_verify_file, path, keys, check_arc)
+    return results
+
+
+def verify_message(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferred],
+                   *, check_arc: bool = True, header_block: bytes | None = None
+                   ) -> defer.Deferred:
+    """Deferred[(list[DKIMResult], ARCResult)] for the message in `path`; never fails.
+    `run_in_thread(callable, *args)` runs blocking work off the reactor and
+    returns a Deferred (deferToThread or a pool's equivalent).  `header_block`, the
+    message's whole header section when the caller has it already, spares a thread hop
+    (and, for an unsigned message, every other step)."""
+    d = defer.maybeDeferred(_verify, resolver, path, run_in_thread, check_arc, header_block)
+
+    def failed(failure: Any) -> tuple[list[DKIMResult], ARCResult]:
+        log.failure("DKIM/ARC verification of {path} failed", failure, path=str(path))
+        return ([DKIMResult("temperror", "", "", "", "", None, "verification error")],
+                ARCResult("none", 0, (), "not verified: verification error"))
+
+    d.addErrback(failed)
+    return d

@@ -1,0 +1,184 @@
+"""The MX's delivery when inbound checks apply: spool, judge, then deliver.
+
+The verdict decides the folder (INBOX or Junk) and adds header fields in front of the
+message, and it needs the whole message (DKIM body hashes, the spam filter).  So the
+body streams into a spool file first; at the end of DATA the checks run on it, then the
+message is delivered from the spool through the usual delivery (Maildir files synced
+before the 250, remote alias targets queued), with our fields in front and any
+Authentication-Results of ours that came from outside removed (RFC 8601 5).
+
+A refusal is an SMTPReplyError from commit(), which the session answers (550/554 for a
+policy refusal, 451 for try-later); nothing is stored then.  The spool file is removed
+in every outcome; one left by a crash is removed when the server starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserver.inbound.authresults import strip_ours
+from mailserver.inbound.checker import InboundChecker, MessageFacts, Verdict
+from mailserver.inbound.junk import JunkFolders
+from mailserver.smtp.delivery import IDelivery, Placement, Recipient
+from mailserver.smtp.replies import SMTPReplyError
+
+log = Logger()
+
+MAX_HEADER = 1024 * 1024   # header bytes looked at (DMARC's From:, stripping our fields)
+COPY_CHUNK = 256 * 1024
+_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:.*(?:\r\n[ \t].*)*\r\n")
+
+
+def clean_spool(spool_dir: Path) -> int:
+    """Remove spool files a crash left behind (at start-up, before anything listens)."""
+    removed = 0
+    try:
+        names = os.listdir(spool_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        try:
+            os.unlink(spool_dir / name)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def rewrite_subject(header_block: bytes, subject: str) -> bytes:
+    """The header block with its Subject field replaced (or added)."""
+    line = b"Subject: " + subject.replace("\r", " ").replace("\n", " ")[:900].encode(
+        "utf-8", "replace") + b"\r\n"
+    block = header_block if header_block.endswith(b"\r\n") or not header_block \
+        else header_block + b"\r\n"
+    return _SUBJECT.sub(b"", block) + line
+
+
+@implementer(IDelivery)
+class CheckedDelivery:
+    def __init__(self, checker: InboundChecker, junk: JunkFolders, store: Any,
+                 make_inner: Callable[[Placement | None], IDelivery], spool_dir: Path,
+                 facts: dict[str, Any], spf: defer.Deferred | None) -> None:
+        self.checker = checker
+        self.junk = junk
+        self.store = store
+        self.make_inner = make_inner
+        self.facts = facts
+        self.spf = spf
+        self.verdict: Verdict | None = None
+        self._recipients: list[Recipient] = []
+        self._prefix = b""
+        self._trace = b""
+        self._head = bytearray()
+        self._header_end = -1       # spool offset where the blank line (or body) starts
+        self._header_whole = True   # False: no end of the header section in MAX_HEADER
+        self._size = 0
+        self._inner: IDelivery | None = None
+        self._closed = False
+        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._file = tempfile.NamedTemporaryFile(dir=spool_dir, prefix=facts["queue_id"] + ".",
+                                                 delete=False)
+        self.path = Path(self._file.name)
+
+    def add_recipient(self, recipient: Recipient) -> None:
+        self._recipients.append(recipient)
+
+    def write_headers(self, delivery: bytes, trace: bytes) -> None:
+        self._prefix, self._trace = delivery, trace
+
+    def write(self, data: bytes) -> None:
+        if self._header_end < 0:
+            start = max(0, len(self._head) - 3)
+            self._head += data
+            if self._head[:2] == b"\r\n":
+                self._header_end = 0
+            else:
+                end = self._head.find(b"\r\n\r\n", start)
+                if end >= 0:
+                    self._header_end = end + 2
+                elif len(self._head) > MAX_HEADER:
+                    self._header_end = 0  # no header section we will look into
+                    self._header_whole = False
+            if self._header_end >= 0:
+                del self._head[self._header_end:]
+        self._file.write(data)
+        self._size += len(data)
+
+    def commit(self) -> defer.Deferred:
+        try:
+            self._file.flush()
+        except OSError as e:
+            self._discard()
+            return defer.fail(e)
+        if self._header_end < 0:  # the message was all header (no blank line)
+            self._header_end = len(self._head)
+        facts = MessageFacts(path=self.path,
+                             header_block=bytes(self._head) if self._header_whole else None,
+                             rcpts=tuple(r.address for r in self._recipients), **self.facts)
+        d = self.checker.check_message(facts, self.spf)
+        d.addCallback(self._judged)
+        d.addBoth(self._finished)
+        return d
+
+    @defer.inlineCallbacks
+    def _judged(self, verdict: Verdict):
+        self.verdict = verdict
+        log.info("smtp message {qid} from <{sender}> ip={ip}: {checks} -> {action}",
+                 qid=self.facts["queue_id"], sender=self.facts["mail_from"],
+                 ip=self.facts["ip"], action=verdict.action,
+                 checks=" ".join(f"{k}={v}" for k, v in verdict.summary.items()) or "-")
+        if verdict.action in ("reject", "tempfail"):
+            assert verdict.reply is not None
+            raise SMTPReplyError(verdict.reply)
+        place: Placement | None = None
+        if verdict.action == "junk":
+            users = [self.store.user_path(u.domain, u.localpart)
+                     for r in self._recipients for u in r.local]
+            yield self.junk.prepare(users)
+            place = self.junk.place
+        inner = self._inner = self.make_inner(place)
+        for recipient in self._recipients:
+            inner.add_recipient(recipient)
+        inner.write_headers(self._prefix, verdict.headers + self._trace)
+        header = strip_ours(bytes(self._head), self.checker.authserv_id) if self._head else b""
+        if verdict.subject is not None:
+            header = rewrite_subject(header, verdict.subject)
+        inner.write(header)
+        with open(self.path, "rb") as f:
+            f.seek(self._header_end)
+            while True:
+                chunk = f.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                inner.write(chunk)
+        outcome = yield inner.commit()
+        return outcome
+
+    def _finished(self, result: Any) -> Any:
+        self._discard()
+        return result
+
+    def _discard(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        if self._inner is not None:
+            self._inner.abort()
+        self._discard()

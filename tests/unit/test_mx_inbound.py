@@ -1,0 +1,264 @@
+"""The MX session with inbound checks, over StringTransport against a real store: the
+held banner and pregreet refusal, HELO garbage, the per-session RCPT and error limits,
+blocklists, and a message's way through the checks into INBOX, Junk or a refusal
+(DNS from a fixed table)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from mailserver.accounts import Accounts
+from mailserver.config import InboundConfig, LimitsConfig
+from mailserver.inbound import dnsbl
+from mailserver.inbound.checker import InboundChecker
+from mailserver.inbound.dns import Answer, StaticResolver
+from mailserver.inbound.junk import JunkFolders
+from mailserver.maildir import MaildirStore
+from mailserver.passwords import hash_password
+from mailserver.smtp.mx import MXSession
+from mailserver.smtp.session import SMTPContext, received_helo
+from tests.unit import test_smtp_session as smtp_session
+
+HOST = "mail.example.test"
+CHECKS = InboundConfig(trusted_networks=(), greet_delay=0.0)
+
+ZONE = {
+    ("good.example", "TXT"): Answer("ok", (b"v=spf1 ip4:192.0.2.7 -all",)),
+    ("_dmarc.good.example", "TXT"): Answer("ok", (b"v=DMARC1; p=reject",)),
+    ("bad.example", "TXT"): Answer("ok", (b"v=spf1 ip4:198.51.100.1 -all",)),
+    ("_dmarc.bad.example", "TXT"): Answer("ok", (b"v=DMARC1; p=reject",)),
+    ("shady.example", "TXT"): Answer("ok", (b"v=spf1 -all",)),
+    ("_dmarc.shady.example", "TXT"): Answer("ok", (b"v=DMARC1; p=quarantine",)),
+    ("7.2.0.192.bl.example", "A"): Answer("ok", ("127.0.0.2",)),
+    ("8.2.0.192.bl.example", "A"): Answer("ok", ("127.255.255.254",)),
+}
+
+
+def message(sender: str, subject: str = "hi") -> bytes:
+    return (f"From: <{sender}>\r\nTo: alice@example.test\r\nSubject: {subject}\r\n"
+            f"Authentication-Results: {HOST}; dkim=pass header.d=forged.example\r\n"
+            f"Authentication-Results: other.example; spf=pass\r\n\r\nbody\r\n").encode()
+
+
+class Session(smtp_session.Session):
+    """test_smtp_session's send-and-expect helper, with inbound checks on."""
+
+    def __init__(self, root: Path, inbound: InboundConfig = CHECKS, ip: str = "192.0.2.7",
+                 **limits) -> None:
+        self.accounts = Accounts(root / "var" / "accounts.sqlite3")
+        self.store = MaildirStore(root / "maildirs", HOST)
+        self.accounts.add_domain("example.test")
+        for user in ("alice", "bob"):
+            self.accounts.add_user(f"{user}@example.test", hash_password("x"))
+            self.store.create_user("example.test", user)
+        self.resolver = StaticResolver(ZONE)
+        checker = InboundChecker(inbound, HOST, self.resolver,
+                                 run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+        context = SMTPContext(hostname=HOST, limits=LimitsConfig(**limits),
+                              accounts=self.accounts, store=self.store, tls=None)
+        context.checker, context.junk = checker, JunkFolders(self.store)
+        context.spool_dir = root / "var" / "inbound"
+        self.spool_dir = context.spool_dir
+        self.proto = MXSession(context)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 4321))
+        self.proto.makeConnection(self.transport)
+
+    def files(self, user: str = "alice", folder: str = "") -> list[Path]:
+        base = self.store.user_path("example.test", user)
+        if folder:
+            base = base / f".{folder}"
+        return sorted(p for sub in ("new", "cur") if (base / sub).is_dir()
+                      for p in (base / sub).iterdir())
+
+
+class MXInboundTests(unittest.TestCase):
+    def session(self, **kw) -> Session:
+        root = Path(tempfile.mkdtemp(prefix="mx-inbound-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        s = Session(root, **kw)
+        self.addCleanup(s.close)
+        return s
+
+    @defer.inlineCallbacks
+    def transaction(self, s: Session, sender: str, data: bytes):
+        s.send(b"EHLO client.example\r\nMAIL FROM:<%s>\r\nRCPT TO:<alice@example.test>\r\n"
+               b"DATA\r\n" % sender.encode())
+        codes, _ = yield s.wait_codes(4)
+        self.assertEqual(codes, [250, 250, 250, 354])
+        s.send(data + b".\r\n")
+        codes, lines = yield s.wait_codes(1)
+        return codes[0], lines
+
+    # -- the banner ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_banner_is_held_and_a_client_talking_first_is_refused(self):
+        s = self.session(inbound=replace(CHECKS, greet_delay=0.05))
+        self.assertEqual(s.lines(), [])
+        s.send(b"EHLO eager.example\r\n")
+        self.assertEqual(s.lines()[0][:3], b"554")
+        self.assertTrue(s.transport.disconnecting or s.proto._closing)
+        patient = self.session(inbound=replace(CHECKS, greet_delay=0.05))
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(patient.lines()[0].startswith(b"220 " + HOST.encode()))
+        patient.send(b"EHLO patient.example\r\n")
+        self.assertEqual(patient.lines()[0][:3], b"250")
+
+    def test_trusted_network_gets_the_banner_at_once_and_no_checks(self):
+        s = self.session(inbound=replace(CHECKS, greet_delay=5.0,
+                                         trusted_networks=("192.0.2.0/24",)))
+        self.assertTrue(s.lines()[0].startswith(b"220 "))
+        self.assertFalse(s.proto._checks)
+
+    # -- HELO ---------------------------------------------------------------------------
+
+    def test_helo_garbage_refused_and_session_goes_on(self):
+        s = self.session()
+        s.lines()
+        for bad in (b"EHLO a\x00b\r\n", b"EHLO a\x01b\r\n", b"EHLO \xff\xfe\r\n",
+                    b"HELO a\x7fb\r\n"):
+            s.send(bad)
+            self.assertEqual(s.lines()[0][:3], b"501", bad)
+        s.send(b"EHLO fine.example\r\n")
+        self.assertEqual(s.lines()[0][:3], b"250")
+
+    def test_received_helo_is_a_sanitized_domain_or_literal(self):
+        self.assertEqual(received_helo("mx.example.org"), "mx.example.org")
+        self.assertEqual(received_helo("[192.0.2.1]"), "[192.0.2.1]")
+        self.assertEqual(received_helo("[IPv6:2001:db8::1]"), "[IPv6:2001:db8::1]")
+        self.assertEqual(received_helo("[not.an.ip]"), "not.an.ip")
+        self.assertEqual(received_helo("foo_bar(x)"), "foo-bar-x")
+        self.assertEqual(received_helo("é"), "unknown")
+        self.assertEqual(received_helo(";;"), "unknown")
+
+    # -- abuse limits -------------------------------------------------------------------
+
+    def test_too_many_rcpt_commands_closes_with_421(self):
+        s = self.session(max_rcpt_commands=3)
+        s.lines()
+        s.send(b"EHLO c.example\r\nMAIL FROM:<x@good.example>\r\n")
+        s.send(b"RCPT TO:<alice@example.test>\r\n" * 2 + b"RCPT TO:<nobody@example.test>\r\n")
+        self.assertEqual([l[:3] for l in s.lines()][-3:], [b"250", b"250", b"550"])
+        s.send(b"RCPT TO:<bob@example.test>\r\n")
+        self.assertEqual(s.lines()[-1][:3], b"421")
+        self.assertTrue(s.proto._closing)
+
+    def test_too_many_errors_closes_with_421(self):
+        s = self.session(max_command_errors=2)
+        s.lines()
+        s.send(b"BOGUS\r\nRCPT TO:<a@b>\r\n")
+        self.assertEqual([l[:3] for l in s.lines()], [b"502", b"503"])
+        s.send(b"BOGUS\r\n")
+        self.assertEqual([l[:3] for l in s.lines()], [b"421"])
+        self.assertTrue(s.proto._closing)
+
+    # -- blocklists ---------------------------------------------------------------------
+
+    def test_query_names_and_answer_codes(self):
+        self.assertEqual(dnsbl.query_name("192.0.2.99", "zen.example"),
+                         "99.2.0.192.zen.example")
+        self.assertEqual(dnsbl.query_name("::ffff:192.0.2.99", "zen.example"),
+                         "99.2.0.192.zen.example")
+        self.assertEqual(dnsbl.query_name("2001:db8:1:2:3:4:567:89ab", "bl.example"),
+                         "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2"
+                         ".bl.example")
+        self.assertEqual(dnsbl.interpret(("127.0.0.2",)), "127.0.0.2")
+        self.assertIsNone(dnsbl.interpret(("127.0.0.1",)))
+        self.assertIsNone(dnsbl.interpret(("127.255.255.254",)))
+        self.assertIsNone(dnsbl.interpret(("192.0.2.1", "garbage")))
+
+    @defer.inlineCallbacks
+    def test_listed_client_gets_banner_and_ehlo_but_rcpt_refused(self):
+        s = self.session(inbound=replace(CHECKS, dnsbl=("bl.example",)))
+        self.assertEqual(s.lines()[0][:3], b"220")
+        s.send(b"EHLO c.example\r\nMAIL FROM:<x@good.example>\r\nRCPT TO:<alice@example.test>\r\n")
+        codes, lines = yield s.wait_codes(3)
+        self.assertEqual(codes, [250, 250, 554])
+        self.assertIn(b"bl.example", lines[-1])
+
+    @defer.inlineCallbacks
+    def test_error_code_answer_is_not_a_listing(self):
+        s = self.session(inbound=replace(CHECKS, dnsbl=("bl.example",)), ip="192.0.2.8")
+        s.lines()
+        s.send(b"EHLO c.example\r\nMAIL FROM:<x@x.example>\r\nRCPT TO:<alice@example.test>\r\n")
+        codes, _ = yield s.wait_codes(3)
+        self.assertEqual(codes, [250, 250, 250])
+
+    # -- messages -----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_spf_pass_delivered_with_our_results_and_forged_ones_removed(self):
+        s = self.session()
+        s.lines()
+        code, _ = yield self.transaction(s, "x@good.example", message("x@good.example"))
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        data = path.read_bytes()
+        head = data.split(b"\r\n\r\n")[0]
+        self.assertIn(b"Authentication-Results: " + HOST.encode() + b";", head)
+        self.assertIn(b"spf=pass", head)
+        self.assertIn(b"dmarc=pass", head)
+        self.assertNotIn(b"forged.example", head)
+        self.assertIn(b"Authentication-Results: other.example; spf=pass", head)
+        self.assertLess(head.index(b"Authentication-Results: " + HOST.encode()),
+                        head.index(b"Received:"))
+        self.assertEqual(os.listdir(s.spool_dir), [])
+
+    @defer.inlineCallbacks
+    def test_dmarc_reject_refuses_and_stores_nothing(self):
+        s = self.session()
+        s.lines()
+        code, lines = yield self.transaction(s, "x@bad.example", message("ceo@bad.example"))
+        self.assertEqual(code, 550)
+        self.assertIn(b"5.7.1", lines[-1])
+        self.assertEqual(s.files(), [])
+        self.assertEqual(os.listdir(s.spool_dir), [])
+        # the session goes on
+        s.send(b"NOOP\r\n")
+        codes, _ = yield s.wait_codes(1)
+        self.assertEqual(codes, [250])
+
+    @defer.inlineCallbacks
+    def test_dmarc_reject_only_recorded_when_not_enforced(self):
+        s = self.session(inbound=replace(CHECKS, dmarc_enforce=False))
+        s.lines()
+        code, _ = yield self.transaction(s, "x@bad.example", message("ceo@bad.example"))
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        self.assertIn(b"dmarc=fail", path.read_bytes())
+
+    @defer.inlineCallbacks
+    def test_quarantine_goes_to_junk_with_the_junk_keyword(self):
+        s = self.session()
+        s.lines()
+        junk = s.store.user_path("example.test", "alice") / ".Junk"
+        shutil.rmtree(junk)  # the user deleted it: it is made again
+        code, _ = yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        self.assertEqual(code, 250)
+        self.assertEqual(s.files(), [])
+        [path] = s.files(folder="Junk")
+        letters = path.name.rpartition(":2,")[2]
+        table = dict(line.split(" ", 1) for line in
+                     (junk / "dovecot-keywords").read_text().splitlines())
+        self.assertEqual([table[str(ord(c) - ord("a"))] for c in letters], ["$Junk"])
+        # a second one reuses the prepared folder and letter
+        code, _ = yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        self.assertEqual(len(s.files(folder="Junk")), 2)
+
+    @defer.inlineCallbacks
+    def test_unchecked_client_message_unchanged(self):
+        s = self.session(inbound=replace(CHECKS, trusted_networks=("192.0.2.0/24",)))
+        s.lines()
+        code, _ = yield self.transaction(s, "x@bad.example", message("ceo@bad.example"))
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        self.assertIn(b"dkim=pass header.d=forged.example", path.read_bytes())
