@@ -9,8 +9,10 @@ and is removed before ours is added (RFC 8601 5).
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 FIELD = "Authentication-Results"
+_FIELD_LOWER = FIELD.lower().encode()
 WIDTH = 78            # fold lines longer than this where there is a place to fold
 MAX_TOKEN = 900       # longest value or comment word written; keeps lines under 998
 
@@ -173,17 +175,18 @@ def _same_id(a: str, b: str) -> bool:
     return a.strip().rstrip(".").lower() == b.strip().rstrip(".").lower()
 
 
-def strip_ours(header_block: bytes, authserv_id: str) -> bytes:
-    """RFC 8601 5: the header section without any Authentication-Results field that
-    carries our authserv-id (case-insensitive; comments and a version after it do not
-    matter).  Every other line is kept byte for byte, unparseable fields included."""
+def remove_fields(header_block: bytes, drop: Callable[[bytes, bytes], bool]) -> bytes:
+    """The header section without the fields for which drop(lower-case name, raw value
+    with its folding) is true; every other line is kept byte for byte."""
     lines = re.findall(rb"[^\n]*\n|[^\n]+", header_block)
     out: list[bytes] = []
     field: list[bytes] = []
 
     def flush() -> None:
-        if field and not _is_ours(field, authserv_id):
-            out.extend(field)
+        if field:
+            name, colon, rest = field[0].partition(b":")
+            if not colon or not drop(name.rstrip(b" \t").lower(), rest + b"".join(field[1:])):
+                out.extend(field)
         field.clear()
 
     for line in lines:
@@ -196,10 +199,16 @@ def strip_ours(header_block: bytes, authserv_id: str) -> bytes:
     return b"".join(out)
 
 
-def _is_ours(field: list[bytes], authserv_id: str) -> bool:
-    name, colon, rest = field[0].partition(b":")
-    if not colon or name.rstrip(b" \t").lower() != FIELD.lower().encode():
+def is_ours(name: bytes, value: bytes, authserv_id: str) -> bool:
+    """An Authentication-Results field (lower-case name, raw value) claiming our id."""
+    if name != _FIELD_LOWER:
         return False
-    value = rest + b"".join(field[1:])
     ident = authserv_id_of(value)
     return ident is not None and _same_id(ident, authserv_id)
+
+
+def strip_ours(header_block: bytes, authserv_id: str) -> bytes:
+    """RFC 8601 5: the header section without any Authentication-Results field that
+    carries our authserv-id (case-insensitive; comments and a version after it do not
+    matter).  Every other line is kept byte for byte, unparseable fields included."""
+    return remove_fields(header_block, lambda name, value: is_ours(name, value, authserv_id))

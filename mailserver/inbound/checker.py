@@ -54,6 +54,7 @@ class Verdict:
     reply: Reply | None = None         # for reject / tempfail
     headers: bytes = b""               # fields to add in front of the message
     subject: str | None = None         # rspamd "rewrite subject": the new Subject
+    spam_checked: bool = False         # rspamd gave a verdict (its X-Spam fields are ours)
     summary: dict[str, str] = field(default_factory=dict)   # for the log line
 
 
@@ -232,6 +233,7 @@ class InboundChecker:
                 if spam.action == "rewrite subject" and spam.subject:
                     verdict.subject = spam.subject
         verdict.headers = format_header(self.authserv_id, results) + extra
+        verdict.spam_checked = bool(extra)
         verdict.summary = summary
         return verdict
 

@@ -18,13 +18,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailserver.inbound.authresults import strip_ours
+from mailserver.inbound.authresults import is_ours, remove_fields
 from mailserver.inbound.checker import InboundChecker, MessageFacts, Verdict
 from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.delivery import IDelivery, Placement, Recipient
@@ -34,6 +34,8 @@ log = Logger()
 
 MAX_HEADER = 1024 * 1024   # header bytes looked at (DMARC's From:, stripping our fields)
 COPY_CHUNK = 256 * 1024
+SPAM_FIELDS = frozenset({b"x-spam", b"x-spam-status", b"x-spam-flag", b"x-spam-score",
+                         b"x-spam-level", b"x-spamd-result", b"x-rspamd-score"})
 _SUBJECT = re.compile(rb"(?im)^subject[ \t]*:.*(?:\r\n[ \t].*)*\r\n")
 
 
@@ -62,6 +64,19 @@ def rewrite_subject(header_block: bytes, subject: str) -> bytes:
     return _SUBJECT.sub(b"", block) + line
 
 
+def _spool_file(spool_dir: Path, queue_id: str) -> Any:
+    return tempfile.NamedTemporaryFile(dir=spool_dir, prefix=queue_id + ".", delete=False)
+
+
+def _dropped_fields(authserv_id: str, spam_checked: bool) -> Callable[[bytes, bytes], bool]:
+    """Fields of the incoming header that must not reach the mailbox: Authentication-
+    Results claiming to be ours (RFC 8601 5) and, when the spam filter ran, spam verdict
+    fields a sender may have written himself."""
+    def drop(name: bytes, value: bytes) -> bool:
+        return (spam_checked and name in SPAM_FIELDS) or is_ours(name, value, authserv_id)
+    return drop
+
+
 @implementer(IDelivery)
 class CheckedDelivery:
     def __init__(self, checker: InboundChecker, junk: JunkFolders, store: Any,
@@ -83,9 +98,11 @@ class CheckedDelivery:
         self._size = 0
         self._inner: IDelivery | None = None
         self._closed = False
-        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._file = tempfile.NamedTemporaryFile(dir=spool_dir, prefix=facts["queue_id"] + ".",
-                                                 delete=False)
+        try:
+            self._file = _spool_file(spool_dir, facts["queue_id"])
+        except FileNotFoundError:  # removed while running: make it again
+            spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._file = _spool_file(spool_dir, facts["queue_id"])
         self.path = Path(self._file.name)
 
     def add_recipient(self, recipient: Recipient) -> None:
@@ -142,25 +159,41 @@ class CheckedDelivery:
         if verdict.action == "junk":
             users = [self.store.user_path(u.domain, u.localpart)
                      for r in self._recipients for u in r.local]
-            yield self.junk.prepare(users)
-            place = self.junk.place
+            try:
+                yield self.junk.prepare(users)
+                place = self.junk.place
+            except Exception as e:  # a Junk folder that cannot be made: INBOX, not a retry
+                log.error("message {qid}: cannot prepare the Junk folder ({error}); "
+                          "delivering to INBOX", qid=self.facts["queue_id"], error=e)
         inner = self._inner = self.make_inner(place)
         for recipient in self._recipients:
             inner.add_recipient(recipient)
         inner.write_headers(self._prefix, verdict.headers + self._trace)
-        header = strip_ours(bytes(self._head), self.checker.authserv_id) if self._head else b""
+        header = bytes(self._head)
+        if header:
+            header = remove_fields(header, _dropped_fields(self.checker.authserv_id,
+                                                           verdict.spam_checked))
         if verdict.subject is not None:
             header = rewrite_subject(header, verdict.subject)
         inner.write(header)
+        if self._size - self._header_end <= COPY_CHUNK:
+            with open(self.path, "rb") as f:
+                f.seek(self._header_end)
+                inner.write(f.read())
+        else:  # a large body: one chunk per reactor turn, other sessions go on meanwhile
+            yield task.cooperate(self._copy_body(inner)).whenDone()
+        outcome = yield inner.commit()
+        return outcome
+
+    def _copy_body(self, inner: IDelivery) -> Iterator[None]:
         with open(self.path, "rb") as f:
             f.seek(self._header_end)
             while True:
                 chunk = f.read(COPY_CHUNK)
                 if not chunk:
-                    break
+                    return
                 inner.write(chunk)
-        outcome = yield inner.commit()
-        return outcome
+                yield None
 
     def _finished(self, result: Any) -> Any:
         self._discard()

@@ -5,8 +5,7 @@ DNSBL).
   dkimpy, as a remote domain and a mailing list would, against keys published in the test
   DNS zone (tests/e2e/dnsserver.py, served by `outbound_helpers.DNSServer`).
 - `inbound_server`: a server whose checks resolve with the test DNS server only (never
-  the system resolver: the machine has no network), configured through an [inbound]
-  section written into its config file.
+  the system resolver: the machine has no network).
 - `send`: one SMTP transaction that reports the reply of the step that ended it instead
   of raising, from any loopback source address.
 - `parse_auth_results` / `our_auth_results`: Authentication-Results (RFC 8601) parsed into
@@ -16,18 +15,14 @@ DNSBL).
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 import smtplib
 import socket
-import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import dkim
-from dkim.canonicalization import CanonicalizationPolicy
 
 from harness import (
     HOSTNAME,
@@ -36,7 +31,6 @@ from harness import (
     header_fields,
     maildir_messages,
     split_header_body,
-    toml_text,
 )
 
 ALICE = "alice@example.test"
@@ -82,61 +76,6 @@ class SigningKeys:
         return f"v=DKIM1; k=ed25519; p={self.ed25519_public}"
 
 
-# -- Ed25519 for dkimpy without PyNaCl -------------------------------------------------------
-
-class _BadSignature(Exception):
-    pass
-
-
-class _SigningKey:
-    """nacl.signing.SigningKey's part that dkimpy uses, over `cryptography`."""
-
-    def __init__(self, seed: bytes, encoder: Any = None) -> None:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-        self._key = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(seed))
-
-    def sign(self, data: bytes) -> Any:
-        return types.SimpleNamespace(signature=self._key.sign(data))
-
-
-class _VerifyKey:
-    """nacl.signing.VerifyKey's part that dkimpy uses, over `cryptography`."""
-
-    def __init__(self, public: bytes, encoder: Any = None) -> None:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-        self._key = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(public))
-
-    def verify(self, data: bytes, signature: bytes) -> bytes:
-        from cryptography.exceptions import InvalidSignature
-        try:
-            self._key.verify(signature, data)
-        except InvalidSignature:
-            raise _BadSignature("signature does not verify") from None
-        return data
-
-
-def ensure_ed25519() -> None:
-    """Let dkimpy sign and verify ed25519-sha256 (RFC 8463) in this process.
-
-    dkimpy does Ed25519 through PyNaCl, which is not among the project's dependencies;
-    when it is missing, dkimpy's module-level name `nacl` is given the three classes it
-    uses, backed by `cryptography` (already a dependency).  The signatures are the same
-    bytes (Ed25519 is deterministic), so nothing about the messages differs.
-    """
-    try:
-        import nacl.encoding  # noqa: F401
-        import nacl.signing  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if getattr(dkim, "nacl", None) is None:
-        dkim.nacl = types.SimpleNamespace(  # type: ignore[attr-defined]
-            signing=types.SimpleNamespace(SigningKey=_SigningKey, VerifyKey=_VerifyKey),
-            encoding=types.SimpleNamespace(Base64Encoder=None),
-            exceptions=types.SimpleNamespace(ValueError=ValueError,
-                                             BadSignatureError=_BadSignature))
-
-
 # -- signing and sealing ---------------------------------------------------------------------
 
 SIGNED_HEADERS = (b"from", b"to", b"subject", b"date", b"message-id")
@@ -146,11 +85,7 @@ def dkim_sign(message: bytes, domain: str, selector: str, keys: SigningKeys, *,
               algorithm: str = "rsa-sha256",
               headers: Iterable[bytes] = SIGNED_HEADERS) -> bytes:
     """`message` with a DKIM-Signature (relaxed/relaxed) of `domain` prepended."""
-    if algorithm == "ed25519-sha256":
-        ensure_ed25519()
-        key = keys.ed25519_seed
-    else:
-        key = keys.rsa_pem
+    key = keys.ed25519_seed if algorithm == "ed25519-sha256" else keys.rsa_pem
     signature = dkim.sign(message, selector.encode(), domain.encode(), key,
                           signature_algorithm=algorithm.encode(),
                           canonicalize=(b"relaxed", b"relaxed"),
@@ -160,44 +95,16 @@ def dkim_sign(message: bytes, domain: str, selector: str, keys: SigningKeys, *,
 
 def arc_seal(message: bytes, domain: str, selector: str, keys: SigningKeys, *,
              authserv_id: str, results: str,
-             headers: Iterable[bytes] = SIGNED_HEADERS + (b"dkim-signature", b"list-id"),
+             headers: Iterable[bytes] = SIGNED_HEADERS + (b"list-id",),
              timestamp: int | None = None) -> bytes:
-    """`message` with the first ARC set (RFC 8617 4.1, cv=none) of sealer `domain`
-    prepended: ARC-Authentication-Results "i=1; <authserv_id>; <results>", an
-    ARC-Message-Signature and an ARC-Seal, all rsa-sha256, relaxed/relaxed.
-
-    The same steps as dkimpy's `dkim.arc_sign`, through dkimpy's own ARC signer, without
-    its `authres` dependency (arc_sign needs it only to copy the sealer's own
-    Authentication-Results into the AAR, which `results` gives here directly).
-    """
-    arc = dkim.ARC(message, signature_algorithm=b"rsa-sha256")
-    if arc.sorted_arc_headers()[0] != 0:
-        raise ValueError("only a first ARC set (i=1) is made here")
-    pk = dkim.parse_pem_private_key(keys.rsa_pem)
-    canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-    arc.hasher = hashlib.sha256
-    include = tuple(h.lower() for h in headers)
-    stamp = str(timestamp or int(time.time())).encode()
-    d, s = domain.encode(), selector.encode()
-
-    aar = b"i=1; " + authserv_id.encode() + b";\r\n " + results.encode() + b"\r\n"
-    arc_headers: list[tuple[bytes, bytes]] = [(b"ARC-Authentication-Results", b" " + aar)]
-    arc.headers = canon.canonicalize_headers(arc_headers[:1]) + arc.headers
-
-    body_hash = base64.b64encode(hashlib.sha256(canon.canonicalize_body(arc.body)).digest())
-    ams_fields = [(b"i", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"), (b"d", d),
-                  (b"s", s), (b"t", stamp), (b"h", b" : ".join(include)), (b"bh", body_hash),
-                  (b"b", b"0" * 60)]
-    ams = arc.gen_header(ams_fields, include, canon, b"ARC-Message-Signature", pk)
-    arc_headers.insert(0, (b"ARC-Message-Signature", ams))
-    arc.headers = canon.canonicalize_headers(arc_headers[:1]) + arc.headers
-
-    as_fields = [(b"i", b"1"), (b"cv", b"none"), (b"a", b"rsa-sha256"), (b"d", d), (b"s", s),
-                 (b"t", stamp), (b"b", b"0" * 60)]
-    seal_over = [name.lower() for name, _ in reversed(arc_headers)]   # AAR, AMS (RFC 8617 5.1.1)
-    seal = arc.gen_header(as_fields, seal_over, canon, b"ARC-Seal", pk)
-    return (b"ARC-Seal: " + seal + b"ARC-Message-Signature: " + ams
-            + b"ARC-Authentication-Results: " + aar + message)
+    """`message` as the sealer `domain` passes it on (RFC 8617 4.1): its own
+    Authentication-Results "<authserv_id>; <results>" added, then the ARC set that
+    dkimpy's arc_sign makes from it (rsa-sha256, relaxed/relaxed)."""
+    message = f"Authentication-Results: {authserv_id};\r\n {results}\r\n".encode() + message
+    arc_set = dkim.arc_sign(message, selector.encode(), domain.encode(), keys.rsa_pem,
+                            authserv_id.encode(), include_headers=list(headers),
+                            timestamp=timestamp)
+    return b"".join(arc_set) + message
 
 
 def zone_txt(zone: list[list]) -> Callable[..., bytes | None]:
@@ -241,21 +148,15 @@ def inbound_server(make_server: Callable[..., ServerProcess], dns: Any, *, start
 
     [inbound] defaults for tests: trusted_networks = [] (loopback clients are checked) and
     greet_delay = 0; `inbound` adds to or changes those (a value of None removes the key,
-    so the server's own default applies).  DNS goes to the test DNS server only.  The
-    section is written into the config file here, so it works whatever sections the
-    harness knows how to pass through.
+    so the server's own default applies).  DNS goes to the test DNS server only.
     """
     section: dict[str, Any] = {"trusted_networks": [], "greet_delay": 0}
     section.update(inbound or {})
     section = {k: v for k, v in section.items() if v is not None}
     relay = {"resolver": dns.address}
     relay.update(overrides.pop("relay", {}))
-    srv = make_server(start=False, relay=relay, limits=dict(limits or {}), **overrides)
-    srv.sections["inbound"] = section
-    srv.config_path.write_text(toml_text(srv.sections))
-    if start:
-        srv.start()
-    return srv
+    return make_server(start=start, relay=relay, limits=dict(limits or {}), inbound=section,
+                       **overrides)
 
 
 # -- SMTP ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mailserver.inbound import dnsbl
 from mailserver.inbound.checker import InboundChecker
 from mailserver.inbound.dns import Answer, StaticResolver
 from mailserver.inbound.junk import JunkFolders
+from mailserver.inbound.rspamd import SpamVerdict
 from mailserver.maildir import MaildirStore
 from mailserver.passwords import hash_password
 from mailserver.smtp.mx import MXSession
@@ -53,7 +54,7 @@ class Session(smtp_session.Session):
     """test_smtp_session's send-and-expect helper, with inbound checks on."""
 
     def __init__(self, root: Path, inbound: InboundConfig = CHECKS, ip: str = "192.0.2.7",
-                 **limits) -> None:
+                 rspamd: object = None, **limits) -> None:
         self.accounts = Accounts(root / "var" / "accounts.sqlite3")
         self.store = MaildirStore(root / "maildirs", HOST)
         self.accounts.add_domain("example.test")
@@ -61,7 +62,7 @@ class Session(smtp_session.Session):
             self.accounts.add_user(f"{user}@example.test", hash_password("x"))
             self.store.create_user("example.test", user)
         self.resolver = StaticResolver(ZONE)
-        checker = InboundChecker(inbound, HOST, self.resolver,
+        checker = InboundChecker(inbound, HOST, self.resolver, rspamd=rspamd,
                                  run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         context = SMTPContext(hostname=HOST, limits=LimitsConfig(**limits),
                               accounts=self.accounts, store=self.store, tls=None)
@@ -262,3 +263,65 @@ class MXInboundTests(unittest.TestCase):
         self.assertEqual(code, 250)
         [path] = s.files()
         self.assertIn(b"dkim=pass header.d=forged.example", path.read_bytes())
+
+    @defer.inlineCallbacks
+    def test_large_body_copied_whole_from_the_spool(self):
+        s = self.session()
+        s.lines()
+        body = b"".join(b"line %07d of a large message\r\n" % i for i in range(40000))
+        code, _ = yield self.transaction(s, "x@good.example",
+                                         message("x@good.example") + body)
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        self.assertTrue(path.read_bytes().endswith(b"\r\n\r\nbody\r\n" + body))
+
+    @defer.inlineCallbacks
+    def test_spam_verdict_fields_are_ours_and_spam_goes_to_junk(self):
+        class Filter:
+            seen: dict = {}
+
+            def check(self, path, **envelope):
+                self.seen.update(envelope, data=Path(path).read_bytes())
+                return defer.succeed(SpamVerdict("add header", 9.5, 15.0, ("BAYES_SPAM",)))
+
+        spam = Filter()
+        s = self.session(rspamd=spam)
+        s.lines()
+        data = b"X-Spam: No\r\nX-Spam-Status: No, score=-100\r\n" + message("x@good.example")
+        code, _ = yield self.transaction(s, "x@good.example", data)
+        self.assertEqual(code, 250)
+        self.assertEqual(spam.seen["ip"], "192.0.2.7")
+        self.assertEqual(spam.seen["mail_from"], "x@good.example")
+        self.assertEqual(spam.seen["rcpts"], ["alice@example.test"])
+        self.assertTrue(spam.seen["data"].startswith(b"X-Spam: No\r\n"))
+        self.assertEqual(s.files(), [])
+        [path] = s.files(folder="Junk")
+        head = path.read_bytes().split(b"\r\n\r\n")[0]
+        self.assertIn(b"X-Spam: Yes\r\n", head)
+        self.assertIn(b"score=9.50 required=15.00", head)
+        self.assertNotIn(b"X-Spam: No", head)
+        self.assertNotIn(b"score=-100", head)
+
+    @defer.inlineCallbacks
+    def test_spam_filter_reject_and_unavailable(self):
+        class Filter:
+            def __init__(self, verdict):
+                self.verdict = verdict
+
+            def check(self, path, **envelope):
+                return defer.succeed(self.verdict)
+
+        s = self.session(rspamd=Filter(SpamVerdict("reject", 20.0, 15.0, ())))
+        s.lines()
+        code, lines = yield self.transaction(s, "x@good.example", message("x@good.example"))
+        self.assertEqual((code, lines[-1][:9]), (554, b"554 5.7.1"))
+        down = SpamVerdict("error", 0.0, 0.0, (), reason="timeout")
+        s = self.session(rspamd=Filter(down))
+        s.lines()
+        code, _ = yield self.transaction(s, "x@good.example", message("x@good.example"))
+        self.assertEqual(code, 250)
+        s = self.session(rspamd=Filter(down), inbound=replace(CHECKS, rspamd_failure="tempfail"))
+        s.lines()
+        code, lines = yield self.transaction(s, "x@good.example", message("x@good.example"))
+        self.assertEqual((code, lines[-1][:9]), (451, b"451 4.7.1"))
+        self.assertEqual(s.files(), [])
