@@ -148,7 +148,8 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("maildir_root", str(config.maildir_root)),
             ("tls", _tls_source(config)),
             ("accounts", _accounts_summary(config)),
-            ("relay", _relay_summary(config))]
+            ("relay", _relay_summary(config)),
+            ("inbound", _inbound_summary(config))]
     for key, value in rows:
         print(f"{key:<13} {value}")
     listeners = config.listen.enabled()
@@ -160,6 +161,22 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
     print("configuration OK")
     return 0
+
+
+def _inbound_summary(config: Config) -> str:
+    """What the MX checks, in one line (README: "What the MX checks")."""
+    inbound = config.inbound
+    checks = [name for name in ("spf", "dkim", "dmarc", "arc") if getattr(inbound, name)]
+    if inbound.dmarc and not inbound.dmarc_enforce:
+        checks[checks.index("dmarc")] = "dmarc (not enforced)"
+    if inbound.rspamd_url:
+        checks.append(f"rspamd {inbound.rspamd_url}")
+    if inbound.dnsbl:
+        checks.append("dnsbl " + ",".join(inbound.dnsbl))
+    if inbound.greet_delay:
+        checks.append(f"greet delay {inbound.greet_delay:g}s")
+    trusted = ", ".join(inbound.trusted_networks) or "none"
+    return f"{', '.join(checks) or 'no checks'}; skipped for {trusted}"
 
 
 def _relay_summary(config: Config) -> str:

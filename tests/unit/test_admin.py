@@ -75,6 +75,7 @@ def test_check_prints_listeners_and_paths(run, config):
     assert str(root / "maildirs") in out
     assert "self-signed" in out
     assert "not created yet" in out
+    assert "inbound       spf, dkim, dmarc, arc, greet delay 1s; skipped for 127.0.0.0/8" in out
     assert not (root / "var").exists()  # check creates nothing
     run("domain", "add", "example.org")
     code, out, err = run("check")
@@ -86,9 +87,13 @@ def test_check_with_configured_certificate(tmp_path, capsys):
     (tmp_path / "key.pem").write_text("x")
     path = tmp_path / "m.toml"
     path.write_text('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'
-                    '[auth]\nallow_plaintext_loopback = true\n')
+                    '[auth]\nallow_plaintext_loopback = true\n'
+                    '[inbound]\ndmarc_enforce = false\nspf = false\ndnsbl = ["zen.example"]\n'
+                    'rspamd_url = "http://127.0.0.1:11333/"\ntrusted_networks = []\n')
     assert admin.main(["--config", str(path), "check"]) == 0
     out, err = capsys.readouterr()
+    assert ("dkim, dmarc (not enforced), arc, rspamd http://127.0.0.1:11333, dnsbl zen.example,"
+            " greet delay 1s; skipped for none") in out
     assert f"certificate {tmp_path / 'cert.pem'}, key {tmp_path / 'key.pem'}" in out
     assert "allow_plaintext_loopback" in err
 

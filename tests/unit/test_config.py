@@ -144,3 +144,42 @@ delay_warning = 0
     assert config.queue.retry_schedule == (30.0, 120.0, 3600.0)
     assert config.queue.delay_warning == 0
     assert config.queue_dir == config.state_dir / "queue"
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[inbound]\nspf = "yes"\n', "inbound.spf"),
+    ('[inbound]\ntrusted_networks = ["10.0.0.0/33"]\n', "inbound.trusted_networks[0]"),
+    ('[inbound]\ntrusted_networks = "127.0.0.1"\n', "inbound.trusted_networks"),
+    ('[inbound]\nrspamd_url = "127.0.0.1:11333"\n', "inbound.rspamd_url"),
+    ('[inbound]\nrspamd_failure = "drop"\n', "inbound.rspamd_failure"),
+    ('[inbound]\nrspamd_timeout = "soon"\n', "inbound.rspamd_timeout"),
+    ('[inbound]\ndnsbl = ["not a zone"]\n', "inbound.dnsbl[0]"),
+    ('[inbound]\ngreet_delay = -1\n', "inbound.greet_delay"),
+    ('[inbound]\njunk_folder = "INBOX"\n', "inbound.junk_folder"),
+    ('[inbound]\njunk_folder = "../x"\n', "inbound.junk_folder"),
+    ('[inbound]\npsl_file = "missing.dat"\n', "inbound.psl_file"),
+    ('[inbound]\ntrusted_arc_sealers = [1]\n', "inbound.trusted_arc_sealers[0]"),
+    ('[inbound]\nbogus = 1\n', "inbound.bogus"),
+    ('[limits]\nmax_rcpt_commands = 0\n', "limits.max_rcpt_commands"),
+    ('[limits]\nmax_command_errors = "many"\n', "limits.max_command_errors"),
+])
+def test_inbound_keys_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key == key
+
+
+def test_inbound_settings(tmp_path):
+    (tmp_path / "psl.dat").write_text("test\n")
+    config = load_config(write(tmp_path, '[inbound]\ntrusted_networks = ["192.0.2.1", "2001:db8::/32"]\n'
+                                         'rspamd_url = "http://127.0.0.1:11333/"\n'
+                                         'greet_delay = "2s"\npsl_file = "psl.dat"\n'
+                                         'trusted_arc_sealers = ["Lists.Example.ORG"]\n'))
+    inbound = config.inbound
+    assert inbound.trusted_networks == ("192.0.2.1/32", "2001:db8::/32")
+    assert inbound.rspamd_url == "http://127.0.0.1:11333"
+    assert inbound.greet_delay == 2.0
+    assert inbound.psl_file == str(tmp_path / "psl.dat")
+    assert inbound.trusted_arc_sealers == ("lists.example.org",)
+    assert (inbound.spf, inbound.dkim, inbound.dmarc, inbound.dmarc_enforce, inbound.arc) == \
+        (True, True, True, True, True)
