@@ -176,6 +176,7 @@ class QueueConfig:
 
 
 RSPAMD_FAILURE_MODES = ("accept", "tempfail")
+MAX_GREET_DELAY = 30.0   # seconds; clients wait 5 minutes for a banner, people less
 
 
 @dataclass(frozen=True)
@@ -411,10 +412,15 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _folder_name(key: str, value: Any) -> str:
+    from mailserver.maildir.names import folder_dir_name
+
     _expect(str, "a folder name")(key, value)
-    if (not value or len(value) > 200 or not value.isprintable() or value.upper() == "INBOX"
-            or any(c in value for c in "/\\*%") or value.startswith(".") or ".." in value):
-        raise ConfigError(key, f"not a usable folder name: {value!r}")
+    try:
+        if any(c in value for c in "*%") or not value.isprintable():
+            raise ValueError("wildcards or control characters")
+        folder_dir_name(value)  # the store's own rules for a folder other than INBOX
+    except ValueError as e:
+        raise ConfigError(key, f"not a usable folder name: {value!r} ({e})") from None
     return value
 
 
@@ -558,6 +564,12 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     _check_distinct_endpoints(sections["listen"])
     sections["relay"] = _check_relay(sections["relay"], base)
     inbound: InboundConfig = sections["inbound"]
+    if inbound.dmarc and not (inbound.spf and inbound.dkim):
+        # RFC 7489 4: DMARC passes on an aligned SPF or DKIM pass; with one of them off,
+        # mail that authenticates only through it would fail (and be refused).
+        raise ConfigError("inbound.dmarc", "needs inbound.spf and inbound.dkim switched on")
+    if inbound.greet_delay > MAX_GREET_DELAY:
+        raise ConfigError("inbound.greet_delay", f"at most {MAX_GREET_DELAY:g} seconds")
     if inbound.psl_file:
         p = (base / inbound.psl_file).resolve()
         if not p.is_file():

@@ -144,7 +144,9 @@ class InboundChecker:
                 # to Junk while the policy is enforced.
                 dmarc = DMARCResult("permerror", "", "", "quarantine", why)
             else:
-                spf_domain = spf.domain if spf is not None and spf.identity == "mailfrom" else ""
+                # RFC 7489 4.1 / RFC 7208 2.4: with a null MAIL FROM the HELO identity
+                # stands in for it, so a bounce can align through its HELO name.
+                spf_domain = spf.domain if spf is not None else ""
                 dmarc = yield evaluate(self.resolver, self.orgs, domain,
                                        spf.result if spf is not None else "none", spf_domain,
                                        [r.domain for r in dkim_results if r.result == "pass"])
@@ -190,8 +192,8 @@ class InboundChecker:
         if dmarc is not None:
             comment = dmarc.reason
             disposition = dmarc.disposition
-            if dmarc.result == "fail" and disposition != "none":
-                override = self._arc_override(arc)
+            if disposition != "none":
+                override = self._arc_override(arc) if dmarc.result == "fail" else ""
                 if override:
                     comment += f"; policy {disposition} overridden: ARC sealed by {override}"
                     disposition = "none"

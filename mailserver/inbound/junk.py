@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.maildir.folder import FolderExists
-from mailserver.maildir.keywords import KeywordLimit, Keywords
+from mailserver.maildir.keywords import KEYWORDS_NAME, KeywordLimit, Keywords
 from mailserver.maildir.names import folder_dir
 from mailserver.maildir.uidlist import DotLock
 
@@ -27,18 +27,28 @@ log = Logger()
 JUNK_KEYWORD = "$Junk"
 
 
-def keyword_letter(folder: Path, keyword: str) -> str:
+def _stamp(folder: Path) -> tuple[int, int, int]:
+    """Identity of the folder's keyword table file (zeros when there is none)."""
+    try:
+        st = os.stat(folder / KEYWORDS_NAME)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def keyword_letter(folder: Path, keyword: str) -> tuple[str, tuple[int, int, int]]:
     """The letter of `keyword` in `folder`'s dovecot-keywords, added when missing ("" when
-    all 26 letters are taken: the message is then delivered without it).  Blocking."""
+    all 26 letters are taken: the message is then delivered without it), and the table
+    file's stamp after that.  Blocking."""
     with DotLock(folder / "dovecot-uidlist"):
         table = Keywords.read(folder)
         try:
             letter = table.letter(keyword)
         except KeywordLimit:
-            return ""
+            letter = ""
         if table.dirty:
             table.write()
-    return letter
+        return letter, _stamp(folder)
 
 
 class JunkFolders:
@@ -49,19 +59,19 @@ class JunkFolders:
         self.store = store
         self.folder_name = folder_name
         self.keyword = keyword
-        self._ready: dict[Path, tuple[Path, int, str]] = {}
+        self._ready: dict[Path, tuple[Path, tuple[int, int, int], str]] = {}
 
     def _current(self, user_path: Path) -> tuple[Path, str] | None:
+        """The prepared (folder, info) while the folder's keyword table is the one we
+        read: a rewritten table (a client's new keyword, the folder deleted and made
+        again) may have moved the letter, so it is looked up again then."""
         entry = self._ready.get(user_path)
         if entry is None:
             return None
-        path, inode, info = entry
-        try:
-            if os.stat(path).st_ino == inode:
-                return path, info
-        except OSError:
-            pass
-        del self._ready[user_path]  # deleted or recreated since: prepare it again
+        path, stamp, info = entry
+        if _stamp(path) == stamp:
+            return path, info
+        del self._ready[user_path]
         return None
 
     @defer.inlineCallbacks
@@ -76,9 +86,8 @@ class JunkFolders:
                     self.store.account(user_path).create_folder(self.folder_name)
                 except FolderExists:
                     pass
-            letter = yield deferToThread(keyword_letter, path, self.keyword)
-            self._ready[user_path] = (path, os.stat(path).st_ino,
-                                      f":2,{letter}" if letter else "")
+            letter, stamp = yield deferToThread(keyword_letter, path, self.keyword)
+            self._ready[user_path] = (path, stamp, f":2,{letter}" if letter else "")
 
     def place(self, user_path: Path) -> tuple[Path, str]:
         """The target and file info for one prepared user (INBOX if not prepared)."""

@@ -28,7 +28,7 @@ from mailserver.inbound.authresults import is_ours, remove_fields
 from mailserver.inbound.checker import InboundChecker, MessageFacts, Verdict
 from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.delivery import IDelivery, Placement, Recipient
-from mailserver.smtp.replies import SMTPReplyError
+from mailserver.smtp.replies import Reply, SMTPReplyError
 
 log = Logger()
 
@@ -64,6 +64,13 @@ def rewrite_subject(header_block: bytes, subject: str) -> bytes:
     return _SUBJECT.sub(b"", block) + line
 
 
+class ClientGone(Exception):
+    """The client disconnected before its message was delivered."""
+
+
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
+
+
 def _spool_file(spool_dir: Path, queue_id: str) -> Any:
     return tempfile.NamedTemporaryFile(dir=spool_dir, prefix=queue_id + ".", delete=False)
 
@@ -94,7 +101,8 @@ class CheckedDelivery:
         self._trace = b""
         self._head = bytearray()
         self._header_end = -1       # spool offset where the blank line (or body) starts
-        self._header_whole = True   # False: no end of the header section in MAX_HEADER
+        self._header_too_big = False   # no end of the header section within MAX_HEADER
+        self._client_gone = False
         self._size = 0
         self._inner: IDelivery | None = None
         self._closed = False
@@ -121,9 +129,10 @@ class CheckedDelivery:
                 end = self._head.find(b"\r\n\r\n", start)
                 if end >= 0:
                     self._header_end = end + 2
-                elif len(self._head) > MAX_HEADER:
-                    self._header_end = 0  # no header section we will look into
-                    self._header_whole = False
+            if self._header_end > MAX_HEADER or (self._header_end < 0
+                                                 and len(self._head) > MAX_HEADER):
+                self._header_too_big = True  # refused at the end of DATA
+                self._header_end = 0
             if self._header_end >= 0:
                 del self._head[self._header_end:]
         self._file.write(data)
@@ -135,19 +144,32 @@ class CheckedDelivery:
         except OSError as e:
             self._discard()
             return defer.fail(e)
+        if self._header_too_big:
+            # Postfix's header_size_limit is 100 KB: a header section over 1 MB is no mail,
+            # and one we cannot strip forged fields from or find the From: in.
+            self._discard()
+            return defer.fail(SMTPReplyError(HEADER_TOO_BIG))
         if self._header_end < 0:  # the message was all header (no blank line)
             self._header_end = len(self._head)
-        facts = MessageFacts(path=self.path,
-                             header_block=bytes(self._head) if self._header_whole else None,
+        facts = MessageFacts(path=self.path, header_block=bytes(self._head),
                              rcpts=tuple(r.address for r in self._recipients), **self.facts)
         d = self.checker.check_message(facts, self.spf)
         d.addCallback(self._judged)
         d.addBoth(self._finished)
         return d
 
+    def client_gone(self) -> None:
+        """The connection closed while the checks ran: the client never sees a 250 and
+        will send the message again, so this copy is not delivered (no duplicate)."""
+        self._client_gone = True
+
     @defer.inlineCallbacks
     def _judged(self, verdict: Verdict):
         self.verdict = verdict
+        if self._client_gone:
+            log.info("smtp message {qid}: client gone during the checks; not delivered",
+                     qid=self.facts["queue_id"])
+            raise ClientGone()
         log.info("smtp message {qid} from <{sender}> ip={ip}: {checks} -> {action}",
                  qid=self.facts["queue_id"], sender=self.facts["mail_from"],
                  ip=self.facts["ip"], action=verdict.action,

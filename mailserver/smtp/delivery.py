@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from mailserver.maildir.delivery import DeliveryResult
+
 if TYPE_CHECKING:
     from mailserver.accounts import User
     from mailserver.maildir import MaildirStore
@@ -91,6 +93,10 @@ class IDelivery(Interface):
 Placement = Callable[[Path], tuple[Path, str]]
 
 
+def _all_failed(failure: Any, targets: list[Path]) -> list[DeliveryResult]:
+    return [DeliveryResult(t, False, None, failure.value) for t in targets]
+
+
 @implementer(IDelivery)
 class LocalDelivery:
     """Writes into the Maildirs of local users through the store.
@@ -145,7 +151,10 @@ class LocalDelivery:
         if len(deliveries) == 1:
             d = deliveries[0].commit()
         else:
-            d = defer.gatherResults([x.commit() for x in deliveries], consumeErrors=True)
+            # One stored file per info suffix: a group that fails is reported failed for
+            # its own mailboxes only (the queue retries those), never for the others.
+            d = defer.gatherResults([x.commit().addErrback(_all_failed, x.targets)
+                                     for x in deliveries])
             d.addCallback(lambda lists: [r for results in lists for r in results])
 
         def statuses(results) -> DeliveryOutcome:

@@ -69,7 +69,7 @@ class MXSession(SMTPSession):
             super().connectionMade()
             return
         self._blocked = checker.check_client(self.peer_ip)
-        self._blocked.addCallback(self._listed)
+        self._blocked.addBoth(self._listed)
         delay = checker.greet_delay
         if delay <= 0:
             super().connectionMade()
@@ -77,9 +77,14 @@ class MXSession(SMTPSession):
         self._replies = []  # the banner is built now and held back
         super().connectionMade()
         self._banner, self._replies = b"".join(self._replies), None
+        self.setTimeout(None)  # the idle timeout runs from the banner on
         self._banner_call = reactor.callLater(delay, self._greet)
 
     def _listed(self, refusal: Any) -> Any:
+        if isinstance(refusal, Failure):  # not expected; a list that cannot be asked lists no one
+            self.log.failure("{service} {ip}: blocklist check failed", refusal,
+                             service=self.context.service, ip=self.peer_ip)
+            refusal = None
         self._blocked = refusal  # the Reply, or None: not listed
         return refusal
 
@@ -88,6 +93,7 @@ class MXSession(SMTPSession):
         banner, self._banner = self._banner, None
         if banner and not self._closing:
             write_now(self.transport, banner)
+            self.setTimeout(self.timeout)
             if self._buffer:  # cannot happen: input before the banner was refused
                 self._drain()
 
@@ -112,11 +118,6 @@ class MXSession(SMTPSession):
         super()._reset_transaction()
         self._spf = None
 
-    def do_MAIL(self, rest: bytes) -> None:
-        super().do_MAIL(rest)
-        if self._checks and self._sender is not None and self._spf is None:
-            self._spf = self.context.checker.check_sender(self.peer_ip, self._sender,
-                                                          self._helo_name)
 
     def do_RCPT(self, rest: bytes) -> None:
         blocked = self._blocked
@@ -132,12 +133,19 @@ class MXSession(SMTPSession):
             self.reply(blocked)
             return
         super().do_RCPT(rest)
+        if self._checks and self._recipients and self._spf is None:
+            # SPF (RFC 7208 2.4) from the first accepted recipient on: by the end of DATA
+            # it has usually answered, and a client that never gets that far (a
+            # blocklisted one, MAIL/RSET loops) costs no DNS queries.
+            self._spf = self.context.checker.check_sender(self.peer_ip, self._sender or "",
+                                                          self._helo_given)
 
-    def _rcpt_after_lookup(self, result: Any, rest: bytes) -> Any:
-        if not self._closing:
-            self.do_RCPT(rest)
+    def _rcpt_after_lookup(self, result: Any, rest: bytes) -> None:
+        try:
+            if not self._closing:
+                self.do_RCPT(rest)
+        finally:
             self._resume()
-        return result
 
     def resolve_recipient(self, path: str) -> Recipient:
         recipient = resolve_local(self.context, path)

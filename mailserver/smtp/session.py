@@ -159,7 +159,8 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     def _reset_session(self) -> None:
         self._greeted = False
         self._esmtp = False
-        self._helo_name = ""
+        self._helo_name = ""   # as written into Received (sanitized)
+        self._helo_given = ""  # as the client sent it (checked by SPF)
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -193,7 +194,9 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
         Error replies are counted: past limits.max_command_errors the client gets 421 and
         the connection is closed instead (a client that only makes errors is probing)."""
-        if 400 <= code < 600 and code != 421 and not self._closing:
+        # 452 is not the client's error: RFC 5321 4.5.3.1.10 has it send the other
+        # recipients later, and a pipelining client cannot stop at the first one.
+        if 400 <= code < 600 and code not in (421, 452) and not self._closing:
             self._errors += 1
             if self._errors > self.limits.max_command_errors:
                 self.log.info("{service} {ip}: too many errors, disconnecting",
@@ -247,6 +250,9 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         if self._incoming is not None:
             self._incoming.delivery.abort()
             self._incoming = None
+        client_gone = getattr(self._committing, "client_gone", None)
+        if client_gone is not None:  # the client will never see our reply: it retries
+            client_gone()
         super().connectionLost(reason)
 
     # -- input loop --------------------------------------------------------------------
@@ -365,6 +371,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         except UnicodeDecodeError:
             name = None
         if name is not None and name and not _HELO_BAD.search(name) and len(name) <= 255:
+            self._helo_given = name
             return received_helo(name)
         if not name and name is not None:
             self.reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
@@ -647,10 +654,17 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self.reply(inc.error)
             return
         self._pause()
+        self._committing = inc.delivery
         d = defer.maybeDeferred(inc.delivery.commit)
         d.addCallback(self._committed, inc, sender, recipients)
         d.addErrback(self._commit_failed, inc)
-        d.addBoth(lambda _: self._resume())
+        d.addBoth(self._commit_done)
+
+    _committing: IDelivery | None = None  # the delivery whose commit is under way
+
+    def _commit_done(self, _: Any) -> None:
+        self._committing = None
+        self._resume()
 
     def _committed(self, outcome: DeliveryOutcome, inc: _Incoming, sender: str,
                    recipients: list[Recipient]) -> None:
@@ -682,6 +696,12 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     def _commit_failed(self, failure: Failure, inc: _Incoming) -> None:
         inc.delivery.abort()
+        if self._closing:  # nobody to answer; the client sends the message again
+            self.log.info("{service} {ip}: message {qid} not acknowledged, client gone "
+                          "({error})", service=self.context.service, ip=self.peer_ip,
+                          qid=inc.queue_id, error=failure.getErrorMessage() or
+                          failure.type.__name__)
+            return
         if failure.check(SMTPReplyError):  # a policy refusal found in the message itself
             error: SMTPReplyError = failure.value  # type: ignore[assignment]
             self.log.info("{service} {ip}: message {qid} refused: {reply}",

@@ -88,11 +88,11 @@ def test_check_with_configured_certificate(tmp_path, capsys):
     path = tmp_path / "m.toml"
     path.write_text('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'
                     '[auth]\nallow_plaintext_loopback = true\n'
-                    '[inbound]\ndmarc_enforce = false\nspf = false\ndnsbl = ["zen.example"]\n'
+                    '[inbound]\ndmarc_enforce = false\narc = false\ndnsbl = ["zen.example"]\n'
                     'rspamd_url = "http://127.0.0.1:11333/"\ntrusted_networks = []\n')
     assert admin.main(["--config", str(path), "check"]) == 0
     out, err = capsys.readouterr()
-    assert ("dkim, dmarc (not enforced), arc, rspamd http://127.0.0.1:11333, dnsbl zen.example,"
+    assert ("spf, dkim, dmarc (not enforced), rspamd http://127.0.0.1:11333, dnsbl zen.example,"
             " greet delay 1s; skipped for none") in out
     assert f"certificate {tmp_path / 'cert.pem'}, key {tmp_path / 'key.pem'}" in out
     assert "allow_plaintext_loopback" in err

@@ -325,3 +325,115 @@ class MXInboundTests(unittest.TestCase):
         code, lines = yield self.transaction(s, "x@good.example", message("x@good.example"))
         self.assertEqual((code, lines[-1][:9]), (451, b"451 4.7.1"))
         self.assertEqual(s.files(), [])
+
+    # -- found in review --------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_bounce_aligns_through_its_helo_name(self):
+        # RFC 7489 4.1: with MAIL FROM:<> the SPF-checked HELO identity counts for DMARC.
+        s = self.session()
+        s.lines()
+        s.send(b"EHLO good.example\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\n"
+               b"DATA\r\n")
+        codes, _ = yield s.wait_codes(4)
+        self.assertEqual(codes, [250, 250, 250, 354])
+        s.send(message("MAILER-DAEMON@good.example") + b".\r\n")
+        codes, _ = yield s.wait_codes(1)
+        self.assertEqual(codes, [250])
+        head = s.files()[0].read_bytes().split(b"\r\n\r\n")[0]
+        self.assertIn(b"smtp.helo=good.example", head)
+        self.assertIn(b"dmarc=pass", head)
+
+    def test_too_many_recipients_is_not_an_error_of_the_client(self):
+        s = self.session(max_recipients=2, max_command_errors=3)
+        s.lines()
+        s.send(b"EHLO c.example\r\nMAIL FROM:<x@good.example>\r\n"
+               + b"RCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
+               + b"RCPT TO:<carol@example.test>\r\n" * 5 + b"DATA\r\n")
+        codes = [line[:3] for line in s.lines()]
+        self.assertEqual(codes[-6:], [b"452"] * 5 + [b"354"])
+        self.assertFalse(s.proto._closing)
+
+    @defer.inlineCallbacks
+    def test_header_section_over_a_megabyte_refused(self):
+        s = self.session(inbound=replace(CHECKS, dmarc=False))
+        s.lines()
+        pad = b"".join(b"X-Pad-%06d: %s\r\n" % (i, b"y" * 60) for i in range(16000))
+        data = message("x@good.example").replace(b"\r\n\r\n", b"\r\n" + pad + b"\r\n", 1)
+        s.send(b"EHLO client.example\r\nMAIL FROM:<x@good.example>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        yield s.wait_codes(4)
+        data += b".\r\n"
+        for i in range(0, len(data), 65536):
+            s.send(data[i:i + 65536])
+        codes, lines = yield s.wait_codes(1)
+        self.assertEqual((codes, lines[-1][:9]), ([552], b"552 5.3.4"))
+        self.assertEqual((s.files(), s.files(folder="Junk")), ([], []))
+        self.assertEqual(os.listdir(s.spool_dir), [])
+
+    @defer.inlineCallbacks
+    def test_no_from_junk_only_while_enforced(self):
+        for enforce, junk in ((True, 1), (False, 0)):
+            s = self.session(inbound=replace(CHECKS, dmarc_enforce=enforce))
+            s.lines()
+            code, _ = yield self.transaction(s, "x@good.example",
+                                             b"Subject: no from\r\n\r\nhello\r\n")
+            self.assertEqual(code, 250)
+            self.assertEqual(len(s.files(folder="Junk")), junk)
+            self.assertEqual(len(s.files()), 1 - junk)
+
+    @defer.inlineCallbacks
+    def test_junk_letter_looked_up_again_when_the_keyword_table_changes(self):
+        s = self.session()
+        s.lines()
+        junk = s.store.user_path("example.test", "alice") / ".Junk"
+        yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        # The folder deleted and made again, a client's keyword taking letter a.
+        shutil.rmtree(junk)
+        s.store.account(junk.parent).create_folder("Junk")
+        (junk / "dovecot-keywords").write_text("0 NonJunk\n")
+        yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        [path] = s.files(folder="Junk")
+        self.assertTrue(path.name.endswith(":2,b"), path.name)
+        self.assertIn("1 $Junk", (junk / "dovecot-keywords").read_text())
+
+    def test_blocklist_failure_lists_no_one(self):
+        s = self.session()
+        s.lines()
+        d = defer.Deferred()
+        s.proto._blocked = d
+        d.addBoth(s.proto._listed)
+        s.send(b"EHLO c.example\r\nMAIL FROM:<x@good.example>\r\nRCPT TO:<alice@example.test>\r\n")
+        finals = lambda: [line[:3] for line in s.lines() if line[3:4] == b" "]  # noqa: E731
+        self.assertEqual(finals(), [b"250", b"250"])
+        d.errback(RuntimeError("resolver broken"))
+        self.assertEqual(finals(), [b"250"])
+        self.assertFalse(s.proto._paused)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
+    def test_client_gone_during_the_checks_nothing_delivered(self):
+        s = self.session()
+        s.lines()
+        pending = defer.Deferred()
+        table = dict(s.resolver.table)
+        s.resolver.lookup = lambda name, rtype: (pending if name == "_dmarc.good.example"
+                                                 else defer.succeed(table.get(
+                                                     (name, rtype), Answer("nxdomain"))))
+        s.send(b"EHLO client.example\r\nMAIL FROM:<x@good.example>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        yield s.wait_codes(4)
+        s.send(message("x@good.example") + b".\r\n")
+        s.proto.connectionLost(None)
+        pending.callback(ZONE[("_dmarc.good.example", "TXT")])
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(s.files(), [])
+        self.assertEqual(os.listdir(s.spool_dir), [])
+
+    @defer.inlineCallbacks
+    def test_idle_timeout_runs_from_the_banner(self):
+        s = self.session(inbound=replace(CHECKS, greet_delay=0.2), idle_timeout=0.1)
+        yield task.deferLater(reactor, 0.25, lambda: None)
+        self.assertTrue(s.lines()[0].startswith(b"220 "))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(s.lines()[0][:3], b"421")
