@@ -5,11 +5,15 @@ side, in the same run, on the same corpus.
     python bench/run.py --quick                 # small counts, a few minutes
     python bench/run.py                         # the full sizes (10,000 and 100,000 messages)
     python bench/run.py --only smtp,pop3 --servers mailserver,postfix --runs 5
+    python bench/run.py --only smtp --servers mailserver,mailserver-checks --smtp-sizes 4096
 
 Every server is started by the bench itself on 127.0.0.1 with a private configuration in a
 temporary work directory, and stopped at the end.  An anchor that cannot run here (not
 installed, not root...) is reported as "not runnable" with the reason; a service of this
-server that does not answer yet is reported the same way.  Tables go to stdout, raw results
+server that does not answer yet is reported the same way.  "mailserver-checks" is this
+server once more, with the MX's inbound checks (SPF, DKIM, DMARC, ARC) applied to the bench's
+loopback clients, against a DNS server the bench starts on loopback; the report compares it
+with the server without checks.  Tables go to stdout, raw results
 to bench/results/<time>.json.
 
 Anchors: apt-get install postfix dovecot-imapd dovecot-pop3d (for postfix choose "No
@@ -80,6 +84,14 @@ class Bench:
         self.plan = dict(PLANS["quick" if args.quick else "full"])
         if args.runs:
             self.plan["runs"] = args.runs
+        if args.smtp_sizes:
+            sizes = [int(x) for x in args.smtp_sizes.split(",") if x.strip()]
+            counts = self.plan["smtp_counts"]
+            unknown_sizes = [x for x in sizes if x not in counts]
+            if unknown_sizes:
+                raise SystemExit(f"--smtp-sizes: no message count for {unknown_sizes} in this "
+                                 f"plan; sizes: {','.join(map(str, counts))}")
+            self.plan["smtp_counts"] = {x: counts[x] for x in sizes}
         if args.imap_sizes:
             self.plan["imap_corpora"] = [int(x) for x in args.imap_sizes.split(",")]
             if self.plan["imap_mixed_corpus"] not in self.plan["imap_corpora"]:
@@ -143,6 +155,18 @@ class Bench:
         configs = [{"size": size, "mode": mode, "count": count,
                     "concurrency": p["smtp_concurrency"], "servers": {}}
                    for size, count in p["smtp_counts"].items() for mode in p["smtp_modes"]]
+        # Every server gets the same messages: DKIM-signed by the sender's domain, so that
+        # this server with its inbound checks verifies a real signature in each (and the
+        # others take the same bytes).
+        why_not = smtp_bench.can_sign()
+        signed = not why_not
+        self.results["meta"]["smtp_messages"] = (
+            f"every server gets the same messages, DKIM-signed by {smtp_bench.SENDER_DOMAIN} "
+            f"(rsa-sha256, 2048 bits, c=relaxed/relaxed, "
+            f"h={':'.join(f.decode() for f in smtp_bench.SIGNED_FIELDS)})" if signed
+            else f"unsigned messages ({why_not})")
+        if why_not:
+            log(f"smtp: warning: {why_not}; the messages go unsigned")
         started: list[S.Server] = []
         try:
             for cls in self.classes("smtp"):
@@ -160,24 +184,31 @@ class Bench:
             for srv in started:
                 r = smtp_bench.run_once(srv, USER, p["smtp_warmup"], 4096, p["smtp_concurrency"],
                                         "per-connection", f"{srv.key}-warmup",
-                                        p["smtp_time_limit"])
-                log(f"smtp warm-up: {srv.key:12} {fmt(r['msgs_per_s'])} msgs/s"
-                    f"{', errors ' + str(r['errors']) if r['errors'] else ''}")
-            # Runs interleave the servers, so that a slow spell of the machine hits all.
+                                        p["smtp_time_limit"], signed)
+                log(f"smtp warm-up: {srv.key:17} {fmt(r['msgs_per_s'])} msgs/s"
+                    f"{', errors ' + str(r['errors']) if r['errors'] else ''}{auth_note(r)}")
+                if r["errors"]:
+                    log(f"  errors, e.g.: {r['error_examples']}\n{srv.log_tail()}")
+            # Runs interleave the servers, so that a slow spell of the machine hits all; the
+            # order alternates, so that neither of two servers always comes after the other.
             for run in range(p["runs"]):
                 for cfg in configs:
-                    for srv in started:
+                    for srv in (started if run % 2 == 0 else started[::-1]):
                         entry = cfg["servers"].setdefault(srv.key, {"runs": []})
                         run_id = f"{srv.key}-{run}-{cfg['size']}-{cfg['mode'][:4]}"
                         r = smtp_bench.run_once(srv, USER, cfg["count"], cfg["size"],
                                                 cfg["concurrency"], cfg["mode"], run_id,
-                                                p["smtp_time_limit"])
+                                                p["smtp_time_limit"], signed)
                         entry["runs"].append(r)
-                        log(f"smtp run {run + 1}: {srv.key:12} {cfg['size'] // 1024:>4} KB "
+                        log(f"smtp run {run + 1}: {srv.key:17} {cfg['size'] // 1024:>4} KB "
                             f"{cfg['mode']:15} {fmt(r['msgs_per_s'])} msgs/s, p50 "
-                            f"{fmt(r['latency_p50_ms'])} ms, CPU {fmt(r['cpu_ms_per_msg'])} "
-                            f"ms/msg, check {'ok' if r['maildir_check']['ok'] else 'FAILED'}"
-                            f"{', errors ' + str(r['errors']) if r['errors'] else ''}")
+                            f"{fmt(r['latency_p50_ms'])} ms, p99 {fmt(r['latency_p99_ms'])} ms, "
+                            f"CPU {fmt(r['cpu_ms_per_msg'])} ms/msg, check "
+                            f"{'ok' if r['maildir_check']['ok'] else 'FAILED'}"
+                            f"{', errors ' + str(r['errors']) if r['errors'] else ''}"
+                            f"{auth_note(r)}")
+                        if r["errors"]:
+                            log(f"  errors, e.g.: {r['error_examples']}")
         finally:
             for srv in started:
                 srv.stop()  # the runs' messages stay until the bench's work directory goes
@@ -382,6 +413,18 @@ def fmt(v) -> str:
     return report.fmt(v)
 
 
+def auth_note(r: dict) -> str:
+    """For a server that checks: whether its stored messages say spf, dkim and dmarc pass
+    (loud when not: the checks did not run as measured)."""
+    a = r["maildir_check"].get("auth_results")
+    if a is None:
+        return ""
+    if a["ok"]:
+        return f", spf/dkim/dmarc=pass {a['passed']}/{a['checked']}"
+    return (f"\n  !!! Authentication-Results: {a['failed']} of {a['checked']} stored messages "
+            f"lack spf/dkim/dmarc=pass, e.g. {a['examples']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -392,6 +435,8 @@ def main() -> int:
     ap.add_argument("--servers", default="",
                     help=f"servers to run (this one always runs): {','.join(S.ALL)}")
     ap.add_argument("--runs", type=int, default=0, help="runs per figure (default 3)")
+    ap.add_argument("--smtp-sizes", default="",
+                    help="SMTP message sizes, e.g. 4096 (default: by plan: 4096,102400)")
     ap.add_argument("--imap-sizes", default="",
                     help="IMAP corpus sizes, e.g. 10000,100000 (default: by plan)")
     ap.add_argument("--workdir", default=str(default_workdir()),

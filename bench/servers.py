@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from common import LOOPBACK, Unavailable, free_port, wait_for_banner
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 DOMAIN = "example.test"
+HOSTNAME = "mailserver.bench.test"   # this server's name: also its Authentication-Results id
+DNS_SERVER = REPO_ROOT / "tests" / "e2e" / "dnsserver.py"
 PASSWORD = "secret"
 BANNERS = {"smtp": b"220", "imap": b"* OK", "pop3": b"+OK"}
 TWISTD_BOOT = ("import sys; sys.argv[0] = 'twistd'; "
@@ -201,24 +204,27 @@ class MailServer(Server):
         limits = {"max_connections": 5000, "max_connections_per_ip": 5000,
                   "idle_timeout": 3600}
         limits = {k: v for k, v in limits.items() if k in self.limit_keys}
-        sections = {
-            "server": {"hostname": "mailserver.bench.test", "state_dir": str(self.dir / "var")},
+        self.sections = {
+            "server": {"hostname": HOSTNAME, "state_dir": str(self.dir / "var")},
             "storage": {"maildir_root": str(self.dir / "maildirs")},
             "listen": listen,
             "limits": limits,
             "auth": {"allow_plaintext_loopback": True},
         }
+        self.write_config()
+        # Users come from a Dovecot passwd-file with the same hash Dovecot gets.
+        passwd = self.dir / "users.passwd"
+        passwd.write_text("".join(f"{u}@{DOMAIN}:{_password_hash}::::::\n" for u in users))
+        self.admin("user", "import", str(passwd))
+
+    def write_config(self) -> None:
         lines = []
-        for name, values in sections.items():
+        for name, values in self.sections.items():
             lines.append(f"[{name}]")
             for key, value in values.items():
                 lines.append(f"{key} = {json.dumps(value)}")
             lines.append("")
         self.config_path.write_text("\n".join(lines))
-        # Users come from a Dovecot passwd-file with the same hash Dovecot gets.
-        passwd = self.dir / "users.passwd"
-        passwd.write_text("".join(f"{u}@{DOMAIN}:{_password_hash}::::::\n" for u in users))
-        self.admin("user", "import", str(passwd))
 
     def admin(self, *args: str) -> str:
         cp = subprocess.run([sys.executable, "-m", "mailserver.admin", "--config",
@@ -260,6 +266,128 @@ class MailServer(Server):
         except (OSError, subprocess.SubprocessError):
             return "working tree"
         return f"git {head}{' + local changes' if dirty else ''}"
+
+
+class ZoneServer:
+    """The sender's DNS: tests/e2e/dnsserver.py (twisted.names, authoritative, TTL 60 s)
+    on a free UDP port of 127.0.0.1, as a child of the bench (it ends with it)."""
+
+    def __init__(self, zone: list[list], directory: Path) -> None:
+        zone_file = directory / "zone.json"
+        zone_file.write_text(json.dumps(zone, indent=1))
+        self.log_path = directory / "dnsserver.out"
+        self.proc = subprocess.Popen([sys.executable, str(DNS_SERVER), str(zone_file)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=_env(), cwd=directory)
+        line = self.proc.stdout.readline().decode(errors="replace") if self.proc.stdout else ""
+        if not line.startswith("PORT "):
+            rest = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+            self.stop()
+            raise Unavailable(f"the bench's DNS server did not start: {line}{rest[-2000:]}")
+        self.port = int(line.split()[1])
+        # Nothing more is read from its stdout: send the rest (tracebacks) to a file.
+        self._drain = open(self.log_path, "ab")
+        threading.Thread(target=self._copy_output, daemon=True).start()
+
+    def _copy_output(self) -> None:
+        stream = self.proc.stdout
+        with contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: stream.read1(65536), b""):
+                self._drain.write(chunk)
+                self._drain.flush()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            with contextlib.suppress(OSError):
+                drain.close()
+
+
+class MailServerChecked(MailServer):
+    """This server with the MX's inbound checks applied to the bench's loopback clients:
+    SPF, DKIM, DMARC and ARC (the defaults), resolved through `relay.resolver` at a
+    twisted.names server the bench starts on loopback, which holds the SPF, DMARC and
+    DKIM key records of the bench's sender domain (smtp_bench.SenderDomain).  No rspamd,
+    no DNS blocklist, no greeting delay: the cost measured is that of the checks."""
+
+    key = "mailserver-checks"
+    label = "this server, inbound checks on"
+    services = ("smtp",)
+    notes = ("the same server with [inbound] trusted_networks = [] and greet_delay = 0: "
+             "SPF, DKIM, DMARC, ARC for every bench message, DNS from a twisted.names server "
+             "on loopback (tests/e2e/dnsserver.py, TTL 60 s); no rspamd, no DNSBL")
+    authserv_id = HOSTNAME   # whose Authentication-Results the stored messages must carry
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.dns: ZoneServer | None = None
+
+    def check(self) -> None:
+        super().check()
+        if not DNS_SERVER.is_file():
+            raise Unavailable(f"{DNS_SERVER} is missing (the bench's DNS server)")
+        cp = subprocess.run(
+            [sys.executable, "-c", "import dataclasses, dkim; from mailserver.config import "
+             "InboundConfig; print(' '.join(f.name for f in dataclasses.fields(InboundConfig)))"],
+            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=60)
+        if cp.returncode != 0:
+            raise Unavailable(f"no inbound checks in this tree (mailserver.config.InboundConfig "
+                              f"or dkimpy missing): {cp.stderr.strip().splitlines()[-1:]}")
+        missing = {"trusted_networks", "greet_delay", "spf", "dkim", "dmarc"} - set(cp.stdout.split())
+        if missing:
+            raise Unavailable(f"[inbound] lacks {', '.join(sorted(missing))}")
+
+    def _ensure_dns(self) -> None:
+        if self.dns is not None and self.dns.alive():
+            return
+        import smtp_bench  # the sender domain's records (and key) live with the load generator
+        self.dns = ZoneServer(smtp_bench.sender_domain().zone(), self.dir)
+
+    def setup(self, users: list[str]) -> None:
+        self._ensure_dns()
+        super().setup(users)
+
+    def write_config(self) -> None:
+        assert self.dns is not None
+        self.sections["relay"] = {"resolver": self.dns.address}
+        self.sections["inbound"] = {"trusted_networks": [], "greet_delay": 0,
+                                    "spf": True, "dkim": True, "dmarc": True, "arc": True,
+                                    "rspamd_url": "", "dnsbl": []}
+        super().write_config()
+
+    def start(self) -> None:
+        if self.dns is None or not self.dns.alive():  # restarted: new port, new config
+            self._ensure_dns()
+            self.write_config()
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+
+    def helper_pids(self) -> list[int]:
+        """Processes serving this server that are not its own (CPU reported apart)."""
+        return [self.dns.proc.pid] if self.dns is not None and self.dns.alive() else []
+
+    def log_tail(self) -> str:
+        dns_log = _tail(self.dir / "dnsserver.out", 5)
+        return super().log_tail() + (f"\n(DNS server) {dns_log}" if dns_log else "")
 
 
 # -- Postfix ----------------------------------------------------------------------------------
@@ -588,7 +716,8 @@ class Aiosmtpd(Server):
         return f"aiosmtpd {getattr(self, '_version', '?')}"
 
 
-ALL = {cls.key: cls for cls in (MailServer, Postfix, Dovecot, TwistdMail, Aiosmtpd)}
+ALL = {cls.key: cls for cls in (MailServer, MailServerChecked, Postfix, Dovecot, TwistdMail,
+                                 Aiosmtpd)}
 
 
 def for_service(service: str) -> list[type[Server]]:

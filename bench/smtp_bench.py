@@ -9,6 +9,16 @@ Measured: accepted messages/s (first connect to last reply), latency from the en
 (the client's ".") to the 250 (p50, p99), the server's CPU time per message (its whole process
 tree, /proc, before the load and after the last message is in the Maildir), and a final
 check of the Maildir: every accepted message exactly once, nothing else.
+
+Every message carries a valid DKIM-Signature of the sender's domain (remote.test, RSA
+2048, a key the bench generates), the same for every server, so that a server that
+checks DKIM does a real RSA verification per message and the servers that do not get
+exactly the same bytes.  The signature covers only fields that are the same in every
+message of a run (From, To, Date, MIME-Version, Content-Type) and the body, so it is
+computed once per (size, recipient) and put in front of each message; Message-ID and
+Subject, which carry the message's index, are not signed.  With a server that checks
+(`authserv_id`), the stored messages must carry its Authentication-Results with
+spf=pass, dkim=pass and dmarc=pass.
 """
 
 from __future__ import annotations
@@ -18,12 +28,96 @@ import os
 import re
 import selectors
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import LOOPBACK, own_cpu_seconds, percentile, system_busy_seconds, tree_cpu_seconds
 
-SENDER = "sender@remote.test"
+SENDER_DOMAIN = "remote.test"
+SENDER = f"sender@{SENDER_DOMAIN}"
+DKIM_SELECTOR = "bench"
+# RFC 6376 5.4: the fields signed; all the same in every message of a run.
+SIGNED_FIELDS = (b"from", b"to", b"date", b"mime-version", b"content-type")
+
+
+@dataclass(frozen=True)
+class SenderDomain:
+    """The bench's sender domain as DNS publishes it: SPF for the loopback client, DMARC
+    p=reject (a message that fails is refused, so a broken check shows as errors), and an
+    RSA 2048 DKIM key under selector "bench"."""
+
+    private_pem: bytes    # PKCS#1 PEM, as dkimpy signs with it
+    key_record: str       # the selector's TXT record ("v=DKIM1; k=rsa; p=...")
+
+    @classmethod
+    def generate(cls) -> "SenderDomain":
+        import tempfile
+
+        from mailserver.dkim.keys import generate  # the server's own key generation
+
+        with tempfile.TemporaryDirectory(prefix="bench-dkim-") as directory:
+            key, _ = generate(Path(directory), SENDER_DOMAIN, DKIM_SELECTOR)
+            return cls(key.private_pem(), key.txt_record())
+
+    def zone(self) -> list[list]:
+        """Records in tests/e2e/dnsserver.py's zone format (it splits the long key string)."""
+        return [[SENDER_DOMAIN, "TXT", "v=spf1 ip4:127.0.0.1 -all"],
+                [f"_dmarc.{SENDER_DOMAIN}", "TXT", "v=DMARC1; p=reject"],
+                [f"{DKIM_SELECTOR}._domainkey.{SENDER_DOMAIN}", "TXT", self.key_record]]
+
+
+_sender_domain: SenderDomain | None = None
+_signatures: dict[tuple[str, int], bytes] = {}
+_sign_lock = threading.Lock()
+
+
+def sender_domain() -> SenderDomain:
+    """The key of this bench process (generated at first use)."""
+    global _sender_domain
+    with _sign_lock:
+        if _sender_domain is None:
+            _sender_domain = SenderDomain.generate()
+        return _sender_domain
+
+
+def can_sign() -> str:
+    """"" when this process can DKIM-sign (dkimpy and cryptography import), else why not."""
+    try:
+        import cryptography  # noqa: F401
+        import dkim  # noqa: F401
+    except ImportError as e:
+        return f"cannot DKIM-sign the bench's messages: {e}"
+    return ""
+
+
+def dkim_signature(rcpt: str, size: int) -> bytes:
+    """The DKIM-Signature field (CRLF-terminated) valid for every message to `rcpt` with
+    a body of `size` (make_header + make_body): signed once, then reused."""
+    key = (rcpt, size)
+    sig = _signatures.get(key)
+    if sig is None:
+        import dkim  # the server's own dependency
+
+        message = make_header("sign", 0, rcpt) + make_body(size)
+        sig = dkim.sign(message, DKIM_SELECTOR.encode(), SENDER_DOMAIN.encode(),
+                        sender_domain().private_pem, include_headers=list(SIGNED_FIELDS),
+                        canonicalize=(b"relaxed", b"relaxed"))
+        if not sig.startswith(b"DKIM-Signature:") or not sig.endswith(b"\r\n"):
+            raise RuntimeError(f"unexpected DKIM-Signature from dkimpy: {sig[:80]!r}")
+        if not dkim.verify(sig + message, dnsfunc=_local_key):
+            raise RuntimeError("the bench's DKIM signature does not verify locally")
+        _signatures[key] = sig
+    return sig
+
+
+def _local_key(name: bytes, timeout: int = 5) -> bytes:
+    """dkimpy's DNS hook for the self-test in dkim_signature: the key record, no DNS."""
+    want = f"{DKIM_SELECTOR}._domainkey.{SENDER_DOMAIN}."
+    if name.decode().rstrip(".") + "." == want:
+        return sender_domain().key_record.encode()
+    return b""
 
 
 def make_body(size: int) -> bytes:
@@ -72,11 +166,12 @@ class Load:
     a plain state machine much less; every server gets the same client."""
 
     def __init__(self, port: int, rcpt: str, count: int, size: int, concurrency: int,
-                 mode: str, run_id: str, time_limit: float) -> None:
+                 mode: str, run_id: str, time_limit: float, prefix: bytes = b"") -> None:
         self.port, self.rcpt, self.count, self.size = port, rcpt, count, size
         self.concurrency, self.mode, self.run_id = concurrency, mode, run_id
         self.time_limit = time_limit
-        self.body = make_body(size)
+        self.prefix = prefix   # fields in front of every message (the DKIM-Signature)
+        self.body = make_body(size) + b".\r\n"
         self.next = 0
         self.accepted: list[int] = []
         self.latencies: list[float] = []
@@ -289,8 +384,8 @@ class Load:
 
     def _message(self, conn: _Connection) -> None:
         conn.state = "message"
-        self._send(conn, make_header(self.run_id, conn.index, self.rcpt)  # type: ignore[arg-type]
-                   + self.body + b".\r\n")
+        self._send(conn, self.prefix + make_header(self.run_id, conn.index, self.rcpt)  # type: ignore[arg-type]
+                   + self.body)
 
     def _refused(self, conn: _Connection, codes: list[int]) -> None:
         self.errors.append(f"{conn.index}: MAIL/RCPT/DATA replies {codes}")
@@ -319,10 +414,55 @@ def maildir_files(maildir: Path) -> list[Path]:
     return out
 
 
-def check_maildir(maildir: Path, run_id: str, accepted: list[int], count: int) -> dict:
-    """Every accepted message exactly once in new/ or cur/, and no other file."""
+_AUTH_RESULTS = re.compile(rb"^Authentication-Results[ \t]*:(.*(?:\r?\n[ \t].*)*)",
+                           re.IGNORECASE | re.MULTILINE)
+_RESULT = re.compile(r"(?<![\w.-])(spf|dkim|dmarc|arc)[ \t]*=[ \t]*([a-z]+)", re.IGNORECASE)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+WANT_PASS = ("spf", "dkim", "dmarc")
+
+
+def _uncomment(text: str) -> str:
+    """RFC 5322 3.2.2: the text without its (possibly nested) comments."""
+    out, depth, escaped = [], 0, False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\" and depth:
+            escaped = True
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(c)
+    return "".join(out)
+
+
+def auth_results(head: bytes, authserv_id: str) -> dict[str, list[str]] | None:
+    """The results (method -> results) of the Authentication-Results fields of
+    `authserv_id` in a message's header section; None when it has none."""
+    end = _HEADER_END.search(head)
+    header = head[:end.start() + 2] if end else head
+    found: dict[str, list[str]] | None = None
+    for m in _AUTH_RESULTS.finditer(header):
+        value = _uncomment(re.sub(r"\r?\n", "", m.group(1).decode("utf-8", "replace")))
+        ident, sep, rest = value.strip().partition(";")
+        if ident.strip().lower() != authserv_id.lower():
+            continue
+        found = found if found is not None else {}
+        for method, result in _RESULT.findall(rest):
+            found.setdefault(method.lower(), []).append(result.lower())
+    return found
+
+
+def check_maildir(maildir: Path, run_id: str, accepted: list[int], count: int,
+                  authserv_id: str | None = None) -> dict:
+    """Every accepted message exactly once in new/ or cur/, and no other file; with
+    `authserv_id`, each carries that server's Authentication-Results with spf, dkim and
+    dmarc all "pass" (and the counts say how many did not)."""
     seen: dict[int, int] = {}
     foreign = 0
+    auth = {"checked": 0, "passed": 0, "failed": 0, "examples": []}
     for path in maildir_files(maildir):
         with open(path, "rb") as f:
             head = f.read(16384)
@@ -332,14 +472,30 @@ def check_maildir(maildir: Path, run_id: str, accepted: list[int], count: int) -
             continue
         i = int(m.group(2))
         seen[i] = seen.get(i, 0) + 1
+        if authserv_id is not None:
+            results = auth_results(head, authserv_id)
+            auth["checked"] += 1
+            bad = ("no Authentication-Results of " + authserv_id if results is None else
+                   ", ".join(f"{k}={'/'.join(results.get(k, [])) or 'absent'}"
+                             for k in WANT_PASS if results.get(k) != ["pass"]))
+            if bad:
+                auth["failed"] += 1
+                if len(auth["examples"]) < 3:
+                    auth["examples"].append(f"{path.name}: {bad}")
+            else:
+                auth["passed"] += 1
     want = set(accepted)
     missing = sorted(want - set(seen))
     twice = sorted(i for i, n in seen.items() if n > 1)
     unexpected = sorted(set(seen) - want)
     ok = not missing and not twice and not unexpected and not foreign and len(want) == count
-    return {"ok": ok, "stored": sum(seen.values()) + foreign, "missing": len(missing),
-            "duplicates": len(twice), "unexpected": len(unexpected), "foreign": foreign,
-            "examples": {"missing": missing[:5], "duplicates": twice[:5]}}
+    out = {"ok": ok, "stored": sum(seen.values()) + foreign, "missing": len(missing),
+           "duplicates": len(twice), "unexpected": len(unexpected), "foreign": foreign,
+           "examples": {"missing": missing[:5], "duplicates": twice[:5]}}
+    if authserv_id is not None:
+        auth["ok"] = auth["checked"] > 0 and auth["failed"] == 0
+        out["auth_results"] = auth
+    return out
 
 
 def wait_delivered(maildir: Path, expected: int, timeout: float, stall: float = 15.0) -> float:
@@ -394,9 +550,14 @@ def set_aside(maildir: Path, aside: Path) -> None:
 
 
 def run_once(server, user: str, count: int, size: int, concurrency: int, mode: str,
-             run_id: str, time_limit: float) -> dict:
-    """One measured run against a started server; the Maildir is emptied afterwards."""
+             run_id: str, time_limit: float, signed: bool = True) -> dict:
+    """One measured run against a started server; the Maildir is emptied afterwards.
+    `signed`: every message carries the sender domain's DKIM-Signature."""
     maildir = server.maildir(user)
+    rcpt = f"{user}@example.test"
+    prefix = dkim_signature(rcpt, size) if signed else b""
+    authserv_id = getattr(server, "authserv_id", None)
+    helpers = server.helper_pids() if hasattr(server, "helper_pids") else []
     set_aside(maildir, set_aside_dir(server))
     # Start from a file system with nothing left to write back: the previous run's unsynced
     # writes (twistd mail never syncs; 100 KB runs leave 100 MB) would otherwise be written
@@ -405,8 +566,9 @@ def run_once(server, user: str, count: int, size: int, concurrency: int, mode: s
     pids = server.pids()
     wait_cpu_quiet(pids, 2.0)
     cpu0, client0, busy0 = tree_cpu_seconds(pids), own_cpu_seconds(), system_busy_seconds()
-    load = Load(server.port("smtp"), f"{user}@example.test", count, size, concurrency, mode,
-                run_id, time_limit)
+    helpers0 = tree_cpu_seconds(helpers)
+    load = Load(server.port("smtp"), rcpt, count, size, concurrency, mode, run_id, time_limit,
+                prefix)
     try:
         elapsed = load.run()
     except TimeoutError:
@@ -415,10 +577,11 @@ def run_once(server, user: str, count: int, size: int, concurrency: int, mode: s
     client_cpu = own_cpu_seconds() - client0
     busy = system_busy_seconds() - busy0
     server_during = tree_cpu_seconds(pids) - cpu0
+    helpers_cpu = tree_cpu_seconds(helpers) - helpers0
     waited = wait_delivered(maildir, len(load.accepted), 60.0)
     wait_cpu_quiet(server.pids())
     cpu = tree_cpu_seconds(pids) - cpu0
-    check = check_maildir(maildir, run_id, load.accepted, count)
+    check = check_maildir(maildir, run_id, load.accepted, count, authserv_id)
     set_aside(maildir, set_aside_dir(server))
     n = len(load.accepted)
     return {
@@ -430,6 +593,10 @@ def run_once(server, user: str, count: int, size: int, concurrency: int, mode: s
         "client_cpu_s": client_cpu, "delivery_wait_s": waited,
         # CPU that neither the server nor this client used during the load: other work on
         # the machine, which makes the figures less reliable when it is large
-        "other_cpu_s": max(0.0, busy - client_cpu - server_during),
+        "other_cpu_s": max(0.0, busy - client_cpu - server_during - helpers_cpu),
+        # the server's helpers outside its process tree (the checks' DNS server)
+        "helper_cpu_s": helpers_cpu if helpers else None,
         "pipelined": load.pipelined, "maildir_check": check,
+        "message_bytes": len(prefix) + len(make_header(run_id, 0, rcpt)) + len(load.body) - 3,
+        "dkim_signed": bool(prefix),
     }
