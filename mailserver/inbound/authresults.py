@@ -28,9 +28,15 @@ _ADDRESS_RE = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
+_SPECIAL = re.compile(r"([()\\])")
+_PLAIN = re.compile(r"[ -~]*")   # printable ASCII: nearly every value, nothing to do
+
+
 def _printable(text: str) -> str:
     """Tabs, CRs and LFs become spaces, other control characters go: nothing of a
     value can end the field or start another."""
+    if _PLAIN.fullmatch(text):
+        return text
     return "".join(" " if c in "\t\r\n" else c for c in text
                    if c in "\t\r\n" or c.isprintable())
 
@@ -53,12 +59,14 @@ def _value(value: str) -> str:
 def _comment_words(comment: str) -> list[str]:
     """A comment's words, "(" on the first and ")" on the last, ( ) \\ escaped and
     non-ASCII replaced, so the comment can be folded between any two words."""
-    text = "".join(c if c.isascii() else "?" for c in _printable(comment))
+    text = _printable(comment)
+    if not text.isascii():
+        text = "".join(c if c.isascii() else "?" for c in text)
     words = []
     for word in text.split():
         # Cut before escaping (which at most doubles a piece) so no escape is split.
         for start in range(0, len(word), MAX_TOKEN // 2):
-            words.append(re.sub(r"([()\\])", r"\\\1", word[start:start + MAX_TOKEN // 2]))
+            words.append(_SPECIAL.sub(r"\\\1", word[start:start + MAX_TOKEN // 2]))
     if not words:
         return []
     words[0] = "(" + words[0]

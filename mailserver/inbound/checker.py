@@ -14,6 +14,7 @@ message that is accepted or refused exactly once, never lost.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,8 @@ log = Logger()
 class MessageFacts:
     """What the session knows of one message when its data is complete."""
 
-    path: Path               # the spooled message as received (no trace fields of ours)
+    path: Path | bytes       # the message as received (no trace fields of ours): its
+                             # bytes, or for a large one its spool file
     header_block: bytes | None   # its whole header section (no blank line); None if too large
     ip: str
     helo: str
@@ -248,6 +250,7 @@ def _with_message(reply: Reply, message: str) -> Reply:
 def build_checker(server: Any) -> InboundChecker:
     """The checker of a MailServer: its DNS through relay.resolver (else the system's)."""
     from mailserver.inbound.dns import CachingResolver
+    from mailserver.inbound.workers import WorkerPool
     from mailserver.smtp.relay.routes import make_resolver
 
     config = server.config
@@ -259,8 +262,10 @@ def build_checker(server: Any) -> InboundChecker:
         rspamd = RspamdClient(config.inbound.rspamd_url, config.inbound.rspamd_timeout,
                               mta_name=config.server.hostname)
     orgs = OrgDomains(config.inbound.psl_file or None)
+    workers = WorkerPool(processes=max(1, (os.cpu_count() or 2) // 2))
     try:
         orgs.load()  # a bad psl_file fails at start, and the first message does not wait
     except (OSError, ValueError) as e:
         raise ConfigError("inbound.psl_file", f"not a usable Public Suffix List: {e}") from None
-    return InboundChecker(config.inbound, config.server.hostname, resolver, rspamd, orgs)
+    return InboundChecker(config.inbound, config.server.hostname, resolver, rspamd, orgs,
+                          run_in_thread=workers)

@@ -20,8 +20,8 @@ from mailserver.inbound.dkimverify import (
     ARCResult,
     DKIMResult,
     key_names,
-    read_header_block,
-    verify_file,
+    key_names_in_file,
+    verify_path,
 )
 
 log = Logger()
@@ -51,15 +51,6 @@ def _key_value(answer: Any) -> bytes | None | str:
     return "error"    # timeout, SERVFAIL -> temperror
 
 
-def _names_for(path: Path, include_arc: bool) -> list[str]:
-    return key_names(read_header_block(path), include_arc=include_arc)
-
-
-def _verify_file(path: Path, keys: dict[str, bytes | None | str],
-                 check_arc: bool) -> tuple[list[DKIMResult], ARCResult]:
-    return verify_file(path, keys, check_arc=check_arc)
-
-
 @defer.inlineCallbacks
 def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferred],
             check_arc: bool, header_block: bytes | None):  # type: ignore[no-untyped-def]
@@ -68,7 +59,7 @@ def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferr
             return [], ARCResult("none", 0, (), "no ARC header fields")  # no DNS, no thread
         names = key_names(header_block, include_arc=check_arc)
     else:
-        names = yield run_in_thread(_names_for, path, check_arc)
+        names = yield run_in_thread(key_names_in_file, path, check_arc)
     lookups = []
     for name in names:
         d = defer.maybeDeferred(resolver.txt, name)
@@ -76,7 +67,7 @@ def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferr
         lookups.append(d)
     answers = yield defer.gatherResults(lookups)
     keys = {name: _key_value(answer) for name, answer in zip(names, answers)}
-    results = yield run_in_thread(_verify_file, path, keys, check_arc)
+    results = yield run_in_thread(verify_path, path, keys, check_arc)
     return results
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import io
 import hashlib
 import re
 import time
@@ -40,12 +42,13 @@ import dkim
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.crypto import (
-    DigestTooLargeError,
-    RSASSA_PKCS1_v1_5_verify,
-    UnparsableKeyError,
-    parse_public_key,
-)
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.hashes import SHA1, SHA256
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from dkim.crypto import parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 MAX_HEADER = 1024 * 1024      # header section cap; beyond it signatures are permerror
@@ -58,6 +61,7 @@ LONG_LINE = 64 * 1024         # a body line longer than this is hashed piecewise
 EXPIRY_SLOP = 300             # seconds of clock skew forgiven on x= (RFC 6376 3.5)
 HEADER_B_MIN = 8              # RFC 6008 2: header.b is at least 8 characters
 
+_PREHASHED = {"sha256": SHA256(), "sha1": SHA1()}
 _HASHES = {b"rsa-sha256": "sha256", b"ed25519-sha256": "sha256", b"rsa-sha1": "sha1"}
 _KEY_TYPES = {b"rsa-sha256": b"rsa", b"rsa-sha1": b"rsa", b"ed25519-sha256": b"ed25519"}
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")   # as dkimpy's rfc822_parse
@@ -108,10 +112,17 @@ def _read_header(f: Any) -> tuple[bytes, bool]:
         out += line
 
 
+def _open(source: Any) -> Any:
+    """The message: its bytes (a small message kept in memory) or the file it is in."""
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source)
+    return open(source, "rb")
+
+
 def read_header_block(path: Any) -> bytes:
     """The header section (up to the blank line, without it), capped at MAX_HEADER bytes
     (whole lines)."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         return _read_header(f)[0]
 
 
@@ -494,14 +505,54 @@ def _check_fields(sig: _Signature, tags: dict[bytes, bytes], now: float) -> None
         raise _Verdict("policy", "rsa-sha1 not accepted (RFC 8301)")
 
 
-def _public_key(record: bytes, sig: _Signature, min_rsa_bits: int) -> tuple[bytes, Any]:
-    """(key type, key) from a key record (RFC 6376 3.6.1, RFC 8463 4)."""
+@functools.lru_cache(maxsize=512)
+def _key_record(record: bytes) -> tuple[dict[bytes, bytes], bytes, Any, int] | _Verdict:
+    """A key record parsed once (RFC 6376 3.6.1, RFC 8463 4): (tags, key type, public key,
+    bits), or the verdict for a record that cannot be used.  Remembered: the same few
+    keys sign most of the mail a server receives, and loading one costs more than the
+    verification itself."""
     try:
         key = parse_tag_value(_NEWLINE.sub(b"", record))
     except (InvalidTagValueList, ValueError):
-        raise _Verdict("permerror", "malformed key record") from None
+        return _Verdict("permerror", "malformed key record")
     if key.get(b"v", b"DKIM1") != b"DKIM1":
-        raise _Verdict("permerror", "bad key record version")
+        return _Verdict("permerror", "bad key record version")
+    if b"p" not in key:
+        return _Verdict("permerror", "malformed key record (no p=)")
+    p = _SPACES.sub(b"", key[b"p"])
+    if not p:
+        return _Verdict("permerror", "key revoked")
+    ktype = key.get(b"k", b"rsa").lower()
+    if ktype not in (b"rsa", b"ed25519"):
+        return _Verdict("permerror", "unknown key type")
+    try:
+        raw = base64.b64decode(p, validate=True)
+    except (binascii.Error, ValueError):
+        return _Verdict("permerror", "malformed public key")
+    if ktype == b"ed25519":
+        if len(raw) != 32:
+            return _Verdict("permerror", "malformed public key")
+        return key, ktype, Ed25519PublicKey.from_public_bytes(raw), 256
+    try:
+        public = load_der_public_key(raw)   # SubjectPublicKeyInfo, what RFC 6376 3.6.1 says
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        try:   # some publish a bare RSAPublicKey; dkimpy's reader takes both
+            numbers = parse_public_key(raw)
+            public = RSAPublicNumbers(numbers["publicExponent"],
+                                      numbers["modulus"]).public_key()
+        except Exception:   # dkimpy's ASN.1 reader fails many ways
+            return _Verdict("permerror", "malformed public key")
+    if not isinstance(public, RSAPublicKey):
+        return _Verdict("permerror", "malformed public key")
+    return key, ktype, public, public.key_size
+
+
+def _public_key(record: bytes, sig: _Signature, min_rsa_bits: int) -> tuple[bytes, Any]:
+    """(key type, key) for this signature, or a _Verdict raised (RFC 6376 3.6.1)."""
+    parsed = _key_record(record)
+    if isinstance(parsed, _Verdict):   # a fresh one: a remembered exception would keep tracebacks
+        raise _Verdict(parsed.result, parsed.reason)
+    key, ktype, public, bits = parsed
     algorithm = sig.tags[b"a"]
     if b"h" in key:
         allowed = [h.strip().lower() for h in key[b"h"].split(b":")]
@@ -516,32 +567,11 @@ def _public_key(record: bytes, sig: _Signature, min_rsa_bits: int) -> tuple[byte
         i_domain = sig.tags[b"i"].rpartition(b"@")[2].lower().rstrip(b".")
         if i_domain != sig.tags[b"d"].lower().rstrip(b"."):
             raise _Verdict("permerror", "i= domain must equal d= for this key (t=s)")
-    if b"p" not in key:
-        raise _Verdict("permerror", "malformed key record (no p=)")
-    p = _SPACES.sub(b"", key[b"p"])
-    if not p:
-        raise _Verdict("permerror", "key revoked")
-    ktype = key.get(b"k", b"rsa").lower()
-    if ktype not in (b"rsa", b"ed25519"):
-        raise _Verdict("permerror", "unknown key type")
     if ktype != _KEY_TYPES[algorithm]:
         raise _Verdict("permerror", "key type does not match a=")
-    try:
-        raw = base64.b64decode(p, validate=True)
-    except (binascii.Error, ValueError):
-        raise _Verdict("permerror", "malformed public key") from None
-    if ktype == b"ed25519":
-        if len(raw) != 32:
-            raise _Verdict("permerror", "malformed public key")
-        return ktype, Ed25519PublicKey.from_public_bytes(raw)
-    try:
-        rsa = parse_public_key(raw)
-        bits = dkim.bitsize(rsa["modulus"])
-    except (UnparsableKeyError, Exception):   # dkimpy's ASN.1 reader fails many ways
-        raise _Verdict("permerror", "malformed public key") from None
-    if bits < min_rsa_bits:
+    if ktype == b"rsa" and bits < min_rsa_bits:
         raise _Verdict("policy", f"key too short ({bits} bits)")   # RFC 8301 3.2
-    return ktype, rsa
+    return ktype, public
 
 
 def _verify(sig: _Signature, headers: list[list[bytes]], keys: dict[str, Any],
@@ -573,19 +603,22 @@ def _verify(sig: _Signature, headers: list[list[bytes]], keys: dict[str, Any],
             raise _Verdict("fail", "unsigned From field present")
         policy = CanonicalizationPolicy.from_c_value(sig.tags.get(b"c", b"simple/simple"))
         hasher = hashlib.new(sig.body_key[1])
-        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(headers), sig.include,
-                          (sig.field[0], sig.field[1]), sig.tags)
-        if ktype == b"ed25519":
-            try:
+        signed = set(sig.include)   # only the fields h= names need canonicalizing
+        dkim.hash_headers(hasher, policy,
+                          policy.canonicalize_headers([h for h in headers
+                                                       if h[0].lower() in signed]),
+                          sig.include, (sig.field[0], sig.field[1]), sig.tags)
+        try:
+            if ktype == b"ed25519":
                 key.verify(sig.signature, hasher.digest())   # RFC 8463 3
-                ok = True
-            except InvalidSignature:
-                ok = False
-        else:
-            try:
-                ok = RSASSA_PKCS1_v1_5_verify(hasher, sig.signature, key)
-            except DigestTooLargeError:
-                raise _Verdict("permerror", "key too small for the digest") from None
+            else:   # RFC 8017 8.2.2, OpenSSL's through cryptography
+                key.verify(sig.signature, hasher.digest(), PKCS1v15(),
+                           Prehashed(_PREHASHED[sig.body_key[1]]))
+            ok = True
+        except InvalidSignature:
+            ok = False
+        except ValueError:   # a signature of the wrong length for the key
+            ok = False
         if not ok:
             raise _Verdict("fail", "signature did not verify")
         return "pass", "signature verified"
@@ -735,7 +768,7 @@ def verify_file(path: Any, keys: dict[str, bytes | None | str], *, check_arc: bo
     key_names() to the TXT record (None: no such record; "error": the lookup failed).
     Results are in header order.  Raises only OSError when the file cannot be read."""
     now = time.time()
-    with open(path, "rb") as f:
+    with _open(path) as f:
         block, complete = _read_header(f)
         headers = parse_header_block(block)
         sig_fields = [h for h in headers if h[0].lower() == b"dkim-signature"]
@@ -764,3 +797,14 @@ def verify_file(path: Any, keys: dict[str, bytes | None | str], *, check_arc: bo
     arc_result = (arc.finish(bodies) if arc is not None
                   else ARCResult("none", 0, (), "not checked"))
     return results, arc_result
+
+
+def key_names_in_file(path: Any, include_arc: bool) -> list[str]:
+    """key_names() of the message in `path` (positional arguments: a worker calls it)."""
+    return key_names(read_header_block(path), include_arc=include_arc)
+
+
+def verify_path(path: Any, keys: dict[str, bytes | None | str],
+                check_arc: bool) -> tuple[list[DKIMResult], ARCResult]:
+    """verify_file() with positional arguments (a worker calls it)."""
+    return verify_file(path, keys, check_arc=check_arc)

@@ -13,6 +13,7 @@ so rspamd may stop early on a pre-result, as for GTUBE).
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import math
@@ -298,8 +299,9 @@ class RspamdClient:
     @defer.inlineCallbacks
     def _request(self, path: str, headers: Headers, state: dict):
         for attempt in (1, 2):
-            try:
-                body_file = open(path, "rb")
+            try:  # the spooled message: its bytes (a small one) or its file
+                body_file = (io.BytesIO(path) if isinstance(path, (bytes, bytearray))
+                             else open(path, "rb"))
             except OSError as e:
                 return error_verdict(f"cannot read message: {e.strerror or e}")
             producer = FileBodyProducer(body_file, cooperator=self._cooperator)

@@ -34,6 +34,7 @@ log = Logger()
 
 MAX_HEADER = 1024 * 1024   # header bytes looked at (DMARC's From:, stripping our fields)
 COPY_CHUNK = 256 * 1024
+MEMORY_SPOOL = 64 * 1024  # bytes of a message kept in memory while it is checked (as delivery does)
 SPAM_FIELDS = frozenset({b"x-spam", b"x-spam-status", b"x-spam-flag", b"x-spam-score",
                          b"x-spam-level", b"x-spamd-result", b"x-rspamd-score"})
 _SUBJECT = re.compile(rb"(?im)^subject[ \t]*:.*(?:\r\n[ \t].*)*\r\n")
@@ -96,6 +97,7 @@ class CheckedDelivery:
         self.facts = facts
         self.spf = spf
         self.verdict: Verdict | None = None
+        self.log_text = ""   # the checks' results, for the accepted-message log line
         self._recipients: list[Recipient] = []
         self._prefix = b""
         self._trace = b""
@@ -106,12 +108,12 @@ class CheckedDelivery:
         self._size = 0
         self._inner: IDelivery | None = None
         self._closed = False
-        try:
-            self._file = _spool_file(spool_dir, facts["queue_id"])
-        except FileNotFoundError:  # removed while running: make it again
-            spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._file = _spool_file(spool_dir, facts["queue_id"])
-        self.path = Path(self._file.name)
+        # A message stays in memory up to MEMORY_SPOOL bytes (checked as bytes, never on
+        # disk before its delivery), a larger one goes to a spool file.
+        self._memory: bytearray | None = bytearray()
+        self._spool_dir = spool_dir
+        self._file: Any = None
+        self.path: Path | None = None
 
     def add_recipient(self, recipient: Recipient) -> None:
         self._recipients.append(recipient)
@@ -135,12 +137,35 @@ class CheckedDelivery:
                 self._header_end = 0
             if self._header_end >= 0:
                 del self._head[self._header_end:]
-        self._file.write(data)
         self._size += len(data)
+        if self._memory is not None:
+            self._memory += data
+            if self._size <= MEMORY_SPOOL:
+                return
+            data, self._memory = bytes(self._memory), None
+            self._open_spool()
+        self._file.write(data)
+
+    def _open_spool(self) -> None:
+        try:
+            self._file = _spool_file(self._spool_dir, self.facts["queue_id"])
+        except FileNotFoundError:  # removed while running: make it again
+            self._spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._file = _spool_file(self._spool_dir, self.facts["queue_id"])
+        self.path = Path(self._file.name)
+
+    @property
+    def source(self) -> Path | bytes:
+        """The message for the checks: its bytes, or the spool file's path."""
+        if self._memory is not None:
+            return bytes(self._memory)
+        assert self.path is not None
+        return self.path
 
     def commit(self) -> defer.Deferred:
         try:
-            self._file.flush()
+            if self._file is not None:
+                self._file.flush()
         except OSError as e:
             self._discard()
             return defer.fail(e)
@@ -151,7 +176,7 @@ class CheckedDelivery:
             return defer.fail(SMTPReplyError(HEADER_TOO_BIG))
         if self._header_end < 0:  # the message was all header (no blank line)
             self._header_end = len(self._head)
-        facts = MessageFacts(path=self.path, header_block=bytes(self._head),
+        facts = MessageFacts(path=self.source, header_block=bytes(self._head),
                              rcpts=tuple(r.address for r in self._recipients), **self.facts)
         d = self.checker.check_message(facts, self.spf)
         d.addCallback(self._judged)
@@ -170,10 +195,14 @@ class CheckedDelivery:
             log.info("smtp message {qid}: client gone during the checks; not delivered",
                      qid=self.facts["queue_id"])
             raise ClientGone()
-        log.info("smtp message {qid} from <{sender}> ip={ip}: {checks} -> {action}",
-                 qid=self.facts["queue_id"], sender=self.facts["mail_from"],
-                 ip=self.facts["ip"], action=verdict.action,
-                 checks=" ".join(f"{k}={v}" for k, v in verdict.summary.items()) or "-")
+        checks = " ".join(f"{k}={v}" for k, v in verdict.summary.items())
+        # Accepted: the session's accepted-message line carries the results; refused:
+        # one line of its own here, the session's line gives the reply.
+        self.log_text = f" {checks} -> {verdict.action}" if checks else f" -> {verdict.action}"
+        if verdict.action in ("reject", "tempfail"):
+            log.info("smtp message {qid} from <{sender}> ip={ip}:{checks}",
+                     qid=self.facts["queue_id"], sender=self.facts["mail_from"],
+                     ip=self.facts["ip"], checks=self.log_text)
         if verdict.action in ("reject", "tempfail"):
             assert verdict.reply is not None
             raise SMTPReplyError(verdict.reply)
@@ -198,10 +227,8 @@ class CheckedDelivery:
         if verdict.subject is not None:
             header = rewrite_subject(header, verdict.subject)
         inner.write(header)
-        if self._size - self._header_end <= COPY_CHUNK:
-            with open(self.path, "rb") as f:
-                f.seek(self._header_end)
-                inner.write(f.read())
+        if self._memory is not None:
+            inner.write(bytes(self._memory[self._header_end:]))
         else:  # a large body: one chunk per reactor turn, other sessions go on meanwhile
             yield task.cooperate(self._copy_body(inner)).whenDone()
         outcome = yield inner.commit()
@@ -224,12 +251,15 @@ class CheckedDelivery:
     def _discard(self) -> None:
         if not self._closed:
             self._closed = True
+            self._memory = None
+            if self._file is None:
+                return
             try:
                 self._file.close()
             except OSError:
                 pass
             try:
-                os.unlink(self.path)
+                os.unlink(self._file.name)
             except OSError:
                 pass
 

@@ -90,7 +90,8 @@ class SMTPContext:
 PAUSED_BUFFER_MAX = 64 * 1024  # input kept while paused before the transport stops reading
 
 _ACCEPTED_LINE = ("{service} accepted message {qid} from=<{sender}> to={recipients} "
-                  "size={size} tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}")
+                  "size={size} tls={tls} ip={ip} mailboxes={mailboxes} queued={queued}{user}"
+                  "{checks}")
 
 
 _id_random = random.Random(secrets.randbits(64))
@@ -682,7 +683,8 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             recipients=",".join(r.address for r in recipients), size=inc.size,
             tls=describe_tls(self.transport) or "no", ip=self.peer_ip,
             mailboxes=len(outcome.delivered), queued=len(outcome.queued),
-            user=f" user={self.username}" if self.authenticated else "")
+            user=f" user={self.username}" if self.authenticated else "",
+            checks=getattr(inc.delivery, "log_text", ""))
         # One line per message: formatted here by str.format (the logger's own formatting
         # of ten fields costs as much again); the fields stay in the event for observers
         # that keep them.

@@ -1,0 +1,75 @@
+"""The child side of `workers.WorkerProcess`: runs Twisted-free check functions (DKIM and
+ARC verification) for the server, one request at a time, in its own interpreter.
+
+A thread would share the server's GIL: the reactor and the verifying thread then take
+turns, each hand-off a futex call, and the checks' CPU time comes out of the reactor's.
+Here it runs beside it.  Requests and answers are pickled frames on stdin/stdout
+(4-byte length, then `(id, "module:function", args)` / `(id, ok, value)`); the peer is
+only ever the server that started this process, and only functions of the modules in
+ALLOWED can be called.
+
+Run as ``python -m mailserver.inbound.worker`` (by the server).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+from typing import Any, BinaryIO
+
+ALLOWED = frozenset({"mailserver.inbound.dkimverify"})
+MAX_FRAME = 16 * 1024 * 1024
+
+
+def read_frame(stream: BinaryIO) -> bytes | None:
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    size = int.from_bytes(head, "big")
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def frame(value: Any) -> bytes:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(4, "big") + data
+
+
+def resolve(name: str) -> Any:
+    module_name, _, function = name.partition(":")
+    if module_name not in ALLOWED:
+        raise ValueError(f"{module_name} may not be called here")
+    return getattr(importlib.import_module(module_name), function)
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Answer requests until end of input (the server closed the pipe or is gone)."""
+    functions: dict[str, Any] = {}
+    while True:
+        data = read_frame(stdin)
+        if data is None:
+            return
+        key, name, args = pickle.loads(data)
+        try:
+            function = functions.get(name) or functions.setdefault(name, resolve(name))
+            answer = (key, True, function(*args))
+        except Exception as e:  # the server turns it into a temperror result
+            answer = (key, False, f"{type(e).__name__}: {e}")
+        stdout.write(frame(answer))
+        stdout.flush()
+
+
+def main() -> None:
+    for module in ALLOWED:  # imported up front: the first message does not wait for them
+        importlib.import_module(module)
+    try:
+        serve(sys.stdin.buffer, sys.stdout.buffer)
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+
+
+if __name__ == "__main__":
+    main()

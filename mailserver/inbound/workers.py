@@ -1,0 +1,142 @@
+"""Worker processes for the checks' CPU work (DKIM and ARC hashing and signatures).
+
+`WorkerPool` is called like deferToThread, `pool(function, *args)`, with a function of a
+Twisted-free module (`worker.ALLOWED`), and runs it in a child process
+(`mailserver.inbound.worker`): the work runs beside the reactor instead of taking turns
+with it for the GIL, as a thread would.  Each request goes to the child with the fewest
+requests waiting.
+
+A child that dies fails its requests in flight (the caller turns that into temperror
+results: the message is still judged once) and is started again for the next request.
+If children cannot be started at all, requests run in threads instead.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from itertools import count
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailserver.inbound.worker import ALLOWED, MAX_FRAME, frame
+
+log = Logger()
+
+
+class WorkerFailed(Exception):
+    """The child could not answer (it died, or the function raised there)."""
+
+
+class _Child(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool") -> None:
+        self.pool = pool
+        self.pending: dict[int, defer.Deferred] = {}
+        self.buffer = b""
+        self.ended = False
+
+    def send(self, key: int, name: str, args: tuple[Any, ...], d: defer.Deferred) -> None:
+        self.pending[key] = d
+        self.transport.write(frame((key, name, args)))
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 4:
+            size = int.from_bytes(self.buffer[:4], "big")
+            if size > MAX_FRAME:
+                log.error("check worker sent a frame of {size} bytes; stopping it", size=size)
+                self.transport.signalProcess("KILL")
+                return
+            if len(self.buffer) < 4 + size:
+                return
+            data, self.buffer = self.buffer[4:4 + size], self.buffer[4 + size:]
+            key, ok, value = pickle.loads(data)
+            d = self.pending.pop(key, None)
+            if d is None:
+                continue
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(WorkerFailed(value))
+
+    def errReceived(self, data: bytes) -> None:
+        log.warn("check worker: {text}", text=data.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        self.pool.child_ended(self)
+        pending, self.pending = self.pending, {}
+        for d in pending.values():
+            d.errback(WorkerFailed(f"check worker ended: {reason.getErrorMessage()}"))
+
+
+class WorkerPool:
+    def __init__(self, reactor: Any = None, processes: int = 1) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.reactor = reactor
+        self.processes = max(1, processes)
+        self._children: list[_Child] = []
+        self._ids = count(1)
+        self._threads_only = False
+        self._stopping = False
+        self._hooked = False
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        name = f"{function.__module__}:{function.__name__}"
+        if self._threads_only or self._stopping or function.__module__ not in ALLOWED:
+            return deferToThread(function, *args)
+        child = self._child()
+        if child is None:
+            return deferToThread(function, *args)
+        d: defer.Deferred = defer.Deferred()
+        child.send(next(self._ids), name, args, d)
+        return d
+
+    def _child(self) -> _Child | None:
+        live = [c for c in self._children if not c.ended]
+        if len(live) < self.processes and (not live or min(len(c.pending) for c in live)):
+            started = self._start()
+            if started is not None:
+                return started
+        return min(live, key=lambda c: len(c.pending)) if live else None
+
+    def _start(self) -> _Child | None:
+        if not self._hooked:
+            self._hooked = True
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        child = _Child(self)
+        env = dict(os.environ)
+        # The child imports mailserver from wherever this process did.
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                    else "")
+        try:
+            self.reactor.spawnProcess(child, sys.executable,
+                                      [sys.executable, "-m", "mailserver.inbound.worker"],
+                                      env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            log.error("cannot start a check worker ({error}): checks run in threads", error=e)
+            self._threads_only = True
+            return None
+        self._children.append(child)
+        return child
+
+    def child_ended(self, child: _Child) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        if not self._stopping and child.pending:
+            log.warn("a check worker ended with {n} requests in flight", n=len(child.pending))
+
+    def stop(self) -> None:
+        """Close the children's input: each ends once it has answered what it has."""
+        self._stopping = True
+        for child in self._children:
+            if not child.ended:
+                child.transport.closeStdin()

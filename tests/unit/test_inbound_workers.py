@@ -1,0 +1,97 @@
+"""The check worker processes: functions of the Twisted-free check modules run in a child
+and answer through the reactor; a failure there, a dead child, and functions that may
+not run there."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailserver.inbound import dkimverify, worker
+from mailserver.inbound.workers import WorkerFailed, WorkerPool
+
+MESSAGE = b"From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+class WorkerPoolTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.pool = WorkerPool(reactor, processes=2)
+        self.addCleanup(self.stop)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        children = list(self.pool._children)
+        self.pool.stop()
+        for _ in range(200):
+            if all(c.ended for c in children):
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_runs_in_a_child_process(self):
+        names = yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        self.assertEqual(names, [])
+        results, arc = yield self.pool(dkimverify.verify_path, MESSAGE, {}, True)
+        self.assertEqual((results, arc.result), ([], "none"))
+        [child] = self.pool._children
+        self.assertNotEqual(child.transport.pid, os.getpid())
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_spread_over_the_children(self):
+        answers = yield defer.gatherResults(
+            [self.pool(dkimverify.key_names_in_file, MESSAGE, True) for _ in range(20)])
+        self.assertEqual(answers, [[]] * 20)
+        self.assertEqual(len(self.pool._children), 2)
+
+    @defer.inlineCallbacks
+    def test_an_exception_there_fails_the_request_only(self):
+        with self.assertRaises(WorkerFailed) as e:
+            yield self.pool(dkimverify.verify_path, "/nonexistent/message", {}, True)
+        self.assertIn("FileNotFoundError", str(e.exception))
+        names = yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        self.assertEqual(names, [])
+
+    @defer.inlineCallbacks
+    def test_a_dead_child_fails_its_requests_and_is_replaced(self):
+        yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        [child] = self.pool._children
+        child.transport.signalProcess(signal.SIGKILL)
+        # The reactor hears of the death later: this request goes to the dying child.
+        with self.assertRaises(WorkerFailed):
+            yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        for _ in range(100):
+            if child.ended:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        names = yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        self.assertEqual(names, [])
+        self.assertNotIn(child, self.pool._children)
+
+    @defer.inlineCallbacks
+    def test_other_functions_run_in_a_thread(self):
+        value = yield self.pool(len, b"abc")
+        self.assertEqual(value, 3)
+        self.assertEqual(self.pool._children, [])
+
+
+class ServeTests(unittest.TestCase):
+    def test_only_allowed_modules_and_answers_in_order(self):
+        requests = b"".join(worker.frame(r) for r in [
+            (1, "mailserver.inbound.dkimverify:key_names_in_file", (MESSAGE, True)),
+            (2, "os:getcwd", ()),
+            (3, "mailserver.inbound.dkimverify:no_such_function", ())])
+        out = io.BytesIO()
+        worker.serve(io.BytesIO(requests), out)
+        stream = io.BytesIO(out.getvalue())
+        answers = []
+        while (data := worker.read_frame(stream)) is not None:
+            answers.append(pickle.loads(data))
+        self.assertEqual(answers[0], (1, True, []))
+        self.assertEqual(answers[1][:2], (2, False))
+        self.assertIn("may not be called", answers[1][2])
+        self.assertEqual(answers[2][:2], (3, False))
