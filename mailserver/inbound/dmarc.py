@@ -25,6 +25,7 @@ Record parsing choices (RFC 7489 6.3 leaves room):
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def _uris(value: str) -> tuple[str, ...]:
     return tuple(found[:MAX_URIS])
 
 
+@functools.lru_cache(maxsize=1024)   # records repeat for every message of a domain
 def parse_record(txt: bytes) -> DMARCRecord:
     """RFC 7489 6.3/6.4: one TXT record -> DMARCRecord; DMARCSyntaxError when it is no
     DMARC record or one without a usable policy (see the module notes)."""
