@@ -95,3 +95,16 @@ class ServeTests(unittest.TestCase):
         self.assertEqual(answers[1][:2], (2, False))
         self.assertIn("may not be called", answers[1][2])
         self.assertEqual(answers[2][:2], (3, False))
+
+
+def test_worker_modules_import_nothing_from_twisted():
+    """What runs in the worker (and in threads) must not touch the reactor's objects."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mailserver.inbound.worker, mailserver.inbound.dkimverify, "
+            "mailserver.inbound.psl; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "[]"
