@@ -145,11 +145,15 @@ def parse_record(txt: bytes) -> DMARCRecord:
 
 # -- RFC5322.From (RFC 7489 6.6.1) ------------------------------------------------------
 
+_LINES = re.compile(rb"\r?\n")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*")
+
+
 def _header_fields(header_block: bytes) -> list[tuple[str, str]]:
     """(lower-case name, unfolded value) of each field; CRLF or bare LF line ends."""
     fields: list[tuple[str, str]] = []
     name, value = None, []
-    for line in re.split(rb"\r?\n", header_block):
+    for line in _LINES.split(header_block):
         if line[:1] in (b" ", b"\t"):
             if name is not None:
                 value.append(line)
@@ -158,7 +162,7 @@ def _header_fields(header_block: bytes) -> list[tuple[str, str]]:
             fields.append((name, b"".join(value).decode("utf-8", "replace")))
             name, value = None, []
         head, colon, rest = line.partition(b":")
-        if colon and head and re.fullmatch(rb"[!-9;-~]+[ \t]*", head):
+        if colon and head and _FIELD_NAME.fullmatch(head):
             name, value = head.rstrip(b" \t").decode("ascii").lower(), [rest]
     if name is not None:
         fields.append((name, b"".join(value).decode("utf-8", "replace")))
