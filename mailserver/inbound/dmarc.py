@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailserver.inbound.psl import OrgDomains, normalize_domain
+from mailserver.smtp.headers import field_values, header_fields
 
 log = Logger()
 
@@ -145,30 +146,6 @@ def parse_record(txt: bytes) -> DMARCRecord:
 
 # -- RFC5322.From (RFC 7489 6.6.1) ------------------------------------------------------
 
-_LINES = re.compile(rb"\r?\n")
-_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*")
-
-
-def _header_fields(header_block: bytes) -> list[tuple[str, str]]:
-    """(lower-case name, unfolded value) of each field; CRLF or bare LF line ends."""
-    fields: list[tuple[str, str]] = []
-    name, value = None, []
-    for line in _LINES.split(header_block):
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                value.append(line)
-            continue
-        if name is not None:
-            fields.append((name, b"".join(value).decode("utf-8", "replace")))
-            name, value = None, []
-        head, colon, rest = line.partition(b":")
-        if colon and head and _FIELD_NAME.fullmatch(head):
-            name, value = head.rstrip(b" \t").decode("ascii").lower(), [rest]
-    if name is not None:
-        fields.append((name, b"".join(value).decode("utf-8", "replace")))
-    return fields
-
-
 # Tokens of an RFC 5322 address list: an encoded word (RFC 2047) is one word even when
 # it holds specials, so "=?utf-8?q?Doe,_J?=" is not split at its comma.
 _TOKEN = re.compile(r"""
@@ -182,7 +159,7 @@ _TOKEN = re.compile(r"""
 
 
 class _Malformed(ValueError):
-    pass
+    """The From field cannot be read as an address list."""
 
 
 def _strip_comments(text: str) -> str:
@@ -282,7 +259,7 @@ def from_domain(header_block: bytes) -> tuple[str | None, str]:
     with A-labels.  A group in From (RFC 5322 allows none) is read through: its single
     member is the address a reader sees."""
     try:
-        values = [v for n, v in _header_fields(header_block) if n == "from"]
+        values = field_values(header_fields(header_block), "from")
         if not values:
             return None, "no From header field"
         if len(values) > 1:

@@ -12,6 +12,7 @@ us), errors not at all.  Concurrent lookups of the same name share one query.
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import time
 from collections import OrderedDict
@@ -104,11 +105,12 @@ def describe_failure(e: BaseException) -> str:
     return type(e).__name__
 
 
-class Lookups:
+class Lookups(abc.ABC):
     """The per-type shorthands of a resolver with `lookup(name, type)`."""
 
+    @abc.abstractmethod
     def lookup(self, name: str, rtype_name: str) -> defer.Deferred:
-        raise NotImplementedError
+        """Deferred[Answer] for `name` and "TXT", "A", "AAAA", "MX" or "PTR"."""
 
     def txt(self, name: str) -> defer.Deferred:
         return self.lookup(name, "TXT")

@@ -2,16 +2,18 @@
 
 The folder is created when missing (a user may have deleted it), and `$Junk` gets a
 keyword letter in the folder's dovecot-keywords, so the delivered file can carry it in
-its name (":2,<letter>") and clients see the keyword at once.  Both are prepared once per
-folder and process; the keyword file is written in a thread under the folder's
-dovecot-uidlist lock, the rule every keyword writer follows.
+its name (":2,<letter>") and clients see the keyword at once.  Both are prepared in a
+thread, once per folder and process (again when the keyword table changes); the keyword
+file is written under the folder's dovecot-uidlist lock, the rule every keyword writer
+follows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -51,6 +53,17 @@ def keyword_letter(folder: Path, keyword: str) -> tuple[str, tuple[int, int, int
         return letter, _stamp(folder)
 
 
+def prepare_folder(create: Callable[[str], None], folder: Path, name: str,
+                   keyword: str) -> tuple[Path, str, tuple[int, int, int]]:
+    """The folder made when missing (`create`: the account's create_folder, which holds
+    no state in memory), then keyword_letter's answer.  Blocking."""
+    if not folder.is_dir():
+        with contextlib.suppress(FolderExists):  # made meanwhile by a client: fine
+            create(name)
+    letter, stamp = keyword_letter(folder, keyword)
+    return folder, letter, stamp
+
+
 class JunkFolders:
     """Per user Maildir: (the Junk folder's directory, the ":2,x" info for $Junk)."""
 
@@ -74,20 +87,23 @@ class JunkFolders:
         del self._ready[user_path]
         return None
 
-    @defer.inlineCallbacks
-    def prepare(self, user_paths: list[Path]):
-        """Make sure every user's Junk folder exists and has its $Junk letter."""
+    def prepare(self, user_paths: list[Path]) -> defer.Deferred:
+        """Make sure every user's Junk folder exists and has its $Junk letter: the disk
+        work in threads (a few mkdirs and fsyncs, a dot-lock), all users at once."""
+        work = []
         for user_path in dict.fromkeys(user_paths):
-            if self._current(user_path) is not None:
-                continue
-            path = folder_dir(user_path, self.folder_name)
-            if not path.is_dir():
-                try:
-                    self.store.account(user_path).create_folder(self.folder_name)
-                except FolderExists:
-                    pass
-            letter, stamp = yield deferToThread(keyword_letter, path, self.keyword)
-            self._ready[user_path] = (path, stamp, f":2,{letter}" if letter else "")
+            if self._current(user_path) is None:
+                create = self.store.account(user_path).create_folder
+                d = deferToThread(prepare_folder, create, folder_dir(user_path,
+                                                                     self.folder_name),
+                                  self.folder_name, self.keyword)
+                work.append(d.addCallback(self._prepared, user_path))
+        return defer.gatherResults(work, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
+    def _prepared(self, answer: tuple[Path, str, tuple[int, int, int]], user_path: Path) -> None:
+        path, letter, stamp = answer
+        self._ready[user_path] = (path, stamp, f":2,{letter}" if letter else "")
 
     def place(self, user_path: Path) -> tuple[Path, str]:
         """The target and file info for one prepared user (INBOX if not prepared)."""

@@ -13,6 +13,7 @@ so rspamd may stop early on a pre-result, as for GTUBE).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import json
@@ -65,11 +66,11 @@ def error_verdict(reason: str) -> SpamVerdict:
 
 
 class _Timeout(Exception):
-    pass
+    """The whole check took longer than the client's timeout."""
 
 
 class _TooLarge(Exception):
-    pass
+    """rspamd's answer is longer than the client reads."""
 
 
 def _clean(text: str) -> str:
@@ -321,12 +322,10 @@ class RspamdClient:
                         body_file.close()
             if response.code != 200:
                 detail = ""
-                try:
+                with contextlib.suppress(ValueError):  # not JSON: the status says enough
                     answer = json.loads(body)
                     if isinstance(answer, dict) and "error" in answer:
                         detail = ": " + _clean(str(answer["error"]))[:200]
-                except ValueError:
-                    pass
                 return error_verdict(f"rspamd HTTP status {response.code}{detail}")
             return parse_verdict(body)
 

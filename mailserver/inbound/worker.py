@@ -13,6 +13,7 @@ Run as ``python -m mailserver.inbound.worker`` (by the server).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pickle
 import sys
@@ -65,10 +66,9 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 def main() -> None:
     for module in ALLOWED:  # imported up front: the first message does not wait for them
         importlib.import_module(module)
-    try:
+    # The server gone (a closed pipe) or interrupted: nothing is owed to anyone.
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         serve(sys.stdin.buffer, sys.stdout.buffer)
-    except (BrokenPipeError, KeyboardInterrupt):
-        pass
 
 
 if __name__ == "__main__":
