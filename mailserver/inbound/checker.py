@@ -185,7 +185,6 @@ class InboundChecker:
             if not dkim_results:
                 results.append(("dkim", "none", "", {}))
             summary["dkim"] = ",".join(f"{r.result}:{r.domain}" for r in dkim_results) or "none"
-        override = ""
         if arc is not None and cfg.arc:
             props = {"arc.chain": ":".join(arc.sealers)} if arc.sealers else {}
             results.append(("arc", arc.result, arc.reason, props))

@@ -193,9 +193,7 @@ class CheckedDelivery:
     @defer.inlineCallbacks
     def _judged(self, verdict: Verdict):
         self.verdict = verdict
-        if self._client_gone:
-            log.info("smtp message {qid}: client gone during the checks; not delivered",
-                     qid=self.facts["queue_id"])
+        if self._client_gone:  # the session logs it: nothing acknowledged, nothing stored
             raise ClientGone()
         checks = " ".join(f"{k}={v}" for k, v in verdict.summary.items())
         # Accepted: the session's accepted-message line carries the results; refused:
@@ -205,7 +203,6 @@ class CheckedDelivery:
             log.info("smtp message {qid} from <{sender}> ip={ip}:{checks}",
                      qid=self.facts["queue_id"], sender=self.facts["mail_from"],
                      ip=self.facts["ip"], checks=self.log_text)
-        if verdict.action in ("reject", "tempfail"):
             assert verdict.reply is not None
             raise SMTPReplyError(verdict.reply)
         place: Placement | None = None

@@ -12,9 +12,9 @@ from mailserver.addresses import AddressError, check_recipient_syntax
 from mailserver.fastwrite import write_now
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
+from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.checked import CheckedDelivery
 from mailserver.smtp.delivery import IDelivery, LocalDelivery, Placement, Recipient
-from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.forwarding import QueueingDelivery
 from mailserver.smtp.replies import SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
@@ -52,8 +52,9 @@ class MXSession(SMTPSession):
     With inbound checks (context.checker) for a client outside the trusted networks: the
     banner waits greet_delay seconds and a client that talks first is refused
     (postscreen's pregreet test); its address is looked up in the DNS blocklists while
-    it waits, a listed client has its RCPTs refused; SPF starts at MAIL FROM; and the
-    message goes through CheckedDelivery (DKIM, DMARC, ARC, spam filter, Junk).
+    it waits, a listed client has its RCPTs refused; SPF starts at the first accepted
+    RCPT; and the message goes through CheckedDelivery (DKIM, DMARC, ARC, spam filter,
+    Junk).
     """
 
     _checks = False
@@ -118,19 +119,10 @@ class MXSession(SMTPSession):
         super()._reset_transaction()
         self._spf = None
 
-
     def do_RCPT(self, rest: bytes) -> None:
-        blocked = self._blocked
-        if isinstance(blocked, defer.Deferred):  # the blocklists have not answered yet
+        if isinstance(self._blocked, defer.Deferred):  # the blocklists have not answered
             self._pause()
-            blocked.addBoth(self._rcpt_after_lookup, rest)
-            return
-        if blocked is not None and self._sender is not None:
-            self._rcpt_commands += 1
-            self.log.info("{service} {ip}: recipient <{rcpt}> refused: {reply}",
-                          service=self.context.service, ip=self.peer_ip,
-                          rcpt=rest.decode("ascii", "replace")[3:].strip(), reply=str(blocked))
-            self.reply(blocked)
+            self._blocked.addBoth(self._rcpt_after_lookup, rest)
             return
         super().do_RCPT(rest)
         if self._checks and self._recipients and self._spf is None:
@@ -148,6 +140,8 @@ class MXSession(SMTPSession):
             self._resume()
 
     def resolve_recipient(self, path: str) -> Recipient:
+        if self._blocked is not None:  # a listed client: every recipient refused
+            raise SMTPReplyError(self._blocked)
         recipient = resolve_local(self.context, path)
         if recipient.remote and self.context.queue is None:
             if not recipient.local:

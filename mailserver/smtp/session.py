@@ -155,6 +155,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     username: str = ""  # the authenticated address (submission)
 
     _rcpt_commands = 0   # per session, never reset (limits.max_rcpt_commands)
+    _committing: IDelivery | None = None  # the delivery whose commit is under way
     _errors = 0          # error replies since the last accepted message
 
     def _reset_session(self) -> None:
@@ -370,15 +371,15 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         try:
             name = rest.strip(b" \t").decode("utf-8")
         except UnicodeDecodeError:
-            name = None
-        if name is not None and name and not _HELO_BAD.search(name) and len(name) <= 255:
-            self._helo_given = name
-            return received_helo(name)
-        if not name and name is not None:
+            name = "\x00"  # refused below like any other garbage
+        if not name:
             self.reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
-        else:
+            return None
+        if _HELO_BAD.search(name) or len(name) > 255:
             self.reply(R.BAD_HELO)
-        return None
+            return None
+        self._helo_given = name
+        return received_helo(name)
 
     def do_EHLO(self, rest: bytes) -> None:  # RFC 5321 4.1.1.1
         name = self._helo_arg(rest, "EHLO")
@@ -660,8 +661,6 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         d.addCallback(self._committed, inc, sender, recipients)
         d.addErrback(self._commit_failed, inc)
         d.addBoth(self._commit_done)
-
-    _committing: IDelivery | None = None  # the delivery whose commit is under way
 
     def _commit_done(self, _: Any) -> None:
         self._committing = None
