@@ -1,19 +1,23 @@
 """The few file-system steps every durable write here is made of (Maildir delivery,
-folder edits, the uid list, the outbound queue): write everything, fsync the directory
-that got a new name, and remove a leftover without failing the operation."""
+folder edits, the uid list, the outbound queue, keys and certificates): write everything,
+fsync the directory that got a new name, replace a small file so that a crash leaves the
+old or the new one, and remove a leftover without failing the operation.
+
+Disk-side code: it imports nothing from Twisted (its warnings go to the standard
+library's `logging`, which the server forwards to its own log)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-from twisted.logger import Logger
-
-log = Logger()
+log = logging.getLogger(__name__)
 
 
 def _find_syncfs() -> Callable[[int], int] | None:
@@ -108,4 +112,43 @@ def unlink_quietly(path: Path | str) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        log.warn("cannot remove {path}: {error}", path=str(path), error=e)
+        log.warning("cannot remove %s: %s", path, e)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o600, tmp: Path | None = None,
+                  keep_existing: bool = False, mtime: float | None = None) -> bool:
+    """Put `data` at `path` so that a crash at any moment leaves the old file or the new
+    one, never a part: a temporary file beside it (or `tmp`), written, fsynced, renamed
+    over `path`, and the directory fsynced.
+
+    `keep_existing`: link instead of rename, so that an existing file is never replaced
+    (a published key stays valid); returns False, writing nothing, when `path` exists.
+    The temporary file is gone afterwards whatever happens."""
+    if tmp is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, _CREATE, mode)
+    placed = False
+    try:
+        try:
+            write_all(fd, data)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if keep_existing:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.rename(tmp, path)
+            placed = True
+        fsync_directory(path.parent)
+        return True
+    finally:
+        if not placed:
+            unlink_quietly(tmp)

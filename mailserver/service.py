@@ -12,6 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailserver import logbridge
 from mailserver.config import Config
 from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
@@ -128,4 +129,5 @@ class MailServer(service.MultiService):
 
 
 def make_service(config: Config) -> service.MultiService:
+    logbridge.install()   # before anything is built: disk modules log from the start
     return MailServer(config)

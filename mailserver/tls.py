@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import ISSLTransport
 
 from mailserver.config import Config
+from mailserver.fsutil import write_durably
 
 # Forward-secret AEAD suites only; TLS 1.3 suites are always on and not affected.
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
@@ -75,19 +75,8 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None
     key_bytes = key.private_bytes(serialization.Encoding.PEM,
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption())
-    _write_atomic(key_path, key_bytes, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_durably(key_path, key_bytes, mode=0o600)
+    write_durably(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def server_context_factory(paths: CertificatePaths) -> ssl.CertificateOptions:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailserver.fsutil import write_durably
+
 SELECTOR_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 RSA_BITS = 2048
 
@@ -79,17 +81,6 @@ def generate(dkim_dir: Path, domain: str, selector: str | None = None) -> tuple[
                             serialization.NoEncryption())
     dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = dkim_dir / f"{domain.lower()}.{selector}.key"
-    tmp = dkim_dir / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)  # never replaces a key that exists: a published key stays valid
-    except FileExistsError:
-        return DKIMKey(domain.lower(), selector, path), False
-    finally:
-        os.unlink(tmp)
-    return DKIMKey(domain.lower(), selector, path), True
+    # Never replaces a key that exists: a published key stays valid.
+    created = write_durably(path, pem, mode=0o600, keep_existing=True)
+    return DKIMKey(domain.lower(), selector, path), created

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_by_filesystem,
                                unlink_quietly, write_all)
+from mailserver.maildir.flags import escape_hostname  # noqa: F401 (imported from here too)
 from mailserver.maildir.names import normalized
 
 log = Logger()
@@ -75,14 +76,6 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
-
-
-def escape_hostname(hostname: str) -> str:
-    """The host part of a Maildir name: '/' and ':' (and ',') escaped as Dovecot does.
-
-    ':' starts the flags suffix and ',' the S= field, '/' cannot be in a file name.
-    """
-    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
 
 
 def unique_base(escaped_host: str) -> str:

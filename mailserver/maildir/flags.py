@@ -20,6 +20,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+def escape_hostname(hostname: str) -> str:
+    """The host part of a Maildir name: '/' and ':' (and ',') escaped as Dovecot does.
+
+    ':' starts the flags suffix and ',' the S= field, '/' cannot be in a file name.
+    """
+    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
 INFO_SEP = ":"
 FLAGS_PREFIX = "2,"
 RECENT = "\\Recent"

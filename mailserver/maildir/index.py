@@ -22,6 +22,7 @@ last writes, never the database.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -29,9 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from twisted.logger import Logger
-
-log = Logger()
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "mailserver.index.sqlite3"
 SCHEMA_VERSION = "1"
@@ -101,8 +100,7 @@ class FolderIndex:
             try:
                 self._w = self._open_checked()
             except sqlite3.DatabaseError as e:
-                log.warn("index {path} unusable ({error}): rebuilding", path=str(self.path),
-                         error=e)
+                log.warning("index %s unusable (%s): rebuilding", str(self.path), e)
                 self._rebuild()
         assert self._w is not None
         return self._w
@@ -133,8 +131,7 @@ class FolderIndex:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.error("cannot remove index {path}: {error}", path=str(self.path),
-                          error=e)
+                log.error("cannot remove index %s: %s", str(self.path), e)
         self._broken = False
         self.generation += 1
         self._w = self._open_checked()
@@ -176,8 +173,7 @@ class FolderIndex:
                         raise
                     if attempt == 2:
                         raise
-                    log.warn("index {path} damaged ({error}): rebuilding",
-                             path=str(self.path), error=e)
+                    log.warning("index %s damaged (%s): rebuilding", str(self.path), e)
                     self._broken = True
 
     # -- messages -------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ class FolderIndex:
         try:
             return self._write(run)
         except sqlite3.Error as e:
-            log.error("index {path} unreadable: {error}", path=str(self.path), error=e)
+            log.error("index %s unreadable: %s", str(self.path), e)
             return {}, {}
 
     def set_meta(self, values: dict[str, str | int]) -> None:
@@ -231,7 +227,7 @@ class FolderIndex:
         try:
             self._write(fn)
         except sqlite3.Error as e:
-            log.error("index {path} write failed: {error}", path=str(self.path), error=e)
+            log.error("index %s write failed: %s", str(self.path), e)
 
     # -- cached values -----------------------------------------------------------------------
 
@@ -319,7 +315,7 @@ class FolderIndex:
                     self._r = self._connect()
                 return self._r.execute(sql, params).fetchall()
             except sqlite3.Error as e:
-                log.warn("index {path} read failed: {error}", path=str(self.path), error=e)
+                log.warning("index %s read failed: %s", str(self.path), e)
                 if self._r is not None:
                     self._r.close()
                     self._r = None

@@ -15,15 +15,14 @@ dovecot-uidlist lock is held, the rule Dovecot follows too.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
-from twisted.logger import Logger
-
 from mailserver.maildir.uidlist import FileStamp, replace_locked
 
-log = Logger()
+log = logging.getLogger(__name__)
 
 KEYWORDS_NAME = "dovecot-keywords"
 MAX_KEYWORDS = 26
@@ -62,7 +61,7 @@ class Keywords:
         except FileNotFoundError:
             return kw
         except OSError as e:
-            log.error("cannot read {path}: {error}", path=str(kw.path), error=e)
+            log.error("cannot read %s: %s", str(kw.path), e)
             return kw
         kw.stamp = FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
         kw._parse(data)
@@ -73,11 +72,11 @@ class Keywords:
             index_s, sep, name = line.rstrip("\r").partition(" ")
             if not sep or not index_s.isdigit() or not name:
                 if line.strip():
-                    log.warn("{path}: ignoring line {line!r}", path=str(self.path), line=line)
+                    log.warning("%s: ignoring line %r", str(self.path), line)
                 continue
             index = int(index_s)
             if index >= MAX_KEYWORDS or name.lower() in self._by_lower:
-                log.warn("{path}: ignoring line {line!r}", path=str(self.path), line=line)
+                log.warning("%s: ignoring line %r", str(self.path), line)
                 continue
             self._set(index, name)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
-from mailserver.maildir.delivery import escape_hostname
+from mailserver.maildir.flags import escape_hostname
 
 VSIZE_KEY = "vsize"
 

@@ -24,6 +24,7 @@ logged and dropped on the next rewrite.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import threading
@@ -33,12 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from twisted.logger import Logger
-
-from mailserver.fsutil import fsync_directory, write_all
+from mailserver.fsutil import fsync_directory, unlink_quietly, write_all, write_durably
 from mailserver.maildir.flags import base_name
 
-log = Logger()
+log = logging.getLogger(__name__)
 
 UIDLIST_NAME = "dovecot-uidlist"
 UIDLIST_TMP_NAME = "dovecot-uidlist.tmp"
@@ -192,7 +191,7 @@ class DotLock:
         try:
             if os.stat(self.path).st_ino == st.st_ino:
                 os.unlink(self.path)
-                log.warn("broke stale lock {path} ({owner})", path=str(self.path), owner=owner)
+                log.warning("broke stale lock %s (%s)", str(self.path), owner)
         except FileNotFoundError:
             pass
         return True
@@ -309,7 +308,7 @@ class UidList:
         except FileNotFoundError:
             return None
         except OSError as e:
-            log.error("cannot read {path}: {error}", path=str(path), error=e)
+            log.error("cannot read %s: %s", str(path), e)
             return None
         ul = cls.parse(folder_dir, data)
         ul.stamp = FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
@@ -398,7 +397,7 @@ class UidList:
 
     def _damage(self, what: str) -> None:
         self.damaged = True
-        log.warn("damaged {path}: {what}", path=str(self.path), what=what)
+        log.warning("damaged %s: %s", str(self.path), what)
 
     # -- contents ------------------------------------------------------------------------------
 
@@ -482,22 +481,8 @@ class UidList:
         if not self.uidvalidity:
             raise ValueError("a uid list needs a UIDVALIDITY before it is written")
         tmp = self.dir / UIDLIST_TMP_NAME
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            try:
-                write_all(fd, self.serialize())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_directory(self.dir)
+        unlink_quietly(tmp)   # a crashed writer's leftover: the name is Dovecot's, fixed
+        write_durably(self.path, self.serialize(), tmp=tmp)
         self.stamp = FileStamp.of(self.path)
         self.version = VERSION
         self.damaged = False

@@ -31,7 +31,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
-from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
+from mailserver.fsutil import fsync_directory, unlink_quietly, write_all, write_durably
 from mailserver.smtp.queue.envelope import ID_RE, Envelope, EnvelopeError
 
 log = Logger()
@@ -188,20 +188,8 @@ class QueueStore:
 
     def save(self, envelope: Envelope) -> None:
         """Write the envelope atomically and durably."""
-        final = self.envelope_path(envelope.id)
-        tmp = self.tmp_dir / f"{envelope.id}.json.{time.monotonic_ns()}"
-        fd = os.open(tmp, _OPEN_NEW, 0o600)
-        try:
-            try:
-                write_all(fd, envelope.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-        fsync_directory(self.env_dir)
+        write_durably(self.envelope_path(envelope.id), envelope.to_json(),
+                      tmp=self.tmp_dir / f"{envelope.id}.json.{time.monotonic_ns()}")
 
     def remove(self, queue_id: str) -> bool:
         """Take a message out of the queue (envelope first); False if it was not there."""
