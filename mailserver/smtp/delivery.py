@@ -60,12 +60,8 @@ class DeliveryOutcome:
         return [s for s in self.statuses if s.ok and s.queued]
 
     @property
-    def failed(self) -> list[MailboxStatus]:
-        """Neither stored nor queued (same as `lost`; kept for callers of the old name)."""
-        return [s for s in self.statuses if not s.ok]
-
-    @property
     def lost(self) -> list[MailboxStatus]:
+        """Neither stored nor queued."""
         return [s for s in self.statuses if not s.ok]
 
 

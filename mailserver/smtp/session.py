@@ -536,10 +536,6 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         self._incoming = _Incoming(delivery, queue_id)
         self.reply(R.START_DATA)
 
-    def trace_headers(self, queue_id: str) -> bytes:
-        """Return-Path, Delivered-To (single mailbox only) and Received (RFC 5321 4.4)."""
-        return self.delivery_headers() + self.received_header(queue_id)
-
     def delivery_headers(self) -> bytes:
         """What final delivery into a Maildir adds: Return-Path and, for one mailbox only,
         Delivered-To (with several, the shared copy must not reveal Bcc recipients)."""
