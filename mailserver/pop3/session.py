@@ -1,4 +1,4 @@
-"""The POP3 session: RFC 1939 with CAPA (RFC 2449), STLS (RFC 2595), SASL PLAIN (RFC 5034)
+"""The POP3 session: RFC 1939 with CAPA (RFC 2449), STLS (RFC 2595), SASL PLAIN and LOGIN (RFC 5034)
 and response codes (RFC 2449 8, RFC 3206).
 
 Built on twisted.mail's POP3 (reply helpers, the TimeoutMixin idle timer, the cred login
@@ -18,7 +18,6 @@ and `_onLogout` convention), replacing what a public-facing server cannot use:
 from __future__ import annotations
 
 import base64
-import binascii
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 
+from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
@@ -307,7 +307,7 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.pop_state == AUTHORIZATION:
             if self.plaintext_allowed():
-                caps += [b"USER", b"SASL PLAIN"]
+                caps += [b"USER", b"SASL " + " ".join(sasl.MECHANISMS).encode()]
             if self.context.tls is not None and not self.tls_active:
                 caps.append(b"STLS")
         return caps
@@ -351,35 +351,47 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
             self.err(_PLAINTEXT_REFUSED, b"AUTH")
             return
         if mechanism is None:
-            self.transport.write(b"+OK Mechanisms follow\r\nPLAIN\r\n.\r\n")
+            self.transport.write(b"+OK Mechanisms follow\r\n"
+                                 + b"".join(m.encode() + b"\r\n" for m in sasl.MECHANISMS)
+                                 + b".\r\n")
             return
-        if mechanism.upper() != b"PLAIN":
+        exchange = sasl.exchange_for(mechanism)
+        if exchange is None:
             self.err(b"Unsupported authentication mechanism")
             return
-        if initial is not None:
-            self._auth_plain(initial)
-        else:
-            self._sasl = self._auth_plain
-            self.transport.write(b"+ \r\n")
-
-    def _auth_plain(self, response: bytes) -> None:  # RFC 4616
-        if response == b"*":
-            self.err(b"Authentication cancelled")  # RFC 5034 4
-            return
         try:
-            decoded = b"" if response == b"=" else base64.b64decode(response, validate=True)
-        except (binascii.Error, ValueError):
-            self.err(b"Invalid base64")
+            challenge = exchange.start(None if initial is None else sasl.decode(initial))
+        except sasl.SASLError as e:
+            self._sasl_refused(e)
             return
-        fields = decoded.split(b"\0")
-        if len(fields) != 3:
-            self.err(b"Invalid PLAIN response")
+        self._sasl_next(exchange, challenge)
+
+    def _sasl_next(self, exchange: sasl.Exchange, challenge: bytes | None) -> None:
+        if challenge is None:
+            self._login(exchange.username.encode(), exchange.password.encode())
             return
-        authz, user, password = fields
-        if authz and authz.lower() != user.lower():
+
+        def respond(line: bytes) -> None:
+            if sasl.is_cancel(line):
+                self.err(b"Authentication cancelled")  # RFC 5034 4
+                return
+            try:
+                following = exchange.step(sasl.decode(line))
+            except sasl.SASLError as e:
+                self._sasl_refused(e)
+                return
+            self._sasl_next(exchange, following)
+
+        self._sasl = respond
+        self.transport.write(b"+ " + base64.b64encode(challenge) + b"\r\n")
+
+    def _sasl_refused(self, error: sasl.SASLError) -> None:
+        if error.reason == sasl.PROXY:
             self.err(b"Proxy login not allowed", b"AUTH")
-            return
-        self._login(user, password)
+        elif error.reason == sasl.CANNOT_DECODE:
+            self.err(b"Invalid base64")
+        else:
+            self.err(b"Malformed authentication data")
 
     def _login(self, user: bytes, password: bytes) -> None:
         ip = self.peer_ip

@@ -24,9 +24,9 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from mailserver.addresses import AddressError, check_recipient_syntax, is_domain_literal
+from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.smtp import replies as R
-from mailserver.smtp import sasl
 from mailserver.smtp.delivery import IDelivery, Recipient
 from mailserver.smtp.mx import SMTPFactory, resolve_local
 from mailserver.smtp.queue.local import QueueLocalDelivery
@@ -53,6 +53,11 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too lo
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
+SASL_REPLIES = {   # RFC 4954 4 / 6
+    sasl.CANNOT_DECODE: Reply(501, "5.5.2", "Cannot decode response"),
+    sasl.MALFORMED: Reply(501, "5.5.2", "Malformed authentication data"),
+    sasl.PROXY: AUTH_FAILED,
+}
 TOO_MANY_FAILURES = Reply(421, "4.7.0", "Error: too many failed authentications")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by the "
                          "authenticated user")
@@ -130,7 +135,7 @@ class SubmissionSession(SMTPSession):
             initial = sasl.decode(parts[1]) if len(parts) > 1 else None
             challenge = exchange.start(initial)
         except sasl.SASLError as e:
-            return self._auth_bad_input(e.reply, exchange.username)
+            return self._auth_bad_input(SASL_REPLIES[e.reason], exchange.username)
         self._auth_next(exchange, challenge)
 
     def _auth_next(self, exchange: sasl.Exchange, challenge: bytes | None) -> None:
@@ -147,13 +152,13 @@ class SubmissionSession(SMTPSession):
             return super().lineReceived(line)
         self.resetTimeout()
         self._sasl = None
-        if line.strip() == b"*":  # the client cancels (RFC 4954 4)
+        if sasl.is_cancel(line):  # the client cancels (RFC 4954 4)
             self._auth_failures += 1
             return self.reply(AUTH_ABORTED)
         try:
             challenge = exchange.step(sasl.decode(line))
         except sasl.SASLError as e:
-            return self._auth_bad_input(e.reply, exchange.username)
+            return self._auth_bad_input(SASL_REPLIES[e.reason], exchange.username)
         self._auth_next(exchange, challenge)
 
     def line_too_long(self, head: bytes) -> None:

@@ -145,7 +145,7 @@ def test_poplib_over_stls_every_command(server):
         p.stls(tls_client_context())
         caps = p.capa()
         assert {"TOP", "UIDL", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"} <= set(caps)
-        assert caps["SASL"] == ["PLAIN"] and "STLS" not in caps
+        assert caps["SASL"] == ["PLAIN", "LOGIN"] and "STLS" not in caps
         p.user(ALICE)
         assert p.pass_(PASSWORD).startswith(b"+OK")
 
@@ -276,7 +276,7 @@ def test_stls_discards_pipelined_commands_and_auth_plain(server):
         r.sock = tls_client_context().wrap_socket(r.sock, server_hostname=HOSTNAME)
         assert r.cmd(b"STAT").startswith(b"-ERR")  # not logged in
         first, mechs = r.multi(b"AUTH")
-        assert first.startswith(b"+OK") and mechs == [b"PLAIN"]
+        assert first.startswith(b"+OK") and mechs == [b"PLAIN", b"LOGIN"]
         assert r.cmd(b"AUTH PLAIN") == b"+ "
         assert r.cmd(b"AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=").startswith(b"+OK")
         assert r.cmd(b"STAT").startswith(b"+OK 1 ")

@@ -311,7 +311,7 @@ class POP3SessionTests(unittest.TestCase):
         c = self.conn()
         caps = lines_of((yield c.cmd(b"CAPA", multi=True)))
         self.assertEqual(caps, [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE",
-                                b"PIPELINING", b"USER", b"SASL PLAIN"])
+                                b"PIPELINING", b"USER", b"SASL PLAIN LOGIN"])
         yield c.login()
         caps = lines_of((yield c.cmd(b"CAPA", multi=True)))
         self.assertEqual(caps, [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE",
@@ -401,8 +401,24 @@ class POP3SessionTests(unittest.TestCase):
         r = yield c.cmd(b"AUTH CRAM-MD5")
         self.assertTrue(r.startswith(b"-ERR"), r)
         r = yield c.cmd(b"AUTH", multi=True)
-        self.assertEqual(lines_of(r), [b"PLAIN"])
+        self.assertEqual(lines_of(r), [b"PLAIN", b"LOGIN"])
         self.assertEqual(self.server.throttle.failures("192.0.2.7", ALICE), 0)
+
+    @defer.inlineCallbacks
+    def test_auth_login_two_steps_and_its_bad_input(self):
+        """LOGIN (what Outlook offers) through the shared SASL decoder: base64 challenges,
+        an over-long or NUL-carrying name refused like in SMTP AUTH."""
+        c = self.conn()
+        r = yield c.cmd(b"AUTH LOGIN " + base64.b64encode(b"x" * 300))
+        self.assertTrue(r.startswith(b"-ERR Malformed authentication data"), r)
+        r = yield c.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0se\0cret"))
+        self.assertTrue(r.startswith(b"-ERR Malformed authentication data"), r)
+        r = yield c.cmd(b"AUTH LOGIN")
+        self.assertEqual(r, b"+ " + base64.b64encode(b"Username:") + b"\r\n")
+        r = yield c.cmd(base64.b64encode(ALICE.encode()))
+        self.assertEqual(r, b"+ " + base64.b64encode(b"Password:") + b"\r\n")
+        r = yield c.cmd(base64.b64encode(b"secret"))
+        self.assertTrue(r.startswith(b"+OK"), r)
 
     @defer.inlineCallbacks
     def test_wrong_password_counts_and_closes_after_the_limit(self):
