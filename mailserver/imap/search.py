@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import calendar
 import email
-import email.header
 import email.policy
 import email.utils
 import re
@@ -37,6 +36,7 @@ FIELD_BATCH = 1000  # search-field rows written to the index per transaction
 # Header fields SEARCH keys name most; their decoded text is kept in the folder index
 # (in SEARCH_COLUMNS, the same order, date last).
 SEARCH_FIELDS = ("subject", "from", "to", "cc", "bcc", "date")
+ADDRESS_FIELDS = frozenset(("from", "to", "cc", "bcc"))
 _DATE = re.compile(rb'^"?(\d{1,2})-([A-Za-z]{3})-(\d{4})"?$')
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 _FLAG_KEYS = {
@@ -105,9 +105,17 @@ class Row:
         key = name.lower().encode("latin-1", "replace")
         return "\n".join(_decode(v) for k, v in self.headers() if k == key)
 
+    def field_text(self, name: str) -> str:
+        """What a SEARCH key on header field `name` looks in: the address fields as
+        their parsed addresses (address_text), any other field decoded."""
+        if name not in ADDRESS_FIELDS:
+            return self.header_text(name)
+        key = name.encode("ascii")
+        return "\n".join(address_text(v) for k, v in self.headers() if k == key)
+
     def search_fields(self) -> tuple[str, ...]:
         """(base, *SEARCH_COLUMNS) as the index keeps them: text case-folded, date as is."""
-        return (self.base, *(self.header_text(f).casefold() for f in SEARCH_FIELDS[:-1]),
+        return (self.base, *(self.field_text(f).casefold() for f in SEARCH_FIELDS[:-1]),
                 self.header_text("date"))
 
     def message(self) -> Any:
@@ -117,17 +125,41 @@ class Row:
         return self._message
 
 
-def _decode(value: bytes) -> str:
+def _text(value: bytes) -> str:
+    """A raw header value as text: UTF-8 (RFC 6532), else Latin-1 (never fails)."""
     try:
-        text = value.decode("utf-8")
+        return value.decode("utf-8")
     except UnicodeDecodeError:
-        text = value.decode("latin-1")
-    if "=?" not in text:
-        return text  # no encoded words (RFC 2047): nothing to decode
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except Exception:
-        return text
+        return value.decode("latin-1")
+
+
+def _decode(value: bytes) -> str:
+    return mime.decode_words(_text(value))
+
+
+def address_text(value: bytes) -> str:
+    """An address field as FROM/TO/CC/BCC match it (RFC 3501 6.4.4): each address as
+    `display name <local@domain>` with the name's encoded words decoded, and groups as
+    `name: members;`.  Parsed first, so that comments, route and quoting do not split an
+    address (`<user (c)@ (c) domain.org>` holds "user@domain.org") and encoded words are
+    decoded only where the header allows them."""
+    out: list[str] = []
+    members: list[str] | None = None
+    group = ""
+    for a in mime.parse_addresses(_text(value)):
+        if a.kind == mime.GROUP_START:
+            members, group = [], mime.decode_words(a.mailbox or "")
+        elif a.kind == mime.GROUP_END:
+            out.append(group + ":" + (" " + ", ".join(members) if members else "") + ";")
+            members = None
+        else:
+            addr = a.mailbox or ""
+            if a.host:
+                addr += "@" + a.host
+            name = mime.decode_words(a.name) if a.name else ""
+            text = f"{name} <{addr}>" if name and addr else name or addr
+            (out if members is None else members).append(text)
+    return ", ".join(out)
 
 
 Predicate = Callable[[Row], bool]

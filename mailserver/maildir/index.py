@@ -33,7 +33,7 @@ from typing import Iterable
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "mailserver.index.sqlite3"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _BATCH = 900  # host parameters per statement stay below SQLite's default limit
 
 CacheValue = bytes | str
