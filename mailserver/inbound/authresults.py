@@ -8,6 +8,7 @@ and is removed before ours is added (RFC 8601 5).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -41,8 +42,10 @@ def _printable(text: str) -> str:
                    if c in "\t\r\n" or c.isprintable())
 
 
+@functools.lru_cache(maxsize=4096)
 def _value(value: str) -> str:
-    """An RFC 2045 token or local-part@domain as it is, anything else quoted."""
+    """An RFC 2045 token or local-part@domain as it is, anything else quoted.
+    Remembered: the same domains, selectors and senders come back message after message."""
     value = _printable(value)
     if (_TOKEN_RE.fullmatch(value) or _ADDRESS_RE.fullmatch(value)) and len(value) <= MAX_TOKEN:
         return value
@@ -56,9 +59,11 @@ def _value(value: str) -> str:
     return "".join(out) + '"'
 
 
-def _comment_words(comment: str) -> list[str]:
+@functools.lru_cache(maxsize=1024)
+def _comment_words(comment: str) -> tuple[str, ...]:
     """A comment's words, "(" on the first and ")" on the last, ( ) \\ escaped and
-    non-ASCII replaced, so the comment can be folded between any two words."""
+    non-ASCII replaced, so the comment can be folded between any two words.
+    Remembered: comments are the checks' few fixed reasons."""
     text = _printable(comment)
     if not text.isascii():
         text = "".join(c if c.isascii() else "?" for c in text)
@@ -68,10 +73,10 @@ def _comment_words(comment: str) -> list[str]:
         for start in range(0, len(word), MAX_TOKEN // 2):
             words.append(_SPECIAL.sub(r"\\\1", word[start:start + MAX_TOKEN // 2]))
     if not words:
-        return []
+        return ()
     words[0] = "(" + words[0]
     words[-1] += ")"
-    return words
+    return tuple(words)
 
 
 def _resinfo_parts(method: str, result: str, comment: str,

@@ -29,7 +29,7 @@ from mailserver.inbound.authresults import format_header
 from mailserver.inbound.dkimcheck import verify_message
 from mailserver.inbound.dmarc import DMARCResult, evaluate, from_domain
 from mailserver.inbound.psl import OrgDomains
-from mailserver.inbound.spf import SPFResult, check_spf
+from mailserver.inbound.spf import ResultCache, SPFResult, check_spf
 from mailserver.smtp import replies as R
 from mailserver.smtp.replies import Reply
 
@@ -72,6 +72,8 @@ class InboundChecker:
         self.run_in_thread = run_in_thread
         self._networks = config.networks
         self._sealers = {s.lower() for s in config.trusted_arc_sealers}
+        # Evaluations reused while their DNS answers stand (needs a resolver that can say).
+        self._spf = ResultCache(resolver) if hasattr(resolver, "current") else None
 
     # -- per connection ----------------------------------------------------------------
 
@@ -110,6 +112,8 @@ class InboundChecker:
         """Start SPF for MAIL FROM (RFC 7208 2.4; HELO for bounces); None when off."""
         if not self.config.spf:
             return None
+        if self._spf is not None:
+            return self._spf.check(ip, mail_from, helo)
         return check_spf(self.resolver, ip, mail_from, helo)
 
     @defer.inlineCallbacks

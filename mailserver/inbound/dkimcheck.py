@@ -51,24 +51,32 @@ def _key_value(answer: Any) -> bytes | None | str:
     return "error"    # timeout, SERVFAIL -> temperror
 
 
-@defer.inlineCallbacks
 def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferred],
-            check_arc: bool, header_block: bytes | None):  # type: ignore[no-untyped-def]
-    if header_block is not None:
-        if not _SIGNED.search(header_block):
-            return [], ARCResult("none", 0, (), "no ARC header fields")  # no DNS, no thread
-        names = key_names(header_block, include_arc=check_arc)
+            check_arc: bool, header_block: bytes | None) -> defer.Deferred:
+    if header_block is None:
+        d = run_in_thread(key_names_in_file, path, check_arc)
+    elif not _SIGNED.search(header_block):
+        return defer.succeed(([], ARCResult("none", 0, (), "no ARC header fields")))  # no DNS
     else:
-        names = yield run_in_thread(key_names_in_file, path, check_arc)
+        d = defer.succeed(key_names(header_block, include_arc=check_arc))
+    return d.addCallback(_fetch_keys, resolver).addCallback(
+        lambda keys: run_in_thread(verify_path, path, keys, check_arc))
+
+
+def _fetch_keys(names: list[str], resolver: Any) -> dict[str, bytes | None | str] | defer.Deferred:
+    """{name: key record} for verify_path; at once when every answer is in the cache."""
+    current = getattr(resolver, "current", None)
+    if current is not None:
+        answers = [current(name, "TXT") for name in names]
+        if all(a is not None for a in answers):
+            return {name: _key_value(a) for name, a in zip(names, answers)}
     lookups = []
     for name in names:
         d = defer.maybeDeferred(resolver.txt, name)
         d.addErrback(lambda f, n=name: log.failure("DKIM key lookup {name}", f, name=n))
         lookups.append(d)
-    answers = yield defer.gatherResults(lookups)
-    keys = {name: _key_value(answer) for name, answer in zip(names, answers)}
-    results = yield run_in_thread(verify_path, path, keys, check_arc)
-    return results
+    return defer.gatherResults(lookups).addCallback(
+        lambda answers: {name: _key_value(a) for name, a in zip(names, answers)})
 
 
 def verify_message(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferred],

@@ -210,11 +210,34 @@ def _arc_instance(name: bytes, value: bytes) -> int:
     return _instance(_tags(value))
 
 
+_KEYED_FIELD = re.compile(rb"(?im)^(dkim-signature|arc-seal|arc-message-signature):")
+_BLANK_LINE = re.compile(rb"(?m)^\r?$\n?")
+
+
+def _keyed_fields(block: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, value) of the fields that name keys, in order, as
+    parse_header_block() would give them, without splitting the rest of the header."""
+    out = []
+    blank = _BLANK_LINE.search(block)   # the header section ends at the first empty line
+    if blank is not None:
+        block = block[:blank.start()]
+    for m in _KEYED_FIELD.finditer(block):
+        end = m.end()
+        while True:   # the value runs on through lines that start with white space
+            nl = block.find(b"\n", end)
+            if nl < 0 or block[nl + 1:nl + 2] not in (b" ", b"\t"):
+                end = len(block) if nl < 0 else nl - (block[nl - 1:nl] == b"\r")
+                break
+            end = nl + 1
+        out.append((m.group(1).lower(), block[m.end():end]))
+    return out
+
+
 def key_names(header_block: bytes, *, include_arc: bool = True) -> list[str]:
     """The DNS TXT names whose keys verification needs: "<s>._domainkey.<d>" for every
     DKIM-Signature verified (the first MAX_SIGNATURES), then for the newest
     ARC-Message-Signature and every ARC-Seal; deduplicated, at most MAX_KEY_NAMES."""
-    headers = parse_header_block(header_block)
+    headers = _keyed_fields(header_block)
     names: list[str] = []
 
     def add(tags: dict[bytes, bytes] | None) -> None:
@@ -222,14 +245,13 @@ def key_names(header_block: bytes, *, include_arc: bool = True) -> list[str]:
         if name is not None and name not in names and len(names) < MAX_KEY_NAMES:
             names.append(name)
 
-    sigs = [v for n, v in headers if n.lower() == b"dkim-signature"]
+    sigs = [v for n, v in headers if n == b"dkim-signature"]
     for value in sigs[:MAX_SIGNATURES]:
         add(_tags(value))
     if include_arc:
         seals: list[tuple[int, dict[bytes, bytes] | None]] = []
         newest: tuple[int, dict[bytes, bytes] | None] = (0, None)
-        for n, v in headers:
-            lname = n.lower()
+        for lname, v in headers:
             if lname == b"arc-seal":
                 tags = _tags(v)
                 seals.append((_instance(tags), tags))

@@ -35,7 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailserver.inbound.psl import OrgDomains, normalize_domain
-from mailserver.smtp.headers import field_values, header_fields
+from mailserver.smtp.headers import named_field_values
 
 log = Logger()
 
@@ -191,9 +191,11 @@ def _strip_comments(text: str) -> str:
     return "".join(out)
 
 
-def _mailbox_domains(value: str) -> list[str | None]:
+@functools.lru_cache(maxsize=4096)
+def _mailbox_domains(value: str) -> tuple[str | None, ...]:
     """The domain of each mailbox in a From value (None for one without a domain);
-    group members count as mailboxes, the group's name does not."""
+    group members count as mailboxes, the group's name does not.  Remembered: the same
+    senders write the same From again and again."""
     text = _strip_comments(value)
     tokens = []
     for m in _TOKEN.finditer(text):
@@ -250,7 +252,7 @@ def _mailbox_domains(value: str) -> list[str | None]:
             raise _Malformed("more than one @ in an address")
         domain = "".join(t for _, t in spec[ats[-1] + 1:])
         domains.append(domain)
-    return domains
+    return tuple(domains)
 
 
 def from_domain(header_block: bytes) -> tuple[str | None, str]:
@@ -259,7 +261,7 @@ def from_domain(header_block: bytes) -> tuple[str | None, str]:
     with A-labels.  A group in From (RFC 5322 allows none) is read through: its single
     member is the address a reader sees."""
     try:
-        values = field_values(header_fields(header_block), "from")
+        values = named_field_values(header_block, "from")
         if not values:
             return None, "no From header field"
         if len(values) > 1:

@@ -171,6 +171,13 @@ class CachingResolver(Lookups):
                            errbackArgs=(key,))
         return d
 
+    def current(self, name: str, rtype_name: str) -> Answer | None:
+        """The cached answer still in force for (name, type), else None (no query)."""
+        cached = self._cache.get((name.rstrip(".").lower(), _TYPES[rtype_name]))
+        if cached is None or cached[0] <= self.clock():
+            return None
+        return cached[1]
+
     def _answered(self, result: Any, key: tuple[str, int]) -> None:
         name, rtype = key
         try:
@@ -214,4 +221,12 @@ class StaticResolver(Lookups):
             known = any(n == name for n, _ in self.table)
             answer = Answer("nodata" if known else "nxdomain")
         return defer.succeed(answer)
+
+    def current(self, name: str, rtype_name: str) -> Answer | None:
+        """The table's answer (what lookup() would give, as the same object)."""
+        name = name.rstrip(".").lower()
+        answer = self.table.get((name, rtype_name))
+        if answer is not None:
+            self.asked.append((name, rtype_name))
+        return answer
 

@@ -17,6 +17,7 @@ import ipaddress
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -758,3 +759,55 @@ def check_spf(resolver: Any, ip: str, mail_from: str, helo: str) -> defer.Deferr
     d.addErrback(_internal_error, (ip, domain),
                  lambda reason: SPFResult("temperror", identity, domain, sender, reason))
     return d
+
+
+class _Recording:
+    """A resolver seen through: every (name, type, answer) an evaluation read."""
+
+    def __init__(self, resolver: Any) -> None:
+        self.resolver = resolver
+        self.read: list[tuple[str, str, Answer]] = []
+
+    def lookup(self, name: str, rtype: str) -> defer.Deferred:
+        def note(answer: Answer) -> Answer:
+            self.read.append((name, rtype, answer))
+            return answer
+        return self.resolver.lookup(name, rtype).addCallback(note)
+
+
+class ResultCache:
+    """Finished SPF evaluations, reused while every DNS answer they read is still the one
+    the resolver holds: the same answers give the same result (RFC 7208 4 is a function
+    of the client address, the identities and DNS), so a busy sender's next message costs
+    a few dictionary lookups instead of a whole evaluation.  Results that met a DNS error
+    are not kept.  The resolver must have `current(name, type)` (CachingResolver)."""
+
+    def __init__(self, resolver: Any, size: int = 4096) -> None:
+        self.resolver = resolver
+        self.size = size
+        self._results: OrderedDict[tuple[str, str, str], tuple[SPFResult, tuple]] = OrderedDict()
+        self.hits = 0
+
+    def check(self, ip: str, mail_from: str, helo: str) -> defer.Deferred:
+        """check_spf(), from the cache when it may."""
+        key = (ip, mail_from.lower(), helo.lower())
+        kept = self._results.get(key)
+        if kept is not None:
+            result, read = kept
+            current = self.resolver.current
+            if all(current(name, rtype) is answer for name, rtype, answer in read):
+                self.hits += 1
+                self._results.move_to_end(key)
+                return defer.succeed(result)
+            del self._results[key]
+        recording = _Recording(self.resolver)
+        d = check_spf(recording, ip, mail_from, helo)
+
+        def keep(result: SPFResult) -> SPFResult:
+            if result.result != "temperror" and not any(a.error for _, _, a in recording.read):
+                self._results[key] = (result, tuple(recording.read))
+                while len(self._results) > self.size:
+                    self._results.popitem(last=False)
+            return result
+
+        return d.addCallback(keep)

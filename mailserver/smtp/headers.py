@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
@@ -34,6 +35,32 @@ def header_fields(block: bytes) -> list[tuple[str, str]]:
     if name is not None:
         fields.append((name, " ".join(parts)))
     return fields
+
+
+def named_field_values(block: bytes, name: str) -> list[str]:
+    """The unfolded values of the fields called `name`, as header_fields() would give
+    them, found without splitting the whole block: a field is a line that starts with
+    its name (RFC 5322 2.2), and its value runs on through the lines that start with
+    white space.  DMARC needs only From, of a header that may be long."""
+    out = []
+    for m in _named_line(name).finditer(block):
+        end = m.end()
+        while True:   # continuation lines: the value goes on while a line starts with WSP
+            nl = block.find(b"\n", end)
+            if nl < 0 or block[nl + 1:nl + 2] not in (b" ", b"\t"):
+                value_end = len(block) if nl < 0 else nl - (block[nl - 1:nl] == b"\r")
+                break
+            end = nl + 1
+        lines = _LINE_END.split(block[m.end():value_end])
+        parts = [p for p in (line.strip(b" \t").decode("utf-8", "replace") for line in lines)
+                 if p]
+        out.append(" ".join(parts))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _named_line(name: str) -> re.Pattern[bytes]:
+    return re.compile(rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:")
 
 
 def field_values(fields: list[tuple[str, str]], name: str) -> list[str]:

@@ -562,3 +562,23 @@ class VerifyMessageInThreads(unittest.TestCase):
         self.assertEqual([(r.result, r.reason) for r in results],
                          [("temperror", "key lookup failed (DNS error)")])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+def test_keyed_fields_read_as_the_full_parser_does():
+    """key_names() finds the key-naming fields without splitting the whole header; on
+    every odd block (folding, bare LF, stray CR, blank line, junk lines) it must read the
+    same fields with the same values as parse_header_block()."""
+    def full(block):
+        return [(n.lower(), dkimverify._NEWLINE.sub(b"", v)) for n, v in dkimverify.parse_header_block(block)
+                if n.lower() in (b"dkim-signature", b"arc-seal", b"arc-message-signature")]
+
+    pieces = [b"DKIM-Signature: v=1; d=a.b; s=x;", b"dkim-signature:d=c.d; s=y", b" b=abc;",
+              b"\tbh=xyz", b"ARC-Seal: i=1; d=e.f; s=z", b"arc-message-signature: i=2; s=w",
+              b"X: y", b"garbage", b" ", b"DKIM-Signature : v=1", b"\t", b"Dkim-Signature:\r",
+              b"\r", b" a\rb", b""]
+    rng = random.Random(5)
+    for _ in range(20000):
+        block = rng.choice([b"\r\n", b"\n"]).join(rng.choice(pieces)
+                                                  for _ in range(rng.randint(0, 8)))
+        fast = [(n, dkimverify._NEWLINE.sub(b"", v)) for n, v in dkimverify._keyed_fields(block)]
+        assert fast == full(block), block

@@ -382,3 +382,20 @@ def test_from_domain_survives_garbage():
         block = b"From: " + bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         domain, why = from_domain(block)
         assert (domain is None) == bool(why)
+
+
+def test_from_values_read_as_the_full_header_parser_does():
+    """DMARC reads From: without splitting the whole header; on odd blocks it must find
+    the same values as header_fields() (folding, bare LF, stray CR, junk lines)."""
+    import random
+
+    from mailserver.smtp.headers import field_values, header_fields, named_field_values
+
+    pieces = [b"From: a@b.c", b"from :x", b"FROM:\t<y@z>", b" cont", b"\tmore", b"X-From: no",
+              b"Subject: s", b"garbage line", b" ", b"", b"From:", b"To: t", b"\t",
+              b"From: (c) d@e.f ", b"From: r\r", b"\r", b" x\ry"]
+    rng = random.Random(3)
+    for _ in range(20000):
+        block = rng.choice([b"\r\n", b"\n"]).join(rng.choice(pieces)
+                                                  for _ in range(rng.randint(0, 8)))
+        assert named_field_values(block, "from") == field_values(header_fields(block), "from")

@@ -135,3 +135,48 @@ class CachingResolverTests(unittest.TestCase):
         self.answer(resolver.txt("n4.example"))
         self.answer(resolver.txt("n0.example"))
         self.assertEqual(len(self.upstream.asked), 6)
+
+
+class SPFResultCacheTests(unittest.TestCase):
+    """spf.ResultCache over the real DNS cache: a sender's next message reuses the
+    evaluation while every answer it read stands, and only then."""
+
+    def setUp(self) -> None:
+        from mailserver.inbound.spf import ResultCache
+
+        self.upstream = TableResolver()
+        self.clock = Clock()
+        self.resolver = CachingResolver(self.upstream, clock=self.clock)
+        r = self.upstream.records
+        r[("example.org", dns.TXT)] = [(300, dns.Record_TXT(b"v=spf1 include:_spf.example.org -all"))]
+        r[("_spf.example.org", dns.TXT)] = [(60, dns.Record_TXT(b"v=spf1 ip4:192.0.2.0/24 -all"))]
+        self.cache = ResultCache(self.resolver)
+
+    def result(self, ip: str = "192.0.2.7", sender: str = "a@example.org"):
+        out: list = []
+        self.cache.check(ip, sender, "mail.example.org").addCallback(out.append)
+        self.assertEqual(len(out), 1)
+        return out[0]
+
+    def test_reused_while_every_answer_stands(self):
+        self.assertEqual(self.result().result, "pass")
+        asked = len(self.upstream.asked)
+        self.assertEqual(self.result(sender="A@Example.ORG").result, "pass")
+        self.assertEqual((self.cache.hits, len(self.upstream.asked)), (1, asked))
+        self.assertEqual(self.result(ip="198.51.100.1").result, "fail")   # another key
+        self.assertEqual(self.cache.hits, 1)
+
+    def test_evaluated_again_when_one_answer_expires_or_changes(self):
+        self.assertEqual(self.result().result, "pass")
+        self.upstream.records[("_spf.example.org", dns.TXT)] = [
+            (60, dns.Record_TXT(b"v=spf1 -all"))]
+        self.clock.now += 61   # the include's answer expired; the top record's did not
+        self.assertEqual(self.result().result, "fail")
+        self.assertEqual(self.cache.hits, 0)
+
+    def test_dns_errors_are_not_kept(self):
+        self.upstream.failing.add("_spf.example.org")
+        self.assertEqual(self.result().result, "temperror")
+        self.upstream.failing.clear()
+        self.assertEqual(self.result().result, "pass")
+        self.assertEqual(self.cache.hits, 0)
