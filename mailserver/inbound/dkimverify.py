@@ -71,6 +71,7 @@ _WSP = re.compile(rb"\t[\t ]*| [\t ]+")   # WSP runs other than a lone SP (3.4.4
 # without the nested quantifiers that make it backtrack over every character of b=.
 _BTAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
 _SPACES = re.compile(rb"[\t\r\n ]+")
+_WSP_RUN = re.compile(rb"[\t ]+")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _UNPRINTABLE = re.compile(r"[\x00-\x20\x7f]")
@@ -648,14 +649,31 @@ def _verify(sig: _Signature, headers: list[list[bytes]], keys: dict[str, Any],
         return v.result, v.reason
 
 
+def _relaxed_headers(fields: Iterable[Any]) -> list[tuple[bytes, bytes]]:
+    """RFC 6376 3.4.2, as dkimpy's Relaxed.canonicalize_headers: name lower-case without
+    trailing white space; value unfolded, WSP runs as one SP, stripped, CRLF."""
+    out = []
+    for name, value in fields:
+        if b"\n" in value:
+            value = _NEWLINE.sub(b"", value)
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        out.append((name.lower().rstrip(), value.strip() + b"\r\n"))
+    return out
+
+
 def _hash_headers(hasher: Any, sig: _Signature, headers: list[list[bytes]]) -> None:
     """RFC 6376 3.7: the fields h= names (bottom-up, 5.4.2), then the signature field
     with b= emptied and no final CRLF, canonicalized as c= says; what dkimpy's
     hash_headers does, with a b= stripper that is linear in the field."""
-    policy = CanonicalizationPolicy.from_c_value(sig.tags.get(b"c", b"simple/simple"))
+    relaxed = sig.tags.get(b"c", b"simple/simple").split(b"/")[0].strip() == b"relaxed"
     signed = set(sig.include)   # only the fields h= names need canonicalizing
-    canonical = policy.canonicalize_headers([h for h in headers if h[0].lower() in signed])
-    own = policy.canonicalize_headers([(sig.field[0], _BTAG.sub(b"\\1", sig.field[1]))])
+    fields = [h for h in headers if h[0].lower() in signed]
+    own = [(sig.field[0], _BTAG.sub(b"\\1", sig.field[1]))]
+    if relaxed:
+        canonical, own = _relaxed_headers(fields), _relaxed_headers(own)
+    else:
+        canonical = fields
     for name, value in dkim.select_headers(canonical, sig.include):
         hasher.update(name)
         hasher.update(b":")
