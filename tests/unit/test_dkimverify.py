@@ -582,3 +582,14 @@ def test_keyed_fields_read_as_the_full_parser_does():
                                                   for _ in range(rng.randint(0, 8)))
         fast = [(n, dkimverify._NEWLINE.sub(b"", v)) for n, v in dkimverify._keyed_fields(block)]
         assert fast == full(block), block
+
+
+def test_relaxed_header_canonicalization_equals_dkimpy():
+    """RFC 6376 3.4.2 as dkimpy does it, on random names and values (folds, tabs, runs)."""
+    rng = random.Random(2)
+    chars = [b"a", b"B", b" ", b"\t", b"\r\n", b"\n", b"\r", b"x", b"  "]
+    for _ in range(20000):
+        name = b"".join(rng.choice([b"Sub", b"J", b" ", b"\t"]) for _ in range(rng.randint(1, 3)))
+        value = b"".join(rng.choice(chars) for _ in range(rng.randint(0, 10)))
+        assert dkimverify._relaxed_headers([(name, value)]) == [
+            tuple(x) for x in Relaxed.canonicalize_headers([(name, value)])]
