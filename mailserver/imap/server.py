@@ -13,7 +13,9 @@ clients cannot use replaced:
 - IDLE ends only on DONE; STARTTLS discards anything pipelined behind it;
 - FETCH answers from the folder index and exact file bytes (header order, repeated and
   8-bit headers kept), honours partial fetches, and streams large bodies;
-- SELECT/EXAMINE send [UIDNEXT], [PERMANENTFLAGS] and [UNSEEN]; error codes are bytes.
+- SELECT/EXAMINE send [UIDNEXT], [PERMANENTFLAGS] and [UNSEEN]; error codes are bytes;
+- a keyword defined after SELECT (by any session or process) is announced in FLAGS and
+  PERMANENTFLAGS before any FETCH shows it, between two responses of a streaming FETCH.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import re
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -36,6 +39,7 @@ from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
+from mailserver.imap import listing as L
 from mailserver.imap import search as S
 from mailserver.imap.mailbox import IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
@@ -54,6 +58,56 @@ IDLE_POLL = 5.0            # seconds between looks at the disk for other process
 
 SYSTEM_FLAGS = (b"\\Answered", b"\\Flagged", b"\\Deleted", b"\\Seen", b"\\Draft")
 _SETTABLE_SYSTEM = {f.lower(): f for f in SYSTEM_FLAGS}
+
+
+_LITERAL_MARK = re.compile(rb"\{(\d+)\}\r\n")
+
+
+class _ResponseCursor:
+    """Follows a stream of responses to tell whether it stands between two of them (after
+    a response's CRLF, outside any literal): the only place another untagged response may
+    go.  A literal's "{n}" CRLF is expected within one chunk, as FETCH writes it."""
+
+    def __init__(self) -> None:
+        self.between = True
+        self._literal_left = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Move past `chunk`, the next piece of the stream."""
+        pos, end = 0, len(chunk)
+        if not end:
+            return
+        while True:
+            if self._literal_left:
+                step = min(self._literal_left, end - pos)
+                self._literal_left -= step
+                pos += step
+                if self._literal_left:
+                    self.between = False
+                    return
+            mark = _LITERAL_MARK.search(chunk, pos)
+            if mark is None:
+                break
+            self._literal_left = int(mark.group(1))
+            pos = mark.end()
+        # Outside literals a CRLF ends a response; text after a literal means it goes on.
+        self.between = pos < end and chunk.endswith(b"\r\n")
+
+    def first_boundary(self, chunk: bytes) -> int | None:
+        """Where in `chunk` (fed next) the stream is first between two responses: 0 if it
+        is already, else just after the first response's end in it; None if none ends."""
+        if self.between:
+            return 0
+        pos, end, left = 0, len(chunk), self._literal_left
+        while True:
+            pos += min(left, end - pos)
+            eol = chunk.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            mark = _LITERAL_MARK.search(chunk, pos, eol + 2)
+            if mark is None or mark.end() != eol + 2:
+                return eol + 2
+            left, pos = int(mark.group(1)), mark.end()
 
 
 class CommandFailed(Exception):
@@ -99,6 +153,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self._pending_flags: dict[int, Any] = {}
         self._idle_tag: bytes | None = None
         self._idle_poll: task.LoopingCall | None = None
+        self._keywords_told: tuple[str, ...] = ()  # folder.keyword_names last announced
 
     # -- connection ---------------------------------------------------------------------
 
@@ -586,15 +641,12 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self.state = "select"
         self.view = folder.shared_uids()
         self._view_shared = True
-        self.recent = set() if readonly else set(folder.claim_recent(self))
+        # RFC 3501 2.3.2: \Recent for the first read-write session only; a read-only one
+        # sees it without taking it away.
+        self.recent = folder.peek_recent() if readonly else set(folder.claim_recent(self))
         folder.add_listener(self)
-        flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in folder.keywords))
-        self.untagged(b"FLAGS " + flags)
-        if readonly:
-            self.untagged(b"OK [PERMANENTFLAGS ()] Read-only mailbox")
-        else:
-            self.untagged(b"OK [PERMANENTFLAGS " + flags[:-1] + (b" " if flags != b"()" else b"")
-                          + b"\\*)] Flags permitted")
+        self._keywords_told = folder.keyword_names
+        self.send(self._flag_responses(self._keywords_told))
         self.untagged(b"%d EXISTS" % len(self.view))
         self.untagged(b"%d RECENT" % len(self.recent))
         first_unseen = self._seq_of(folder.first_unseen_uid or 0)
@@ -604,6 +656,51 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
         self.tagged(tag, b"OK", b"[READ-ONLY] EXAMINE completed" if readonly
                     else b"[READ-WRITE] SELECT completed")
+
+    def _flag_responses(self, keywords: tuple[str, ...]) -> bytes:
+        """The untagged FLAGS (RFC 3501 7.2.6) and OK [PERMANENTFLAGS] (7.1) responses for
+        the selected folder with these keywords; \\* while it can take new ones."""
+        flags = F.flag_list(SYSTEM_FLAGS + tuple(k.encode() for k in keywords))
+        out = b"* FLAGS " + flags + b"\r\n"
+        if self.readonly:
+            return out + b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n"
+        if self.folder.can_create_keywords:
+            flags = flags[:-1] + b" \\*)"
+        return out + b"* OK [PERMANENTFLAGS " + flags + b"] Flags permitted\r\n"
+
+    def _announce_keywords(self) -> None:
+        """RFC 3501 7.2.6: a keyword defined since the session last said FLAGS (by another
+        session's STORE, a delivery from another process, this session's own STORE) is
+        announced before any FETCH shows it.  Costs an identity check when none is new."""
+        keywords = self.folder.keyword_names
+        if keywords is not self._keywords_told:
+            self._keywords_told = keywords
+            self.send(self._flag_responses(keywords))
+
+    def _announcing_keywords(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """FETCH response chunks with the announcement of a keyword that appears meanwhile
+        (a large FETCH streams over many reactor turns while other sessions store) put at
+        the first place between two responses in the next chunk: a response that starts
+        in a chunk was made after any change before the chunk was asked for."""
+        cursor = _ResponseCursor()
+        try:
+            for chunk in chunks:
+                told = self._keywords_told
+                keywords = self.folder.keyword_names if self.folder is not None else told
+                at = cursor.first_boundary(chunk) if keywords is not told else None
+                cursor.feed(chunk)
+                if at is not None:
+                    self._keywords_told = keywords
+                    if at:
+                        yield chunk[:at]
+                    yield self._flag_responses(keywords)
+                    chunk = chunk[at:]
+                if chunk:
+                    yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def _deselect(self) -> None:
         if self.folder is not None:
@@ -662,25 +759,26 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         self.done(tag, b"UNSUBSCRIBE completed")
 
     def cmd_auth_LIST(self, tag: bytes, args: Arguments, lsub: bool = False) -> defer.Deferred | None:
-        request = F.parse_list_arguments(args, lsub)
-        lines = F.list_responses(self.imap_account, request, self._wire_name)  # type: ignore[arg-type]
+        """RFC 3501 6.3.8 / 6.3.9, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS."""
+        request = L.parse_list(args, lsub)
+        verb = b"LSUB" if lsub else b"LIST"
+        entries = L.list_entries(self.imap_account, request)
         if not request.status_items:
-            for line in lines:
-                self.untagged(line)
-            self.done(tag, b"LSUB completed" if lsub else b"LIST completed")
+            for entry in entries:
+                self.untagged(entry.line(verb, self._wire_name(entry.name)))
+            self.done(tag, verb + b" completed")
             return None
 
         @defer.inlineCallbacks
         def with_status() -> Any:  # RFC 5819 LIST-STATUS
-            for line, name, selectable in F.list_with_names(self.imap_account, request,  # type: ignore[arg-type]
-                                                            self._wire_name):
-                self.untagged(line)
-                if selectable:
+            for entry in list(entries):
+                self.untagged(entry.line(verb, self._wire_name(entry.name)))
+                if entry.selectable:
                     try:
-                        status = yield self._status(name, request.status_items)
+                        status = yield self._status(entry.name, request.status_items)
                     except FolderError:
                         continue
-                    self.untagged(b"STATUS " + self._wire_name(name) + b" " + status)
+                    self.untagged(b"STATUS " + self._wire_name(entry.name) + b" " + status)
             self.done(tag, b"LIST completed")
 
         return with_status()
@@ -947,7 +1045,8 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
 
         def stream(changed: list[Any]) -> defer.Deferred:
             changed_uids = {m.uid for m in changed}
-            chunks = F.fetch_responses(self, uids, items, changed_uids)
+            chunks = self._announcing_keywords(
+                F.fetch_responses(self, uids, items, changed_uids))
             return ChunkProducer(self.transport, chunks).start()
 
         d.addCallback(stream)
@@ -1002,6 +1101,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         seq = self._seq_of(u)
         if seq is None:
             return
+        self._announce_keywords()
         flags = F.flag_list(sorted(f.encode() for f in self._flags_of(u)))
         self.untagged(b"%d FETCH (UID %d FLAGS %s)" % (seq, u, flags))
 
@@ -1067,6 +1167,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         """Tell the client what changed in the selected mailbox (RFC 3501 7.3.1, 7.4.1)."""
         if self.folder is None:
             return
+        self._announce_keywords()
         if expunges and self._pending_expunged:
             gone = sorted(u for u in self._pending_expunged if self._in_view(u))
             self._pending_expunged = set()
@@ -1079,7 +1180,9 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
                 for info in sorted(added, key=lambda i: i.uid):
                     if not self.view or info.uid > self.view[-1]:
                         self._own_view().append(info.uid)
-                if not self.readonly:
+                if self.readonly:
+                    self.recent |= self.folder.peek_recent() & {i.uid for i in added}
+                else:
                     self.recent |= set(self.folder.claim_recent(self))
                 self.untagged(b"%d EXISTS" % len(self.view))
                 self.untagged(b"%d RECENT" % len(self.recent))

@@ -217,6 +217,7 @@ class Folder:
         self._recent: set[int] = set()
         self._uidlist: UidList | None = None
         self._keywords: Keywords | None = None
+        self._keyword_names: tuple[str, ...] = ()
         self._meta: dict[str, str] = {}
         self._index_rows: dict[str, tuple[int, float]] = {}
         self._stamps: tuple[Any, ...] | None = None
@@ -318,7 +319,27 @@ class Folder:
     @property
     def keywords(self) -> list[str]:
         """The keywords defined in this folder (for FLAGS / PERMANENTFLAGS)."""
-        return self._keywords.names() if self._keywords is not None else []
+        return list(self._keyword_names)
+
+    @property
+    def keyword_names(self) -> tuple[str, ...]:
+        """The keywords as a tuple that is replaced, never changed, when they change, and
+        only together with the messages: every keyword a message in `messages` carries is
+        in it.  (The table itself changes in a thread while a STORE defines a keyword, and
+        is briefly empty then.)  Sessions compare it by identity to know when to announce
+        FLAGS again (RFC 3501 7.2.6)."""
+        return self._keyword_names
+
+    def _note_keywords(self) -> None:
+        """Take the keyword table's names into `keyword_names`.  Called where a change is
+        applied in the reactor, before listeners hear of it: no thread works on the table
+        then (the folder lock is held, or the edit ran inline).  No table (to be read
+        again after a failure or a rename) keeps the names known."""
+        if self._keywords is None:
+            return
+        names = tuple(self._keywords.names())
+        if names != self._keyword_names:
+            self._keyword_names = names
 
     @property
     def can_create_keywords(self) -> bool:
@@ -329,10 +350,15 @@ class Folder:
         """The \\Recent uids nobody claimed yet, now \\Recent for `session` only.
 
         A session calls it when it SELECTs and again when it hears of new messages;
-        EXAMINE does not claim.
+        EXAMINE does not claim (see `peek_recent`).
         """
         claimed, self._recent = self._recent, set()
         return claimed
+
+    def peek_recent(self) -> set[int]:
+        """The \\Recent uids nobody claimed yet, left for the next read-write session: what
+        a read-only session (EXAMINE) sees \\Recent (RFC 3501 2.3.2)."""
+        return set(self._recent)
 
     def message_path(self, uid: int) -> Path:
         info = self._infos[uid]
@@ -681,6 +707,7 @@ class Folder:
         for info in sync.renamed:
             self._infos[info.uid] = info
         self._add_infos(sync.added)
+        self._note_keywords()
         self.uidvalidity = sync.uidvalidity
         self.uidnext = sync.uidnext
         if sync.reset or sync.expunged or sync.renamed or sync.added:
@@ -1035,6 +1062,7 @@ class Folder:
         for info in changed + [i for i in edit.renamed if i.uid in self._infos]:
             self._infos[info.uid] = info
         self._add_infos(edit.added)
+        self._note_keywords()
         if edit.uidnext is not None:
             self.uidnext = max(self.uidnext, edit.uidnext)
         self._changed()
