@@ -1,4 +1,4 @@
-"""Formatting IMAP responses: FETCH (RFC 3501 6.4.5, 7.4.2), LIST/LSUB/STATUS, APPEND
+"""Formatting IMAP responses: FETCH (RFC 3501 6.4.5, 7.4.2), STATUS, APPEND
 arguments, flag lists and UID sets.
 
 FETCH answers from the folder's metadata and its index cache; message files are opened
@@ -10,12 +10,9 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from twisted.mail.imap4 import _FetchParser
-
-from mailserver.imap import mime
+from mailserver.imap import fetchitems, mime
 from mailserver.imap.parser import Arguments, BadCommand
 from mailserver.maildir import InvalidFolderName, decode_folder_name
 from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern_escaped
@@ -29,7 +26,7 @@ _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _DATE_TIME = re.compile(
     rb"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 _SAFE_ATOM = re.compile(rb"^[!#$&'+-\[^-z|}~]+$")
-UID_ITEM = _FetchParser.UID()
+UID_ITEM = fetchitems.UID
 STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE")
 
 
@@ -129,19 +126,6 @@ def status_line(folder: Any, items: list[bytes]) -> bytes:
     return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
 
 
-@dataclass
-class ListRequest:
-    reference: str
-    patterns: list[str]
-    lsub: bool = False
-    subscribed_only: bool = False
-    special_use_only: bool = False
-    return_special_use: bool = True
-    return_subscribed: bool = False
-    return_children: bool = True
-    status_items: list[bytes] = field(default_factory=list)
-
-
 def decode_mailbox(raw: bytes) -> str:
     """A mailbox name from the wire: modified UTF-7 (RFC 3501 5.1.3), strictly; raw UTF-8
     is accepted as many clients send it; INBOX in any case is INBOX."""
@@ -163,121 +147,13 @@ def decode_mailbox(raw: bytes) -> str:
     return "INBOX" if text.upper() == "INBOX" else text
 
 
-def parse_list_arguments(args: Arguments, lsub: bool) -> ListRequest:
-    """LIST [(selection)] ref (pattern | (patterns)) [RETURN (options)] (RFC 5258, 5819, 6154)."""
-    args.space()
-    req = ListRequest("", [], lsub=lsub, subscribed_only=lsub)
-    if not lsub and args.peek() == b"(":
-        for opt in args.paren_list(Arguments.atom):
-            o = opt.upper()
-            if o == b"SUBSCRIBED":
-                req.subscribed_only = True
-                req.return_subscribed = True
-            elif o == b"SPECIAL-USE":
-                req.special_use_only = True
-            elif o in (b"REMOTE", b"RECURSIVEMATCH"):
-                pass
-            else:
-                raise BadCommand("unknown LIST selection option")
-        args.space()
-    req.reference = decode_mailbox(args.astring())
-    args.space()
-    if not lsub and args.peek() == b"(":
-        req.patterns = [decode_mailbox(p) for p in args.paren_list(Arguments.list_mailbox)]
-    else:
-        req.patterns = [decode_mailbox(args.list_mailbox())]
-    if not lsub and args.maybe_space():
-        if args.atom().upper() != b"RETURN":
-            raise BadCommand("expected RETURN")
-        args.space()
-        opts = args.paren_list(lambda a: a.generic())
-        i = 0
-        while i < len(opts):
-            o = opts[i]
-            name = o.upper() if isinstance(o, bytes) else b""
-            if name == b"SUBSCRIBED":
-                req.return_subscribed = True
-            elif name in (b"CHILDREN", b"SPECIAL-USE"):
-                pass
-            elif name == b"STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
-                req.status_items = [bytes(x).upper() for x in opts[i + 1]]
-                if any(x not in STATUS_ITEMS for x in req.status_items):
-                    raise BadCommand("unknown STATUS item")
-                i += 1
-            else:
-                raise BadCommand("unknown LIST return option")
-            i += 1
-    args.end()
-    return req
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    for c in pattern:
-        out.append(".*" if c == "*" else "[^.]*" if c == "%" else re.escape(c))
-    return re.compile("".join(out) + r"\Z", re.S)
-
-
-class _Matcher:
-    """LIST pattern matching (RFC 3501 6.3.8): '*' any, '%' within one level; INBOX as
-    the first level matches case-insensitively."""
-
-    def __init__(self, reference: str, pattern: str) -> None:
-        full = pattern if not reference or pattern.startswith(reference) else reference + pattern
-        self.regex = _pattern_regex(full)
-        self.inbox_regex = (_pattern_regex("INBOX" + full[5:]) if full[:5].upper() == "INBOX"
-                            else None)
-
-    def match(self, name: str) -> bool:
-        return bool(self.regex.match(name) or (self.inbox_regex and self.inbox_regex.match(name)))
-
-
-def list_with_names(account: Any, req: ListRequest,
-                    wire: Callable[[str], bytes]) -> Iterator[tuple[bytes, str, bool]]:
-    """(untagged LIST/LSUB line, folder name, selectable) for each match."""
-    verb = b"LSUB" if req.lsub else b"LIST"
-    if req.patterns == [""]:
-        yield verb + b' (\\Noselect) "." ""', "", False
-        return
-    entries = account.list_folders()
-    subscribed = set(account.subscriptions())
-    regexes = [_Matcher(req.reference, p) for p in req.patterns]
-    for entry in entries:
-        name = entry.name
-        if not any(r.match(name) for r in regexes):
-            continue
-        is_sub = name in subscribed or (name == "INBOX" and "INBOX" in subscribed)
-        if req.subscribed_only and not is_sub:
-            continue
-        attrs = list(entry.attributes)
-        if req.special_use_only and not any(a in _SPECIAL_USE for a in attrs):
-            continue
-        if req.lsub:
-            attrs = [a for a in attrs if a not in _SPECIAL_USE]
-        if req.return_subscribed and is_sub:
-            attrs.append("\\Subscribed")
-        line = verb + b" (" + " ".join(attrs).encode() + b') "." ' + wire(name)
-        yield line, name, "\\Noselect" not in attrs and "\\NonExistent" not in attrs
-
-
-_SPECIAL_USE = {"\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive", "\\All", "\\Flagged"}
-
-
-def list_responses(account: Any, req: ListRequest, wire: Callable[[str], bytes]) -> list[bytes]:
-    return [line for line, _, _ in list_with_names(account, req, wire)]
-
-
 # -- FETCH ------------------------------------------------------------------------------------
 
-def parse_fetch_items(text: bytes) -> list[Any]:
-    p = _FetchParser()
+def parse_fetch_items(text: bytes) -> list[fetchitems.FetchItem]:
     try:
-        p.parseString(text)
-    except Exception as e:
+        return fetchitems.parse_fetch_items(text)
+    except fetchitems.FetchSyntaxError as e:
         raise BadCommand(f"invalid FETCH items: {e}") from None
-    if not p.result:
-        raise BadCommand("no FETCH items")
-    return list(p.result)
 
 
 def sets_seen(items: list[Any]) -> bool:
@@ -392,11 +268,11 @@ def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
         span = _body_span(msg, item)
         span_data = None
         start, end = span if span is not None else (0, 0)
-    if item.partialBegin is not None:
-        origin = item.partialBegin
+    if item.partial_begin is not None:
+        origin = item.partial_begin
         name += b"<%d>" % origin
         start = min(start + origin, end)
-        end = min(start + item.partialLength, end)
+        end = min(start + item.partial_length, end)
     yield name + b" {%d}\r\n" % (end - start)
     source = span_data if span_data is not None else msg.data
     for pos in range(start, end, CHUNK):
@@ -446,7 +322,7 @@ def _cache_key(item: Any) -> str | None:
     if item.type == "body" and _is_plain_body(item):
         return "body"
     if (item.type == "body" and item.header is not None and item.header.fields
-            and not item.part and item.partialBegin is None):
+            and not item.part and item.partial_begin is None):
         return _header_fields_key(item)
     return None
 
@@ -454,7 +330,7 @@ def _cache_key(item: Any) -> str | None:
 def _is_plain_body(item: Any) -> bool:
     """FETCH BODY (the structure), as opposed to BODY[...] (a section)."""
     return not (item.empty or item.header is not None or item.text or item.mime or item.part
-                or item.partialBegin is not None)
+                or item.partial_begin is not None)
 
 
 def _header_fields_key(item: Any) -> str:
@@ -501,7 +377,9 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                         yield from piece
                     first = False
                 if u in seen_changed and not wants_flags:
-                    out.append(b" FLAGS " + ctx.flags(folder.by_uid(u) or info))
+                    # The flags as the row began (\Seen already set): a keyword another
+                    # session added while a body streamed is not announced yet.
+                    out.append(b" FLAGS " + ctx.flags(info))
                 out.append(b")\r\n")
                 line = b"".join(out)
                 batch.append(line)

@@ -224,10 +224,12 @@ class Folder:
         self._dirty = False
         self._index = FolderIndex(self.path)
         self._index_generation = 0
-        self._flag_cache: dict[str, frozenset[str]] = {}
+        # Thread side (under the folder lock): flags of an info suffix, per keyword table.
+        self._letters_cache: dict[str, frozenset[str]] = {}
         self._list_cache: list[MessageInfo] | None = None
         self._uid_cache: list[int] | None = None
-        self._flag_cache: dict[tuple[str, bool], list[int]] = {}
+        # Reactor side: uids with / without a flag, until the folder changes.
+        self._uids_by_flag: dict[tuple[str, bool], list[int]] = {}
         self._stats_cache: tuple[int, int | None, int] | None = None
         self._flush_call: Any = None
         self._flushing: Deferred[int] | None = None
@@ -265,13 +267,13 @@ class Folder:
         so a client asking UNSEEN again and again costs one pass per change (a shared
         list: do not modify it)."""
         key = (flag, present)
-        found = self._flag_cache.get(key)
+        found = self._uids_by_flag.get(key)
         if found is None:
             if present:
                 found = [u for u, i in self._infos.items() if flag in i.flags]
             else:
                 found = [u for u, i in self._infos.items() if flag not in i.flags]
-            self._flag_cache[key] = found
+            self._uids_by_flag[key] = found
         return found
 
     def info_map(self) -> dict[int, MessageInfo]:
@@ -613,7 +615,7 @@ class Folder:
     def _changed(self) -> None:
         self._list_cache = None
         self._uid_cache = None
-        self._flag_cache.clear()
+        self._uids_by_flag = {}
         self._stats_cache = None
 
     def _relocate(self, path: Path, name: str) -> FolderIndex:
@@ -789,17 +791,17 @@ class Folder:
         if kw is not None and not kw.changed_on_disk():
             return kw, False
         self._keywords = Keywords.read(self.path)
-        self._flag_cache = {}
+        self._letters_cache = {}
         return self._keywords, kw is not None
 
     def _flags_of(self, filename: str) -> frozenset[str]:
         """Flags of a file name (cached by its info part: most messages share a few)."""
         info = filename.partition(":")[2]
-        flags = self._flag_cache.get(info)
+        flags = self._letters_cache.get(info)
         if flags is None:
             assert self._keywords is not None
             flags = flags_from_letters(info_letters(filename), self._keywords.name_at)
-            self._flag_cache[info] = flags
+            self._letters_cache[info] = flags
         return flags
 
     def _sync_core(self, lock_held: bool, force: bool = False) -> _Sync:
