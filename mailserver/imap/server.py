@@ -21,7 +21,6 @@ clients cannot use replaced:
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
 import re
 import time
@@ -35,6 +34,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
+from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.streaming import ChunkProducer
@@ -215,7 +215,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             caps.append(b"STARTTLS")
         if self.user is None:
             if self.plaintext_allowed():
-                caps.append(b"AUTH=PLAIN")
+                caps += [b"AUTH=" + m.encode() for m in sasl.MECHANISMS]
             else:
                 caps.append(b"LOGINDISABLED")
         return caps
@@ -525,13 +525,16 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
         return self._login(tag, user, password)
 
     def cmd_unauth_AUTHENTICATE(self, tag: bytes, args: Arguments) -> defer.Deferred | None:
+        """RFC 3501 6.2.2, RFC 4959 SASL-IR; PLAIN and LOGIN through the decoder SMTP and
+        POP3 use (mailserver.sasl)."""
         args.space()
-        mechanism = args.atom().upper()
+        mechanism = args.atom()
         initial = None
         if args.maybe_space():
             initial = args.atom() if args.peek() != b"=" else args.rest()
         args.end()
-        if mechanism != b"PLAIN":
+        exchange = sasl.exchange_for(mechanism)
+        if exchange is None:
             self.tagged(tag, b"NO", b"Unsupported authentication mechanism")
             return None
         if not self.plaintext_allowed():
@@ -539,41 +542,38 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             return None
         d: defer.Deferred = defer.Deferred()
 
+        def refused(error: sasl.SASLError) -> None:
+            if error.reason == sasl.PROXY:
+                self.tagged(tag, b"NO", b"[AUTHORIZATIONFAILED] Proxy login not allowed")
+            elif error.reason == sasl.CANNOT_DECODE:
+                self.tagged(tag, b"BAD", b"Invalid base64")
+            else:
+                self.tagged(tag, b"BAD", b"Malformed authentication data")
+            d.callback(None)
+
+        def advance(challenge: bytes | None) -> None:
+            if challenge is None:
+                self._login(tag, exchange.username.encode(),
+                            exchange.password.encode()).chainDeferred(d)
+                return
+            self._continuation = response
+            self.send(b"+ " + base64.b64encode(challenge) + b"\r\n")
+
         def response(line: bytes) -> None:
-            if line == b"*":
+            if sasl.is_cancel(line):
                 self.tagged(tag, b"BAD", b"Authentication cancelled")
                 d.callback(None)
                 return
-            decoded = b"" if line == b"=" else self._b64(line)
-            if decoded is None:
-                self.tagged(tag, b"BAD", b"Invalid base64")
-                d.callback(None)
-                return
-            fields = decoded.split(b"\0")
-            if len(fields) != 3:
-                self.tagged(tag, b"BAD", b"Invalid PLAIN response")
-                d.callback(None)
-                return
-            authz, user, password = fields
-            if authz and authz.lower() != user.lower():
-                self.tagged(tag, b"NO", b"[AUTHORIZATIONFAILED] Proxy login not allowed")
-                d.callback(None)
-                return
-            self._login(tag, user, password).chainDeferred(d)
+            try:
+                advance(exchange.step(sasl.decode(line)))
+            except sasl.SASLError as e:
+                refused(e)
 
-        if initial is not None:  # RFC 4959 SASL-IR
-            response(initial)
-        else:
-            self._continuation = response
-            self.send(b"+ \r\n")
+        try:   # RFC 4959: an initial response, "=" for an empty one
+            advance(exchange.start(None if initial is None else sasl.decode(initial)))
+        except sasl.SASLError as e:
+            refused(e)
         return d
-
-    @staticmethod
-    def _b64(data: bytes) -> bytes | None:
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            return None
 
     def _login(self, tag: bytes, user: bytes, password: bytes) -> defer.Deferred:
         ip = self.peer_ip

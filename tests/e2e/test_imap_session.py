@@ -234,6 +234,35 @@ def test_authenticate_plain_failures(imap_server):
         c.close()
 
 
+def test_authenticate_login_and_the_shared_field_checks(imap_server):
+    """AUTHENTICATE LOGIN (Outlook's mechanism) with base64 challenges, and the checks the
+    SASL decoder shared with SMTP and POP3 makes: over-long and NUL-carrying fields are
+    refused, the session goes on."""
+    import base64
+
+    c = RawIMAP.connect(imap_server)
+    try:
+        caps = c.command(b"CAPABILITY")
+        assert b"AUTH=LOGIN" in caps.untagged[0] and b"AUTH=PLAIN" in caps.untagged[0], str(caps)
+        r = c.command(b"AUTHENTICATE PLAIN " + base64.b64encode(b"\0" + b"x" * 300 + b"\0pw"))
+        assert r.status == "BAD", f"a 300-octet authcid:\n{r}"
+        r = c.command(b"AUTHENTICATE PLAIN " + base64.b64encode(
+            b"\0" + ALICE.encode() + b"\0pass\0word"))
+        assert r.status == "BAD", f"a NUL inside the password:\n{r}"
+        r = c.command(b"AUTHENTICATE PLAIN !!notbase64")
+        assert r.status == "BAD", str(r)
+        c.send(b"l AUTHENTICATE LOGIN\r\n")
+        assert c.read_response().rstrip() == b"+ " + base64.b64encode(b"Username:")
+        c.send(base64.b64encode(ALICE.encode()) + b"\r\n")
+        assert c.read_response().rstrip() == b"+ " + base64.b64encode(b"Password:")
+        c.send(base64.b64encode(PASSWORD.encode()) + b"\r\n")
+        r = c.read_result(b"l", b"AUTHENTICATE LOGIN")
+        assert r.status == "OK", str(r)
+        assert c.command(b"SELECT INBOX").status == "OK"
+    finally:
+        c.close()
+
+
 def test_imap_uses_the_same_accounts_as_smtp(imap_server):
     """An account made with mailserver-admin receives over SMTP and logs in over IMAP;
     a password change is seen without a restart."""
