@@ -103,14 +103,19 @@ class AccountsChecker:
         return d.addCallback(checked)
 
     def _upgrade(self, address: str, old: str, password: str | bytes) -> defer.Deferred[None]:
-        """Re-hash with argon2id after a successful login; failures only get logged."""
-        d = in_hash_pool(hash_password, password)
-        d.addCallback(lambda new: self.accounts.replace_password_hash(address, old, new))
+        """Re-hash with argon2id after a successful login, and store the new hash, both in
+        the hashing pool (the SQLite write waits for the disk); failures only get logged."""
+        d = in_hash_pool(_rehash, self.accounts, address, old, password)
         d.addCallback(lambda replaced: replaced and log.info(
             "password hash of {address} upgraded to argon2id", address=address))
         d.addErrback(lambda f: log.failure("cannot upgrade password hash of {address}", f,
                                            address=address))
         return d
+
+
+def _rehash(accounts: Accounts, address: str, old: str, password: str | bytes) -> bool:
+    """In a hashing thread: argon2id of `password`, swapped in if the hash is still `old`."""
+    return accounts.replace_password_hash(address, old, hash_password(password))
 
 
 _Failure = tuple[float, str]  # (time, account)

@@ -109,10 +109,21 @@ class CheckerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_old_scheme_is_upgraded_after_login(self):
         self.accounts.add_user("bob@example.org", "{PLAIN}pw")
+        writers: list[threading.Thread] = []
+        replace = self.accounts.replace_password_hash
+
+        def recording(*args):
+            writers.append(threading.current_thread())
+            return replace(*args)
+
+        self.patch(self.accounts, "replace_password_hash", recording)
         avatar_id = yield self.checker.requestAvatarId(UsernamePassword(b"bob@example.org", b"pw"))
         self.assertEqual(avatar_id, "bob@example.org")
         stored = self.accounts.get_user("bob@example.org").password_hash
         self.assertTrue(stored.startswith("$argon2id$"))
+        # The SQLite write of the new hash happens in a thread, never in the reactor's.
+        self.assertEqual(len(writers), 1)
+        self.assertIsNot(writers[0], threading.main_thread())
         avatar_id = yield self.checker.requestAvatarId(UsernamePassword(b"bob@example.org", b"pw"))
         self.assertEqual(avatar_id, "bob@example.org")
 
