@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.mail import imap4
 
 from mailserver.connlimit import LimitedFactory
@@ -25,14 +26,12 @@ class IMAPFactory(LimitedFactory):
 def avatar_factory(server: Any):
     """address -> IMAPAccount over that user's Maildir."""
 
-    def make(address: str) -> IMAPAccount:
+    def make(address: str) -> defer.Deferred[IMAPAccount]:
         user = server.accounts.get_user(address)
         if user is None:
-            raise LookupError(address)
-        path = server.store.user_path(user.domain, user.localpart)
-        if not path.exists():
-            server.store.create_user(user.domain, user.localpart)
-        return IMAPAccount(user.address, server.store.account(path), user.quota)
+            return defer.fail(LookupError(address))
+        return server.store.ensure_user(user.domain, user.localpart).addCallback(
+            lambda path: IMAPAccount(user.address, server.store.account(path), user.quota))
 
     return make
 

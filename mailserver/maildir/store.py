@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -83,6 +83,14 @@ class MaildirStore:
         if not is_inside(path, self.root) or path.parent.parent != self.root:
             raise ValueError(f"mailbox path escapes the maildir root: {domain!r}/{localpart!r}")
         return path
+
+    def ensure_user(self, domain: str, localpart: str) -> Deferred[Path]:
+        """The user's Maildir, created in a thread when it is not there yet (the first
+        login of a user added with mailserver-admin before any mail came)."""
+        path = self.user_path(domain, localpart)
+        if (path / "cur").is_dir():
+            return succeed(path)
+        return deferToThread(self.create_user, domain, localpart)
 
     def create_user(self, domain: str, localpart: str) -> Path:
         """Create the user's Maildir++ with the default folders; keep whatever exists.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.mail.pop3 import IMailbox
 
 from mailserver.connlimit import LimitedFactory
@@ -30,11 +30,8 @@ def avatar_factory(accounts: Any, store: Any,
         user = accounts.get_user(address)
         if user is None:
             return defer.fail(LookupError(address))
-        path = store.user_path(user.domain, user.localpart)
-        d: defer.Deferred[Any] = defer.succeed(None)
-        if not (path / "cur").is_dir():
-            d = threads.deferToThread(store.create_user, user.domain, user.localpart)
-        return d.addCallback(lambda _: open_inbox(store, path, user.address, locks))
+        return store.ensure_user(user.domain, user.localpart).addCallback(
+            lambda path: open_inbox(store, path, user.address, locks))
 
     return make
 

@@ -263,6 +263,25 @@ def test_authenticate_login_and_the_shared_field_checks(imap_server):
         c.close()
 
 
+def test_first_login_creates_a_missing_maildir(imap_server):
+    """A user whose Maildir is not there (removed, or the tree restored without it) logs in
+    over IMAP: the Maildir is made then (off the reactor), with the default folders."""
+    import shutil
+
+    user = new_user(imap_server, "fresh")
+    local, domain = user.split("@")
+    shutil.rmtree(imap_server.maildir_root / domain / local)
+    conn = imap_connect(imap_server)
+    try:
+        assert conn.login(user, PASSWORD)[0] == "OK"
+        assert conn.select("INBOX")[0] == "OK"
+        typ, listing = conn.list()
+        assert typ == "OK" and any(b"Sent" in line for line in listing), listing
+    finally:
+        close_quietly(conn)
+    assert (imap_server.maildir_root / domain / local / "cur").is_dir()
+
+
 def test_imap_uses_the_same_accounts_as_smtp(imap_server):
     """An account made with mailserver-admin receives over SMTP and logs in over IMAP;
     a password change is seen without a restart."""
