@@ -43,6 +43,7 @@ from mailserver.imap import listing as L
 from mailserver.imap import search as S
 from mailserver.imap.mailbox import IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
+from mailserver.imap.sorting import SORT_CAPABILITIES, SortingCommands
 from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
                                 encode_folder_name)
 
@@ -119,7 +120,7 @@ class CommandFailed(Exception):
         self.status = status
 
 
-class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
+class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     log = Logger()
     IDENT = b"IMAP4rev1 ready"
 
@@ -210,7 +211,7 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
     def capability_list(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
                 b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
-                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA"]
+                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", *SORT_CAPABILITIES]
         if self.canStartTLS and not self.tls_active:
             caps.append(b"STARTTLS")
         if self.user is None:
@@ -401,7 +402,8 @@ class IMAPSession(LimitedProtocolMixin, imap4.IMAP4Server):
             except BadCommand:
                 self.tagged(tag, b"BAD", b"Missing UID command")
                 return None
-            if name not in (b"FETCH", b"SEARCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE"):
+            if name not in (b"FETCH", b"SEARCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE",
+                            b"SORT", b"THREAD"):
                 self.tagged(tag, b"BAD", b"Unknown UID command")
                 return None
             uid = True

@@ -39,7 +39,8 @@ ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.tes
 # CAPABILITY after login, exactly (the project's IMAP contract).
 AUTHENTICATED_CAPABILITIES = frozenset(
     "IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UNSELECT CHILDREN UIDPLUS MOVE "
-    "SPECIAL-USE LIST-EXTENDED LIST-STATUS QUOTA".split())
+    "SPECIAL-USE LIST-EXTENDED LIST-STATUS QUOTA SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT "
+    "THREAD=REFERENCES".split())
 
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk",
                "Archive": "\\Archive"}

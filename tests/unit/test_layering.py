@@ -22,6 +22,7 @@ DISK_MODULES = [
     "mailserver.maildir.uidlist",
     "mailserver.imap.fetchitems",
     "mailserver.imap.mime",
+    "mailserver.imap.sort",
     "mailserver.inbound.dkimverify",
     "mailserver.inbound.worker",
 ]
