@@ -41,7 +41,7 @@ from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
 from mailserver.imap import listing as L
 from mailserver.imap import search as S
-from mailserver.imap.mailbox import IMAPAccount
+from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
 from mailserver.imap.sorting import SORT_CAPABILITIES, SortingCommands
 from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
@@ -584,7 +584,7 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         delay = throttle.delay(ip, account)
         d = task.deferLater(reactor, delay, lambda: None) if delay else defer.succeed(None)
         d.addCallback(lambda _: self.context.portal.login(
-            UsernamePassword(user, password), None, imap4.IAccount))
+            UsernamePassword(user, password), None, IIMAPAccount))
 
         def ok(result: tuple[Any, IMAPAccount, Callable[[], None]]) -> None:
             _, avatar, logout = result

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.mail import imap4
 
 from mailserver.connlimit import LimitedFactory
 from mailserver.imap.context import IMAPContext
-from mailserver.imap.mailbox import IMAPAccount
+from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
 from mailserver.imap.server import IMAPSession
 
 
@@ -38,7 +37,7 @@ def avatar_factory(server: Any):
 
 def build_factory(server: Any, name: str) -> IMAPFactory:
     if not getattr(server, "_imap_realm_registered", False):
-        server.realm.register(imap4.IAccount, avatar_factory(server))
+        server.realm.register(IIMAPAccount, avatar_factory(server))
         server._imap_realm_registered = True
     config = server.config
     context = IMAPContext(hostname=config.server.hostname, limits=config.limits,

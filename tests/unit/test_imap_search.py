@@ -118,3 +118,16 @@ class SearchTests(unittest.TestCase):
         query = S.parse_search(Arguments([b"SEEN"]))
         found = yield S.search(stale, query)
         self.assertEqual(found, [1, 2, 3])
+
+
+def test_imap_avatar_provides_its_interface(tmp_path):
+    """The avatar IMAP logins get implements IIMAPAccount in full (verifyObject)."""
+    from zope.interface.verify import verifyObject
+
+    from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
+    from mailserver.maildir import MaildirStore
+
+    store = MaildirStore(tmp_path / "maildirs")
+    avatar = IMAPAccount("alice@example.test",
+                         store.account(store.create_user("example.test", "alice")))
+    assert verifyObject(IIMAPAccount, avatar)

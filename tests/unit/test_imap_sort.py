@@ -21,7 +21,6 @@ import pytest
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.mail import imap4
 from twisted.trial import unittest
 
 from mailserver.accounts import Accounts
@@ -29,6 +28,7 @@ from mailserver.auth import AuthThrottle, MailRealm, build_portal
 from mailserver.config import LimitsConfig
 from mailserver.imap import sort as SO
 from mailserver.imap.context import IMAPContext
+from mailserver.imap.mailbox import IIMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand
 from mailserver.imap.server import IMAPSession
 from mailserver.imap.service import avatar_factory
@@ -545,7 +545,7 @@ class SessionTests(unittest.TestCase):
         account = store.account(store.create_user("example.test", "alice"))
         self.addCleanup(account.close)
         realm = MailRealm()
-        realm.register(imap4.IAccount,
+        realm.register(IIMAPAccount,
                        avatar_factory(SimpleNamespace(accounts=accounts, store=store)))
         self.context = IMAPContext(
             hostname="mail.example.test", limits=LimitsConfig(), portal=build_portal(accounts, realm),
