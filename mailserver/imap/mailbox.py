@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 
@@ -44,8 +44,8 @@ class IIMAPAccount(Interface):
     def unsubscribe(name: str | bytes) -> bool:
         """Remove a subscription."""
 
-    def total_size() -> int:
-        """Octets used by every folder (blocking: call in a thread)."""
+    def measure_usage() -> defer.Deferred:
+        """Deferred[int]: octets used by every folder, counted again."""
 
     def cached_size() -> int:
         """The last known usage, for a quota check without the disk."""
@@ -90,10 +90,13 @@ class IMAPAccount:
     def subscriptions(self) -> list[str]:
         return self.account.subscriptions()
 
-    def total_size(self) -> int:
-        """Blocking walk of every folder; call in a thread. Also refreshes cached_size."""
-        self._size = self.account.total_size()
-        return self._size
+    def measure_usage(self) -> defer.Deferred:
+        """Count the usage again: open folders from the reactor's state, the others by a
+        directory walk in a thread (MailAccount.usage); also refreshes cached_size."""
+        def measured(size: int) -> int:
+            self._size = size
+            return size
+        return self.account.usage().addCallback(measured)
 
     def cached_size(self) -> int:
         """Last known usage, for a quick quota check without touching the disk."""
@@ -104,10 +107,10 @@ class IMAPAccount:
             self._size += octets
 
     def refresh_usage(self) -> defer.Deferred:
-        """Recount the usage in a thread (at login and after removals) when a quota is set."""
+        """Recount the usage (at login and after removals) when a quota is set."""
         if self.quota is None:
             return defer.succeed(None)
-        return threads.deferToThread(self.total_size)
+        return self.measure_usage()
 
     def logout(self) -> None:
         pass

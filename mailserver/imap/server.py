@@ -876,9 +876,7 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         raise CommandFailed(b"[NOPERM] Quotas are set by the administrator")
 
     def _usage(self) -> defer.Deferred:
-        from twisted.internet.threads import deferToThread
-
-        return deferToThread(self.imap_account.total_size)  # type: ignore[union-attr]
+        return self.imap_account.measure_usage()  # type: ignore[union-attr]
 
     def _over_quota(self, adding: int) -> bytes | None:
         quota = self.imap_account.quota if self.imap_account else None  # type: ignore[union-attr]

@@ -446,23 +446,10 @@ class MailAccount:
 
     # -- usage ------------------------------------------------------------------------------------
 
-    def total_size(self) -> int:
-        """Octets of all messages in all folders (for QUOTA).
-
-        Loaded folders answer from memory; the others from their directory listings and
-        the ",S=" sizes in the names (a stat only for names without one).
-        """
-        total = 0
-        for path in self._folder_dirs().values():
-            folder = self._folders.get(path)
-            if folder is not None and folder.loaded:
-                total += folder.total_size()
-            else:
-                total += _dir_usage(path)
-        return total
-
     def usage(self) -> Deferred[int]:
-        """`total_size()` with the disk work in a thread."""
+        """Octets of all messages in all folders (QUOTA): loaded folders answer from the
+        reactor's memory now; the others are counted in a thread from their directory
+        listings and the ",S=" sizes in the names (a stat only for names without one)."""
         loaded = {p: f.total_size() for p, f in self._folders.items() if f.loaded}
 
         def count() -> int:
