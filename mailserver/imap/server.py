@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -715,14 +715,20 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         if self.state == "select":
             self.state = "auth"
 
-    def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> None:
+    def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
         name = self._mailbox_name(args).rstrip(".")
         args.end()
         if name == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
-        self.imap_account.create_folder(name)  # type: ignore[union-attr]
-        self.done(tag, b"CREATE completed")
+        # mkdirs, a fresh uid list and fsyncs: in a thread, like the dot-lock waits.
+        return self._in_thread(self.imap_account.create_folder, name,  # type: ignore[union-attr]
+                               tag, b"CREATE completed")
+
+    def _in_thread(self, work: Any, name: str, tag: bytes, text: bytes) -> defer.Deferred:
+        """A folder-tree or subscription change that touches only the disk (no reactor
+        state): run off the reactor, answered when it is done (errors as usual)."""
+        return threads.deferToThread(work, name).addCallback(lambda _: self.done(tag, text))
 
     def cmd_auth_DELETE(self, tag: bytes, args: Arguments) -> None:
         args.space()
@@ -746,19 +752,19 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         self.imap_account.rename_folder(old, new)  # type: ignore[union-attr]
         self.done(tag, b"RENAME completed")
 
-    def cmd_auth_SUBSCRIBE(self, tag: bytes, args: Arguments) -> None:
+    def cmd_auth_SUBSCRIBE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
         name = self._mailbox_name(args)
         args.end()
-        self.imap_account.subscribe(name)  # type: ignore[union-attr]
-        self.done(tag, b"SUBSCRIBE completed")
+        return self._in_thread(self.imap_account.subscribe, name,  # type: ignore[union-attr]
+                               tag, b"SUBSCRIBE completed")
 
-    def cmd_auth_UNSUBSCRIBE(self, tag: bytes, args: Arguments) -> None:
+    def cmd_auth_UNSUBSCRIBE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
         name = self._mailbox_name(args)
         args.end()
-        self.imap_account.unsubscribe(name)  # type: ignore[union-attr]
-        self.done(tag, b"UNSUBSCRIBE completed")
+        return self._in_thread(self.imap_account.unsubscribe, name,  # type: ignore[union-attr]
+                               tag, b"UNSUBSCRIBE completed")
 
     def cmd_auth_LIST(self, tag: bytes, args: Arguments, lsub: bool = False) -> defer.Deferred | None:
         """RFC 3501 6.3.8 / 6.3.9, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS."""

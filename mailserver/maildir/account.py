@@ -27,7 +27,9 @@ Behaviour where IMAP leaves a choice, following Dovecot on Maildir++:
 The tree and subscription changes are synchronous (a few mkdirs, renames and small
 fsynced files, never work proportional to the number of messages) and raise FolderError
 subclasses; a dot-lock held by another process makes them fail with FolderBusy after
-SHORT_LOCK_TIMEOUT rather than hold up the reactor.  DELETE and RENAME return a Deferred
+SHORT_LOCK_TIMEOUT.  create_folder, subscribe and unsubscribe touch only the disk, and the
+IMAP session runs them in a thread; delete_folder and rename_folder also update the shared
+folders, so they run in the reactor and leave the slow part to a thread.  DELETE and RENAME return a Deferred
 for the follow-up work they leave to a thread (removing the files, closing indexes); it
 never fails, and nobody needs to wait for it.
 """
