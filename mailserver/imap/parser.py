@@ -141,6 +141,10 @@ class Arguments:
             return b"{"
         return self._text[self.pos:self.pos + 1]
 
+    def upcoming(self, n: int) -> bytes:
+        """The next `n` bytes of text (fewer before a literal or the end), not consumed."""
+        return self._text[self.pos:self.pos + n]
+
     def space(self) -> None:
         if self.peek() != b" ":
             raise BadCommand("expected a space")
