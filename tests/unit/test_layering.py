@@ -20,6 +20,7 @@ DISK_MODULES = [
     "mailserver.maildir.names",
     "mailserver.maildir.sizes",
     "mailserver.maildir.uidlist",
+    "mailserver.imap.esearch",
     "mailserver.imap.fetchitems",
     "mailserver.imap.mime",
     "mailserver.imap.sort",
