@@ -269,11 +269,15 @@ class Accounts:
 
     # -- aliases ---------------------------------------------------------------------
 
-    def add_alias(self, alias: str, targets: list[str]) -> list[str]:
+    def add_alias(self, alias: str, targets: list[str], *,
+                  check_local_targets: bool = False) -> list[str]:
         """Add targets to an alias (created if new); returns the alias's full target list.
 
         `alias` may be '@domain', the catch-all for that domain.  Targets are addresses,
-        local or remote.
+        local or remote.  With `check_local_targets` (the admin command), a target in a
+        local domain must lead to a mailbox now (a user, an alias, a subaddress or the
+        domain's catch-all), else AccountsError: mail to it would only be dropped and
+        logged at delivery.  Without, such targets are stored and cut when resolved.
         """
         source, domain = _alias_source(alias)
         if not targets:
@@ -290,6 +294,9 @@ class Accounts:
                 clean.append(t)
         with self._write() as db:
             self._require_domain(db, domain)
+            if check_local_targets:
+                for t in clean:
+                    self._require_mailbox(db, source, t)
             existing = self._targets(db, source)
             position = len(existing)
             for t in clean:
@@ -299,6 +306,20 @@ class Accounts:
                     existing.append(t)
                     position += 1
             return existing
+
+    def _require_mailbox(self, db: sqlite3.Connection, source: str, target: str) -> None:
+        """A local alias target must reach somebody (remote targets are not checked)."""
+        domain = target.rpartition("@")[2]
+        if not self._has_domain(db, domain):
+            return
+        if target == source:   # the alias keeps a copy in the mailbox of the same name
+            if self._get_user(db, target) is None:
+                raise AccountsError(f"alias target {target} is the alias itself, and there "
+                                    f"is no user {target} to keep a copy")
+            return
+        if not _Expansion(self, db, {}, {}).expand(target, 0):
+            raise AccountsError(f"alias target {target}: no such user or alias in {domain} "
+                                f"(a local domain), so mail to it would be dropped")
 
     def del_alias(self, alias: str) -> None:
         source, _ = _alias_source(alias)

@@ -10,12 +10,14 @@ import argparse
 import getpass
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from mailserver.accounts import Accounts, AccountsError
 from mailserver.addresses import AddressError, normalize_domain, split_address
 from mailserver.config import Config, default_config_path, ConfigError, load_config, parse_size
+from mailserver.listening import probe
 from mailserver.passwords import hash_password, is_supported_hash
 
 PROG = "mailserver-admin"
@@ -152,15 +154,47 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("inbound", _inbound_summary(config))]
     for key, value in rows:
         print(f"{key:<13} {value}")
-    listeners = config.listen.enabled()
-    for name, endpoint in listeners.items():
-        print(f"{name}  {endpoint}  ({_LISTENER_NOTES.get(name, name)})")
+    listeners = config.listen.keyed()
+    running = _server_running(config)
+    problems = {p.key: p for p in probe(listeners)}
+    taken: list[str] = []
+    for key, endpoint in listeners:
+        name = key.split(".", 1)[1].split("[")[0]
+        line = f"{name}  {endpoint}  ({_LISTENER_NOTES.get(name, name)})"
+        problem = problems.get(key)
+        if problem is not None and problem.in_use and running:
+            line += "  [listening: the server is running]"
+        elif problem is not None and problem.in_use:
+            line += "  [PORT IN USE]"
+            taken.append(problem.message)
+        elif problem is not None:
+            line += "  [cannot listen]"
+            _warn(problem.message)
+        print(line)
     if not listeners:
         _warn("no listener is enabled")
     if config.auth.allow_plaintext_loopback:
         _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
+    if taken:
+        # The server would refuse to start: an error, one line per port.
+        for message in taken:
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
     print("configuration OK")
     return 0
+
+
+def _server_running(config: Config) -> bool:
+    """Is a server running on this state_dir (it holds the queue lock)?  Then its own
+    ports are in use, as they should be."""
+    try:
+        from mailserver.smtp.queue.store import QueueStore
+    except ImportError:
+        return False
+    try:
+        return QueueStore(config.queue_dir).server_running()
+    except OSError:
+        return False
 
 
 def _inbound_summary(config: Config) -> str:
@@ -221,13 +255,19 @@ def _open_accounts(config: Config) -> Accounts:
 
 def cmd_domain_add(config: Config, args: argparse.Namespace) -> int:
     with _open_accounts(config) as accounts:
-        name = accounts.add_domain(args.domain)
+        _add_domain(config, accounts, args.domain)
+    return 0
+
+
+def _add_domain(config: Config, accounts: Accounts, domain: str) -> str:
+    """A new domain with its DKIM key: every way a domain comes into being ends the same."""
+    name = accounts.add_domain(domain)
     print(f"domain {name} added")
     key, created = _dkim_key(config, name)
     if created:
         print(f"DKIM key generated: selector {key.selector} ({key.path}); "
               f"publish it with the records from: {PROG} dns {name}")
-    return 0
+    return name
 
 
 def _dkim_key(config: Config, domain: str):
@@ -279,12 +319,29 @@ def _read_password(from_stdin: bool) -> str:
         if password.endswith("\r"):
             password = password[:-1]
     else:
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Retype password: "):
+        password = _prompt("Password: ")
+        if password != _prompt("Retype password: "):
             raise AdminError("passwords do not match")
     if not password:
         raise AdminError("empty password refused")
     return password
+
+
+def _prompt(prompt: str) -> str:
+    """getpass at the terminal.  Without one getpass would read standard input with the
+    echo on (after a warning); here that is refused, and end of input (Ctrl-D, stdin
+    closed) is an error line too, not a traceback."""
+    no_terminal = AdminError("no terminal to ask for the password; give it on standard "
+                             "input with --password-stdin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            return getpass.getpass(prompt)
+        except getpass.GetPassWarning:
+            raise no_terminal from None
+        except EOFError:
+            print(file=sys.stderr)   # end the prompt's line
+            raise AdminError("no password given (end of input)") from None
 
 
 def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
@@ -385,8 +442,9 @@ def cmd_user_import(config: Config, args: argparse.Namespace) -> int:
                 _warn(f"{where}: {address}: unsupported password scheme, imported but "
                       f"cannot log in until: {PROG} user passwd {address}")
             if not accounts.is_local_domain(domain):
-                accounts.add_domain(domain)
-                print(f"domain {domain} added")
+                # As `domain add` does, DKIM key included: a migrated domain signs its
+                # mail from the first message (the passwd-file names the domains moving).
+                _add_domain(config, accounts, domain)
             quota = _passwd_file_quota(fields[7] if len(fields) > 7 else "", where)
             _create_maildir(config, domain, local)
             accounts.add_user(address, password_hash, quota)
@@ -417,7 +475,7 @@ def cmd_alias_add(config: Config, args: argparse.Namespace) -> int:
         raise AdminError("no alias target given")
     source = _alias_name(args.alias)
     with _open_accounts(config) as accounts:
-        all_targets = accounts.add_alias(source, targets)
+        all_targets = accounts.add_alias(source, targets, check_local_targets=True)
     print(f"alias {source} -> {', '.join(all_targets)}")
     return 0
 

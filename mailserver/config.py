@@ -91,21 +91,46 @@ class TLSConfig:
     private_key: str = ""
 
 
+# A [listen] value: one Twisted endpoint description ("" switches the service off), or a
+# list of them (a tuple here; [] switches it off), every one served by the same factory.
+Endpoints = str | tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class ListenConfig:
-    smtp: str = "tcp:2525"
-    submission: str = "tcp:2587"
-    submissions: str = "tcp:2465"
-    imap: str = "tcp:2143"
-    imaps: str = "tcp:2993"
-    pop3: str = "tcp:2110"
-    pop3s: str = "tcp:2995"
-    autoconfig: str = "tcp:2443"       # HTTPS: Thunderbird autoconfig, Outlook autodiscover, Apple
-    autoconfig_http: str = "tcp:2080"  # plain HTTP for autoconfig.<domain> lookups
+    smtp: Endpoints = "tcp:2525"
+    submission: Endpoints = "tcp:2587"
+    submissions: Endpoints = "tcp:2465"
+    imap: Endpoints = "tcp:2143"
+    imaps: Endpoints = "tcp:2993"
+    pop3: Endpoints = "tcp:2110"
+    pop3s: Endpoints = "tcp:2995"
+    autoconfig: Endpoints = "tcp:2443"       # HTTPS: Thunderbird, Outlook, Apple
+    autoconfig_http: Endpoints = "tcp:2080"  # plain HTTP for autoconfig.<domain> lookups
 
-    def enabled(self) -> dict[str, str]:
-        """Service name -> endpoint description, for the services that are switched on."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+    def endpoints(self, name: str) -> tuple[str, ...]:
+        """The endpoint descriptions of one service; () when it is switched off."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            return (value,) if value else ()
+        return tuple(value)
+
+    def enabled(self) -> dict[str, tuple[str, ...]]:
+        """Service name -> its endpoint descriptions, for the services that are switched on."""
+        return {f.name: self.endpoints(f.name) for f in fields(self) if self.endpoints(f.name)}
+
+    def keyed(self) -> list[tuple[str, str]]:
+        """(config key, description) of every endpoint: 'listen.smtp', or 'listen.smtp[1]'
+        for the second element of a list; what error messages name."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                if value:
+                    out.append((f"listen.{f.name}", value))
+            else:
+                out.extend((f"listen.{f.name}[{i}]", d) for i, d in enumerate(value))
+        return out
 
 
 @dataclass(frozen=True)
@@ -205,17 +230,19 @@ class InboundConfig:
 
 @dataclass(frozen=True)
 class AutoconfigConfig:
-    """What mail clients are told: the public host and ports (may differ from [listen])."""
+    """What mail clients are told: the public host and ports.  A port left unset is the
+    port its [listen] endpoint listens on; set it only when clients reach the service
+    through a port mapping (mailserver.autoconfig.settings)."""
 
-    hostname: str = ""          # "" = [server].hostname
-    display_name: str = ""      # organisation name shown by clients; "" = the mail domain
-    imaps_port: int = 993
-    imap_port: int = 143
-    pop3s_port: int = 995
-    pop3_port: int = 110
-    submissions_port: int = 465
-    submission_port: int = 587
-    https_port: int = 443       # where [listen].autoconfig is reached (the _autodiscover SRV)
+    hostname: str = ""              # "" = [server].hostname
+    display_name: str = ""          # organisation name shown by clients; "" = the mail domain
+    imaps_port: int | None = None
+    imap_port: int | None = None
+    pop3s_port: int | None = None
+    pop3_port: int | None = None
+    submissions_port: int | None = None
+    submission_port: int | None = None
+    https_port: int | None = None   # where [listen].autoconfig is reached (_autodiscover SRV)
 
 
 @dataclass(frozen=True)
@@ -424,9 +451,26 @@ def _folder_name(key: str, value: Any) -> str:
     return value
 
 
+def check_endpoints(key: str, value: Any) -> Endpoints:
+    """One endpoint description, or a list of them (each checked, its index in the key)."""
+    if not isinstance(value, list):
+        return check_endpoint(key, value)
+    out: list[str] = []
+    for i, element in enumerate(value):
+        where = f"{key}[{i}]"
+        if element == "":
+            raise ConfigError(where, "empty endpoint in a list (switch the service off with "
+                                     "\"\" or [])")
+        check_endpoint(where, element)
+        if element in out:
+            raise ConfigError(where, f"{element!r} is listed twice")
+        out.append(element)
+    return tuple(out)
+
+
 def check_endpoint(key: str, value: Any) -> str:
     """Validate a Twisted server endpoint description without listening on it."""
-    _expect(str, "an endpoint description such as 'tcp:2525'")(key, value)
+    _expect(str, "an endpoint description such as 'tcp:2525' (or a list of them)")(key, value)
     if not value:
         return value
     from twisted.internet import endpoints, reactor
@@ -454,7 +498,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "storage": (StorageConfig, {"maildir_root": _expect(str, "a path")}),
     "tls": (TLSConfig, {"certificate": _expect(str, "a path"),
                         "private_key": _expect(str, "a path")}),
-    "listen": (ListenConfig, {f.name: check_endpoint for f in fields(ListenConfig)}),
+    "listen": (ListenConfig, {f.name: check_endpoints for f in fields(ListenConfig)}),
     "limits": (LimitsConfig, {
         "max_message_size": _size,
         "max_recipients": _positive_int,
@@ -611,33 +655,20 @@ def _check_relay(relay: RelayConfig, base: Path) -> RelayConfig:
 
 
 def _check_distinct_endpoints(listen: ListenConfig) -> None:
-    seen: dict[str, str] = {}
-    for name, desc in listen.enabled().items():
-        port = _port_of(desc)
-        if port is not None and port in seen and port != 0:
-            raise ConfigError(f"listen.{name}", f"port {port} is also used by listen.{seen[port]}")
-        if port is not None:
-            seen[port] = name
+    """Two endpoints that can never both listen (same port, family and interface, or one
+    of them on every interface) are a config error; a port taken by another program is
+    found when the server starts (mailserver.listening)."""
+    from mailserver.listening import tcp_address
 
-
-def _port_of(description: str) -> Any:
-    """The (interface, port) a tcp endpoint description names, or None."""
-    parts = description.split(":")
-    if parts[0] not in ("tcp", "tcp6") or len(parts) < 2:
-        return None
-    port = None
-    interface = ""
-    for part in parts[1:]:
-        if part.startswith("port="):
-            port = part[5:]
-        elif part.startswith("interface="):
-            interface = part[10:]
-        elif "=" not in part and port is None:
-            port = part
-    try:
-        return int(port) if int(port) == 0 else (interface, int(port))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+    seen: list[tuple[Any, str]] = []
+    for key, description in listen.keyed():
+        address = tcp_address(description)
+        if address is None:
+            continue
+        for other, other_key in seen:
+            if address.overlaps(other):
+                raise ConfigError(key, f"port {address.port} is also used by {other_key}")
+        seen.append((address, key))
 
 
 def load_config(path: str | Path | None = None) -> Config:

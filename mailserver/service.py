@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Any, Callable
 
 from twisted.application import service, strports
 from twisted.internet import protocol
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -16,6 +18,7 @@ from mailserver import logbridge
 from mailserver.config import Config
 from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
+from mailserver.startup import RunAs, hand_over, prepare_directories
 
 log = Logger()
 
@@ -94,20 +97,51 @@ class MailServer(service.MultiService):
 
             clean_spool(config.state_dir / "inbound")
             self.checker = build_checker(self)
-        for name, description in config.listen.enabled().items():
+        # Every endpoint of a service (listen.smtp may be a list) gets the one factory.
+        # listener service name -> (its config key, its endpoint description)
+        self.listeners: dict[str, tuple[str, str]] = {}
+        for name, descriptions in config.listen.enabled().items():
             build = _builder(name)
             if build is None:
                 log.warn("listen.{name} = {desc!r}: this service is not available yet; "
-                         "not listening", name=name, desc=description)
+                         "not listening", name=name, desc=list(descriptions))
                 continue
             factory = build(self, name)
             if isinstance(factory, LimitedFactory):
                 factory.limiter = self.limiter
             if name in IMPLICIT_TLS:
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            listener = strports.service(description, factory)
-            listener.setName(name)
-            listener.setServiceParent(self)
+            single = isinstance(getattr(config.listen, name), str)
+            for i, description in enumerate(descriptions):
+                listener = strports.service(description, factory)
+                listener.setName(name if single else f"{name}[{i}]")
+                listener.setServiceParent(self)
+                self.listeners[listener.name] = (f"listen.{listener.name}", description)
+
+    def privilegedStartService(self) -> None:
+        """Bind the listeners (as root, before twistd drops privileges).  An endpoint that
+        cannot listen (a port taken since the check at start-up, a UNIX socket path that
+        does not exist) is one line naming its key, in the log and on stderr, and exit
+        status 1, instead of twistd's traceback."""
+        service.Service.privilegedStartService(self)
+        for child in self:   # what MultiService does, one child at a time
+            listener = self.listeners.get(child.name or "")
+            if listener is None:
+                child.privilegedStartService()
+                continue
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                key, description = listener
+                reason = (e.socketError if isinstance(e, CannotListenError) else None) or e
+                message = f"{key} = {description!r}: cannot listen: {reason}"
+                log.critical("mailserver: {message}", message=message)
+                # The terminal twistd started from (its sys.stderr now feeds the log).
+                terminal = sys.__stderr__
+                if terminal is not None and terminal is not sys.stderr:
+                    terminal.write(f"mailserver: {message}\n")
+                    terminal.flush()
+                raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
@@ -128,6 +162,15 @@ class MailServer(service.MultiService):
         return super().stopService()
 
 
-def make_service(config: Config) -> service.MultiService:
+def make_service(config: Config, run_as: RunAs | None = None) -> service.MultiService:
+    """The server for `config`.  `run_as`: the user twistd drops to after binding the
+    ports (--uid/--gid); default the current one.  Raises StartupError (one line) when the
+    directories cannot be made usable for that user."""
     logbridge.install()   # before anything is built: disk modules log from the start
-    return MailServer(config)
+    run_as = run_as or RunAs.current()
+    prepare_directories(config, run_as)
+    server = MailServer(config)
+    # What building it created as root (certificate, accounts database, queue directories)
+    # goes to the user the server will run as.
+    hand_over(config, run_as)
+    return server

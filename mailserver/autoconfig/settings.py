@@ -1,8 +1,10 @@
 """What clients are told, derived once from the configuration.
 
-The documents publish the public host and ports of [autoconfig] (the listeners may sit
-behind a port mapping), but only for the services whose [listen] endpoint is switched on,
-so a client is never sent to a service this server does not run.
+The documents publish, for the services whose [listen] endpoint is switched on (a client
+is never sent to a service this server does not run), the port that endpoint listens on,
+or the public port of [autoconfig] where one is set (a listener behind a port mapping).
+An endpoint without a TCP port of its own (a systemd or UNIX socket behind a proxy) is
+announced on the service's standard port.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailserver.config import Config
+from mailserver.listening import tcp_address
+
+# The IANA ports (RFC 8314 for 465), for endpoints whose description names no TCP port.
+STANDARD_PORTS = {"imaps": 993, "imap": 143, "pop3s": 995, "pop3": 110, "submissions": 465,
+                  "submission": 587, "autoconfig": 443, "autoconfig_http": 80}
 
 SSL = "SSL"            # implicit TLS from the first byte
 STARTTLS = "STARTTLS"  # plain connection upgraded with STARTTLS / STLS
@@ -24,6 +31,18 @@ _SERVICES = (
     ("submissions", "smtp", SSL, "submissions_port"),
     ("submission", "smtp", STARTTLS, "submission_port"),
 )
+
+
+def public_port(config: Config, service: str, configured: int | None) -> int:
+    """The port clients are told for `service`: the [autoconfig] key when set, else the
+    port of the service's first TCP endpoint, else the standard port."""
+    if configured is not None:
+        return configured
+    for description in config.listen.endpoints(service):
+        address = tcp_address(description)
+        if address is not None and address.port:
+            return address.port
+    return STANDARD_PORTS[service]
 
 
 @dataclass(frozen=True)
@@ -56,11 +75,12 @@ class ClientSettings:
         on: list[Endpoint] = []
         off: list[Endpoint] = []
         for service, protocol, socket_type, port_key in _SERVICES:
-            endpoint = Endpoint(service, protocol, getattr(ac, port_key), socket_type)
+            port = public_port(config, service, getattr(ac, port_key))
+            endpoint = Endpoint(service, protocol, port, socket_type)
             (on if service in enabled else off).append(endpoint)
         return cls(hostname=ac.hostname or config.server.hostname,
                    display_name=ac.display_name,
-                   https_port=ac.https_port,
+                   https_port=public_port(config, "autoconfig", ac.https_port),
                    https_enabled="autoconfig" in enabled,
                    endpoints=tuple(on), disabled=tuple(off))
 

@@ -16,7 +16,9 @@ the next one starts a new child; a child that keeps dying at start makes the sto
 back to the thread committer.  A crash of the server itself leaves the child to finish its
 group and exit at end of file: nothing acknowledged depends on it afterwards.
 
-Run as ``python -m mailserver.maildir.commit_process FD`` (FD: the socket), by the store.
+The store starts the child as ``python -c CHILD_BOOT FD`` (FD: the socket), not with
+``-m``: the package's __init__ imports this module, so ``-m`` would run it a second time
+as __main__ (and runpy warns about exactly that in the server's log).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ QUICK_DEATH_SECONDS = 5.0   # a child dying this soon after its start twice: fal
 STOP_WAIT = 10.0            # seconds shutdown waits for the answers in flight
 
 CHILD_FD = 3
+# The child's program: import this module once, by its name, and run main(["-c", FD]).
+CHILD_BOOT = ("import sys; from mailserver.maildir.commit_process import main; "
+              "sys.exit(main(sys.argv))")
 
 
 def available() -> bool:
@@ -131,7 +136,7 @@ class ProcessCommitter:
         try:
             self._process = self._reactor.spawnProcess(
                 self._child, sys.executable,
-                [sys.executable, "-m", "mailserver.maildir.commit_process", str(CHILD_FD)],
+                [sys.executable, "-c", CHILD_BOOT, str(CHILD_FD)],
                 env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r",
                                                 CHILD_FD: theirs.fileno()})
         except (OSError, twisted_error.ProcessExitedAlready) as e:

@@ -43,8 +43,16 @@ class FakeDomains:
         return sorted(self.domains)
 
 
+# The documents here describe a server listening on the standard ports (clients are told
+# the listeners' ports unless [autoconfig] sets public ones; see test_admin_frictions.py).
+STANDARD_LISTEN = {"imaps": "tcp:993", "imap": "tcp:143", "pop3s": "tcp:995", "pop3": "tcp:110",
+                   "submissions": "tcp:465", "submission": "tcp:587", "autoconfig": "tcp:443",
+                   "autoconfig_http": "tcp:80"}
+
+
 def make_config(**sections: dict[str, Any]):
-    data = {"server": {"hostname": "mail.example.test"}, **sections}
+    listen = {**STANDARD_LISTEN, **sections.pop("listen", {})}
+    data = {"server": {"hostname": "mail.example.test"}, "listen": listen, **sections}
     return parse_config(data, Path("/nonexistent/mailserver.toml"))
 
 
@@ -507,4 +515,4 @@ def test_autoconfig_config_defaults():
     ac = make_config().autoconfig
     assert (ac.hostname, ac.display_name, ac.imaps_port, ac.imap_port, ac.pop3s_port,
             ac.pop3_port, ac.submissions_port, ac.submission_port, ac.https_port) == \
-        ("", "", 993, 143, 995, 110, 465, 587, 443)
+        ("", "", None, None, None, None, None, None, None)   # None: the listener's port

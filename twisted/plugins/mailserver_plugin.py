@@ -23,16 +23,47 @@ class MailServerMaker:
     options = Options
 
     def makeService(self, options):
+        """Called by twistd as root (when started as root), before the log file is opened,
+        the process daemonized and privileges dropped: every problem found here is one line
+        on the terminal and exit status 1, never a server that runs half-broken."""
+        from mailserver.accounts import AccountsError
         from mailserver.config import ConfigError, load_config
+        from mailserver.listening import probe
+        from mailserver import logjson
         from mailserver.service import make_service
+        from mailserver.startup import RunAs, StartupError, prepare_log_file
 
+        twistd = options.parent if options.parent is not None else {}
         try:
             config = load_config(options["config"])
-            return make_service(config)
+            problems = probe(config.listen.keyed())
+            if problems:
+                raise StartupError("\n".join(p.message for p in problems))
+            run_as = RunAs.from_twistd(twistd.get("uid"), twistd.get("gid"))
+            prepare_log_file(twistd.get("logfile"), run_as)
+            if getattr(twistd.get("logger"), "__module__", None) == "mailserver.logjson":
+                try:
+                    json_log = logjson.settings()
+                except ValueError as e:
+                    raise StartupError(str(e)) from None
+                if not json_log.path and not twistd.get("nodaemon"):
+                    raise StartupError(f"{logjson.LOG_PATH_VARIABLE}: a daemon has no standard "
+                                       f"output to log to; name a file, or run twistd -n")
+                prepare_log_file(json_log.path, run_as)
+            return make_service(config, run_as)
         except ConfigError as e:
-            sys.stderr.write(f"mailserver: config error: {e}\n")
-            sys.stderr.flush()
-            raise SystemExit(1)
+            self._exit(f"config error: {e}")
+        except (StartupError, AccountsError) as e:
+            self._exit(str(e))
+        except OSError as e:
+            self._exit(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        for line in message.splitlines():
+            sys.stderr.write(f"mailserver: {line}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
 
 
 serviceMaker = MailServerMaker()
