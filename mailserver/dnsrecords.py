@@ -89,7 +89,7 @@ def client_rows(config: "Config", domain: str, host: str, zone: str) -> list[tup
     listen = config.listen.enabled()
     rows = []
     for label, service, priority in SRV_SERVICES:
-        port = endpoint_port(listen.get(service, ""))
+        port = endpoint_port(listen.get(service, ("",))[0])
         target = f"{priority} 1 {port} {host}" if port else "0 0 0 ."
         rows.append((f"{label}.{zone}", "SRV", target))
     return rows
