@@ -117,12 +117,15 @@ def commit_group(group: list[tuple[Delivery, Any]]) -> list[tuple[Any, Any]]:
     dirs = [p for _, pl in placed if isinstance(pl, Placement) for p in pl.dirs]
     errors = sync_directories(dirs, whole_filesystems=whole)
     out: list[tuple[Any, Any]] = []
-    for key, pl in placed:
+    for (delivery, _), (key, pl) in zip(group, placed):
         if isinstance(pl, Placement):
             try:
-                out.append((key, pl.finish(errors)))
+                results = pl.finish(errors)
             except BaseException:
                 out.append((key, Failure()))
+                continue
+            out.append((key, results))
+            delivery.record_quota(results)
         else:
             out.append((key, pl))
     return out

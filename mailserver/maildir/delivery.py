@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_by_filesystem,
                                unlink_quietly, write_all)
+from mailserver.maildir import quota as quota_file
 from mailserver.maildir.flags import escape_hostname  # noqa: F401 (imported from here too)
 from mailserver.maildir.names import normalized
 
@@ -167,13 +168,22 @@ class Delivery:
 
     def __init__(self, targets: Sequence[Path], escaped_host: str,
                  on_committed: Callable[[list[Path]], None] | None = None,
-                 committer: Any = None, info: str = "") -> None:
+                 committer: Any = None, info: str = "", quota: Any = None) -> None:
         if not targets:
             raise ValueError("a delivery needs at least one target")
         self.targets = [t if isinstance(t, Path) else Path(t) for t in targets]
         self._on_committed = on_committed
         self._committer = committer  # Group/ProcessCommitter, else a pool thread per commit
         self._unique = list(dict.fromkeys(_key(t) for t in self.targets))
+        # The store's QuotaTracker: each target's user Maildir, whose maildirsize gets a
+        # change line in the commit work, and which is told once the commit is done.
+        self._quota = quota
+        self._quota_roots: dict[Path, Path] = {}
+        if quota is not None:
+            for key in self._unique:
+                root = quota.root_of(key)
+                if root is not None:
+                    self._quota_roots[key] = root
         self._buffer = bytearray()
         self._size = 0
         self._error: OSError | None = None
@@ -278,12 +288,34 @@ class Delivery:
             d.addCallback(self._log_failures)
         else:
             d = deferToThread(self._commit_sync)
-        if self._on_committed is not None:
+        if self._on_committed is not None or self._quota is not None:
             def tell(results: list[DeliveryResult]) -> list[DeliveryResult]:
-                self._on_committed([r.target for r in results if r.ok])  # type: ignore[misc]
+                if self._on_committed is not None:
+                    self._on_committed([r.target for r in results if r.ok])
+                if self._quota is not None:
+                    self._quota.stored(self._quota_roots_of(results), self._size)
                 return results
             d.addCallback(tell)
         return d
+
+    def _quota_roots_of(self, results: list[DeliveryResult]) -> list[Path]:
+        """The user Maildirs that got the message, once each."""
+        roots: dict[Path, None] = {}
+        for r in results:
+            root = self._quota_roots.get(_key(r.target)) if r.ok else None
+            if root is not None:
+                roots[root] = None
+        return list(roots)
+
+    def record_quota(self, results: list[DeliveryResult]) -> None:
+        """Thread or commit process, after the directory sync: a change line (size, 1)
+        in the maildirsize of each user Maildir that got the message (Maildir++)."""
+        for root in self._quota_roots_of(results):
+            try:
+                quota_file.append_delta(root, self._size, 1)
+            except Exception as e:  # the message is stored: never fail its delivery here
+                log.error("cannot record {size} bytes in the quota of {root}: {error}",
+                          size=self._size, root=str(root), error=e)
 
     def abort(self) -> None:
         """Drop the message: close and remove the tmp file.  Idempotent; no-op after commit."""
@@ -300,7 +332,9 @@ class Delivery:
     def _commit_sync(self) -> list[DeliveryResult]:
         """All the blocking work of `commit`: place the file, then fsync the directories."""
         placement = self._commit_place()
-        return self._log_failures(placement.finish(sync_directories(placement.dirs)))
+        results = placement.finish(sync_directories(placement.dirs))
+        self.record_quota(results)
+        return self._log_failures(results)
 
     def _commit_place(self) -> Placement:
         """The blocking work of `commit` up to the directory fsync (a group committer
@@ -358,6 +392,8 @@ class Delivery:
                                        "size": self._size}
         if self._info:
             description["info"] = self._info
+        if self._quota_roots:
+            description["quota"] = {str(k): str(r) for k, r in self._quota_roots.items()}
         if self._fd < 0 and self._home is None and self._error is None:
             description["host"] = self._escaped_host
             return description, -1, bytes(self._buffer)
@@ -377,6 +413,8 @@ class Delivery:
         delivery = cls([normalized(t) for t in request["targets"]], str(request.get("host", "")),
                        info=str(request.get("info", "")))
         delivery._size = int(request["size"])
+        delivery._quota_roots = {normalized(k): Path(r)
+                                 for k, r in dict(request.get("quota") or {}).items()}
         if fd >= 0:
             delivery._fd = fd
             delivery._home = Path(request["home"])

@@ -11,13 +11,15 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailserver.fsutil import fsync_directory
+from mailserver.maildir import quota as quota_file
 from mailserver.maildir.commit_process import ProcessCommitter
 from mailserver.maildir.commit_process import available as commit_process_available
 from mailserver.maildir.committer import GroupCommitter
@@ -31,6 +33,7 @@ from mailserver.maildir.names import (
     is_inside,
     normalized,
 )
+from mailserver.maildir.quota import Usage
 
 if TYPE_CHECKING:
     from mailserver.maildir.account import MailAccount
@@ -60,6 +63,7 @@ class MaildirStore:
         self._accounts: dict[Path, MailAccount] = {}
         self._committer: GroupCommitter | ProcessCommitter | None = None
         self._user_paths: dict[tuple[str, str], Path] = {}
+        self.quota = QuotaTracker(self)
 
     def user_path(self, domain: str, localpart: str) -> Path:
         """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk.
@@ -135,7 +139,7 @@ class MaildirStore:
         if self._committer is None:
             self._committer = self._new_committer()
         return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer,
-                        info=info)
+                        info=info, quota=self.quota)
 
     def _new_committer(self) -> GroupCommitter | ProcessCommitter:
         if self.commit_process and commit_process_available():
@@ -224,6 +228,298 @@ class MaildirStore:
                 for folder in _subdirs(user):
                     if folder.name.startswith("."):
                         yield folder / "tmp"
+
+
+QUOTA_FRESH_SECONDS = 2.0  # a usage read from maildirsize is trusted this long
+QUOTA_ENTRIES_MAX = 4096   # users whose usage is kept in memory
+
+
+class _QuotaEntry:
+    """What the tracker knows of one user's Maildir."""
+
+    __slots__ = ("usage", "limit", "read_at", "loading", "loading_limit", "waiters",
+                 "since", "unsure", "lane", "batch", "warned")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None   # with this process's changes since the read
+        self.limit: int | None = None     # the limit it was last asked against
+        self.read_at = float("-inf")      # when maildirsize was read (monotonic)
+        self.loading = False              # a read is under way ...
+        self.loading_limit: int | None = None
+        self.waiters: list[Deferred[Usage]] = []  # ... and these wait for it
+        self.since = (0, 0)               # changes counted while it runs
+        self.unsure = False               # a delivery was counted while it ran
+        self.lane: Deferred[Any] = succeed(None)  # this user's disk work, in order
+        self.batch: list[int] | None = None       # change lines not yet written
+        self.warned: bool | None = None   # the 90% mark is set (None: not known)
+
+
+class QuotaTracker:
+    """Each user's usage for quota checks, shared by every service of the process: SMTP
+    RCPT, local retries from the queue, IMAP APPEND/COPY and GETQUOTA.
+
+    The truth is the Maildir's maildirsize (quota.py), kept by every writer with a change
+    line: deliveries write theirs in their commit work (Delivery.record_quota), so do
+    other programs that know Maildir++.  Here it is read in a thread and kept in memory;
+    this process's changes are added as they happen (`changed`, `stored`), and a read
+    older than QUOTA_FRESH_SECONDS is repeated at the next question, which is how other
+    processes' changes arrive.  A check that cannot wait (IMAP's literal) takes the last
+    known usage (`peek`) and starts a read if it is old.
+
+    Change lines of this process's own (APPEND, COPY, EXPUNGE, POP3 DELE) are appended
+    in a thread, one line per user for whatever gathered meanwhile, in one queue per user
+    ("lane") with the reads: a read never misses a change made before it was asked for,
+    and a change made while it runs is added to its result.  A delivery counted while a
+    read runs may or may not be in what it read: that read is used but not trusted as
+    fresh.  Crossing 90% of the limit delivers one warning to the user (`quota.py`).
+    """
+
+    def __init__(self, store: "MaildirStore", clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._store = store
+        self._clock = clock
+        self._entries: dict[Path, _QuotaEntry] = {}
+        self.fresh_seconds = QUOTA_FRESH_SECONDS
+
+    def root_of(self, path: Path) -> Path | None:
+        """The user's Maildir that `path` (a Maildir or one of its `.Folder`s) belongs
+        to; None outside the users' Maildirs."""
+        key = normalized(path)
+        root = self._store.root
+        if key.parent.parent == root:
+            return key
+        if (key.parent.parent.parent == root and key.name.startswith(".")
+                and not key.name.startswith("..")):
+            return key.parent
+        return None
+
+    # -- questions -----------------------------------------------------------------------
+
+    def usage(self, root: Path, limit: int | None) -> Deferred[Usage]:
+        """The usage of the Maildir `root` against `limit` (bytes, None: none): from memory
+        when fresh, else read from maildirsize (recalculated when it must be)."""
+        entry = self._entry(root)
+        if entry.usage is not None and entry.limit == limit and self._fresh(entry):
+            return succeed(entry.usage)
+        return self._load(root, entry, limit)
+
+    def fresh(self, root: Path, limit: int | None) -> bool:
+        """True when `usage` would answer from memory."""
+        entry = self._entries.get(root)
+        return (entry is not None and entry.usage is not None and entry.limit == limit
+                and self._fresh(entry))
+
+    def peek(self, root: Path) -> Usage | None:
+        """The last known usage, at once (None: never read); an old one is read again
+        in the background for the next question."""
+        entry = self._entries.get(root)
+        if entry is None or entry.usage is None:
+            return None
+        if not entry.loading and not self._fresh(entry):
+            self._load(root, entry, entry.limit).addErrback(lambda f: None)  # logged there
+        return entry.usage
+
+    def is_full(self, root: Path, limit: int) -> bool:
+        """From memory (`peek`): at or over `limit`; an unknown usage is not full."""
+        usage = self.peek(root)
+        return usage is not None and usage.bytes >= limit
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def changed(self, root: Path, nbytes: int, count: int) -> None:
+        """This process added or removed mail other than by a delivery (IMAP APPEND, COPY,
+        EXPUNGE; POP3 DELE): counted now, its change line written in a thread."""
+        entry = self._entry(root)
+        self._count(entry, nbytes, count, sure=True)
+        batch = entry.batch
+        if batch is not None:  # a line waiting for its turn: this change joins it
+            batch[0] += nbytes
+            batch[1] += count
+        else:
+            batch = entry.batch = [nbytes, count]
+
+            def flush(_: Any) -> Deferred[bool] | None:
+                if entry.batch is batch:
+                    entry.batch = None  # later changes: a line of their own, after this
+                if not (batch[0] or batch[1]):
+                    return None
+                return deferToThread(quota_file.append_delta, root, batch[0], batch[1])
+            self._lane(entry, flush).addErrback(_logged, "writing the quota usage of", root)
+        self._consider_warning(root, entry)
+
+    def stored(self, roots: Iterable[Path], size: int) -> None:
+        """Deliveries of `size` bytes were committed into these Maildirs: counted (their
+        change lines were written by the commit work)."""
+        for root in dict.fromkeys(roots):
+            entry = self._entries.get(root)
+            if entry is not None:
+                self._count(entry, size, 1, sure=False)
+                self._consider_warning(root, entry)
+
+    def expunging(self, folder: Any, uids: Iterable[int] | None = None
+                  ) -> Callable[[list[int]], list[int]]:
+        """Before messages of `folder` are removed (`uids`, or those flagged \\Deleted):
+        a callback for the uids actually removed, which counts them off (passing them on).
+        A uid whose size was not known before is settled by a recalculation."""
+        root = self.root_of(folder.path)
+        candidates = folder.uids_with_flag("\\Deleted", True) if uids is None else uids
+        sizes: dict[int, int] = {}
+        for uid in candidates:
+            info = folder.by_uid(uid)
+            if info is not None:
+                sizes[uid] = info.size
+
+        def removed(gone: list[int]) -> list[int]:
+            if root is not None and gone:
+                known = [sizes.get(u) for u in gone]
+                if None in known:
+                    self.recalculate_soon(root)
+                else:
+                    self.changed(root, -sum(known), -len(known))  # type: ignore[arg-type]
+            return gone
+        return removed
+
+    def recalculate_soon(self, root: Path) -> None:
+        """Mail went without a change line (a folder was deleted): maildirsize is removed,
+        and the next question counts the Maildir."""
+        entry = self._entry(root)
+        entry.read_at = float("-inf")
+        entry.unsure = entry.unsure or entry.loading
+        self._lane(entry, lambda _: deferToThread(quota_file.forget, root)).addErrback(
+            _logged, "removing the quota file of", root)
+
+    # -- inside --------------------------------------------------------------------------------
+
+    def _entry(self, root: Path) -> _QuotaEntry:
+        entry = self._entries.get(root)
+        if entry is None:
+            if len(self._entries) >= QUOTA_ENTRIES_MAX:
+                for key, old in list(self._entries.items()):
+                    if not old.loading and old.batch is None:
+                        del self._entries[key]
+            entry = self._entries[root] = _QuotaEntry()
+        return entry
+
+    def _fresh(self, entry: _QuotaEntry) -> bool:
+        return self._clock() - entry.read_at < self.fresh_seconds
+
+    @staticmethod
+    def _count(entry: _QuotaEntry, nbytes: int, count: int, sure: bool) -> None:
+        if entry.usage is not None:
+            entry.usage = entry.usage.plus(nbytes, count)
+        if entry.loading:
+            entry.since = (entry.since[0] + nbytes, entry.since[1] + count)
+            entry.unsure = entry.unsure or not sure
+
+    @staticmethod
+    def _lane(entry: _QuotaEntry, job: Callable[[Any], Any]) -> Deferred[Any]:
+        """Run `job` after this user's earlier disk work; fires with its result, while
+        the lane itself goes on whatever happens."""
+        out: Deferred[Any] = Deferred()
+
+        def run(_: Any) -> Deferred[Any]:
+            d = maybeDeferred(job, None)
+            d.addBoth(_fire, out)
+            return d
+        entry.lane.addCallback(run)
+        return out
+
+    def _load(self, root: Path, entry: _QuotaEntry, limit: int | None) -> Deferred[Usage]:
+        waiter: Deferred[Usage] = Deferred()
+        if entry.loading:
+            entry.waiters.append(waiter)
+            if entry.loading_limit == limit:
+                return waiter
+            return waiter.addBoth(lambda _: self._load(root, entry, limit))
+        entry.loading, entry.loading_limit, entry.waiters = True, limit, [waiter]
+        entry.limit, entry.since, entry.unsure = limit, (0, 0), False
+        self._lane(entry, lambda _: deferToThread(_read_quota, root, limit)).addBoth(
+            self._loaded, root, entry)
+        return waiter
+
+    def _loaded(self, result: Any, root: Path, entry: _QuotaEntry) -> None:
+        waiters, entry.waiters = entry.waiters, []
+        entry.loading = False
+        if isinstance(result, Failure):
+            log.failure("reading the quota usage of {path} failed", result, path=str(root))
+            for w in waiters:
+                w.errback(result)
+            return
+        usage, warned = result
+        entry.usage = usage.plus(*entry.since)
+        entry.since = (0, 0)
+        entry.read_at = float("-inf") if entry.unsure else self._clock()
+        entry.unsure = False
+        if entry.warned is None:
+            entry.warned = warned
+        self._consider_warning(root, entry)
+        for w in waiters:
+            w.callback(entry.usage)
+
+    def _consider_warning(self, root: Path, entry: _QuotaEntry) -> None:
+        """One warning each time usage crosses 90% of the limit (the mark beside
+        maildirsize remembers it across restarts and processes)."""
+        usage, limit = entry.usage, entry.limit
+        if usage is None or not limit:
+            return
+        high = usage.bytes >= limit * quota_file.WARN_FRACTION
+        if high and entry.warned is not True:
+            entry.warned = True
+            self._lane(entry, lambda _: deferToThread(quota_file.mark_warned, root)
+                       ).addCallback(lambda made: self._warn(root, entry) if made else None
+                                     ).addErrback(_logged, "the quota warning of", root)
+        elif not high and entry.warned is not False:
+            entry.warned = False
+            self._lane(entry, lambda _: deferToThread(quota_file.clear_warned, root)
+                       ).addErrback(_logged, "clearing the quota warning of", root)
+
+    def _warn(self, root: Path, entry: _QuotaEntry) -> Deferred[Any] | None:
+        """Deliver the warning into the user's INBOX (never refused: it is small, and the
+        user should learn why mail may soon be refused)."""
+        address = f"{root.name}@{root.parent.name}"
+        usage = entry.usage or Usage(0, 0)
+        message = quota_file.warning_message(
+            address, Usage(usage.bytes, usage.count, entry.limit), self._store.hostname)
+
+        def done(results: list[Any]) -> None:
+            if all(r.ok for r in results):
+                log.info("quota warning delivered to {address}: {used} of {limit} bytes",
+                         address=address, used=usage.bytes, limit=entry.limit)
+            else:
+                failed(None)
+
+        def failed(f: Failure | None) -> None:
+            log.warn("quota warning to {address} not delivered ({error}); will try again "
+                     "at the next crossing", address=address,
+                     error=f.getErrorMessage() if f is not None else "write failed")
+            entry.warned = None
+            self._lane(entry, lambda _: deferToThread(quota_file.clear_warned, root)
+                       ).addErrback(_logged, "clearing the quota warning of", root)
+
+        try:
+            delivery = self._store.begin_delivery([root])
+            delivery.write(message)
+        except (OSError, ValueError):
+            failed(Failure())
+            return None
+        return delivery.commit().addCallbacks(done, failed)
+
+
+def _read_quota(root: Path, limit: int | None) -> tuple[Usage, bool]:
+    """Thread: the usage from maildirsize (recalculated when due) and the warning mark."""
+    return quota_file.load(root, limit), quota_file.is_warned(root)
+
+
+def _logged(failure: Failure, what: str, root: Path) -> None:
+    log.failure("{what} {path} failed", failure, what=what, path=str(root))
+
+
+def _fire(result: Any, d: Deferred[Any]) -> None:
+    """Hand `result` to `d` (a Failure as its error) and end the chain it came from."""
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 def _subdirs(path: Path) -> list[Path]:

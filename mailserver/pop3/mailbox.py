@@ -104,6 +104,7 @@ class POP3Mailbox:
 
     loginDelay = 0
     messageExpiration = None
+    quota: Any = None  # the store's QuotaTracker: messages removed at QUIT are counted off
 
     def __init__(self, address: str, folder: Any, entries: list[Entry],
                  locks: MailboxLocks, lock_key: str) -> None:
@@ -176,7 +177,10 @@ class POP3Mailbox:
         already = len(wanted) - len(uids)
         if not uids:
             return defer.succeed((already, 0))
+        counted = self.quota.expunging(self.folder, uids) if self.quota is not None else None
         d = self.folder.delete_messages(uids, origin=self)
+        if counted is not None:
+            d.addCallback(counted)
 
         def done(removed: list[int]) -> tuple[int, int]:
             done_uids = set(removed)
@@ -279,6 +283,7 @@ def open_inbox(store: Any, path: Path, address: str,
         infos = list(folder.messages)
         entries, unknown = _known_sizes(folder, infos, own)
         mailbox = POP3Mailbox(address, folder, entries, locks, key)
+        mailbox.quota = getattr(store, "quota", None)
         if not unknown:
             return defer.succeed(mailbox)
         return _measure(folder, mailbox, unknown).addCallback(lambda _: mailbox)

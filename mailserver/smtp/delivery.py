@@ -4,7 +4,8 @@ The session talks to `IDelivery` only.  `LocalDelivery` puts the message into th
 local users (one stored copy each, hard links where possible) and reports a status for each
 mailbox, so that a failure for one mailbox never makes the sender retry the others.
 A mailbox can also end up `queued`: handed to the outbound queue (a remote target, or a
-local mailbox whose write failed and will be retried from the queue).
+local mailbox whose write failed, or that was full when its alias was accepted, and will be
+retried from the queue).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Recipient:
-    """An accepted RCPT: the address given, and what it resolved to."""
+    """An accepted RCPT: the address given, and what it resolved to.
+
+    `full`: local users (among `local`) whose mailbox was at its quota when the RCPT was
+    accepted (an alias with other members): their copy is not written now but retried
+    from the queue (reported as not stored, which QueueingDelivery queues).
+    """
 
     address: str
     local: tuple["User", ...] = ()
     remote: tuple[str, ...] = ()
+    full: tuple["User", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class LocalDelivery:
         self.place = place
         self._users: dict[Path, "User"] = {}
         self._infos: dict[Path, str] = {}
+        self._full: dict[str, "User"] = {}  # address -> a user whose mailbox is full
         self._deliveries: dict[str, Any] | None = None
 
     @property
@@ -116,6 +124,9 @@ class LocalDelivery:
 
     def add_recipient(self, recipient: Recipient) -> None:
         for user in recipient.local:
+            if user in recipient.full:
+                self._full.setdefault(user.address, user)
+                continue
             path = self.store.user_path(user.domain, user.localpart)
             info = ""
             if self.place is not None:
@@ -137,9 +148,15 @@ class LocalDelivery:
         for delivery in self._deliveries.values():
             delivery.write(data)
 
+    def _full_statuses(self) -> list[MailboxStatus]:
+        """RFC 3463 3.3 (X.2.2 mailbox full) for each full mailbox no other RCPT got stored."""
+        stored = {user.address for user in self._users.values()}
+        return [MailboxStatus(address, False, "452 4.2.2 Mailbox full")
+                for address in self._full if address not in stored]
+
     def commit(self) -> defer.Deferred:
         if not self._users:
-            return defer.succeed(DeliveryOutcome())
+            return defer.succeed(DeliveryOutcome(self._full_statuses()))
         if self._deliveries is None:
             self.write(b"")
         assert self._deliveries is not None
@@ -160,6 +177,7 @@ class LocalDelivery:
                 out.statuses.append(MailboxStatus(user.address, result.ok,
                                                   "" if result.ok else str(result.error),
                                                   path=result.path))
+            out.statuses += self._full_statuses()
             return out
 
         return d.addCallback(statuses)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import connectionDone
@@ -15,12 +17,18 @@ from mailserver.smtp import replies as R
 from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.checked import CheckedDelivery
 from mailserver.smtp.delivery import IDelivery, LocalDelivery, Placement, Recipient
+from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
 from mailserver.smtp.forwarding import QueueingDelivery
 from mailserver.smtp.replies import SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
 
+if TYPE_CHECKING:
+    from mailserver.accounts import User
+
 # Characters that only appear in a recipient to route it somewhere else.
 _ROUTING_CHARS = set("%!@:,\"")
+
+MAILBOX_FULL = R.Reply(452, "4.2.2", "Mailbox full")  # RFC 3463 3.3 (X.2.2), RFC 5321 4.2.3
 
 
 def resolve_local(context: SMTPContext, path: str) -> Recipient:
@@ -46,7 +54,94 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
     return Recipient(address, res.local, res.remote)
 
 
-class MXSession(SMTPSession):
+def _with_quota(context: SMTPContext, recipient: Recipient) -> list[tuple["User", Path]]:
+    """The recipient's local users that have a quota, with their Maildirs."""
+    out = []
+    for user in recipient.local:
+        if user.quota:
+            try:
+                out.append((user, context.store.user_path(user.domain, user.localpart)))
+            except ValueError:
+                continue  # refused by delivery anyway
+    return out
+
+
+def usage_lookups(context: SMTPContext, recipient: Recipient) -> defer.Deferred | None:
+    """Reads of the usage of the recipient's mailboxes that have a quota and whose usage
+    the store does not know fresh; None when there is nothing to wait for."""
+    tracker = context.store.quota
+    waits = [tracker.usage(path, user.quota) for user, path in _with_quota(context, recipient)
+             if not tracker.fresh(path, user.quota)]
+    return defer.DeferredList(waits, consumeErrors=True) if waits else None
+
+
+def apply_quota(context: SMTPContext, recipient: Recipient) -> Recipient:
+    """RCPT for mailboxes at or over their quota (the usage the store knows now).
+
+    One mailbox, or an alias whose every mailbox is full (and nothing remote): 452 4.2.2,
+    that recipient only.  An alias with other mailboxes: accepted, the full ones marked
+    for a local retry from the queue (retried, then bounced: never dropped).  A message
+    that takes a mailbox over its quota is still taken; the next one is refused.
+    """
+    tracker = context.store.quota
+    full = tuple(user for user, path in _with_quota(context, recipient)
+                 if tracker.is_full(path, user.quota))  # type: ignore[arg-type]
+    if not full:
+        return recipient
+    if (len(full) == len(recipient.local) and not recipient.remote) or context.queue is None:
+        raise SMTPReplyError(MAILBOX_FULL)
+    return replace(recipient, full=full)
+
+
+class QuotaChecks:
+    """RCPT against the recipients' quotas, for the MX and submission sessions.
+
+    When the usage of a recipient's mailbox is not known fresh, RCPT waits for it (the
+    session's input paused, as for a blocklist lookup) and is then handled again; the
+    session subclass implements `resolve_mailboxes` (its own RCPT policy) and its
+    `do_RCPT` calls `_usage_wait` and `_rcpt_wait`.
+    """
+
+    context: SMTPContext
+    _sender: str | None
+    _closing: bool
+    _usage_checked = False  # this RCPT already waited for the usage
+    _rcpt_waits = 0
+
+    def resolve_mailboxes(self, path: str) -> Recipient:
+        raise NotImplementedError
+
+    def resolve_recipient(self, path: str) -> Recipient:
+        return apply_quota(self.context, self.resolve_mailboxes(path))
+
+    def _usage_wait(self, rest: bytes) -> defer.Deferred | None:
+        """The reads this RCPT must wait for (None: answer now)."""
+        if self._usage_checked or self._sender is None:
+            return None
+        try:
+            path, _ = parse_command_path(rest, "TO")
+            return usage_lookups(self.context, self.resolve_mailboxes(path))
+        except (EnvelopeSyntaxError, SMTPReplyError):
+            return None  # RCPT answers that itself
+
+    def _rcpt_wait(self, d: defer.Deferred, rest: bytes, usage: bool = False) -> None:
+        """Hold this RCPT (and the input behind it) until `d` fires, then handle it again."""
+        self._rcpt_waits += 1
+        self._pause()  # type: ignore[attr-defined]
+        d.addBoth(self._rcpt_again, rest, self._rcpt_waits, usage)
+
+    def _rcpt_again(self, result: Any, rest: bytes, ticket: int, usage: bool) -> None:
+        self._usage_checked = usage
+        try:
+            if not self._closing:
+                self.do_RCPT(rest)  # type: ignore[attr-defined]
+        finally:
+            self._usage_checked = False
+            if self._rcpt_waits == ticket:  # not waiting again for something else
+                self._resume()  # type: ignore[attr-defined]
+
+
+class MXSession(QuotaChecks, SMTPSession):
     """Port 25: no AUTH, local recipients only; remote alias targets via the queue.
 
     With inbound checks (context.checker) for a client outside the trusted networks: the
@@ -121,8 +216,11 @@ class MXSession(SMTPSession):
 
     def do_RCPT(self, rest: bytes) -> None:
         if isinstance(self._blocked, defer.Deferred):  # the blocklists have not answered
-            self._pause()
-            self._blocked.addBoth(self._rcpt_after_lookup, rest)
+            self._rcpt_wait(self._blocked, rest)
+            return
+        usage = self._usage_wait(rest)
+        if usage is not None:
+            self._rcpt_wait(usage, rest, usage=True)
             return
         super().do_RCPT(rest)
         if self._checks and self._recipients and self._spf is None:
@@ -132,14 +230,7 @@ class MXSession(SMTPSession):
             self._spf = self.context.checker.check_sender(self.peer_ip, self._sender or "",
                                                           self._helo_given)
 
-    def _rcpt_after_lookup(self, result: Any, rest: bytes) -> None:
-        try:
-            if not self._closing:
-                self.do_RCPT(rest)
-        finally:
-            self._resume()
-
-    def resolve_recipient(self, path: str) -> Recipient:
+    def resolve_mailboxes(self, path: str) -> Recipient:
         if self._blocked is not None:  # a listed client: every recipient refused
             raise SMTPReplyError(self._blocked)
         recipient = resolve_local(self.context, path)

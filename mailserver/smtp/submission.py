@@ -28,7 +28,7 @@ from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import IDelivery, Recipient
-from mailserver.smtp.mx import SMTPFactory, resolve_local
+from mailserver.smtp.mx import QuotaChecks, SMTPFactory, resolve_local
 from mailserver.smtp.queue.local import QueueLocalDelivery
 from mailserver.smtp.replies import Reply, SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
@@ -86,7 +86,7 @@ class SubmissionContext(SMTPContext):
     dkim_dir: Path | None = None  # state_dir/dkim; None: nothing is signed
 
 
-class SubmissionSession(SMTPSession):
+class SubmissionSession(QuotaChecks, SMTPSession):
     context: SubmissionContext
 
     def __init__(self, context: SubmissionContext) -> None:
@@ -274,7 +274,14 @@ class SubmissionSession(SMTPSession):
     def max_recipients(self) -> int:
         return self.limits.submission_max_recipients
 
-    def resolve_recipient(self, path: str) -> Recipient:
+    def do_RCPT(self, rest: bytes) -> None:
+        usage = self._usage_wait(rest)  # local mailboxes at their quota: 452 4.2.2
+        if usage is not None:
+            self._rcpt_wait(usage, rest, usage=True)
+            return
+        super().do_RCPT(rest)
+
+    def resolve_mailboxes(self, path: str) -> Recipient:
         try:
             address = check_recipient_syntax(path)
         except AddressError:

@@ -18,6 +18,7 @@ DISK_MODULES = [
     "mailserver.maildir.index",
     "mailserver.maildir.keywords",
     "mailserver.maildir.names",
+    "mailserver.maildir.quota",
     "mailserver.maildir.sizes",
     "mailserver.maildir.uidlist",
     "mailserver.imap.esearch",

@@ -1,8 +1,10 @@
 """Local delivery from the queue: a queued message into Maildirs, for local retries.
 
 Used for local mailboxes that could not be written when the message arrived (they are
-retried on the queue's schedule) and for DSNs to local senders.  The copy gets what the
-MX would have written in front of it: Return-Path and, for a single mailbox, Delivered-To.
+retried on the queue's schedule), for submission's local recipients and for DSNs to local
+senders.  The copy gets what the MX would have written in front of it: Return-Path and,
+for a single mailbox, Delivered-To.  A mailbox at or over its quota is a temporary failure
+(`452 4.2.2`): retried while it is full, bounced when the message expires.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailserver.smtp.queue.attempt import AttemptResult
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 _COPY_CHUNK = 256 * 1024
+MAILBOX_FULL = "452 4.2.2 Mailbox full"  # RFC 3463 3.3 (X.2.2): temporary while full
 
 Results = list[tuple[RecipientState, AttemptResult]]
 
@@ -42,9 +46,14 @@ class QueueLocalDelivery:
                     "550 5.1.1 mailbox no longer exists", "5.1.1")))
                 continue
             try:
-                targets[self.store.user_path(user.domain, user.localpart)] = r
+                path = self.store.user_path(user.domain, user.localpart)
             except ValueError as e:
                 results.append((r, AttemptResult.failed(f"unusable mailbox path: {e}", "5.3.0")))
+                continue
+            if user.quota and (yield self._full(path, user.quota)):
+                results.append((r, AttemptResult.temporary(MAILBOX_FULL, "4.2.2")))
+                continue
+            targets[path] = r
         if not targets:
             return results
         head = f"Return-Path: <{env.sender}>\r\n"
@@ -67,6 +76,14 @@ class QueueLocalDelivery:
                 results.append((r, AttemptResult.temporary(
                     f"cannot write to mailbox: {result.error}", "4.3.0")))
         return results
+
+    def _full(self, path: Path, limit: int) -> defer.Deferred:
+        """Deferred[bool]: the mailbox is at or over `limit` (an unreadable usage is not)."""
+        def failed(f: Failure) -> bool:
+            log.failure("quota usage of {path} unknown; delivering", f, path=str(path))
+            return False
+        return self.store.quota.usage(path, limit).addCallbacks(lambda u: u.bytes >= limit,
+                                                                failed)
 
     def _write(self, targets: list[Path], head: str, message: Path):
         """Thread: start a Maildir delivery and copy the queued file into it."""
