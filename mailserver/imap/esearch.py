@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailserver.imap.parser import Arguments, BadCommand
+from mailserver.imap.parser import Arguments, BadCommand, sequence_text
 
 # RFC 4731 3.1 / RFC 5182 2.1 result options.
 OPTIONS = (b"MIN", b"MAX", b"ALL", b"COUNT", b"SAVE")
@@ -50,15 +50,7 @@ def parse_return(args: Arguments) -> ReturnOptions | None:
 
 def compact_set(numbers: list[int]) -> bytes:
     """Ascending numbers as a sequence-set with ranges: 1:3,5,8:9."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(numbers):
-        j = i
-        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
-            j += 1
-        out.append(b"%d" % numbers[i] if i == j else b"%d:%d" % (numbers[i], numbers[j]))
-        i = j + 1
-    return b",".join(out)
+    return sequence_text(numbers)
 
 
 def esearch_response(tag: bytes, numbers: list[int], options: ReturnOptions,

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mailserver.imap import fetchitems, mime
-from mailserver.imap.parser import Arguments, BadCommand
+from mailserver.imap.parser import Arguments, BadCommand, sequence_text
 from mailserver.maildir import InvalidFolderName, decode_folder_name
 from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern_escaped
 
@@ -27,7 +27,8 @@ _DATE_TIME = re.compile(
     rb"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 _SAFE_ATOM = re.compile(rb"^[!#$&'+-\[^-z|}~]+$")
 UID_ITEM = fetchitems.UID
-STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE")
+STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE",
+                b"HIGHESTMODSEQ")
 
 
 # -- small formatters ----------------------------------------------------------------------
@@ -42,17 +43,7 @@ def quote_mailbox(name: bytes) -> bytes:
     return b'"' + name.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def uid_set(uids: list[int]) -> bytes:
-    """'1:3,7' style, in the order given (COPYUID pairs must line up)."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(uids):
-        j = i
-        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
-            j += 1
-        out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
-        i = j + 1
-    return b",".join(out)
+uid_set = sequence_text   # '1:3,7' style, in the order given
 
 
 def internal_date(ts: float) -> bytes:
@@ -122,6 +113,7 @@ def status_line(folder: Any, items: list[bytes]) -> bytes:
         b"UIDVALIDITY": lambda: folder.uidvalidity,
         b"UNSEEN": lambda: folder.unseen_count,
         b"SIZE": lambda: folder.total_size(),
+        b"HIGHESTMODSEQ": lambda: folder.highestmodseq,   # RFC 7162 3.1.7
     }
     return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
 
@@ -163,6 +155,8 @@ def sets_seen(items: list[Any]) -> bool:
                                                       or item.mime or item.part):
             return True
         if item.type in ("rfc822", "rfc822text"):
+            return True
+        if item.type == "binary" and not item.peek:  # RFC 3516 4.2: as BODY[...]
             return True
     return False
 
@@ -252,8 +246,10 @@ def _body_span(msg: _Message, item: Any) -> tuple[int, int] | None:
     return 0, len(msg.data)
 
 
-def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
-    name = b"BODY[" + _section_name(item) + b"]"
+def section_source(msg: Any, item: Any) -> tuple[Any, int, int]:
+    """(octets, start, end) of the section BODY[...] names (RFC 3501 6.4.5), without the
+    partial range: a span of the message, or the selected header lines.  `msg` has the
+    message's `data` and parsed `root` (FETCH's _Message; CATENATE's URL source)."""
     if item.header is not None and item.header.fields:
         if item.part:
             part = mime.find_part(msg.root, [n + 1 for n in item.part])
@@ -262,19 +258,21 @@ def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
             target = msg.root
         data = b"" if target is None else mime.header_fields(
             msg.data, target, item.header.fields, bool(item.header.negate))
-        span_data: bytes | None = data
-        start, end = 0, len(data)
-    else:
-        span = _body_span(msg, item)
-        span_data = None
-        start, end = span if span is not None else (0, 0)
+        return data, 0, len(data)
+    span = _body_span(msg, item)
+    start, end = span if span is not None else (0, 0)
+    return msg.data, start, end
+
+
+def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
+    name = b"BODY[" + _section_name(item) + b"]"
+    source, start, end = section_source(msg, item)
     if item.partial_begin is not None:
         origin = item.partial_begin
         name += b"<%d>" % origin
         start = min(start + origin, end)
         end = min(start + item.partial_length, end)
     yield name + b" {%d}\r\n" % (end - start)
-    source = span_data if span_data is not None else msg.data
     for pos in range(start, end, CHUNK):
         yield bytes(source[pos:min(pos + CHUNK, end)])
 
@@ -324,6 +322,8 @@ def _cache_key(item: Any) -> str | None:
     if (item.type == "body" and item.header is not None and item.header.fields
             and not item.part and item.partial_begin is None):
         return _header_fields_key(item)
+    if item.type in ("binary", "binarysize"):
+        return _binary_key(item)
     return None
 
 
@@ -348,6 +348,9 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
         yield from _metadata_responses(session, ctx, uids, items, seen_changed)
         return
     wants_flags = any(i.type == "flags" for i in items)
+    wants_modseq = any(i.type == "modseq" for i in items)
+    condstore = getattr(session, "condstore", False)
+    binary = [i for i in items if i.type in ("binary", "binarysize")]
     batch: list[bytes] = []
     size = 0
     for first_row in range(0, len(uids), ROWS_PER_BATCH):
@@ -361,6 +364,11 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                 continue  # expunged by another session; its EXPUNGE comes later
             msg = _Message(session, u)
             try:
+                refusal = _binary_refusal(ctx, msg, u, binary) if binary else None
+                if refusal is not None:
+                    if batch:  # the responses before this one are sent whole
+                        yield b"".join(batch)
+                    raise refusal
                 out = [b"* %d FETCH (" % seq]
                 first = True
                 for item in items:
@@ -380,6 +388,8 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                     # The flags as the row began (\Seen already set): a keyword another
                     # session added while a body streamed is not announced yet.
                     out.append(b" FLAGS " + ctx.flags(info))
+                    if condstore and not wants_modseq:  # RFC 7162 3.1: with its MODSEQ
+                        out.append(b" MODSEQ (%d)" % info.modseq)
                 out.append(b")\r\n")
                 line = b"".join(out)
                 batch.append(line)
@@ -393,13 +403,13 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
         yield b"".join(batch)
 
 
-_METADATA = {"uid", "flags", "internaldate"}
+_METADATA = {"uid", "flags", "internaldate", "modseq"}
 
 
 def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[int],
                         items: list[Any], seen_changed: set[int]) -> Iterator[bytes]:
-    """FETCH of UID/FLAGS/INTERNALDATE only (what clients ask for every folder sync):
-    answered from memory in one tight loop, without per-item dispatch."""
+    """FETCH of UID/FLAGS/INTERNALDATE/MODSEQ only (what clients ask for every folder
+    sync): answered from memory in one tight loop, without per-item dispatch."""
     infos = ctx.folder.info_map()
     kinds = [i.type for i in items]
     batch: list[bytes] = []
@@ -415,6 +425,8 @@ def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[i
                 parts.append(b"UID %d" % u)
             elif kind == "flags":
                 parts.append(b"FLAGS " + ctx.flags(info))
+            elif kind == "modseq":
+                parts.append(b"MODSEQ (%d)" % info.modseq)
             else:
                 parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
         line = b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
@@ -436,6 +448,8 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
         return b"FLAGS " + ctx.flags(info)
     if kind == "internaldate":
         return b"INTERNALDATE " + internal_date(info.internaldate)
+    if kind == "modseq":  # RFC 7162 3.1.4.2
+        return b"MODSEQ (%d)" % info.modseq
     if kind == "rfc822size":
         return b"RFC822.SIZE %d" % _crlf_size(ctx, msg, info)
     if kind == "envelope":
@@ -460,6 +474,8 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
     if kind == "rfc822text":
         _, body = mime.header_end(msg.data, 0, len(msg.data))
         return _labelled(b"RFC822.TEXT", msg, body, None)
+    if kind in ("binary", "binarysize"):
+        return _binary_item(ctx, msg, info, item)
     raise BadCommand(f"unsupported FETCH item {kind}")
 
 
@@ -485,3 +501,91 @@ def vsize_hint_from(folder: Any, info: Any, cached: Any) -> int | None:
     if size is not None:
         return size
     return int(cached) if cached is not None else None
+
+
+# -- BINARY (RFC 3516) ------------------------------------------------------------------------
+
+def _binary_key(item: Any) -> str:
+    """Index key of a section's decoded size and NUL flag: what BINARY.SIZE answers and
+    BINARY needs before it can send its literal's length."""
+    return "bin:" + ".".join(str(n + 1) for n in item.part)
+
+
+def _binary_section(msg: _Message, item: Any) -> tuple[int, int, bytes] | None:
+    """(start, end, transfer encoding) of what BINARY[part] names (RFC 3516 4.2): the
+    part's body with its Content-Transfer-Encoding (a message/rfc822 part: the whole
+    encapsulated message, the spans BODY[part] has); BINARY[] is the whole message, which
+    has no encoding to remove.  None for a part the message does not have."""
+    if not item.part:
+        return 0, len(msg.data), b"binary"
+    part = mime.find_part(msg.root, [n + 1 for n in item.part])
+    if part is None:
+        return None
+    return part.body_start, part.end, mime.transfer_encoding(part)
+
+
+def _binary_refusal(ctx: _FetchContext, msg: _Message, uid: int,
+                    items: list[Any]) -> Exception | None:
+    """RFC 3516 4.3: NO [UNKNOWN-CTE] when a section's encoding cannot be removed.  A
+    section whose facts are in the index was decoded before: no need to look again."""
+    for item in items:
+        if ctx.cached.get(_binary_key(item), {}).get(uid) is not None:
+            continue
+        section = _binary_section(msg, item)
+        if section is not None and mime.decoder_for(section[2]) is None:
+            from mailserver.imap.server import CommandFailed
+
+            name = b".".join(b"%d" % (n + 1) for n in item.part)
+            return CommandFailed(b"[UNKNOWN-CTE] Cannot decode the transfer encoding of "
+                                 b"section " + (name or b"[]"))
+    return None
+
+
+def _binary_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:
+    """BINARY[part]<partial> or BINARY.SIZE[part] (RFC 3516 4.2, 4.3)."""
+    numbers = b".".join(b"%d" % (n + 1) for n in item.part)
+
+    def facts() -> bytes:  # one decoding pass; kept in the index for the next time
+        section = _binary_section(msg, item)
+        if section is None:
+            return b"0 0"
+        size, nul = mime.decoded_facts(msg.data, *section)
+        return b"%d %d" % (size, nul)
+
+    size_text, nul_text = ctx.get(info.uid, _binary_key(item), facts).split()
+    size = int(size_text)
+    if item.type == "binarysize":
+        return b"BINARY.SIZE[" + numbers + b"] %d" % size
+    return _binary_chunks(msg, item, numbers, size, nul_text == b"1")
+
+
+def _binary_chunks(msg: _Message, item: Any, numbers: bytes, size: int,
+                   nul: bool) -> Iterator[bytes]:
+    """The decoded section as a literal, streamed: decoded a piece at a time, so a large
+    base64 attachment never sits in memory whole.  A literal8 (~{n}) when the decoded
+    section holds a NUL, else a plain literal (RFC 3516 4.3)."""
+    name = b"BINARY[" + numbers + b"]"
+    begin, stop = 0, size
+    if item.partial_begin is not None:  # offsets in the decoded data (RFC 3516 4.2)
+        name += b"<%d>" % item.partial_begin
+        begin = min(item.partial_begin, size)
+        stop = min(begin + item.partial_length, size)
+    yield name + (b" ~{%d}\r\n" if nul else b" {%d}\r\n") % (stop - begin)
+    if stop <= begin:
+        return
+    section = _binary_section(msg, item)
+    if section is None:
+        return
+    pos = 0
+    sent = 0
+    for piece in mime.decoded_chunks(msg.data, *section):
+        piece_end = pos + len(piece)
+        if piece_end > begin:
+            chunk = piece[max(begin - pos, 0):stop - pos]
+            sent += len(chunk)
+            yield chunk
+        pos = piece_end
+        if pos >= stop:
+            break
+    if sent != stop - begin:  # the file changed under a cached size: keep the framing
+        yield b"\0" * (stop - begin - sent) if nul else b" " * (stop - begin - sent)

@@ -7,7 +7,7 @@ avatar is this small interface of our own rather than twisted.mail's IAccount.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
@@ -45,16 +45,19 @@ class IIMAPAccount(Interface):
         """Remove a subscription."""
 
     def measure_usage() -> defer.Deferred:
-        """Deferred[int]: octets used by every folder, counted again."""
+        """Deferred[int]: octets used by every folder (the store's shared usage)."""
 
     def cached_size() -> int:
         """The last known usage, for a quota check without the disk."""
 
-    def add_usage(octets: int) -> None:
-        """Count octets added since the last measurement."""
+    def add_usage(octets: int, count: int = 1) -> None:
+        """Count messages added (APPEND, COPY)."""
+
+    def expunging(folder: Any) -> Callable[[list[int]], list[int]]:
+        """Before an EXPUNGE of `folder`: the callback that counts off what it removed."""
 
     def refresh_usage() -> defer.Deferred:
-        """Measure the usage again, in a thread."""
+        """Read the usage again if it is old (at login)."""
 
     def logout() -> None:
         """The session ended."""
@@ -68,7 +71,6 @@ class IMAPAccount:
         self.user = user
         self.account = account
         self.quota = quota
-        self._size: int | None = None
 
     # -- what the session uses ----------------------------------------------------------
 
@@ -83,6 +85,8 @@ class IMAPAccount:
 
     def delete_folder(self, name: str) -> None:
         self.account.delete_folder(name)
+        # Its messages go without a change line each: count the Maildir again.
+        self._quota.recalculate_soon(self.account.path)
 
     def rename_folder(self, old: str, new: str) -> None:
         self.account.rename_folder(old, new)
@@ -90,27 +94,35 @@ class IMAPAccount:
     def subscriptions(self) -> list[str]:
         return self.account.subscriptions()
 
+    # -- quota (RFC 2087, RFC 5530 OVERQUOTA): the usage every service shares ------------
+    # (MaildirStore.quota over the Maildir's maildirsize), so IMAP, SMTP and the queue
+    # agree, across sessions, processes and restarts.
+
+    @property
+    def _quota(self) -> Any:
+        return self.account.store.quota
+
     def measure_usage(self) -> defer.Deferred:
-        """Count the usage again: open folders from the reactor's state, the others by a
-        directory walk in a thread (MailAccount.usage); also refreshes cached_size."""
-        def measured(size: int) -> int:
-            self._size = size
-            return size
-        return self.account.usage().addCallback(measured)
+        """Octets used (GETQUOTA): from memory when fresh, else read in a thread."""
+        return self._quota.usage(self.account.path, self.quota).addCallback(lambda u: u.bytes)
 
     def cached_size(self) -> int:
-        """Last known usage, for a quick quota check without touching the disk."""
-        return self._size or 0
+        """Last known usage, for a quick quota check without touching the disk (an old
+        one is read again in the background)."""
+        usage = self._quota.peek(self.account.path)
+        return usage.bytes if usage is not None else 0
 
-    def add_usage(self, octets: int) -> None:
-        if self._size is not None:
-            self._size += octets
+    def add_usage(self, octets: int, count: int = 1) -> None:
+        self._quota.changed(self.account.path, octets, count)
+
+    def expunging(self, folder: Any) -> Callable[[list[int]], list[int]]:
+        return self._quota.expunging(folder)
 
     def refresh_usage(self) -> defer.Deferred:
-        """Recount the usage (at login and after removals) when a quota is set."""
+        """Have the usage in memory for the first APPEND (at login), when a quota is set."""
         if self.quota is None:
             return defer.succeed(None)
-        return self.measure_usage()
+        return self._quota.usage(self.account.path, self.quota).addErrback(lambda f: None)
 
     def logout(self) -> None:
         pass

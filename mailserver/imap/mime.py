@@ -12,7 +12,7 @@ import binascii
 import mmap
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple, Sequence
+from typing import BinaryIO, Iterator, NamedTuple, Sequence
 
 MAX_DEPTH = 20
 MAX_PARTS = 5000
@@ -724,3 +724,129 @@ def header_fields(data, part: Part, names: Sequence[bytes], negate: bool) -> byt
         if (m.group(1).lower() in wanted) != negate:
             out.append(field_ if field_.endswith(b"\r\n") else field_ + b"\r\n")
     return b"".join(out) + b"\r\n"
+
+
+# -- Content-Transfer-Encoding decoding (RFC 2045 6, for RFC 3516 BINARY) -------------------
+
+DECODE_CHUNK = 64 * 1024  # encoded octets decoded at a time
+IDENTITY_ENCODINGS = frozenset({b"7bit", b"8bit", b"binary"})
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_NOT_ALPHABET = bytes(c for c in range(256) if c not in _B64_ALPHABET and c != ord("="))
+_QP_MAX_PENDING = 4096  # a quoted-printable line longer than this is decoded in pieces
+
+
+class Base64Decoder:
+    """RFC 2045 6.8 base64, fed in pieces: characters outside the alphabet are ignored,
+    and the first "=" ends the data (6.8: padding only comes at the end).  Decoding the
+    same input in any split gives the same octets; a trailing group of 2 or 3
+    characters gives its 1 or 2 octets, a single stray character none."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._ended:
+            return b""
+        clean = data.translate(None, _B64_NOT_ALPHABET)
+        pad = clean.find(b"=")
+        if pad >= 0:
+            clean = clean[:pad]
+            self._ended = True
+        if self._pending:
+            clean = self._pending + clean
+        usable = len(clean) - len(clean) % 4
+        self._pending = clean[usable:]
+        out = binascii.a2b_base64(clean[:usable]) if usable else b""
+        if self._ended:
+            out += self.flush()
+        return out
+
+    def flush(self) -> bytes:
+        tail, self._pending = self._pending, b""
+        if len(tail) < 2:
+            return b""
+        return binascii.a2b_base64(tail + b"=" * (4 - len(tail)))
+
+
+class QuotedPrintableDecoder:
+    """RFC 2045 6.7 quoted-printable, fed in pieces: decoded a line at a time (a soft
+    line break or an "=XX" never straddles two calls); a line without an end is held back
+    up to _QP_MAX_PENDING octets, then decoded up to a point outside any "=" escape."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._pending + data if self._pending else data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) > _QP_MAX_PENDING:
+            cut = len(data)
+            while cut > len(data) - 3 and b"=" in data[cut - 2:cut]:
+                cut -= 1  # not inside "=XX" nor before a soft break's line end
+        self._pending = data[cut:]
+        return binascii.a2b_qp(data[:cut]) if cut else b""
+
+    def flush(self) -> bytes:
+        tail, self._pending = self._pending, b""
+        return binascii.a2b_qp(tail) if tail else b""
+
+
+class IdentityDecoder:
+    """7bit, 8bit and binary: the octets as they are (RFC 2045 6.2)."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def transfer_encoding(part: Part) -> bytes:
+    """The part's Content-Transfer-Encoding, lower-case; 7bit when it has none."""
+    value = part.header(b"content-transfer-encoding")
+    value = value.strip().lower() if value else b""
+    return value or b"7bit"
+
+
+def decoder_for(encoding: bytes) -> Base64Decoder | QuotedPrintableDecoder | IdentityDecoder | None:
+    """A decoder for a Content-Transfer-Encoding (as transfer_encoding gives it); None for
+    one this server cannot decode (RFC 3516 4.3: answered NO [UNKNOWN-CTE])."""
+    if encoding in IDENTITY_ENCODINGS:
+        return IdentityDecoder()
+    if encoding == b"base64":
+        return Base64Decoder()
+    if encoding == b"quoted-printable":
+        return QuotedPrintableDecoder()
+    return None
+
+
+def decoded_chunks(data: bytes | mmap.mmap, start: int, end: int,
+                   encoding: bytes) -> Iterator[bytes]:
+    """data[start:end] with `encoding` removed, in pieces of at most about DECODE_CHUNK
+    octets (empty pieces left out): a large part is never decoded whole in memory.  The
+    pieces are the same for the same input, so sizes measured from them match what is
+    later sent.  ValueError for an unknown encoding."""
+    decoder = decoder_for(encoding)
+    if decoder is None:
+        raise ValueError(f"unknown Content-Transfer-Encoding {encoding!r}")
+    for pos in range(start, end, DECODE_CHUNK):
+        out = decoder.feed(bytes(data[pos:min(pos + DECODE_CHUNK, end)]))
+        if out:
+            yield out
+    out = decoder.flush()
+    if out:
+        yield out
+
+
+def decoded_facts(data: bytes | mmap.mmap, start: int, end: int,
+                  encoding: bytes) -> tuple[int, bool]:
+    """(decoded size, whether it holds a NUL) of data[start:end] under `encoding`, in one
+    streaming pass (no decoding at all for the identity encodings)."""
+    if encoding in IDENTITY_ENCODINGS:
+        return end - start, data.find(b"\0", start, end) >= 0
+    size, nul = 0, False
+    for piece in decoded_chunks(data, start, end, encoding):
+        size += len(piece)
+        nul = nul or b"\0" in piece
+    return size, nul

@@ -89,6 +89,20 @@ class SequenceSet:
         return sorted(set(out)) if len(self.ranges) > 1 else out
 
 
+def sequence_text(numbers: list[int]) -> bytes:
+    """Numbers as a sequence set, '1:3,7' style, runs of consecutive numbers as ranges, in
+    the order given (COPYUID pairs must line up)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(b"%d" % numbers[i] if i == j else b"%d:%d" % (numbers[i], numbers[j]))
+        i = j + 1
+    return b",".join(out)
+
+
 def parse_sequence_set(text: bytes) -> SequenceSet:
     if not text or not _SEQ.fullmatch(text):
         raise BadCommand("invalid sequence set")

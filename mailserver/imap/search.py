@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.imap import mime
+from mailserver.imap.condstore import parse_modseq
 from mailserver.imap.fetch import vsize_hint_from
 from mailserver.maildir.index import SEARCH_COLUMNS
 from mailserver.maildir.sizes import VSIZE_KEY
@@ -240,16 +241,19 @@ class Query:
     """A compiled search key: its predicate and what it needs beyond the folder's memory.
 
     `flag_tests` is set when the key is only a conjunction of flag tests (UNSEEN, DELETED
-    UNDELETED, ...), which has a fast path without per-message objects.
+    UNDELETED, ...), which has a fast path without per-message objects.  `modseq` says a
+    MODSEQ key is in it (RFC 7162 3.1.6: the response then tells the highest mod-sequence).
     """
 
     def __init__(self, predicate: Predicate, needs_size: bool = False,
                  fields: list[FieldTest] | None = None,
-                 flag_tests: list[tuple[str, bool]] | None = None) -> None:
+                 flag_tests: list[tuple[str, bool]] | None = None,
+                 modseq: bool = False) -> None:
         self.predicate = predicate
         self.fields = fields or []
         self.needs_size = needs_size
         self.flag_tests = flag_tests
+        self.modseq = modseq
 
 
 def parse_search(args: Arguments) -> Query:
@@ -283,7 +287,7 @@ def _and(keys: list[Query]) -> Query:
 def _combine(predicate: Predicate, keys: list[Query],
              flag_tests: list[tuple[str, bool]] | None = None) -> Query:
     return Query(predicate, any(k.needs_size for k in keys),
-                 [f for k in keys for f in k.fields], flag_tests)
+                 [f for k in keys for f in k.fields], flag_tests, any(k.modseq for k in keys))
 
 
 def _field_key(field: str, needle: str | None = None,
@@ -381,6 +385,18 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         args.space()
         uidset = args.sequence_set()
         return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid))
+    if word == b"MODSEQ":  # RFC 7162 3.1.5
+        args.space()
+        if args.peek() == b'"':
+            # entry-name entry-type-req: one mod-sequence per message here, whatever flag
+            # the entry names.
+            args.string()
+            args.space()
+            if args.atom().lower() not in (b"priv", b"shared", b"all"):
+                raise BadCommand("invalid MODSEQ entry type")
+            args.space()
+        least = parse_modseq(args)
+        return Query(lambda r: r.info.modseq >= least, modseq=True)
     raise BadCommand(f"unknown search key {word.decode('ascii', 'replace')}")
 
 

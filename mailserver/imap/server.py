@@ -13,7 +13,10 @@ clients cannot use replaced:
 - IDLE ends only on DONE; STARTTLS discards anything pipelined behind it;
 - FETCH answers from the folder index and exact file bytes (header order, repeated and
   8-bit headers kept), honours partial fetches, and streams large bodies;
-- SELECT/EXAMINE send [UIDNEXT], [PERMANENTFLAGS] and [UNSEEN]; error codes are bytes;
+- SELECT/EXAMINE send [UIDNEXT], [PERMANENTFLAGS], [UNSEEN] and [HIGHESTMODSEQ]; error
+  codes are bytes;
+- CONDSTORE and QRESYNC (RFC 7162, imap/condstore.py): mod-sequences from the folder's
+  memory, VANISHED from its expunge memory;
 - a keyword defined after SELECT (by any session or process) is announced in FLAGS and
   PERMANENTFLAGS before any FETCH shows it, between two responses of a streaming FETCH.
 """
@@ -40,10 +43,13 @@ from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
 from mailserver.imap import listing as L
+from mailserver.imap.append import APPEND_CAPABILITIES, AppendCommand, AppendCommands, is_append
+from mailserver.imap.compress import COMPRESS_CAPABILITY, CompressCommands
 from mailserver.imap import search as S
 from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
 from mailserver.imap.sorting import SORT_CAPABILITIES, SortingCommands
+from mailserver.imap import condstore as C
 from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
                                 encode_folder_name)
 
@@ -120,7 +126,8 @@ class CommandFailed(Exception):
         self.status = status
 
 
-class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
+class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressCommands,
+                  LimitedProtocolMixin, imap4.IMAP4Server):
     log = Logger()
     IDENT = b"IMAP4rev1 ready"
 
@@ -133,7 +140,8 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         self._parts: list[bytes] = []       # the command being assembled
         self._literal_left = 0
         self._literal_sink: Any = None      # bytearray, or an AppendWriter for APPEND
-        self._append_writer: Any = None
+        self._append_writer: Any = None     # the APPEND being assembled (AppendCommand)
+        self._input_held = False            # CATENATE: input waits for a URL's copy
         self._discard = False               # skipping the rest of a refused command
         self._queue: list[tuple[list[bytes], Any]] = []
         self._busy = False
@@ -211,9 +219,12 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     def capability_list(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
                 b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
-                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", *SORT_CAPABILITIES]
+                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", *SORT_CAPABILITIES,
+                *C.CONDSTORE_CAPABILITIES, *APPEND_CAPABILITIES]
         if self.canStartTLS and not self.tls_active:
             caps.append(b"STARTTLS")
+        if self.user is not None:
+            caps.append(COMPRESS_CAPABILITY)  # RFC 4978: once authenticated
         if self.user is None:
             if self.plaintext_allowed():
                 caps += [b"AUTH=" + m.encode() for m in sasl.MECHANISMS]
@@ -224,11 +235,14 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     # -- input: assembling commands from lines and literals --------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._inflater is not None:  # RFC 4978 3: compressed after COMPRESS
+            self._compressed_input(data)
+            return
         self._buffer = self._buffer + data if self._buffer else data
         self._drain_input()
 
     def _drain_input(self) -> None:
-        while self._buffer and not self._closing:
+        while self._buffer and not self._closing and not self._input_held:
             if self._literal_left:
                 self._take_literal()
                 continue
@@ -296,7 +310,9 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         if refusal is not None:
             return self._refuse_command(refusal, non_sync, size)
         self._start_literal(size, sink)
-        if not non_sync:
+        if self._append_writer is not None and self._append_writer.copying():
+            self._literal_after_copies(non_sync, size)  # RFC 4469: URL octets go first
+        elif not non_sync:
             self.send(b"+ Ready for literal data\r\n")
 
     def _start_literal(self, size: int, sink: Any) -> None:
@@ -330,26 +346,11 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         self._discard = False
 
     def _literal_sink_for(self, size: int) -> tuple[bytes | None, Any]:
-        """Where a literal goes: APPEND's message streams to the folder; others to memory."""
-        append = F.append_target(self._parts) if self.user else None
-        if append is not None:
-            name, flags, date = append
-            if size > self.context.limits.max_message_size:
-                return b"[TOOBIG] Message too large", None
-            try:
-                folder = self.imap_account.folder(name)  # type: ignore[union-attr]
-            except (NoSuchFolder, InvalidFolderName):
-                return b"[TRYCREATE] No such mailbox", None
-            over = self._over_quota(size)
-            if over:
-                return over, None
-            try:
-                flags_set = self._parse_flags(flags)
-                when = F.parse_date_time(date) if date is not None else None
-            except BadCommand as e:
-                return b"BAD " + str(e).encode(), None
-            self._append_writer = folder.begin_append(flags_set, when)
-            return None, self._append_writer
+        """Where a literal goes: APPEND's messages stream to the folder; others to memory."""
+        if self._append_writer is None and self.user and is_append(self._parts):
+            self._append_writer = AppendCommand(self)
+        if self._append_writer is not None:
+            return self._append_writer.literal_sink(self._parts, size)
         if size > MAX_LITERAL:
             return b"BAD Literal too large", None
         return None, bytearray()
@@ -628,15 +629,27 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     def cmd_auth_SELECT(self, tag: bytes, args: Arguments, readonly: bool = False) -> defer.Deferred:
         args.space()
         name = self._mailbox_name(args)
-        args.end()
+        condstore, qresync = C.parse_select_params(args)  # RFC 7162 3.1.8, 3.2.5
+        if qresync is not None and not self.qresync:
+            raise BadCommand("QRESYNC is not enabled")
+        if self.folder is not None and self.qresync:
+            self.untagged(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         self._deselect()
+        if condstore:
+            self.enable_condstore()
         folder = self.imap_account.folder(name)  # type: ignore[union-attr]
-        return folder.refresh().addCallback(lambda _: self._selected(tag, folder, readonly, name))
+        d = folder.refresh()
+        if qresync is None:
+            return d.addCallback(lambda _: self._selected(tag, folder, readonly, name))
+        d.addCallback(lambda _: self.qresync_prepare(folder, qresync))
+        return d.addCallback(lambda plan: None if self._closing
+                             else self._selected(tag, folder, readonly, name, plan))
 
     def cmd_auth_EXAMINE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         return self.cmd_auth_SELECT(tag, args, readonly=True)
 
-    def _selected(self, tag: bytes, folder: Any, readonly: bool, folder_name: str) -> None:
+    def _selected(self, tag: bytes, folder: Any, readonly: bool, folder_name: str,
+                  qresync: C.QresyncPlan | None = None) -> defer.Deferred | None:
         self.folder = folder
         self._selected_name = folder_name
         self.readonly = readonly
@@ -656,8 +669,14 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
             self.untagged(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
         self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
-        self.tagged(tag, b"OK", b"[READ-ONLY] EXAMINE completed" if readonly
-                    else b"[READ-WRITE] SELECT completed")
+        # RFC 7162 3.1.2.1: with every SELECT/EXAMINE (all our folders keep mod-sequences).
+        self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % folder.highestmodseq)
+        text = b"[READ-ONLY] EXAMINE completed" if readonly else b"[READ-WRITE] SELECT completed"
+        sending = self.qresync_answer(qresync) if qresync is not None else None
+        if sending is None:
+            self.tagged(tag, b"OK", text)
+            return None
+        return sending.addCallback(lambda _: self.tagged(tag, b"OK", text))
 
     def _flag_responses(self, keywords: tuple[str, ...]) -> bytes:
         """The untagged FLAGS (RFC 3501 7.2.6) and OK [PERMANENTFLAGS] (7.1) responses for
@@ -803,6 +822,8 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         for item in items:
             if item not in F.STATUS_ITEMS:
                 raise BadCommand(f"unknown STATUS item {item.decode('ascii', 'replace')}")
+        if b"HIGHESTMODSEQ" in items:  # RFC 7162 3.1.7: a CONDSTORE enabling command
+            self.enable_condstore()
         return self._status(name, items).addCallback(
             lambda status: (self.untagged(b"STATUS " + self._wire_name(name) + b" " + status),
                             self.done(tag, b"STATUS completed")))
@@ -811,35 +832,6 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         folder = self.imap_account.folder(name)  # type: ignore[union-attr]
         return folder.refresh().addCallback(lambda _: F.status_line(folder, items))
 
-    def cmd_auth_APPEND(self, tag: bytes, args: Arguments, writer: Any = None) -> defer.Deferred | None:
-        args.space()
-        name = self._mailbox_name(args)
-        args.space()
-        flags, date = F.append_options(args)
-        if writer is None:
-            # A message that came as a quoted string or an empty literal.
-            message = args.string()
-            args.end()
-            folder = self.imap_account.folder(name)  # type: ignore[union-attr]
-            writer = folder.begin_append(self._parse_flags(flags),
-                                         F.parse_date_time(date) if date else None)
-            writer.write(message)
-        else:
-            args.string()
-            args.end()
-        if writer.size == 0:
-            writer.abort()
-            raise BadCommand("empty message")
-        folder = self.imap_account.folder(name)  # type: ignore[union-attr]
-
-        def appended(info: Any) -> None:
-            self.imap_account.add_usage(info.size)  # type: ignore[union-attr]
-            self.log.info("imap {user} appended uid {uid} to {folder} size {size}",
-                          user=self.user, uid=info.uid, folder=name, size=info.size)
-            self.done(tag, b"[APPENDUID %d %d] APPEND completed" % (folder.uidvalidity, info.uid))
-
-        return writer.commit().addCallback(appended)
-
     def cmd_auth_NAMESPACE(self, tag: bytes, args: Arguments) -> None:  # RFC 2342
         args.end()
         self.untagged(b'NAMESPACE (("" ".")) NIL NIL')
@@ -847,8 +839,12 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
 
     def cmd_auth_ENABLE(self, tag: bytes, args: Arguments) -> None:  # RFC 5161
         args.space()
-        args.rest()
-        self.untagged(b"ENABLED")
+        names = [args.atom().upper()]
+        while args.maybe_space():
+            names.append(args.atom().upper())
+        args.end()
+        enabled = self.enable(names)  # RFC 7162 3.1.1, 3.2.3; anything else is ignored
+        self.untagged(b" ".join([b"ENABLED", *enabled]))
         self.done(tag, b"ENABLE completed")
 
     def cmd_auth_GETQUOTAROOT(self, tag: bytes, args: Arguments) -> defer.Deferred:  # RFC 2087
@@ -945,7 +941,8 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         if readonly:
             self.tagged(tag, b"OK", b"CLOSE completed")
             return None
-        return folder.expunge(None, origin=self).addCallback(
+        counted = self.imap_account.expunging(folder)  # type: ignore[union-attr]
+        return folder.expunge(None, origin=self).addCallback(counted).addCallback(
             lambda _: self.tagged(tag, b"OK", b"CLOSE completed"))
 
     def cmd_select_UNSELECT(self, tag: bytes, args: Arguments) -> None:  # RFC 3691
@@ -965,15 +962,22 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
             restrict = uidset.select(self.view, self.view[-1] if self.view else 0)
         args.end()
         self._require_writable()
-        return self.folder.expunge(restrict, origin=self).addCallback(
-            lambda uids: (self._announce_expunged(uids), self._usage_changed(uids),
-                          self.done(tag, b"EXPUNGE completed")))
+        counted = self.imap_account.expunging(self.folder)  # type: ignore[union-attr]
+        return self.folder.expunge(restrict, origin=self).addCallback(counted).addCallback(
+            lambda uids: (self._announce_expunged(uids),
+                          self.done(tag, self._expunge_text())))
 
-    def _usage_changed(self, removed: list[int]) -> None:
-        if removed and self.imap_account is not None:
-            self.imap_account.refresh_usage()
+    def _expunge_text(self) -> bytes:
+        """RFC 7162 3.2.7: once QRESYNC is enabled, EXPUNGE's OK tells HIGHESTMODSEQ (the
+        expunged messages have no FETCH to carry it)."""
+        if self.qresync and self.folder is not None:
+            return b"[HIGHESTMODSEQ %d] EXPUNGE completed" % self.folder.highestmodseq
+        return b"EXPUNGE completed"
 
     def _announce_expunged(self, uids: list[int]) -> None:
+        if self.qresync:  # RFC 7162 3.2.10: VANISHED, never EXPUNGE
+            self.announce_vanished(uids)
+            return
         for u in sorted(uids):
             seq = self._seq_of(u)
             if seq is None:
@@ -1024,6 +1028,8 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
         args.space()
         query = S.parse_search(args)
+        if query.modseq:  # RFC 7162 3.1.5: a CONDSTORE enabling command
+            self.enable_condstore()
         matches = S.search(self, query)
 
         def answer(found: list[int]) -> None:
@@ -1031,7 +1037,12 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
                 nums = found
             else:
                 nums = [self._seq_of(u) for u in found]
-            self.untagged(("SEARCH " + " ".join(map(str, nums))).rstrip().encode())
+            line = ("SEARCH " + " ".join(map(str, nums))).rstrip().encode()
+            infos = [self.folder.by_uid(u) for u in found] if query.modseq else []
+            highest = max((i.modseq for i in infos if i is not None), default=0)
+            if highest:  # RFC 7162 3.1.6: the highest mod-sequence of what matched
+                line += b" (MODSEQ %d)" % highest
+            self.untagged(line)
             self.done(tag, b"SEARCH completed", expunges=uid)
 
         return matches.addCallback(answer)
@@ -1040,14 +1051,30 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         args.space()
         seqset = args.sequence_set()
         args.space()
-        items = F.parse_fetch_items(args.rest())
+        text, modifiers = C.split_fetch_modifiers(args.rest())
+        items = F.parse_fetch_items(text)
+        mods = C.parse_fetch_modifiers(modifiers)  # RFC 7162 3.1.4.1, 3.2.6
+        if mods.vanished and not (uid and self.qresync):
+            raise BadCommand("VANISHED needs UID FETCH and ENABLE QRESYNC")
         uids = self._resolve(seqset, uid)
         if uid and not any(i.type == "uid" for i in items):
             items.insert(0, F.UID_ITEM)
+        if mods.changedsince is not None or any(i.type == "modseq" for i in items):
+            self.enable_condstore()  # RFC 7162 3.1
+        if mods.changedsince is not None:
+            uids = self.folder.changed_since(mods.changedsince, uids)
+            if not any(i.type == "modseq" for i in items):
+                items.append(C.MODSEQ_ITEM)
         marks = [] if self.readonly else [u for u in uids if F.sets_seen(items)
                                           and "\\Seen" not in self._flags_of(u)]
-        d = self.folder.store_flags(marks, {"\\Seen"}, "add", origin=self) if marks \
-            else defer.succeed([])
+        if mods.vanished:  # VANISHED (EARLIER) first (RFC 7162 3.2.6)
+            largest = max(self.view[-1] if self.view else 0, self.folder.uidnext - 1)
+            d = self.vanished_earlier(mods.changedsince or 0,
+                                      C.uid_set_ranges(seqset, largest))
+        else:
+            d = defer.succeed(None)
+        d.addCallback(lambda _: self.folder.store_flags(marks, {"\\Seen"}, "add", origin=self)
+                      if marks else [])
 
         def stream(changed: list[Any]) -> defer.Deferred:
             changed_uids = {m.uid for m in changed}
@@ -1082,6 +1109,7 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         args.space()
         seqset = args.sequence_set()
         args.space()
+        unchanged_since = C.parse_store_modifiers(args)  # RFC 7162 3.1.3
         item = args.atom().upper()
         args.space()
         flags = self._parse_flags(args.flag_list())
@@ -1093,23 +1121,45 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
             raise BadCommand("invalid STORE item")
         self._require_writable()
         uids = self._resolve(seqset, uid)
+        if unchanged_since is None:
+            d = self.folder.store_flags(uids, flags, mode, origin=self).addCallback(
+                lambda changed: (changed, []))
+        else:
+            self.enable_condstore()  # RFC 7162 3.1
+            d = self.folder.conditional_store(uids, flags, mode, unchanged_since, origin=self)
 
-        def stored(changed: list[Any]) -> None:
+        def stored(result: tuple[list[Any], list[int]]) -> None:
+            changed, conflicts = result
             if not silent:  # RFC 3501 6.4.6: the new flags of every message named
+                refused = set(conflicts)
                 for u in uids:
-                    if self.folder.by_uid(u) is not None:
+                    if u not in refused and self.folder.by_uid(u) is not None:
                         self._send_flags(u)
+            elif self.condstore:  # RFC 7162 3.1.3: .SILENT still tells the new MODSEQ
+                for info in changed:
+                    self._send_flags(info.uid, silent=True)
+            # RFC 7162 3.1.3: what failed UNCHANGEDSINCE
+            named = conflicts if uid else [n for n in map(self._seq_of, conflicts) if n]
+            if named:
+                self.done(tag, b"[MODIFIED %s] Conditional STORE failed"
+                          % F.uid_set(sorted(named)), expunges=uid)
+                return
             self.done(tag, b"STORE completed", expunges=uid)
 
-        return self.folder.store_flags(uids, flags, mode, origin=self).addCallback(stored)
+        return d.addCallback(stored)
 
-    def _send_flags(self, u: int) -> None:
+    def _send_flags(self, u: int, silent: bool = False) -> None:
+        """An untagged FETCH about message `u`'s flags; with MODSEQ once CONDSTORE-aware
+        (RFC 7162 3.1), and only that (with UID) for a .SILENT STORE."""
         seq = self._seq_of(u)
         if seq is None:
             return
+        if silent:
+            self.untagged(b"%d FETCH (UID %d%s)" % (seq, u, self.modseq_suffix(u)))
+            return
         self._announce_keywords()
         flags = F.flag_list(sorted(f.encode() for f in self._flags_of(u)))
-        self.untagged(b"%d FETCH (UID %d FLAGS %s)" % (seq, u, flags))
+        self.untagged(b"%d FETCH (UID %d FLAGS %s%s)" % (seq, u, flags, self.modseq_suffix(u)))
 
     def cmd_select_COPY(self, tag: bytes, args: Arguments, uid: bool = False,
                         move: bool = False) -> defer.Deferred:
@@ -1126,7 +1176,9 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
         except NoSuchFolder:
             raise CommandFailed(b"[TRYCREATE] No such mailbox") from None
         size = sum(self.folder.by_uid(u).size for u in uids if self.folder.by_uid(u))
-        over = self._over_quota(size)
+        # A MOVE within the account adds nothing (RFC 6851; Dovecot does not check it
+        # either): a full mailbox can still move mail to Trash.
+        over = None if move else self._over_quota(size)
         if over:
             raise CommandFailed(over)
         if not uids:
@@ -1135,7 +1187,9 @@ class IMAPSession(SortingCommands, LimitedProtocolMixin, imap4.IMAP4Server):
 
         def copied(pairs: list[tuple[int, int]]) -> Any:
             if not move:
-                self.imap_account.add_usage(size)  # type: ignore[union-attr]
+                added = [i for i in (dest.by_uid(d) for _, d in pairs) if i is not None]
+                self.imap_account.add_usage(sum(i.size for i in added),  # type: ignore[union-attr]
+                                            len(added))
             code = b"COPYUID %d %s %s" % (dest.uidvalidity, F.uid_set([s for s, _ in pairs]),
                                           F.uid_set([d for _, d in pairs]))
             if not move:

@@ -23,12 +23,26 @@ timestamp granularity would not move it.
 The first open of a large folder stats each file once (its mtime is the internal date);
 sizes come from the ",S=" field of the name.  Both go to the folder's index (index.py),
 so the next open, in this process or a new one, needs no per-message stat at all.
+
+Mod-sequences (RFC 7162 CONDSTORE/QRESYNC) live in memory with the messages and in our own
+index only; nothing Dovecot reads changes.  Every change the folder applies gets one new
+value for all it touches: a flag change (ours, another session's, or a rename by another
+process found by a scan), a new message, an expunge (remembered as a vanished uid).  A
+value is the current time in microseconds, or the last one plus one when that is not
+above it, so values only grow, also across restarts, and without a durable write per
+change: whatever a crash or a deleted index loses was handed out before the restart, and
+everything after it is above it.  (At one change per microsecond that floor stays ahead
+of the count; a clock set back is covered while the index's highest value survives.)
+A message whose file name differs from the name stored with its mod-sequence (renamed
+while we were not looking, or our write was lost) gets a new value when the folder opens.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +130,7 @@ class MessageInfo:
 
     `recent` says the message got its uid from this process (it arrived or was moved out
     of new/ while the server ran); which session sees it \\Recent is `claim_recent`'s job.
+    `modseq` is the mod-sequence of its last change (RFC 7162 3.1).
     """
 
     uid: int
@@ -126,6 +141,7 @@ class MessageInfo:
     size: int
     internaldate: float
     recent: bool = False
+    modseq: int = 0
 
 
 @dataclass
@@ -183,6 +199,7 @@ class _Edit:
     expunged: list[int] = field(default_factory=list)          # removed by this edit
     added: list[MessageInfo] = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    conflicts: list[int] = field(default_factory=list)         # failed UNCHANGEDSINCE
     uidnext: int | None = None
     stamps: tuple[Any, ...] | None = None  # the disk as this edit left it, if nothing else moved
 
@@ -224,6 +241,15 @@ class Folder:
         self._dirty = False
         self._index = FolderIndex(self.path)
         self._index_generation = 0
+        # RFC 7162: what HIGHESTMODSEQ says (reactor), and the last mod-sequence handed out
+        # (by work holding the folder lock, or an inline edit: never two at once).
+        self.highestmodseq = 0
+        self._modseq_issued = 0
+        # Reactor side: (modseq, uid) of every change applied since the folder was loaded,
+        # ascending; every message whose mod-sequence is above the floor is in it, so
+        # CHANGEDSINCE a recent value is a bisection, not a pass over the folder.
+        self._modseq_log: list[tuple[int, int]] = []
+        self._modseq_log_floor = 0
         # Thread side (under the folder lock): flags of an info suffix, per keyword table.
         self._letters_cache: dict[str, frozenset[str]] = {}
         self._list_cache: list[MessageInfo] | None = None
@@ -282,6 +308,42 @@ class Folder:
 
     def by_uid(self, uid: int) -> MessageInfo | None:
         return self._infos.get(uid)
+
+    # -- mod-sequences (RFC 7162) --------------------------------------------------------------
+
+    def changed_since(self, modseq: int, uids: Sequence[int] | None = None) -> list[int]:
+        """The uids (ascending) whose mod-sequence is above `modseq`, among `uids`
+        (ascending) or in the whole folder: CHANGEDSINCE answered from memory, from the
+        change log when it reaches back to `modseq` (a client that synchronised since
+        the folder was loaded), else by a pass over the messages."""
+        get = self._infos.get
+        if modseq >= self._modseq_log_floor:
+            log = self._modseq_log
+            found = sorted({u for _, u in log[bisect.bisect_right(log, (modseq, _NO_UID)):]
+                            if (i := get(u)) is not None and i.modseq > modseq})
+            if uids is None:
+                return found
+            if len(found) <= len(uids):
+                return [u for u in found if _has(uids, u)]
+        elif uids is None:
+            return [u for u, i in self._infos.items() if i.modseq > modseq]
+        return [u for u in uids if (i := get(u)) is not None and i.modseq > modseq]
+
+    def vanished_since(self, modseq: int, present: Sequence[int],
+                       within: Sequence[tuple[int, int]] | None = None,
+                       unchanged_below: int = 0) -> Deferred[list[tuple[int, int]]]:
+        """The uids expunged since `modseq`, as ascending (first, last) ranges: QRESYNC's
+        VANISHED (EARLIER) (RFC 7162 3.2.5.1, 3.2.6).
+
+        `present` (ascending, not changed by the caller meanwhile) is the client's view:
+        its uids are left out (an expunge it has not been told of yet is announced as it
+        comes).  Only uids inside `within` ((first, last) ranges) when given.  From the
+        expunge memory when it reaches back to `modseq`; else every uid below UIDNEXT
+        that is not present, above `unchanged_below` (a uid the client's seq-match-data
+        shows nothing was expunged under): RFC 7162 allows naming uids that never were.
+        """
+        return deferToThread(_vanished, self._index, modseq, present, within,
+                             unchanged_below, self.uidnext, str(self.path))
 
     @property
     def exists(self) -> int:
@@ -471,7 +533,12 @@ class Folder:
             self._refresh_call.cancel()
         self._refresh_call = None
         self._stop_settling()
-        return self._lock.run(lambda: deferToThread(self._index.close))
+        # After a write in progress (it would open the file again behind the close).
+        d = self._flushing if self._flushing is not None else succeed(None)
+        waiter: Deferred[Any] = Deferred()
+        d.addBoth(lambda result: waiter.callback(None) or result)
+        return waiter.addCallback(
+            lambda _: self._lock.run(lambda: deferToThread(self._index.close)))
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -580,7 +647,7 @@ class Folder:
             if not self._loaded:
                 d.addCallback(lambda _: deferToThread(self._sync_thread))
                 d.addCallback(self._apply_sync, None)
-            d.addCallback(lambda _: deferToThread(self._own_edit, work, *args))
+            d.addCallback(lambda _: deferToThread(self._thread_edit, work, *args))
             d.addCallback(apply)
             d.addErrback(self._translate)
             return d
@@ -602,6 +669,13 @@ class Folder:
             if after[0] == before[0]:
                 result.stamps = after
         return result
+
+    def _thread_edit(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`_own_edit` in a thread, writing the mod-sequences it made before it is applied."""
+        try:
+            return self._own_edit(work, *args)
+        finally:
+            self._index.write_modseqs()
 
     def _translate(self, failure: Failure) -> Failure:
         if failure.check(KeywordLimit):
@@ -680,11 +754,13 @@ class Folder:
 
     def _sync_thread(self, force: bool = False) -> _Sync:
         try:
-            return self._sync_core(lock_held=False, force=force)
+            sync = self._sync_core(lock_held=False, force=force)
         except BaseException:
             self._uidlist = None  # may be half-changed: read it again next time
             self._dirty = True
             raise
+        self._index.write_modseqs()
+        return sync
 
     def _apply_sync(self, sync: _Sync, origin: Any) -> FolderChanges:
         if self._deleted:
@@ -694,6 +770,7 @@ class Folder:
         self._settle_soon()
         if sync.unchanged:
             return FolderChanges()
+        self.highestmodseq = max(self.highestmodseq, self._modseq_issued)
         first_load = not self._loaded
         self._loaded = True
         if sync.reset:
@@ -701,6 +778,11 @@ class Folder:
             self._infos.clear()
             self._by_base.clear()
             self._recent.clear()
+        if sync.reset or first_load:
+            self._modseq_log, self._modseq_log_floor = [], self.highestmodseq
+        else:
+            self._log_modseqs(sync.renamed)
+            self._log_modseqs(sync.added)
         for uid in sync.expunged:
             info = self._infos.pop(uid, None)
             if info is not None and self._by_base.get(info.basename) == uid:
@@ -722,6 +804,40 @@ class Folder:
         self._notify(origin, changes.expunged, changes.flags_changed, changes.added,
                      reset=changes.uidvalidity_changed)
         return changes
+
+    def _restat(self, changed: list[MessageInfo]) -> tuple[int, int | None, int] | None:
+        """The cached (unseen, first unseen uid, total size) after these flag changes
+        (infos not applied yet); None to count again (or if nothing was counted)."""
+        if self._stats_cache is None:
+            return None
+        unseen, first, total = self._stats_cache
+        for info in changed:
+            now = "\\Seen" not in info.flags
+            if now == ("\\Seen" not in self._infos[info.uid].flags):
+                continue
+            if now:
+                unseen += 1
+                if first is None or info.uid < first:
+                    first = info.uid
+            else:
+                unseen -= 1
+                if info.uid == first:
+                    return None  # where the next unseen one is takes a look
+        return unseen, first, total
+
+    def _log_modseqs(self, infos: Iterable[MessageInfo]) -> None:
+        """Add applied changes to the change log (values already in it are skipped: a
+        rename that kept its mod-sequence); halve the log when it outgrows the folder."""
+        log = self._modseq_log
+        last = log[-1][0] if log else self._modseq_log_floor + 1
+        for info in infos:
+            if info.modseq >= last:
+                log.append((info.modseq, info.uid))
+                last = info.modseq
+        if len(log) > 2 * max(len(self._infos), 1000):
+            floor = log[len(log) // 2][0]
+            self._modseq_log = log[bisect.bisect_right(log, (floor, _NO_UID)):]
+            self._modseq_log_floor = floor
 
     def _add_infos(self, infos: Iterable[MessageInfo]) -> None:
         for info in infos:
@@ -879,6 +995,10 @@ class Folder:
         known = {} if reset else self._infos
         seen_uids: set[int] = set()
         flags_of = self._flags_of
+        # RFC 7162: one new mod-sequence for whatever this scan finds changed.
+        stored = self._start_modseqs(ul.uidvalidity, reset)
+        mod_rows: list[tuple[str, int, int, str]] = []
+        issued = 0
         for base, (sub, name) in listing.items():
             uid = uid_of(base)
             assert uid is not None
@@ -887,9 +1007,13 @@ class Folder:
             if old is not None and old.basename == base:
                 if old.filename != name or old.subdir != sub or kw_reread:
                     flags = flags_of(name)
+                    modseq = old.modseq
+                    if flags != old.flags:
+                        modseq = issued = issued or self._issue_modseq()
                     info = MessageInfo(uid, base, name, sub, flags, old.size,
-                                       old.internaldate, old.recent)
+                                       old.internaldate, old.recent, modseq)
                     sync.renamed.append(info)
+                    mod_rows.append((base, uid, modseq, name))
                     if flags != old.flags:
                         sync.flags_changed.append(info)
                 continue
@@ -908,25 +1032,79 @@ class Folder:
                 if size is None:
                     size = st.st_size
                 new_rows.append((base, size, date))
+            had = stored.get(base)
+            if had is not None and had[0] == uid and had[2] == name:
+                modseq = had[1]  # as the index knows it: unchanged since
+            else:
+                modseq = issued = issued or self._issue_modseq()
+                mod_rows.append((base, uid, modseq, name))
             sync.added.append(MessageInfo(uid, base, name, sub, flags_of(name),
-                                          size, date, base in recent_bases))
+                                          size, date, base in recent_bases, modseq))
         sync.added.sort(key=lambda i: i.uid)
         sync.expunged = [uid for uid in known if uid not in seen_uids
                          or known[uid].basename != ul.name(uid)]
 
         gone_bases = [known[u].basename for u in sync.expunged]
+        vanished = [(known[u].basename, u) for u in sync.expunged]
         if not self._loaded:
             gone_bases = [b for b in rows if b not in listing]
             self._index_rows = {}
+            # Expunged while the folder was closed (another process, or before a restart).
+            vanished = [(b, had[0]) for b, had in stored.items()
+                        if b not in listing or uid_of(b) != had[0]]
         if self._index.generation != self._index_generation:
             new_rows = [(i.basename, i.size, i.internaldate) for i in self._infos.values()
                         if i.uid not in sync.expunged] + new_rows
             self._index_generation = self._index.generation
+            if self._loaded and not reset:
+                # The file was rebuilt empty: what memory holds goes back, but the
+                # expunges it remembered are lost.
+                self._forget_vanished(ul.uidvalidity)
+                self._index.note_modseqs((i.basename, i.uid, i.modseq, i.filename)
+                                         for i in self._infos.values())
+        if vanished and not reset:
+            self._index.note_expunged(vanished, issued or self._issue_modseq())
+        self._index.note_modseqs(mod_rows)
+        self._index.note_modseq_meta(highestmodseq=self._modseq_issued,
+                                     modseq_uidvalidity=ul.uidvalidity)
         self._index.drop(gone_bases)
         self._index.put_messages(new_rows)
         self._index.set_meta({"uidvalidity": ul.uidvalidity, "uidnext": ul.nextuid})
         self._meta = {"uidvalidity": str(ul.uidvalidity), "uidnext": str(ul.nextuid)}
         return sync
+
+    # -- mod-sequences (thread side: under the folder lock, or inline) ----------------------
+
+    def _issue_modseq(self) -> int:
+        """A new mod-sequence, above every one handed out before (see the module text)."""
+        value = max(self._modseq_issued + 1, time.time_ns() // 1000)
+        self._modseq_issued = value
+        return value
+
+    def _start_modseqs(self, uidvalidity: int, reset: bool) -> dict[str, tuple[int, int, str]]:
+        """For a scan: the index's rows (base -> (uid, modseq, name)) when the folder is
+        being loaded and they can be trusted, else {}.  A first load without trusted rows
+        (a new or rebuilt index, or another UIDVALIDITY), and a UIDVALIDITY change, start
+        the mod-sequence memory afresh."""
+        if self._loaded and not reset:
+            return {}
+        stored: dict[str, tuple[int, int, str]] = {}
+        if not self._loaded:
+            meta, stored = self._index.load_modseqs()
+            self._modseq_issued = max(self._modseq_issued, meta.get("highestmodseq", 0),
+                                      max((r[1] for r in stored.values()), default=0))
+            if (meta.get("modseq_uidvalidity") == uidvalidity
+                    and meta.get("vanished_after") is not None):
+                return stored
+        self._forget_vanished(uidvalidity)
+        return {}
+
+    def _forget_vanished(self, uidvalidity: int) -> None:
+        """Start the expunge memory now: a client whose mod-sequence is older is told every
+        uid that does not exist (VANISHED (EARLIER) may name uids that never were)."""
+        self._index.note_modseq_reset()
+        self._index.note_modseq_meta(vanished_after=self._issue_modseq(),
+                                     modseq_uidvalidity=uidvalidity)
 
     def _move_new(self, listing: dict[str, tuple[str, str]]) -> set[str]:
         """Move every file of new/ to cur/ (adding ":2,"); the base names we moved."""
@@ -963,6 +1141,20 @@ class Folder:
         InvalidFlag, a 27th keyword with TooManyKeywords (nothing is changed then).
         A message that vanished meanwhile is reported expunged to every listener.
         """
+        return self._store(uids, flags, mode, origin, None).addCallback(lambda e: e.changed)
+
+    def conditional_store(self, uids: Iterable[int], flags: Iterable[str], mode: str,
+                          unchanged_since: int, origin: Any = None
+                          ) -> Deferred[tuple[list[MessageInfo], list[int]]]:
+        """`store_flags` for STORE (UNCHANGEDSINCE n) (RFC 7162 3.1.3): a message whose
+        mod-sequence is above `unchanged_since` when the change is made (or whose file
+        another process renamed meanwhile) is left alone.  Fires with (the changed infos,
+        the uids left alone), both ascending."""
+        return self._store(uids, flags, mode, origin, unchanged_since).addCallback(
+            lambda e: (e.changed, sorted(e.conflicts)))
+
+    def _store(self, uids: Iterable[int], flags: Iterable[str], mode: str, origin: Any,
+               unchanged_since: int | None) -> Deferred[_Edit]:
         try:
             wanted = frozenset(normalize_flag(f) for f in flags if f.lower() != RECENT.lower())
         except ValueError as e:
@@ -973,31 +1165,35 @@ class Folder:
         kw = self._keywords
         small = (len(targets) <= INLINE_STORE_MAX and kw is not None and not kw.changed_on_disk()
                  and (mode == "remove" or all(kw.has(f) for f in wanted if is_keyword(f))))
-        d = self._run(self._store_thread, lambda e: self._apply_edit(e, origin),
-                      targets, wanted, mode, inline=small)
-        return d.addCallback(lambda e: e.changed)
+        return self._run(self._store_thread, lambda e: self._apply_edit(e, origin),
+                         targets, wanted, mode, unchanged_since, inline=small)
 
     def _canonical(self, kw: Keywords, flags: frozenset[str]) -> frozenset[str]:
         return frozenset(kw.canonical(f) if is_keyword(f) else f for f in flags)
 
-    def _store_thread(self, uids: list[int], flags: frozenset[str], mode: str) -> _Edit:
+    def _store_thread(self, uids: list[int], flags: frozenset[str], mode: str,
+                      unchanged_since: int | None = None) -> _Edit:
         kw, _ = self._current_keywords()
         flags = self._canonical(kw, flags)
         plans = []
+        edit = _Edit()
         for uid in uids:
             info = self._infos.get(uid)
             if info is None:
                 continue
+            if unchanged_since is not None and info.modseq > unchanged_since:
+                edit.conflicts.append(uid)  # RFC 7162 3.1.3: changed since; not touched
+                continue
             new = apply_mode(info.flags, flags, mode)
             if new != info.flags or info.subdir != "cur":
                 plans.append(info)
-        edit = _Edit()
         if not plans:
             return edit
         if mode != "remove" and any(is_keyword(f) and not kw.has(f) for f in flags):
             self._define_keywords(flags)
             kw = self._keywords  # type: ignore[assignment]
         found: dict[str, tuple[str, str]] | None = None
+        modseq = 0  # one new mod-sequence for every message this STORE changes
         for info in plans:
             sub, name = info.subdir, info.filename
             current = info.flags
@@ -1014,13 +1210,24 @@ class Folder:
                     if where is None or where == (sub, name):
                         edit.gone.append(info.uid)
                         break
+                    if unchanged_since is not None:
+                        # Renamed by another process: changed since, whatever the flags.
+                        edit.conflicts.append(info.uid)
+                        self._dirty = True
+                        break
                     sub, name = where
                     current = self._flags_of(name)
                     continue
-                updated = MessageInfo(info.uid, info.basename, dest, "cur",
-                                      self._flags_of(dest), info.size, info.internaldate,
-                                      info.recent)
-                (edit.changed if updated.flags != info.flags else edit.renamed).append(updated)
+                now = self._flags_of(dest)
+                if now != info.flags:
+                    modseq = modseq or self._issue_modseq()
+                    edit.changed.append(MessageInfo(info.uid, info.basename, dest, "cur", now,
+                                                    info.size, info.internaldate,
+                                                    info.recent, modseq))
+                else:
+                    edit.renamed.append(MessageInfo(info.uid, info.basename, dest, "cur", now,
+                                                    info.size, info.internaldate,
+                                                    info.recent, info.modseq))
                 break
             else:
                 edit.gone.append(info.uid)
@@ -1028,6 +1235,11 @@ class Folder:
             fsync_directory(self.path / "cur")
         except OSError as e:
             log.warn("fsync of {path} failed: {error}", path=str(self.path), error=e)
+        if edit.gone:
+            self._index.note_expunged(((self._infos[u].basename, u) for u in edit.gone),
+                                      modseq or self._issue_modseq())
+        self._index.note_modseqs((i.basename, i.uid, i.modseq, i.filename)
+                                 for i in edit.changed + edit.renamed)
         return edit
 
     def _define_keywords(self, flags: Iterable[str]) -> None:
@@ -1054,6 +1266,11 @@ class Folder:
             self._apply_sync(edit.sync, None)
         if edit.stamps is not None:
             self._stamps = edit.stamps
+        self.highestmodseq = max(self.highestmodseq, self._modseq_issued)
+        if self._index.modseqs_pending:
+            # An inline edit's mod-sequences, written from a thread now (with cached values
+            # waiting; one write at a time).  The name kept with each covers a crash first.
+            self.flush_cache()
         gone = [u for u in edit.gone + edit.expunged if u in self._infos]
         for uid in gone:
             info = self._infos.pop(uid)
@@ -1061,13 +1278,21 @@ class Folder:
                 del self._by_base[info.basename]
             self._recent.discard(uid)
         changed = edit.changed = [i for i in edit.changed if i.uid in self._infos]
+        # Only flags changed (a STORE): the uid list stands and the counts move by what
+        # changed, instead of a pass over a large folder at the next SELECT or STATUS.
+        flags_only = not gone and not edit.added
+        uid_list = self._uid_cache if flags_only else None
+        stats = self._restat(changed) if flags_only else None
         for info in changed + [i for i in edit.renamed if i.uid in self._infos]:
             self._infos[info.uid] = info
         self._add_infos(edit.added)
+        self._log_modseqs(changed)
+        self._log_modseqs(edit.added)
         self._note_keywords()
         if edit.uidnext is not None:
             self.uidnext = max(self.uidnext, edit.uidnext)
         self._changed()
+        self._uid_cache, self._stats_cache = uid_list, stats
         vanished = sorted(u for u in edit.gone if u in gone)
         self._notify(None, expunged=vanished)
         self._notify(origin, expunged=sorted(u for u in edit.expunged if u in gone),
@@ -1139,6 +1364,7 @@ class Folder:
             # The files are gone whatever happens here; the next sync drops the records.
             self._uidlist = None
             log.error("cannot update {path}: {error}", path=str(self.path), error=e)
+        self._index.note_expunged(((i.basename, i.uid) for i in removed), self._issue_modseq())
         self._index.drop(i.basename for i in removed)
         return edit
 
@@ -1183,8 +1409,10 @@ class Folder:
             unlink_quietly(tmp)
             raise
         self._index.put_messages([(full_base, size, mtime)])
+        modseq = self._issue_modseq()
+        self._index.note_modseqs([(full_base, uid, modseq, name)])
         edit.added = [MessageInfo(uid, full_base, name, "cur", self._flags_of(name), size,
-                                  mtime, True)]
+                                  mtime, True, modseq)]
         edit.uidnext = ul.nextuid
         return edit
 
@@ -1244,11 +1472,13 @@ class Folder:
                     placed.append((info.uid, new_base, name, info.size, info.internaldate))
                 if placed:
                     fsync_directory(self.path / "cur")
+                    modseq = self._issue_modseq()
                     for src_uid, new_base, name, size, date in placed:
                         uid = ul.add(new_base)
                         edit.pairs.append((src_uid, uid))
                         edit.added.append(MessageInfo(uid, new_base, name, "cur",
-                                                      self._flags_of(name), size, date, True))
+                                                      self._flags_of(name), size, date, True,
+                                                      modseq))
                     ul.write()
                     edit.uidnext = ul.nextuid
         except BaseException:
@@ -1259,6 +1489,7 @@ class Folder:
                 unlink_quietly(path)
             raise
         self._index.put_messages((i.basename, i.size, i.internaldate) for i in edit.added)
+        self._index.note_modseqs((i.basename, i.uid, i.modseq, i.filename) for i in edit.added)
         return edit
 
     def _link_or_copy(self, src: Path, target: Path, mtime: float) -> None:
@@ -1392,6 +1623,86 @@ class AppendWriter:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+def _vanished(index: FolderIndex, modseq: int, present: Sequence[int],
+              within: Sequence[tuple[int, int]] | None, unchanged_below: int, uidnext: int,
+              where: str) -> list[tuple[int, int]]:
+    """Folder.vanished_since's work (thread)."""
+    try:
+        after, uids = index.vanished_since(modseq)
+    except sqlite3.Error as e:
+        log.warn("expunge memory of {path} unreadable ({error})", path=where, error=e)
+        after, uids = None, []
+    if after is not None and modseq >= after:
+        ranges = uid_ranges(u for u in uids if u < uidnext and not _has(present, u))
+    else:
+        ranges = _gaps(present, unchanged_below + 1, uidnext - 1)
+    if within is not None:
+        ranges = intersect_ranges(ranges, normalize_ranges(within))
+    return ranges
+
+
+_NO_UID = 2 ** 64  # above every uid: bisects past all entries of a mod-sequence
+
+
+def _has(sorted_uids: Sequence[int], uid: int) -> bool:
+    i = bisect.bisect_left(sorted_uids, uid)
+    return i < len(sorted_uids) and sorted_uids[i] == uid
+
+
+def _gaps(sorted_uids: Sequence[int], first: int, last: int) -> list[tuple[int, int]]:
+    """The ranges of [first, last] holding none of `sorted_uids`."""
+    out: list[tuple[int, int]] = []
+    nxt = first
+    for u in sorted_uids[bisect.bisect_left(sorted_uids, first):]:
+        if u > last:
+            break
+        if u > nxt:
+            out.append((nxt, u - 1))
+        nxt = u + 1
+    if nxt <= last:
+        out.append((nxt, last))
+    return out
+
+
+def uid_ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending uids as (first, last) runs."""
+    out: list[tuple[int, int]] = []
+    for u in uids:
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
+
+
+def normalize_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first, last) pairs, either way round, overlapping or not, as ascending disjoint
+    ranges."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((min(a, b), max(a, b)) for a, b in ranges):
+        if out and a <= out[-1][1] + 1:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def intersect_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two lists of ascending disjoint ranges."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
 
 def _int(value: str | None) -> int:
     try:

@@ -13,11 +13,17 @@ it identifies the file's contents for good, whatever the flags or the UIDVALIDIT
   subsets...), written in batches;
 - `search`: the decoded header fields SEARCH keys name (subject, from, to, cc, bcc, date),
   so that a header search over a large folder is one SQL scan, not a read of every file;
-- `meta`: UIDVALIDITY and UIDNEXT last seen, a fallback when dovecot-uidlist is lost.
+- `meta`: UIDVALIDITY and UIDNEXT last seen, a fallback when dovecot-uidlist is lost;
+  HIGHESTMODSEQ and how far back the expunge memory reaches (RFC 7162);
+- `modseq`: each message's mod-sequence with its uid and the file name it had then, so a
+  name changed behind our back (by Dovecot, or a write lost in a crash) is noticed;
+- `vanished`: expunged uids with the mod-sequence of their expunge (QRESYNC).
 
 It is only a cache: a missing, corrupt or foreign-version file is removed and rebuilt
 without a word to the client.  Writes use `synchronous=NORMAL`: a crash may lose the
-last writes, never the database.
+last writes, never the database.  Mod-sequences survive that too: the folder never hands
+out a value below the current time in microseconds (folder.py), so what a lost write or a
+rebuilt file forgets is only re-announced, never reused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,15 @@ CREATE TABLE IF NOT EXISTS cache (
 CREATE TABLE IF NOT EXISTS search (
     base TEXT PRIMARY KEY, subject TEXT, from_ TEXT, to_ TEXT, cc TEXT, bcc TEXT,
     date TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS modseq (
+    base TEXT PRIMARY KEY, uid INTEGER NOT NULL, modseq INTEGER NOT NULL,
+    name TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vanished (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS vanished_modseq ON vanished (modseq);
 """
+# Expunged uids remembered per folder; beyond this the oldest are forgotten (and the
+# memory's start moves up: older clients get the long form of VANISHED (EARLIER)).
+VANISHED_KEEP = 200_000
 # The header fields SEARCH keys name most, decoded; the text ones case-folded, so that a
 # substring test in SQL is IMAP's case-insensitive match (RFC 3501 6.4.4).
 SEARCH_COLUMNS = ("subject", "from_", "to_", "cc", "bcc", "date")
@@ -72,6 +86,11 @@ class FolderIndex:
         self._pending_lock = threading.Lock()
         self._broken = False
         self.generation = 0  # grows whenever the file was rebuilt empty
+        # Mod-sequence changes waiting for the next write, kept in order per base name.
+        self._mod_reset = False
+        self._mod_gone: dict[str, tuple[int, int]] = {}        # base -> (uid, modseq)
+        self._mod_rows: dict[str, tuple[int, int, str]] = {}   # base -> (uid, modseq, name)
+        self._mod_meta: dict[str, int] = {}
         self.last_used = time.monotonic()
 
     @property
@@ -238,17 +257,140 @@ class FolderIndex:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self.modseqs_pending
+
+    @property
+    def modseqs_pending(self) -> int:
+        """Mod-sequence changes queued and not written yet."""
+        return (len(self._mod_rows) + len(self._mod_gone) + bool(self._mod_meta)
+                + self._mod_reset)
 
     def flush(self) -> int:
-        """Write the pending values (blocking); how many were written."""
+        """Write the pending values and mod-sequences (blocking); how many cache values
+        were written."""
         with self._pending_lock:
             batch, self._pending = self._pending, {}
         if batch:
             self._safe(lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
                 [(b, k, v) for (b, k), v in batch.items()]))
+        self.write_modseqs()
         return len(batch)
+
+    # -- mod-sequences (RFC 7162) ------------------------------------------------------------
+    #
+    # The folder queues its changes here as it makes them (`note_*`, cheap enough for the
+    # reactor) and writes them from its thread work (`write_modseqs`), in order: a queued
+    # change replaces an older one for the same message, and the queue is taken inside
+    # the write lock, so two writers never put an older state over a newer one.
+
+    def load_modseqs(self) -> tuple[dict[str, int], dict[str, tuple[int, int, str]]]:
+        """(meta, base -> (uid, modseq, name)) as stored (blocking); empty if unreadable.
+        meta may hold highestmodseq, modseq_uidvalidity (the UIDVALIDITY the uids belong
+        to) and vanished_after (every expunge above it is in the vanished table)."""
+        keys = ("highestmodseq", "modseq_uidvalidity", "vanished_after")
+
+        def run(conn: sqlite3.Connection):  # type: ignore[no-untyped-def]
+            marks = ",".join("?" * len(keys))
+            meta = {k: _int_or_none(v) for k, v in conn.execute(
+                f"SELECT key, value FROM meta WHERE key IN ({marks})", keys)}
+            rows = {b: (u, m, n) for b, u, m, n in
+                    conn.execute("SELECT base, uid, modseq, name FROM modseq")}
+            return {k: v for k, v in meta.items() if v is not None}, rows
+        try:
+            return self._write(run)
+        except sqlite3.Error as e:
+            log.error("index %s unreadable: %s", str(self.path), e)
+            return {}, {}
+
+    def note_modseqs(self, rows: Iterable[tuple[str, int, int, str]]) -> None:
+        """Queue (base, uid, modseq, file name) of messages whose mod-sequence or name
+        changed."""
+        with self._pending_lock:
+            for base, uid, modseq, name in rows:
+                self._mod_rows[base] = (uid, modseq, name)
+
+    def note_expunged(self, rows: Iterable[tuple[str, int]], modseq: int) -> None:
+        """Queue expunged messages (base, uid): their row goes, and their uid is
+        remembered as vanished at `modseq`."""
+        with self._pending_lock:
+            for base, uid in rows:
+                self._mod_rows.pop(base, None)
+                self._mod_gone[base] = (uid, modseq)
+
+    def note_modseq_meta(self, **values: int) -> None:
+        """Queue meta values: highestmodseq, modseq_uidvalidity, vanished_after."""
+        with self._pending_lock:
+            self._mod_meta.update(values)
+
+    def note_modseq_reset(self) -> None:
+        """Forget every stored mod-sequence and vanished uid (UIDVALIDITY changed, or the
+        rows cannot be trusted): done before anything queued after this call."""
+        with self._pending_lock:
+            self._mod_reset = True
+            self._mod_rows.clear()
+            self._mod_gone.clear()
+
+    def write_modseqs(self) -> None:
+        """Write the queued mod-sequence changes in one transaction (blocking)."""
+        if not (self._mod_reset or self._mod_rows or self._mod_gone or self._mod_meta):
+            return
+        taken: list[Any] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not taken:  # taken under the write lock, once (a retry reuses it)
+                with self._pending_lock:
+                    taken.append((self._mod_reset, self._mod_gone, self._mod_rows,
+                                  self._mod_meta))
+                    self._mod_reset, self._mod_gone = False, {}
+                    self._mod_rows, self._mod_meta = {}, {}
+            reset, gone, rows, meta = taken[0]
+            if reset:
+                conn.execute("DELETE FROM modseq")
+                conn.execute("DELETE FROM vanished")
+            if gone:
+                bases = list(gone)
+                for i in range(0, len(bases), _BATCH):
+                    chunk = bases[i:i + _BATCH]
+                    marks = ",".join("?" * len(chunk))
+                    conn.execute(f"DELETE FROM modseq WHERE base IN ({marks})", chunk)
+                conn.executemany("INSERT OR REPLACE INTO vanished VALUES (?, ?)",
+                                 list(gone.values()))
+            if rows:
+                conn.executemany("INSERT OR REPLACE INTO modseq VALUES (?, ?, ?, ?)",
+                                 [(b, u, m, n) for b, (u, m, n) in rows.items()])
+            if meta:
+                conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [(k, str(v)) for k, v in meta.items()])
+            if gone:
+                self._prune_vanished(conn)
+        self._safe(run)
+
+    @staticmethod
+    def _prune_vanished(conn: sqlite3.Connection) -> None:
+        """Keep the newest VANISHED_KEEP expunges; what is forgotten moves the start of
+        the memory (vanished_after) up past it."""
+        (count,) = conn.execute("SELECT count(*) FROM vanished").fetchone()
+        if count <= VANISHED_KEEP:
+            return
+        (cut,) = conn.execute("SELECT modseq FROM vanished ORDER BY modseq LIMIT 1 OFFSET ?",
+                              (count - VANISHED_KEEP - 1,)).fetchone()
+        conn.execute("DELETE FROM vanished WHERE modseq <= ?", (cut,))
+        row = conn.execute("SELECT value FROM meta WHERE key='vanished_after'").fetchone()
+        after = max(cut, _int_or_none(row[0]) or 0) if row else cut
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('vanished_after', ?)", (str(after),))
+
+    def vanished_since(self, modseq: int) -> tuple[int | None, list[int]]:
+        """(vanished_after, the uids expunged at a mod-sequence above `modseq`, ascending)
+        (blocking; sqlite3.Error when unreadable).  The list is complete only when
+        `modseq` >= vanished_after; None: the memory's start is not known."""
+        self.write_modseqs()
+        with self._write_lock:
+            conn = self._writer()
+            row = conn.execute("SELECT value FROM meta WHERE key='vanished_after'").fetchone()
+            uids = [u for (u,) in conn.execute(
+                "SELECT uid FROM vanished WHERE modseq > ? ORDER BY uid", (modseq,))]
+        return (_int_or_none(row[0]) if row else None), uids
 
     def get(self, base: str, key: str) -> CacheValue | None:
         value = self._pending.get((base, key))
@@ -334,7 +476,7 @@ class FolderIndex:
         (blocking; never waits for a write in progress).  Each SQLite connection holds
         some 150 KiB: a server with a thousand users in IDLE must not keep two per folder.
         The next use opens them again."""
-        if self._pending or time.monotonic() - self.last_used < idle:
+        if self.pending or time.monotonic() - self.last_used < idle:
             return False
         if not self._write_lock.acquire(blocking=False):
             return False
@@ -349,3 +491,10 @@ class FolderIndex:
         self.flush()
         with self._write_lock:
             self._close_connections()
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

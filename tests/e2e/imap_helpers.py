@@ -40,7 +40,7 @@ ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.tes
 AUTHENTICATED_CAPABILITIES = frozenset(
     "IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UNSELECT CHILDREN UIDPLUS MOVE "
     "SPECIAL-USE LIST-EXTENDED LIST-STATUS QUOTA SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT "
-    "THREAD=REFERENCES".split())
+    "THREAD=REFERENCES CONDSTORE QRESYNC MULTIAPPEND CATENATE BINARY COMPRESS=DEFLATE".split())
 
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk",
                "Archive": "\\Archive"}
