@@ -402,8 +402,18 @@ def cmd_user_list(config: Config, args: argparse.Namespace) -> int:
     with _open_accounts(config) as accounts:
         if args.domain is not None and not accounts.is_local_domain(args.domain):
             raise AdminError(f"no such domain: {_domain_name(args.domain)}")
+        from mailserver.maildir import MaildirStore
+        from mailserver.maildir.quota import read_usage
+
+        store = MaildirStore(config.maildir_root)
         for user in accounts.list_users(args.domain):
-            print(user.address if user.quota is None else f"{user.address}  quota={user.quota}")
+            if user.quota is None:
+                print(user.address)
+                continue
+            # Usage from maildirsize (counted when it cannot be trusted; never written).
+            usage = read_usage(store.user_path(user.domain, user.localpart), user.quota)
+            print(f"{user.address}  quota={user.quota}  used={usage.bytes} "
+                  f"({100 * usage.bytes // max(user.quota, 1)}%)")
     return 0
 
 

@@ -237,7 +237,13 @@ def test_user_del_and_list(run, config):
     run("domain", "add", "example.net")
     run("user", "add", "a@example.org", "--password-stdin", "--quota", "10M", stdin="pw\n")
     run("user", "add", "b@example.net", "--password-stdin", stdin="pw\n")
-    assert run("user", "list")[1] == "b@example.net\na@example.org  quota=10485760\n"
+    assert run("user", "list")[1] == (
+        "b@example.net\na@example.org  quota=10485760  used=0 (0%)\n")
+    # Usage as the server's maildirsize says (Maildir++ quota: limit line, then deltas).
+    home = config.parent.parent / "maildirs" / "example.org" / "a"
+    (home / "maildirsize").write_text("10485760S\n5242880 3\n")
+    assert run("user", "list", "example.org")[1] == (
+        "a@example.org  quota=10485760  used=5242880 (50%)\n")
     assert run("user", "list", "example.net")[1] == "b@example.net\n"
     assert_error(run("user", "list", "example.com"), "no such domain")
     code, out, err = run("user", "del", "A@example.org")
