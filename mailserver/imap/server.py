@@ -45,6 +45,7 @@ from mailserver.imap import fetch as F
 from mailserver.imap import listing as L
 from mailserver.imap.append import APPEND_CAPABILITIES, AppendCommand, AppendCommands, is_append
 from mailserver.imap.compress import COMPRESS_CAPABILITY, CompressCommands
+from mailserver.imap import esearch as ESEARCH
 from mailserver.imap import search as S
 from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
 from mailserver.imap.parser import Arguments, BadCommand, Literal
@@ -219,7 +220,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
     def capability_list(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
                 b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
-                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", *SORT_CAPABILITIES,
+                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", b"ESEARCH", *SORT_CAPABILITIES,
                 *C.CONDSTORE_CAPABILITIES, *APPEND_CAPABILITIES]
         if self.canStartTLS and not self.tls_active:
             caps.append(b"STARTTLS")
@@ -1027,6 +1028,9 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
 
     def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
         args.space()
+        options = ESEARCH.parse_return(args)   # RFC 4731 3.1: SEARCH RETURN (...)
+        if options is not None and options.save:
+            raise BadCommand("RETURN (SAVE) is not supported")   # SEARCHRES not offered
         query = S.parse_search(args)
         if query.modseq:  # RFC 7162 3.1.5: a CONDSTORE enabling command
             self.enable_condstore()
@@ -1037,11 +1041,16 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
                 nums = found
             else:
                 nums = [self._seq_of(u) for u in found]
-            line = ("SEARCH " + " ".join(map(str, nums))).rstrip().encode()
             infos = [self.folder.by_uid(u) for u in found] if query.modseq else []
             highest = max((i.modseq for i in infos if i is not None), default=0)
-            if highest:  # RFC 7162 3.1.6: the highest mod-sequence of what matched
-                line += b" (MODSEQ %d)" % highest
+            if options is not None:   # RFC 4731 3.1; RFC 7162 3.1.5 MODSEQ return data
+                line = ESEARCH.esearch_response(tag, nums, options, uid)
+                if highest:
+                    line += b" MODSEQ %d" % highest
+            else:
+                line = ("SEARCH " + " ".join(map(str, nums))).rstrip().encode()
+                if highest:  # RFC 7162 3.1.6: the highest mod-sequence of what matched
+                    line += b" (MODSEQ %d)" % highest
             self.untagged(line)
             self.done(tag, b"SEARCH completed", expunges=uid)
 
