@@ -169,40 +169,6 @@ class FetchModifiers:
     vanished: bool = False
 
 
-def split_fetch_modifiers(text: bytes) -> tuple[bytes, bytes]:
-    """FETCH's attribute text and what follows it (the modifier list, RFC 4466
-    fetch-modifiers, with its leading space; b"" when none)."""
-    depth = 0        # parentheses outside brackets
-    brackets = 0
-    quoted = False
-    i = 0
-    while i < len(text):
-        c = text[i:i + 1]
-        if quoted:
-            if c == b"\\":
-                i += 1
-            elif c == b'"':
-                quoted = False
-        elif c == b'"':
-            quoted = True
-        elif c == b"[":
-            brackets += 1
-        elif c == b"]":
-            brackets = max(brackets - 1, 0)
-        elif brackets:
-            pass
-        elif c == b"(":
-            depth += 1
-        elif c == b")":
-            depth -= 1
-            if depth == 0 and text[:1] == b"(":
-                return text[:i + 1], text[i + 1:]
-        elif c == b" " and depth == 0:
-            return text[:i], text[i:]
-        i += 1
-    return text, b""
-
-
 def parse_fetch_modifiers(text: bytes) -> FetchModifiers:
     """" (CHANGEDSINCE n [VANISHED])" in any order (RFC 7162 3.1.4.1, 3.2.6); b"": none."""
     if not text:
@@ -416,4 +382,4 @@ def uid_set_ranges(seqset: SequenceSet, largest: int) -> list[tuple[int, int]]:
 
 __all__ = ["CONDSTORE_CAPABILITIES", "CondstoreSession", "FetchModifiers", "Qresync",
            "parse_fetch_modifiers", "parse_modseq", "parse_select_params",
-           "parse_store_modifiers", "split_fetch_modifiers", "uid_set_ranges"]
+           "parse_store_modifiers", "uid_set_ranges"]

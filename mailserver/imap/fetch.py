@@ -12,6 +12,9 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+
 from mailserver.imap import fetchitems, mime
 from mailserver.imap.parser import Arguments, BadCommand, sequence_text
 from mailserver.maildir import InvalidFolderName, decode_folder_name
@@ -144,6 +147,14 @@ def decode_mailbox(raw: bytes) -> str:
 def parse_fetch_items(text: bytes) -> list[fetchitems.FetchItem]:
     try:
         return fetchitems.parse_fetch_items(text)
+    except fetchitems.FetchSyntaxError as e:
+        raise BadCommand(f"invalid FETCH items: {e}") from None
+
+
+def parse_fetch_command(text: bytes) -> tuple[list[fetchitems.FetchItem], bytes]:
+    """FETCH's attributes and the modifier text after them (b"" when none)."""
+    try:
+        return fetchitems.parse_fetch_prefix(text)
     except fetchitems.FetchSyntaxError as e:
         raise BadCommand(f"invalid FETCH items: {e}") from None
 
@@ -527,18 +538,54 @@ def _binary_section(msg: _Message, item: Any) -> tuple[int, int, bytes] | None:
 def _binary_refusal(ctx: _FetchContext, msg: _Message, uid: int,
                     items: list[Any]) -> Exception | None:
     """RFC 3516 4.3: NO [UNKNOWN-CTE] when a section's encoding cannot be removed.  A
-    section whose facts are in the index was decoded before: no need to look again."""
+    section whose facts are in the index was decoded before: no need to look again
+    (prepare_binary has looked at every other one, unless its file changed since)."""
     for item in items:
         if ctx.cached.get(_binary_key(item), {}).get(uid) is not None:
             continue
         section = _binary_section(msg, item)
         if section is not None and mime.decoder_for(section[2]) is None:
-            from mailserver.imap.server import CommandFailed
-
-            name = b".".join(b"%d" % (n + 1) for n in item.part)
-            return CommandFailed(b"[UNKNOWN-CTE] Cannot decode the transfer encoding of "
-                                 b"section " + (name or b"[]"))
+            return unknown_cte(tuple(n + 1 for n in item.part))
     return None
+
+
+def unknown_cte(numbers: tuple[int, ...]) -> Exception:
+    """RFC 3516 4.3 NO [UNKNOWN-CTE] for the section with these part numbers."""
+    from mailserver.imap.server import CommandFailed
+
+    name = b".".join(b"%d" % n for n in numbers)
+    return CommandFailed(b"[UNKNOWN-CTE] Cannot decode the transfer encoding of section "
+                         + (name or b"[]"))
+
+
+def prepare_binary(session: "IMAPSession", uids: list[int],
+                   items: list[Any]) -> Deferred[Exception | None]:
+    """Before a FETCH with BINARY items streams (and before it sets \\Seen): the decoded
+    size and NUL flag of every section not in the index yet, found by decoding it in a
+    thread (a large base64 part takes tens of milliseconds) and then kept in the index;
+    fires with the UNKNOWN-CTE refusal when a section cannot be decoded, else None."""
+    binary = [i for i in items if i.type in ("binary", "binarysize")]
+    if not binary:
+        return succeed(None)
+    folder = session.folder
+    wanted = {(_binary_key(i), tuple(n + 1 for n in i.part)) for i in binary}
+    cached = {key: folder.cache_get_many(uids, key) for key, _ in wanted}
+    todo = []
+    for u in uids:
+        missing = sorted((key, numbers) for key, numbers in wanted if cached[key].get(u) is None)
+        if missing and folder.by_uid(u) is not None:
+            todo.append((u, str(folder.message_path(u)), missing))
+    if not todo:
+        return succeed(None)
+
+    def keep(result: tuple[dict[tuple[int, str], bytes], tuple[int, ...] | None]
+             ) -> Exception | None:
+        facts, refused = result
+        for (u, key), value in facts.items():
+            folder.cache_put(u, key, value)
+        return None if refused is None else unknown_cte(refused)
+
+    return deferToThread(mime.binary_facts, todo).addCallback(keep)
 
 
 def _binary_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:

@@ -126,6 +126,16 @@ class _Reader:
 def parse_fetch_items(text: bytes) -> list[FetchItem]:
     """The attributes of `text` (a macro, one fetch-att, or a parenthesised list) in the
     order given; FetchSyntaxError for anything else.  Leaves nothing unread."""
+    items, rest = parse_fetch_prefix(text)
+    if rest:
+        raise FetchSyntaxError(f"unexpected text at {len(text) - len(rest)}")
+    return items
+
+
+def parse_fetch_prefix(text: bytes) -> tuple[list[FetchItem], bytes]:
+    """The attributes at the start of `text` and what follows them: b"" or, when FETCH
+    modifiers follow (RFC 4466 fetch-modifiers, e.g. RFC 7162 CHANGEDSINCE), the text
+    from the space before them."""
     r = _Reader(text)
     items: list[FetchItem] = []
     if r.maybe(b"("):
@@ -141,14 +151,15 @@ def parse_fetch_items(text: bytes) -> list[FetchItem]:
     else:
         m = _NAME.match(text)
         macro = m.group().upper() if m is not None else b""
-        if macro in _MACROS and m is not None and m.end() == len(text):
+        if macro in _MACROS and m is not None and text[m.end():m.end() + 1] in (b"", b" "):
             r.pos = m.end()
             items = [FetchItem(t) for t in _MACROS[macro]]
         else:
             items.append(_fetch_att(r))
-    if not r.at_end():
+    rest = text[r.pos:]
+    if rest and not rest.startswith(b" "):
         raise FetchSyntaxError(f"unexpected text at {r.pos}")
-    return items
+    return items, rest
 
 
 def _fetch_att(r: _Reader) -> FetchItem:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, NamedTuple, Sequence
 
+from mailserver.rfc5322 import comment_end
+
 MAX_DEPTH = 20
 MAX_PARTS = 5000
 
@@ -369,19 +371,7 @@ def _addr_tokens(text: str) -> list[tuple[str, str, bool]]:
                 space = False
         else:
             return out
-        depth, j = 0, pos
-        while j < n:
-            c = text[j]
-            if c == "\\":
-                j += 2
-                continue
-            if c == "(":
-                depth += 1
-            elif c == ")":
-                depth -= 1
-                if depth == 0:
-                    break
-            j += 1
+        j = comment_end(text, pos)
         out.append(("c", _unquote(text[pos + 1:j]).strip(), space))
         pos, space = j + 1, True
     return out
@@ -850,3 +840,36 @@ def decoded_facts(data: bytes | mmap.mmap, start: int, end: int,
         size += len(piece)
         nul = nul or b"\0" in piece
     return size, nul
+
+
+def binary_facts(todo: list[tuple[int, str, list[tuple[str, tuple[int, ...]]]]]
+                 ) -> tuple[dict[tuple[int, str], bytes], tuple[int, ...] | None]:
+    """RFC 3516 4.2/4.3, for a FETCH BINARY before it streams (in a worker thread):
+    `todo` is [(uid, file path, [(key, part numbers)])]; the answer is
+    {(uid, key): b"<decoded size> <1 if it holds a NUL else 0>"}, and the part numbers of
+    the first section whose transfer encoding cannot be removed (else None).  A file
+    that is gone is left out: the FETCH reports it as it reports any vanished message."""
+    facts: dict[tuple[int, str], bytes] = {}
+    for uid, path, sections in todo:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            continue
+        with f, MessageBytes(f) as message:
+            data = message.data
+            root = parse_structure(data) if any(numbers for _, numbers in sections) else None
+            for key, numbers in sections:
+                if not numbers:
+                    start, end, encoding = 0, len(data), b"binary"
+                else:
+                    assert root is not None
+                    part = find_part(root, list(numbers))
+                    if part is None:
+                        facts[(uid, key)] = b"0 0"
+                        continue
+                    start, end, encoding = part.body_start, part.end, transfer_encoding(part)
+                if decoder_for(encoding) is None:
+                    return facts, numbers
+                size, nul = decoded_facts(data, start, end, encoding)
+                facts[(uid, key)] = b"%d %d" % (size, nul)
+    return facts, None

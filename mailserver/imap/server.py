@@ -1060,8 +1060,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
         args.space()
         seqset = args.sequence_set()
         args.space()
-        text, modifiers = C.split_fetch_modifiers(args.rest())
-        items = F.parse_fetch_items(text)
+        items, modifiers = F.parse_fetch_command(args.rest())
         mods = C.parse_fetch_modifiers(modifiers)  # RFC 7162 3.1.4.1, 3.2.6
         if mods.vanished and not (uid and self.qresync):
             raise BadCommand("VANISHED needs UID FETCH and ENABLE QRESYNC")
@@ -1076,12 +1075,18 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
                 items.append(C.MODSEQ_ITEM)
         marks = [] if self.readonly else [u for u in uids if F.sets_seen(items)
                                           and "\\Seen" not in self._flags_of(u)]
+        # BINARY sections decoded in a thread first: a refusal (UNKNOWN-CTE) comes before
+        # \\Seen is set, and the stream below never decodes a large part in one go.
+        d = F.prepare_binary(self, uids, items)
+
+        def refused(refusal: Exception | None) -> None:
+            if refusal is not None:
+                raise refusal
+        d.addCallback(refused)
         if mods.vanished:  # VANISHED (EARLIER) first (RFC 7162 3.2.6)
             largest = max(self.view[-1] if self.view else 0, self.folder.uidnext - 1)
-            d = self.vanished_earlier(mods.changedsince or 0,
-                                      C.uid_set_ranges(seqset, largest))
-        else:
-            d = defer.succeed(None)
+            d.addCallback(lambda _: self.vanished_earlier(mods.changedsince or 0,
+                                                          C.uid_set_ranges(seqset, largest)))
         d.addCallback(lambda _: self.folder.store_flags(marks, {"\\Seen"}, "add", origin=self)
                       if marks else [])
 

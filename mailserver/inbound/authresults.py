@@ -12,6 +12,8 @@ import functools
 import re
 from typing import Callable
 
+from mailserver.rfc5322 import comment_end
+
 FIELD = "Authentication-Results"
 _FIELD_LOWER = FIELD.lower().encode()
 WIDTH = 78            # fold lines longer than this where there is a place to fold
@@ -129,22 +131,10 @@ def _skip_cfws(text: str, i: int) -> int | None:
         if c in " \t\r\n":
             i += 1
         elif c == "(":
-            depth = 0
-            while i < len(text):
-                c = text[i]
-                if c == "\\":
-                    i += 2
-                    continue
-                if c == "(":
-                    depth += 1
-                elif c == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                i += 1
-            else:
+            end = comment_end(text, i)
+            if end >= len(text):
                 return None
-            i += 1
+            i = end + 1
         else:
             break
     return i

@@ -96,6 +96,12 @@ def test_unknown_encoding_is_no_unknown_cte(imap_server, account):
         for item in ("BINARY.PEEK[3]", "BINARY.SIZE[3]"):
             r = c.command(f"FETCH 1 {item}")
             assert r.status == "NO" and r.code == b"UNKNOWN-CTE", str(r)
+        c.ok("STORE 1 -FLAGS (\\Seen)")
+        flags_before = c.command("FETCH 1 (FLAGS)").untagged
+        # A refused BINARY (not PEEK) must not mark the message read (RFC 3516 4.3).
+        r = c.command("FETCH 1 BINARY[3]")
+        assert r.status == "NO" and r.code == b"UNKNOWN-CTE", str(r)
+        assert c.command("FETCH 1 (FLAGS)").untagged == flags_before
         assert c.command("NOOP").status == "OK"
     finally:
         close_quietly(c)

@@ -15,6 +15,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from mailserver.imap import condstore as C
+from mailserver.imap import fetch as F
 from mailserver.imap.parser import Arguments, BadCommand
 from mailserver.maildir import Folder, MaildirStore
 from mailserver.maildir import index as indexmod
@@ -389,7 +390,13 @@ class Syntax(unittest.TestCase):
             self.assertRaises(BadCommand, C.parse_select_params, self.args(bad))
 
     def test_fetch_modifiers_split_from_the_items(self):
-        split = C.split_fetch_modifiers
+        def split(text: bytes) -> tuple[bytes, bytes]:
+            """The item text and the modifiers, as the FETCH parser reads them."""
+            items, rest = F.parse_fetch_command(text)
+            head = text[:len(text) - len(rest)]
+            self.assertEqual(items, F.parse_fetch_items(head))
+            return head, rest
+
         self.assertEqual(split(b"(FLAGS) (CHANGEDSINCE 5)"), (b"(FLAGS)", b" (CHANGEDSINCE 5)"))
         self.assertEqual(split(b"FLAGS (CHANGEDSINCE 5)"), (b"FLAGS", b" (CHANGEDSINCE 5)"))
         self.assertEqual(split(b"(BODY[HEADER.FIELDS (A B)] UID)"),

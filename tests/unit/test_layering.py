@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Modules whose code runs off the reactor: fed snapshots, returning results.
 DISK_MODULES = [
     "mailserver.fsutil",
+    "mailserver.rfc5322",
     "mailserver.maildir.flags",
     "mailserver.maildir.index",
     "mailserver.maildir.keywords",
