@@ -138,6 +138,8 @@ def _env() -> dict[str, str]:
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
     env.pop("PYTHONSTARTUP", None)
+    # A server that hangs is aborted with SIGABRT: every thread's stack goes to stderr.
+    env["PYTHONFAULTHANDLER"] = "1"
     return env
 
 
@@ -310,9 +312,20 @@ class ServerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill9()
+            self.abort()
             pytest.fail(f"server did not exit within {timeout}s of SIGTERM\n{self.diagnostics()}",
                         pytrace=False)
+
+    def abort(self) -> None:
+        """SIGABRT (the stacks of every thread go to stderr), then SIGKILL."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill9()
 
     def kill9(self) -> None:
         if self.running:
@@ -380,7 +393,7 @@ class ServerProcess:
 
     def diagnostics(self) -> str:
         return (f"--- config {self.config_path} ---\n{self.config_path.read_text()}"
-                f"--- twistd stdout/stderr (tail) ---\n{_tail(self.output_text())}\n"
+                f"--- twistd stdout/stderr (tail) ---\n{_tail(self.output_text(), 200)}\n"
                 f"--- {self.log_path} (tail) ---\n{_tail(self.log_text())}")
 
     def maildir(self, address: str) -> Path:
