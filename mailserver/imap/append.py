@@ -1,5 +1,6 @@
-"""APPEND (RFC 3501 6.3.11) with MULTIAPPEND (RFC 3502), CATENATE (RFC 4469) and literal8
-message data (RFC 3516 4.4), as a mixin for the IMAP session.
+"""APPEND (RFC 3501 6.3.11) with MULTIAPPEND (RFC 3502), CATENATE (RFC 4469), literal8
+message data (RFC 3516 4.4) and UTF8 message data (RFC 6855 4), as a mixin for the IMAP
+session.
 
 An APPEND is followed as its lines and literals arrive (`AppendCommand`), so that each
 message literal streams into its own file in the folder's tmp/ instead of memory, and a
@@ -217,6 +218,7 @@ class AppendCommand:
         self.current: _Draft | None = None  # the CATENATE message being built
         self.flags: set[str] = set()
         self.date: float | None = None
+        self.utf8_after: str | None = None  # the state after a "UTF8 (" literal's ")"
         self.error: Exception | None = None  # found while copying a URL
         self.aborted = False
         self._copies: defer.Deferred = defer.succeed(None)
@@ -269,7 +271,9 @@ class AppendCommand:
             append = "APPEND" SP mailbox 1*append-message
             append-message = [SP flag-list] [SP date-time] SP append-data
             append-data = literal / literal8 / "CATENATE" SP "(" cat-part *(SP cat-part) ")"
-            cat-part = "TEXT" SP (literal / literal8) / "URL" SP astring
+                          / utf8-literal
+            cat-part = "TEXT" SP (literal / literal8) / "URL" SP astring / utf8-literal
+            utf8-literal = "UTF8" SP "(" literal8 ")"     ; RFC 6855 4, literal taken too
         """
         while True:
             state = self.state
@@ -300,6 +304,8 @@ class AppendCommand:
                     self.current = self._new_draft()
                     self.state = "cat-part"
                     continue
+                if t.maybe(b"UTF8 ("):
+                    return self._utf8_literal(t, "message", "after", literal_next)
                 if t.at_end() or t.rest() == b"~":
                     return self._literal_position("message", literal_next, t.rest() == b"~")
                 raise BadCommand("expected a message literal or CATENATE")
@@ -308,6 +314,8 @@ class AppendCommand:
                     if not (t.at_end() or t.rest() == b"~"):
                         raise BadCommand("expected a literal after TEXT")
                     return self._literal_position("text", literal_next, t.rest() == b"~")
+                if t.maybe(b"UTF8 ("):
+                    return self._utf8_literal(t, "text", "cat-next", literal_next)
                 if t.maybe(b"URL "):
                     if t.at_end():
                         return self._literal_position("url", literal_next)
@@ -326,6 +334,9 @@ class AppendCommand:
                 else:
                     t.take(b" ")
                     self.state = "cat-part"
+            elif state == "utf8-close":
+                t.take(b")")
+                self.state, self.utf8_after = self.utf8_after or "after", None
             elif state == "after":   # a whole message read: the end, or another message
                 if t.at_end():
                     if literal_next:
@@ -335,6 +346,16 @@ class AppendCommand:
                 self.state = "message"
             else:
                 raise BadCommand("unexpected text after the command")
+
+    def _utf8_literal(self, t: _Text, kind: str, after: str, literal_next: bool) -> None:
+        """After "UTF8 (" (RFC 6855 4): the literal of a message or a CATENATE part, then
+        ")".  BAD from a session that did not enable UTF8=ACCEPT."""
+        if not self.session.utf8_accept:
+            raise BadCommand("UTF8 message data needs ENABLE UTF8=ACCEPT")
+        if not (t.at_end() or t.rest() == b"~"):
+            raise BadCommand("expected a literal after UTF8 (")
+        self.utf8_after = after
+        return self._literal_position(kind, literal_next, t.rest() == b"~")
 
     def _literal_position(self, kind: str, literal_next: bool, literal8: bool = False) -> None:
         if not literal_next:
@@ -348,6 +369,8 @@ class AppendCommand:
         if kind == "mailbox":
             self._set_mailbox(value)
             self.state = "message"
+        elif kind in ("message", "text") and self.utf8_after is not None:
+            self.state = "utf8-close"
         elif kind == "message":
             self.state = "after"
         elif kind == "text":
@@ -360,7 +383,7 @@ class AppendCommand:
 
     def _set_mailbox(self, raw: bytes) -> None:
         try:
-            self.mailbox = F.decode_mailbox(raw)
+            self.mailbox = self.session._decode_name(raw)
         except InvalidFolderName:
             raise _failed(b"[CANNOT] Invalid mailbox name") from None
 

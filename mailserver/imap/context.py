@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mailserver.metrics import unexported
+
 
 @dataclass
 class IMAPContext:
@@ -15,3 +17,8 @@ class IMAPContext:
     store: Any       # MaildirStore
     tls: Any = None  # server TLS context factory; None: no STARTTLS
     allow_plaintext_loopback: bool = False
+    metrics: Any = None  # mailserver.metrics.ServiceMetrics of the listener
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = unexported("imap")

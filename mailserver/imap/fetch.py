@@ -108,14 +108,15 @@ def append_target(parts: list[bytes]) -> tuple[str, list[bytes], bytes | None] |
 
 # -- STATUS and LIST -------------------------------------------------------------------------
 
-def status_line(folder: Any, items: list[bytes]) -> bytes:
+def status_line(folder: Any, items: list[bytes], size: int | None = None) -> bytes:
+    """The STATUS data; `size` is RFC 8438's SIZE (imap/statussize.py) when asked."""
     values = {
         b"MESSAGES": lambda: len(folder.messages),
         b"RECENT": lambda: folder.recent_count,
         b"UIDNEXT": lambda: folder.uidnext,
         b"UIDVALIDITY": lambda: folder.uidvalidity,
         b"UNSEEN": lambda: folder.unseen_count,
-        b"SIZE": lambda: folder.total_size(),
+        b"SIZE": lambda: folder.total_size() if size is None else size,
         b"HIGHESTMODSEQ": lambda: folder.highestmodseq,   # RFC 7162 3.1.7
     }
     return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
@@ -507,8 +508,9 @@ def _crlf_size(ctx: _FetchContext, msg: _Message, info: Any) -> int:
 
 
 def vsize_hint_from(folder: Any, info: Any, cached: Any) -> int | None:
-    """The CRLF size from the file name or an index value; None if it must be measured."""
-    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(folder._escaped_host))
+    """The CRLF size from the file name or an index value; None if it must be measured.
+    `folder` is a Folder, or its FolderView in a thread."""
+    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(folder.escaped_host))
     if size is not None:
         return size
     return int(cached) if cached is not None else None

@@ -48,9 +48,10 @@ class ListRequest:
     status_items: list[bytes] = field(default_factory=list)
 
 
-def parse_list(args: Arguments, lsub: bool) -> ListRequest:
+def parse_list(args: Arguments, lsub: bool, utf8: bool = False) -> ListRequest:
     """LIST [(selection)] reference (pattern | (patterns)) [RETURN (options)] (RFC 5258 6);
-    LSUB reference pattern (RFC 3501 6.3.9)."""
+    LSUB reference pattern (RFC 3501 6.3.9).  `utf8`: the client enabled UTF8=ACCEPT, its
+    reference and patterns are UTF-8 (RFC 6855 3)."""
     args.space()
     req = ListRequest("", [], lsub=lsub, subscribed=lsub)
     if not lsub and args.peek() == b"(":
@@ -64,13 +65,13 @@ def parse_list(args: Arguments, lsub: bool) -> ListRequest:
         if req.recursive and not req.subscribed:  # RFC 5258 3.1: needs an option to modify
             raise BadCommand("RECURSIVEMATCH needs the SUBSCRIBED selection option")
         args.space()
-    req.reference = wire_text(args.astring())
+    req.reference = wire_text(args.astring(), utf8)
     args.space()
     if not lsub and args.peek() == b"(":
         req.extended = True
-        req.patterns = [wire_text(p) for p in args.paren_list(Arguments.list_mailbox)]
+        req.patterns = [wire_text(p, utf8) for p in args.paren_list(Arguments.list_mailbox)]
     else:
-        req.patterns = [wire_text(args.list_mailbox())]
+        req.patterns = [wire_text(args.list_mailbox(), utf8)]
     if not lsub and args.maybe_space():
         if args.atom().upper() != b"RETURN":
             raise BadCommand("expected RETURN")
@@ -99,13 +100,15 @@ def _parse_return(req: ListRequest, options: list[Any]) -> None:
         i += 1
 
 
-def wire_text(raw: bytes) -> str:
+def wire_text(raw: bytes, utf8: bool = False) -> str:
     """A name or pattern as the wire form names are compared in: modified UTF-7 as sent;
-    raw UTF-8 (which some clients send) encoded to modified UTF-7."""
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        pass
+    raw UTF-8 (which some clients send) encoded to modified UTF-7; with `utf8` (RFC 6855)
+    everything is UTF-8, "&" included."""
+    if not utf8:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            pass
     try:
         return encode_folder_name(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

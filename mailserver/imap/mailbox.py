@@ -26,8 +26,8 @@ class IIMAPAccount(Interface):
     def list_folders() -> list[Any]:
         """Every folder (FolderEntry), INBOX first."""
 
-    def create_folder(name: str) -> None:
-        """Create a folder (and missing parents)."""
+    def create_folder(name: str, special_use: str | None = None) -> None:
+        """Create a folder (and missing parents), with a special use (RFC 6154 3)."""
 
     def delete_folder(name: str) -> None:
         """Delete a folder."""
@@ -80,8 +80,8 @@ class IMAPAccount:
     def list_folders(self) -> list[Any]:
         return self.account.list_folders()
 
-    def create_folder(self, name: str) -> None:
-        self.account.create_folder(name)
+    def create_folder(self, name: str, special_use: str | None = None) -> None:
+        self.account.create_folder(name, special_use)
 
     def delete_folder(self, name: str) -> None:
         self.account.delete_folder(name)

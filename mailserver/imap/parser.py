@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -89,6 +89,25 @@ class SequenceSet:
         return sorted(set(out)) if len(self.ranges) > 1 else out
 
 
+@dataclass(frozen=True)
+class SavedSet(SequenceSet):
+    """RFC 5182 "$": the saved search result, always UIDs (2.1), whatever the command;
+    `ranges` are those UIDs, so a UID command uses it as any UID set."""
+
+    uids: tuple[int, ...] = ()
+
+
+def saved_set(uids: Sequence[int]) -> SavedSet:
+    """"$" standing for `uids` (ascending)."""
+    ranges: list[tuple[int | None, int | None]] = []
+    for u in uids:
+        if ranges and ranges[-1][1] == u - 1:
+            ranges[-1] = (ranges[-1][0], u)
+        else:
+            ranges.append((u, u))
+    return SavedSet(tuple(ranges), b"$", tuple(uids))
+
+
 def sequence_text(numbers: list[int]) -> bytes:
     """Numbers as a sequence set, '1:3,7' style, runs of consecutive numbers as ranges, in
     the order given (COPYUID pairs must line up)."""
@@ -131,6 +150,10 @@ def _seq_number(text: bytes) -> int | None:
 
 class Arguments:
     """A cursor over the parts of one command: text, literal, text, literal, ..."""
+
+    # RFC 5182: where "$" may stand for a sequence set, the saved result (ascending UIDs
+    # of the selected mailbox); None: "$" is not a sequence set here.
+    saved_result: Callable[[], Sequence[int]] | None = None
 
     def __init__(self, parts: list[bytes]) -> None:
         self.parts = parts
@@ -260,6 +283,11 @@ class Arguments:
         return flags
 
     def sequence_set(self) -> SequenceSet:
+        """A sequence set, or (RFC 5182 seq-last-command) "$" where the session allows it."""
+        if self.saved_result is not None and self.upcoming(1) == b"$" \
+                and self._text[self.pos + 1:self.pos + 2] in (b"", b" ", b")"):
+            self.pos += 1
+            return saved_set(self.saved_result())
         return parse_sequence_set(self._match(_SEQ, "a sequence set"))
 
     def date_time(self) -> bytes:

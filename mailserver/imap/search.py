@@ -7,6 +7,7 @@ stalls other clients.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import email
 import email.policy
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.imap import mime
@@ -25,7 +25,7 @@ from mailserver.imap.condstore import parse_modseq
 from mailserver.imap.fetch import vsize_hint_from
 from mailserver.maildir.index import SEARCH_COLUMNS
 from mailserver.maildir.sizes import VSIZE_KEY
-from mailserver.imap.parser import Arguments, BadCommand, parse_sequence_set
+from mailserver.imap.parser import Arguments, BadCommand, SavedSet, parse_sequence_set
 
 if TYPE_CHECKING:
     from mailserver.imap.server import IMAPSession
@@ -243,17 +243,24 @@ class Query:
     `flag_tests` is set when the key is only a conjunction of flag tests (UNSEEN, DELETED
     UNDELETED, ...), which has a fast path without per-message objects.  `modseq` says a
     MODSEQ key is in it (RFC 7162 3.1.6: the response then tells the highest mod-sequence).
+    `reads_files` says a key opens message files (HEADER, BODY, TEXT).
     """
 
     def __init__(self, predicate: Predicate, needs_size: bool = False,
                  fields: list[FieldTest] | None = None,
                  flag_tests: list[tuple[str, bool]] | None = None,
-                 modseq: bool = False) -> None:
+                 modseq: bool = False, reads_files: bool = False) -> None:
         self.predicate = predicate
         self.fields = fields or []
         self.needs_size = needs_size
         self.flag_tests = flag_tests
         self.modseq = modseq
+        self.reads_files = reads_files
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the key is answered from the folder's memory alone (no disk)."""
+        return not (self.fields or self.needs_size or self.reads_files)
 
 
 def parse_search(args: Arguments) -> Query:
@@ -287,7 +294,8 @@ def _and(keys: list[Query]) -> Query:
 def _combine(predicate: Predicate, keys: list[Query],
              flag_tests: list[tuple[str, bool]] | None = None) -> Query:
     return Query(predicate, any(k.needs_size for k in keys),
-                 [f for k in keys for f in k.fields], flag_tests, any(k.modseq for k in keys))
+                 [f for k in keys for f in k.fields], flag_tests, any(k.modseq for k in keys),
+                 any(k.reads_files for k in keys))
 
 
 def _field_key(field: str, needle: str | None = None,
@@ -313,8 +321,10 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         if not keys:
             raise BadCommand("empty search list")
         return _and(keys)
-    if args.peek() in (b"*",) or args.peek().isdigit():
+    if args.peek() in (b"*", b"$") or args.peek().isdigit():
         seqset = args.sequence_set()
+        if isinstance(seqset, SavedSet):  # RFC 5182 2.1: "$" is UIDs, here too
+            return _saved_key(seqset)
         return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq))
     word = args.atom().upper()
     if word == b"ALL":
@@ -341,14 +351,16 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         field = args.astring().decode("ascii", "replace")
         needle = _text_arg(args, charset)
         if not needle:
-            return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()))
+            return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()),
+                         reads_files=True)
         if field.lower() in _COLUMNS and field.lower() != "date":
             return _field_key(field.lower(), needle)
-        return Query(lambda r: _contains(r.header_text(field), needle))
+        return Query(lambda r: _contains(r.header_text(field), needle), reads_files=True)
     if word in (b"BODY", b"TEXT"):
         needle = _text_arg(args, charset)
         with_headers = word == b"TEXT"
-        return Query(lambda r: _contains(_body_text(r, with_headers), needle))
+        return Query(lambda r: _contains(_body_text(r, with_headers), needle),
+                     reads_files=True)
     if word in (b"BEFORE", b"ON", b"SINCE"):
         args.space()
         day = _parse_date(args.astring())
@@ -384,6 +396,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     if word == b"UID":
         args.space()
         uidset = args.sequence_set()
+        if isinstance(uidset, SavedSet):
+            return _saved_key(uidset)
         return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid))
     if word == b"MODSEQ":  # RFC 7162 3.1.5
         args.space()
@@ -400,6 +414,13 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
     raise BadCommand(f"unknown search key {word.decode('ascii', 'replace')}")
 
 
+def _saved_key(saved: SavedSet) -> Query:
+    """`$` or `UID $` (RFC 5182): the messages of the saved result, as it was when the
+    command was read."""
+    uids = frozenset(saved.uids)
+    return Query(lambda r: r.uid in uids)
+
+
 def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     """Deferred list of matching UIDs, in sequence order.
 
@@ -414,7 +435,57 @@ def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     view = list(session.view)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
-    return deferToThread(_run, folder, view, recent, query, sizes)
+    return folder.read_in_thread(_run, view, recent, query, sizes)
+
+
+def search_among(session: "IMAPSession", query: Query, uids: list[int],
+                 inline_limit: int = 0) -> Deferred[set[int]]:
+    """Which of `uids` (ascending: messages of the view, or new ones beyond it) match
+    `query` now, for the results a context keeps up to date (RFC 5267 4.3).  Answered at
+    once when the key needs nothing but memory and there are at most `inline_limit` of
+    them; else in a thread, as SEARCH."""
+    folder = session.folder
+    if query.in_memory and len(uids) <= inline_limit:
+        return succeed(match_some(folder, session.view, uids, session.recent, query, {}))
+    sizes: dict[int, Any] = folder.cache_get_many(uids, VSIZE_KEY) if query.needs_size else {}
+    return folder.read_in_thread(match_some, list(session.view), uids, set(session.recent),
+                                 query, sizes)
+
+
+def match_some(folder: Any, view: list[int], uids: list[int], recent: set[int], query: Query,
+               sizes: dict[int, Any]) -> set[int]:
+    """The members of `uids` that match (the Folder in the reactor, or its FolderView in
+    a job's thread).  `view` (the session's, ascending) gives sequence numbers; a uid
+    beyond it counts as the next new message."""
+    if query.fields:
+        _fill_fields(folder, uids, query.fields)
+    count = len(view)
+    last = view[-1] if view else 0
+    new = [u for u in uids if u > last]
+    row = Row(count + len(new), new[-1] if new else last)
+    folder_path = folder.path
+    predicate = query.predicate
+    out: set[int] = set()
+    for u in uids:
+        info = folder.by_uid(u)
+        if info is None:
+            continue  # expunged meanwhile
+        i = bisect.bisect_left(view, u)
+        if i < len(view) and view[i] == u:
+            seq = i + 1
+        elif u > last:
+            seq = count + bisect.bisect_left(new, u) + 1
+        else:
+            continue  # expunged from the view meanwhile
+        known = vsize_hint_from(folder, info, sizes.get(u)) if query.needs_size else None
+        flags = info.flags | {"\\Recent"} if u in recent else info.flags
+        row.load(seq, u, info, flags, known, folder_path)
+        try:
+            if predicate(row):
+                out.add(u)
+        except OSError:
+            continue  # expunged meanwhile
+    return out
 
 
 def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:
@@ -438,7 +509,8 @@ def _is_whole_folder(folder: Any, view: list[int]) -> bool:
 
 def _run(folder: Any, view: list[int], recent: set[int], query: Query,
          sizes: dict[int, Any]) -> list[int]:
-    """The search itself (thread): fills the field tests, then tests every message."""
+    """The search itself (a thread of the folder's executor; `folder` is its FolderView):
+    fills the field tests, then tests every message."""
     if query.fields:
         _fill_fields(folder, view, query.fields)
     row = Row(len(view), view[-1] if view else 0)

@@ -17,6 +17,10 @@ clients cannot use replaced:
   codes are bytes;
 - CONDSTORE and QRESYNC (RFC 7162, imap/condstore.py): mod-sequences from the folder's
   memory, VANISHED from its expunge memory;
+- SEARCHRES, ESORT, CONTEXT=SEARCH and CONTEXT=SORT (RFC 5182, RFC 5267: imap/searching.py,
+  imap/livesearch.py): "$", SORT RETURN (...), results kept up to date;
+- STATUS=SIZE (RFC 8438, imap/statussize.py), CREATE-SPECIAL-USE (RFC 6154 3,
+  imap/specialuse.py) and UTF8=ACCEPT (RFC 6855, imap/utf8.py);
 - a keyword defined after SELECT (by any session or process) is announced in FLAGS and
   PERMANENTFLAGS before any FETCH shows it, between two responses of a streaming FETCH.
 """
@@ -46,13 +50,15 @@ from mailserver.imap import listing as L
 from mailserver.imap.append import APPEND_CAPABILITIES, AppendCommand, AppendCommands, is_append
 from mailserver.imap.compress import COMPRESS_CAPABILITY, CompressCommands
 from mailserver.imap import esearch as ESEARCH
-from mailserver.imap import search as S
 from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
-from mailserver.imap.parser import Arguments, BadCommand, Literal
+from mailserver.imap.parser import Arguments, BadCommand, Literal, SavedSet
+from mailserver.imap.searching import SAVED_RESULT_COMMANDS, SEARCH_CAPABILITIES, SearchCommands
 from mailserver.imap.sorting import SORT_CAPABILITIES, SortingCommands
 from mailserver.imap import condstore as C
-from mailserver.maildir import (FolderError, FolderExists, InvalidFolderName, NoSuchFolder,
-                                encode_folder_name)
+from mailserver.imap import specialuse as SU
+from mailserver.imap import utf8 as U
+from mailserver.imap.statussize import STATUS_SIZE_CAPABILITY, mailbox_size
+from mailserver.maildir import FolderError, FolderExists, InvalidFolderName, NoSuchFolder
 
 if TYPE_CHECKING:
     from mailserver.imap.context import IMAPContext
@@ -127,8 +133,8 @@ class CommandFailed(Exception):
         self.status = status
 
 
-class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressCommands,
-                  LimitedProtocolMixin, imap4.IMAP4Server):
+class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Session,
+                  AppendCommands, CompressCommands, LimitedProtocolMixin, imap4.IMAP4Server):
     log = Logger()
     IDENT = b"IMAP4rev1 ready"
 
@@ -221,7 +227,8 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
                 b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", b"ESEARCH", *SORT_CAPABILITIES,
-                *C.CONDSTORE_CAPABILITIES, *APPEND_CAPABILITIES]
+                *SEARCH_CAPABILITIES, *C.CONDSTORE_CAPABILITIES, *APPEND_CAPABILITIES, STATUS_SIZE_CAPABILITY,
+                SU.CREATE_SPECIAL_USE_CAPABILITY, U.UTF8_CAPABILITY]
         if self.canStartTLS and not self.tls_active:
             caps.append(b"STARTTLS")
         if self.user is not None:
@@ -409,6 +416,8 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
                 self.tagged(tag, b"BAD", b"Unknown UID command")
                 return None
             uid = True
+        if self.state == "select" and name in SAVED_RESULT_COMMANDS:
+            args.saved_result = self.saved_result  # RFC 5182: "$" as a sequence set
         handler = self._lookup(name)
         if handler is None:
             if writer is not None:
@@ -600,6 +609,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
             self.timeOut = AUTH_TIMEOUT
             self.log.info("imap login {user} from {ip} tls={tls}", user=self.user, ip=ip,
                           tls=self.tls_active)
+            self.context.metrics.logged_in(self)
             self.tagged(tag, b"OK", b"[CAPABILITY " + b" ".join(self.capability_list())
                         + b"] Logged in")
 
@@ -609,6 +619,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
             throttle.failure(ip, account)
             self._auth_failures += 1
             self.log.info("imap login failed for {user} from {ip}", user=account, ip=ip)
+            self.context.metrics.auth_failed()
             self.tagged(tag, b"NO", b"[AUTHENTICATIONFAILED] Authentication failed")
             if self._auth_failures >= self.context.limits.auth_failures_per_connection:
                 self.untagged(b"BYE Too many authentication failures")
@@ -619,13 +630,9 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
     # -- authenticated (RFC 3501 6.3) --------------------------------------------------------
 
     def _mailbox_name(self, args: Arguments) -> str:
-        return F.decode_mailbox(args.astring())
-
-    @staticmethod
-    def _wire_name(name: str) -> bytes:
-        if name.upper() == "INBOX":
-            return b"INBOX"
-        return F.quote_mailbox(encode_folder_name(name).encode("ascii"))
+        # Modified UTF-7, or UTF-8 once UTF8=ACCEPT is enabled (RFC 6855 3); names go
+        # back to the client through _wire_name (imap/utf8.py).
+        return self._decode_name(args.astring())
 
     def cmd_auth_SELECT(self, tag: bytes, args: Arguments, readonly: bool = False) -> defer.Deferred:
         args.space()
@@ -732,18 +739,24 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
         self._view_shared = False
         self.recent = set()
         self._pending_added, self._pending_expunged, self._pending_flags = [], set(), {}
+        self.searches_reset()  # RFC 5182 2.1 "$" empty; RFC 5267 4.3 updates cease
         if self.state == "select":
             self.state = "auth"
 
     def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
         name = self._mailbox_name(args).rstrip(".")
-        args.end()
+        attributes = SU.parse_create_params(args)  # RFC 4466 2.2, RFC 6154 3 USE
         if name == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
+        try:
+            use = SU.chosen_use(attributes)
+        except SU.UseAttrRefused as e:
+            raise CommandFailed(b"[USEATTR] " + str(e).encode()) from None
         # mkdirs, a fresh uid list and fsyncs: in a thread, like the dot-lock waits.
-        return self._in_thread(self.imap_account.create_folder, name,  # type: ignore[union-attr]
-                               tag, b"CREATE completed")
+        return threads.deferToThread(
+            self.imap_account.create_folder, name, use,  # type: ignore[union-attr]
+        ).addCallback(lambda _: self.done(tag, b"CREATE completed"))
 
     def _in_thread(self, work: Any, name: str, tag: bytes, text: bytes) -> defer.Deferred:
         """A folder-tree or subscription change that touches only the disk (no reactor
@@ -788,7 +801,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
 
     def cmd_auth_LIST(self, tag: bytes, args: Arguments, lsub: bool = False) -> defer.Deferred | None:
         """RFC 3501 6.3.8 / 6.3.9, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS."""
-        request = L.parse_list(args, lsub)
+        request = L.parse_list(args, lsub, self.utf8_accept)
         verb = b"LSUB" if lsub else b"LIST"
         entries = L.list_entries(self.imap_account, request)
         if not request.status_items:
@@ -831,7 +844,10 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
 
     def _status(self, name: str, items: list[bytes]) -> defer.Deferred:
         folder = self.imap_account.folder(name)  # type: ignore[union-attr]
-        return folder.refresh().addCallback(lambda _: F.status_line(folder, items))
+        d = folder.refresh()
+        # RFC 8438: SIZE is the sum of RFC822.SIZE, worked out in a thread.
+        d.addCallback(lambda _: mailbox_size(folder) if b"SIZE" in items else None)
+        return d.addCallback(lambda size: F.status_line(folder, items, size))
 
     def cmd_auth_NAMESPACE(self, tag: bytes, args: Arguments) -> None:  # RFC 2342
         args.end()
@@ -844,7 +860,8 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
         while args.maybe_space():
             names.append(args.atom().upper())
         args.end()
-        enabled = self.enable(names)  # RFC 7162 3.1.1, 3.2.3; anything else is ignored
+        # RFC 7162 3.1.1, 3.2.3; RFC 6855 3; anything else is ignored
+        enabled = self.enable(names) + self.enable_utf8(names)
         self.untagged(b" ".join([b"ENABLED", *enabled]))
         self.done(tag, b"ENABLE completed")
 
@@ -976,6 +993,7 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
         return b"EXPUNGE completed"
 
     def _announce_expunged(self, uids: list[int]) -> None:
+        self.searches_expunging(uids)  # RFC 5267 4.3.4 REMOVEFROM first; RFC 5182 "$"
         if self.qresync:  # RFC 7162 3.2.10: VANISHED, never EXPUNGE
             self.announce_vanished(uids)
             return
@@ -1015,6 +1033,8 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
 
     def _resolve(self, seqset: Any, uid: bool) -> list[int]:
         """UIDs in the view named by a sequence set of message numbers or UIDs."""
+        if isinstance(seqset, SavedSet):  # RFC 5182 2.1: "$" is UIDs in any command
+            return list(seqset.uids)
         if not self.view:
             return []
         if uid:
@@ -1026,35 +1046,14 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
             out.append(self.view[n - 1])
         return out
 
-    def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
+    def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred | None:
         args.space()
-        options = ESEARCH.parse_return(args)   # RFC 4731 3.1: SEARCH RETURN (...)
-        if options is not None and options.save:
-            raise BadCommand("RETURN (SAVE) is not supported")   # SEARCHRES not offered
-        query = S.parse_search(args)
-        if query.modseq:  # RFC 7162 3.1.5: a CONDSTORE enabling command
-            self.enable_condstore()
-        matches = S.search(self, query)
-
-        def answer(found: list[int]) -> None:
-            if uid:
-                nums = found
-            else:
-                nums = [self._seq_of(u) for u in found]
-            infos = [self.folder.by_uid(u) for u in found] if query.modseq else []
-            highest = max((i.modseq for i in infos if i is not None), default=0)
-            if options is not None:   # RFC 4731 3.1; RFC 7162 3.1.5 MODSEQ return data
-                line = ESEARCH.esearch_response(tag, nums, options, uid)
-                if highest:
-                    line += b" MODSEQ %d" % highest
-            else:
-                line = ("SEARCH " + " ".join(map(str, nums))).rstrip().encode()
-                if highest:  # RFC 7162 3.1.6: the highest mod-sequence of what matched
-                    line += b" (MODSEQ %d)" % highest
-            self.untagged(line)
-            self.done(tag, b"SEARCH completed", expunges=uid)
-
-        return matches.addCallback(answer)
+        # RFC 4731 3.1, RFC 5182 2.1, RFC 5267 4: SEARCH RETURN (...); imap/searching.py
+        options = ESEARCH.parse_return(args)
+        if self.utf8_accept and U.names_charset(args):  # RFC 6855 3
+            raise BadCommand("no CHARSET after ENABLE UTF8=ACCEPT")
+        return self.with_saved_result(
+            options, lambda: self.search_command(tag, args, uid, options))
 
     def cmd_select_FETCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
         args.space()
@@ -1265,4 +1264,5 @@ class IMAPSession(SortingCommands, C.CondstoreSession, AppendCommands, CompressC
             for u in sorted(pending):
                 if self._in_view(u) and u not in self._pending_expunged:
                     self._send_flags(u)
+        self.searches_flush()  # RFC 5267 4.3.3: ADDTO after EXISTS
 

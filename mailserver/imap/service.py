@@ -43,5 +43,6 @@ def build_factory(server: Any, name: str) -> IMAPFactory:
     context = IMAPContext(hostname=config.server.hostname, limits=config.limits,
                           portal=server.portal, throttle=server.throttle, store=server.store,
                           tls=server.tls if name == "imap" else None,
-                          allow_plaintext_loopback=config.auth.allow_plaintext_loopback)
+                          allow_plaintext_loopback=config.auth.allow_plaintext_loopback,
+                          metrics=server.metrics.service(name))
     return IMAPFactory(context)

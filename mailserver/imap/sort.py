@@ -23,6 +23,7 @@ import re
 import sqlite3
 import unicodedata
 from dataclasses import dataclass
+from functools import cmp_to_key
 from operator import attrgetter
 from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
@@ -416,6 +417,29 @@ def sort_messages(messages: Iterable[SortMessage | Entry],
     for key, reverse in reversed(criteria):
         items.sort(key=_KEY_FUNCS[key], reverse=reverse)
     return items
+
+
+def sort_key_of(entry: Entry, criteria: Sequence[tuple[bytes, bool]]) -> tuple[Any, ...]:
+    """What a kept SORT result (RFC 5267 CONTEXT=SORT) remembers of a message: its value
+    for each criterion, then its UID (the sequence-order tie-break: UIDs ascend with
+    sequence numbers)."""
+    return (*(_KEY_FUNCS[key](entry) for key, _ in criteria), entry.uid)
+
+
+def sort_order(criteria: Sequence[tuple[bytes, bool]]) -> Callable[[tuple[Any, ...]], Any]:
+    """A key function over sort_key_of tuples giving sort_messages' order, for bisecting
+    into a kept sorted result: criterion by criterion (REVERSE flips one), then UID."""
+    reverse = [r for _, r in criteria]
+
+    def compare(a: tuple[Any, ...], b: tuple[Any, ...]) -> int:
+        for i, flip in enumerate(reverse):
+            x, y = a[i], b[i]
+            if x != y:
+                c = -1 if x < y else 1
+                return -c if flip else c
+        return (a[-1] > b[-1]) - (a[-1] < b[-1])
+
+    return cmp_to_key(compare)
 
 
 def sort_response(entries: Sequence[Entry], uid: bool) -> bytes:

@@ -23,6 +23,9 @@ Behaviour where IMAP leaves a choice, following Dovecot on Maildir++:
   with its UIDVALIDITY and UIDNEXT, so no uid is reused (RFC 3501 6.3.5).  INBOX's
   children stay where they are.
 - Subscribing to a name that has no folder is allowed (RFC 3501 6.3.6).
+- A special use given at CREATE (RFC 6154 3) is stored in specialuse.py's file; it follows
+  RENAME and goes with DELETE.  A CREATE without one forgets an attribute left by a
+  folder of the same name that another program removed.
 
 The tree and subscription changes are synchronous (a few mkdirs, renames and small
 fsynced files, never work proportional to the number of messages) and raise FolderError
@@ -48,6 +51,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailserver.fsutil import fsync_directory, write_all
+from mailserver.maildir import specialuse
 from mailserver.maildir.delivery import escape_hostname
 from mailserver.maildir.flags import size_from_base
 from mailserver.maildir.folder import (
@@ -59,7 +63,6 @@ from mailserver.maildir.folder import (
     InvalidFolderName,
     NoSuchFolder,
 )
-from mailserver.maildir.index import FolderIndex
 from mailserver.maildir.keywords import KEYWORDS_NAME
 from mailserver.maildir.names import (
     INBOX,
@@ -163,8 +166,10 @@ class MailAccount:
 
     def list_folders(self) -> list[FolderEntry]:
         """Every folder, and every parent name that has children but no folder of its own
-        (\\Noselect); INBOX first, then by name."""
+        (\\Noselect); INBOX first, then by name.  A folder's special use is the one CREATE
+        gave it (RFC 6154 3), else its name's (SPECIAL_USE)."""
         existing = set(self._folder_dirs())
+        created = specialuse.read(self.path)
         parents: set[str] = set()
         for name in existing:
             parts = name.split(SEPARATOR)
@@ -173,10 +178,11 @@ class MailAccount:
         entries = []
         for name in sorted(existing | parents, key=lambda n: (n != INBOX, n)):
             attrs = ["\\HasChildren" if name in parents else "\\HasNoChildren"]
+            use = created.get(name) or SPECIAL_USE.get(name)
             if name not in existing:
                 attrs.insert(0, "\\Noselect")
-            elif name in SPECIAL_USE:
-                attrs.append(SPECIAL_USE[name])
+            elif use is not None:
+                attrs.append(use)
             entries.append(FolderEntry(name, tuple(attrs)))
         return entries
 
@@ -221,11 +227,15 @@ class MailAccount:
 
     # -- create ---------------------------------------------------------------------------------
 
-    def create_folder(self, name: str) -> None:
+    def create_folder(self, name: str, special_use: str | None = None) -> None:
         """Create `name` and any missing parents; FolderExists if it is there already.
+        `special_use` (one of specialuse.ATTRIBUTES) is stored with it (RFC 6154 3): if
+        that fails, the folder is removed again and the error raised.
 
-        Synchronous: a few mkdirs and one small fsynced file.
+        Synchronous: a few mkdirs and one or two small fsynced files.
         """
+        if special_use is not None and special_use not in specialuse.ATTRIBUTES:
+            raise FolderError(f"special use {special_use!r} cannot be set")
         clean = name[:-1] if isinstance(name, str) and name.endswith(SEPARATOR) \
             and len(name) > 1 else name
         path = self._dir(clean)
@@ -241,6 +251,54 @@ class MailAccount:
                 self._make_folder_dir(self._dir(parent), exclusive=False)
         self._make_folder_dir(path, exclusive=True)
         fsync_directory(self.path)
+        try:
+            self._set_special_use(canonical, special_use)
+        except (OSError, FolderError):
+            if special_use is None:  # only a stale attribute was to go: keep the folder
+                log.failure("special use of {name} not cleared", name=canonical)
+                return
+            shutil.rmtree(path, ignore_errors=True)
+            fsync_directory(self.path)
+            raise
+
+    def _set_special_use(self, name: str, use: str | None) -> None:
+        """Store `use` for folder `name`, or forget an attribute left from a folder of
+        that name that was removed behind our back."""
+        def change(uses: dict[str, str]) -> dict[str, str] | None:
+            if uses.get(name) == use:
+                return None
+            uses = dict(uses)
+            if use is None:
+                del uses[name]
+            else:
+                uses[name] = use
+            return uses
+        self._update_special_uses(change)
+
+    def _update_special_uses(self, change: Callable[[dict[str, str]], dict[str, str] | None]
+                             ) -> None:
+        """Change the stored special uses; no lock and no write when `change` (a pure
+        function) finds nothing to do in the file as it is."""
+        if change(specialuse.read(self.path)) is None:
+            return
+        try:
+            specialuse.update(self.path, change, timeout=SHORT_LOCK_TIMEOUT)
+        except LockTimeout:
+            raise FolderBusy("special-use attributes are locked by another process") from None
+
+    def _move_special_uses(self, old: str, new: str | None) -> None:
+        """After DELETE (new None: `old` alone) or RENAME (`old` and its children) of
+        folders: their stored special use goes or follows.  Problems are logged."""
+        def change(uses: dict[str, str]) -> dict[str, str] | None:
+            if new is None:
+                return None if old not in uses else {n: u for n, u in uses.items() if n != old}
+            moved = {(new + n[len(old):] if n == old or n.startswith(old + SEPARATOR) else n): u
+                     for n, u in uses.items()}
+            return None if moved == uses else moved
+        try:
+            self._update_special_uses(change)
+        except (OSError, FolderError) as e:
+            log.warn("special-use attributes not updated: {error}", error=e)
 
     def _make_folder_dir(self, path: Path, exclusive: bool) -> None:
         """A Maildir++ folder at `path` with a fresh uid list (FolderExists if `exclusive`
@@ -277,16 +335,15 @@ class MailAccount:
             os.rename(path, trash)
         except FileNotFoundError:
             raise NoSuchFolder(f"no folder {name!r}") from None
+        self._move_special_uses(canonical_name(name), None)
         folder = self._folders.pop(path, None)
         if folder is None:
-            return _logged(deferToThread(self._finish_delete, None))
-        folder._mark_deleted()
-        # After whatever the folder was doing in a thread is over.
-        return _logged(folder._lock.run(deferToThread, self._finish_delete, folder._index))
+            return _logged(deferToThread(self._finish_delete))
+        # After whatever the folder was doing in a thread is over (and its index closed).
+        return _logged(folder.mark_deleted().addCallback(
+            lambda _: deferToThread(self._finish_delete)))
 
-    def _finish_delete(self, index: FolderIndex | None) -> None:
-        if index is not None:
-            index.close()
+    def _finish_delete(self) -> None:
         fsync_directory(self.path)
         self._remove_trash()
 
@@ -357,13 +414,13 @@ class MailAccount:
         finally:
             fsync_directory(self.path)
         self._rename_subscriptions(canonical_name(old), new_name)
+        self._move_special_uses(canonical_name(old), new_name)
         waits = []
         for src, dst in moves:
             folder = self._folders.pop(src, None)
             if folder is not None:
-                old_index = folder._relocate(dst, self._name_of(dst))
                 self._folders[dst] = folder
-                waits.append(folder._lock.run(deferToThread, old_index.close))
+                waits.append(folder.relocate(dst, self._name_of(dst)))
         return _logged(DeferredList(waits, consumeErrors=True) if waits else succeed(None))
 
     def _rename_inbox(self, new: str, new_path: Path) -> Deferred[None]:

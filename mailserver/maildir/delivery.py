@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,13 +37,16 @@ from mailserver.fsutil import (can_sync_filesystem, fsync_directory, sync_by_fil
 from mailserver.maildir import quota as quota_file
 from mailserver.maildir.flags import escape_hostname  # noqa: F401 (imported from here too)
 from mailserver.maildir.names import normalized
+from mailserver.maildir.newfiles import (  # noqa: F401 (imported from here too)
+    FLUSH_THRESHOLD,
+    unique_base,
+)
+from mailserver.maildir.newfiles import OPEN_FLAGS as _OPEN_FLAGS
 
 log = Logger()
 
-FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
 _COPY_CHUNK = 256 * 1024
 _LINK_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 # Files without a name need O_TMPFILE (Linux 3.11, ext4/xfs/btrfs/tmpfs) and /proc to
 # give them one; elsewhere (or if the file system refuses) deliveries use tmp/ files.
@@ -63,26 +64,6 @@ def _link_fd(fd: int, dest: Path) -> None:
     # A directory fd makes Python call linkat (with AT_SYMLINK_FOLLOW) rather than link();
     # the absolute source path ignores it.
     os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=_root_fd, follow_symlinks=True)
-
-
-# One counter per process: with the pid and the time it makes every name unique even when
-# many deliveries start within the same microsecond.
-_counter = itertools.count(1)
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def unique_base(escaped_host: str) -> str:
-    """A new base name `<secs>.M<usecs>P<pid>Q<counter>.<host>` (Maildir spec, Dovecot)."""
-    secs, nanos = divmod(time.time_ns(), 1_000_000_000)
-    return f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}.{escaped_host}"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ it identifies the file's contents for good, whatever the flags or the UIDVALIDIT
 It is only a cache: a missing, corrupt or foreign-version file is removed and rebuilt
 without a word to the client.  Writes use `synchronous=NORMAL`: a crash may lose the
 last writes, never the database.  Mod-sequences survive that too: the folder never hands
-out a value below the current time in microseconds (folder.py), so what a lost write or a
-rebuilt file forgets is only re-announced, never reused.
+out a value below the current time in microseconds (folder_disk.py), so what a lost write
+or a rebuilt file forgets is only re-announced, never reused.
 """
 
 from __future__ import annotations

@@ -422,6 +422,20 @@ class UidList:
         """The record's ext fields as written ("" when none)."""
         return self._ext.get(uid, "")
 
+    def ext_fields(self, keys: str) -> dict[int, dict[str, str]]:
+        """{uid: {key: value}} of the records carrying an ext field with one of the
+        one-letter `keys` (Dovecot's P<pop3 uidl>, O<pop3 order>); the first field of a
+        key counts, as in Dovecot.  Costs a pass over the records that have ext fields."""
+        out: dict[int, dict[str, str]] = {}
+        for uid, ext in self._ext.items():
+            found: dict[str, str] = {}
+            for field in ext.split(" "):
+                if field and field[0] in keys:
+                    found.setdefault(field[0], field[1:])
+            if found:
+                out[uid] = found
+        return out
+
     def items(self) -> Iterator[tuple[int, str]]:
         """(uid, base name) in uid order."""
         return iter(self._names.items())

@@ -7,7 +7,8 @@ as EXPUNGE, and a dropped connection removes nothing.  A message expunged by som
 meanwhile stays listed but can no longer be retrieved.
 
 Identity is the Maildir base name, as for IMAP and Dovecot: it is the UIDL, and it is how
-a snapshot entry finds its message again even if the folder's uids were reset.
+a snapshot entry finds its message again even if the folder's uids were reset.  A POP3
+UIDL and order that Dovecot stored in dovecot-uidlist win over that (pop3/dovecot.py).
 
 Sizes are the octets of the CRLF form POP3 sends (RFC 1939 5, 11), from the index and the
 file name wherever possible: Dovecot's ",W=<size>", the shared "vsize" cache that IMAP's
@@ -29,6 +30,7 @@ from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
 from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern
+from mailserver.pop3 import dovecot
 from mailserver.pop3.wire import crlf_size_of_path
 
 log = Logger()
@@ -92,6 +94,11 @@ class Entry:
     size: int
     deleted: bool = False
     gone: bool = False
+    uidl: bytes | None = None   # stored by Dovecot (P<uidl>), else the base name's
+
+    def unique_id(self) -> bytes:
+        """The message's UIDL (RFC 1939 7)."""
+        return self.uidl if self.uidl is not None else uidl_of(self.base)
 
 
 @implementer(IMailbox)
@@ -220,7 +227,7 @@ class POP3Mailbox:
         e = self._at(index)
         if e.deleted:
             raise ValueError(index)
-        return uidl_of(e.base)
+        return e.unique_id()
 
     def deleteMessage(self, index: int) -> None:
         self._at(index).deleted = True
@@ -278,10 +285,16 @@ def open_inbox(store: Any, path: Path, address: str,
         locks.release(key)
         return defer.fail()
     own = own_name_pattern(store.hostname)
+    d.addCallback(lambda _: folder.uidlist_fields(dovecot.UIDLIST_KEYS))
 
-    def snapshot(_: Any) -> defer.Deferred[POP3Mailbox]:
+    def snapshot(fields: dict[int, dict[str, str]]) -> defer.Deferred[POP3Mailbox]:
         infos = list(folder.messages)
         entries, unknown = _known_sizes(folder, infos, own)
+        entries, unusable = dovecot.apply_fields(entries, fields)
+        if unusable:
+            log.warn("{count} POP3 UIDLs in {path}/dovecot-uidlist are not usable "
+                     "(RFC 1939 7, or repeated): those messages keep their own",
+                     count=unusable, path=str(folder.path))
         mailbox = POP3Mailbox(address, folder, entries, locks, key)
         mailbox.quota = getattr(store, "quota", None)
         if not unknown:

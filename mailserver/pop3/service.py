@@ -48,5 +48,5 @@ def build_factory(server: Any, name: str) -> POP3Factory:
                           portal=server.portal, throttle=server.throttle,
                           tls=server.tls if name == "pop3" else None,
                           allow_plaintext_loopback=config.auth.allow_plaintext_loopback,
-                          service=name)
+                          service=name, metrics=server.metrics.service(name))
     return POP3Factory(context)

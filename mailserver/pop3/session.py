@@ -33,8 +33,9 @@ from twisted.python.failure import Failure
 from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.metrics import unexported
 from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
-                                     POP3Mailbox, uidl_of)
+                                     POP3Mailbox)
 from mailserver.streaming import ChunkProducer
 from mailserver.pop3.wire import message_chunks
 
@@ -80,11 +81,14 @@ class POP3Context:
     allow_plaintext_loopback: bool = False
     service: str = "pop3"
     clock: Any = None                    # IReactorTime; the reactor when None
+    metrics: Any = None                  # mailserver.metrics.ServiceMetrics of the listener
 
     def __post_init__(self) -> None:
         if self.clock is None:
             from twisted.internet import reactor
             self.clock = reactor
+        if self.metrics is None:
+            self.metrics = unexported(self.service)
 
 
 class POP3Session(LimitedProtocolMixin, pop3.POP3):
@@ -420,6 +424,7 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         self.log.info("{service} login {user} from {ip} tls={tls} messages={count}",
                       service=self.context.service, user=self.user, ip=ip,
                       tls=self.tls_active, count=count)
+        self.context.metrics.logged_in(self)
         self.ok(b"Logged in, %d messages (%d octets)" % (count, octets))
 
     def _login_failed(self, f: Failure, ip: str, account: str) -> None:
@@ -439,6 +444,7 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         self._auth_failures += 1
         self.log.info("{service} login failed for {user} from {ip}",
                       service=self.context.service, user=account, ip=ip)
+        self.context.metrics.auth_failed()
         self.err(b"Authentication failed", b"AUTH")  # RFC 3206 4
         if self._auth_failures >= self.limits.auth_failures_per_connection:
             self.err(b"Too many authentication failures")
@@ -487,10 +493,10 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         if arg is not None:
             found = self._entry(arg)
             if found:
-                self.ok(b"%d %s" % (found[0], uidl_of(found[1].base)))
+                self.ok(b"%d %s" % (found[0], found[1].unique_id()))
             return
         self.ok(b"Unique-ID listing follows")
-        self._stream(self._listing(lambda n, e: b"%d %s\r\n" % (n, uidl_of(e.base))))
+        self._stream(self._listing(lambda n, e: b"%d %s\r\n" % (n, e.unique_id())))
 
     def _listing(self, line: Callable[[int, Any], bytes]) -> Iterator[bytes]:
         assert self.mbox is not None

@@ -31,7 +31,7 @@ def test_esearch_return_options(imap_server):
             b'ESEARCH (TAG "t5") ALL 1:5 MODSEQ '), str(r)
         assert c.command(b"SEARCH RETURN ALL").status == "BAD"
         assert c.command(b"SEARCH RETURN (BOGUS) ALL").status == "BAD"
-        assert c.command(b"SEARCH RETURN (SAVE) ALL").status == "BAD"   # no SEARCHRES
+        assert c.command(b"SEARCH RETURN (SAVE SAVE) ALL").status == "BAD"
         assert c.command(b"SEARCH UNSEEN").untagged == [b"SEARCH 1 3 5"]
     finally:
         c.close()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
@@ -211,8 +211,8 @@ class UidAssignment(FolderTestCase):
         yield folder.refresh()
         yield folder.refresh()  # rescans once: the first scan moved a file to cur/
         listed = []
-        real = foldermod.os.listdir
-        self.patch(foldermod.os, "listdir", lambda p: (listed.append(p), real(p))[1])
+        real = os.listdir
+        self.patch(os, "listdir", lambda p: (listed.append(p), real(p))[1])
         changes = yield folder.refresh()
         self.assertFalse(changes)
         self.assertEqual(listed, [])
@@ -236,8 +236,8 @@ class UidAssignment(FolderTestCase):
         os.rename(cur / two.filename, cur / (two.basename + ":2,S"))
         os.utime(cur, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if within the same tick
         listed = []
-        real = foldermod.os.listdir
-        self.patch(foldermod.os, "listdir", lambda p: (listed.append(p), real(p))[1])
+        real = os.listdir
+        self.patch(os, "listdir", lambda p: (listed.append(p), real(p))[1])
         changes = yield folder.refresh()
         self.assertFalse(changes)
         self.assertEqual(listed, [])  # trusted the stamps: no rescan
@@ -510,7 +510,7 @@ class Changes(FolderTestCase):
     def test_copy_without_links(self):
         def no_link(src, dst):
             raise OSError(18, "Invalid cross-device link")
-        self.patch(foldermod.os, "link", no_link)
+        self.patch(os, "link", no_link)
         trash = self.account.folder("Trash")
         pairs = yield self.folder.copy_to([1], trash)
         self.assertEqual(pairs, [(1, 1)])
@@ -584,7 +584,7 @@ class Changes(FolderTestCase):
         folder.cache_put(1, "envelope", "x")
         self.assertEqual(folder._index.pending, 1)
         clock.advance(foldermod.CACHE_FLUSH_DELAY)
-        yield folder._lock.run(defer.succeed, None)
+        yield folder._executor.submit(lambda: None)
         yield folder.close()
         self.assertEqual(folder._index.pending, 0)
 

@@ -1,0 +1,33 @@
+"""Names and tmp/ files of new messages, shared by delivery, APPEND and COPY.
+
+Disk side: nothing here imports Twisted, so folder_disk.py and delivery.py can both use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
+# A new file only: never an existing name, never through a symbolic link.
+OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+# One counter per process: with the pid and the time it makes every name unique even when
+# many deliveries start within the same microsecond.
+_counter = itertools.count(1)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def unique_base(escaped_host: str) -> str:
+    """A new base name `<secs>.M<usecs>P<pid>Q<counter>.<host>` (Maildir spec, Dovecot)."""
+    secs, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}.{escaped_host}"
