@@ -76,8 +76,11 @@ class AccountsChecker:
     def __init__(self, accounts: Accounts, upgrade_hashes: bool = True) -> None:
         self.accounts = accounts
         self.upgrade_hashes = upgrade_hashes
-        # Same parameters as a real hash, so verifying it costs the same.
-        self._dummy_hash = hash_password("dummy password for unknown users")
+        # Same parameters as a real hash, so verifying it costs the same; made in the
+        # hashing pool (a tenth of a second of CPU) on first need, not at start.
+        self._dummy_hash: str | None = None
+        self._dummy_making: defer.Deferred[str] | None = None
+        self._dummy()   # ready before the first unknown user asks
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred[str]:
         try:
@@ -88,9 +91,13 @@ class AccountsChecker:
             user = self.accounts.get_user(address) if address else None
         except Exception:
             return defer.fail()
-        stored = user.password_hash if user else self._dummy_hash
         password = credentials.password
-        d = in_hash_pool(verify_password, stored, password)
+        if user is not None:
+            d = in_hash_pool(verify_password, user.password_hash, password)
+        else:
+            d = self._dummy().addCallback(
+                lambda dummy: in_hash_pool(verify_password, dummy, password))
+        stored = user.password_hash if user else ""
 
         def checked(ok: bool) -> Any:
             if not (ok and user):
@@ -101,6 +108,24 @@ class AccountsChecker:
             return user.address
 
         return d.addCallback(checked)
+
+    def _dummy(self) -> defer.Deferred[str]:
+        """The hash an unknown user's password is verified against."""
+        if self._dummy_hash is not None:
+            return defer.succeed(self._dummy_hash)
+        if self._dummy_making is None:
+            def made(value: str) -> str:
+                self._dummy_hash = value
+                return value
+
+            def failed(f: Any) -> Any:
+                self._dummy_making = None   # tried again next time
+                return f
+            self._dummy_making = in_hash_pool(hash_password, "dummy password for unknown users")
+            self._dummy_making.addCallbacks(made, failed)
+        waiter: defer.Deferred[str] = defer.Deferred()
+        self._dummy_making.addBoth(lambda result: waiter.callback(result) or result)
+        return waiter
 
     def _upgrade(self, address: str, old: str, password: str | bytes) -> defer.Deferred[None]:
         """Re-hash with argon2id after a successful login, and store the new hash, both in

@@ -96,6 +96,11 @@ class OrgDomains:
         """Parse the list now (otherwise the first `org_domain` call does)."""
         self._get(strict=True)
 
+    @property
+    def loaded(self) -> bool:
+        """Whether `org_domain` answers without parsing the list first."""
+        return self._psl is not None
+
     def _get(self, strict: bool = False) -> PublicSuffixList:
         psl = self._psl
         if psl is not None:
