@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 from twisted.logger import Logger
 
+from mailserver.accounts_schema import SCHEMA_VERSION, SchemaError, upgrade
 from mailserver.addresses import (AddressError, is_domain_literal, normalize, normalize_domain,
                                   split_address, subaddress_base)
 
@@ -30,33 +31,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 MAX_ALIAS_DEPTH = 10
 RESOLVED_MAX = 4096  # addresses whose resolution is remembered (until the database changes)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS domains (
-    name TEXT PRIMARY KEY
-);
-CREATE TABLE IF NOT EXISTS users (
-    address TEXT PRIMARY KEY,
-    localpart TEXT NOT NULL,
-    domain TEXT NOT NULL REFERENCES domains(name),
-    password_hash TEXT NOT NULL,
-    quota INTEGER
-);
-CREATE INDEX IF NOT EXISTS users_domain ON users(domain);
-CREATE TABLE IF NOT EXISTS aliases (
-    source TEXT NOT NULL,
-    domain TEXT NOT NULL REFERENCES domains(name),
-    target TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (source, target)
-);
-CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
-"""
 
 
 class AccountsError(Exception):
@@ -147,16 +124,18 @@ class Accounts:
                 self._resolved.clear()
 
     def _init_schema(self) -> None:
-        with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise AccountsError(f"{self.path}: schema version {row[0]} is newer than this "
-                                    f"server supports ({SCHEMA_VERSION})")
+        """Bring the file to this release's schema (mailserver.accounts_schema)."""
+        with self._lock:
+            try:
+                applied = upgrade(self._db)
+            except SchemaError as e:
+                raise AccountsError(f"{self.path}: {e}") from None
+            finally:
+                self._resolved.clear()
+        if applied:
+            log.info("accounts database {path} upgraded to schema version {version} "
+                     "({steps})", path=str(self.path), version=SCHEMA_VERSION,
+                     steps="; ".join(f"{m.version}: {m.summary}" for m in applied))
 
     # -- domains ---------------------------------------------------------------------
 

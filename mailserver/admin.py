@@ -30,6 +30,7 @@ _LISTENER_NOTES = {
     "imaps": "IMAP, implicit TLS",
     "pop3": "POP3, STLS",
     "pop3s": "POP3, implicit TLS",
+    "metrics": "Prometheus metrics, HTTP GET /metrics",
 }
 
 
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     try:
+        if getattr(args, "writes_config", False):   # setup: the config may not exist yet
+            return args.handler(None, args)
         config = load_config(getattr(args, "config", None) or default_config_path())
         return args.handler(config, args)
     except (AdminError, AccountsError, ConfigError) as e:
@@ -138,6 +141,26 @@ def _build_parser() -> _Parser:
 
     leaf(commands, "dns", cmd_dns, "print the DNS records to publish for a domain"
          ).add_argument("domain")
+
+    p = leaf(commands, "backup", cmd_backup, "back up accounts, Maildirs, queue, DKIM keys, "
+             "certificate and config into a new or empty directory (the server may run)")
+    p.add_argument("dest", metavar="DEST_DIR")
+    p.add_argument("--copy", action="store_true",
+                   help="copy every message (default: hard links where DEST_DIR is on the "
+                        "same file system)")
+    p = leaf(commands, "restore", cmd_restore, "restore a backup into this configuration's "
+             "state_dir and maildir_root (stop the server first)")
+    p.add_argument("src", metavar="SRC_DIR")
+    p.add_argument("--force", action="store_true",
+                   help="replace an accounts database with data, Maildirs with mail, and "
+                        "differing DKIM keys or certificate")
+
+    from mailserver.setup_cmd import add_arguments as setup_arguments
+
+    p = leaf(commands, "setup", cmd_setup, "as root: create the service user, the production "
+             "config (default /etc/mailserver/mailserver.toml) and the server's directories")
+    setup_arguments(p)
+    p.set_defaults(writes_config=True)
     return parser
 
 
@@ -149,6 +172,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("state_dir", str(config.state_dir)),
             ("maildir_root", str(config.maildir_root)),
             ("tls", _tls_source(config)),
+            ("acme", _acme_summary(config)),
             ("accounts", _accounts_summary(config)),
             ("relay", _relay_summary(config)),
             ("inbound", _inbound_summary(config))]
@@ -187,12 +211,10 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 def _server_running(config: Config) -> bool:
     """Is a server running on this state_dir (it holds the queue lock)?  Then its own
     ports are in use, as they should be."""
+    from mailserver.fsutil import lock_held
+
     try:
-        from mailserver.smtp.queue.store import QueueStore
-    except ImportError:
-        return False
-    try:
-        return QueueStore(config.queue_dir).server_running()
+        return lock_held(config.queue_dir / "lock")
     except OSError:
         return False
 
@@ -225,12 +247,29 @@ def _relay_summary(config: Config) -> str:
 def _tls_source(config: Config) -> str:
     if config.tls.certificate:
         return f"certificate {config.tls.certificate}, key {config.tls.private_key}"
+    if config.tls.acme_directory:
+        return (f"from ACME, kept in {config.state_dir / 'acme'} (self-signed until "
+                f"the first is issued)")
     try:
         from mailserver.tls import certificate_paths
         where = str(certificate_paths(config).certificate.parent)
     except ImportError:
         where = str(config.state_dir)
     return f"self-signed certificate for {config.server.hostname}, generated in {where}"
+
+
+def _acme_summary(config: Config) -> str:
+    """Whether ACME is on, and for which names (the local domains as the server sees
+    them now)."""
+    if not config.tls.acme_directory:
+        return "off"
+    from mailserver.acme_settings import describe
+
+    domains: list[str] = []
+    if config.accounts_db.exists():
+        with Accounts(config.accounts_db) as accounts:
+            domains = accounts.list_domains()
+    return describe(config, domains)
 
 
 def _accounts_summary(config: Config) -> str:
@@ -538,6 +577,44 @@ def cmd_queue_delete(config: Config, args: argparse.Namespace) -> int:
         print(delete_message(config, args.id))
     except QueueAdminError as e:
         raise AdminError(str(e)) from None
+    return 0
+
+
+# -- setup (mailserver/setup_cmd.py) -------------------------------------------------------
+
+def cmd_setup(config: None, args: argparse.Namespace) -> int:
+    from mailserver.setup_cmd import SetupError, run_setup
+
+    try:
+        return run_setup(args)
+    except SetupError as e:
+        raise AdminError(str(e)) from None
+
+
+# -- backup and restore (mailserver/backup.py, mailserver/restore.py) -----------------------
+
+def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    from mailserver.backup import BackupError, backup
+
+    try:
+        result = backup(config, Path(args.dest), copy=args.copy)
+    except BackupError as e:
+        raise AdminError(str(e)) from None
+    print(result.summary())
+    return 0
+
+
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    from mailserver.backup import BackupError
+    from mailserver.restore import restore
+
+    try:
+        restore(config, Path(args.src), force=args.force, say=print)
+    except BackupError as e:
+        raise AdminError(str(e)) from None
+    # Run as root: what was written belongs to the server's user, as other commands do.
+    _match_owner([config.state_dir], config.state_dir, recursive=True)
+    _match_owner([config.maildir_root], config.maildir_root, recursive=True)
     return 0
 
 

@@ -89,6 +89,14 @@ class StorageConfig:
 class TLSConfig:
     certificate: str = ""
     private_key: str = ""
+    reload_interval: float = 60.0    # how often certificate files are checked for a change
+    # ACME (mailserver.acme_service): "" = off, else the CA's directory URL.
+    acme_directory: str = ""
+    acme_email: str = ""
+    acme_domains: tuple[str, ...] = ()   # () = server.hostname and the autoconfig names
+    acme_ca_bundle: str = ""             # trust anchors for the CA's HTTPS; "" = the system's
+    acme_challenge: str = "auto"         # auto | http-01 | tls-alpn-01
+    acme_renew_before: float = 30 * 86400.0
 
 
 # A [listen] value: one Twisted endpoint description ("" switches the service off), or a
@@ -107,6 +115,7 @@ class ListenConfig:
     pop3s: Endpoints = "tcp:2995"
     autoconfig: Endpoints = "tcp:2443"       # HTTPS: Thunderbird, Outlook, Apple
     autoconfig_http: Endpoints = "tcp:2080"  # plain HTTP for autoconfig.<domain> lookups
+    metrics: Endpoints = ""                  # Prometheus GET /metrics (plain HTTP); off
 
     def endpoints(self, name: str) -> tuple[str, ...]:
         """The endpoint descriptions of one service; () when it is switched off."""
@@ -482,6 +491,24 @@ def check_endpoint(key: str, value: Any) -> str:
     return value
 
 
+ACME_CHALLENGES = ("auto", "http-01", "tls-alpn-01")
+
+
+def _acme_directory(key: str, value: Any) -> str:
+    """RFC 8555 6.1: the ACME server is reached over HTTPS only."""
+    _expect(str, "a URL such as 'https://acme-v02.api.letsencrypt.org/directory'")(key, value)
+    if value and not re.fullmatch(r"https://[^\s/?#]+(/[^\s#]*)?", value):
+        raise ConfigError(key, f"expected an https:// URL, got {value!r}")
+    return value
+
+
+def _email_or_empty(key: str, value: Any) -> str:
+    _expect(str, "an e-mail address")(key, value)
+    if value and (len(value) > 254 or not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s.]+", value)):
+        raise ConfigError(key, f"not an e-mail address: {value!r}")
+    return value
+
+
 def _hostname_or_empty(key: str, value: Any) -> str:
     return _hostname(key, value) if value != "" else value
 
@@ -497,7 +524,14 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "server": (ServerConfig, {"hostname": _hostname, "state_dir": _expect(str, "a path")}),
     "storage": (StorageConfig, {"maildir_root": _expect(str, "a path")}),
     "tls": (TLSConfig, {"certificate": _expect(str, "a path"),
-                        "private_key": _expect(str, "a path")}),
+                        "private_key": _expect(str, "a path"),
+                        "reload_interval": _duration,
+                        "acme_directory": _acme_directory,
+                        "acme_email": _email_or_empty,
+                        "acme_domains": _domains,
+                        "acme_ca_bundle": _expect(str, "a path"),
+                        "acme_challenge": _choice(*ACME_CHALLENGES),
+                        "acme_renew_before": _duration}),
     "listen": (ListenConfig, {f.name: check_endpoints for f in fields(ListenConfig)}),
     "limits": (LimitsConfig, {
         "max_message_size": _size,
@@ -604,7 +638,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"tls.{key}", f"file not found: {p}")
             resolved[key] = str(p)
     if resolved:
-        sections["tls"] = TLSConfig(**resolved)
+        sections["tls"] = replace(tls, **resolved)
+    sections["tls"] = _check_acme(sections["tls"], sections["listen"], base)
     _check_distinct_endpoints(sections["listen"])
     sections["relay"] = _check_relay(sections["relay"], base)
     inbound: InboundConfig = sections["inbound"]
@@ -652,6 +687,32 @@ def _check_relay(relay: RelayConfig, base: Path) -> RelayConfig:
             raise ConfigError("relay.ca_file", f"file not found: {p}")
         changes["ca_file"] = str(p)
     return replace(relay, **changes) if changes else relay
+
+
+def _check_acme(tls: TLSConfig, listen: ListenConfig, base: Path) -> TLSConfig:
+    """ACME needs a listener to answer the CA's challenge on, and replaces configured
+    certificate files rather than sitting beside them."""
+    if not tls.acme_directory:
+        return tls
+    if tls.certificate:
+        raise ConfigError("tls.acme_directory", "set either acme_directory or "
+                                                "certificate/private_key, not both")
+    enabled = listen.enabled()
+    needs = {"http-01": "autoconfig_http", "tls-alpn-01": "autoconfig"}
+    if tls.acme_challenge in needs and needs[tls.acme_challenge] not in enabled:
+        raise ConfigError("tls.acme_challenge",
+                          f"{tls.acme_challenge} is answered on listen."
+                          f"{needs[tls.acme_challenge]}, which is switched off")
+    if tls.acme_challenge == "auto" and not any(n in enabled for n in needs.values()):
+        raise ConfigError("tls.acme_directory",
+                          "the CA's challenge is answered on listen.autoconfig_http (http-01) "
+                          "or listen.autoconfig (tls-alpn-01); switch one of them on")
+    if tls.acme_ca_bundle:
+        p = (base / tls.acme_ca_bundle).resolve()
+        if not p.is_file():
+            raise ConfigError("tls.acme_ca_bundle", f"file not found: {p}")
+        tls = replace(tls, acme_ca_bundle=str(p))
+    return tls
 
 
 def _check_distinct_endpoints(listen: ListenConfig) -> None:

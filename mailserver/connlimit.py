@@ -7,9 +7,15 @@ flood of idle connections from one address never keeps other clients from being 
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from mailserver.metrics import ServiceMetrics
 
 
 class ConnectionLimiter:
@@ -55,15 +61,20 @@ class LimitedFactory(protocol.ServerFactory):
     noisy = False
     refusal: bytes = b"Too many connections\r\n"
     limiter: ConnectionLimiter | None = None
+    metrics: "ServiceMetrics | None" = None   # set with the limiter (mailserver.service)
 
     def buildProtocol(self, addr):  # type: ignore[override]
         ip = addr.host if hasattr(addr, "host") else str(addr)
         if self.limiter is not None and not self.limiter.acquire(ip):
             self.log.warn("connection from {ip} refused: too many connections", ip=ip)
+            if self.metrics is not None:
+                self.metrics.connection_refused()
             return Refuser(self.refusal)
         p = super().buildProtocol(addr)
         if p is not None:
             p._limited_ip = ip  # type: ignore[attr-defined]
+            if self.metrics is not None:
+                self.metrics.connection_opened(p)
         return p
 
     def released(self, proto: protocol.Protocol) -> None:
@@ -71,12 +82,23 @@ class LimitedFactory(protocol.ServerFactory):
         if ip is not None and self.limiter is not None:
             proto._limited_ip = None  # type: ignore[attr-defined]
             self.limiter.release(ip)
+        if self.metrics is not None:
+            self.metrics.connection_closed(proto)
 
 
+@implementer(IHandshakeListener)
 class LimitedProtocolMixin:
-    """Returns the connection slot to the factory's limiter when the connection ends."""
+    """Returns the connection slot to the factory's limiter when the connection ends;
+    tells the factory's metrics of a completed TLS handshake."""
 
     factory: LimitedFactory
+
+    def handshakeCompleted(self) -> None:
+        """Called by Twisted's TLS layer once the handshake is done (implicit TLS or after
+        STARTTLS/STLS)."""
+        metrics = getattr(getattr(self, "factory", None), "metrics", None)
+        if metrics is not None:
+            metrics.tls_established(self.transport)  # type: ignore[attr-defined]
 
     def connectionLost(self, reason=protocol.connectionDone):  # type: ignore[no-untyped-def]
         factory = getattr(self, "factory", None)

@@ -152,3 +152,21 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o600, tmp: Path | Non
     finally:
         if not placed:
             unlink_quietly(tmp)
+
+
+def lock_held(path: Path | str) -> bool:
+    """Whether some process holds an flock on `path` now (the running server holds its
+    queue lock for its whole life); False when the file does not exist."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -11,13 +11,15 @@ from twisted.application import service, strports
 from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver import logbridge
 from mailserver.config import Config
 from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
+from mailserver.metrics import Metrics
+from mailserver.readiness import Readiness
 from mailserver.startup import RunAs, hand_over, prepare_directories
 
 log = Logger()
@@ -38,6 +40,7 @@ FACTORIES = {
     "pop3s": "mailserver.pop3:build_factory",
     "autoconfig": "mailserver.autoconfig:build_factory",
     "autoconfig_http": "mailserver.autoconfig:build_factory",
+    "metrics": "mailserver.metrics:build_factory",
 }
 
 
@@ -61,18 +64,24 @@ class MailServer(service.MultiService):
         from mailserver.accounts import Accounts
         from mailserver.auth import AuthThrottle, MailRealm, build_portal
         from mailserver.maildir import MaildirStore
-        from mailserver.tls import ensure_certificate, server_context_factory
+        from mailserver.tls import ensure_certificate
+        from mailserver.tls_reload import build_tls
 
         self.config = config
+        self.readiness = Readiness()   # systemd's READY=1 / STOPPING=1
         for path in (config.state_dir, config.maildir_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tls_paths = ensure_certificate(config)
-        self.tls = server_context_factory(self.tls_paths)
+        # One context factory for every TLS listener and STARTTLS, its certificate
+        # replaced without a restart (files reloaded, ACME renewals): tls_reload.
+        self.tls = build_tls(self)
         self.accounts = Accounts(config.accounts_db)
         self.store = MaildirStore(config.maildir_root, config.server.hostname,
                                   commit_process=True)
         self.limiter = ConnectionLimiter(config.limits.max_connections,
                                          config.limits.max_connections_per_ip)
+        # What [listen].metrics serves; counted also when nothing serves it.
+        self.metrics = Metrics()
         # One realm and portal for every protocol: each protocol module registers the
         # avatar for its interface when its factory is built.
         self.realm = MailRealm()
@@ -109,8 +118,9 @@ class MailServer(service.MultiService):
             factory = build(self, name)
             if isinstance(factory, LimitedFactory):
                 factory.limiter = self.limiter
+                factory.metrics = self.metrics.service(name)
             if name in IMPLICIT_TLS:
-                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+                factory = TLSMemoryBIOFactory(self.tls.for_listener(name), False, factory)
             single = isinstance(getattr(config.listen, name), str)
             for i, description in enumerate(descriptions):
                 listener = strports.service(description, factory)
@@ -124,6 +134,7 @@ class MailServer(service.MultiService):
         does not exist) is one line naming its key, in the log and on stderr, and exit
         status 1, instead of twistd's traceback."""
         service.Service.privilegedStartService(self)
+        self.readiness.open()   # while still root: the socket may be root's alone
         for child in self:   # what MultiService does, one child at a time
             listener = self.listeners.get(child.name or "")
             if listener is None:
@@ -144,10 +155,12 @@ class MailServer(service.MultiService):
                 raise SystemExit(1) from None
 
     def startService(self) -> None:
+        globalLogPublisher.addObserver(self.metrics.count_errors)
         super().startService()
         log.info("mailserver {hostname} started (pid {pid}); maildirs in {root}",
                  hostname=self.config.server.hostname, pid=os.getpid(),
                  root=str(self.config.maildir_root))
+        self.readiness.ready(self.config.server.hostname, self.listeners)
         self.store.clean_tmp().addErrback(
             lambda f: log.failure("cleaning tmp/ failed", f))
         self._index_sweep = LoopingCall(self.store.close_idle_indexes)
@@ -155,10 +168,12 @@ class MailServer(service.MultiService):
             lambda f: log.failure("closing idle folder indexes failed", f))
 
     def stopService(self) -> Any:
+        self.readiness.stopping()
         if getattr(self, "_index_sweep", None) is not None and self._index_sweep.running:
             self._index_sweep.stop()
         if self.checker is not None and self.checker.rspamd is not None:
             self.checker.rspamd.close()
+        globalLogPublisher.removeObserver(self.metrics.count_errors)
         return super().stopService()
 
 

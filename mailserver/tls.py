@@ -15,6 +15,7 @@ from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import ISSLTransport
 
+from mailserver.certfiles import CertificatePair, load_pair
 from mailserver.config import Config
 from mailserver.fsutil import write_durably
 
@@ -81,12 +82,14 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None
 
 def server_context_factory(paths: CertificatePaths) -> ssl.CertificateOptions:
     """CertificateOptions for every TLS listener: TLS 1.2+, modern ciphers, full chain."""
-    pem = paths.certificate.read_bytes()
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, paths.private_key.read_bytes())
-    certs = [crypto.load_certificate(crypto.FILETYPE_PEM, block)
-             for block in _pem_blocks(pem, b"CERTIFICATE")]
-    if not certs:
-        raise ValueError(f"no certificate found in {paths.certificate}")
+    return certificate_options(load_pair(paths.certificate, paths.private_key))
+
+
+def certificate_options(pair: CertificatePair) -> ssl.CertificateOptions:
+    """The TLS settings of every listener (TLS 1.2+, modern ciphers) for one checked pair,
+    its whole chain sent."""
+    key = crypto.PKey.from_cryptography_key(pair.key)
+    certs = [crypto.X509.from_cryptography(c) for c in (pair.leaf, *pair.chain)]
     return ssl.CertificateOptions(
         privateKey=key,
         certificate=certs[0],
@@ -94,18 +97,6 @@ def server_context_factory(paths: CertificatePaths) -> ssl.CertificateOptions:
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
     )
-
-
-def _pem_blocks(pem: bytes, label: bytes) -> list[bytes]:
-    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
-    blocks, pos = [], 0
-    while (start := pem.find(begin, pos)) >= 0:
-        stop = pem.find(end, start)
-        if stop < 0:
-            break
-        blocks.append(pem[start:stop + len(end)])
-        pos = stop + len(end)
-    return blocks
 
 
 def describe_tls(transport: object) -> str | None:

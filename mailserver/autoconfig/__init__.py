@@ -26,6 +26,13 @@ MAX_IDLE_SECONDS = 60.0
 def build_factory(server: MailServer, name: str) -> AutoconfigSite:
     settings = ClientSettings.from_config(server.config)
     tree = build_tree(settings, server.accounts, https=(name == "autoconfig"))
+    board = getattr(server, "acme_challenges", None)
+    if board is not None and name == "autoconfig_http":
+        from mailserver.autoconfig.acme_challenge import add_challenge_resource
+
+        add_challenge_resource(tree, board)   # ACME http-01 (RFC 8555 8.3)
     timeout = min(server.config.limits.idle_timeout, MAX_IDLE_SECONDS)
+    metrics = getattr(server, "metrics", None)
     return AutoconfigSite(tree, timeout=timeout, name=name,
-                          limiter=getattr(server, "limiter", None))
+                          limiter=getattr(server, "limiter", None),
+                          metrics=metrics.service(name) if metrics is not None else None)

@@ -10,12 +10,18 @@ rather than a reset connection; nothing of it is kept.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from mailserver.connlimit import ConnectionLimiter, Refuser
+
+if TYPE_CHECKING:
+    from mailserver.metrics import ServiceMetrics
 
 log = Logger()
 
@@ -56,6 +62,7 @@ class BoundedRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
+@implementer(IHandshakeListener)
 class BoundedChannel(http.HTTPChannel):
     """HTTP/1.1 channel that answers an oversized body itself and drains the rest."""
 
@@ -113,7 +120,15 @@ class BoundedChannel(http.HTTPChannel):
         if self.limiter is not None:
             self.limiter.release(self.client_ip)
             self.limiter = None
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.connection_closed(self)
         super().connectionLost(reason)
+
+    def handshakeCompleted(self) -> None:  # IHandshakeListener: HTTPS on [listen].autoconfig
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.tls_established(self.transport)
 
 
 class AutoconfigSite(server.Site):
@@ -129,21 +144,27 @@ class AutoconfigSite(server.Site):
     refusal = _plain_response(503, b"Service Unavailable", b"too many connections\n")
 
     def __init__(self, resource: Resource, timeout: float, name: str,
-                 limiter: ConnectionLimiter | None = None) -> None:
+                 limiter: ConnectionLimiter | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
         super().__init__(resource, requestFactory=BoundedRequest, timeout=timeout,
                          parsePOSTFormSubmission=False)
         self.name = name
         self.limiter = limiter
+        self.metrics = metrics
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
         ip = getattr(addr, "host", str(addr))
         if self.limiter is not None and not self.limiter.acquire(ip):
             log.warn("{service}: connection from {ip} refused: too many connections",
                      service=self.name, ip=ip)
+            if self.metrics is not None:
+                self.metrics.connection_refused()
             return Refuser(self.refusal)
         channel = super().buildProtocol(addr)
         if self.limiter is not None:
             channel.limiter, channel.client_ip = self.limiter, ip
+        if self.metrics is not None:
+            self.metrics.connection_opened(channel)
         return channel
 
     def log(self, request: server.Request) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +74,23 @@ class InboundChecker:
         self._sealers = {s.lower() for s in config.trusted_arc_sealers}
         # Evaluations reused while their DNS answers stand (needs a resolver that can say).
         self._spf = ResultCache(resolver) if hasattr(resolver, "current") else None
+        self._orgs_loading: defer.Deferred[None] | None = None
+
+    def preload_orgs(self) -> None:
+        """Parse the Public Suffix List in a thread now (a fifth of a second of CPU that
+        neither the start nor the reactor should pay); DMARC waits for it if need be."""
+        if not self.orgs.loaded and self._orgs_loading is None:
+            d = self._orgs_loading = deferToThread(self.orgs.load)
+            d.addErrback(lambda f: log.failure("loading the Public Suffix List failed", f))
+
+    def _orgs_ready(self) -> defer.Deferred[None]:
+        if self.orgs.loaded:
+            return defer.succeed(None)
+        self.preload_orgs()
+        assert self._orgs_loading is not None
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._orgs_loading.addBoth(lambda result: waiter.callback(None) or result)
+        return waiter
 
     # -- per connection ----------------------------------------------------------------
 
@@ -102,7 +119,7 @@ class InboundChecker:
             log.info("smtp {ip}: listed in {zone} ({code})", ip=ip, zone=listing.zone,
                      code=listing.answer)
             return Reply(554, "5.7.1", f"Service unavailable; client [{ip}] blocked "
-                                       f"using {listing.zone}")
+                                       f"using {listing.zone}", reason="blocklist")
 
         return dnsbl.check(self.resolver, ip, self.config.dnsbl).addCallback(refusal)
 
@@ -153,6 +170,7 @@ class InboundChecker:
                 # RFC 7489 4.1 / RFC 7208 2.4: with a null MAIL FROM the HELO identity
                 # stands in for it, so a bounce can align through its HELO name.
                 spf_domain = spf.domain if spf is not None else ""
+                yield self._orgs_ready()
                 dmarc = yield evaluate(self.resolver, self.orgs, domain,
                                        spf.result if spf is not None else "none", spf_domain,
                                        [r.domain for r in dkim_results if r.result == "pass"])
@@ -247,7 +265,7 @@ class InboundChecker:
 
 def _with_message(reply: Reply, message: str) -> Reply:
     text = "".join(c for c in message if c.isprintable())[:200].strip()
-    return Reply(reply.code, reply.enhanced, text) if text else reply
+    return replace(reply, text=text) if text else reply
 
 
 def build_checker(server: Any) -> InboundChecker:
@@ -266,9 +284,13 @@ def build_checker(server: Any) -> InboundChecker:
                               mta_name=config.server.hostname)
     orgs = OrgDomains(config.inbound.psl_file or None)
     workers = WorkerPool(processes=max(1, (os.cpu_count() or 2) // 2))
-    try:
-        orgs.load()  # a bad psl_file fails at start, and the first message does not wait
-    except (OSError, ValueError) as e:
-        raise ConfigError("inbound.psl_file", f"not a usable Public Suffix List: {e}") from None
-    return InboundChecker(config.inbound, config.server.hostname, resolver, rspamd, orgs,
-                          run_in_thread=workers)
+    if orgs.psl_file is not None:
+        try:
+            orgs.load()  # a bad psl_file fails at start, not at the first message
+        except (OSError, ValueError) as e:
+            raise ConfigError("inbound.psl_file",
+                              f"not a usable Public Suffix List: {e}") from None
+    checker = InboundChecker(config.inbound, config.server.hostname, resolver, rspamd, orgs,
+                             run_in_thread=workers)
+    checker.preload_orgs()  # the packaged list: in a thread, once the reactor runs
+    return checker

@@ -279,7 +279,8 @@ def build_factory(server, name: str) -> SMTPFactory:
     """The MX listener's factory (see mailserver.service.FACTORIES)."""
     context = SMTPContext(hostname=server.config.server.hostname, limits=server.config.limits,
                           accounts=server.accounts, store=server.store, tls=server.tls,
-                          service=name, queue=getattr(server, "queue", None))
+                          service=name, queue=getattr(server, "queue", None),
+                          metrics=server.metrics.service(name))
     context.checker = getattr(server, "checker", None)
     if context.checker is not None:
         context.junk = JunkFolders(server.store, server.config.inbound.junk_folder)

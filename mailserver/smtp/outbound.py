@@ -41,9 +41,11 @@ def route_address(accounts: "Accounts", address: str) -> list[RecipientState]:
 
 def build_queue(server: "MailServer") -> QueueRunner:
     config = server.config
-    return QueueRunner(
+    runner = QueueRunner(
         QueueStore(config.queue_dir), config.queue, config.server.hostname,
         local=QueueLocalDelivery(server.store, server.accounts),
         relay=Relay(config),
         router=lambda address: route_address(server.accounts, address),
-        new_id=new_queue_id)
+        new_id=new_queue_id, metrics=server.metrics)
+    server.metrics.watch_queue(runner)
+    return runner

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -10,6 +10,9 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    # Why a refusal was given, where the codes do not say (the `reason` label of
+    # mailserver_messages_rejected_total; see mailserver.metrics.rejection_reason).
+    reason: str = field(default="", compare=False)
 
     @property
     def temporary(self) -> bool:
@@ -53,7 +56,7 @@ LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message line too long")
 BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 BARE_CR = Reply(521, "5.5.2", "Error: bare <CR> received")
-RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied", reason="relay_denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -72,7 +75,8 @@ PREGREET = Reply(554, "5.7.1", "Error: talking before the greeting; go away")
 TOO_MANY_RCPT_COMMANDS = Reply(421, "4.7.0", "Error: too many recipients in this session")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 BAD_HELO = Reply(501, "5.5.4", "Error: invalid HELO/EHLO name")
-DMARC_REJECT = Reply(550, "5.7.1", "Message rejected: DMARC policy of the From domain")
-SPAM_REJECT = Reply(554, "5.7.1", "Message rejected as spam")
-SPAM_TEMPFAIL = Reply(451, "4.7.1", "Try again later")
+DMARC_REJECT = Reply(550, "5.7.1", "Message rejected: DMARC policy of the From domain",
+                     reason="dmarc")
+SPAM_REJECT = Reply(554, "5.7.1", "Message rejected as spam", reason="spam")
+SPAM_TEMPFAIL = Reply(451, "4.7.1", "Try again later", reason="spam")
 FILTER_TEMPFAIL = Reply(451, "4.7.1", "Error: message filter unavailable, try again later")

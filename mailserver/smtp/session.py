@@ -38,6 +38,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailserver.fastwrite import close_now, write_now
+from mailserver.metrics import unexported
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
@@ -85,6 +86,11 @@ class SMTPContext:
     checker: Any = None  # mailserver.inbound.checker.InboundChecker (MX); None: no checks
     junk: Any = None     # mailserver.inbound.junk.JunkFolders, with the checker
     spool_dir: Any = None  # where checked messages wait for their verdict
+    metrics: Any = None    # mailserver.metrics.ServiceMetrics of the listener
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = unexported(self.service)
 
 
 PAUSED_BUFFER_MAX = 64 * 1024  # input kept while paused before the transport stops reading
@@ -117,6 +123,7 @@ class _Incoming:
     skip_line: bool = False
     first_chunk: bool = True
     started: float = field(default_factory=time.monotonic)
+    ended: float = 0.0  # time.monotonic() at the end of the data
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -444,6 +451,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self.log.info("{service} {ip}: sender <{sender}> rejected: {reply}",
                           service=self.context.service, ip=self.peer_ip, sender=sender,
                           reply=str(e.reply))
+            self.context.metrics.rejected(e.reply)
             return self.reply(e.reply)
         self._sender = sender
         self.reply(R.SENDER_OK)
@@ -500,6 +508,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self.log.info("{service} {ip}: recipient <{rcpt}> from <{sender}> rejected: {reply}",
                           service=self.context.service, ip=self.peer_ip, rcpt=path,
                           sender=self._sender, reply=str(e.reply))
+            self.context.metrics.rejected(e.reply)
             return self.reply(e.reply)
         if all(r.address != recipient.address for r in self._recipients):
             self._recipients.append(recipient)
@@ -532,6 +541,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self.log.error("{service} {ip}: cannot start delivery: {error}",
                            service=self.context.service, ip=self.peer_ip, error=e)
             self._reset_transaction()
+            self.context.metrics.rejected(R.LOCAL_ERROR)
             return self.reply(R.LOCAL_ERROR)
         self._incoming = _Incoming(delivery, queue_id)
         self.reply(R.START_DATA)
@@ -643,12 +653,14 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
 
     def _end_of_data(self, inc: _Incoming) -> None:
         self._incoming = None
+        inc.ended = time.monotonic()
         sender, recipients = self._sender, self._recipients
         self._reset_transaction()
         if inc.error is not None:
             self.log.info("{service} {ip}: message {qid} from <{sender}> refused: {reply}",
                           service=self.context.service, ip=self.peer_ip, qid=inc.queue_id,
                           sender=sender, reply=str(inc.error))
+            self.context.metrics.rejected(inc.error)
             self.reply(inc.error)
             return
         self._pause()
@@ -671,6 +683,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         if outcome.lost:
             # Something would be lost: the client must retry (a duplicate for the mailboxes
             # that got it is better than a message acknowledged and gone).
+            self.context.metrics.rejected(R.LOCAL_ERROR)
             self.reply(R.LOCAL_ERROR)
             return
         fields = dict(
@@ -684,6 +697,7 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
         # of ten fields costs as much again); the fields stay in the event for observers
         # that keep them.
         self.log.info("{line}", line=_ACCEPTED_LINE.format(**fields), **fields)
+        self.context.metrics.message_received(inc.ended, len(outcome.delivered))
         self.message_accepted(inc.queue_id)
         self._errors = 0
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
@@ -704,9 +718,11 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
             self.log.info("{service} {ip}: message {qid} refused: {reply}",
                           service=self.context.service, ip=self.peer_ip, qid=inc.queue_id,
                           reply=str(error.reply))
+            self.context.metrics.rejected(error.reply)
             self.reply(error.reply)
             return
         self.log.failure("{service}: commit of {qid} failed", failure,
                          service=self.context.service, qid=inc.queue_id)
+        self.context.metrics.rejected(R.LOCAL_ERROR)
         self.reply(R.LOCAL_ERROR)
 

@@ -61,7 +61,8 @@ SASL_REPLIES = {   # RFC 4954 4 / 6
 TOO_MANY_FAILURES = Reply(421, "4.7.0", "Error: too many failed authentications")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by the "
                          "authenticated user")
-RATE_LIMITED = Reply(451, "4.7.1", "Error: message rate limit exceeded, try again later")
+RATE_LIMITED = Reply(451, "4.7.1", "Error: message rate limit exceeded, try again later",
+                     reason="rate_limit")
 DOMAIN_LITERAL = Reply(550, "5.1.2", "Recipient address rejected: domain literals are not "
                        "accepted")
 
@@ -174,6 +175,7 @@ class SubmissionSession(QuotaChecks, SMTPSession):
         if throttle is not None:
             throttle.failure(self.peer_ip, username)
         self.log.info("submission {ip}: AUTH refused: {reply}", ip=self.peer_ip, reply=str(reply))
+        self.context.metrics.auth_failed()
         self._after_failure(reply, throttle.delay(self.peer_ip, username) if throttle else 0.0)
 
     def _auth_check(self, username: str, password: str) -> None:
@@ -219,6 +221,7 @@ class SubmissionSession(QuotaChecks, SMTPSession):
             self.context.throttle.failure(self.peer_ip, username)
         self.log.info("submission {ip}: authentication failed for {user!r}", ip=self.peer_ip,
                       user=username[:100])
+        self.context.metrics.auth_failed()
         self._after_failure(AUTH_FAILED, 0.0)
 
     def _after_failure(self, reply: Reply, delay: float) -> None:
@@ -256,6 +259,7 @@ class SubmissionSession(QuotaChecks, SMTPSession):
             if rate is not None and not rate.allowed(self.username):
                 self.log.info("submission {ip}: {user} over the hourly message limit",
                               ip=self.peer_ip, user=self.username)
+                self.context.metrics.rejected(RATE_LIMITED)
                 return self.reply(RATE_LIMITED)
         super().do_MAIL(rest)
 
@@ -316,5 +320,5 @@ def build_factory(server: Any, name: str) -> SMTPFactory:
         store=server.store, tls=server.tls, service=name, queue=server.queue,
         portal=server.portal, throttle=server.throttle, auth=config.auth,
         rate=server.send_rate, local=QueueLocalDelivery(server.store, server.accounts),
-        dkim_dir=config.dkim_dir)
+        dkim_dir=config.dkim_dir, metrics=server.metrics.service(name))
     return SMTPFactory(context, SubmissionSession)  # type: ignore[arg-type]

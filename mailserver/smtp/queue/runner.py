@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailserver.metrics import Metrics
 from mailserver.smtp.queue.attempt import AttemptResult
 from mailserver.smtp.queue.dsn import build_dsn, read_original_headers
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
@@ -51,9 +52,11 @@ class QueueRunner(service.Service):
 
     def __init__(self, store: QueueStore, config: "QueueConfig", hostname: str,
                  local: Deliverer, relay: Deliverer, router: Router,
-                 new_id: Callable[[], str], clock: IReactorTime | None = None) -> None:
+                 new_id: Callable[[], str], clock: IReactorTime | None = None,
+                 metrics: Metrics | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.config = config
         self.hostname = hostname
@@ -253,7 +256,8 @@ class QueueRunner(service.Service):
         if local:
             jobs.append(defer.maybeDeferred(self.local.deliver, env, message, local))
         if remote:
-            jobs.append(defer.maybeDeferred(self.relay.deliver, env, message, remote))
+            jobs.append(self.metrics.time_relay(
+                defer.maybeDeferred(self.relay.deliver, env, message, remote)))
         outcomes = yield defer.DeferredList(jobs, consumeErrors=True)
         results: Results = []
         for (ok, value), group in zip(outcomes, [g for g in (local, remote) if g]):
@@ -269,6 +273,7 @@ class QueueRunner(service.Service):
         newly_failed = [r for r in env.recipients if r.state == "failed" and not r.reported]
         for r, result in results:
             r.attempts += 1
+            self.metrics.queue_result(r.kind, result.ok, result.permanent)
             if result.ok:
                 r.state = "delivered"
                 log.info("queue {id}: delivered to <{rcpt}> via {mta}: {reply}", id=env.id,
@@ -284,6 +289,7 @@ class QueueRunner(service.Service):
                 log.info("queue {id}: <{rcpt}> deferred: {error}", id=env.id, rcpt=r.address,
                          error=result.text)
         if env.pending and now - env.created >= self.config.max_age:
+            self.metrics.queue_expired(len(env.pending))
             for r in env.pending:
                 r.state = "failed"
                 r.status = "4.4.7"  # RFC 3463: delivery time expired

@@ -31,7 +31,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
-from mailserver.fsutil import fsync_directory, unlink_quietly, write_all, write_durably
+from mailserver.fsutil import fsync_directory, lock_held, unlink_quietly, write_all, write_durably
 from mailserver.smtp.queue.envelope import ID_RE, Envelope, EnvelopeError
 
 log = Logger()
@@ -282,17 +282,7 @@ class QueueStore:
 
     def server_running(self) -> bool:
         """True if some process (the server) holds the lock now."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_held(self.lock_path)
 
     def request(self, action: str, queue_id: str = "") -> Path:
         """Leave a request for the running server: 'flush', or 'delete' with an id."""

@@ -1,0 +1,150 @@
+"""When to talk to the ACME CA, and what to do with the answer (the reactor side).
+
+A check runs at start, then daily, and on SIGHUP: in a thread of its own it loads the
+stored certificate and, when it is missing, has less than [tls] acme_renew_before left, or
+lacks a wanted name, orders a new one (mailserver.acme_client).  A new certificate is
+swapped into the server's context factory at once.  A failed attempt is logged and tried
+again later (5 minutes, doubling up to 6 hours); meanwhile the server serves what it has:
+the stored certificate, or the self-signed one until the first issuance.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mailserver.acme_client import (AcmeNames, AcmeSettings, AcmeStore, Cancelled,
+                                    ChallengeBoard, Outcome, ensure_certificate, retry_delay)
+from mailserver.acme_settings import acme_names, acme_settings
+from mailserver.certfiles import CertificatePair
+
+if TYPE_CHECKING:
+    from mailserver.service import MailServer
+    from mailserver.tls_reload import ReloadingContextFactory
+
+log = Logger()
+
+CHECK_INTERVAL = 86400.0   # the daily renewal check
+
+
+class AcmeService(service.Service):
+    name = "acme"
+
+    def __init__(self, settings: AcmeSettings, names: Callable[[], AcmeNames],
+                 board: ChallengeBoard, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.settings = settings
+        self.names = names
+        self.board = board
+        self.reactor = reactor
+        self.tls: ReloadingContextFactory | None = None
+        self.failures = 0
+        # One thread: one ACME conversation at a time, and never in the reactor's pool
+        # (an order can take minutes of waiting for the CA).
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="acme")
+        self._cancel = threading.Event()
+        self._daily: LoopingCall | None = None
+        self._retry: IDelayedCall | None = None
+        self._running: defer.Deferred | None = None
+
+    @classmethod
+    def for_server(cls, server: MailServer) -> AcmeService:
+        """The service for the server's config; the challenge board is published on the
+        server (`acme_challenges`) for the HTTP listener's challenge resource."""
+        settings = acme_settings(server.config)
+        assert settings is not None
+        settings.store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        board = ChallengeBoard()
+        server.acme_challenges = board   # type: ignore[attr-defined]
+        return cls(settings, lambda: acme_names(server.config, server.accounts.list_domains()),
+                   board)
+
+    def stored_certificate(self) -> CertificatePair | None:
+        """At start-up (before the reactor runs): what an earlier run obtained."""
+        return AcmeStore(self.settings.store).load_certificate()
+
+    def attach(self, tls: ReloadingContextFactory) -> None:
+        self.tls = tls
+        tls.alpn_challenges = self.board
+
+    def startService(self) -> None:
+        super().startService()
+        self._cancel.clear()
+        self._pool.start()
+        self._daily = LoopingCall(self.check, "daily check")
+        self._daily.clock = self.reactor
+        self._daily.start(CHECK_INTERVAL, now=True)
+
+    def stopService(self) -> Any:
+        self._cancel.set()
+        if self._daily is not None and self._daily.running:
+            self._daily.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._pool.stop()
+        return super().stopService()
+
+    def check(self, why: str = "") -> defer.Deferred:
+        """Issue or renew if needed.  Never fails (failures are logged and retried)."""
+        if self._running is not None:
+            return self._running
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        try:
+            wanted = self.names()
+        except Exception:
+            log.failure("acme: cannot list the names to ask for")
+            return defer.succeed(None)
+        d = threads.deferToThreadPool(self.reactor, self._pool, ensure_certificate,
+                                      self.settings, wanted, self.board, self._cancel)
+        d.addCallbacks(self._succeeded, self._failed)
+        self._running = d
+
+        def done(result: Any) -> Any:
+            self._running = None
+            return result
+        d.addBoth(done)
+        return d
+
+    def _succeeded(self, outcome: Outcome) -> None:
+        self.failures = 0
+        if outcome.issued:
+            log.info("acme: certificate issued by {ca} for {names} ({reason})",
+                     ca=self.settings.directory, names=", ".join(outcome.names),
+                     reason=outcome.reason)
+        if outcome.note:
+            log.warn("acme: {note}", note=outcome.note)
+        pair = outcome.pair
+        if pair is not None and self.tls is not None \
+                and pair.fingerprint != self.tls.pair.fingerprint:
+            self.tls.swap(pair)
+        elif pair is not None and not outcome.issued:
+            log.info("acme: certificate valid ({what})", what=pair.describe())
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(Cancelled) or not self.running:
+            return
+        self.failures += 1
+        delay = retry_delay(self.failures)
+        serving = self.tls.pair.describe() if self.tls is not None else "nothing"
+        log.warn("acme: getting a certificate from {ca} failed: {error}; trying again in "
+                 "{delay:.0f} s; still serving ({serving})", ca=self.settings.directory,
+                 error=_one_line(failure), delay=delay, serving=serving)
+        self._retry = self.reactor.callLater(delay, self.check, "retry")
+
+
+def _one_line(failure: Failure) -> str:
+    text = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return " ".join(text.split())[:1000]
+

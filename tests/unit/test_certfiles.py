@@ -1,0 +1,110 @@
+"""Certificate/key files: what is accepted, what is refused (and why, in one line), how a
+change on disk is noticed, and how an obtained pair is stored."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mailserver.certfiles import (MAX_PEM_BYTES, CertificateError, check_files, file_signature,
+                                  load_pair, parse_pair, write_pair)
+
+
+def make_pem(cn: str = "mail.example.org", issuer_key=None) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .sign(issuer_key or key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def test_a_matching_pair_with_its_chain():
+    leaf, key = make_pem()
+    intermediate, _ = make_pem("Intermediate CA")
+    pair = parse_pair(leaf + intermediate, key)
+    assert pair.subject == "CN=mail.example.org"
+    assert pair.names == ("mail.example.org",)
+    assert len(pair.chain) == 1
+    assert pair.describe().startswith("CN=mail.example.org, not after ")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("garbage certificate", "not a PEM certificate"),
+    ("garbage key", "not a PEM private key"),
+    ("other key", "does not belong to the certificate"),
+    ("encrypted key", "encrypted keys are not supported"),
+])
+def test_unusable_pairs_are_refused_with_a_reason(case, message):
+    cert, key = make_pem()
+    _, other_key = make_pem()
+    if case == "garbage certificate":
+        cert = cert[:100]
+    elif case == "garbage key":
+        key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    elif case == "other key":
+        key = other_key
+    else:
+        loaded = serialization.load_pem_private_key(key, None)
+        key = loaded.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.BestAvailableEncryption(b"pw"))
+    with pytest.raises(CertificateError, match=message):
+        parse_pair(cert, key)
+
+
+def test_missing_empty_and_oversized_files(tmp_path):
+    cert, key = make_pem()
+    (tmp_path / "key.pem").write_bytes(key)
+    with pytest.raises(CertificateError, match="cert.pem"):
+        load_pair(tmp_path / "cert.pem", tmp_path / "key.pem")
+    (tmp_path / "cert.pem").write_bytes(b"")
+    with pytest.raises(CertificateError, match="empty"):
+        load_pair(tmp_path / "cert.pem", tmp_path / "key.pem")
+    (tmp_path / "cert.pem").write_bytes(cert + b"\n" * MAX_PEM_BYTES)
+    with pytest.raises(CertificateError, match="larger than"):
+        load_pair(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def test_changes_are_seen_from_metadata(tmp_path):
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = make_pem()
+    cert_path.write_bytes(cert)
+    key_path.write_bytes(key)
+    first = check_files(cert_path, key_path, None)
+    assert first.pair is not None and first.error is None
+    assert check_files(cert_path, key_path, first.signature).pair is None   # unchanged
+    new_cert, new_key = make_pem("mail2.example.org")
+    tmp = tmp_path / "new"
+    tmp.write_bytes(new_cert)
+    os.replace(tmp, cert_path)                       # a new inode: seen
+    half = check_files(cert_path, key_path, first.signature)
+    assert half.pair is None and "does not belong" in half.error
+    key_path.write_bytes(new_key)                    # rewritten in place: size/mtime
+    after = check_files(cert_path, key_path, half.signature)
+    assert after.pair is not None and after.pair.subject == "CN=mail2.example.org"
+
+
+def test_signature_of_a_missing_file(tmp_path):
+    assert file_signature(tmp_path / "nope") == (None,)
+
+
+def test_stored_pairs_are_private(tmp_path):
+    cert, key = make_pem()
+    target = tmp_path / "acme"
+    write_pair(target / "certificate.pem", target / "private-key.pem", parse_pair(cert, key))
+    for name in ("certificate.pem", "private-key.pem"):
+        assert stat.S_IMODE((target / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert load_pair(target / "certificate.pem", target / "private-key.pem").key_pem == key
