@@ -31,7 +31,7 @@ _DATE_TIME = re.compile(
 _SAFE_ATOM = re.compile(rb"^[!#$&'+-\[^-z|}~]+$")
 UID_ITEM = fetchitems.UID
 STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE",
-                b"HIGHESTMODSEQ")
+                b"HIGHESTMODSEQ", b"DELETED")
 
 
 # -- small formatters ----------------------------------------------------------------------
@@ -118,6 +118,8 @@ def status_line(folder: Any, items: list[bytes], size: int | None = None) -> byt
         b"UNSEEN": lambda: folder.unseen_count,
         b"SIZE": lambda: folder.total_size() if size is None else size,
         b"HIGHESTMODSEQ": lambda: folder.highestmodseq,   # RFC 7162 3.1.7
+        # RFC 9051 6.3.11: messages with \\Deleted (both revisions)
+        b"DELETED": lambda: sum("\\Deleted" in m.flags for m in folder.messages),
     }
     return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
 

@@ -21,6 +21,7 @@ clients cannot use replaced:
   imap/livesearch.py): "$", SORT RETURN (...), results kept up to date;
 - STATUS=SIZE (RFC 8438, imap/statussize.py), CREATE-SPECIAL-USE (RFC 6154 3,
   imap/specialuse.py) and UTF8=ACCEPT (RFC 6855, imap/utf8.py);
+- IMAP4rev2 (RFC 9051, imap/rev2.py) once a client enables it;
 - a keyword defined after SELECT (by any session or process) is announced in FLAGS and
   PERMANENTFLAGS before any FETCH shows it, between two responses of a streaming FETCH.
 """
@@ -57,6 +58,7 @@ from mailserver.imap.sorting import SORT_CAPABILITIES, SortingCommands
 from mailserver.imap import condstore as C
 from mailserver.imap import specialuse as SU
 from mailserver.imap import utf8 as U
+from mailserver.imap import rev2 as R2
 from mailserver.imap.statussize import STATUS_SIZE_CAPABILITY, mailbox_size
 from mailserver.maildir import FolderError, FolderExists, InvalidFolderName, NoSuchFolder
 
@@ -133,8 +135,9 @@ class CommandFailed(Exception):
         self.status = status
 
 
-class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Session,
-                  AppendCommands, CompressCommands, LimitedProtocolMixin, imap4.IMAP4Server):
+class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Session,
+                  U.UTF8Session, AppendCommands, CompressCommands, LimitedProtocolMixin,
+                  imap4.IMAP4Server):
     log = Logger()
     IDENT = b"IMAP4rev1 ready"
 
@@ -224,11 +227,13 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
     # -- capabilities ------------------------------------------------------------------
 
     def capability_list(self) -> list[bytes]:
-        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE",
-                b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
-                b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", b"ESEARCH", *SORT_CAPABILITIES,
-                *SEARCH_CAPABILITIES, *C.CONDSTORE_CAPABILITIES, *APPEND_CAPABILITIES, STATUS_SIZE_CAPABILITY,
-                SU.CREATE_SPECIAL_USE_CAPABILITY, U.UTF8_CAPABILITY]
+        # RFC 9051 1: both revisions; LITERAL+ covers IMAP4rev2's LITERAL- (imap/rev2.py).
+        caps = [b"IMAP4rev1", R2.REV2_CAPABILITY, b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE",
+                b"IDLE", b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE",
+                b"SPECIAL-USE", b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", b"ESEARCH",
+                *SORT_CAPABILITIES, *SEARCH_CAPABILITIES, *C.CONDSTORE_CAPABILITIES,
+                *APPEND_CAPABILITIES, STATUS_SIZE_CAPABILITY, SU.CREATE_SPECIAL_USE_CAPABILITY,
+                U.UTF8_CAPABILITY]
         if self.canStartTLS and not self.tls_active:
             caps.append(b"STARTTLS")
         if self.user is not None:
@@ -640,8 +645,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
         condstore, qresync = C.parse_select_params(args)  # RFC 7162 3.1.8, 3.2.5
         if qresync is not None and not self.qresync:
             raise BadCommand("QRESYNC is not enabled")
-        if self.folder is not None and self.qresync:
-            self.untagged(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
+        if self.folder is not None and (self.qresync or self.rev2):
+            self.untagged(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11, RFC 9051 7.1
         self._deselect()
         if condstore:
             self.enable_condstore()
@@ -666,13 +671,19 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
         self._view_shared = True
         # RFC 3501 2.3.2: \Recent for the first read-write session only; a read-only one
         # sees it without taking it away.
-        self.recent = folder.peek_recent() if readonly else set(folder.claim_recent(self))
+        # RFC 9051: no \Recent after ENABLE IMAP4rev2.
+        self.recent = (set() if self.rev2 else folder.peek_recent() if readonly
+                       else set(folder.claim_recent(self)))
         folder.add_listener(self)
         self._keywords_told = folder.keyword_names
         self.send(self._flag_responses(self._keywords_told))
         self.untagged(b"%d EXISTS" % len(self.view))
-        self.untagged(b"%d RECENT" % len(self.recent))
-        first_unseen = self._seq_of(folder.first_unseen_uid or 0)
+        if self.rev2:  # RFC 9051 6.3.2: LIST, no RECENT, no UNSEEN
+            self.untagged(R2.select_list_line(self.imap_account, folder_name,
+                                              self._wire_name(folder_name)))
+        else:
+            self.untagged(b"%d RECENT" % len(self.recent))
+        first_unseen = 0 if self.rev2 else self._seq_of(folder.first_unseen_uid or 0)
         if first_unseen:
             self.untagged(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
@@ -801,7 +812,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
 
     def cmd_auth_LIST(self, tag: bytes, args: Arguments, lsub: bool = False) -> defer.Deferred | None:
         """RFC 3501 6.3.8 / 6.3.9, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS."""
-        request = L.parse_list(args, lsub, self.utf8_accept)
+        request = L.parse_list(args, lsub, self.utf8_names)
         verb = b"LSUB" if lsub else b"LIST"
         entries = L.list_entries(self.imap_account, request)
         if not request.status_items:
@@ -861,7 +872,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
             names.append(args.atom().upper())
         args.end()
         # RFC 7162 3.1.1, 3.2.3; RFC 6855 3; anything else is ignored
-        enabled = self.enable(names) + self.enable_utf8(names)
+        enabled = self.enable(names) + self.enable_utf8(names) + self.enable_rev2(names)
         self.untagged(b" ".join([b"ENABLED", *enabled]))
         self.done(tag, b"ENABLE completed")
 
@@ -1049,7 +1060,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
     def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred | None:
         args.space()
         # RFC 4731 3.1, RFC 5182 2.1, RFC 5267 4: SEARCH RETURN (...); imap/searching.py
-        options = ESEARCH.parse_return(args)
+        options = self.search_options(ESEARCH.parse_return(args))  # RFC 9051 6.4.4
         if self.utf8_accept and U.names_charset(args):  # RFC 6855 3
             raise BadCommand("no CHARSET after ENABLE UTF8=ACCEPT")
         return self.with_saved_result(
@@ -1253,12 +1264,15 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, U.UTF8Ses
                 for info in sorted(added, key=lambda i: i.uid):
                     if not self.view or info.uid > self.view[-1]:
                         self._own_view().append(info.uid)
-                if self.readonly:
+                if self.rev2:  # RFC 9051: no \Recent, no RECENT
+                    pass
+                elif self.readonly:
                     self.recent |= self.folder.peek_recent() & {i.uid for i in added}
                 else:
                     self.recent |= set(self.folder.claim_recent(self))
                 self.untagged(b"%d EXISTS" % len(self.view))
-                self.untagged(b"%d RECENT" % len(self.recent))
+                if not self.rev2:
+                    self.untagged(b"%d RECENT" % len(self.recent))
         if self._pending_flags:
             pending, self._pending_flags = self._pending_flags, {}
             for u in sorted(pending):
