@@ -50,7 +50,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mailserver.fsutil import fsync_directory, write_all
+from mailserver.fsutil import fsync_directory, write_durably
 from mailserver.maildir import specialuse
 from mailserver.maildir.delivery import escape_hostname
 from mailserver.maildir.flags import size_from_base
@@ -540,14 +540,7 @@ class _BusyLock(DotLock):
 
 def _copy_file(src: Path, dst: Path, tmp_dir: Path) -> None:
     """Copy a control file into place atomically (through `tmp_dir`), fsynced."""
-    tmp = tmp_dir / f"{dst.name}.{os.getpid()}.{time.time_ns()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        write_all(fd, src.read_bytes())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, dst)
+    write_durably(dst, src.read_bytes(), tmp=tmp_dir / f"{dst.name}.{os.getpid()}.{time.time_ns()}")
 
 
 def _logged(d: Deferred[Any]) -> Deferred[None]:

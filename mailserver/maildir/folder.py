@@ -674,6 +674,11 @@ class Folder:
             except (NoSuchFolder, OSError):
                 unchanged = False
             if unchanged:
+                if not self._index.is_open and self._index.path.exists():
+                    # Closed by the idle sweep: reopened in a thread before the command's
+                    # cache reads, which would otherwise open the file in the reactor.
+                    return self._executor.run(self._index.open_reader, kind=INDEX).addCallback(
+                        lambda _: FolderChanges())
                 return succeed(FolderChanges())
 
         def job() -> Deferred[FolderChanges]:

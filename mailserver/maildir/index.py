@@ -447,6 +447,17 @@ class FolderIndex:
         with self._write_lock:  # the writer sees its own latest rows; and a broken file
             return self._writer().execute(sql, params).fetchall()  # is rebuilt first
 
+    def open_reader(self) -> None:
+        """Open the read connection now (blocking: for a thread), so that the point reads
+        the reactor makes after the idle sweep closed it do not open a file themselves."""
+        with self._read_lock:
+            if self._r is None and self.path.exists():
+                try:
+                    self._r = self._connect()
+                except sqlite3.Error as e:
+                    log.warning("index %s: cannot open: %s", str(self.path), e)
+            self.last_used = time.monotonic()
+
     def _read(self, sql: str, params: tuple) -> list[tuple]:
         self.last_used = time.monotonic()
         with self._read_lock:

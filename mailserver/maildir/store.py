@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailserver.fsutil import fsync_directory
+from mailserver.fsutil import fsync_directory, write_durably
 from mailserver.maildir import quota as quota_file
 from mailserver.maildir.commit_process import ProcessCommitter
 from mailserver.maildir.commit_process import available as commit_process_available
@@ -549,22 +549,5 @@ def _create_file(path: Path, content: bytes, tmp_dir: Path) -> bool:
     """
     if os.path.lexists(path):
         return False
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{time.time_ns()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    return write_durably(path, content, tmp=tmp_dir / f"{path.name}.{os.getpid()}.{time.time_ns()}",
+                         keep_existing=True)

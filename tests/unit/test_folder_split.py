@@ -224,3 +224,24 @@ class FolderJobs(unittest.TestCase):
         self.assertNotIn("Old", [e.name for e in self.account.list_folders()])
         self.assertEqual([p.name for p in self.user.iterdir()
                           if p.name == ".Old" or p.name.startswith("..deleted.")], [])
+
+    @inlineCallbacks
+    def test_an_index_closed_while_idle_is_reopened_by_a_refresh_in_a_thread(self):
+        self.patch(foldermod, "DIRTY_WINDOW", 0.0)
+        folder = yield self.loaded_folder()
+        yield folder.refresh(force=True)
+        yield folder.flush_cache()
+        closed = yield folder.close_idle_index(0.0)
+        self.assertTrue(closed)
+        self.assertFalse(folder.index.is_open)
+        opened_in: list[str] = []
+        real = folder.index.open_reader
+
+        def open_reader() -> None:
+            opened_in.append(threading.current_thread().name)
+            real()
+        self.patch(folder.index, "open_reader", open_reader)
+        yield folder.refresh()
+        self.assertTrue(folder.index.is_open)   # the cache reads that follow find it open
+        self.assertEqual(len(opened_in), 1)
+        self.assertNotEqual(opened_in[0], threading.main_thread().name)
