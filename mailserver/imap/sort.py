@@ -108,7 +108,7 @@ class SortKeys(NamedTuple):
         types = tuple(map(type, v))
         if (types[0] not in _NUMBER_OR_NONE or types[1:8] != _CACHED_TEXT
                 or types[8] not in _TEXT_OR_NONE or types[9] is not list
-                or not all(type(p) is str for p in v[9])):
+                or (v[9] and not all(type(p) is str for p in v[9]))):
             return None
         v[9] = tuple(v[9])
         return cls._make(v)
@@ -841,7 +841,10 @@ def load_entries(folder_dir: str, infos: Sequence[Any], view: Sequence[int], ind
     are then put into the index (`index.put`; the caller writes them out).  With
     `size_hint`, sizes are RFC822.SIZE: the hint (from the file name), else the cached
     `size_key` value, else measured (and cached); without it the stored size is used."""
-    bases = [i.basename for i in infos]
+    # Keys decoded by an earlier SORT while the index stayed open; the rest from the file.
+    memo: dict[str, SortKeys] = ({} if index is None or not hasattr(index, "decoded")
+                                 else index.decoded.setdefault(CACHE_KEY, {}))
+    bases = [i.basename for i in infos if i.basename not in memo]
     cached = _get_many(index, bases, CACHE_KEY)
     sizes: dict[str, int] = {}
     if size_hint is not None:
@@ -864,12 +867,16 @@ def load_entries(folder_dir: str, infos: Sequence[Any], view: Sequence[int], ind
         i = bisect.bisect_left(view, info.uid)
         seq = i + 1 if i < len(view) and view[i] == info.uid else 0
         base = info.basename
-        keys = SortKeys.from_cache(cached.get(base))
+        keys = memo.get(base)
+        if keys is None:
+            keys = SortKeys.from_cache(cached.get(base))
         size = sizes.get(base, info.size) if size_hint is not None else info.size
         if keys is None or (size_hint is not None and base not in sizes):
             f = files.open(info)
-            if f is None:
-                keys = keys or SortKeys()
+            if f is None:  # gone meanwhile: sorted as empty, and not remembered
+                if keys is None:
+                    out.append(make_entry(info.uid, seq, info.internaldate, size, SortKeys()))
+                    continue
             else:
                 with f:
                     if keys is None:
@@ -886,5 +893,7 @@ def load_entries(folder_dir: str, infos: Sequence[Any], view: Sequence[int], ind
                         if index is not None:
                             index.put(base, size_key, str(size))
                             added += 1
+        if base not in memo:
+            memo[base] = keys
         out.append(make_entry(info.uid, seq, info.internaldate, size, keys))
     return out, added

@@ -85,6 +85,10 @@ class FolderIndex:
         self._pending: dict[tuple[str, str], CacheValue] = {}
         self._pending_lock = threading.Lock()
         self._broken = False
+        # Decoded cache values a reader asked to keep (SORT's keys): while the index is
+        # open, a second SORT of a large folder neither reads nor decodes them again.
+        # Dropped with the connections (the idle sweep), per message on drop().
+        self.decoded: dict[str, dict[str, object]] = {}
         self.generation = 0  # grows whenever the file was rebuilt empty
         # Mod-sequence changes waiting for the next write, kept in order per base name.
         self._mod_reset = False
@@ -156,6 +160,7 @@ class FolderIndex:
         self._w = self._open_checked()
 
     def _close_connections(self) -> None:
+        self.decoded = {}
         with self._read_lock:
             if self._w is not None:
                 try:
@@ -231,6 +236,9 @@ class FolderIndex:
             gone = set(bases)
             for k in [k for k in self._pending if k[0] in gone]:
                 del self._pending[k]
+        for memo in list(self.decoded.values()):
+            for base in bases:
+                memo.pop(base, None)
 
         def run(conn: sqlite3.Connection) -> None:
             for i in range(0, len(bases), _BATCH):

@@ -439,6 +439,39 @@ def test_load_entries_finds_renamed_files_and_skips_vanished_ones(tmp_path) -> N
     assert entries[2].sent == 7.0
 
 
+def test_keys_decoded_once_are_kept_while_the_index_is_open(tmp_path) -> None:
+    # A second SORT reads no keys from the index file; an expunge (drop) and the idle
+    # sweep's close forget them; a vanished file's empty keys are never kept.
+    from mailserver.maildir.index import FolderIndex
+
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "cur" / "b1:2,").write_bytes(HEAD + b"body\r\n")
+    infos = [SimpleNamespace(uid=1, basename="b1", subdir="cur", filename="b1:2,",
+                             internaldate=5.0, size=10),
+             SimpleNamespace(uid=2, basename="gone", subdir="cur", filename="gone:2,",
+                             internaldate=6.0, size=20)]
+    index = FolderIndex(tmp_path)
+    try:
+        first, added = SO.load_entries(str(tmp_path), infos, [1, 2], index)
+        assert added == 1 and first[0].keys.subject == "cafe\u0301"
+        index.flush()
+        asked: list[list[str]] = []
+        real = index.get_many
+        index.get_many = lambda bases, key: asked.append(list(bases)) or real(bases, key)
+        again, added = SO.load_entries(str(tmp_path), infos, [1, 2], index)
+        assert added == 0 and again[0].keys == first[0].keys
+        assert asked == [["gone"]]        # b1 came from memory; the vanished one is asked again
+        index.drop(["b1"])
+        assert "b1" not in index.decoded[SO.CACHE_KEY]
+        SO.load_entries(str(tmp_path), infos[:1], [1], index)
+        assert "b1" in index.decoded[SO.CACHE_KEY]
+        index.close()
+        assert index.decoded == {}
+    finally:
+        index.close()
+
+
 def test_sort_module_imports_nothing_from_twisted() -> None:
     code = ("import sys, mailserver.imap.sort; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))")
