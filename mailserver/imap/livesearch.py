@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from twisted.internet import defer, reactor
@@ -44,7 +45,7 @@ INLINE_TESTS = 1000           # changed messages tested in the reactor (memory-o
 SMALL_CHANGE = 32             # list edits done in place; more: the list is rebuilt
 
 
-class LiveResult:
+class LiveResult(ABC):
     """One context: the result as the client holds it and what is still to be told."""
 
     sorted = False
@@ -59,20 +60,24 @@ class LiveResult:
         self.testing = False
         self.ended = False
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def test(self, session: "IMAPSession", uids: list[int]) -> defer.Deferred:
         """Deferred {uid: outcome} for `uids` (ascending)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def deliver(self, session: "IMAPSession") -> tuple[list[ESEARCH.Pair], list[ESEARCH.Pair]]:
         """Apply what is ready about messages the client knows: (removed, added) pairs."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove(self, session: "IMAPSession", uids: Iterable[int]) -> list[ESEARCH.Pair]:
         """Take expunged messages out; the REMOVEFROM pairs (numbers as before)."""
-        raise NotImplementedError
+        ...
 
     def number(self, session: "IMAPSession", uid: int) -> int:
         return uid if self.uid else session._seq_of(uid) or 0

@@ -15,7 +15,7 @@ import email.utils
 import re
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -462,30 +462,37 @@ def match_some(folder: Any, view: list[int], uids: list[int], recent: set[int], 
     count = len(view)
     last = view[-1] if view else 0
     new = [u for u in uids if u > last]
+
+    def numbered() -> Iterator[tuple[int, int]]:
+        for u in uids:
+            i = bisect.bisect_left(view, u)
+            if i < len(view) and view[i] == u:
+                yield i + 1, u
+            elif u > last:
+                yield count + bisect.bisect_left(new, u) + 1, u
+            # else: expunged from the view meanwhile
+
     row = Row(count + len(new), new[-1] if new else last)
+    return set(_matching(folder, numbered(), row, recent, query, sizes))
+
+
+def _matching(folder: Any, numbered: Iterable[tuple[int, int]], row: Row, recent: set[int],
+              query: Query, sizes: dict[int, Any]) -> Iterator[int]:
+    """The uids of (sequence number, uid) pairs whose message matches, in their order."""
     folder_path = folder.path
     predicate = query.predicate
-    out: set[int] = set()
-    for u in uids:
+    for seq, u in numbered:
         info = folder.by_uid(u)
         if info is None:
             continue  # expunged meanwhile
-        i = bisect.bisect_left(view, u)
-        if i < len(view) and view[i] == u:
-            seq = i + 1
-        elif u > last:
-            seq = count + bisect.bisect_left(new, u) + 1
-        else:
-            continue  # expunged from the view meanwhile
         known = vsize_hint_from(folder, info, sizes.get(u)) if query.needs_size else None
         flags = info.flags | {"\\Recent"} if u in recent else info.flags
         row.load(seq, u, info, flags, known, folder_path)
         try:
             if predicate(row):
-                out.add(u)
+                yield u
         except OSError:
             continue  # expunged meanwhile
-    return out
 
 
 def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:
@@ -514,24 +521,7 @@ def _run(folder: Any, view: list[int], recent: set[int], query: Query,
     if query.fields:
         _fill_fields(folder, view, query.fields)
     row = Row(len(view), view[-1] if view else 0)
-    folder_path = folder.path
-    predicate = query.predicate
-    out = []
-    for seq, u in enumerate(view, 1):
-        info = folder.by_uid(u)
-        if info is None:
-            continue  # expunged meanwhile
-        known = None
-        if query.needs_size:
-            known = vsize_hint_from(folder, info, sizes.get(u))
-        flags = info.flags | {"\\Recent"} if u in recent else info.flags
-        row.load(seq, u, info, flags, known, folder_path)
-        try:
-            if predicate(row):
-                out.append(u)
-        except OSError:
-            continue  # expunged meanwhile
-    return out
+    return list(_matching(folder, enumerate(view, 1), row, recent, query, sizes))
 
 
 def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest]) -> None:
