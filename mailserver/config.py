@@ -238,6 +238,41 @@ class InboundConfig:
 
 
 @dataclass(frozen=True)
+class SieveConfig:
+    """Filtering at delivery (mailserver.sieve) and ManageSieve's limits.
+
+    Users' scripts live in their Maildir in Pigeonhole's layout (sieve/NAME.sieve, the
+    active one linked as .dovecot.sieve).  `before` and `after`: administrator scripts
+    run around every user's (Pigeonhole's sieve_before / sieve_after); `global_dir`:
+    what `include :global` reads.
+    """
+
+    enabled: bool = True                 # false: no script runs at delivery
+    before: tuple[str, ...] = ()         # script paths, run in order before the user's
+    after: tuple[str, ...] = ()          # run after the user's (when it did not stop)
+    global_dir: str = ""                 # `include :global "name"`; "" = none
+    max_script_size: int = 64 * 1024     # bytes per script (PUTSCRIPT refuses larger)
+    max_scripts: int = 20                # scripts per user
+    quota: int = 1024 * 1024             # bytes of scripts per user (HAVESPACE)
+    max_actions: int = 32                # actions one evaluation may take
+    max_redirects: int = 4               # redirects per message
+    max_include_depth: int = 10          # nested includes (RFC 6609 3.2 leaves it to us)
+    max_cpu_time: float = 2.0            # seconds of evaluation per message; then INBOX
+    vacation_min_period: float = 86400.0     # :days / :seconds below this are raised to it
+    vacation_max_period: float = 90 * 86400.0
+
+
+@dataclass(frozen=True)
+class FiltersConfig:
+    """Python delivery filters (IDeliveryFilter plugins, mailserver.filters): only the
+    plugins named here run, in this order; one that fails or takes longer than `timeout`
+    is skipped for that message (delivered as if it were absent)."""
+
+    plugins: tuple[str, ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class AutoconfigConfig:
     """What mail clients are told: the public host and ports.  A port left unset is the
     port its [listen] endpoint listens on; set it only when clients reach the service
@@ -267,6 +302,8 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     autoconfig: AutoconfigConfig = field(default_factory=AutoconfigConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
+    sieve: SieveConfig = field(default_factory=SieveConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -513,6 +550,19 @@ def _hostname_or_empty(key: str, value: Any) -> str:
     return _hostname(key, value) if value != "" else value
 
 
+def _paths(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"expected a list of paths, got {value!r}")
+    return tuple(value)
+
+
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+            isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) for v in value):
+        raise ConfigError(key, f"expected a list of plugin names, got {value!r}")
+    return tuple(value)
+
+
 def _display_name(key: str, value: Any) -> str:
     _expect(str, "a name")(key, value)
     if len(value) > 100 or not value.isprintable():
@@ -585,6 +635,25 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "trusted_networks": _networks,
         "psl_file": _expect(str, "a path"),
     }),
+    "sieve": (SieveConfig, {
+        "enabled": _expect(bool, "true or false"),
+        "before": _paths,
+        "after": _paths,
+        "global_dir": _expect(str, "a path"),
+        "max_script_size": _size,
+        "max_scripts": _positive_int,
+        "quota": _size,
+        "max_actions": _positive_int,
+        "max_redirects": _nonneg_int,
+        "max_include_depth": _positive_int,
+        "max_cpu_time": _duration,
+        "vacation_min_period": _duration,
+        "vacation_max_period": _duration,
+    }),
+    "filters": (FiltersConfig, {
+        "plugins": _names,
+        "timeout": _duration,
+    }),
     "autoconfig": (AutoconfigConfig, {
         "hostname": _hostname_or_empty,
         "display_name": _display_name,
@@ -654,7 +723,29 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         if not p.is_file():
             raise ConfigError("inbound.psl_file", f"file not found: {p}")
         sections["inbound"] = replace(inbound, psl_file=str(p))
+    sections["sieve"] = _check_sieve(sections["sieve"], base)
     return Config(path=path.resolve(), **sections)
+
+
+def _check_sieve(sieve: SieveConfig, base: Path) -> SieveConfig:
+    """Global scripts must exist (a typo would silently filter nothing); paths absolute."""
+    resolved: dict[str, Any] = {}
+    for key in ("before", "after"):
+        paths = []
+        for i, value in enumerate(getattr(sieve, key)):
+            p = (base / value).resolve()
+            if not p.is_file():
+                raise ConfigError(f"sieve.{key}[{i}]", f"file not found: {p}")
+            paths.append(str(p))
+        resolved[key] = tuple(paths)
+    if sieve.global_dir:
+        p = (base / sieve.global_dir).resolve()
+        if not p.is_dir():
+            raise ConfigError("sieve.global_dir", f"directory not found: {p}")
+        resolved["global_dir"] = str(p)
+    if sieve.vacation_min_period > sieve.vacation_max_period:
+        raise ConfigError("sieve.vacation_min_period", "greater than vacation_max_period")
+    return replace(sieve, **resolved)
 
 
 def _check_relay(relay: RelayConfig, base: Path) -> RelayConfig:

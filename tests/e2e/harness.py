@@ -36,7 +36,7 @@ PASSWORD = "secret"
 SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
             "autoconfig", "autoconfig_http")
 SECTIONS = ("server", "storage", "tls", "listen", "limits", "auth", "relay", "queue",
-            "autoconfig", "inbound")
+            "autoconfig", "inbound", "sieve", "filters")
 # [limits].max_message_size when the config does not set it (the schema's default).
 DEFAULT_MAX_MESSAGE_SIZE = 52428800
 

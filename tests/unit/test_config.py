@@ -187,3 +187,30 @@ def test_inbound_settings(tmp_path):
     assert inbound.trusted_arc_sealers == ("lists.example.org",)
     assert (inbound.spf, inbound.dkim, inbound.dmarc, inbound.dmarc_enforce, inbound.arc) == \
         (True, True, True, True, True)
+
+
+# -- [sieve] and [filters] ---------------------------------------------------------------
+
+def test_sieve_global_scripts_resolved_and_must_exist(tmp_path):
+    from mailserver.config import ConfigError, parse_config
+    script = tmp_path / "spam.sieve"
+    script.write_text('require "fileinto"; if header :is "X-Spam-Flag" "YES" { fileinto "Junk"; }')
+    config = parse_config({"sieve": {"before": ["spam.sieve"], "max_script_size": "32K"}},
+                          tmp_path / "mailserver.toml")
+    assert config.sieve.before == (str(script.resolve()),)
+    assert config.sieve.max_script_size == 32 * 1024
+    with pytest.raises(ConfigError, match=r"sieve.after\[0\]: file not found"):
+        parse_config({"sieve": {"after": ["missing.sieve"]}}, tmp_path / "mailserver.toml")
+    with pytest.raises(ConfigError, match="sieve.global_dir"):
+        parse_config({"sieve": {"global_dir": "nowhere"}}, tmp_path / "mailserver.toml")
+
+
+def test_filters_plugin_names_checked(tmp_path):
+    from mailserver.config import ConfigError, parse_config
+    config = parse_config({"filters": {"plugins": ["tagger"], "timeout": "5s"}},
+                          tmp_path / "mailserver.toml")
+    assert config.filters.plugins == ("tagger",) and config.filters.timeout == 5.0
+    with pytest.raises(ConfigError, match="filters.plugins"):
+        parse_config({"filters": {"plugins": ["../evil"]}}, tmp_path / "mailserver.toml")
+    with pytest.raises(ConfigError, match="sieve.unknown"):
+        parse_config({"sieve": {"unknown": 1}}, tmp_path / "mailserver.toml")
