@@ -56,6 +56,13 @@ def select_list_line(account: Any, name: str, wire: bytes) -> bytes:
     return L.ListEntry(name, attributes).line(b"LIST", wire)
 
 
+def oldname_line(wire: bytes, old_wire: bytes) -> bytes:
+    """The LIST response naming a mailbox's previous or as-sent name (without "* "): RFC
+    9051 6.3.4 (CREATE of a name the server normalised) and 6.3.6 (RENAME's optional LIST),
+    with the OLDNAME extended data item (RFC 9051 7.3.1)."""
+    return b'LIST () "' + L.DELIMITER + b'" ' + wire + b' ("OLDNAME" (' + old_wire + b"))"
+
+
 class Rev2Session:
     """The session's IMAP4rev2 state (a mixin of IMAPSession, before UTF8Session)."""
 
@@ -85,6 +92,23 @@ class Rev2Session:
 
     def _wire_name(self, name: str) -> bytes:
         return U.wire_name(name, self.utf8_names)
+
+    def created_as(self, raw: bytes, name: str) -> bytes | None:
+        """RFC 9051 6.3.4: a CREATE whose name was normalised (NFC) SHOULD be answered with
+        the LIST line giving the name as sent in OLDNAME; None when nothing changed."""
+        if not self.rev2:
+            return None
+        sent = U.decode_utf8_mailbox(raw).rstrip(".")
+        if sent == name:
+            return None
+        return oldname_line(self._wire_name(name), self._wire_name(sent))
+
+    def renamed(self, old: str, new: str) -> bytes | None:
+        """RFC 9051 6.3.6: the optional LIST response of RENAME, with the old name in
+        OLDNAME, so a client updates its mailbox list without another LIST."""
+        if not self.rev2:
+            return None
+        return oldname_line(self._wire_name(new), self._wire_name(old))
 
     def search_options(self, options: ReturnOptions | None) -> ReturnOptions | None:
         """SEARCH's RETURN options as this session answers them: ESEARCH always once

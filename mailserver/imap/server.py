@@ -756,7 +756,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
-        name = self._mailbox_name(args).rstrip(".")
+        raw = args.astring()
+        name = self._decode_name(raw).rstrip(".")
         attributes = SU.parse_create_params(args)  # RFC 4466 2.2, RFC 6154 3 USE
         if name == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
@@ -765,9 +766,15 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         except SU.UseAttrRefused as e:
             raise CommandFailed(b"[USEATTR] " + str(e).encode()) from None
         # mkdirs, a fresh uid list and fsyncs: in a thread, like the dot-lock waits.
+        normalised = self.created_as(raw, name)
+
+        def created(_: Any) -> None:
+            if normalised is not None:
+                self.untagged(normalised)
+            self.done(tag, b"CREATE completed")
         return threads.deferToThread(
             self.imap_account.create_folder, name, use,  # type: ignore[union-attr]
-        ).addCallback(lambda _: self.done(tag, b"CREATE completed"))
+        ).addCallback(created)
 
     def _in_thread(self, work: Any, name: str, tag: bytes, text: bytes) -> defer.Deferred:
         """A folder-tree or subscription change that touches only the disk (no reactor
@@ -794,6 +801,9 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if new == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
         self.imap_account.rename_folder(old, new)  # type: ignore[union-attr]
+        line = self.renamed(old, new)
+        if line is not None:
+            self.untagged(line)
         self.done(tag, b"RENAME completed")
 
     def cmd_auth_SUBSCRIBE(self, tag: bytes, args: Arguments) -> defer.Deferred:

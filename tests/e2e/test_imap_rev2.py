@@ -132,6 +132,32 @@ def test_utf8_names(imap_server):
         plain.close()
 
 
+def test_oldname_on_normalised_create_and_rename(imap_server):
+    """RFC 9051 6.3.4: CREATE of a denormalised name answers with the NFC name and the
+    name as sent in OLDNAME; 6.3.6: RENAME's LIST carries the old name.  A rev1 session
+    gets neither."""
+    user = new_user(imap_server, "r2old")
+    plain = RawIMAP.login(imap_server, user)
+    c = RawIMAP.login(imap_server, user)
+    try:
+        enable_rev2(c)
+        decomposed = unicodedata.normalize("NFD", "Brouillés")
+        r = c.ok(b'CREATE "' + decomposed.encode() + b'"')
+        assert r.with_prefix(b"LIST ") == [
+            ('() "." "Brouillés" ("OLDNAME" ("' + decomposed + '"))').encode()], str(r)
+        r = c.ok('CREATE "Entwürfe"'.encode())        # already NFC: nothing to say
+        assert r.with_prefix(b"LIST ") == [], str(r)
+        r = c.ok('RENAME "Entwürfe" "Archiv.Entwürfe"'.encode())
+        assert r.with_prefix(b"LIST ") == [
+            '() "." "Archiv.Entwürfe" ("OLDNAME" ("Entwürfe"))'.encode()], str(r)
+        r = plain.ok(b'CREATE "Old"')
+        r = plain.ok(b'RENAME "Old" "New"')
+        assert r.with_prefix(b"LIST ") == [], str(r)
+    finally:
+        c.close()
+        plain.close()
+
+
 def test_closed_on_reselect_and_status_deleted(imap_server):
     user = new_user(imap_server, "r2c")
     deliver(imap_server, user, subject="x")

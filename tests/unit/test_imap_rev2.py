@@ -71,3 +71,15 @@ def test_status_deleted():
                                        SimpleNamespace(flags=frozenset({"\\Seen"})),
                                        SimpleNamespace(flags=frozenset())])
     assert status_line(folder, [b"DELETED"]) == b"(DELETED 1)"
+
+
+def test_oldname_lines():
+    s = Session()
+    nfd = unicodedata.normalize("NFD", "Brouillés")
+    assert s.created_as(nfd.encode(), "Brouillés") is None         # rev1: nothing
+    assert s.renamed("a", "b") is None
+    s.enable_rev2([b"IMAP4REV2"])
+    assert s.created_as(nfd.encode(), "Brouillés") == (
+        'LIST () "." "Brouillés" ("OLDNAME" ("' + nfd + '"))').encode()
+    assert s.created_as(b"Plain.", "Plain") is None                 # trailing "." only
+    assert s.renamed("Old", "New") == b'LIST () "." New ("OLDNAME" (Old))'
