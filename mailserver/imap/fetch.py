@@ -119,7 +119,7 @@ def status_line(folder: Any, items: list[bytes], size: int | None = None) -> byt
         b"SIZE": lambda: folder.total_size() if size is None else size,
         b"HIGHESTMODSEQ": lambda: folder.highestmodseq,   # RFC 7162 3.1.7
         # RFC 9051 6.3.11: messages with \\Deleted (both revisions)
-        b"DELETED": lambda: sum("\\Deleted" in m.flags for m in folder.messages),
+        b"DELETED": lambda: folder.deleted_count,
     }
     return b"(" + b" ".join(b"%s %d" % (i, values[i]()) for i in items) + b")"
 

@@ -169,7 +169,8 @@ class Folder:
         self._uid_cache: list[int] | None = None
         # uids with / without a flag, until the folder changes.
         self._uids_by_flag: dict[tuple[str, bool], list[int]] = {}
-        self._stats_cache: tuple[int, int | None, int] | None = None
+        # (unseen, first unseen uid, total size, \\Deleted count), kept across flag changes
+        self._stats_cache: tuple[int, int | None, int, int] | None = None
         self._flush_call: Any = None
         self._flushing: Deferred[int] | None = None
         self._flush_again = False
@@ -278,17 +279,20 @@ class Folder:
     def exists(self) -> int:
         return len(self._infos)
 
-    def _stats(self) -> tuple[int, int | None, int]:
+    def _stats(self) -> tuple[int, int | None, int, int]:
         stats = self._stats_cache
         if stats is None:
-            unseen, first, total = 0, None, 0
+            unseen, first, total, deleted = 0, None, 0, 0
             for info in self._infos.values():
                 total += info.size
-                if "\\Seen" not in info.flags:
+                flags = info.flags
+                if "\\Seen" not in flags:
                     unseen += 1
                     if first is None:
                         first = info.uid
-            stats = self._stats_cache = (unseen, first, total)
+                if "\\Deleted" in flags:
+                    deleted += 1
+            stats = self._stats_cache = (unseen, first, total, deleted)
         return stats
 
     @property
@@ -302,6 +306,11 @@ class Folder:
     def total_size(self) -> int:
         """Octets of all messages as stored."""
         return self._stats()[2]
+
+    @property
+    def deleted_count(self) -> int:
+        """Messages flagged \\Deleted (STATUS DELETED, RFC 9051 6.3.11)."""
+        return self._stats()[3]
 
     @property
     def recent_count(self) -> int:
@@ -735,15 +744,17 @@ class Folder:
                      reset=changes.uidvalidity_changed)
         return changes
 
-    def _restat(self, changed: list[MessageInfo]) -> tuple[int, int | None, int] | None:
-        """The cached (unseen, first unseen uid, total size) after these flag changes
-        (infos not applied yet); None to count again (or if nothing was counted)."""
+    def _restat(self, changed: list[MessageInfo]) -> tuple[int, int | None, int, int] | None:
+        """The cached stats (see _stats) after these flag changes (infos not applied
+        yet); None to count again (or if nothing was counted)."""
         if self._stats_cache is None:
             return None
-        unseen, first, total = self._stats_cache
+        unseen, first, total, deleted = self._stats_cache
         for info in changed:
+            before = self._infos[info.uid].flags
+            deleted += ("\\Deleted" in info.flags) - ("\\Deleted" in before)
             now = "\\Seen" not in info.flags
-            if now == ("\\Seen" not in self._infos[info.uid].flags):
+            if now == ("\\Seen" not in before):
                 continue
             if now:
                 unseen += 1
@@ -753,7 +764,7 @@ class Folder:
                 unseen -= 1
                 if info.uid == first:
                     return None  # where the next unseen one is takes a look
-        return unseen, first, total
+        return unseen, first, total, deleted
 
     def _log_modseqs(self, infos: Iterable[MessageInfo]) -> None:
         """Add applied changes to the change log (values already in it are skipped: a

@@ -196,6 +196,23 @@ class ChangeLog(ModseqTestCase):
         yield folder.delete_messages([1])
         self.assertEqual(folder.unseen_count, 0)
 
+    @inlineCallbacks
+    def test_deleted_count_follows_flag_changes(self):
+        """STATUS DELETED (RFC 9051 6.3.11) from the kept stats, not a pass over the folder."""
+        folder = yield self.folder_with(5)
+        self.assertEqual(folder.deleted_count, 0)
+        yield folder.store_flags([1, 2, 3], {"\\Deleted"}, "add")
+        self.assertEqual(folder.deleted_count, 3)
+        yield folder.store_flags([2], {"\\Deleted", "\\Seen"}, "set")
+        yield folder.store_flags([3, 4], {"\\Seen"}, "add")
+        self.assertEqual(folder.deleted_count, 3)
+        yield folder.store_flags([1], {"\\Deleted"}, "remove")
+        self.assertEqual(folder.deleted_count, 2)
+        yield folder.delete_messages([2])
+        self.assertEqual(folder.deleted_count, 1)
+        self.assertEqual(folder.deleted_count,
+                         sum("\\Deleted" in m.flags for m in folder.messages))
+
 
 class ConditionalStore(ModseqTestCase):
     @inlineCallbacks
