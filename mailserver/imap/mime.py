@@ -12,7 +12,7 @@ import binascii
 import mmap
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Iterator, NamedTuple, Sequence
 
 from mailserver.rfc5322 import comment_end
 
@@ -27,9 +27,11 @@ _PARAM = re.compile(
 class MessageBytes:
     """The octets of a message as IMAP sees them: CRLF line ends, whatever is on disk.
 
-    CRLF files (what this server stores) are mapped, not read; an LF-only file (as
-    Dovecot writes by default) is read and converted, which costs memory only for mail
-    that was migrated from such a store.
+    CRLF files (what this server stores) are mapped, not read; a file with any bare LF
+    (LF-only, as Dovecot writes by default, or mixed) is read and converted, which costs
+    memory only for mail that was migrated from such a store.  Every bare LF counts, not
+    just the first line's: the size is then the one POP3 and STATUS SIZE count
+    (maildir/sizes.py), which they share with FETCH under one cache key.
     """
 
     def __init__(self, f: BinaryIO) -> None:
@@ -39,8 +41,7 @@ class MessageBytes:
             self.data: bytes | mmap.mmap = b""
             return
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        first_nl = m.find(b"\n")
-        if first_nl > 0 and m[first_nl - 1:first_nl] != b"\r":
+        if has_bare_lf(m):
             data = m[:]
             m.close()
             self.data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
@@ -61,6 +62,22 @@ class MessageBytes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SCAN = 1024 * 1024
+
+
+def has_bare_lf(buf: Any) -> bool:
+    """Whether `buf` (bytes or a mapped file) has an LF without a CR before it: counted a
+    megabyte at a time (about a millisecond each), never copied whole."""
+    size = len(buf)
+    for start in range(0, size, _SCAN):
+        # One byte of overlap: a CRLF across the boundary is seen whole.
+        chunk = buf[max(0, start - 1):start + _SCAN]
+        lf = chunk.count(b"\n") - (start > 0 and chunk[:1] == b"\n")
+        if lf != chunk.count(b"\r\n"):
+            return True
+    return False
 
 
 def _fsize(f: BinaryIO) -> int:

@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 from mailserver.imap.mime import (MessageBytes, body_structure, envelope, find_part,
                                   header_fields, imap_string, parse_structure)
 
@@ -59,3 +61,28 @@ def test_imap_string_quoting():
     assert imap_string(b"plain") == b'"plain"'
     assert imap_string(b'q"uote') == b'"q\\"uote"'
     assert imap_string(b"caf\xc3\xa9") == b"{5}\r\ncaf\xc3\xa9"
+
+
+# -- the CRLF form of files with bare LFs --------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b"Subject: a\r\n\r\nline one\nline two\r\n",          # CRLF first, a bare LF later
+    b"Subject: a\n\nbody\n",                               # LF only (Dovecot's default)
+    b"Subject: a\r\n\r\nbody\r\n",                         # CRLF only: mapped as is
+    b"Subject: a\r\n\r\n" + b"x" * (1024 * 1024 - 15) + b"\r\n\n",   # CRLF across 1 MiB
+    b"\nSubject: a\r\n\r\nb\rc\r\n",                        # leading LF, a bare CR kept
+])
+def test_message_bytes_size_agrees_with_pop3_and_status_size(tmp_path, raw):
+    """FETCH, POP3 and STATUS SIZE share one cached size per message: all three must
+    count the same CRLF form, whatever mix of line ends the file has."""
+    from mailserver.imap.mime import MessageBytes, has_bare_lf
+    from mailserver.maildir.sizes import crlf_size_of_path
+    from mailserver.pop3.wire import crlf_size_of_path as pop3_size
+
+    path = tmp_path / "m"
+    path.write_bytes(raw)
+    with open(path, "rb") as f, MessageBytes(f) as msg:
+        data = bytes(msg.data)
+    assert len(data) == crlf_size_of_path(path) == pop3_size(path)
+    assert not has_bare_lf(data)
+    assert data.replace(b"\r\n", b"\n") == raw.replace(b"\r\n", b"\n")
