@@ -9,9 +9,12 @@ in the reactor's pool, so a login answers in the same time whatever the folders 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Any, Callable
 
@@ -59,6 +62,56 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+class VerifiedLogins:
+    """Logins verified in the last `ttl` seconds, so a client that logs in again (every
+    poll, every new IMAP connection) is not made to wait for argon2id each time, as
+    Dovecot's auth cache spares it.
+
+    What is kept is an HMAC-SHA256, under a key made at start and never written
+    anywhere, of the stored hash and the password: never the password.  An entry counts
+    only while the user's stored hash is the one it was made with, so a password change
+    (or a hash upgrade) drops it at once, also when `mailserver-admin` made the change.
+    Only successes are kept: a wrong password always costs a full verification, so
+    guessing gains nothing.  At most `size` entries (the least recently used go).
+    """
+
+    def __init__(self, ttl: float, size: int = 10000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._key = os.urandom(32)
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def _mac(self, stored_hash: str, password: str | bytes) -> bytes:
+        secret = password.encode("utf-8") if isinstance(password, str) else password
+        return hmac.new(self._key, stored_hash.encode("utf-8") + b"\0" + secret,
+                        hashlib.sha256).digest()
+
+    def known(self, address: str, stored_hash: str, password: str | bytes) -> bool:
+        """Whether this address logged in with this password (and this stored hash)
+        within the last ttl seconds."""
+        entry = self._entries.get(address)
+        if entry is None:
+            return False
+        mac, expires = entry
+        if self.clock() >= expires:
+            del self._entries[address]
+            return False
+        if not hmac.compare_digest(mac, self._mac(stored_hash, password)):
+            return False
+        self._entries.move_to_end(address)
+        return True
+
+    def remember(self, address: str, stored_hash: str, password: str | bytes) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[address] = (self._mac(stored_hash, password), self.clock() + self.ttl)
+        self._entries.move_to_end(address)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
 @implementer(ICredentialsChecker)
 class AccountsChecker:
     """Checks an address and password against `Accounts`.
@@ -73,9 +126,11 @@ class AccountsChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, accounts: Accounts, upgrade_hashes: bool = True) -> None:
+    def __init__(self, accounts: Accounts, upgrade_hashes: bool = True,
+                 verified: VerifiedLogins | None = None) -> None:
         self.accounts = accounts
         self.upgrade_hashes = upgrade_hashes
+        self.verified = verified
         # Same parameters as a real hash, so verifying it costs the same; made in the
         # hashing pool (a tenth of a second of CPU) on first need, not at start.
         self._dummy_hash: str | None = None
@@ -92,6 +147,9 @@ class AccountsChecker:
         except Exception:
             return defer.fail()
         password = credentials.password
+        if user is not None and self.verified is not None and self.verified.known(
+                user.address, user.password_hash, password):
+            return defer.succeed(user.address)
         if user is not None:
             d = in_hash_pool(verify_password, user.password_hash, password)
         else:
@@ -105,6 +163,8 @@ class AccountsChecker:
             if self.upgrade_hashes and needs_rehash(stored):
                 return self._upgrade(user.address, stored, password).addCallback(
                     lambda _: user.address)
+            if self.verified is not None:
+                self.verified.remember(user.address, stored, password)
             return user.address
 
         return d.addCallback(checked)
@@ -275,6 +335,8 @@ def _login_tuple(iface: InterfaceClass,
     return iface, avatar, logout if callable(logout) else (lambda: None)
 
 
-def build_portal(accounts: Accounts, realm: MailRealm) -> Portal:
-    """The portal every protocol logs in through."""
-    return Portal(realm, [AccountsChecker(accounts)])
+def build_portal(accounts: Accounts, realm: MailRealm, login_cache_ttl: float = 0.0) -> Portal:
+    """The portal every protocol logs in through; `login_cache_ttl` > 0 keeps verified
+    logins that long (VerifiedLogins)."""
+    verified = VerifiedLogins(login_cache_ttl) if login_cache_ttl > 0 else None
+    return Portal(realm, [AccountsChecker(accounts, verified=verified)])

@@ -168,6 +168,9 @@ class LimitsConfig:
 class AuthConfig:
     # Accept credentials without TLS from loopback clients only; for local testing.
     allow_plaintext_loopback: bool = False
+    # How long a verified login is remembered (a keyed hash, in memory only), so that
+    # repeated logins skip argon2id; 0: verify every time (mailserver.auth.VerifiedLogins).
+    login_cache_ttl: float = 300.0
 
 
 SMARTHOST_TLS_MODES = ("starttls", "tls", "none")
@@ -599,7 +602,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
         "max_rcpt_commands": _positive_int,
         "max_command_errors": _positive_int,
     }),
-    "auth": (AuthConfig, {"allow_plaintext_loopback": _expect(bool, "true or false")}),
+    "auth": (AuthConfig, {"allow_plaintext_loopback": _expect(bool, "true or false"),
+                          "login_cache_ttl": _nonneg_duration}),
     "relay": (RelayConfig, {
         "smarthost": _host_port,
         "smarthost_tls": _choice(*SMARTHOST_TLS_MODES),

@@ -69,6 +69,14 @@ class MailServer(service.MultiService):
 
         self.config = config
         self.readiness = Readiness()   # systemd's READY=1 / STOPPING=1
+        # Python delivery filters ([filters], mailserver.filters): one named there but
+        # not installed is a configuration error before anything is created, not mail
+        # delivered unfiltered.
+        self.filters: list[Any] = []
+        if config.filters.plugins:
+            from mailserver.filters import load_filters
+
+            self.filters = load_filters(config.filters.plugins)
         for path in (config.state_dir, config.maildir_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tls_paths = ensure_certificate(config)
@@ -85,7 +93,7 @@ class MailServer(service.MultiService):
         # One realm and portal for every protocol: each protocol module registers the
         # avatar for its interface when its factory is built.
         self.realm = MailRealm()
-        self.portal = build_portal(self.accounts, self.realm)
+        self.portal = build_portal(self.accounts, self.realm, config.auth.login_cache_ttl)
         self.throttle = AuthThrottle(config.limits.auth_failure_delay_after,
                                      config.limits.auth_failure_window)
         # Outbound: the queue (with its runner and relay) that MX forwarding and

@@ -5,7 +5,7 @@ import tempfile
 import threading
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
@@ -16,7 +16,8 @@ from zope.interface.verify import verifyObject
 
 from mailserver import auth
 from mailserver.accounts import Accounts
-from mailserver.auth import AccountsChecker, AuthThrottle, MailRealm, build_portal
+from mailserver.auth import (AccountsChecker, AuthThrottle, MailRealm, VerifiedLogins,
+                             build_portal)
 from mailserver.passwords import hash_password
 
 
@@ -280,3 +281,71 @@ class ThrottleTests(unittest.TestCase):
     def test_default_clock_is_the_reactor(self):
         from twisted.internet import reactor
         self.assertIs(AuthThrottle(3, 900).clock, reactor)
+
+
+class VerifiedLoginsTests(unittest.TestCase):
+    """Repeated logins skip argon2id for `ttl` seconds, never for a wrong or changed
+    password."""
+
+    def setUp(self):
+        self.accounts = temp_accounts(self)
+        self.accounts.add_domain("example.org")
+        self.accounts.add_user("alice@example.org", hash_password("right"))
+        self.now = 1000.0
+        self.verified = VerifiedLogins(60.0, size=2, clock=lambda: self.now)
+        self.checker = AccountsChecker(self.accounts, verified=self.verified)
+        self.verifications = 0
+        real = auth.verify_password
+
+        def counting(stored, password):
+            self.verifications += 1
+            return real(stored, password)
+        self.patch(auth, "verify_password", counting)
+
+    def login(self, password, user=b"alice@example.org"):
+        return self.checker.requestAvatarId(UsernamePassword(user, password))
+
+    @defer.inlineCallbacks
+    def test_second_login_skips_the_hash_until_ttl(self):
+        self.assertEqual((yield self.login(b"right")), "alice@example.org")
+        self.assertEqual((yield self.login(b"right")), "alice@example.org")
+        self.assertEqual(self.verifications, 1)
+        self.now += 61
+        yield self.login(b"right")
+        self.assertEqual(self.verifications, 2)
+
+    @defer.inlineCallbacks
+    def test_wrong_password_is_always_verified(self):
+        yield self.login(b"right")
+        for _ in range(2):
+            with self.assertRaises(UnauthorizedLogin):
+                yield self.login(b"wrong")
+        self.assertEqual(self.verifications, 3)
+
+    @defer.inlineCallbacks
+    def test_password_change_drops_the_entry(self):
+        yield self.login(b"right")
+        self.accounts.set_password("alice@example.org", hash_password("new one"))
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.login(b"right")
+        self.assertEqual((yield self.login(b"new one")), "alice@example.org")
+        self.assertEqual(self.verifications, 3)
+
+    @defer.inlineCallbacks
+    def test_bounded_and_keeps_no_password(self):
+        for name in ("bob", "carol"):
+            self.accounts.add_user(f"{name}@example.org", hash_password("pw"))
+        yield self.login(b"right")
+        yield self.login(b"pw", b"bob@example.org")
+        yield self.login(b"pw", b"carol@example.org")   # alice, least recent, dropped
+        self.assertEqual(list(self.verified._entries), ["bob@example.org", "carol@example.org"])
+        for mac, _ in self.verified._entries.values():
+            self.assertNotIn(b"pw", mac)
+        yield self.login(b"right")
+        self.assertEqual(self.verifications, 4)
+
+    def test_configured_through_the_portal(self):
+        portal = build_portal(self.accounts, MailRealm(), login_cache_ttl=0)
+        self.assertIsNone(portal.checkers[IUsernamePassword].verified)
+        portal = build_portal(self.accounts, MailRealm(), login_cache_ttl=300)
+        self.assertEqual(portal.checkers[IUsernamePassword].verified.ttl, 300)
