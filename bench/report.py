@@ -172,6 +172,28 @@ def smtp_tables(results: dict) -> list[str]:
     return out
 
 
+def _single_sender_rows(e: dict, verdict: Callable[[bool | None], str]
+                        ) -> list[tuple[str, str, str]]:
+    """One client, one 4 KB message per connection: msgs/s at least Postfix's and 0.9x
+    twistd mail's, p50 end of DATA to 250 no higher than Postfix's."""
+    rows = []
+    ours, p50 = _median(e, OURS, "msgs_per_s"), _median(e, OURS, "latency_p50_ms")
+    postfix, postfix_p50 = _median(e, "postfix", "msgs_per_s"), _median(e, "postfix",
+                                                                         "latency_p50_ms")
+    twistd = _median(e, "twistd-mail", "msgs_per_s")
+    if ours and postfix:
+        rows.append(("SMTP 4 KB, 1 client: msgs/s >= Postfix's",
+                     f"{fmt(ours)} vs {fmt(postfix)}", verdict(ours >= postfix)))
+    if ours and twistd:
+        rows.append(("SMTP 4 KB, 1 client: msgs/s >= 0.9x twistd mail's",
+                     f"{ours / twistd:.2f}x ({fmt(ours)} vs {fmt(twistd)})",
+                     verdict(ours >= 0.9 * twistd)))
+    if p50 is not None and postfix_p50 is not None:
+        rows.append(("SMTP 4 KB, 1 client: p50 DATA-end to 250 <= Postfix's",
+                     f"{fmt(p50)} vs {fmt(postfix_p50)} ms", verdict(p50 <= postfix_p50)))
+    return rows
+
+
 def _paired_ratios(a: dict, b: dict, metric: str) -> dict | None:
     """Run i of `a` over run i of `b` (the runs interleave: run i of both saw the same
     state of the machine), summarised."""
@@ -194,7 +216,8 @@ def checks_tables(results: dict) -> list[str]:
         base, checked = e.get(OURS), e.get(CHECKS)
         if not base or not checked or "unavailable" in base or "unavailable" in checked:
             continue
-        name = f"{cfg['size'] // 1024} KB {cfg['mode']}"
+        name = f"{cfg['size'] // 1024} KB {cfg['mode']}" + (
+            ", 1 client" if cfg.get("concurrency") == 1 else "")
         for label, metric in (("msgs/s", "msgs_per_s"),
                               ("p50 DATA-end to 250 (ms)", "latency_p50_ms"),
                               ("p99 DATA-end to 250 (ms)", "latency_p99_ms"),
@@ -382,6 +405,9 @@ def targets(results: dict) -> str:
         e = cfg["servers"]
         size = f"{cfg['size'] // 1024} KB"
         ours = _median(e, OURS, "msgs_per_s")
+        if cfg.get("concurrency") == 1:
+            rows += _single_sender_rows(e, verdict)
+            continue
         cpu = _median(e, OURS, "cpu_ms_per_msg")
         others = {k: _median(e, k, "msgs_per_s") for k in e if k not in (OURS, CHECKS)}
         others = {k: v for k, v in others.items() if v}

@@ -55,6 +55,7 @@ PLANS = {
         "runs": 3,
         "smtp_concurrency": 20, "smtp_counts": {4096: 150, 102400: 80}, "smtp_warmup": 50,
         "smtp_modes": ("per-connection", "pipelined"), "smtp_time_limit": 60,
+        "smtp_single_count": 300,
         "imap_corpora": [1000], "imap_mixed_corpus": 1000, "imap_clients": 10,
         "imap_mixed_s": 2.0, "imap_mixed_max_ops": 20000, "imap_restart": True,
         "pop3_count": 1000, "pop3_time_limit": 3,
@@ -64,6 +65,7 @@ PLANS = {
         "runs": 3,
         "smtp_concurrency": 20, "smtp_counts": {4096: 4000, 102400: 1000}, "smtp_warmup": 300,
         "smtp_modes": ("per-connection", "pipelined"), "smtp_time_limit": 300,
+        "smtp_single_count": 2000,
         "imap_corpora": [10000, 100000], "imap_mixed_corpus": 10000, "imap_clients": 20,
         "imap_mixed_s": 20.0, "imap_mixed_max_ops": 200000, "imap_restart": True,
         "pop3_count": 10000, "pop3_time_limit": 30,
@@ -155,6 +157,11 @@ class Bench:
         configs = [{"size": size, "mode": mode, "count": count,
                     "concurrency": p["smtp_concurrency"], "servers": {}}
                    for size, count in p["smtp_counts"].items() for mode in p["smtp_modes"]]
+        if 4096 in p["smtp_counts"]:
+            # One sender, one 4 KB message per connection, one after the other: what a
+            # single client waits for (the latency of each step, not the throughput of many).
+            configs.append({"size": 4096, "mode": "per-connection",
+                            "count": p["smtp_single_count"], "concurrency": 1, "servers": {}})
         # Every server gets the same messages: DKIM-signed by the sender's domain, so that
         # this server with its inbound checks verifies a real signature in each (and the
         # others take the same bytes).
