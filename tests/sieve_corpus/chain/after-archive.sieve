@@ -1,0 +1,3 @@
+# a site "after" script
+require ["fileinto", "copy"];
+fileinto :copy "Archive";

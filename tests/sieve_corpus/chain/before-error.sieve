@@ -1,0 +1,3 @@
+# a run-time error in a "before" script
+require ["include"];
+include :personal "does-not-exist";

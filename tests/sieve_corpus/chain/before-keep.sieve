@@ -1,0 +1,2 @@
+# an explicit keep in a "before" script
+keep;

@@ -1,0 +1,3 @@
+require ["imap4flags", "include", "variables"];
+global "label";
+addflag "${label}";

@@ -1,0 +1,5 @@
+# RFC 5429 2.2: reject
+require "reject";
+if header :contains "subject" "sale" {
+    reject "No advertising, please.";
+}
