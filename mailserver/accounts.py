@@ -1,10 +1,22 @@
-"""Domains, users, aliases and their password hashes, in SQLite (WAL) under state_dir.
+"""Domains, users, aliases and their password hashes: the backend interface, and SQLite.
 
-The running server and `mailserver-admin` open the same file at the same time.  There is
-no cache: every lookup is a query, so an admin change is visible to the server on its
-next lookup.  Point lookups on primary keys take microseconds, and in WAL mode readers
-never wait for a writer, so querying in the reactor thread is cheap; writes take the lock
-up front (BEGIN IMMEDIATE) and wait up to `BUSY_TIMEOUT_MS` for another writer.
+`IAccounts` is what the server and `mailserver-admin` use, and `open_accounts(config)`
+picks its implementation from [accounts] url:
+
+- "" (the default): `Accounts`, SQLite (WAL) under state_dir.  The running server and
+  `mailserver-admin` open the same file at the same time.  There is no cache: every lookup
+  is a query, so an admin change is visible to the server on its next lookup.  Point
+  lookups on primary keys take microseconds, and in WAL mode readers never wait for a
+  writer, so querying in the reactor thread is cheap; writes take the lock up front
+  (BEGIN IMMEDIATE) and wait up to `BUSY_TIMEOUT_MS` for another writer.
+- a postgresql:// URL: `mailserver.accounts_pg.PgAccounts` for `mailserver-admin` (every
+  call a query, as here), and for the server `mailserver.accounts_replica.
+  ReplicatedAccounts`, which answers reads from an in-memory copy refreshed on NOTIFY, so
+  the reactor never waits on the network.
+
+Both SQL backends share `SqlAccounts`: the same statements, checks and error lines, so
+every admin command behaves the same against either.  Alias expansion and the sender
+rules work over a `Lookup` (a transaction, or the in-memory copy).
 
 All addresses are stored in the canonical form of `mailserver.addresses.normalize`, so
 they compare case-insensitively as Dovecot's do.
@@ -18,9 +30,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from mailserver.accounts_schema import SCHEMA_VERSION, SchemaError, upgrade
 from mailserver.addresses import (AddressError, is_domain_literal, normalize, normalize_domain,
@@ -38,6 +51,11 @@ RESOLVED_MAX = 4096  # addresses whose resolution is remembered (until the datab
 
 class AccountsError(Exception):
     """A refused account change; the message is one line for the operator."""
+
+
+class AccountsUnavailable(Exception):
+    """The accounts cannot be trusted to be current (their database has been unreachable
+    for longer than [accounts] fail_closed_after): logins and RCPT fail closed."""
 
 
 @dataclass(frozen=True)
@@ -61,81 +79,124 @@ class Resolution:
     remote: tuple[str, ...] = ()
 
 
-class Accounts:
-    """The accounts database; safe to share between threads of one process."""
+class IAccounts(Interface):
+    """Domains, users and aliases, as the server and `mailserver-admin` use them.
 
-    def __init__(self, path: str | Path, subaddress_separator: str = "+") -> None:
-        self.path = Path(path)
+    Reads (get_user, resolve, may_send_as, is_local_domain, list_*) are called in the
+    reactor, so an implementation answers them without waiting on the network.  Writes may
+    block: the admin tool calls them, the server only from a thread (the hash upgrade).
+    Changes made by any process are seen by every other one without a restart.
+    """
+
+    subaddress_separator = Attribute("the separator of 'alice+tag' subaddresses")
+
+    def close() -> None:
+        """Release the database connection(s)."""
+
+    def available() -> bool:
+        """False while the accounts cannot be trusted to be current (their database
+        unreachable for longer than the grace period): logins and RCPT then fail closed."""
+
+    def add_domain(domain: str) -> str:
+        """Add a domain; its normalised name.  AccountsError if it exists."""
+
+    def del_domain(domain: str) -> None:
+        """Remove an empty domain."""
+
+    def list_domains() -> list[str]:
+        """Every domain, sorted."""
+
+    def is_local_domain(domain: str) -> bool:
+        """Whether mail for this domain is ours (False for a malformed name)."""
+
+    def add_user(address: str, password_hash: str, quota: int | None = None) -> User:
+        """Add a user to an existing domain."""
+
+    def set_password(address: str, password_hash: str) -> None:
+        """Replace a user's password hash."""
+
+    def replace_password_hash(address: str, old_hash: str, new_hash: str) -> bool:
+        """Compare-and-set of the hash (the upgrade after a login); True if replaced."""
+
+    def del_user(address: str) -> User:
+        """Remove a user; the user as it was."""
+
+    def get_user(address: str) -> User | None:
+        """The user with this address (any case), or None."""
+
+    def list_users(domain: str | None = None) -> list[User]:
+        """Users (of one domain), by domain and local part."""
+
+    def add_alias(alias: str, targets: list[str], *,
+                  check_local_targets: bool = False) -> list[str]:
+        """Add targets to an alias or catch-all; its full target list."""
+
+    def del_alias(alias: str) -> None:
+        """Remove an alias with all its targets."""
+
+    def list_aliases() -> list[tuple[str, list[str]]]:
+        """(alias, targets) pairs by domain and alias."""
+
+    def resolve(address: str) -> Resolution:
+        """Where mail to `address` goes, as SMTP needs it at RCPT time."""
+
+    def may_send_as(login: str, address: str) -> bool:
+        """May the user `login` use `address` as sender?"""
+
+
+class Lookup(Protocol):
+    """The three questions alias expansion asks, of one consistent state."""
+
+    def has_domain(self, name: str) -> bool: ...
+    def user(self, address: str) -> User | None: ...
+    def targets(self, source: str) -> Sequence[str]: ...
+
+
+class Db(Protocol):
+    """A connection that runs one SQL statement with '?' parameters."""
+
+    def execute(self, sql: str, args: Sequence[Any] = ..., /) -> Any: ...
+
+
+@implementer(IAccounts)
+class SqlAccounts:
+    """The account operations over SQL, shared by the SQLite and PostgreSQL backends: a
+    subclass provides the connection handling (`_read`, `_write`, `close`)."""
+
+    subaddress_separator = "+"
+
+    def __init__(self, subaddress_separator: str = "+") -> None:
         self.subaddress_separator = subaddress_separator
         self._lock = threading.RLock()
-        self._db = _open(self.path)
-        # resolve() answers by address, valid while the database is unchanged: SQLite's
-        # data_version tells of other processes' commits (mailserver-admin), _write of ours.
-        self._resolved: dict[str, Resolution] = {}
-        self._resolved_version: int | None = None
-        try:
-            self._init_schema()
-        except BaseException:
-            self._db.close()
-            raise
-
-    @classmethod
-    def from_config(cls, config: Config) -> Accounts:
-        """The accounts database of this configuration (config.accounts_db)."""
-        return cls(config.accounts_db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        raise NotImplementedError
 
-    def __enter__(self) -> Accounts:
+    def __enter__(self) -> SqlAccounts:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- transactions --------------------------------------------------------------
-
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Db]:
         """One snapshot for several queries (fresh for every call)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self._db
-            finally:
-                self._db.execute("COMMIT")
+        raise NotImplementedError
+        yield
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                raise AccountsError(f"accounts database busy: {e}") from None
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
-            finally:
-                self._resolved.clear()
+    def _write(self) -> Iterator[Db]:
+        """One transaction, serialised with every other writer."""
+        raise NotImplementedError
+        yield
 
-    def _init_schema(self) -> None:
-        """Bring the file to this release's schema (mailserver.accounts_schema)."""
-        with self._lock:
-            try:
-                applied = upgrade(self._db)
-            except SchemaError as e:
-                raise AccountsError(f"{self.path}: {e}") from None
-            finally:
-                self._resolved.clear()
-        if applied:
-            log.info("accounts database {path} upgraded to schema version {version} "
-                     "({steps})", path=str(self.path), version=SCHEMA_VERSION,
-                     steps="; ".join(f"{m.version}: {m.summary}" for m in applied))
+    def available(self) -> bool:
+        """A database read on every lookup is always current (or fails loudly)."""
+        return True
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail to `address` goes, as SMTP needs it at RCPT time (`resolve_with`)."""
+        return self._resolve(address)
 
     # -- domains ---------------------------------------------------------------------
 
@@ -174,10 +235,10 @@ class Accounts:
             return self._has_domain(db, name)
 
     @staticmethod
-    def _has_domain(db: sqlite3.Connection, name: str) -> bool:
+    def _has_domain(db: Db, name: str) -> bool:
         return db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is not None
 
-    def _require_domain(self, db: sqlite3.Connection, name: str) -> None:
+    def _require_domain(self, db: Db, name: str) -> None:
         if not self._has_domain(db, name):
             raise AccountsError(f"no such domain: {name} (add it first)")
 
@@ -241,7 +302,7 @@ class Accounts:
             return [User(*row) for row in db.execute(query + " ORDER BY domain, localpart", args)]
 
     @staticmethod
-    def _get_user(db: sqlite3.Connection, address: str) -> User | None:
+    def _get_user(db: Db, address: str) -> User | None:
         row = db.execute("SELECT address, localpart, domain, password_hash, quota FROM users "
                          "WHERE address = ?", (address,)).fetchone()
         return User(*row) if row else None
@@ -286,7 +347,7 @@ class Accounts:
                     position += 1
             return existing
 
-    def _require_mailbox(self, db: sqlite3.Connection, source: str, target: str) -> None:
+    def _require_mailbox(self, db: Db, source: str, target: str) -> None:
         """A local alias target must reach somebody (remote targets are not checked)."""
         domain = target.rpartition("@")[2]
         if not self._has_domain(db, domain):
@@ -296,7 +357,7 @@ class Accounts:
                 raise AccountsError(f"alias target {target} is the alias itself, and there "
                                     f"is no user {target} to keep a copy")
             return
-        if not _Expansion(self, db, {}, {}).expand(target, 0):
+        if not _Expansion(_DbLookup(db), self.subaddress_separator, {}, {}).expand(target, 0):
             raise AccountsError(f"alias target {target}: no such user or alias in {domain} "
                                 f"(a local domain), so mail to it would be dropped")
 
@@ -316,20 +377,98 @@ class Accounts:
         return list(result.items())
 
     @staticmethod
-    def _targets(db: sqlite3.Connection, source: str) -> list[str]:
+    def _targets(db: Db, source: str) -> list[str]:
         return [r[0] for r in db.execute(
             "SELECT target FROM aliases WHERE source = ? ORDER BY position", (source,))]
 
     # -- resolution --------------------------------------------------------------------
 
-    def resolve(self, address: str) -> Resolution:
-        """Where mail to `address` goes, as SMTP needs it at RCPT time.
+    def _resolve(self, address: str) -> Resolution:
+        with self._read() as db:
+            return resolve_with(_DbLookup(db), address, self.subaddress_separator)
 
-        Lookup order: an exact alias, then a user, then the subaddress base ('alice+tag'
-        -> alias or user 'alice'), then the domain's catch-all '@domain'.  Aliases expand
-        recursively; loops and chains deeper than MAX_ALIAS_DEPTH are cut, and a local
-        target that leads nowhere is dropped (logged).  A malformed address is "unknown".
-        """
+    def may_send_as(self, login: str, address: str) -> bool:
+        """May the user `login` use `address` as sender (`may_send_as_with`)?"""
+        with self._read() as db:
+            return may_send_as_with(_DbLookup(db), login, address, self.subaddress_separator)
+
+
+@implementer(IAccounts)
+class Accounts(SqlAccounts):
+    """The SQLite accounts database; safe to share between threads of one process."""
+
+    def __init__(self, path: str | Path, subaddress_separator: str = "+") -> None:
+        super().__init__(subaddress_separator)
+        self.path = Path(path)
+        self._db = _open(self.path)
+        # resolve() answers by address, valid while the database is unchanged: SQLite's
+        # data_version tells of other processes' commits (mailserver-admin), _write of ours.
+        self._resolved: dict[str, Resolution] = {}
+        self._resolved_version: int | None = None
+        try:
+            self._init_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def from_config(cls, config: Config) -> Accounts:
+        """The SQLite accounts database of this configuration (config.accounts_db);
+        `open_accounts` picks the backend [accounts] names."""
+        return cls(config.accounts_db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Accounts:
+        return self
+
+    # -- transactions --------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise AccountsError(f"accounts database busy: {e}") from None
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._resolved.clear()
+
+    def _init_schema(self) -> None:
+        """Bring the file to this release's schema (mailserver.accounts_schema)."""
+        with self._lock:
+            try:
+                applied = upgrade(self._db)
+            except SchemaError as e:
+                raise AccountsError(f"{self.path}: {e}") from None
+            finally:
+                self._resolved.clear()
+        if applied:
+            log.info("accounts database {path} upgraded to schema version {version} "
+                     "({steps})", path=str(self.path), version=SCHEMA_VERSION,
+                     steps="; ".join(f"{m.version}: {m.summary}" for m in applied))
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail to `address` goes (`resolve_with`), remembered while the file is
+        unchanged: SQLite's data_version tells of other processes' commits."""
         with self._lock:
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
             if version != self._resolved_version:
@@ -343,64 +482,85 @@ class Accounts:
                 self._resolved[address] = known
             return known
 
-    def _resolve(self, address: str) -> Resolution:
-        try:
-            local, domain = split_address(address)
-        except AddressError:
-            return Resolution("unknown")
-        if is_domain_literal(domain):
-            return Resolution("nonlocal")
-        with self._read() as db:
-            if not self._has_domain(db, domain):
-                return Resolution("nonlocal")
-            users: dict[str, User] = {}
-            remote: dict[str, None] = {}
-            _Expansion(self, db, users, remote).expand(f"{local}@{domain}", 0)
-        if not users and not remote:
-            return Resolution("unknown")
-        return Resolution("ok", tuple(users.values()), tuple(remote))
 
-    def may_send_as(self, login: str, address: str) -> bool:
-        """May the user `login` use `address` as sender (RFC 6409 8.1 territory)?
+# -- resolution ----------------------------------------------------------------------------
 
-        Yes for the user's own address and its subaddresses ('alice+news'), and for an
-        alias (not a catch-all) that delivers to the user.  Lookup order is that of
-        `resolve`, so an address that reaches someone else is never the user's.
-        """
-        try:
-            local, domain = split_address(address)
-            owner = normalize(login)
-        except AddressError:
-            return False
-        if is_domain_literal(domain):
-            return False
-        candidates = [f"{local}@{domain}"]
-        base = subaddress_base(local, self.subaddress_separator)
-        if base is not None:
-            candidates.append(f"{base}@{domain}")
-        with self._read() as db:
-            if not self._has_domain(db, domain):
-                return False
-            for candidate in candidates:
-                targets = self._targets(db, candidate)
-                if targets:
-                    users: dict[str, User] = {}
-                    _Expansion(self, db, users, {})._expand_targets(candidate, targets, 0)
-                    return owner in users
-                if candidate == owner:
-                    return self._get_user(db, owner) is not None
-                if self._get_user(db, candidate) is not None:
-                    return False
+class _DbLookup:
+    """A Lookup inside one read or write transaction."""
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def has_domain(self, name: str) -> bool:
+        return SqlAccounts._has_domain(self.db, name)
+
+    def user(self, address: str) -> User | None:
+        return SqlAccounts._get_user(self.db, address)
+
+    def targets(self, source: str) -> list[str]:
+        return SqlAccounts._targets(self.db, source)
+
+
+def resolve_with(lookup: Lookup, address: str, separator: str) -> Resolution:
+    """Where mail to `address` goes, as SMTP needs it at RCPT time.
+
+    Lookup order: an exact alias, then a user, then the subaddress base ('alice+tag'
+    -> alias or user 'alice'), then the domain's catch-all '@domain'.  Aliases expand
+    recursively; loops and chains deeper than MAX_ALIAS_DEPTH are cut, and a local
+    target that leads nowhere is dropped (logged).  A malformed address is "unknown".
+    """
+    try:
+        local, domain = split_address(address)
+    except AddressError:
+        return Resolution("unknown")
+    if is_domain_literal(domain) or not lookup.has_domain(domain):
+        return Resolution("nonlocal")
+    users: dict[str, User] = {}
+    remote: dict[str, None] = {}
+    _Expansion(lookup, separator, users, remote).expand(f"{local}@{domain}", 0)
+    if not users and not remote:
+        return Resolution("unknown")
+    return Resolution("ok", tuple(users.values()), tuple(remote))
+
+
+def may_send_as_with(lookup: Lookup, login: str, address: str, separator: str) -> bool:
+    """May the user `login` use `address` as sender (RFC 6409 8.1 territory)?
+
+    Yes for the user's own address and its subaddresses ('alice+news'), and for an
+    alias (not a catch-all) that delivers to the user.  Lookup order is that of
+    `resolve`, so an address that reaches someone else is never the user's.
+    """
+    try:
+        local, domain = split_address(address)
+        owner = normalize(login)
+    except AddressError:
         return False
+    if is_domain_literal(domain) or not lookup.has_domain(domain):
+        return False
+    candidates = [f"{local}@{domain}"]
+    base = subaddress_base(local, separator)
+    if base is not None:
+        candidates.append(f"{base}@{domain}")
+    for candidate in candidates:
+        targets = lookup.targets(candidate)
+        if targets:
+            users: dict[str, User] = {}
+            _Expansion(lookup, separator, users, {})._expand_targets(candidate, targets, 0)
+            return owner in users
+        if candidate == owner:
+            return lookup.user(owner) is not None
+        if lookup.user(candidate) is not None:
+            return False
+    return False
 
 
 class _Expansion:
-    """One recursive alias expansion inside one read snapshot."""
+    """One recursive alias expansion over one consistent state."""
 
-    def __init__(self, accounts: Accounts, db: sqlite3.Connection,
+    def __init__(self, lookup: Lookup, separator: str,
                  users: dict[str, User], remote: dict[str, None]) -> None:
-        self.separator = accounts.subaddress_separator
-        self.db = db
+        self.separator = separator
+        self.lookup = lookup
         self.users = users
         self.remote = remote
         self.active: set[str] = set()     # being expanded: meeting one again is a loop
@@ -426,8 +586,8 @@ class _Expansion:
         return found
 
     def _lookup(self, address: str, depth: int) -> bool:
-        db = self.db
-        targets = Accounts._targets(db, address)
+        lookup = self.lookup
+        targets = lookup.targets(address)
         if targets:
             return self._expand_targets(address, targets, depth)
         if self._add_user(address):
@@ -436,28 +596,28 @@ class _Expansion:
         base = subaddress_base(local, self.separator)
         if base is not None:
             base_address = f"{base}@{domain}"
-            targets = Accounts._targets(db, base_address)
+            targets = lookup.targets(base_address)
             if targets:
                 return self._expand_targets(base_address, targets, depth)
             if self._add_user(base_address):
                 return True
         catch_all = "@" + domain
-        targets = Accounts._targets(db, catch_all)
+        targets = lookup.targets(catch_all)
         if targets:
             return self._expand_targets(catch_all, targets, depth)
         return False
 
     def _add_user(self, address: str) -> bool:
-        user = Accounts._get_user(self.db, address)
+        user = self.lookup.user(address)
         if user is None:
             return False
         self.users.setdefault(user.address, user)
         return True
 
-    def _expand_targets(self, source: str, targets: list[str], depth: int) -> bool:
+    def _expand_targets(self, source: str, targets: Sequence[str], depth: int) -> bool:
         found = False
         for target in targets:
-            if not Accounts._has_domain(self.db, target.rpartition("@")[2]):
+            if not self.lookup.has_domain(target.rpartition("@")[2]):
                 self.remote.setdefault(target, None)
                 found = True
             elif target == source:
@@ -473,6 +633,33 @@ class _Expansion:
                 log.warn("alias target {target} (of {source}) leads nowhere: dropped",
                          target=target, source=source)
         return found
+
+
+# -- the backend of a configuration --------------------------------------------------------
+
+def open_accounts(config: Config, *, server: bool = False) -> IAccounts:
+    """The accounts [accounts] url names: SQLite in state_dir when it is empty, else
+    PostgreSQL, for the server (`server=True`) as an in-memory replica refreshed on
+    NOTIFY (a twisted.application Service: start it with the server), for
+    mailserver-admin as direct queries.  AccountsError (one line) when it cannot be opened.
+    """
+    url = config.accounts.url
+    if not url:
+        return Accounts(config.accounts_db)
+    try:
+        if server:
+            from mailserver.accounts_replica import ReplicatedAccounts
+
+            return ReplicatedAccounts(url, fail_closed_after=config.accounts.fail_closed_after)
+        from mailserver.accounts_pg import PgAccounts
+
+        return PgAccounts(url)
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] != "psycopg":
+            raise
+        raise AccountsError("accounts.url names a PostgreSQL database, but the driver is "
+                            "not installed: pip install 'mailserver[postgresql]' "
+                            "(psycopg)") from None
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from mailserver import sasl
+from mailserver.accounts import AccountsUnavailable
 from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.streaming import ChunkProducer
@@ -619,6 +620,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                         + b"] Logged in")
 
         def failed(f: Failure) -> None:
+            if f.check(AccountsUnavailable):   # RFC 5530 3: a subsystem is down, not a guess
+                self.log.info("imap login for {user} from {ip} refused: accounts database "
+                              "unavailable", user=account, ip=ip)
+                self.tagged(tag, b"NO", b"[UNAVAILABLE] Accounts unavailable, try again later")
+                return
             if not f.check(UnauthorizedLogin):
                 self.log.failure("imap login error", f)
             throttle.failure(ip, account)
