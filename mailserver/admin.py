@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from mailserver.accounts import Accounts, AccountsError
+from mailserver.accounts import Accounts, AccountsError, IAccounts, open_accounts
 from mailserver.addresses import AddressError, normalize_domain, split_address
 from mailserver.config import Config, default_config_path, ConfigError, load_config, parse_size
 from mailserver.listening import probe
@@ -31,6 +31,7 @@ _LISTENER_NOTES = {
     "pop3": "POP3, STLS",
     "pop3s": "POP3, implicit TLS",
     "metrics": "Prometheus metrics, HTTP GET /metrics",
+    "managesieve": "ManageSieve, STARTTLS",
 }
 
 
@@ -142,6 +143,25 @@ def _build_parser() -> _Parser:
     leaf(commands, "dns", cmd_dns, "print the DNS records to publish for a domain"
          ).add_argument("domain")
 
+    sieve = commands.add_parser("sieve", help="manage a user's Sieve filter scripts")
+    actions = sieve.add_subparsers(dest="action", metavar="ACTION", required=True)
+    leaf(actions, "list", cmd_sieve, "list a user's scripts").add_argument("address")
+    p = leaf(actions, "put", cmd_sieve, "store a script (checked as ManageSieve checks it)")
+    p.add_argument("address")
+    p.add_argument("name")
+    p.add_argument("file", metavar="FILE", nargs="?", default="-",
+                   help="the script (default, or -: standard input)")
+    p = leaf(actions, "get", cmd_sieve, "print a script")
+    p.add_argument("address")
+    p.add_argument("name")
+    p = leaf(actions, "activate", cmd_sieve, "make a script the one that runs at delivery "
+             "(without NAME: none runs)")
+    p.add_argument("address")
+    p.add_argument("name", nargs="?", default="")
+    p = leaf(actions, "delete", cmd_sieve, "delete a script (not the active one)")
+    p.add_argument("address")
+    p.add_argument("name")
+
     p = leaf(commands, "backup", cmd_backup, "back up accounts, Maildirs, queue, DKIM keys, "
              "certificate and config into a new or empty directory (the server may run)")
     p.add_argument("dest", metavar="DEST_DIR")
@@ -167,15 +187,18 @@ def _build_parser() -> _Parser:
 # -- check -------------------------------------------------------------------------------
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    accounts, accounts_problem = _accounts_summary(config)
     rows = [("config", str(config.path)),
             ("hostname", config.server.hostname),
             ("state_dir", str(config.state_dir)),
             ("maildir_root", str(config.maildir_root)),
             ("tls", _tls_source(config)),
             ("acme", _acme_summary(config)),
-            ("accounts", _accounts_summary(config)),
+            ("accounts", accounts),
             ("relay", _relay_summary(config)),
-            ("inbound", _inbound_summary(config))]
+            ("inbound", _inbound_summary(config)),
+            ("filters", _filters_summary(config)),
+            ("sieve", _sieve_summary(config))]
     for key, value in rows:
         print(f"{key:<13} {value}")
     listeners = config.listen.keyed()
@@ -199,6 +222,8 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         _warn("no listener is enabled")
     if config.auth.allow_plaintext_loopback:
         _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
+    if accounts_problem:
+        taken.append(accounts_problem)   # the server would not start either
     if taken:
         # The server would refuse to start: an error, one line per port.
         for message in taken:
@@ -217,6 +242,30 @@ def _server_running(config: Config) -> bool:
         return lock_held(config.queue_dir / "lock")
     except OSError:
         return False
+
+
+def _filters_summary(config: Config) -> str:
+    """The delivery filters the server would load (ConfigError, as at start, for a name
+    that is not installed)."""
+    if not config.filters.plugins:
+        return "none"
+    from mailserver.filters import load_filters
+
+    load_filters(config.filters.plugins)
+    return f"{', '.join(config.filters.plugins)} (timeout {config.filters.timeout:g}s)"
+
+
+def _sieve_summary(config: Config) -> str:
+    """Sieve at delivery in one line; the global scripts compiled as at start (ConfigError
+    naming the key for one that does not)."""
+    sieve = config.sieve
+    if not sieve.enabled:
+        return "off (users' scripts do not run at delivery)"
+    from mailserver.sieve.delivery import compile_globals
+
+    before, after = compile_globals(sieve)
+    return (f"users' scripts, {len(before)} before and {len(after)} after"
+            + (f", global includes from {sieve.global_dir}" if sieve.global_dir else ""))
 
 
 def _inbound_summary(config: Config) -> str:
@@ -266,29 +315,52 @@ def _acme_summary(config: Config) -> str:
     from mailserver.acme_settings import describe
 
     domains: list[str] = []
-    if config.accounts_db.exists():
-        with Accounts(config.accounts_db) as accounts:
-            domains = accounts.list_domains()
+    if config.accounts.url or config.accounts_db.exists():
+        try:
+            with open_accounts(config) as accounts:
+                domains = accounts.list_domains()
+        except AccountsError:
+            pass   # PostgreSQL not answering: the accounts line says so
     return describe(config, domains)
 
 
-def _accounts_summary(config: Config) -> str:
+def _accounts_summary(config: Config) -> tuple[str, str | None]:
+    """The accounts line of `check` (SQLite file, or PostgreSQL database, whether it
+    answers, its schema version and counts), and the problem that would stop the server."""
+    if config.accounts.url:
+        from mailserver.config import display_url
+
+        where = f"postgresql {display_url(config.accounts.url)}"
+        try:
+            with open_accounts(config) as accounts:
+                version = accounts.schema_version()  # type: ignore[attr-defined]
+                counts = _counts(accounts)
+        except AccountsError as e:
+            return f"{where}: NOT ANSWERING", str(e)
+        return (f"{where}: answering, schema version {version} ({counts}); fail closed "
+                f"after {config.accounts.fail_closed_after:g}s unreachable"), None
     path = config.accounts_db
     if not path.exists():
-        return f"{path} (not created yet)"
-    with Accounts(path) as accounts:
-        domains = len(accounts.list_domains())
-        users = len(accounts.list_users())
-        aliases = len(accounts.list_aliases())
-    return f"{path} ({domains} domains, {users} users, {aliases} aliases)"
+        return f"sqlite {path} (not created yet)", None
+    with Accounts(path) as sqlite:
+        return f"sqlite {path} ({_counts(sqlite)})", None
+
+
+def _counts(accounts: IAccounts) -> str:
+    domains = len(accounts.list_domains())
+    users = len(accounts.list_users())
+    aliases = len(accounts.list_aliases())
+    return f"{domains} domains, {users} users, {aliases} aliases"
 
 
 # -- domains -----------------------------------------------------------------------------
 
-def _open_accounts(config: Config) -> Accounts:
-    accounts = Accounts(config.accounts_db)
-    _match_owner([config.accounts_db, Path(f"{config.accounts_db}-wal"),
-                  Path(f"{config.accounts_db}-shm")], config.state_dir)
+def _open_accounts(config: Config) -> IAccounts:
+    """The accounts [accounts] url names, queried directly (SQLite file or PostgreSQL)."""
+    accounts = open_accounts(config)
+    if not config.accounts.url:
+        _match_owner([config.accounts_db, Path(f"{config.accounts_db}-wal"),
+                      Path(f"{config.accounts_db}-shm")], config.state_dir)
     return accounts
 
 
@@ -298,7 +370,7 @@ def cmd_domain_add(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_domain(config: Config, accounts: Accounts, domain: str) -> str:
+def _add_domain(config: Config, accounts: IAccounts, domain: str) -> str:
     """A new domain with its DKIM key: every way a domain comes into being ends the same."""
     name = accounts.add_domain(domain)
     print(f"domain {name} added")
@@ -616,6 +688,26 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
     _match_owner([config.state_dir], config.state_dir, recursive=True)
     _match_owner([config.maildir_root], config.maildir_root, recursive=True)
     return 0
+
+
+# -- Sieve scripts -------------------------------------------------------------------------
+
+def cmd_sieve(config: Config, args: argparse.Namespace) -> int:
+    """mailserver-admin sieve ACTION ADDRESS ...: mailserver.sieveadmin on the user's Maildir."""
+    from mailserver.sieveadmin import SieveAdminError, run
+
+    local, domain = _address(args.address)
+    with _open_accounts(config) as accounts:
+        user = accounts.get_user(f"{local}@{domain}")
+    if user is None:
+        raise AdminError(f"no such user: {local}@{domain}")
+    user_path = config.maildir_root / user.domain / user.localpart
+    if args.action != "list" and not (user_path / "cur").is_dir():
+        _create_maildir(config, user.domain, user.localpart)
+    try:
+        return run(config, args, user.address, user_path)
+    except SieveAdminError as e:
+        raise AdminError(str(e)) from None
 
 
 # -- DNS records ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 from zope.interface.interface import InterfaceClass
 
-from mailserver.accounts import Accounts
+from mailserver.accounts import AccountsUnavailable, IAccounts
 from mailserver.addresses import AddressError, normalize
 from mailserver.passwords import hash_password, needs_rehash, verify_password
 
@@ -121,12 +121,14 @@ class AccountsChecker:
     An unknown user still costs one hash verification against a dummy hash, so response
     time does not reveal which addresses exist.  With `upgrade_hashes`, a successful
     login replaces a hash from an older scheme (an imported {SHA512-CRYPT}, {PLAIN}...)
-    by argon2id.
+    by argon2id.  While the accounts cannot be trusted to be current (`available()`
+    False: their database unreachable too long), every login fails closed with
+    AccountsUnavailable, which the protocols answer as a temporary failure.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, accounts: Accounts, upgrade_hashes: bool = True,
+    def __init__(self, accounts: IAccounts, upgrade_hashes: bool = True,
                  verified: VerifiedLogins | None = None) -> None:
         self.accounts = accounts
         self.upgrade_hashes = upgrade_hashes
@@ -138,6 +140,8 @@ class AccountsChecker:
         self._dummy()   # ready before the first unknown user asks
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred[str]:
+        if not self.accounts.available():
+            return defer.fail(AccountsUnavailable("accounts database unavailable"))
         try:
             address: str | None = normalize(_text(credentials.username))
         except (AddressError, UnicodeDecodeError):
@@ -189,7 +193,7 @@ class AccountsChecker:
 
     def _upgrade(self, address: str, old: str, password: str | bytes) -> defer.Deferred[None]:
         """Re-hash with argon2id after a successful login, and store the new hash, both in
-        the hashing pool (the SQLite write waits for the disk); failures only get logged."""
+        the hashing pool (the database write waits); failures only get logged."""
         d = in_hash_pool(_rehash, self.accounts, address, old, password)
         d.addCallback(lambda replaced: replaced and log.info(
             "password hash of {address} upgraded to argon2id", address=address))
@@ -198,7 +202,7 @@ class AccountsChecker:
         return d
 
 
-def _rehash(accounts: Accounts, address: str, old: str, password: str | bytes) -> bool:
+def _rehash(accounts: IAccounts, address: str, old: str, password: str | bytes) -> bool:
     """In a hashing thread: argon2id of `password`, swapped in if the hash is still `old`."""
     return accounts.replace_password_hash(address, old, hash_password(password))
 
@@ -335,7 +339,7 @@ def _login_tuple(iface: InterfaceClass,
     return iface, avatar, logout if callable(logout) else (lambda: None)
 
 
-def build_portal(accounts: Accounts, realm: MailRealm, login_cache_ttl: float = 0.0) -> Portal:
+def build_portal(accounts: IAccounts, realm: MailRealm, login_cache_ttl: float = 0.0) -> Portal:
     """The portal every protocol logs in through; `login_cache_ttl` > 0 keeps verified
     logins that long (VerifiedLogins)."""
     verified = VerifiedLogins(login_cache_ttl) if login_cache_ttl > 0 else None

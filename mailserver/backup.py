@@ -48,6 +48,7 @@ from mailserver.fsutil import can_sync_filesystem, sync_filesystem, write_durabl
 from mailserver.maildir.flags import base_name
 from mailserver.maildir.index import INDEX_NAME
 from mailserver.maildir.uidlist import UIDLIST_NAME, DotLock, UidList
+from mailserver.sieve.scripts import ACTIVE_LINK, active_link
 from mailserver.smtp.queue.envelope import ID_RE
 
 if TYPE_CHECKING:
@@ -228,6 +229,11 @@ def counted(n: int, noun: str) -> str:
 
 def backup(config: Config, dest: Path, *, copy: bool = False) -> BackupResult:
     """Write a backup of this configuration's server into `dest` (new or empty)."""
+    if config.accounts.url:
+        # A backup without its accounts would restore as a server nobody can log into.
+        raise BackupError("accounts.url: the accounts are in PostgreSQL, which this command "
+                          "does not back up: back the database up with pg_dump (README, "
+                          "\"Accounts on PostgreSQL\")")
     dest = Path(os.path.abspath(dest))
     for key, root in (("server.state_dir", config.state_dir),
                       ("storage.maildir_root", config.maildir_root)):
@@ -415,6 +421,9 @@ def _backup_folder(folder: Path, out: Path, copier: _Copier, counts: _MaildirCou
                 copy_file(folder / name, out / name)
             except FileNotFoundError:
                 continue
+        active = active_link(folder)   # the active Sieve script: a link, made again
+        if active is not None:
+            os.symlink(active, out / ACTIVE_LINK)
         listing: list[tuple[str, str]] = []
         for sub in MESSAGE_DIRS:
             try:

@@ -115,6 +115,7 @@ class ListenConfig:
     pop3s: Endpoints = "tcp:2995"
     autoconfig: Endpoints = "tcp:2443"       # HTTPS: Thunderbird, Outlook, Apple
     autoconfig_http: Endpoints = "tcp:2080"  # plain HTTP for autoconfig.<domain> lookups
+    managesieve: Endpoints = "tcp:24190"     # ManageSieve (RFC 5804), STARTTLS
     metrics: Endpoints = ""                  # Prometheus GET /metrics (plain HTTP); off
 
     def endpoints(self, name: str) -> tuple[str, ...]:
@@ -171,6 +172,16 @@ class AuthConfig:
     # How long a verified login is remembered (a keyed hash, in memory only), so that
     # repeated logins skip argon2id; 0: verify every time (mailserver.auth.VerifiedLogins).
     login_cache_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    """Where domains, users and aliases live (mailserver.accounts.open_accounts): "" is
+    SQLite in state_dir; a postgresql:// URL is a database several nodes share.  While it
+    is unreachable for longer than `fail_closed_after`, logins and RCPT fail closed."""
+
+    url: str = field(default="", repr=False)   # may hold a password: see display_url
+    fail_closed_after: float = 30.0
 
 
 SMARTHOST_TLS_MODES = ("starttls", "tls", "none")
@@ -307,6 +318,7 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     sieve: SieveConfig = field(default_factory=SieveConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -368,6 +380,25 @@ def _duration(key: str, value: Any) -> float:
     if seconds <= 0:
         raise ConfigError(key, "must be positive")
     return seconds
+
+
+def _postgres_url(key: str, value: Any) -> str:
+    """"" or a libpq URL (postgresql:// or postgres://); errors never show a password."""
+    _expect(str, "a URL such as 'postgresql://mail@db.example.org/mail'")(key, value)
+    if not value:
+        return value
+    if not re.match(r"postgres(ql)?://", value):
+        raise ConfigError(key, f"expected a postgresql:// URL, got {display_url(value)!r}")
+    if len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(key, "not a usable URL (longer than 2048 characters, or spaces "
+                               "or control characters)")
+    return value
+
+
+def display_url(url: str) -> str:
+    """A database URL as it may be shown and logged: a password replaced by '***'."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^@/?#]*@", r"\1:***@",
+                  re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url))
 
 
 def _nonneg_duration(key: str, value: Any) -> float:
@@ -604,6 +635,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     }),
     "auth": (AuthConfig, {"allow_plaintext_loopback": _expect(bool, "true or false"),
                           "login_cache_ttl": _nonneg_duration}),
+    "accounts": (AccountsConfig, {"url": _postgres_url,
+                                  "fail_closed_after": _duration}),
     "relay": (RelayConfig, {
         "smarthost": _host_port,
         "smarthost_tls": _choice(*SMARTHOST_TLS_MODES),

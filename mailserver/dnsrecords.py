@@ -60,6 +60,7 @@ def records(config: "Config", domain: str, keys: list[DKIMKey]) -> list[str]:
     for key in keys:
         rows.append((f"{key.selector}._domainkey.{zone}", "TXT", txt_strings(key.txt_record())))
     rows += client_rows(config, domain, host, zone)
+    rows.append(sieve_row(config, zone))
     width = max(len(name) for name, _, _ in rows)
     out = [f"; DNS records for {domain}, served by {host}",
            f"; {host} needs A/AAAA records with this server's public addresses, and each",
@@ -69,6 +70,15 @@ def records(config: "Config", domain: str, keys: list[DKIMKey]) -> list[str]:
     if not keys:
         out.append(f"; no DKIM key for {domain}: mail from it is sent unsigned")
     return out
+
+
+def sieve_row(config: "Config", zone: str) -> tuple[str, str, str]:
+    """RFC 5804 1.8: where ManageSieve clients find the server (the host clients are told,
+    the port [listen].managesieve listens on; "." when it is switched off)."""
+    host = (config.autoconfig.hostname or config.server.hostname).rstrip(".") + "."
+    descriptions = config.listen.endpoints("managesieve")
+    port = endpoint_port(descriptions[0]) if descriptions else None
+    return (f"_sieve._tcp.{zone}", "SRV", f"0 1 {port} {host}" if port else "0 0 0 .")
 
 
 def client_rows(config: "Config", domain: str, host: str, zone: str) -> list[tuple[str, str, str]]:

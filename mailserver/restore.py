@@ -36,6 +36,7 @@ from mailserver.backup import (FORMAT, MAILDIR_DIRS, MANIFEST_NAME, MESSAGE_DIRS
                                copy_file, counted, database_facts, is_folder, is_within, make_dir,
                                make_dirs, sha256_file, sqlite_uri, sync_tree)
 from mailserver.smtp.queue.envelope import ID_RE
+from mailserver.sieve.scripts import is_active_link
 
 if TYPE_CHECKING:
     from mailserver.config import Config
@@ -241,6 +242,10 @@ def restore(config: Config, src: Path, *, force: bool = False,
             say: Callable[[str], None] = print) -> dict[str, Any]:
     """Restore the backup in `src` into this configuration's state_dir and maildir_root
     (the server stopped); the manifest."""
+    if config.accounts.url:
+        raise BackupError("accounts.url: the accounts are in PostgreSQL, which this command "
+                          "does not restore: restore the database from its pg_dump (README, "
+                          "\"Accounts on PostgreSQL\")")
     src = Path(os.path.abspath(src))
     manifest = read_manifest(src)
     for key, root in (("server.state_dir", config.state_dir),
@@ -402,6 +407,12 @@ def _copy_tree(src: Path, target: Path) -> None:
         for d in dirnames:
             make_dir(out / d)
         for name in filenames:
+            if (here / name).is_symlink():
+                # Only the active Sieve script's link is kept (pointing into its own
+                # sieve/); a backup holds no other link, and none is ever followed.
+                if is_active_link(here / name):
+                    os.symlink(os.readlink(here / name), out / name)
+                continue
             copy_file(here / name, out / name)
 
 

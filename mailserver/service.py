@@ -41,6 +41,7 @@ FACTORIES = {
     "autoconfig": "mailserver.autoconfig:build_factory",
     "autoconfig_http": "mailserver.autoconfig:build_factory",
     "metrics": "mailserver.metrics:build_factory",
+    "managesieve": "mailserver.managesieve:build_factory",
 }
 
 
@@ -61,7 +62,7 @@ class MailServer(service.MultiService):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        from mailserver.accounts import Accounts
+        from mailserver.accounts import open_accounts
         from mailserver.auth import AuthThrottle, MailRealm, build_portal
         from mailserver.maildir import MaildirStore
         from mailserver.tls import ensure_certificate
@@ -83,7 +84,11 @@ class MailServer(service.MultiService):
         # One context factory for every TLS listener and STARTTLS, its certificate
         # replaced without a restart (files reloaded, ACME renewals): tls_reload.
         self.tls = build_tls(self)
-        self.accounts = Accounts(config.accounts_db)
+        # SQLite in state_dir, or ([accounts] url) PostgreSQL through an in-memory replica
+        # whose listener runs as a child service.
+        self.accounts = open_accounts(config, server=True)
+        if service.IService.providedBy(self.accounts):
+            self.accounts.setServiceParent(self)
         self.store = MaildirStore(config.maildir_root, config.server.hostname,
                                   commit_process=True)
         self.limiter = ConnectionLimiter(config.limits.max_connections,
@@ -102,8 +107,15 @@ class MailServer(service.MultiService):
         from mailserver.smtp.outbound import build_queue
 
         self.send_rate = SlidingWindowCounter(config.limits.messages_per_hour, 3600.0)
+        # Sieve and the delivery filters at every local delivery (MX, submission's local
+        # recipients, the queue's local retries); it queues redirects and answers.
+        from mailserver.sieve.delivery import build_sieve
+
+        self.sieve = build_sieve(self)
         self.queue = build_queue(self)
         self.queue.setServiceParent(self)
+        if self.sieve is not None:
+            self.sieve.queue = self.queue
         # Inbound checks on the MX (SPF, DKIM, DMARC, ARC, blocklists, spam filter).
         self.checker = None
         inbound = config.inbound
@@ -181,6 +193,8 @@ class MailServer(service.MultiService):
             self._index_sweep.stop()
         if self.checker is not None and self.checker.rspamd is not None:
             self.checker.rspamd.close()
+        if self.sieve is not None:
+            self.sieve.close()
         globalLogPublisher.removeObserver(self.metrics.count_errors)
         return super().stopService()
 

@@ -14,9 +14,7 @@ in every outcome; one left by a crash is removed when the server starts.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,33 +27,16 @@ from mailserver.inbound.checker import InboundChecker, MessageFacts, Verdict
 from mailserver.inbound.junk import JunkFolders
 from mailserver.smtp.delivery import IDelivery, Placement, Recipient
 from mailserver.smtp.replies import Reply, SMTPReplyError
+from mailserver.smtp.spool import MessageSpool, clean_spool  # noqa: F401 (imported from here too)
 
 log = Logger()
 
 # Header bytes a checked message may have: its header section is parsed in the reactor
 # (DMARC's From:, DKIM key names, removing forged fields), a few ms for this much.
 MAX_HEADER = 256 * 1024
-COPY_CHUNK = 256 * 1024
-MEMORY_SPOOL = 64 * 1024  # bytes of a message kept in memory while it is checked (as delivery does)
 SPAM_FIELDS = frozenset({b"x-spam", b"x-spam-status", b"x-spam-flag", b"x-spam-score",
                          b"x-spam-level", b"x-spamd-result", b"x-rspamd-score"})
 _SUBJECT = re.compile(rb"(?im)^subject[ \t]*:.*(?:\r\n[ \t].*)*\r\n")
-
-
-def clean_spool(spool_dir: Path) -> int:
-    """Remove spool files a crash left behind (at start-up, before anything listens)."""
-    removed = 0
-    try:
-        names = os.listdir(spool_dir)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        try:
-            os.unlink(spool_dir / name)
-            removed += 1
-        except OSError:
-            pass
-    return removed
 
 
 def rewrite_subject(header_block: bytes, subject: str) -> bytes:
@@ -72,10 +53,6 @@ class ClientGone(Exception):
 
 
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
-
-
-def _spool_file(spool_dir: Path, queue_id: str) -> Any:
-    return tempfile.NamedTemporaryFile(dir=spool_dir, prefix=queue_id + ".", delete=False)
 
 
 def _dropped_fields(authserv_id: str, spam_checked: bool) -> Callable[[bytes, bytes], bool]:
@@ -103,19 +80,11 @@ class CheckedDelivery:
         self._recipients: list[Recipient] = []
         self._prefix = b""
         self._trace = b""
-        self._head = bytearray()
-        self._header_end = -1       # spool offset where the blank line (or body) starts
-        self._header_too_big = False   # no end of the header section within MAX_HEADER
         self._client_gone = False
-        self._size = 0
         self._inner: IDelivery | None = None
-        self._closed = False
-        # A message stays in memory up to MEMORY_SPOOL bytes (checked as bytes, never on
-        # disk before its delivery), a larger one goes to a spool file.
-        self._memory: bytearray | None = bytearray()
-        self._spool_dir = spool_dir
-        self._file: Any = None
-        self.path: Path | None = None
+        # A small message is checked as bytes (never on disk before its delivery), a
+        # larger one from a spool file.
+        self.spool = MessageSpool(spool_dir, facts["queue_id"], max_header=MAX_HEADER)
 
     def add_recipient(self, recipient: Recipient) -> None:
         self._recipients.append(recipient)
@@ -124,61 +93,20 @@ class CheckedDelivery:
         self._prefix, self._trace = delivery, trace
 
     def write(self, data: bytes) -> None:
-        if self._header_end < 0:
-            start = max(0, len(self._head) - 3)
-            self._head += data
-            if self._head[:2] == b"\r\n":
-                self._header_end = 0
-            else:
-                end = self._head.find(b"\r\n\r\n", start)
-                if end >= 0:
-                    self._header_end = end + 2
-            if self._header_end > MAX_HEADER or (self._header_end < 0
-                                                 and len(self._head) > MAX_HEADER):
-                self._header_too_big = True  # refused at the end of DATA
-                self._header_end = 0
-            if self._header_end >= 0:
-                del self._head[self._header_end:]
-        self._size += len(data)
-        if self._memory is not None:
-            self._memory += data
-            if self._size <= MEMORY_SPOOL:
-                return
-            data, self._memory = bytes(self._memory), None
-            self._open_spool()
-        self._file.write(data)
-
-    def _open_spool(self) -> None:
-        try:
-            self._file = _spool_file(self._spool_dir, self.facts["queue_id"])
-        except FileNotFoundError:  # removed while running: make it again
-            self._spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._file = _spool_file(self._spool_dir, self.facts["queue_id"])
-        self.path = Path(self._file.name)
-
-    @property
-    def source(self) -> Path | bytes:
-        """The message for the checks: its bytes, or the spool file's path."""
-        if self._memory is not None:
-            return bytes(self._memory)
-        assert self.path is not None
-        return self.path
+        self.spool.write(data)  # a header section too big is refused at the end of DATA
 
     def commit(self) -> defer.Deferred:
         try:
-            if self._file is not None:
-                self._file.flush()
+            self.spool.finish()
         except OSError as e:
             self._discard()
             return defer.fail(e)
-        if self._header_too_big:
+        if self.spool.header_too_big:
             # Postfix's header_size_limit is 100 KB: a header section over 256 KiB is no mail,
             # and one we cannot strip forged fields from or find the From: in.
             self._discard()
             return defer.fail(SMTPReplyError(HEADER_TOO_BIG))
-        if self._header_end < 0:  # the message was all header (no blank line)
-            self._header_end = len(self._head)
-        facts = MessageFacts(path=self.source, header_block=bytes(self._head),
+        facts = MessageFacts(path=self.spool.source, header_block=self.spool.header,
                              rcpts=tuple(r.address for r in self._recipients), **self.facts)
         d = self.checker.check_message(facts, self.spf)
         d.addCallback(self._judged)
@@ -219,48 +147,31 @@ class CheckedDelivery:
         for recipient in self._recipients:
             inner.add_recipient(recipient)
         inner.write_headers(self._prefix, verdict.headers + self._trace)
-        header = bytes(self._head)
+        header = self.spool.header
         if header:
             header = remove_fields(header, _dropped_fields(self.checker.authserv_id,
                                                            verdict.spam_checked))
         if verdict.subject is not None:
             header = rewrite_subject(header, verdict.subject)
         inner.write(header)
-        if self._memory is not None:
-            inner.write(bytes(self._memory[self._header_end:]))
+        if self.spool.in_memory:
+            inner.write(self.spool.rest())
         else:  # a large body: one chunk per reactor turn, other sessions go on meanwhile
             yield task.cooperate(self._copy_body(inner)).whenDone()
         outcome = yield inner.commit()
         return outcome
 
     def _copy_body(self, inner: IDelivery) -> Iterator[None]:
-        with open(self.path, "rb") as f:
-            f.seek(self._header_end)
-            while True:
-                chunk = f.read(COPY_CHUNK)
-                if not chunk:
-                    return
-                inner.write(chunk)
-                yield None
+        for chunk in self.spool.rest_chunks():
+            inner.write(chunk)
+            yield None
 
     def _finished(self, result: Any) -> Any:
         self._discard()
         return result
 
     def _discard(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._memory = None
-            if self._file is None:
-                return
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            try:
-                os.unlink(self._file.name)
-            except OSError:
-                pass
+        self.spool.discard()
 
     def abort(self) -> None:
         if self._inner is not None:

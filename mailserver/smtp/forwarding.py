@@ -11,7 +11,7 @@ mailboxes that have it already.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -34,8 +34,10 @@ MAILDIR_ONLY_FIELDS = ("Return-Path", "Delivered-To")
 @implementer(IDelivery)
 class QueueingDelivery:
     def __init__(self, store: "MaildirStore", queue: "QueueRunner", queue_id: str,
-                 sender: str, place: Placement | None = None) -> None:
-        self.local = LocalDelivery(store, place)
+                 sender: str, place: Placement | None = None, local: Any = None) -> None:
+        # `local`: what writes the local mailboxes, LocalDelivery's interface (a
+        # FilteringDelivery when delivery filters or Sieve apply)
+        self.local = local if local is not None else LocalDelivery(store, place)
         self.queue = queue
         self.queue_id = queue_id
         self.sender = sender
@@ -55,7 +57,7 @@ class QueueingDelivery:
     def write_headers(self, delivery: bytes, trace: bytes) -> None:
         self._has_local = bool(self.local.mailboxes)
         if self._has_local:
-            self.local.write(delivery + trace)
+            self.local.write_headers(delivery, trace)
         if self._remote:
             self._spool = self.queue.new_spool(self.queue_id)
             self._spool.write(trace)

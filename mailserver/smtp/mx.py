@@ -15,9 +15,11 @@ from mailserver.fastwrite import write_now
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
 from mailserver.inbound.junk import JunkFolders
+from mailserver.sieve.plan import INBOX_DEFAULT, DefaultFolder
 from mailserver.smtp.checked import CheckedDelivery
 from mailserver.smtp.delivery import IDelivery, LocalDelivery, Placement, Recipient
 from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
+from mailserver.smtp.filtering import FilteringDelivery
 from mailserver.smtp.forwarding import QueueingDelivery
 from mailserver.smtp.replies import SMTPReplyError
 from mailserver.smtp.session import SMTPContext, SMTPSession
@@ -32,8 +34,10 @@ MAILBOX_FULL = R.Reply(452, "4.2.2", "Mailbox full")  # RFC 3463 3.3 (X.2.2), RF
 
 
 def resolve_local(context: SMTPContext, path: str) -> Recipient:
-    """Recipient for a local address, or SMTPReplyError: relay denied / user unknown."""
+    """Recipient for a local address, or SMTPReplyError: relay denied / user unknown, or
+    451 4.3.0 while the accounts cannot be trusted to be current."""
     if path.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted without a domain
+        _require_current(context)
         for domain in context.accounts.list_domains():
             res = context.accounts.resolve(f"postmaster@{domain}")
             if res.kind == "ok":
@@ -49,9 +53,18 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
     res = context.accounts.resolve(address)
     if res.kind == "nonlocal":
         raise SMTPReplyError(R.RELAY_DENIED)
+    _require_current(context)
     if res.kind != "ok" or not (res.local or res.remote):
         raise SMTPReplyError(R.UNKNOWN_USER)
     return Recipient(address, res.local, res.remote)
+
+
+def _require_current(context: SMTPContext) -> None:
+    """Fail closed while the accounts' database has been unreachable too long: a local
+    address is neither accepted nor refused on a copy that may be stale, but deferred
+    (RFC 5321 4.2.3: 451, the client tries again; RFC 3463 X.3.0)."""
+    if not context.accounts.available():
+        raise SMTPReplyError(R.LOCAL_ERROR)
 
 
 def _with_quota(context: SMTPContext, recipient: Recipient) -> list[tuple["User", Path]]:
@@ -241,24 +254,53 @@ class MXSession(QuotaChecks, SMTPSession):
                           rcpt=recipient.address, targets=",".join(recipient.remote))
         return recipient
 
-    def _inner_delivery(self, queue_id: str, sender: str,
-                        place: Placement | None = None) -> IDelivery:
+    def _inner_delivery(self, queue_id: str, sender: str, place: Placement | None = None,
+                        filtered: bool = False, checked: CheckedDelivery | None = None
+                        ) -> IDelivery:
+        local = None
+        if filtered:  # delivery filters or Sieve: the message is held whole, then decided
+            junk = self.context.junk
+            verdict = checked.verdict if checked is not None else None
+            local = FilteringDelivery(
+                self.context.sieve, self.context.store, queue_id, sender,
+                default=(DefaultFolder(junk.folder_name, (junk.keyword,))
+                         if place is not None and junk is not None else INBOX_DEFAULT),
+                client_ip=self.peer_ip, helo=self._helo_name or "",
+                checks=verdict.summary if verdict is not None else None)
         if self.context.queue is None:
-            return LocalDelivery(self.context.store, place)
-        return QueueingDelivery(self.context.store, self.context.queue, queue_id, sender, place)
+            return local or LocalDelivery(self.context.store, place)
+        return QueueingDelivery(self.context.store, self.context.queue, queue_id, sender, place,
+                                local=local)
+
+    def _filtered(self) -> bool:
+        """Whether this transaction's mailboxes need the filters or Sieve (an lstat
+        per mailbox); otherwise the message streams into the Maildirs as it arrives."""
+        sieve = self.context.sieve
+        if sieve is None:
+            return False
+        paths = []
+        for recipient in self._recipients:
+            for user in recipient.local:
+                try:
+                    paths.append(self.context.store.user_path(user.domain, user.localpart))
+                except ValueError:
+                    continue
+        return bool(paths) and sieve.wanted(paths)
 
     def make_delivery(self, queue_id: str) -> IDelivery:
         sender = self._sender or ""
+        filtered = self._filtered()
         if self._checks:
-            delivery: IDelivery = CheckedDelivery(
+            checked = CheckedDelivery(
                 self.context.checker, self.context.junk, self.context.store,
-                lambda place: self._inner_delivery(queue_id, sender, place),
+                lambda place: self._inner_delivery(queue_id, sender, place, filtered, checked),
                 self.context.spool_dir,
                 dict(ip=self.peer_ip, helo=self._helo_name, mail_from=sender,
                      queue_id=queue_id),
                 self._spf)
+            delivery: IDelivery = checked
         else:
-            delivery = self._inner_delivery(queue_id, sender)
+            delivery = self._inner_delivery(queue_id, sender, None, filtered)
         for recipient in self._recipients:
             delivery.add_recipient(recipient)
         return delivery
@@ -282,6 +324,7 @@ def build_factory(server, name: str) -> SMTPFactory:
                           service=name, queue=getattr(server, "queue", None),
                           metrics=server.metrics.service(name))
     context.checker = getattr(server, "checker", None)
+    context.sieve = getattr(server, "sieve", None)
     if context.checker is not None:
         context.junk = JunkFolders(server.store, server.config.inbound.junk_folder)
         context.spool_dir = server.config.state_dir / "inbound"

@@ -43,7 +43,7 @@ def build_queue(server: "MailServer") -> QueueRunner:
     config = server.config
     runner = QueueRunner(
         QueueStore(config.queue_dir), config.queue, config.server.hostname,
-        local=QueueLocalDelivery(server.store, server.accounts),
+        local=QueueLocalDelivery(server.store, server.accounts, getattr(server, "sieve", None)),
         relay=Relay(config),
         router=lambda address: route_address(server.accounts, address),
         new_id=new_queue_id, metrics=server.metrics)

@@ -87,6 +87,7 @@ class SMTPContext:
     junk: Any = None     # mailserver.inbound.junk.JunkFolders, with the checker
     spool_dir: Any = None  # where checked messages wait for their verdict
     metrics: Any = None    # mailserver.metrics.ServiceMetrics of the listener
+    sieve: Any = None      # mailserver.sieve.delivery.SieveDelivery (MX); None: no filtering
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -319,6 +319,7 @@ def build_factory(server: Any, name: str) -> SMTPFactory:
         hostname=config.server.hostname, limits=config.limits, accounts=server.accounts,
         store=server.store, tls=server.tls, service=name, queue=server.queue,
         portal=server.portal, throttle=server.throttle, auth=config.auth,
-        rate=server.send_rate, local=QueueLocalDelivery(server.store, server.accounts),
+        rate=server.send_rate,
+        local=QueueLocalDelivery(server.store, server.accounts, getattr(server, "sieve", None)),
         dkim_dir=config.dkim_dir, metrics=server.metrics.service(name))
     return SMTPFactory(context, SubmissionSession)  # type: ignore[arg-type]

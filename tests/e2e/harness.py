@@ -34,9 +34,9 @@ DOMAIN = "example.test"
 USERS = ("alice@example.test", "bob@example.test", "carol@example.test")
 PASSWORD = "secret"
 SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
-            "autoconfig", "autoconfig_http")
+            "autoconfig", "autoconfig_http", "managesieve")
 SECTIONS = ("server", "storage", "tls", "listen", "limits", "auth", "relay", "queue",
-            "autoconfig", "inbound", "sieve", "filters")
+            "autoconfig", "inbound", "sieve", "filters", "accounts")
 # [limits].max_message_size when the config does not set it (the schema's default).
 DEFAULT_MAX_MESSAGE_SIZE = 52428800
 
@@ -133,8 +133,10 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # -- the server process --------------------------------------------------------------------
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of twistd and mailserver-admin: ours, then `extra` (a PYTHONPATH
+    there comes after the checkout's)."""
+    env = {**os.environ, **(extra or {})}
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
     env.pop("PYTHONSTARTUP", None)
@@ -177,6 +179,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self._out = None
         self.starts = 0
+        # Variables added to the environment of twistd and mailserver-admin (e.g. a
+        # PYTHONPATH with a directory of Twisted plugins).
+        self.env: dict[str, str] = {}
 
     # -- configuration as written
 
@@ -196,7 +201,7 @@ class ServerProcess:
     def admin(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run `mailserver-admin --config CFG ARGS...` from the checkout."""
         argv = [sys.executable, "-m", "mailserver.admin", "--config", str(self.config_path), *args]
-        return subprocess.run(argv, input=input, capture_output=True, text=True, env=_env(),
+        return subprocess.run(argv, input=input, capture_output=True, text=True, env=_env(self.env),
                               cwd=self.root, timeout=timeout)
 
     def admin_ok(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -233,7 +238,7 @@ class ServerProcess:
         self.starts += 1
         self._out.write(f"--- start #{self.starts} ---\n".encode())
         self._out.flush()
-        self.proc = subprocess.Popen(self.twistd_argv(), cwd=self.root, env=_env(),
+        self.proc = subprocess.Popen(self.twistd_argv(), cwd=self.root, env=_env(self.env),
                                      stdin=subprocess.DEVNULL, stdout=self._out,
                                      stderr=subprocess.STDOUT)
         return self.proc

@@ -42,7 +42,7 @@ def test_twistd_lists_the_plugin_outside_the_checkout(tmp_path):
 def test_twistd_mailserver_serves_outside_the_checkout(tmp_path):
     port = free_port()
     listen = {s: "" for s in ("submission", "submissions", "imap", "imaps", "pop3",
-                              "pop3s", "autoconfig", "autoconfig_http")}
+                              "pop3s", "autoconfig", "autoconfig_http", "managesieve")}
     listen["smtp"] = f"tcp:{port}:interface=127.0.0.1"
     config = tmp_path / "mailserver.toml"
     config.write_text(toml_text({"server": {"hostname": HOSTNAME, "state_dir": "var"},

@@ -70,7 +70,7 @@ def config(tmp_path):
 def write_listen(config: Path, listen: dict[str, object]) -> None:
     """Replace the [listen] section: every service off except those given."""
     services = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
-                "autoconfig", "autoconfig_http")
+                "autoconfig", "autoconfig_http", "managesieve")
     lines = ["[listen]"]
     for name in services:
         value = listen.get(name, "")

@@ -21,6 +21,7 @@ from mailserver.accounts import Accounts
 from mailserver.accounts_schema import SCHEMA_VERSION
 from mailserver.config import load_config
 from mailserver.passwords import verify_password
+from mailserver.sieve.scripts import active_name
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
 from mailserver.smtp.queue.store import QueueStore
 from mailserver.tls import generate_self_signed
@@ -426,3 +427,29 @@ def test_restore_refuses_a_database_newer_than_this_release(source, run, tmp_pat
     target = make_config(tmp_path / "b")
     assert_error(run(target, "restore", str(backup)), "schema version 99",
                  f"up to {SCHEMA_VERSION}")
+
+
+def test_sieve_scripts_and_the_active_one_survive_backup_and_restore(source, run, tmp_path):
+    """The scripts are files in sieve/; which one is active is the .dovecot.sieve link,
+    made again on both sides.  Any other link is neither copied nor followed."""
+    script = tmp_path / "vacation.sieve"
+    script.write_text('require "fileinto";\nif header :contains "subject" "x" { fileinto "X"; }\n')
+    assert run(source, "sieve", "put", "alice@example.test", "rules", str(script))[0] == 0
+    assert run(source, "sieve", "put", "alice@example.test", "other", str(script))[0] == 0
+    assert run(source, "sieve", "activate", "alice@example.test", "rules")[0] == 0
+    a = load_config(source)
+    alice = a.maildir_root / "example.test" / "alice"
+    os.symlink("/etc/passwd", alice / "sieve" / "stolen.sieve")
+    assert run(source, "backup", str(tmp_path / "backup"))[0] == 0
+    assert os.readlink(tmp_path / "backup" / "maildirs" / "example.test" / "alice"
+                       / ".dovecot.sieve") == "sieve/rules.sieve"
+    target = make_config(tmp_path / "b")
+    code, out, err = run(target, "restore", str(tmp_path / "backup"))
+    assert code == 0, err
+    restored = load_config(target).maildir_root / "example.test" / "alice"
+    assert active_name(restored) == "rules"
+    assert os.readlink(restored / ".dovecot.sieve") == "sieve/rules.sieve"
+    assert (restored / "sieve" / "other.sieve").read_bytes() == script.read_bytes()
+    assert not os.path.lexists(restored / "sieve" / "stolen.sieve")
+    code, out, err = run(target, "sieve", "list", "alice@example.test")
+    assert code == 0 and "rules" in out and "other" in out, (out, err)

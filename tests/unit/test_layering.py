@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DISK_MODULES = [
     "mailserver.fsutil",
     "mailserver.accounts_schema",
+    "mailserver.accounts_pg_schema",
     "mailserver.certfiles",
     "mailserver.acme_client",
     "mailserver.rfc5322",
@@ -33,8 +34,23 @@ DISK_MODULES = [
     "mailserver.imap.fetchitems",
     "mailserver.imap.mime",
     "mailserver.imap.sort",
+    "mailserver.imap.sorttable",
     "mailserver.inbound.dkimverify",
     "mailserver.inbound.worker",
+    "mailserver.sieve.actions",
+    "mailserver.sieve.lexer",
+    "mailserver.sieve.grammar",
+    "mailserver.sieve.parser",
+    "mailserver.sieve.message",
+    "mailserver.sieve.interpreter",
+    "mailserver.sieve.matching",
+    "mailserver.sieve.dates",
+    "mailserver.sieve.editing",
+    "mailserver.sieve.scripts",
+    "mailserver.sieve.vacation",
+    "mailserver.sieve.reject",
+    "mailserver.sieve.plan",
+    "mailserver.smtp.spool",
 ]
 FORBIDDEN = ("twisted", "mailserver.maildir.folder")
 

@@ -10,7 +10,7 @@ for a single mailbox, Delivered-To.  A mailbox at or over its quota is a tempora
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -31,14 +31,16 @@ Results = list[tuple[RecipientState, AttemptResult]]
 
 
 class QueueLocalDelivery:
-    def __init__(self, store: "MaildirStore", accounts: "Accounts") -> None:
+    def __init__(self, store: "MaildirStore", accounts: "Accounts", sieve: Any = None) -> None:
         self.store = store
         self.accounts = accounts
+        self.sieve = sieve  # mailserver.sieve.delivery.SieveDelivery, or None
 
     @defer.inlineCallbacks
     def deliver(self, env: Envelope, message: Path, recipients: Sequence[RecipientState]):
         results: Results = []
         targets: dict[Path, RecipientState] = {}
+        addresses: dict[Path, str] = {}
         for r in recipients:
             user = self.accounts.get_user(r.address)
             if user is None:
@@ -54,11 +56,17 @@ class QueueLocalDelivery:
                 results.append((r, AttemptResult.temporary(MAILBOX_FULL, "4.2.2")))
                 continue
             targets[path] = r
+            addresses[path] = user.address
         if not targets:
             return results
         head = f"Return-Path: <{env.sender}>\r\n"
         if len(targets) == 1:
             head += f"Delivered-To: {next(iter(targets.values())).address}\r\n"
+        if self.sieve is not None and self.sieve.wanted(targets):
+            # Delivery filters and Sieve, as for the MX (the scripts run again on a retry)
+            filtered = yield filtered_delivery(self.sieve, env, message, targets, addresses,
+                                               head)
+            return results + filtered
         head += env.prefix
         try:
             delivery = yield threads.deferToThread(self._write, list(targets), head, message)
@@ -97,3 +105,42 @@ class QueueLocalDelivery:
             delivery.abort()
             raise
         return delivery
+
+
+@defer.inlineCallbacks
+def filtered_delivery(sieve: Any, env: Envelope, message: Path,
+                      targets: dict[Path, RecipientState], addresses: dict[Path, str],
+                      head: str):
+    """A queued message through mailserver.sieve.delivery: a filter's reject is a
+    permanent failure (a DSN), its defer and a store that failed temporary ones; a
+    script's reject is a delivered message (its rejection message went to the sender)."""
+    from mailserver.sieve.delivery import Incoming, Target, read_queued
+    from mailserver.smtp.replies import SMTPReplyError
+
+    try:
+        header, rest, offset = yield threads.deferToThread(read_queued, message)
+        msg = Incoming(queue_id=env.id, sender=env.sender, header=header, rest=rest,
+                       path=message, rest_offset=offset,
+                       prefix=head.encode("utf-8", "replace"),
+                       trace=env.prefix.encode("utf-8", "replace"), auth=env.user)
+        outcomes = yield sieve.deliver(msg, [Target(addresses[p], p, r.original or r.address)
+                                             for p, r in targets.items()])
+    except SMTPReplyError as e:
+        reply = e.reply
+        make = AttemptResult.temporary if reply.temporary else AttemptResult.failed
+        return [(r, make(str(reply), reply.enhanced)) for r in targets.values()]
+    except Exception as e:
+        log.error("queue {id}: filtered local delivery failed: {error}", id=env.id, error=e)
+        return [(r, AttemptResult.temporary(f"local delivery failed: {e}", "4.3.0"))
+                for r in targets.values()]
+    results: Results = []
+    for outcome in outcomes:
+        r = targets[outcome.target.path]
+        if outcome.ok:
+            results.append((r, AttemptResult("ok", "rejected by the recipient's Sieve script",
+                                             "2.0.0") if outcome.rejected
+                            else AttemptResult.delivered()))
+        else:
+            results.append((r, AttemptResult.temporary(
+                f"cannot write to mailbox: {outcome.error}", "4.3.0")))
+    return results
