@@ -582,11 +582,13 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"[ \t\r\n]+\Z")
 
 
-def decode_words(text: str) -> str:
+def decode_words(text: str, unknown_charset_as_utf8: bool = False) -> str:
     """`text` with its RFC 2047 encoded words decoded (white space between two adjacent
-    ones dropped, RFC 2047 6.2).  Each word is decoded on its own: one with an unknown
-    charset or broken encoding stays as written without spoiling the rest, and 8-bit text
-    around the words is left alone."""
+    ones dropped, RFC 2047 6.2).  Each word is decoded on its own: one with broken
+    encoding stays as written without spoiling the rest, and 8-bit text around the words
+    is left alone.  A word in an unknown charset stays as written too, or, with
+    `unknown_charset_as_utf8`, gives its octets read as UTF-8 (6.2's "best effort", what
+    Sieve tests see, as in Pigeonhole)."""
     if "=?" not in text:
         return text
     out: list[str] = []
@@ -594,7 +596,7 @@ def decode_words(text: str) -> str:
     after_word = False
     for m in _ENCODED_WORD.finditer(text):
         between = text[pos:m.start()]
-        decoded = _decode_word(m.group(1), m.group(2), m.group(3))
+        decoded = _decode_word(m.group(1), m.group(2), m.group(3), unknown_charset_as_utf8)
         if decoded is None:
             out.append(between + m.group())
             after_word = False
@@ -608,7 +610,8 @@ def decode_words(text: str) -> str:
     return "".join(out)
 
 
-def _decode_word(charset: str, encoding: str, encoded: str) -> str | None:
+def _decode_word(charset: str, encoding: str, encoded: str,
+                 unknown_charset_as_utf8: bool = False) -> str | None:
     """One encoded word's text, or None when it cannot be decoded."""
     charset = charset.partition("*")[0]  # RFC 2231 5: a language after the charset
     try:
@@ -617,9 +620,12 @@ def _decode_word(charset: str, encoding: str, encoded: str) -> str | None:
             data = binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
         else:
             data = binascii.a2b_qp(raw, header=True)
-        return data.decode(charset, "replace")
-    except (LookupError, ValueError, binascii.Error):
+    except (ValueError, binascii.Error):
         return None
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace") if unknown_charset_as_utf8 else None
 
 
 def _addresses(value: bytes | None) -> bytes:

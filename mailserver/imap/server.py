@@ -37,15 +37,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
-from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from mailserver import sasl
 from mailserver.accounts import AccountsUnavailable
-from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.peer import PeerFacts
 from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
 from mailserver.imap import listing as L
@@ -137,8 +136,8 @@ class CommandFailed(Exception):
 
 
 class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Session,
-                  U.UTF8Session, AppendCommands, CompressCommands, LimitedProtocolMixin,
-                  imap4.IMAP4Server):
+                  U.UTF8Session, AppendCommands, CompressCommands, PeerFacts,
+                  LimitedProtocolMixin, imap4.IMAP4Server):
     log = Logger()
     IDENT = b"IMAP4rev1 ready"
 
@@ -177,15 +176,6 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     # -- connection ---------------------------------------------------------------------
 
-    @property
-    def peer_ip(self) -> str:
-        peer = self.transport.getPeer()
-        return getattr(peer, "host", str(peer))
-
-    @property
-    def tls_active(self) -> bool:
-        return self.startedTLS or ISSLTransport.providedBy(self.transport)
-
     def connectionMade(self) -> None:
         self.tags = {}
         self.canStartTLS = (self.context.tls is not None and not self.tls_active
@@ -220,10 +210,6 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def tagged(self, tag: bytes, status: bytes, text: bytes) -> None:
         self.transport.write(tag + b" " + status + b" " + text + b"\r\n")
-
-    def plaintext_allowed(self) -> bool:
-        return self.tls_active or (self.context.allow_plaintext_loopback
-                                   and is_loopback(self.peer_ip))
 
     # -- capabilities ------------------------------------------------------------------
 

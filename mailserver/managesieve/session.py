@@ -22,15 +22,14 @@ from typing import Any, Callable
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer, protocol, task
-from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailserver import sasl
-from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.peer import PeerFacts
 from mailserver.managesieve.account import ISieveAccount, SieveAccount
 from mailserver.managesieve.wire import (MAX_NUMBER, Arg, Atom, CommandReader, WireError,
                                          capability_lines, response, string)
@@ -102,7 +101,7 @@ class ManageSieveContext:
         return scripts.Limits.from_config(self.sieve)
 
 
-class ManageSieveSession(LimitedProtocolMixin, TimeoutMixin, protocol.Protocol):
+class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol.Protocol):
     log = Logger()
 
     def __init__(self, context: ManageSieveContext) -> None:
@@ -110,7 +109,7 @@ class ManageSieveSession(LimitedProtocolMixin, TimeoutMixin, protocol.Protocol):
         self.limits = context.limits
         self.idle_timeout = context.limits.idle_timeout
         self.state = NONAUTH
-        self.started_tls = False
+        self.startedTLS = False
         self.account: SieveAccount | None = None
         self.reader = CommandReader(context.limits.max_command_length,
                                     min(MAX_LITERAL_BEFORE_LOGIN,
@@ -129,20 +128,6 @@ class ManageSieveSession(LimitedProtocolMixin, TimeoutMixin, protocol.Protocol):
         return self.context.clock.callLater(period, func)
 
     # -- connection ----------------------------------------------------------------------
-
-    @property
-    def peer_ip(self) -> str:
-        peer = self.transport.getPeer()
-        return getattr(peer, "host", str(peer))
-
-    @property
-    def tls_active(self) -> bool:
-        return self.started_tls or ISSLTransport.providedBy(self.transport)
-
-    def plaintext_allowed(self) -> bool:
-        """Credentials travel only under TLS, or from loopback when the config says so."""
-        return self.tls_active or (self.context.allow_plaintext_loopback
-                                   and is_loopback(self.peer_ip))
 
     def connectionMade(self) -> None:  # RFC 5804 1.7: the greeting is the capabilities
         self.setTimeout(self.idle_timeout)
@@ -347,7 +332,7 @@ class ManageSieveSession(LimitedProtocolMixin, TimeoutMixin, protocol.Protocol):
         self._ok("Begin TLS negotiation now")
         self.reader.clear()  # nothing pipelined before the handshake counts
         self.transport.startTLS(self.context.tls)
-        self.started_tls = True
+        self.startedTLS = True
         # RFC 5804 2.2: the capabilities again, unasked, once TLS is up (written now, they
         # go out through TLS after the handshake).
         self._send(capability_lines(self.capabilities())

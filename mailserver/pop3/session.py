@@ -25,14 +25,13 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer, task
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 
 from mailserver import sasl
-from mailserver.config import is_loopback
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
 from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
                                      POP3Mailbox)
@@ -91,7 +90,7 @@ class POP3Context:
             self.metrics = unexported(self.service)
 
 
-class POP3Session(LimitedProtocolMixin, pop3.POP3):
+class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
     log = Logger()
 
     def __init__(self, context: POP3Context) -> None:
@@ -99,7 +98,7 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         self.limits = context.limits
         self.idle_timeout = context.limits.idle_timeout
         self.pop_state = AUTHORIZATION
-        self.started_tls = False
+        self.startedTLS = False
         self.mbox: POP3Mailbox | None = None  # type: ignore[assignment]
         self.user: str | None = None
         self._buffer = b""
@@ -118,20 +117,6 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
         return self.context.clock.callLater(period, func)
 
     # -- connection ----------------------------------------------------------------------
-
-    @property
-    def peer_ip(self) -> str:
-        peer = self.transport.getPeer()
-        return getattr(peer, "host", str(peer))
-
-    @property
-    def tls_active(self) -> bool:
-        return self.started_tls or ISSLTransport.providedBy(self.transport)
-
-    def plaintext_allowed(self) -> bool:
-        """Credentials travel only under TLS, or from loopback when the config says so."""
-        return self.tls_active or (self.context.allow_plaintext_loopback
-                                   and is_loopback(self.peer_ip))
 
     def connectionMade(self) -> None:  # RFC 1939 4: the greeting
         self.setTimeout(self.idle_timeout)
@@ -330,7 +315,7 @@ class POP3Session(LimitedProtocolMixin, pop3.POP3):
             self._buffer = b""  # nothing pipelined before the handshake counts
             self._user_arg = None
             self.transport.startTLS(self.context.tls)
-            self.started_tls = True
+            self.startedTLS = True
 
     def do_USER(self, rest: bytes) -> None:  # RFC 1939 7
         if not self.plaintext_allowed():

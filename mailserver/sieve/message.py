@@ -4,7 +4,6 @@ Twisted-free."""
 
 from __future__ import annotations
 
-import binascii
 import html
 import os
 import re
@@ -18,8 +17,6 @@ BODY_SEARCH_LIMIT = 1 << 20         # decoded text searched per part by the body
 
 _NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
-_BETWEEN_WORDS = re.compile(r"[ \t\r\n]+\Z")
 
 
 def _text(raw: bytes) -> str:
@@ -40,44 +37,9 @@ def unfold(value: str) -> str:
 
 
 def decode_words(text: str) -> str:
-    """RFC 2047 encoded words decoded (white space between two adjacent ones dropped,
-    6.2); one with an unknown charset gives its octets as UTF-8 (6.2's "best effort", as
-    Pigeonhole), one that cannot be decoded at all stays as written."""
-    if "=?" not in text:
-        return text
-    out: list[str] = []
-    pos = 0
-    after_word = False
-    for m in _ENCODED_WORD.finditer(text):
-        between = text[pos:m.start()]
-        decoded = _decode_word(m.group(1), m.group(2), m.group(3))
-        if decoded is None:
-            out.append(between + m.group())
-            after_word = False
-        else:
-            if not (after_word and _BETWEEN_WORDS.match(between)):
-                out.append(between)
-            out.append(decoded)
-            after_word = True
-        pos = m.end()
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def _decode_word(charset: str, encoding: str, encoded: str) -> str | None:
-    charset = charset.partition("*")[0]          # RFC 2231 5: a language after the charset
-    try:
-        raw = encoded.encode("ascii")
-        if encoding in "Bb":
-            data = binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
-        else:
-            data = binascii.a2b_qp(raw, header=True)
-    except (ValueError, binascii.Error):
-        return None
-    try:
-        return data.decode(charset, "replace")
-    except LookupError:
-        return data.decode("utf-8", "replace")
+    """RFC 2047 encoded words decoded as Sieve tests see them (RFC 5228 2.7.2): a word in
+    an unknown charset gives its octets as UTF-8 (as Pigeonhole)."""
+    return mime.decode_words(text, unknown_charset_as_utf8=True)
 
 
 class Field:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from mailserver.fastwrite import close_now, write_now
 from mailserver.metrics import unexported
 from mailserver.connlimit import LimitedProtocolMixin
+from mailserver.peer import PeerFacts
 from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
 from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
@@ -139,7 +140,7 @@ def _received_date() -> str:
     return _date_cache[1]
 
 
-class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
+class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
     log = Logger()
 
     def __init__(self, context: SMTPContext) -> None:
@@ -176,19 +177,6 @@ class SMTPSession(LimitedProtocolMixin, smtp.ESMTP):
     def _reset_transaction(self) -> None:
         self._sender: str | None = None
         self._recipients: list[Recipient] = []
-
-    _peer_ip = ""
-
-    @property
-    def peer_ip(self) -> str:
-        if not self._peer_ip:
-            peer = self.transport.getPeer()
-            self._peer_ip = peer.host if hasattr(peer, "host") else str(peer)
-        return self._peer_ip
-
-    @property
-    def tls_active(self) -> bool:
-        return self.startedTLS or ISSLTransport.providedBy(self.transport)
 
     def connectionMade(self) -> None:
         smtp.ESMTP.connectionMade(self)

@@ -161,7 +161,7 @@ class Conn:
         self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", ip, 4321))
         self.proto.makeConnection(self.transport)
         if tls:
-            self.proto.started_tls = True
+            self.proto.startedTLS = True
         self.greeting = self.take()
 
     def take(self) -> bytes:
