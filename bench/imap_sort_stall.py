@@ -7,6 +7,9 @@ Per server:
 - warm SORT and THREAD: after one SELECT and one untimed pass of each command (so caches
   and indexes are built), the median of `--runs` timings of UID SORT (ARRIVAL), (DATE),
   (SUBJECT), (FROM), (REVERSE DATE) and UID THREAD REFERENCES, ORDEREDSUBJECT;
+- NOOP during SORT: client C sends NOOP in a loop while client A runs those commands
+  `--runs` times more: the NOOP round trips (p50, p99, worst) say whether the sorting held
+  up the reactor; and the server's memory (RSS of its process tree) after them;
 - stall: the server restarted on the same Maildir with its index files removed; client A
   does the first SELECT + UID SEARCH SUBJECT of the folder, client B APPENDs small messages
   to another folder meanwhile, client C sends NOOP in a loop on a third connection: the NOOP
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus  # noqa: E402
 import servers as S  # noqa: E402
-from common import percentile  # noqa: E402
+from common import percentile, tree_memory_kb  # noqa: E402
 from imap_client import IMAPConn  # noqa: E402
 
 USER = "bench"
@@ -55,6 +58,34 @@ def warm_sorts(port: int, runs: int) -> dict[str, float]:
         out[cmd] = statistics.median(conn.ok(cmd).elapsed for _ in range(runs))
     conn.ok("LOGOUT")
     return out
+
+
+def noop_during_sorts(port: int, pids: list[int], runs: int) -> dict[str, float]:
+    """NOOP round trips on one connection while another runs every SORT and THREAD `runs`
+    times; then the server's RSS with that folder still selected."""
+    noop, sorter = login(port), login(port)
+    sorter.ok("SELECT INBOX")
+    done = threading.Event()
+    rtts: list[float] = []
+
+    def noop_loop() -> None:
+        while not done.is_set():
+            rtts.append(noop.ok("NOOP").elapsed)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=noop_loop)
+    t.start()
+    time.sleep(0.1)
+    for _ in range(runs):
+        for cmd in SORTS:
+            sorter.ok(cmd)
+    done.set()
+    t.join()
+    rss_kb = tree_memory_kb(pids).get("rss_kb", 0)
+    for c in (noop, sorter):
+        c.ok("LOGOUT")
+    return {"rss_kb": rss_kb, "noops": len(rtts), "noop_p50_ms": percentile(rtts, 50) * 1000,
+            "noop_p99_ms": percentile(rtts, 99) * 1000, "noop_max_ms": max(rtts) * 1000}
 
 
 def stall(port: int, word: str) -> dict[str, float]:
@@ -109,6 +140,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--servers", default="mailserver,dovecot")
     ap.add_argument("--workdir", default="/tmp/mailserver-bench")
+    ap.add_argument("--no-stall", action="store_true", help="skip the first-open measurement")
     opts = ap.parse_args()
     workdir = Path(opts.workdir)
     corpus_dir, manifest = corpus.cached(workdir, opts.messages)
@@ -127,11 +159,14 @@ def main() -> int:
         corpus.link_into(corpus_dir, manifest, srv.maildir(USER), lf=cls.lf_maildir)
         srv.start()
         try:
-            results[key] = {"sort": warm_sorts(srv.port("imap"), opts.runs)}
-            srv.stop()
-            remove_indexes(srv)
-            srv.start()
-            results[key]["stall"] = stall(srv.port("imap"), word)
+            results[key] = {"sort": warm_sorts(srv.port("imap"), opts.runs),
+                            "during": noop_during_sorts(srv.port("imap"), srv.pids(),
+                                                         opts.runs)}
+            if not opts.no_stall:
+                srv.stop()
+                remove_indexes(srv)
+                srv.start()
+                results[key]["stall"] = stall(srv.port("imap"), word)
         finally:
             srv.stop()
             shutil.rmtree(srv.dir, ignore_errors=True)
@@ -147,8 +182,16 @@ def report(results: dict[str, dict], count: int) -> None:
         b = dove["sort"][cmd] if dove else None
         ratio = f"{a / b:5.2f}x" if a and b else "  -  "
         print(f"  {cmd:40s} {a or 0:8.3f} {b or 0:8.3f}  {ratio}")
+    print("\nNOOP on another connection while SORT and THREAD run; RSS after them")
+    for key, r in results.items():
+        s = r["during"]
+        print(f"  {key:10s} NOOP p50 {s['noop_p50_ms']:6.1f} ms  p99 {s['noop_p99_ms']:6.1f} ms  "
+              f"worst {s['noop_max_ms']:6.1f} ms  ({s['noops']} NOOPs)  "
+              f"RSS {s['rss_kb'] / 1024:6.0f} MB")
     print("\nfirst open (indexes removed, restarted) with NOOP and APPEND clients beside it")
     for key, r in results.items():
+        if "stall" not in r:
+            continue
         s = r["stall"]
         print(f"  {key:10s} SELECT {s['select_s']:6.2f} s  SEARCH {s['search_s']:6.2f} s  "
               f"NOOP p50 {s['noop_p50_ms']:6.1f} ms  p99 {s['noop_p99_ms']:6.1f} ms  "

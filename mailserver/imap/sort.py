@@ -10,6 +10,11 @@ Per-message work is done once: the header fields a message is sorted or threaded
 reduced to `SortKeys`, and those are cached in the folder index under CACHE_KEY (a
 message's bytes never change), so a warm SORT reads one short row per message instead of
 its file, and then only compares precomputed keys.
+
+SORT and THREAD themselves work on positions (the messages in sequence order) and
+`Columns`, one list per field: no object per message, C-level sorts, and the answer
+written with one join.  A folder keeps its columns, with the order of each key once
+sorted, while its index is open (sorttable.py).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ import json
 import os
 import re
 import sqlite3
+import time
 import unicodedata
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 from functools import cmp_to_key
-from operator import attrgetter
+from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
 from mailserver.imap import mime
@@ -390,6 +399,190 @@ def canonical_charset(raw: bytes) -> bytes | None:
     return upper if upper in CHARSETS else None
 
 
+# -- the sort data of many messages, as columns ------------------------------------------------
+
+# RFC 5256 3, RFC 5957 4: the column each sort key compares.
+SORT_COLUMNS: dict[bytes, str] = {
+    b"ARRIVAL": "internaldate", b"CC": "cc", b"DATE": "sent", b"FROM": "from_",
+    b"SIZE": "size", b"SUBJECT": "subject", b"TO": "to", b"DISPLAYFROM": "display_from",
+    b"DISPLAYTO": "display_to"}
+_KEY_FIELDS = frozenset(SortKeys._fields)
+
+
+class Columns:
+    """The sort and thread data of n messages in sequence order (position p is the one
+    before p+1), one list per field, built when first asked for.  SORT and THREAD work on
+    positions and these lists: no object per message, and every sort a C-level one.
+
+    With `keep`, a column's order (its positions sorted by it, ties in position order)
+    and its ranks (equal values, equal ranks) are kept too: a folder's table
+    (sorttable.py) lives across commands, so each key is sorted once while the folder
+    stays unchanged, and later sorts by it compare small integers."""
+
+    def __init__(self, uids: Sequence[int], internaldate: Sequence[float],
+                 sizes: Sequence[int] | None, keys: Sequence[SortKeys],
+                 keep: bool = False) -> None:
+        self.uids = uids
+        self.internaldate = internaldate
+        self.sizes = sizes  # RFC822.SIZE; None when not read (SIZE not asked for)
+        self.keys = keys
+        self.keep = keep
+        self._columns: dict[str, Sequence[Any]] = {}
+        self._orders: dict[str, array] = {}
+        self._extra: dict[str, array] = {}  # orders not of one column (kept as they are)
+        self._ranks: dict[str, array] = {}
+        self._places: dict[str, array] = {}
+        self._uid_text: list[bytes] | None = None
+        self._seq_text: list[bytes] | None = None
+        self._references: tuple[list[tuple[int, ...]], int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def column(self, name: str) -> Sequence[Any]:
+        """The values of one field: "internaldate", "size", "sent" (RFC 5256 2.2: the
+        Date: header, else INTERNALDATE) or a SortKeys field."""
+        col = self._columns.get(name)
+        if col is None:
+            if name == "internaldate":
+                col = self.internaldate
+            elif name == "size":
+                if self.sizes is None:
+                    raise ValueError("sizes were not read")
+                col = self.sizes
+            elif name == "sent":
+                col = [d if s is None else s
+                       for s, d in zip(map(itemgetter(0), self.keys), self.internaldate)]
+            elif name in _KEY_FIELDS:
+                col = list(map(attrgetter(name), self.keys))
+            else:
+                raise ValueError(name)
+            self._columns[name] = col
+        return col
+
+    def order(self, name: str) -> Sequence[int]:
+        """Every position, sorted by the field (ties in position order)."""
+        found = self._orders.get(name)
+        if found is not None:
+            return found
+        order = sorted_in_runs(list(range(len(self))), self.column(name).__getitem__)
+        if not self.keep:
+            return order
+        found = self._orders[name] = array("i", order)
+        return found
+
+    def reversed_order(self, name: str) -> Sequence[int]:
+        """Every position, sorted by the field descending, ties still in position order
+        (RFC 5256 REVERSE)."""
+        return self._derived("-" + name, lambda: sorted_in_runs(
+            list(range(len(self))), self.sort_key(name), reverse=True))
+
+    def subject_order(self) -> Sequence[int]:
+        """Every position by base subject, then sent date and sequence (ORDEREDSUBJECT)."""
+        return self._derived("subject,sent", lambda: sorted_in_runs(
+            list(self.order("sent")), self.sort_key("subject")))
+
+    def _derived(self, name: str, make: Callable[[], list[int]]) -> Sequence[int]:
+        found = self._extra.get(name)
+        if found is None:
+            found = make()
+            if self.keep:
+                found = self._extra[name] = array("i", found)
+        return found
+
+    def rank(self, name: str) -> Sequence[int]:
+        """For each position, the rank of its value among the field's distinct values."""
+        found = self._ranks.get(name)
+        if found is None:
+            col = self.column(name)
+            found = array("i", bytes(4 * len(col)))
+            r, prev = -1, _NOTHING
+            for p in self.order(name):
+                v = col[p]
+                if v != prev:
+                    r += 1
+                    prev = v
+                found[p] = r
+            self._ranks[name] = found
+        return found
+
+    def place(self, name: str) -> Sequence[int]:
+        """For each position, its place in order(name): a total order, ties broken by
+        position (THREAD's "sent date, then sequence number")."""
+        found = self._places.get(name)
+        if found is None:
+            found = array("i", bytes(4 * len(self)))
+            for i, p in enumerate(self.order(name)):
+                found[p] = i
+            if self.keep:
+                self._places[name] = found
+        return found
+
+    def sort_key(self, name: str) -> Callable[[int], Any]:
+        """A C-level key function of positions for the field: its kept ranks (ints
+        compare fast), or the values themselves for a table used once."""
+        if self.keep:
+            return self.rank(name).__getitem__
+        return self.column(name).__getitem__
+
+    def references(self, positions: Sequence[int] | None = None
+                   ) -> tuple[list[tuple[int, ...]], int]:
+        """(each position's References (sort_keys: else its first In-Reply-To) as
+        REFERENCES containers, the number of dummies), over every position or just
+        `positions` (ascending).  The first message in sequence order with a Message-ID
+        stands for that ID; an ID no message has is a dummy, numbered from n on in the
+        order the references name them.  Kept for every position."""
+        if positions is None and self._references is not None:
+            return self._references
+        n = len(self)
+        mids = self.column("message_id")
+        every = range(n) if positions is None else positions
+        by_id: dict[str, int] = {mids[p]: p for p in reversed(every) if mids[p] is not None}
+        get = by_id.get
+        out: list[tuple[int, ...]] = [()] * n
+        parents = self.column("parents")
+        dummy = n
+        for p in every:
+            refs = parents[p]
+            if refs:
+                found = []
+                for ref in refs:
+                    c = get(ref)
+                    if c is None:
+                        c = by_id[ref] = dummy
+                        dummy += 1
+                    found.append(c)
+                out[p] = tuple(found)
+        result = (out, dummy - n)
+        if positions is None and self.keep:
+            self._references = result
+        return result
+
+    def uid_text(self) -> list[bytes]:
+        """Each position's UID as the digits a response carries (kept)."""
+        if self._uid_text is None:
+            self._uid_text = [b"%d" % u for u in self.uids]
+        return self._uid_text
+
+    def seq_text(self) -> list[bytes]:
+        """Each position's sequence number (position + 1) as digits, for a session whose
+        view is exactly these messages (kept)."""
+        if self._seq_text is None:
+            self._seq_text = [b"%d" % i for i in range(1, len(self) + 1)]
+        return self._seq_text
+
+
+_NOTHING = object()
+
+
+def _columns_of(messages: Iterable[SortMessage | Entry]) -> tuple[list[Entry], Columns]:
+    """Entries in sequence order and their columns (sequence numbers as positions)."""
+    items = sorted(_entries(messages), key=attrgetter("seq"))
+    cols = Columns([e.uid for e in items], [e.internaldate for e in items],
+                   [e.size for e in items], [e.keys for e in items])
+    return items, cols
+
+
 # -- SORT (RFC 5256 3) ----------------------------------------------------------------------------
 
 _KEY_FUNCS: dict[bytes, Callable[[Entry], Any]] = {
@@ -405,18 +598,62 @@ _KEY_FUNCS: dict[bytes, Callable[[Entry], Any]] = {
 }
 
 
-def sort_messages(messages: Iterable[SortMessage | Entry],
-                  criteria: Sequence[tuple[bytes, bool]]) -> list[Entry]:
-    """RFC 5256 3: the messages in the order the criteria give; equal ones in sequence
-    order (the implicit last criterion, which REVERSE never reverses).
+def sort_positions(cols: Columns, criteria: Sequence[tuple[bytes, bool]],
+                   positions: Sequence[int] | None = None) -> list[int]:
+    """RFC 5256 3: the positions (every one, or `positions`, ascending) in the order the
+    criteria give; equal ones in sequence order (the implicit last criterion, which
+    REVERSE never reverses).
 
     One stable sort per criterion, the last criterion first: Python's sort keeps equal
     keys in their order, also with reverse=True, so a REVERSE on a string key needs no
-    inverted key and sequence order stays ascending among equals."""
-    items = sorted(_entries(messages), key=attrgetter("seq"))
+    inverted key and sequence order stays ascending among equals.  A single ascending
+    key is its column's order itself (kept by a folder's table)."""
+    n = len(cols)
+    if len(criteria) == 1 and (positions is None or len(positions) * 8 >= n):
+        key, reverse = criteria[0]
+        name = SORT_COLUMNS[key]
+        order = cols.reversed_order(name) if reverse else cols.order(name)
+        if positions is None:
+            return list(order)
+        return _only(order, positions, n)  # most of them: filter the order, no sort
+    items = list(range(n)) if positions is None else list(positions)
     for key, reverse in reversed(criteria):
-        items.sort(key=_KEY_FUNCS[key], reverse=reverse)
+        items = sorted_in_runs(items, cols.sort_key(SORT_COLUMNS[key]), reverse)
     return items
+
+
+def _only(order: Sequence[int], positions: Sequence[int], n: int) -> list[int]:
+    """The members of `positions` in `order`'s order."""
+    keep = bytearray(n)
+    for p in positions:
+        keep[p] = 1
+    return [p for p in order if keep[p]]
+
+
+RUN = 16384  # positions one C-level sort or join handles at a time
+
+
+def sorted_in_runs(items: list[int], key: Callable[[int], Any],
+                   reverse: bool = False) -> list[int]:
+    """`items` sorted (stably) by `key`.  A C-level sort holds the GIL throughout, and the
+    reactor waits for it: a long list is sorted in runs of RUN, and the runs then merged
+    by one more sort, which finds them (about as many comparisons in all, but no single
+    step of more than a few milliseconds)."""
+    if len(items) <= RUN:
+        items.sort(key=key, reverse=reverse)
+        return items
+    runs = [sorted(items[i:i + RUN], key=key, reverse=reverse)
+            for i in range(0, len(items), RUN)]
+    merged = list(chain.from_iterable(runs))
+    merged.sort(key=key, reverse=reverse)
+    return merged
+
+
+def sort_messages(messages: Iterable[SortMessage | Entry],
+                  criteria: Sequence[tuple[bytes, bool]]) -> list[Entry]:
+    """RFC 5256 3: the messages in the order the criteria give (see sort_positions)."""
+    items, cols = _columns_of(messages)
+    return [items[p] for p in sort_positions(cols, criteria)]
 
 
 def sort_key_of(entry: Entry, criteria: Sequence[tuple[bytes, bool]]) -> tuple[Any, ...]:
@@ -424,6 +661,11 @@ def sort_key_of(entry: Entry, criteria: Sequence[tuple[bytes, bool]]) -> tuple[A
     for each criterion, then its UID (the sequence-order tie-break: UIDs ascend with
     sequence numbers)."""
     return (*(_KEY_FUNCS[key](entry) for key, _ in criteria), entry.uid)
+
+
+def sort_values(cols: Columns, p: int, criteria: Sequence[tuple[bytes, bool]]) -> tuple[Any, ...]:
+    """sort_key_of for the message at position `p` of `cols`."""
+    return (*(cols.column(SORT_COLUMNS[key])[p] for key, _ in criteria), cols.uids[p])
 
 
 def sort_order(criteria: Sequence[tuple[bytes, bool]]) -> Callable[[tuple[Any, ...]], Any]:
@@ -446,6 +688,16 @@ def sort_response(entries: Sequence[Entry], uid: bool) -> bytes:
     """RFC 5256 4 sort-data: b"SORT n n n" (UIDs for UID SORT)."""
     nums = [e.uid for e in entries] if uid else [e.seq for e in entries]
     return b" ".join([b"SORT", *(b"%d" % n for n in nums)])
+
+
+def sort_line(order: Sequence[int], text: Sequence[bytes]) -> bytes:
+    """RFC 5256 4 sort-data from positions and each position's number as digits (joined
+    RUN at a time: see sorted_in_runs)."""
+    if not order:
+        return b"SORT"
+    get = text.__getitem__
+    return b"SORT " + b" ".join([b" ".join(map(get, order[i:i + RUN]))
+                                 for i in range(0, len(order), RUN)])
 
 
 # -- THREAD (RFC 5256 3) --------------------------------------------------------------------------
@@ -471,222 +723,338 @@ class Thread:
         m = self.message
         return f"Thread({'dummy' if m is None else m.seq}, {len(self.children)} children)"
 
-    def sort_key(self) -> tuple[float, int]:
-        """Sent date, then sequence number; a dummy sorts as its first child."""
-        node = self
-        while node.message is None:
-            if not node.children:
-                return (0.0, 0)
-            node = node.children[0]
-        m = node.message
-        return (m.sent, m.seq)
+
+class Forest:
+    """Threads over n positions.  Container c below n is the message at position c, one
+    from n on a dummy; the children of c are flat[lo[c]:hi[c]] (one array for them all:
+    no list per node, so a THREAD of a large folder leaves little for the cyclic garbage
+    collector); `top` is the threads in order.  What both algorithms build; written out
+    (`line`) or as Thread objects (`threads`)."""
+
+    __slots__ = ("n", "lo", "hi", "flat", "top")
+
+    def __init__(self, n: int, lo: Sequence[int], hi: Sequence[int], flat: Sequence[int],
+                 top: list[int]) -> None:
+        self.n = n
+        self.lo = lo
+        self.hi = hi
+        self.flat = flat
+        self.top = top
+
+    def children(self, c: int) -> Sequence[int]:
+        return self.flat[self.lo[c]:self.hi[c]]
+
+    def threads(self, messages: Sequence[Entry]) -> list[Thread]:
+        """The threads as Thread objects over `messages` (indexed by position)."""
+        n = self.n
+        made: dict[int, Thread] = {}
+        stack = list(self.top)
+        while stack:
+            c = stack.pop()
+            made[c] = Thread(messages[c] if c < n else None)
+            stack.extend(self.children(c))
+        for c, node in made.items():
+            children = self.children(c)
+            if children:
+                node.children = [made[k] for k in children]
+                for child in node.children:
+                    child.parent = node
+        return [made[c] for c in self.top]
+
+    def line(self, text: Sequence[bytes]) -> bytes:
+        """RFC 5256 4 thread-list for each thread (as format_threads), `text` giving
+        each position's number as digits."""
+        n, lo, hi = self.n, self.lo, self.hi
+        out: list[bytes] = []
+        append = out.append
+        run: list[bytes] = []  # consecutive threads of one message: b"(1)(2)(3)" at once
+        for t in self.top:
+            if t < n and lo[t] == hi[t]:
+                run.append(text[t])
+                if len(run) >= RUN:
+                    append(b"(" + b")(".join(run) + b")")
+                    run = []
+                continue
+            if run:
+                append(b"(" + b")(".join(run) + b")")
+                run = []
+            self._write(t, text, append)
+        if run:
+            append(b"(" + b")(".join(run) + b")")
+        return b"".join(out)
+
+    def _write(self, top: int, text: Sequence[bytes], append: Callable[[bytes], None]) -> None:
+        """One thread's thread-list: a message with one child is followed by it inline,
+        more children are parenthesised lists, a dummy is the lists of its children."""
+        n = self.n
+        stack = [top]
+        while stack:
+            c = stack.pop()
+            if c < 0:
+                append(b")")
+                continue
+            append(b"(")
+            if c >= n:
+                stack.append(-1)
+                stack.extend(reversed(self.children(c)))
+                continue
+            nums = [text[c]]
+            children = self._visible(c)
+            while len(children) == 1:
+                c = children[0]
+                nums.append(text[c])
+                children = self._visible(c)
+            append(b" ".join(nums))
+            stack.append(-1)
+            if children:
+                append(b" ")
+                stack.extend(reversed(children))
+
+    def _visible(self, c: int) -> Sequence[int]:
+        """A message's children as written: a dummy below a message (which the
+        algorithms never leave) stands for its children, so the syntax stays valid."""
+        children = self.children(c)
+        n = self.n
+        if not children or max(children) < n:
+            return children
+        out: list[int] = []
+        stack = list(reversed(children))
+        while stack:
+            k = stack.pop()
+            if k >= n:
+                stack.extend(reversed(self.children(k)))
+            else:
+                out.append(k)
+        return out
 
 
-def thread_orderedsubject(messages: Iterable[SortMessage | Entry]) -> list[Thread]:
+def thread_line(forest: Forest, text: Sequence[bytes]) -> bytes:
+    """RFC 5256 4 thread-data: b"THREAD" and the thread lists."""
+    if not forest.top:
+        return b"THREAD"
+    return b"THREAD " + forest.line(text)
+
+
+def _all_positions(cols: Columns, positions: Sequence[int] | None) -> Sequence[int]:
+    return range(len(cols)) if positions is None else positions
+
+
+def _zeros(count: int) -> array:
+    return array("i", bytes(4 * count))
+
+
+def orderedsubject_forest(cols: Columns, positions: Sequence[int] | None = None) -> Forest:
     """RFC 5256 3 ORDEREDSUBJECT: messages sorted by base subject then sent date, split
     into one thread per base subject, threads ordered by the sent date of their first
     message; the first message is the root, every other one its child (no deeper)."""
-    # (subject, sent date, sequence) as three stable sorts with C-level keys
-    items = sorted(_entries(messages), key=attrgetter("seq"))
-    items.sort(key=attrgetter("sent"))
-    items.sort(key=attrgetter("keys.subject"))
-    threads: list[Thread] = []
-    current: Thread | None = None
-    subject: str | None = None
-    for e in items:
-        if current is None or e.keys.subject != subject:
-            current = Thread(e)
-            subject = e.keys.subject
-            threads.append(current)
-        else:
-            _link(current, Thread(e))
-    threads.sort(key=Thread.sort_key)
-    return threads
+    n = len(cols)
+    # (subject, sent date, sequence): a thread's messages are one run of it
+    flat = cols.subject_order()
+    if positions is not None and len(positions) < n:
+        flat = _only(flat, positions, n)
+    if not isinstance(flat, array):
+        flat = array("i", flat)
+    subject_of = cols.sort_key("subject")
+    lo, hi = _zeros(n), _zeros(n)
+    roots: list[int] = []
+    root, subject, start = -1, None, 0
+    for i, p in enumerate(flat):
+        s = subject_of(p)
+        if root < 0 or s != subject:
+            if root >= 0:
+                lo[root], hi[root] = start, i
+            root, subject, start = p, s, i + 1
+            roots.append(p)
+    if root >= 0:
+        lo[root], hi[root] = start, len(flat)
+    return Forest(n, lo, hi, flat, sorted_in_runs(roots, cols.place("sent").__getitem__))
 
 
-def _is_ancestor(node: Thread, of: Thread) -> bool:
-    """Whether `node` is `of` or one of its ancestors (linking `of` under `node`'s
-    descendant would make a loop)."""
-    p: Thread | None = of
-    while p is not None:
-        if p is node:
+def references_forest(cols: Columns, positions: Sequence[int] | None = None) -> Forest:
+    """RFC 5256 3 REFERENCES, steps (1)-(6), over containers numbered as in Forest, with
+    parent pointers and child counts until the end, when the children of all are laid
+    out, sorted, in one array.  The order of siblings matters only where (4) and (6)
+    sort them, so it is not kept before.
+
+    Container p is the message at position p from the start: the first message with a
+    Message-ID is the container of that ID (the one a reference made before the message
+    came would have been filled by it); a later message with that ID, or one without an
+    ID, has its own.  Dummies, IDs no message has, come after n (Columns.references)."""
+    n = len(cols)
+    refs_of, dummies = cols.references(positions)
+    every = _all_positions(cols, positions)
+    par: list[int] = [-1] * (n + dummies)   # container -> parent, -1: none
+    count: list[int] = [0] * (n + dummies)  # container -> how many children
+
+    def would_loop(parent: int, child: int) -> bool:
+        # (1)(A): a loop when `parent` is `child` or descends from it; a child without
+        # children cannot be an ancestor.
+        if parent == child:
             return True
-        p = p.parent
-    return False
+        if not count[child]:
+            return False
+        a = parent
+        while a >= 0:
+            if a == child:
+                return True
+            a = par[a]
+        return False
+
+    # (1) link the messages by their references, in sequence order
+    for p in every:
+        prev = -1
+        # (A) each reference the parent of the next, unless it has one or it loops
+        for c in refs_of[p]:
+            if prev >= 0 and par[c] < 0 and not would_loop(prev, c):
+                par[c] = prev
+                count[prev] += 1
+            prev = c
+        # (B) the last reference is the parent (none: no parent); this link takes
+        # precedence over (A)'s
+        old = par[p]
+        if old >= 0:
+            count[old] -= 1
+            par[p] = -1
+        if prev >= 0 and not would_loop(prev, p):
+            par[p] = prev
+            count[prev] += 1
+
+    # (2), (3) prune dummies: one below another container is replaced by its children,
+    # so a message's parent becomes its nearest ancestor that is a message or a dummy at
+    # the top (the chains of dummies passed are shortened on the way: each is walked
+    # once).  A dummy at the top with no child left goes, one with a single child is
+    # replaced by it.
+    for p in every:
+        q = par[p]
+        if q >= n and par[q] >= 0:
+            path = []
+            while q >= n and par[q] >= 0:
+                path.append(q)
+                q = par[q]
+            for d in path:
+                par[d] = q
+            par[p] = q
+    key = list(cols.place("sent"))  # (sent date, sequence); a dummy: its first child's
+    key += [-1] * dummies
+    first: dict[int, int] = {}      # a top dummy's first child (so far)
+    tally: dict[int, int] = {}      # how many children it has
+    for p in every:
+        d = par[p]
+        if d >= n:
+            if d in first:
+                tally[d] += 1
+                if key[p] < key[first[d]]:
+                    first[d] = p
+            else:
+                tally[d] = 1
+                first[d] = p
+    held: dict[int, list[int]] = {}  # the top dummies kept, and their children
+    for d, k in tally.items():
+        if k == 1:
+            par[first[d]] = -1
+        else:
+            held[d] = []
+            key[d] = key[first[d]]
+    if held:
+        for p in every:
+            if par[p] in held:
+                held[par[p]].append(p)
+    top = [p for p in every if par[p] < 0]
+    top += held
+
+    # (4) the top level by sent date, a dummy by its first child; (5) gathers threads
+    # with the same base subject, in that order
+    top = _merge_subjects(top, cols, n, par, key, first, held)
+
+    # (6) every set of siblings by sent date, then the top level (a dummy by its first
+    # child)
+    below = [c for c in range(len(par)) if par[c] >= 0 and (c < n or c in held)]
+    below = sorted_in_runs(sorted_in_runs(below, key.__getitem__), par.__getitem__)
+    flat = array("i", below)
+    lo, hi = _zeros(len(par)), _zeros(len(par))
+    last = -1
+    for i, c in enumerate(flat):
+        q = par[c]
+        if q != last:
+            lo[q] = i
+            last = q
+        hi[q] = i + 1
+    for c in top:
+        if c >= n:
+            key[c] = key[flat[lo[c]]]
+    return Forest(n, lo, hi, flat, sorted_in_runs(top, key.__getitem__))
 
 
-def _would_loop(parent: Thread, child: Thread) -> bool:
-    """RFC 5256 3 (1)(A): making `parent` the parent of `child` is a loop when `parent`
-    is `child` or descends from it.  A child without children cannot be an ancestor."""
-    if parent is child:
-        return True
-    return bool(child.children) and _is_ancestor(child, parent)
+def _merge_subjects(top: list[int], cols: Columns, n: int, par: list[int], key: list[int],
+                    first: dict[int, int], held: dict[int, list[int]]) -> list[int]:
+    """RFC 5256 3 (5): merge top-level threads that share a base subject.  A thread's
+    subject is its message's, or its first child's for a dummy (5)(B)(i).  Only the
+    threads whose subject another thread has too take part, in (4)'s order.  A dummy
+    added here is appended to `par` and `key`."""
+    replies = cols.column("reply")
+    # Subjects as ranks where the table keeps them (ints compare fast); empty ones
+    # never merge.
+    subject_of = cols.sort_key("subject")
+    empty: Any = ""
+    if cols.keep:  # the rank of "" (the least subject) if there is one
+        order = cols.order("subject")
+        empty = 0 if order and not cols.column("subject")[order[0]] else None
+    subjects = [subject_of(c if c < n else first[c]) for c in top]
+    shared = {s for s, k in Counter(subjects).items() if k > 1 and s != empty}
+    if not shared:
+        return top
+    subject = {c: s for c, s in zip(top, subjects) if s in shared}
+    ordered = sorted(subject, key=key.__getitem__)
+
+    def is_reply(c: int) -> bool:
+        return c < n and replies[c]
+
+    # (A), (B): one thread per subject
+    table: dict[Any, int] = {}
+    for c in ordered:
+        s = subject[c]
+        h = table.get(s)
+        if h is None:
+            table[s] = c
+        elif h < n and (c >= n or (is_reply(h) and not is_reply(c))):
+            table[s] = c
+    # (C) merge
+    gone: set[int] = set()
+    added: list[int] = []
+    for c in ordered:
+        if par[c] >= 0 or c in gone:
+            continue  # became a child, or a dummy emptied into another, meanwhile
+        s = subject[c]
+        h = table[s]
+        if h == c:
+            continue
+        if h >= n and c >= n:
+            for x in held[c]:            # both dummies: the children become siblings
+                par[x] = h
+            gone.add(c)
+        elif h >= n or (is_reply(c) and not is_reply(h)):
+            par[c] = h                   # under the dummy, or the reply under the original
+        else:
+            dummy = len(par)
+            par.append(-1)
+            key.append(-1)
+            held[dummy] = [h, c]
+            par[h] = par[c] = dummy
+            table[s] = dummy
+            added.append(dummy)
+    return [c for c in top if par[c] < 0 and c not in gone] + added
 
 
-def _link(parent: Thread, child: Thread) -> None:
-    child.parent = parent
-    if parent.children:
-        parent.children.append(child)
-    else:
-        parent.children = [child]
-
-
-def _unlink(child: Thread) -> None:
-    parent = child.parent
-    if parent is not None:
-        parent.children.remove(child)
-        child.parent = None
+def thread_orderedsubject(messages: Iterable[SortMessage | Entry]) -> list[Thread]:
+    """ORDEREDSUBJECT over messages (see orderedsubject_forest), as Thread objects."""
+    items, cols = _columns_of(messages)
+    return orderedsubject_forest(cols).threads(items)
 
 
 def thread_references(messages: Iterable[SortMessage | Entry]) -> list[Thread]:
-    """RFC 5256 3 REFERENCES, steps (1)-(6)."""
-    items = sorted(_entries(messages), key=attrgetter("seq"))
-    by_id: dict[str, Thread] = {}
-    nodes: list[Thread] = []     # every container, in creation order
-
-    def container(mid: str) -> Thread:
-        node = by_id.get(mid)
-        if node is None:  # no message (yet) with this id: a dummy
-            node = by_id[mid] = Thread(None)
-            nodes.append(node)
-        return node
-
-    # (1) link the messages by their references, in sequence order
-    for e in items:
-        mid = e.keys.message_id
-        node = by_id.get(mid) if mid is not None else None
-        if node is not None and node.message is None:
-            node.message = e                 # the dummy was waiting for this message
-        else:
-            # No id, or a duplicate of an earlier message's: a unique id of its own.
-            node = Thread(e)
-            nodes.append(node)
-            if mid is not None and mid not in by_id:
-                by_id[mid] = node
-        parents = e.keys.parents
-        # (A) each reference the parent of the next, unless it has one or it would loop
-        prev: Thread | None = None
-        for ref in parents:
-            ref_node = container(ref)
-            if (prev is not None and ref_node.parent is None
-                    and not _would_loop(prev, ref_node)):
-                _link(prev, ref_node)
-            prev = ref_node
-        # (B) the last reference is the parent; this link takes precedence over (A)'s
-        _unlink(node)
-        if prev is not None and not _would_loop(prev, node):
-            _link(prev, node)
-
-    # (2) the parentless ones are the children of the root
-    roots = [n for n in nodes if n.parent is None]
-
-    # (3) prune dummies: one without children goes; one with children is replaced by
-    # them, except at the top where only a single child is promoted.
-    for node in _post_order(roots):
-        if any(c.message is None for c in node.children):
-            kept: list[Thread] = []
-            for c in node.children:
-                if c.message is None:
-                    for g in c.children:
-                        g.parent = node
-                    kept.extend(c.children)
-                else:
-                    kept.append(c)
-            node.children = kept
-    top: list[Thread] = []
-    for r in roots:
-        if r.message is None:
-            if len(r.children) == 1:
-                child = r.children[0]
-                child.parent = None
-                top.append(child)
-            elif r.children:
-                top.append(r)
-        else:
-            top.append(r)
-
-    # (4) sort the top level by sent date; a dummy by its first child (children first)
-    for r in top:
-        if r.message is None:
-            r.children.sort(key=Thread.sort_key)
-    top.sort(key=Thread.sort_key)
-
-    # (5) gather threads with the same base subject
-    top = _merge_subjects(top)
-
-    # (6) sort every set of siblings by sent date, the deepest first
-    for node in _post_order(top):
-        if len(node.children) > 1:
-            node.children.sort(key=Thread.sort_key)
-    top.sort(key=Thread.sort_key)
-    return top
-
-
-def _thread_subject(node: Thread) -> str:
-    """RFC 5256 3 (5)(B)(i): the base subject of the message, or of its first child
-    for a dummy."""
-    m = node.message if node.message is not None else node.children[0].message
-    return m.keys.subject if m is not None else ""
-
-
-def _is_reply(node: Thread) -> bool:
-    return node.message is not None and node.message.keys.reply
-
-
-def _merge_subjects(top: list[Thread]) -> list[Thread]:
-    """RFC 5256 3 (5): merge top-level threads that share a base subject."""
-    # (A), (B): one message per thread subject
-    table: dict[str, Thread] = {}
-    for node in top:
-        subject = _thread_subject(node)
-        if not subject:
-            continue
-        held = table.get(subject)
-        if held is None:
-            table[subject] = node
-        elif held.message is not None and (node.message is None
-                                           or (_is_reply(held) and not _is_reply(node))):
-            table[subject] = node
-    # (C) merge
-    gone: set[int] = set()
-    added: list[Thread] = []
-    for node in top:
-        if node.parent is not None or id(node) in gone:
-            continue  # became a child, or a dummy emptied into another, meanwhile
-        subject = _thread_subject(node)
-        if not subject:
-            continue
-        held = table[subject]
-        if held is node:
-            continue
-        if held.message is None and node.message is None:
-            for c in node.children:   # both dummies: the children become siblings
-                c.parent = held
-            held.children = [*held.children, *node.children]
-            node.children = _LEAF  # type: ignore[assignment]
-            gone.add(id(node))
-        elif held.message is None or (_is_reply(node) and not _is_reply(held)):
-            _link(held, node)         # under the dummy, or the reply under the original
-        else:
-            dummy = Thread(None)
-            _link(dummy, held)
-            _link(dummy, node)
-            table[subject] = dummy
-            added.append(dummy)
-    return [n for n in top if n.parent is None and id(n) not in gone] + added
-
-
-def _post_order(roots: list[Thread]) -> list[Thread]:
-    """Every node below and including `roots`, children before their parent (iterative:
-    a thread may be thousands of messages deep)."""
-    out: list[Thread] = []
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        stack.extend(node.children)
-    out.reverse()
-    return out
+    """REFERENCES over messages (see references_forest), as Thread objects."""
+    items, cols = _columns_of(messages)
+    return references_forest(cols).threads(items)
 
 
 def format_threads(threads: Sequence[Thread],
@@ -829,71 +1197,106 @@ def _get_many(index: Any, bases: list[str], key: str) -> dict[str, Any]:
         return {}  # an unusable index costs speed only
 
 
-def load_entries(folder_dir: str, infos: Sequence[Any], view: Sequence[int], index: Any,
-                 size_hint: Callable[[Any], int | None] | None = None,
-                 size_key: str = "vsize") -> tuple[list[Entry], int]:
-    """(entries, rows added to the index cache) for the messages `infos` (immutable
-    MessageInfo-like objects: uid, basename, subdir, filename, internaldate, size) of the
-    folder at `folder_dir`; `view` (ascending UIDs) gives sequence numbers.  Blocking:
-    meant for a worker thread.
+def read_keys(folder_dir: str, infos: Sequence[Any], index: Any,
+              files: "_Files | None" = None) -> tuple[list[SortKeys], int, bool]:
+    """(each message's SortKeys, rows added to the index cache, whether every message's
+    file was there) for the messages `infos` (immutable MessageInfo-like objects:
+    basename, subdir, filename, uid, internaldate, size) of the folder at `folder_dir`.
+    Blocking: meant for a worker thread.
 
-    Keys come from the index cache (CACHE_KEY), else from the file's header section and
-    are then put into the index (`index.put`; the caller writes them out).  With
-    `size_hint`, sizes are RFC822.SIZE: the hint (from the file name), else the cached
-    `size_key` value, else measured (and cached); without it the stored size is used."""
-    # Keys decoded by an earlier SORT while the index stayed open; the rest from the file.
-    memo: dict[str, SortKeys] = ({} if index is None or not hasattr(index, "decoded")
-                                 else index.decoded.setdefault(CACHE_KEY, {}))
-    bases = [i.basename for i in infos if i.basename not in memo]
-    cached = _get_many(index, bases, CACHE_KEY)
-    sizes: dict[str, int] = {}
-    if size_hint is not None:
-        unknown = []
-        for info in infos:
-            hint = size_hint(info)
-            if hint is None:
-                unknown.append(info.basename)
-            else:
-                sizes[info.basename] = hint
-        for base, value in _get_many(index, unknown, size_key).items():
-            try:
-                sizes[base] = int(value)
-            except (TypeError, ValueError):
-                pass
-    files = _Files(folder_dir)
-    out: list[Entry] = []
+    Keys decoded by an earlier command while the index stayed open come from memory
+    (`index.decoded`); else from the index cache (CACHE_KEY); else from the file's header
+    section, and are then put into the index (`index.put`; the caller writes them out).
+    A message whose file is gone gets empty keys, not remembered."""
+    memo: dict[str, SortKeys] = {}
+    if index is not None and hasattr(index, "decoded"):
+        memo = index.decoded.setdefault(CACHE_KEY, {})
+        index.last_used = time.monotonic()  # in use: the idle sweep leaves it open
+    try:
+        return list(map(memo.__getitem__, [i.basename for i in infos])), 0, True
+    except KeyError:
+        pass
+    cached = _get_many(index, [i.basename for i in infos if i.basename not in memo],
+                       CACHE_KEY)
+    files = files or _Files(folder_dir)
+    out: list[SortKeys] = []
     added = 0
+    complete = True
     for info in infos:
-        i = bisect.bisect_left(view, info.uid)
-        seq = i + 1 if i < len(view) and view[i] == info.uid else 0
         base = info.basename
         keys = memo.get(base)
         if keys is None:
             keys = SortKeys.from_cache(cached.get(base))
-        size = sizes.get(base, info.size) if size_hint is not None else info.size
-        if keys is None or (size_hint is not None and base not in sizes):
-            f = files.open(info)
-            if f is None:  # gone meanwhile: sorted as empty, and not remembered
-                if keys is None:
-                    out.append(make_entry(info.uid, seq, info.internaldate, size, SortKeys()))
+            if keys is None:
+                f = files.open(info)
+                if f is None:  # gone meanwhile: sorted as empty, and not remembered
+                    out.append(_NO_KEYS)
+                    complete = False
                     continue
-            else:
                 with f:
-                    if keys is None:
-                        head = read_head(f)
-                        keys = sort_keys(message_from_head(head, info.uid, seq,
-                                                           info.internaldate, info.size))
-                        if index is not None:
-                            index.put(base, CACHE_KEY, keys.to_cache())
-                            added += 1
-                    if size_hint is not None and base not in sizes:
-                        f.seek(0)
-                        with mime.MessageBytes(f) as mb:
-                            size = len(mb)
-                        if index is not None:
-                            index.put(base, size_key, str(size))
-                            added += 1
-        if base not in memo:
+                    keys = sort_keys(message_from_head(read_head(f), info.uid, 0,
+                                                       info.internaldate, info.size))
+                if index is not None:
+                    index.put(base, CACHE_KEY, keys.to_cache())
+                    added += 1
             memo[base] = keys
-        out.append(make_entry(info.uid, seq, info.internaldate, size, keys))
+        out.append(keys)
+    return out, added, complete
+
+
+_NO_KEYS = SortKeys()
+
+
+def read_sizes(folder_dir: str, infos: Sequence[Any], index: Any,
+               size_hint: Callable[[Any], int | None], size_key: str = "vsize",
+               files: "_Files | None" = None) -> tuple[list[int], int]:
+    """(each message's RFC822.SIZE, rows added to the index cache): the hint (from the
+    file name), else the cached `size_key` value, else measured (and cached); the stored
+    size for a file gone meanwhile.  Blocking: meant for a worker thread."""
+    sizes: list[int | None] = [size_hint(info) for info in infos]
+    unknown = [info.basename for info, size in zip(infos, sizes) if size is None]
+    if not unknown:
+        return sizes, 0  # type: ignore[return-value]
+    cached = _get_many(index, unknown, size_key)
+    files = files or _Files(folder_dir)
+    added = 0
+    for i, info in enumerate(infos):
+        if sizes[i] is not None:
+            continue
+        try:
+            sizes[i] = int(cached[info.basename])
+            continue
+        except (KeyError, TypeError, ValueError):
+            pass
+        f = files.open(info)
+        if f is None:
+            sizes[i] = info.size
+            continue
+        with f, mime.MessageBytes(f) as mb:
+            sizes[i] = len(mb)
+        if index is not None:
+            index.put(info.basename, size_key, str(sizes[i]))
+            added += 1
+    return sizes, added  # type: ignore[return-value]
+
+
+def load_entries(folder_dir: str, infos: Sequence[Any], view: Sequence[int], index: Any,
+                 size_hint: Callable[[Any], int | None] | None = None,
+                 size_key: str = "vsize") -> tuple[list[Entry], int]:
+    """(entries, rows added to the index cache) for the messages `infos` (see read_keys)
+    of the folder at `folder_dir`; `view` (ascending UIDs) gives sequence numbers.  With
+    `size_hint`, sizes are RFC822.SIZE (see read_sizes); without it the stored size is
+    used.  Blocking: meant for a worker thread."""
+    files = _Files(folder_dir)
+    keys, added, _ = read_keys(folder_dir, infos, index, files)
+    if size_hint is not None:
+        sizes, more = read_sizes(folder_dir, infos, index, size_hint, size_key, files)
+        added += more
+    else:
+        sizes = [info.size for info in infos]
+    out: list[Entry] = []
+    for info, k, size in zip(infos, keys, sizes):
+        i = bisect.bisect_left(view, info.uid)
+        seq = i + 1 if i < len(view) and view[i] == info.uid else 0
+        out.append(make_entry(info.uid, seq, info.internaldate, size, k))
     return out, added

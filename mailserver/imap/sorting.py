@@ -1,11 +1,11 @@
 """The SORT and THREAD commands (RFC 5256) with SORT=DISPLAY (RFC 5957), ESORT and
 CONTEXT=SORT (RFC 5267 3, 4), as a mixin for the IMAP session.
 
-The search criteria are SEARCH's (search.parse_search / search.search); the matched
-messages' header data is then read in a worker thread (sort.load_entries, over a snapshot
-of immutable MessageInfo objects and the view) where the sorting or threading and the
-formatting of the answer happen too, so a SORT over a large mailbox costs the reactor a
-list copy and one write.
+The search criteria are SEARCH's (search.parse_search); the search, the reading of the
+matched messages' sort data (the folder's sort table, sorttable.py) and the sorting or
+threading and formatting of the answer all run in one job of the folder, in a worker
+thread, over the folder's read-only view, so a SORT over a large mailbox costs the reactor
+two list copies and one write.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mailserver.imap import esearch as ESEARCH
 from mailserver.imap import fetch as F
 from mailserver.imap import search as S
 from mailserver.imap import sort as SO
+from mailserver.imap import sorttable as SOT
 from mailserver.imap.livesearch import LiveResult
 from mailserver.imap.parser import Arguments
 from mailserver.maildir.sizes import VSIZE_KEY
@@ -66,20 +67,23 @@ class SortingCommands:
         query = S.parse_search(args)
         need_size = any(key == b"SIZE" for key, _ in criteria)
         if options is None:
-            def answer(entries: list[SO.Entry]) -> bytes:  # worker thread
-                return SO.sort_response(SO.sort_messages(entries, criteria), uid)
+            def answer(cols: SO.Columns, positions: list[int] | None,
+                       numbers: SOT.Numbering) -> bytes:  # worker thread
+                order = SO.sort_positions(cols, criteria, positions)
+                return SO.sort_line(order, numbers.text(uid, order))
 
             return self._sorted_answer(tag, query, uid, need_size, answer, b"SORT completed")
         update = self.reserve_update(tag, options, uid, query, criteria)
         keep = isinstance(update, LiveResult)  # a context starts from the sort values
 
-        def esort(entries: list[SO.Entry]) -> tuple[bytes | None, list[int], list[Any]]:
+        def esort(cols: SO.Columns, positions: list[int] | None,
+                  numbers: SOT.Numbering) -> tuple[bytes | None, list[int], list[Any]]:
             # worker thread: RFC 5267 3.1, ALL and PARTIAL in the requested order (3.2)
-            ordered = SO.sort_messages(entries, criteria)
-            uids = [e.uid for e in ordered]
-            line = ESEARCH.esearch_response(tag, uids if uid else [e.seq for e in ordered],
+            ordered = SO.sort_positions(cols, criteria, positions)
+            uids = [cols.uids[p] for p in ordered]
+            line = ESEARCH.esearch_response(tag, uids if uid else numbers.seqs(ordered),
                                             options, uid) if options.answers else None
-            keys = [SO.sort_key_of(e, criteria) for e in ordered] if keep else []
+            keys = [SO.sort_values(cols, p, criteria) for p in ordered] if keep else []
             return line, uids, keys
 
         def reply(result: tuple[bytes | None, list[int], list[Any]]) -> None:
@@ -98,27 +102,25 @@ class SortingCommands:
         _charset(args)
         args.space()
         query = S.parse_search(args)
-        build = (SO.thread_references if algorithm == b"REFERENCES"
-                 else SO.thread_orderedsubject)
+        build = (SO.references_forest if algorithm == b"REFERENCES"
+                 else SO.orderedsubject_forest)
 
-        def answer(entries: list[SO.Entry]) -> bytes:  # worker thread
-            return SO.thread_response(build(entries), uid)
+        def answer(cols: SO.Columns, positions: list[int] | None,
+                   numbers: SOT.Numbering) -> bytes:  # worker thread
+            return SO.thread_line(build(cols, positions), numbers.text(uid, positions))
 
         return self._sorted_answer(tag, query, uid, False, answer, b"THREAD completed")
 
     def _sorted_answer(self, tag: bytes, query: S.Query, uid: bool, need_size: bool,
-                       answer: Callable[[list[SO.Entry]], Any], completed: bytes,
+                       answer: Callable[[SO.Columns, list[int] | None, SOT.Numbering], Any],
+                       completed: bytes,
                        finish: Callable[[Any], None] | None = None) -> defer.Deferred:
-        """Search, then load, order and format in a thread; the answer is one untagged
-        line, or what `finish` makes of `answer`'s result.  Like SEARCH, the non-UID form
-        sends no EXPUNGE (RFC 3501 7.4.1)."""
+        """Search, load, order and format in one job of the folder, in a thread; the
+        answer is one untagged line, or what `finish` makes of `answer`'s result.  Like
+        SEARCH, the non-UID form sends no EXPUNGE (RFC 3501 7.4.1)."""
         folder = self.folder
-
-        def matched(uids: list[int]) -> defer.Deferred:
-            get = folder.info_map().get
-            infos = [i for u in uids if (i := get(u)) is not None]  # immutable snapshot
-            view = list(self.view)
-            return folder.read_in_thread(_load_and_answer, infos, view, need_size, answer)
+        match = S.matcher(self, query)
+        view = list(self.view)
 
         def reply(result: tuple[Any, int]) -> None:
             line, added = result
@@ -131,7 +133,8 @@ class SortingCommands:
             self.untagged(line)
             self.done(tag, completed, expunges=uid)
 
-        return S.search(self, query).addCallback(matched).addCallback(reply)  # type: ignore[arg-type]
+        d = folder.read_in_thread(_search_and_answer, match, view, need_size, answer)
+        return d.addCallback(reply)
 
 
 def _charset(args: Arguments) -> bytes:
@@ -149,11 +152,14 @@ def _size_hint(folder: Any, info: Any) -> int | None:
     return F.vsize_hint_from(folder, info, None)
 
 
-def _load_and_answer(folder: Any, infos: list[Any], view: list[int], need_size: bool,
-                     answer: Any) -> tuple[bytes, int]:
-    """A thread of the folder's executor (`folder` is its FolderView): the entries (index
-    cache, else the files), then the answer line."""
+def _search_and_answer(folder: Any, match: Callable[[Any], list[int]], view: list[int],
+                       need_size: bool, answer: Any) -> tuple[Any, int]:
+    """A thread of the folder's executor (`folder` is its FolderView): the matching
+    messages, their columns (the folder's sort table, else the index cache or the
+    files), then the answer."""
+    uids = match(folder)
     hint = partial(_size_hint, folder) if need_size else None
-    entries, added = SO.load_entries(str(folder.path), infos, view, folder.index, hint,
-                                     VSIZE_KEY)
-    return answer(entries), added
+    cols, positions, added = SOT.table_for(str(folder.path), folder.infos, uids,
+                                           folder.index, hint, VSIZE_KEY,
+                                           folder.uidvalidity)
+    return answer(cols, positions, SOT.Numbering(cols, view)), added

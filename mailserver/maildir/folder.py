@@ -425,7 +425,11 @@ class Folder:
         """Close the index connections if unused for `idle` seconds (in a thread); None
         when there is nothing to close.  The next use opens them again."""
         index = self._index
-        if not index.is_open or index.pending or time.monotonic() - index.last_used < idle:
+        if not index.is_open:
+            if index.decoded:   # SORT's memos outlive the connections, for a while
+                return self._executor.run(index.forget_decoded_if_idle, kind=INDEX)
+            return None
+        if index.pending or time.monotonic() - index.last_used < idle:
             return None
         return self._executor.run(index.close_if_idle, idle, kind=INDEX)
 

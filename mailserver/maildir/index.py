@@ -68,6 +68,8 @@ VANISHED_KEEP = 200_000
 SEARCH_COLUMNS = ("subject", "from_", "to_", "cc", "bcc", "date")
 
 
+DECODED_IDLE_SECONDS = 600.0   # decoded memos (SORT's keys) unused this long are forgotten
+
 class FolderIndex:
     """The index file of one folder directory.
 
@@ -85,9 +87,11 @@ class FolderIndex:
         self._pending: dict[tuple[str, str], CacheValue] = {}
         self._pending_lock = threading.Lock()
         self._broken = False
-        # Decoded cache values a reader asked to keep (SORT's keys): while the index is
-        # open, a second SORT of a large folder neither reads nor decodes them again.
-        # Dropped with the connections (the idle sweep), per message on drop().
+        # Decoded cache values a reader asked to keep (SORT's keys and table): a second
+        # SORT of a large folder neither reads nor decodes them again.  They outlive the
+        # connections the idle sweep closes (a client that sorts every few minutes keeps
+        # its speed) and are forgotten after DECODED_IDLE_SECONDS unused, when the file
+        # is rebuilt, and per message on drop().
         self.decoded: dict[str, dict[str, object]] = {}
         self.generation = 0  # grows whenever the file was rebuilt empty
         # Mod-sequence changes waiting for the next write, kept in order per base name.
@@ -159,8 +163,9 @@ class FolderIndex:
         self.generation += 1
         self._w = self._open_checked()
 
-    def _close_connections(self) -> None:
-        self.decoded = {}
+    def _close_connections(self, forget_decoded: bool = True) -> None:
+        if forget_decoded:
+            self.decoded = {}
         with self._read_lock:
             if self._w is not None:
                 try:
@@ -500,9 +505,17 @@ class FolderIndex:
         if not self._write_lock.acquire(blocking=False):
             return False
         try:
-            self._close_connections()
+            self._close_connections(forget_decoded=False)
         finally:
             self._write_lock.release()
+        return True
+
+    def forget_decoded_if_idle(self, idle: float = DECODED_IDLE_SECONDS) -> bool:
+        """Drop the decoded memos if unused for `idle` seconds (their memory: some 60 MB
+        for a 100,000-message folder that was sorted)."""
+        if not self.decoded or time.monotonic() - self.last_used < idle:
+            return False
+        self.decoded = {}
         return True
 
     def close(self) -> None:

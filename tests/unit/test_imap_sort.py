@@ -10,10 +10,12 @@ StringTransport, logged in through the real portal, on a real Maildir folder.
 from __future__ import annotations
 
 import calendar
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
+from functools import cmp_to_key
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -391,6 +393,120 @@ def test_deep_thread_needs_no_recursion() -> None:
     assert thread(messages) == b"(" + b" ".join(b"%d" % i for i in range(1, n + 1)) + b")"
 
 
+# -- positions and columns: what a folder's table answers ------------------------------------------
+
+def random_messages(rng: random.Random, n: int) -> list[SO.SortMessage]:
+    """Messages with few distinct values, so that ties, shared subjects, duplicate and
+    missing Message-IDs and reference loops are common."""
+    ids = [f"<{i}@x>" for i in range(10)]
+    subjects = ["Plan", "Re: plan", "Budget", "", "Fwd: budget", "x"]
+    out = []
+    for seq in range(1, n + 1):
+        refs = " ".join(rng.choice(ids) for _ in range(rng.choice([0, 0, 1, 2, 4])))
+        out.append(msg(seq, rng.choice(subjects),
+                       day(rng.randint(1, 4)) if rng.random() < 0.8 else "garbage",
+                       internal=utc(2024, 1, rng.randint(1, 4)), size=rng.randint(1, 3),
+                       mid=rng.choice([*ids, ""]), refs=refs,
+                       irt=rng.choice(["", ids[0]]), from_=rng.choice(["a@x", "B <b@x>", ""]),
+                       to=rng.choice(["c@x", "Dee <d@x>"]), cc=rng.choice(["", "e@x"])))
+    return out
+
+
+def columns(entries: list[SO.Entry], keep: bool) -> SO.Columns:
+    return SO.Columns([e.uid for e in entries], [e.internaldate for e in entries],
+                      [e.size for e in entries], [e.keys for e in entries], keep=keep)
+
+
+def sorted_by_definition(entries: list[SO.Entry],
+                         criteria: list[tuple[bytes, bool]]) -> list[int]:
+    """RFC 5256 3 read literally: compare criterion by criterion (REVERSE flips one),
+    then by sequence number."""
+    fields = {b"ARRIVAL": lambda e: e.internaldate, b"DATE": lambda e: e.sent,
+              b"SIZE": lambda e: e.size, b"SUBJECT": lambda e: e.keys.subject,
+              b"FROM": lambda e: e.keys.from_, b"TO": lambda e: e.keys.to,
+              b"CC": lambda e: e.keys.cc, b"DISPLAYFROM": lambda e: e.keys.display_from,
+              b"DISPLAYTO": lambda e: e.keys.display_to}
+
+    def compare(a: SO.Entry, b: SO.Entry) -> int:
+        for key, reverse in criteria:
+            x, y = fields[key](a), fields[key](b)
+            if x != y:
+                return (1 if x > y else -1) * (-1 if reverse else 1)
+        return a.seq - b.seq
+
+    return [e.seq for e in sorted(entries, key=cmp_to_key(compare))]
+
+
+SORT_CRITERIA = ["ARRIVAL", "REVERSE DATE", "SUBJECT", "REVERSE FROM", "SIZE REVERSE SUBJECT",
+                 "TO CC DATE", "DISPLAYFROM REVERSE DISPLAYTO ARRIVAL", "REVERSE SIZE DATE"]
+
+
+def test_sorting_positions_follows_the_definition() -> None:
+    # A table used once (values compared) and a kept one (ranks compared), over every
+    # message and over some; asked twice, the second time from what the table kept.
+    rng = random.Random(5256)
+    for _ in range(150):
+        entries = [SO.entry(m) for m in random_messages(rng, rng.randint(0, 24))]
+        some = sorted(rng.sample(range(len(entries)), len(entries) // 3))
+        for keep in (False, True):
+            cols = columns(entries, keep)
+            for words in SORT_CRITERIA:
+                criteria = SO.criteria_from_words(words.encode().split())
+                expected = sorted_by_definition(entries, criteria)
+                for _ in range(2):
+                    order = SO.sort_positions(cols, criteria)
+                    assert [entries[p].seq for p in order] == expected, words
+                assert SO.sort_line(order, cols.uid_text()) == \
+                    b" ".join([b"SORT", *(b"%d" % (s * 10) for s in expected)])
+                for chosen in (some, some[::4]):  # filtered from the order, or sorted
+                    assert [entries[p].seq for p in SO.sort_positions(cols, criteria, chosen)] \
+                        == sorted_by_definition([entries[p] for p in chosen], criteria), words
+                assert SO.sort_values(cols, some[0], criteria) == \
+                    SO.sort_key_of(entries[some[0]], criteria) if some else True
+
+
+def test_long_lists_are_sorted_in_runs() -> None:
+    rng = random.Random(9)
+    items = list(range(3 * SO.RUN + 5))
+    values = [rng.choice("abcdefg") + str(rng.randint(0, 40)) for _ in items]
+    for reverse in (False, True):
+        assert SO.sorted_in_runs(list(items), values.__getitem__, reverse) == \
+            sorted(items, key=values.__getitem__, reverse=reverse)
+
+
+def test_thread_lines_agree_with_the_thread_trees() -> None:
+    # The line written straight from the positions is the thread trees' (format_threads),
+    # and threading some of the messages is threading those messages alone.
+    rng = random.Random(3)
+    for _ in range(300):
+        entries = [SO.entry(m) for m in random_messages(rng, rng.randint(0, 24))]
+        some = sorted(rng.sample(range(len(entries)), len(entries) // 2))
+        for build in (SO.references_forest, SO.orderedsubject_forest):
+            for keep in (False, True):
+                cols = columns(entries, keep)
+                forest = build(cols)
+                line = SO.thread_line(forest, cols.uid_text())
+                assert line == SO.thread_response(forest.threads(entries), uid=True)
+                numbers = sorted(int(n) for n in
+                                 line[6:].replace(b"(", b" ").replace(b")", b" ").split())
+                assert numbers == [e.uid for e in entries]  # each message once
+                alone = [entries[p] for p in some]
+                expected = build(columns(alone, False)).threads(alone)
+                assert SO.thread_line(build(cols, some), cols.uid_text()) == \
+                    SO.thread_response(expected, uid=True)
+
+
+def test_long_chains_of_missing_messages() -> None:
+    # A thousand references to messages not in the mailbox, and many answers to the
+    # last of them: the dummies between are pruned once, not once per answer.
+    chain = " ".join(f"<gone{i}@x>" for i in range(SO.MAX_REFERENCES))
+    messages = [msg(1, "Start", day(1), mid="<s@x>", refs=chain)] + [
+        msg(i, "Re: Start", day(2), mid=f"<{i}@x>", refs=f"<gone{SO.MAX_REFERENCES - 1}@x>")
+        for i in range(2, 3000)]
+    # All hang from the dummy of the last missing message, the first one included.
+    assert thread(messages) == b"(" + b"".join(b"(%d)" % i for i in range(1, 3000)) + b")"
+
+
 # -- reading and caching ---------------------------------------------------------------------------
 
 HEAD = (b"Subject: =?utf-8?q?Re=3A_Caf=C3=A9?=\r\n"
@@ -440,8 +556,9 @@ def test_load_entries_finds_renamed_files_and_skips_vanished_ones(tmp_path) -> N
 
 
 def test_keys_decoded_once_are_kept_while_the_index_is_open(tmp_path) -> None:
-    # A second SORT reads no keys from the index file; an expunge (drop) and the idle
-    # sweep's close forget them; a vanished file's empty keys are never kept.
+    # A second SORT reads no keys from the index file; an expunge (drop) forgets them, the
+    # idle sweep's close of the connections does not (they go after DECODED_IDLE_SECONDS
+    # unused), closing the index does; a vanished file's empty keys are never kept.
     from mailserver.maildir.index import FolderIndex
 
     for sub in ("cur", "new", "tmp"):
@@ -466,6 +583,13 @@ def test_keys_decoded_once_are_kept_while_the_index_is_open(tmp_path) -> None:
         assert "b1" not in index.decoded[SO.CACHE_KEY]
         SO.load_entries(str(tmp_path), infos[:1], [1], index)
         assert "b1" in index.decoded[SO.CACHE_KEY]
+        # The idle sweep closes the connections but keeps the keys, for a while.
+        index.flush()
+        assert index.close_if_idle(0.0) and not index.is_open
+        assert "b1" in index.decoded[SO.CACHE_KEY]
+        assert not index.forget_decoded_if_idle(60.0)
+        assert index.forget_decoded_if_idle(0.0) and index.decoded == {}
+        SO.load_entries(str(tmp_path), infos[:1], [1], index)
         index.close()
         assert index.decoded == {}
     finally:
