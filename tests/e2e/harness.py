@@ -52,11 +52,25 @@ _ports_handed_out: set[int] = set()
 _ports_lock = threading.Lock()
 
 
+def _worker_slice(low: int, high: int) -> tuple[int, int]:
+    """This worker's part of [low, high]: pytest-xdist names workers gw0, gw1, ... and
+    tells how many there are."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count < 2:
+        return low, high
+    span = (high - low + 1) // count
+    start = low + int(worker[2:]) % count * span
+    return start, start + span - 1
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now and not yet handed out in this run.
 
     Ports are picked below the kernel's ephemeral range so the client side of other
-    connections cannot grab them between this call and the server's bind.
+    connections cannot grab them between this call and the server's bind.  When the suite
+    runs in several worker processes (pytest-xdist), each worker picks from its own slice
+    of that range, so two workers never hand out the same port.
     """
     low, high = 20000, 32000
     try:
@@ -66,6 +80,7 @@ def free_port() -> int:
             low = min(low, high - 1000)
     except (OSError, ValueError, IndexError):
         pass
+    low, high = _worker_slice(low, high)
     with _ports_lock:
         for _ in range(1000):
             port = random.randint(low, high)
