@@ -24,10 +24,11 @@ they compare case-insensitively as Dovecot's do.
 
 from __future__ import annotations
 
+import abc
 import os
 import sqlite3
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
@@ -159,7 +160,7 @@ class Db(Protocol):
 
 
 @implementer(IAccounts)
-class SqlAccounts:
+class SqlAccounts(abc.ABC):
     """The account operations over SQL, shared by the SQLite and PostgreSQL backends: a
     subclass provides the connection handling (`_read`, `_write`, `close`)."""
 
@@ -169,8 +170,9 @@ class SqlAccounts:
         self.subaddress_separator = subaddress_separator
         self._lock = threading.RLock()
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the connections."""
 
     def __enter__(self) -> SqlAccounts:
         return self
@@ -178,17 +180,13 @@ class SqlAccounts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _read(self) -> Iterator[Db]:
+    @abc.abstractmethod
+    def _read(self) -> AbstractContextManager[Db]:
         """One snapshot for several queries (fresh for every call)."""
-        raise NotImplementedError
-        yield
 
-    @contextmanager
-    def _write(self) -> Iterator[Db]:
+    @abc.abstractmethod
+    def _write(self) -> AbstractContextManager[Db]:
         """One transaction, serialised with every other writer."""
-        raise NotImplementedError
-        yield
 
     def available(self) -> bool:
         """A database read on every lookup is always current (or fails loudly)."""

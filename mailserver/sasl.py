@@ -27,6 +27,10 @@ class SASLError(Exception):
         self.reason = reason
 
 
+class Cancelled(Exception):
+    """The client sent "*": it gives up the exchange (not a failed login)."""
+
+
 def is_cancel(line: bytes) -> bool:
     """"*" ends an exchange (RFC 4954 4, RFC 3501 6.2.2, RFC 5034 4)."""
     return line.strip() == b"*"
@@ -64,6 +68,13 @@ class Exchange:
 
     def step(self, response: bytes) -> bytes | None:
         raise NotImplementedError
+
+    def respond(self, line: bytes) -> bytes | None:
+        """The client's base64 line to a challenge: the next challenge, or None when the
+        exchange is complete.  Cancelled for "*", SASLError for a malformed response."""
+        if is_cancel(line):
+            raise Cancelled()
+        return self.step(decode(line))
 
 
 class Plain(Exchange):

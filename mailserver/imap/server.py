@@ -565,14 +565,16 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self.send(b"+ " + base64.b64encode(challenge) + b"\r\n")
 
         def response(line: bytes) -> None:
-            if sasl.is_cancel(line):
+            try:
+                following = exchange.respond(line)
+            except sasl.Cancelled:   # RFC 3501 6.2.2
                 self.tagged(tag, b"BAD", b"Authentication cancelled")
                 d.callback(None)
                 return
-            try:
-                advance(exchange.step(sasl.decode(line)))
             except sasl.SASLError as e:
                 refused(e)
+                return
+            advance(following)
 
         try:   # RFC 4959: an initial response, "=" for an empty one
             advance(exchange.start(None if initial is None else sasl.decode(initial)))
@@ -1266,12 +1268,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 for info in sorted(added, key=lambda i: i.uid):
                     if not self.view or info.uid > self.view[-1]:
                         self._own_view().append(info.uid)
-                if self.rev2:  # RFC 9051: no \Recent, no RECENT
-                    pass
-                elif self.readonly:
-                    self.recent |= self.folder.peek_recent() & {i.uid for i in added}
-                else:
-                    self.recent |= set(self.folder.claim_recent(self))
+                if not self.rev2:  # RFC 9051: no \Recent, no RECENT
+                    if self.readonly:
+                        self.recent |= self.folder.peek_recent() & {i.uid for i in added}
+                    else:
+                        self.recent |= set(self.folder.claim_recent(self))
                 self.untagged(b"%d EXISTS" % len(self.view))
                 if not self.rev2:
                     self.untagged(b"%d RECENT" % len(self.recent))

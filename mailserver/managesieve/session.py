@@ -366,12 +366,11 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
             if isinstance(item, WireError) or len(item) != 1:
                 self._bad_command("Expected one string with the SASL response")
                 return
-            line = self._bytes(item[0])
-            if line == b"*":   # RFC 5804 2.1: the client cancels
+            try:
+                following = exchange.respond(self._bytes(item[0]))
+            except sasl.Cancelled:   # RFC 5804 2.1: the client cancels
                 self._no("Authentication cancelled")
                 return
-            try:
-                following = exchange.step(sasl.decode(line))
             except sasl.SASLError as e:
                 self._sasl_refused(e)
                 return

@@ -361,11 +361,11 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             return
 
         def respond(line: bytes) -> None:
-            if sasl.is_cancel(line):
+            try:
+                following = exchange.respond(line)
+            except sasl.Cancelled:
                 self.err(b"Authentication cancelled")  # RFC 5034 4
                 return
-            try:
-                following = exchange.step(sasl.decode(line))
             except sasl.SASLError as e:
                 self._sasl_refused(e)
                 return

@@ -153,11 +153,11 @@ class SubmissionSession(QuotaChecks, SMTPSession):
             return super().lineReceived(line)
         self.resetTimeout()
         self._sasl = None
-        if sasl.is_cancel(line):  # the client cancels (RFC 4954 4)
+        try:
+            challenge = exchange.respond(line)
+        except sasl.Cancelled:  # RFC 4954 4
             self._auth_failures += 1
             return self.reply(AUTH_ABORTED)
-        try:
-            challenge = exchange.step(sasl.decode(line))
         except sasl.SASLError as e:
             return self._auth_bad_input(SASL_REPLIES[e.reason], exchange.username)
         self._auth_next(exchange, challenge)
