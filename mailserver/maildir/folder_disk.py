@@ -58,7 +58,7 @@ from mailserver.maildir.flags import (
 )
 from mailserver.maildir.index import FolderIndex
 from mailserver.maildir.keywords import KeywordLimit, Keywords
-from mailserver.maildir.newfiles import FLUSH_THRESHOLD, OPEN_FLAGS, unique_base
+from mailserver.maildir.newfiles import FLUSH_THRESHOLD, OPEN_FLAGS, arrival_key, unique_base
 from mailserver.maildir.uidlist import DotLock, FileStamp, UidList
 from mailserver.maildir.uidranges import gaps, has, intersect_ranges, normalize_ranges, uid_ranges
 
@@ -352,7 +352,7 @@ class FolderDisk:
                     except FileNotFoundError:
                         continue
                     fresh.append(base)
-            fresh.sort(key=lambda b: (fresh_stats[b].st_mtime, b))
+            fresh.sort(key=lambda b: (fresh_stats[b].st_mtime_ns, arrival_key(b)))
             for base in fresh:
                 ul.add(base)
             for base in [b for b in listing if uid_of(b) is None]:

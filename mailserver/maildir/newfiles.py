@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 
 FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
@@ -25,6 +26,18 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def arrival_key(base: str) -> list[str | int]:
+    """A base name's order among files of the same modification time: its numbers
+    compared as numbers (`<secs>.M<usecs>P<pid>Q<counter>`: M99999 came before M100000,
+    Q9 before Q10), so new mail gets its UIDs in the order it arrived even when the file
+    system's clock tick gave several files one mtime.  Strings and numbers alternate at
+    fixed positions, so any two names compare."""
+    return [int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(base))]
 
 
 def unique_base(escaped_host: str) -> str:

@@ -183,6 +183,20 @@ class UidAssignment(FolderTestCase):
         self.assertEqual(again.recent_count, 0)  # nothing new for the second process
 
     @inlineCallbacks
+    def test_files_of_one_mtime_get_uids_in_the_order_their_names_were_made(self):
+        # A clock tick of the file system can give several deliveries one mtime: their
+        # unique names decide, number by number (M99999 was made before M100000).
+        folder = self.account.folder("INBOX")
+        yield folder.refresh()
+        names = ["1700000000.M99998P7Q9.h,S=47", "1700000000.M99999P7Q10.h,S=47",
+                 "1700000000.M100000P7Q11.h,S=47", "1700000000.M100001P7Q12.h,S=47"]
+        for name in reversed(names):
+            drop(self.user, name, mtime=1700000000.5)
+        changes = yield folder.refresh()
+        self.assertEqual([(i.uid, i.basename) for i in changes.added],
+                         list(enumerate(names, start=1)))
+
+    @inlineCallbacks
     def test_new_files_get_increasing_uids_in_mtime_order(self):
         folder = self.account.folder("INBOX")
         yield folder.refresh()
