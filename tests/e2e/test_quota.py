@@ -127,6 +127,8 @@ def test_third_message_over_a_2k_quota_is_refused(server):
     subjects = sorted(re.search(rb"Subject: (quota \d)", p.read_bytes()).group(1)
                       for p in mail(server, dora))
     assert subjects == [b"quota 1", b"quota 2"]
+    # Crossing 90% delivers one warning; once it is in, nothing else is on its way.
+    assert wait_until(lambda: len(warnings(server, dora)) == 1, 10), server.log_text()
     total, count = settled(server, dora)
     assert maildirsize(server, dora) == (b"2048S", total, count) and total > 2048
     assert "Mailbox full" in server.log_text()
@@ -325,6 +327,7 @@ def test_pop3_deletions_are_counted_off(server):
     for n in (1, 2):
         assert accepted(server, gus, n, 1100)
     assert not accepted(server, gus, 3)
+    assert wait_until(lambda: len(warnings(server, gus)) == 1, 10), server.log_text()
     p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=15)
     p.stls(tls_client_context())
     p.user(gus)
