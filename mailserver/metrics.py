@@ -44,7 +44,7 @@ _REASON_BY_STATUS = {"5.1.1": "unknown_recipient", "4.2.2": "over_quota", "5.2.2
                      "5.3.4": "size", "4.5.3": "too_many_recipients"}
 _REASON_BY_CLASS = {"5.1.": "bad_address", "5.5.": "syntax", "5.7.": "policy"}
 # Services whose sessions log in and stay logged in (mailserver_sessions_logged_in).
-LOGIN_SERVICES = ("imap", "imaps", "pop3", "pop3s")
+LOGIN_SERVICES = ("imap", "imaps", "pop3", "pop3s", "managesieve")
 # The per-service series each listener exports from the start (ServiceMetrics attributes).
 _CONNECTION_SERIES = ("_accepted", "_refused")
 _MAIL_SERIES = ("_received", "_delivered", "_delivery_seconds")
@@ -92,7 +92,7 @@ class Metrics:
             "mailserver_auth_failures", "Failed logins (AUTH, LOGIN, USER/PASS), per service",
             ["service"], registry=r)
         self.logged_in = Gauge(
-            "mailserver_sessions_logged_in", "IMAP and POP3 sessions logged in now",
+            "mailserver_sessions_logged_in", "IMAP, POP3 and ManageSieve sessions logged in now",
             ["service"], registry=r)
         self.received = Counter(
             "mailserver_messages_received", "Messages accepted (250 after DATA), per service",
@@ -246,7 +246,7 @@ class ServiceMetrics:
         self._auth_failures.inc()
 
     def logged_in(self, session: Any) -> None:
-        """An IMAP or POP3 session logged in; it counts until its connection closes."""
+        """An IMAP, POP3 or ManageSieve session logged in; it counts until its connection closes."""
         self._logged_in.add(session)
 
     def message_received(self, data_ended: float, mailboxes: int) -> None:

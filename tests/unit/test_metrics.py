@@ -65,9 +65,11 @@ def test_servers_do_not_share_numbers():
 
 def test_series_of_a_service_start_at_zero():
     metrics = Metrics()
-    for name in ("smtp", "submission", "imaps", "pop3", "autoconfig"):
+    for name in ("smtp", "submission", "imaps", "pop3", "autoconfig", "managesieve"):
         metrics.service(name)
     get = metrics.registry.get_sample_value
+    assert get("mailserver_sessions_logged_in", {"service": "managesieve"}) == 0
+    assert get("mailserver_auth_failures_total", {"service": "managesieve"}) == 0
     assert get("mailserver_messages_received_total", {"service": "smtp"}) == 0
     assert get("mailserver_auth_failures_total", {"service": "submission"}) == 0
     assert get("mailserver_sessions_logged_in", {"service": "imaps"}) == 0
