@@ -28,6 +28,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailserver import sasl
+from mailserver.accounts import AccountsUnavailable
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.managesieve.account import ISieveAccount, SieveAccount
@@ -418,6 +419,11 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         self._ok("Logged in")
 
     def _login_failed(self, f: Failure, ip: str, account: str) -> None:
+        if f.check(AccountsUnavailable):  # a subsystem is down: no traceback, no throttle
+            self.log.info("{service} login for {user} from {ip} refused: accounts database "
+                          "unavailable", service=self.context.service, user=account, ip=ip)
+            self._no("Accounts unavailable, try again later", "TRYLATER")  # RFC 5804 1.3
+            return
         if not f.check(LoginFailed):
             self.log.failure("{service} login error for {user}", f,
                              service=self.context.service, user=account)

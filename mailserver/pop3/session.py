@@ -30,6 +30,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 
 from mailserver import sasl
+from mailserver.accounts import AccountsUnavailable
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
@@ -419,6 +420,11 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self.log.info("{service} login {user} from {ip}: mailbox in use",
                           service=self.context.service, user=account, ip=ip)
             self.err(b"Mailbox is locked by another POP3 session", b"IN-USE")
+            return
+        if f.check(AccountsUnavailable):  # a subsystem is down: no traceback, no throttle
+            self.log.info("{service} login for {user} from {ip} refused: accounts database "
+                          "unavailable", service=self.context.service, user=account, ip=ip)
+            self.err(b"Accounts unavailable, try again later", b"SYS/TEMP")  # RFC 3206 4
             return
         if not f.check(LoginFailed):
             self.log.failure("{service} login error for {user}", f,

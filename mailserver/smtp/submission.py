@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+
+from mailserver.accounts import AccountsUnavailable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -211,6 +213,12 @@ class SubmissionSession(QuotaChecks, SMTPSession):
 
     def _auth_failed(self, failure: Failure, username: str) -> None:
         if self._closing:
+            return
+        if failure.check(AccountsUnavailable):  # a subsystem is down: no traceback, no throttle
+            self.log.info("submission {ip}: login for {user!r} refused: accounts database "
+                          "unavailable", ip=self.peer_ip, user=username[:100])
+            self.reply(AUTH_TEMPORARY)
+            self._resume()
             return
         if not failure.check(UnauthorizedLogin):
             self.log.failure("submission: authentication error", failure)

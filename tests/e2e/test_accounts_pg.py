@@ -9,6 +9,8 @@ tests/pg_helper.py (skipped without it, unless MAILSERVER_REQUIRE_INTEROP=1).
 from __future__ import annotations
 
 import imaplib
+import poplib
+import smtplib
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DOMAIN, PASSWORD, ServerProcess, wait_until  # noqa: E402
+from harness import DOMAIN, PASSWORD, ServerProcess, tls_client_context, wait_until  # noqa: E402
 from imap_helpers import close_quietly, imap_connect  # noqa: E402
 
 from tests.pg_helper import PgCluster, require_postgresql  # noqa: E402
@@ -118,6 +120,29 @@ def test_a_password_change_takes_effect_on_both(nodes):
         assert login(node) != "OK"
 
 
+def pop3_login(node: ServerProcess) -> str:
+    """+OK, or the server's -ERR answer to PASS."""
+    p = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=15)
+    try:
+        p.stls(tls_client_context())
+        p.user(ALICE)
+        return p.pass_(PASSWORD).decode()
+    except poplib.error_proto as e:
+        return str(e.args[0], "ascii", "replace") if isinstance(e.args[0], bytes) else str(e)
+    finally:
+        p.close()
+
+
+def submission_auth(node: ServerProcess) -> int:
+    """The reply code to AUTH PLAIN on submission, after STARTTLS."""
+    with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=15) as c:
+        c.starttls(context=tls_client_context())
+        try:
+            return c.login(ALICE, PASSWORD)[0]
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+
+
 def test_database_down_fails_closed_and_recovers_without_restart(tmp_path):
     own = PgCluster(require_postgresql())   # stopped and started: not the shared one
     started: list[ServerProcess] = []
@@ -135,6 +160,8 @@ def test_database_down_fails_closed_and_recovers_without_restart(tmp_path):
             assert wait_until(lambda: "UNAVAILABLE" in login(node), 60), node.diagnostics()
             assert rcpt(node, ALICE) == 451                    # deferred, not refused
             assert rcpt(node, "someone@remote.test") == 554    # never a relay
+            assert "[SYS/TEMP]" in pop3_login(node)              # RFC 3206 4
+            assert submission_auth(node) == 454                  # RFC 4954 6
         cp = a.admin("user", "list")
         assert cp.returncode == 1 and "cannot connect to the accounts database" in cp.stderr
 
@@ -145,6 +172,8 @@ def test_database_down_fails_closed_and_recovers_without_restart(tmp_path):
         assert [node.pid for node in started] == pids and all(n.running for n in started)
         log = a.log_text()
         assert "unreachable" in log and "reachable again" in log
+        # Refused logins during the outage are one line each, not an error with a traceback.
+        assert "accounts database unavailable" in log and "Traceback" not in log
     finally:
         for node in started:
             node.close()
