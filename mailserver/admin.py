@@ -192,6 +192,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("hostname", config.server.hostname),
             ("state_dir", str(config.state_dir)),
             ("maildir_root", str(config.maildir_root)),
+            ("storage", _storage_summary(config)),
             ("tls", _tls_source(config)),
             ("acme", _acme_summary(config)),
             ("accounts", accounts),
@@ -199,6 +200,10 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             ("inbound", _inbound_summary(config)),
             ("filters", _filters_summary(config)),
             ("sieve", _sieve_summary(config))]
+    if config.storage.shared:   # what every node signs and serves with
+        at = [key for key, _ in rows].index("storage") + 1
+        rows.insert(at, ("shared keys", f"DKIM keys in {config.dkim_dir}, ACME store in "
+                                        f"{config.acme_dir}"))
     for key, value in rows:
         print(f"{key:<13} {value}")
     listeners = config.listen.keyed()
@@ -282,6 +287,23 @@ def _inbound_summary(config: Config) -> str:
         checks.append(f"greet delay {inbound.greet_delay:g}s")
     trusted = ", ".join(inbound.trusted_networks) or "none"
     return f"{', '.join(checks) or 'no checks'}; skipped for {trusted}"
+
+
+def _storage_summary(config: Config) -> str:
+    """[storage] shared or not, and whether this user can write the root."""
+    root = config.maildir_root
+    if config.storage.shared:
+        from mailserver.maildir.shared_disk import INDEX_DIR
+
+        mode = (f"shared Maildir root (indexes node-local in {config.state_dir / INDEX_DIR}, "
+                f"mod-sequences in each folder's change log)")
+    else:
+        mode = "local Maildir root (indexes in the folders)"
+    if not root.exists():
+        return f"{mode}; root not created yet"
+    if not os.access(root, os.W_OK | os.X_OK):
+        return f"{mode}; ROOT NOT WRITABLE by this user"
+    return mode
 
 
 def _relay_summary(config: Config) -> str:
@@ -385,8 +407,14 @@ def _dkim_key(config: Config, domain: str):
     """The domain's DKIM key, generated (RSA-2048) when it has none; (key, created)."""
     from mailserver.dkim.keys import generate
 
+    if config.storage.shared:   # on the shared root: every node signs with it
+        from mailserver.shared_state import make_private_dirs
+
+        make_private_dirs(config.dkim_dir, config.maildir_root)
     key, created = generate(config.dkim_dir, domain)
-    if created:
+    if created and config.storage.shared:
+        _match_owner([config.shared_dir, config.dkim_dir, key.path], config.maildir_root)
+    elif created:
         _match_owner([config.dkim_dir, key.path], config.state_dir)
     return key, created
 

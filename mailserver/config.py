@@ -18,6 +18,8 @@ from typing import Any, Callable
 # The shipped config in a source checkout.  An installed package has no etc/ beside it, so
 # the default is looked up from the working directory first (see default_config_path).
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "mailserver.toml"
+# [storage] shared: <maildir_root>/.mailserver holds what the nodes share besides mail.
+SHARED_DIR_NAME = ".mailserver"
 
 
 def default_config_path() -> Path:
@@ -83,6 +85,9 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     maildir_root: Path = Path("maildirs")
+    # Other server nodes use the same root (NFS, CephFS): indexes move to state_dir and
+    # mod-sequences come from a change log in each folder (mailserver.maildir.shared_folder).
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,8 +342,22 @@ class Config:
         return self.server.state_dir / "queue"
 
     @property
+    def shared_dir(self) -> Path:
+        """What every node of a shared Maildir root uses alike (DKIM keys, the ACME
+        store): a directory no mailbox path can name, since domains never start with "."."""
+        return self.storage.maildir_root / SHARED_DIR_NAME
+
+    @property
     def dkim_dir(self) -> Path:
+        if self.storage.shared:   # every node signs with the same keys
+            return self.shared_dir / "dkim"
         return self.server.state_dir / "dkim"
+
+    @property
+    def acme_dir(self) -> Path:
+        if self.storage.shared:   # one account, one certificate for every node
+            return self.shared_dir / "acme"
+        return self.server.state_dir / "acme"
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -606,7 +625,8 @@ def _display_name(key: str, value: Any) -> str:
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
     "server": (ServerConfig, {"hostname": _hostname, "state_dir": _expect(str, "a path")}),
-    "storage": (StorageConfig, {"maildir_root": _expect(str, "a path")}),
+    "storage": (StorageConfig, {"maildir_root": _expect(str, "a path"),
+                                "shared": _expect(bool, "true or false")}),
     "tls": (TLSConfig, {"certificate": _expect(str, "a path"),
                         "private_key": _expect(str, "a path"),
                         "reload_interval": _duration,
@@ -730,7 +750,15 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         sections["server"] = ServerConfig(server.hostname, (base / server.state_dir).resolve())
     storage: StorageConfig = sections["storage"]
     if not storage.maildir_root.is_absolute():
-        sections["storage"] = StorageConfig((base / storage.maildir_root).resolve())
+        storage = sections["storage"] = replace(
+            storage, maildir_root=(base / storage.maildir_root).resolve())
+    state_dir = sections["server"].state_dir
+    if storage.shared and (state_dir == storage.maildir_root
+                           or storage.maildir_root in state_dir.parents):
+        # Each node's indexes, queue and certificates must be its own.
+        raise ConfigError("storage.shared", f"server.state_dir ({state_dir}) is inside the "
+                          f"shared maildir_root ({storage.maildir_root}); give each node a "
+                          "state_dir of its own outside it")
     tls: TLSConfig = sections["tls"]
     if bool(tls.certificate) != bool(tls.private_key):
         raise ConfigError("tls.certificate" if not tls.certificate else "tls.private_key",

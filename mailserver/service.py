@@ -80,6 +80,11 @@ class MailServer(service.MultiService):
             self.filters = load_filters(config.filters.plugins)
         for path in (config.state_dir, config.maildir_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if config.storage.shared:   # DKIM keys every node signs with (shared_state)
+            from mailserver.shared_state import adopt_shared_keys
+
+            adopt_shared_keys(config.state_dir / "dkim", config.dkim_dir,
+                              config.maildir_root)
         self.tls_paths = ensure_certificate(config)
         # One context factory for every TLS listener and STARTTLS, its certificate
         # replaced without a restart (files reloaded, ACME renewals): tls_reload.
@@ -89,8 +94,24 @@ class MailServer(service.MultiService):
         self.accounts = open_accounts(config, server=True)
         if service.IService.providedBy(self.accounts):
             self.accounts.setServiceParent(self)
+        shared = None
+        if config.storage.shared:   # other nodes use the root too: indexes in state_dir
+            from mailserver.maildir.shared_folder import SharedStorage
+
+            shared = SharedStorage(config.maildir_root, config.state_dir)
         self.store = MaildirStore(config.maildir_root, config.server.hostname,
-                                  commit_process=True)
+                                  commit_process=True, shared=shared)
+        # Nodes sharing the Maildir root and a PostgreSQL accounts database: each one's
+        # folder changes reach the others' sessions, POP3's IN-USE holds across them.
+        self.crossnode = None
+        if config.accounts.url:
+            from mailserver.accounts_pg import connect
+            from mailserver.crossnode import CrossNode
+
+            url = config.accounts.url
+            self.crossnode = CrossNode(self.accounts, self.store, lambda: connect(url))
+            self.crossnode.setServiceParent(self)
+            self.pop3_locks = self.crossnode.pop3_locks
         self.limiter = ConnectionLimiter(config.limits.max_connections,
                                          config.limits.max_connections_per_ip)
         # What [listen].metrics serves; counted also when nothing serves it.

@@ -202,7 +202,8 @@ class MailAccount:
         for sub in MAILDIR_SUBDIRS:
             if not (path / sub).is_dir():
                 _mkdir(path / sub)  # Dovecot creates missing subdirectories too
-        folder = Folder(path, self._name_of(path), self._escaped_host)
+        folder = self.store.new_folder(path, self._name_of(path), self._escaped_host)
+        folder.on_change = getattr(self.store, "folder_changed", None)
         self._folders[path] = folder
         return folder
 
@@ -444,7 +445,9 @@ class MailAccount:
             raise FolderExists(f"folder {new!r} exists")
         _mkdir(new_path / "tmp")
         _create_file(new_path / "maildirfolder", b"", new_path / "tmp")
-        with _short_lock(self.path / "dovecot-uidlist"):
+        # The new folder's lock too: another node may open it as soon as it exists.
+        with _short_lock(self.path / "dovecot-uidlist"), \
+                _short_lock(new_path / "dovecot-uidlist"):
             for control in ("dovecot-uidlist", KEYWORDS_NAME):
                 if (self.path / control).exists():
                     _copy_file(self.path / control, new_path / control, new_path / "tmp")

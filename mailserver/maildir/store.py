@@ -24,6 +24,7 @@ from mailserver.maildir.commit_process import ProcessCommitter
 from mailserver.maildir.commit_process import available as commit_process_available
 from mailserver.maildir.committer import GroupCommitter
 from mailserver.maildir.delivery import Delivery, escape_hostname
+from mailserver.maildir.folder_disk import NoSuchFolder
 from mailserver.maildir.names import (
     INBOX,
     SUBSCRIPTIONS_FILE,
@@ -37,6 +38,8 @@ from mailserver.maildir.quota import Usage
 
 if TYPE_CHECKING:
     from mailserver.maildir.account import MailAccount
+    from mailserver.maildir.folder import Folder
+    from mailserver.maildir.shared_folder import SharedStorage
 
 log = Logger()
 
@@ -53,10 +56,12 @@ class MaildirStore:
     folder_dir = staticmethod(folder_dir)
 
     def __init__(self, root: Path, hostname: str | None = None,
-                 commit_process: bool = False) -> None:
+                 commit_process: bool = False, shared: SharedStorage | None = None) -> None:
         # commit_process: deliveries committed by a child process (the server does that;
         # tests and tools commit in a thread of their own)
         self.commit_process = commit_process
+        # [storage] shared: other nodes use the root too (maildir/shared_folder.py)
+        self.shared = shared
         self.root = normalized(root)
         self.hostname = hostname or socket.gethostname()
         self._escaped_host = escape_hostname(self.hostname)
@@ -64,6 +69,9 @@ class MaildirStore:
         self._committer: GroupCommitter | ProcessCommitter | None = None
         self._user_paths: dict[tuple[str, str], Path] = {}
         self.quota = QuotaTracker(self)
+        # Told the directory of a folder this process changed durably (a delivery, or a
+        # Folder's own edit: APPEND, STORE, EXPUNGE, COPY): mailserver.crossnode.
+        self.change_observers: list[Callable[[Path], None]] = []
 
     def user_path(self, domain: str, localpart: str) -> Path:
         """The Maildir of `localpart@domain`; ValueError if either is unsafe on disk.
@@ -138,13 +146,20 @@ class MaildirStore:
                 raise ValueError(f"delivery target outside the maildir root: {t}")
         if self._committer is None:
             self._committer = self._new_committer()
-        return Delivery(targets, self._escaped_host, self.notify_delivered, self._committer,
+        return Delivery(targets, self._escaped_host, self._delivered, self._committer,
                         info=info, quota=self.quota)
 
     def _new_committer(self) -> GroupCommitter | ProcessCommitter:
         if self.commit_process and commit_process_available():
             return ProcessCommitter()
         return GroupCommitter()
+
+    def new_folder(self, path: Path, name: str, escaped_host: str) -> Folder:
+        """The Folder object of a folder directory (MailAccount keeps one per folder)."""
+        if self.shared is not None:
+            return self.shared.folder(path, name, escaped_host)
+        from mailserver.maildir.folder import Folder
+        return Folder(path, name, escaped_host)
 
     def account(self, user_path: Path) -> MailAccount:
         """The folder tree of the Maildir at `user_path`: one per user and process, so
@@ -173,6 +188,32 @@ class MaildirStore:
             if folder is None or not folder.watched:
                 continue  # nobody listens: whoever opens it next finds the mail on disk
             folder.refresh_soon()
+
+    def _delivered(self, paths: list[Path]) -> None:
+        self.notify_delivered(paths)
+        for path in paths:
+            self.folder_changed(path)
+
+    def folder_changed(self, path: Path) -> None:
+        """This process changed the folder at `path` durably: tell the observers."""
+        for observer in self.change_observers:
+            try:
+                observer(path)
+            except Exception:
+                log.failure("change observer {observer} failed", observer=observer)
+
+    def refresh_watched(self, force: bool = False) -> int:
+        """Refresh every folder a session listens to (changes may have gone unheard);
+        how many."""
+        count = 0
+        for account in list(self._accounts.values()):
+            for folder in account.loaded_folders():
+                if folder.watched:
+                    count += 1
+                    folder.refresh(force).addErrback(
+                        lambda f, p=str(folder.path): None if f.check(NoSuchFolder)
+                        else log.failure("refresh of {path} failed", f, path=p))
+        return count
 
     def close_idle_indexes(self, idle: float = INDEX_IDLE_SECONDS) -> None:
         """Close the index files of folders unused for `idle` seconds: each open SQLite

@@ -16,6 +16,10 @@ dot-lock `dovecot-uidlist.lock` is held while the list is read, changed and rewr
 rewrite goes to `dovecot-uidlist.tmp`, is fsynced and renamed over the list, and the
 directory is fsynced, so a crash at any moment leaves either the old or the new file.
 Dovecot may also append lines in place; a changed size or inode means "read it again".
+On a Maildir root several nodes share (`[storage] shared`) the same lock keeps them apart:
+each node reads the list again under the lock before it hands out a uid (opening the file,
+which NFS's close-to-open consistency makes current), and a lock another host holds is
+judged stale by its age alone, which its holder keeps young while it works.
 
 A damaged file never stops a folder from opening: whatever parses is kept, the rest is
 logged and dropped on the next rewrite.
@@ -32,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from mailserver.fsutil import fsync_directory, unlink_quietly, write_all, write_durably
 from mailserver.maildir.flags import base_name
@@ -94,22 +98,87 @@ class LockTimeout(OSError):
     """Another process kept a dot-lock for longer than we wait."""
 
 
-_local_locks: dict[str, threading.Lock] = {}
+class _Held:
+    """This process's state of one dot-lock path: which thread holds it, how often (the
+    holder may take it again: an edit that defines a keyword or syncs first), and the
+    descriptor of the lock file."""
+
+    __slots__ = ("lock", "owner", "depth", "fd", "since")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.depth = 0
+        self.fd = -1
+        self.since = 0.0
+
+
+_local_locks: dict[str, _Held] = {}
 _local_locks_guard = threading.Lock()
 
 
-def _local_lock(path: Path) -> threading.Lock:
+def _local_lock(path: Path) -> _Held:
     with _local_locks_guard:
-        return _local_locks.setdefault(str(path), threading.Lock())
+        return _local_locks.setdefault(str(path), _Held())
+
+
+# A lock held longer than this is touched (its mtime set to now) by a keeper thread, so that
+# another host, which can judge our lock only by its age, never takes a long hold for a
+# crashed one (Dovecot refreshes its dot-locks the same way).
+LOCK_REFRESH_AFTER = LOCK_STALE_AFTER / 4
+_keeper: threading.Thread | None = None
+
+
+def refresh_held_locks(older_than: float = LOCK_REFRESH_AFTER) -> int:
+    """Set the mtime of every lock file this process has held for `older_than` seconds
+    to now; how many.  Run by the keeper thread."""
+    now = time.monotonic()
+    count = 0
+    with _local_locks_guard:
+        for state in _local_locks.values():
+            if state.fd >= 0 and now - state.since >= older_than:
+                try:
+                    os.utime(state.fd)
+                    state.since = now
+                    count += 1
+                except OSError:
+                    pass
+    return count
+
+
+def _keep_fresh() -> None:
+    while True:
+        time.sleep(LOCK_REFRESH_AFTER / 2)
+        refresh_held_locks()
+
+
+def _start_keeper() -> None:
+    global _keeper
+    with _local_locks_guard:
+        if _keeper is None or not _keeper.is_alive():
+            _keeper = threading.Thread(target=_keep_fresh, name="dotlock-keeper", daemon=True)
+            _keeper.start()
+
+
+def _forget_keeper() -> None:
+    global _keeper
+    _keeper = None   # a forked child has no such thread
+
+
+os.register_at_fork(after_in_child=_forget_keeper)
 
 
 class DotLock:
     """Dovecot's dot-lock on `target`: the file `<target>.lock`, created exclusively and
     holding "<pid>:<host>".
 
-    Blocking (call it in a thread).  A lock whose process is gone (same host) or that is
-    older than LOCK_STALE_AFTER seconds is broken, as Dovecot breaks it.  Threads of this
-    process also exclude each other through an in-process lock.
+    Blocking (call it in a thread).  A lock is broken as Dovecot breaks it: when it is
+    older than LOCK_STALE_AFTER seconds, or, for a lock of this host, when its process is
+    gone.  A lock of another host (another node on a shared Maildir root) is judged by its
+    age alone: its pid means nothing here.  So that a long hold is not mistaken for a dead
+    one, a lock held for LOCK_REFRESH_AFTER seconds gets its mtime refreshed.  Threads of
+    this process exclude each other through an in-process lock; the thread holding it may
+    take it again (nested holds share the one lock file).
     """
 
     def __init__(self, target: Path, timeout: float = LOCK_TIMEOUT,
@@ -119,11 +188,23 @@ class DotLock:
         self.stale_after = stale_after
         self._local = _local_lock(self.path)
         self._fd = -1
+        self._nested = False
+
+    @property
+    def held_here(self) -> bool:
+        """Whether the calling thread holds this lock already."""
+        return self._local.owner == threading.get_ident()
 
     def acquire(self) -> int:
         """Take the lock; returns the open descriptor of the lock file (mode 0600)."""
+        state = self._local
+        if self.held_here:
+            state.depth += 1
+            self._nested = True
+            self._fd = state.fd
+            return state.fd
         deadline = time.monotonic() + self.timeout
-        if not self._local.acquire(timeout=self.timeout):
+        if not state.lock.acquire(timeout=self.timeout):
             raise LockTimeout(errno.EAGAIN, "lock busy in this process", str(self.path))
         try:
             delay = 0.005
@@ -142,25 +223,40 @@ class DotLock:
                     continue
                 os.write(fd, f"{os.getpid()}:{_hostname()}".encode())
                 self._fd = fd
+                with _local_locks_guard:
+                    state.fd, state.since = fd, time.monotonic()
+                state.owner, state.depth = threading.get_ident(), 1
+                if _keeper is None:
+                    _start_keeper()
                 return fd
         except BaseException:
-            self._local.release()
+            state.lock.release()
             raise
 
     def release(self, unlink: bool = True) -> None:
         """Drop the lock (`unlink=False` when the lock file was renamed into place)."""
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+        if self._fd < 0:
+            return
+        state = self._local
+        if self._nested:
+            self._nested = False
             self._fd = -1
-            if unlink:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-            self._local.release()
+            state.depth -= 1
+            return
+        with _local_locks_guard:
+            state.fd = -1
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = -1
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        state.owner, state.depth = None, 0
+        state.lock.release()
 
     def _break_if_stale(self) -> bool:
         try:
@@ -227,6 +323,8 @@ def replace_locked(path: Path, data: bytes | Callable[[bytes | None], bytes | No
     dovecot-keywords, which it only writes while holding the uid list lock).
     """
     lock = DotLock(path, timeout=timeout)
+    if lock.held_here:
+        raise RuntimeError(f"{lock.path} is held already: it cannot also be the new file")
     if break_lock:
         try:
             os.unlink(lock.path)
@@ -453,6 +551,18 @@ class UidList:
         self._uids[base] = uid
         return uid
 
+    def add_all(self, bases: Iterable[str]) -> None:
+        """`add` each of `bases` in turn, in one go (a folder's first open gives a
+        hundred thousand files their uids)."""
+        fresh = list(dict.fromkeys(b for b in bases if b not in self._uids))
+        first = self.nextuid
+        if first + len(fresh) - 1 > MAX_UID:
+            raise OverflowError(f"{self.path}: uids exhausted")
+        uids = range(first, first + len(fresh))
+        self._names.update(zip(uids, fresh))
+        self._uids.update(zip(fresh, uids))
+        self.nextuid = first + len(fresh)
+
     def put(self, uid: int, base: str) -> None:
         """Record `base` under a given `uid`, which must be above every listed uid (used
         when messages move to another folder together with their uids)."""
@@ -485,6 +595,9 @@ class UidList:
         head = [f"{VERSION} V{self.uidvalidity} N{self.nextuid} G{self.guid}", *self.header_ext]
         out = [" ".join(head), "\n"]
         ext = self._ext
+        if not ext:  # no record fields (a list we made): one format per record
+            out.extend(f"{uid} :{base}\n" for uid, base in self._names.items())
+            return "".join(out).encode(*_ENCODING)
         for uid, base in self._names.items():
             fields = ext.get(uid)
             out.append(f"{uid} {fields} :{base}\n" if fields else f"{uid} :{base}\n")
