@@ -23,10 +23,17 @@ is False until a reload succeeds: AccountsChecker refuses every login (AccountsU
 a temporary failure for the protocols) and the MX answers RCPT for local addresses with
 451 4.3.0 instead of trusting a copy that may be stale.  An idle connection is checked
 every KEEPALIVE seconds, so a database that went away quietly is noticed too.
+
+Other channels.  The same listening connection serves other LISTENers of the process
+(`subscribe`: mailserver.crossnode's mail_changed), so a node holds one listening
+connection whatever listens: their notifications are handed to them as they come, and
+they are told each time the connection is (re)established, to catch up with what they
+may have missed while nobody listened.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -55,6 +62,16 @@ RECONNECT_MAX = 5.0
 SYNC_PREFIX = "sync "  # NOTIFY payload of `sync`: answered once a reload has seen it
 SYNC_RESEND = 0.5
 SYNC_SEEN_MAX = 1000
+_CHANNEL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """Another channel LISTENed on the accounts' connection (see `subscribe`)."""
+
+    channel: str
+    on_notify: Callable[[list[str]], None]    # the payloads of one burst
+    on_connected: Callable[[], None]          # LISTEN is in effect (again)
 
 
 @dataclass(frozen=True)
@@ -124,9 +141,23 @@ class ReplicatedAccounts(service.Service):
         self._listener: _Listener | None = None
         self._synced = threading.Condition()
         self._sync_seen: set[str] = set()
+        self._subscriptions: list[Subscription] = []
         self.reloads = 0   # snapshots loaded by the listener (counted in its thread)
         log.info("accounts in {url}: {counts}", url=self.display,
                  counts=self._snapshot.counts())
+
+    # -- other channels ----------------------------------------------------------------------
+
+    def subscribe(self, channel: str, on_notify: Callable[[list[str]], None],
+                  on_connected: Callable[[], None]) -> None:
+        """LISTEN on `channel` too, on the listener's connection (call before the service
+        starts).  Both callbacks run in the listener thread and must return at once (hand
+        the work to the reactor): `on_notify(payloads)` with each burst of the channel's
+        notifications, `on_connected()` each time the connection is (re)established, once
+        LISTEN is in effect, since whatever was sent meanwhile was heard by nobody."""
+        if not _CHANNEL_NAME.fullmatch(channel) or channel == CHANNEL:
+            raise ValueError(f"not a channel to subscribe to: {channel!r}")
+        self._subscriptions.append(Subscription(channel, on_notify, on_connected))
 
     # -- service ---------------------------------------------------------------------------
 
@@ -316,7 +347,12 @@ class _Listener(threading.Thread):
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         """Listen and reload until stopped (returns) or the connection fails (raises)."""
         conn.execute(f"LISTEN {CHANNEL}")
+        subscriptions = list(self.replica._subscriptions)
+        for sub in subscriptions:
+            conn.execute(f"LISTEN {sub.channel}")
         self._reload(conn, frozenset())   # what changed while nobody listened
+        for sub in subscriptions:
+            self._hand(sub.on_connected)
         idle = 0.0
         while not self._stopping.is_set():
             notes = list(conn.notifies(timeout=WAKE, stop_after=1))
@@ -330,7 +366,14 @@ class _Listener(threading.Thread):
                 continue
             idle = 0.0
             notes += conn.notifies(timeout=COALESCE)
-            synced = frozenset(n.payload[len(SYNC_PREFIX):] for n in notes
+            for sub in subscriptions:
+                payloads = [n.payload for n in notes if n.channel == sub.channel]
+                if payloads:
+                    self._hand(sub.on_notify, payloads)
+            accounts = [n for n in notes if n.channel == CHANNEL]
+            if not accounts:
+                continue
+            synced = frozenset(n.payload[len(SYNC_PREFIX):] for n in accounts
                                if n.payload.startswith(SYNC_PREFIX))
             self._reload(conn, synced)
 
@@ -340,6 +383,14 @@ class _Listener(threading.Thread):
         self._down = False
         self._served = True
         self.replica._call(self.replica._install, snapshot, synced)
+
+    @staticmethod
+    def _hand(callback: Callable[..., None], *args: Any) -> None:
+        """A subscriber's callback; its bug must not end the accounts' updates."""
+        try:
+            callback(*args)
+        except Exception:
+            log.failure("a LISTEN subscriber failed")
 
     def _lost(self, reason: str) -> None:
         if not self._down:

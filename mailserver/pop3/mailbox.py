@@ -43,6 +43,11 @@ class MailboxInUse(Exception):
     """Another POP3 session holds this mailbox (RFC 2449 8.1.2 IN-USE)."""
 
 
+class MailboxUnavailable(Exception):
+    """The lock that keeps POP3 sessions apart cannot be taken now (across nodes: the
+    database is unreachable): a temporary failure (RFC 3206 SYS/TEMP)."""
+
+
 class NoSuchMessage(ValueError):
     """A message number outside the listing."""
 
@@ -66,7 +71,9 @@ def uidl_of(base: str) -> bytes:
 class MailboxLocks:
     """The in-process IN-USE registry: one POP3 session per Maildir at a time.
 
-    The server is the only writer besides external tools, so a lock in memory is enough.
+    On one node a lock in memory is enough.  Nodes sharing the Maildirs and a PostgreSQL
+    accounts database use mailserver.crossnode's locks instead, whose `acquire` returns a
+    Deferred (of the same bool) and may fail with MailboxUnavailable.
     """
 
     def __init__(self) -> None:
@@ -276,7 +283,16 @@ def open_inbox(store: Any, path: Path, address: str,
     """Lock the mailbox (MailboxInUse if another POP3 session has it), catch up with the
     disk and take the session's snapshot."""
     key = str(path)
-    if not locks.acquire(key):
+    locked = locks.acquire(key)
+    if isinstance(locked, defer.Deferred):
+        return locked.addCallback(
+            lambda got: _open_locked(store, path, address, locks, key, got))
+    return _open_locked(store, path, address, locks, key, locked)
+
+
+def _open_locked(store: Any, path: Path, address: str, locks: MailboxLocks, key: str,
+                 locked: bool) -> defer.Deferred[POP3Mailbox]:
+    if not locked:
         return defer.fail(MailboxInUse(address))
     try:
         folder = _inbox(store, path)

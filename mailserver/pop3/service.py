@@ -38,11 +38,14 @@ def avatar_factory(accounts: Any, store: Any,
 
 def build_factory(server: Any, name: str) -> POP3Factory:
     """The factory for listener `name` ("pop3" or "pop3s"; see mailserver.service)."""
-    if getattr(server, "pop3_locks", None) is None:
-        # One lock registry and one avatar for both listeners: IN-USE spans pop3 and pop3s.
-        server.pop3_locks = MailboxLocks()
+    if not getattr(server, "pop3_avatar", False):
+        # One lock registry and one avatar for both listeners: IN-USE spans pop3 and pop3s
+        # (and every node, when the server set mailserver.crossnode's locks).
+        if getattr(server, "pop3_locks", None) is None:
+            server.pop3_locks = MailboxLocks()
         server.realm.register(IMailbox, avatar_factory(server.accounts, server.store,
                                                        server.pop3_locks))
+        server.pop3_avatar = True
     config = server.config
     context = POP3Context(hostname=config.server.hostname, limits=config.limits,
                           portal=server.portal, throttle=server.throttle,

@@ -43,7 +43,7 @@ def start_nodes(root: Path, url: str, count: int = 2, **accounts: object) -> lis
     nodes = []
     for i in range(count):
         nodes.append(ServerProcess(root / f"node{i}", {
-            "storage": {"maildir_root": str(shared)},
+            "storage": {"maildir_root": str(shared), "shared": True},
             "accounts": {"url": url, **accounts},
             # Logins are retried while a change travels: no throttling in these tests.
             "limits": {"auth_failure_delay_after": 1000, "auth_failures_per_connection": 1000},
