@@ -11,7 +11,8 @@ to the listeners through a ChallengeBoard, which the reactor reads:
 - tls-alpn-01 (RFC 8737): a validation certificate for a TLS handshake that offers the
   "acme-tls/1" protocol with <name> as server name (listen.autoconfig).
 
-The account key and the certificate with its key are kept in state_dir/acme/, all 0600.
+The account key and the certificate with its key are kept in state_dir/acme/, all 0600
+(with [storage] shared, in the shared root's .mailserver/acme/: mailserver.acme_shared).
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class AcmeSettings:
     email: str               # contact for the account; "" = none
     ca_bundle: str           # trust anchors for the CA's HTTPS; "" = the system's
     challenge: str           # HTTP01 or TLS_ALPN01
-    store: Path              # state_dir/acme
+    store: Path              # state_dir/acme, or the shared root's (config.acme_dir)
     renew_before: float      # seconds before expiry
     user_agent: str = "mailserver-acme"
+    shared: bool = False     # [storage] shared: other nodes use the store too (acme_shared)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class PendingChallenge:
 class ChallengeBoard:
     """The challenges being validated now.  Written by the ACME thread, read by the
     listeners in the reactor; a lock keeps the two apart (lookups are dictionary reads)."""
+
+    # Seconds between publishing an order's challenges and telling the CA they are ready:
+    # none for this node's own listeners (mailserver.acme_shared waits for other nodes).
+    publish_delay = 0.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -272,6 +278,7 @@ class Outcome:
     names: tuple[str, ...] = ()
     reason: str = ""
     note: str = ""
+    busy: bool = False   # another node holds the order lock: try again later
 
 
 def ensure_certificate(settings: AcmeSettings, wanted: AcmeNames, board: ChallengeBoard,
@@ -319,6 +326,7 @@ def issue(settings: AcmeSettings, names: list[str], board: ChallengeBoard,
     order = acme.new_order(crypto_util.make_csr(key_pem, names))
     published: list[PendingChallenge] = []
     try:
+        answers: list[messages.ChallengeBody] = []
         for authz in order.authorizations:
             _check_cancel(cancel)
             if authz.body.status == messages.STATUS_VALID:
@@ -327,6 +335,11 @@ def issue(settings: AcmeSettings, names: list[str], board: ChallengeBoard,
             pending = _pending(challenge_body, authz.body.identifier.value, account_key)
             board.publish(pending)
             published.append(pending)
+            answers.append(challenge_body)
+        if answers and board.publish_delay > 0:
+            cancel.wait(board.publish_delay)   # until every node can answer them
+        for challenge_body in answers:
+            _check_cancel(cancel)
             # RFC 8555 7.5.1: tell the CA the response is in place.
             acme.answer_challenge(challenge_body, challenge_body.chall.response(account_key))
         order = order.update(authorizations=_wait_until_validated(acme, order, cancel))

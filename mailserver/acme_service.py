@@ -6,6 +6,12 @@ lacks a wanted name, orders a new one (mailserver.acme_client).  A new certifica
 swapped into the server's context factory at once.  A failed attempt is logged and tried
 again later (5 minutes, doubling up to 6 hours); meanwhile the server serves what it has:
 the stored certificate, or the self-signed one until the first issuance.
+
+With [storage] shared the store is on the shared Maildir root and every node runs this
+service (mailserver.acme_shared): an order is made under a lock there, a node finding it
+taken tries again RETRY_BUSY later, and the challenges every node may be asked for are
+read from there (tls-alpn-01 ones every ALPN_POLL_SECONDS).  What another node stores is
+picked up by the watcher tls_reload puts on the store's files.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailserver.acme_client import (AcmeNames, AcmeSettings, AcmeStore, Cancelled,
-                                    ChallengeBoard, Outcome, ensure_certificate, retry_delay)
+from mailserver.acme_client import (TLS_ALPN01, AcmeNames, AcmeSettings, AcmeStore,
+                                    Cancelled, ChallengeBoard, Outcome, ensure_certificate,
+                                    retry_delay)
 from mailserver.acme_settings import acme_names, acme_settings
 from mailserver.certfiles import CertificatePair
 
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 CHECK_INTERVAL = 86400.0   # the daily renewal check
+RETRY_BUSY = 300.0         # another node holds the order lock: look again this much later
 
 
 class AcmeService(service.Service):
@@ -56,6 +64,8 @@ class AcmeService(service.Service):
         self._daily: LoopingCall | None = None
         self._retry: IDelayedCall | None = None
         self._running: defer.Deferred | None = None
+        self._alpn_poll: LoopingCall | None = None
+        self._refreshing = False
 
     @classmethod
     def for_server(cls, server: MailServer) -> AcmeService:
@@ -63,8 +73,16 @@ class AcmeService(service.Service):
         server (`acme_challenges`) for the HTTP listener's challenge resource."""
         settings = acme_settings(server.config)
         assert settings is not None
-        settings.store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        board = ChallengeBoard()
+        board: ChallengeBoard
+        if settings.shared:
+            from mailserver.acme_shared import CHALLENGES_DIR, SharedChallengeBoard
+            from mailserver.shared_state import make_private_dirs
+
+            make_private_dirs(settings.store, server.config.maildir_root)
+            board = SharedChallengeBoard(settings.store / CHALLENGES_DIR)
+        else:
+            settings.store.mkdir(parents=True, exist_ok=True, mode=0o700)
+            board = ChallengeBoard()
         server.acme_challenges = board   # type: ignore[attr-defined]
         return cls(settings, lambda: acme_names(server.config, server.accounts.list_domains()),
                    board)
@@ -84,11 +102,21 @@ class AcmeService(service.Service):
         self._daily = LoopingCall(self.check, "daily check")
         self._daily.clock = self.reactor
         self._daily.start(CHECK_INTERVAL, now=True)
+        if self.settings.shared and self.settings.challenge == TLS_ALPN01:
+            from mailserver.acme_shared import ALPN_POLL_SECONDS
+
+            # The TLS handshake cannot wait for the disk: other nodes' tls-alpn-01
+            # challenges are kept in memory, read again every second.
+            self._alpn_poll = LoopingCall(self._refresh_shared_alpn)
+            self._alpn_poll.clock = self.reactor
+            self._alpn_poll.start(ALPN_POLL_SECONDS, now=True)
 
     def stopService(self) -> Any:
         self._cancel.set()
         if self._daily is not None and self._daily.running:
             self._daily.stop()
+        if self._alpn_poll is not None and self._alpn_poll.running:
+            self._alpn_poll.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._pool.stop()
@@ -106,7 +134,10 @@ class AcmeService(service.Service):
         except Exception:
             log.failure("acme: cannot list the names to ask for")
             return defer.succeed(None)
-        d = threads.deferToThreadPool(self.reactor, self._pool, ensure_certificate,
+        ensure = ensure_certificate
+        if self.settings.shared:
+            from mailserver.acme_shared import ensure_certificate_shared as ensure
+        d = threads.deferToThreadPool(self.reactor, self._pool, ensure,
                                       self.settings, wanted, self.board, self._cancel)
         d.addCallbacks(self._succeeded, self._failed)
         self._running = d
@@ -119,17 +150,22 @@ class AcmeService(service.Service):
 
     def _succeeded(self, outcome: Outcome) -> None:
         self.failures = 0
-        if outcome.issued:
+        if outcome.busy:
+            log.info("acme: {note}; looking again in {delay:.0f} s", note=outcome.note,
+                     delay=RETRY_BUSY)
+            if self.running:
+                self._retry = self.reactor.callLater(RETRY_BUSY, self.check, "retry")
+        elif outcome.issued:
             log.info("acme: certificate issued by {ca} for {names} ({reason})",
                      ca=self.settings.directory, names=", ".join(outcome.names),
                      reason=outcome.reason)
-        if outcome.note:
+        if outcome.note and not outcome.busy:
             log.warn("acme: {note}", note=outcome.note)
         pair = outcome.pair
         if pair is not None and self.tls is not None \
                 and pair.fingerprint != self.tls.pair.fingerprint:
             self.tls.swap(pair)
-        elif pair is not None and not outcome.issued:
+        elif pair is not None and not outcome.issued and not outcome.busy:
             log.info("acme: certificate valid ({what})", what=pair.describe())
 
     def _failed(self, failure: Failure) -> None:
@@ -142,6 +178,20 @@ class AcmeService(service.Service):
                  "{delay:.0f} s; still serving ({serving})", ca=self.settings.directory,
                  error=_one_line(failure), delay=delay, serving=serving)
         self._retry = self.reactor.callLater(delay, self.check, "retry")
+
+
+    def _refresh_shared_alpn(self) -> None:
+        """One look at the tls-alpn-01 challenges other nodes published (in a thread)."""
+        if self._refreshing:
+            return
+        self._refreshing = True
+        refresh = self.board.refresh_alpn   # type: ignore[attr-defined]
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), refresh)
+
+        def done(result: Any) -> None:
+            self._refreshing = False
+        d.addErrback(lambda f: log.failure("acme: reading the shared challenges failed", f))
+        d.addBoth(done)
 
 
 def _one_line(failure: Failure) -> str:

@@ -28,7 +28,8 @@ def acme_settings(config: Config) -> AcmeSettings | None:
         return None
     return AcmeSettings(directory=tls.acme_directory, email=tls.acme_email,
                         ca_bundle=tls.acme_ca_bundle, challenge=challenge_type(config),
-                        store=config.state_dir / "acme", renew_before=tls.acme_renew_before)
+                        store=config.acme_dir, renew_before=tls.acme_renew_before,
+                        shared=config.storage.shared)
 
 
 def acme_names(config: Config, local_domains: Iterable[str]) -> AcmeNames:
@@ -63,5 +64,6 @@ def describe(config: Config, local_domains: Iterable[str]) -> str:
     names = acme_names(config, local_domains)
     listener = CHALLENGE_LISTENERS[settings.challenge]
     port = 80 if settings.challenge == HTTP01 else 443   # where the CA connects
+    shared = f"; store shared by every node: {settings.store}" if settings.shared else ""
     return (f"on: {settings.directory}, {settings.challenge} on listen.{listener} "
-            f"(the CA connects to port {port}), for {', '.join(names.names)}")
+            f"(the CA connects to port {port}), for {', '.join(names.names)}{shared}")

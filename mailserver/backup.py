@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mailserver import __version__
 from mailserver.accounts_schema import stored_version
+from mailserver.config import SHARED_DIR_NAME
 from mailserver.fsutil import can_sync_filesystem, sync_filesystem, write_durably
 from mailserver.maildir.flags import base_name
 from mailserver.maildir.index import INDEX_NAME
@@ -379,6 +380,8 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
         links = [d for d in dirnames if (here / d).is_symlink()]
         counts.skipped_links += len(links)
         dirnames[:] = sorted(d for d in dirnames if d not in links)
+        if here == root:   # the shared DKIM keys and ACME store: in state/ (below)
+            dirnames[:] = [d for d in dirnames if d != SHARED_DIR_NAME]
         if is_folder(dirnames):
             counts.folders += 1
             if len(rel.parts) == 2:
@@ -536,10 +539,12 @@ def _backup_tls(config: Config, dest: Path, record: Callable[[str], None]) -> di
     for name, kind in (("cert.pem", "certificate"), ("key.pem", "private_key")):
         if (state / "tls" / name).is_file():
             found.append((state / "tls" / name, kind))
-    acme = state / "acme"
+    acme = config.acme_dir   # with [storage] shared, on the shared root: as state/acme/
+    acme_files: list[Path] = []
     if acme.is_dir():
-        found += [(Path(e.path), "acme") for e in sorted(os.scandir(acme), key=lambda e: e.name)
-                  if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+        acme_files = [Path(e.path) for e in sorted(os.scandir(acme), key=lambda e: e.name)
+                      if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+        found += [(path, "acme") for path in acme_files]
     note = "" if found else "no TLS certificate generated yet"
     if config.tls.certificate:
         configured = [(Path(config.tls.certificate), "certificate"),
@@ -551,7 +556,8 @@ def _backup_tls(config: Config, dest: Path, record: Callable[[str], None]) -> di
         found += [(p.resolve(), kind) for p, kind in configured if is_within(p, state)]
     included: dict[str, str] = {}
     for path, kind in found:
-        rel = "state/" + path.relative_to(state).as_posix()
+        rel = (f"state/acme/{path.name}" if path in acme_files
+               else "state/" + path.relative_to(state).as_posix())
         if rel in included:
             continue
         make_dirs((dest / rel).parent)

@@ -274,7 +274,7 @@ def restore(config: Config, src: Path, *, force: bool = False,
             maildirs_with_mail.append(target)
             replaced.append(f"the Maildir {target}, which holds mail")
     for rel in [*manifest["dkim"], *manifest["tls"]["files"]]:
-        target = config.state_dir / rel[len("state/"):]
+        target = _state_target(config, rel)
         if target.exists() and not _same_file(target, src / rel):
             replaced.append(f"{target}, which differs")
     for queue_id in scan.queue:
@@ -317,16 +317,27 @@ def _write(config: Config, src: Path, manifest: dict[str, Any], scan: _Scan,
     _restore_queue(src / "state" / "queue", config.queue_dir, scan.queue)
     say(f"restored {counted(len(scan.queue), 'queued message')}")
     for rel in manifest["dkim"]:
-        _restore_file(src / rel, config.state_dir / rel[len("state/"):], 0o600)
+        _restore_file(src / rel, _state_target(config, rel), 0o600)
     say(f"restored {counted(len(manifest['dkim']), 'DKIM key')}")
     for rel, kind in manifest["tls"]["files"].items():
-        _restore_file(src / rel, config.state_dir / rel[len("state/"):],
+        _restore_file(src / rel, _state_target(config, rel),
                       0o644 if kind == "certificate" else 0o600)
     tls_note = manifest["tls"].get("note")
     say(f"restored {counted(len(manifest['tls']['files']), 'certificate and key file')}"
         + (f" ({tls_note})" if isinstance(tls_note, str) and tls_note else ""))
     sync_tree(config.state_dir)
     sync_tree(config.maildir_root)
+
+
+def _state_target(config: Config, rel: str) -> Path:
+    """Where a backup's state/ file goes: DKIM keys and the ACME store follow the
+    configuration (with [storage] shared, the shared root's .mailserver/)."""
+    top, _, rest = rel[len("state/"):].partition("/")
+    if top == "dkim" and rest:
+        return config.dkim_dir / rest
+    if top == "acme" and rest:
+        return config.acme_dir / rest
+    return config.state_dir / rel[len("state/"):]
 
 
 def _check_backup_database(path: Path, accounts: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ Sources of a new certificate:
 - [tls] certificate/private_key files: looked at every [tls] reload_interval (a stat, in a
   thread) and on SIGHUP; read, parsed and checked in a thread (mailserver.certfiles).  A
   pair that does not parse or whose key does not match is logged and the old one kept.
-- ACME (mailserver.acme_service), which swaps in what it obtains.
+- ACME (mailserver.acme_service), which swaps in what it obtains; with [storage] shared
+  also what another node stored in the shared ACME store, its files watched as above.
 """
 
 from __future__ import annotations
@@ -244,6 +245,18 @@ def build_tls(server: MailServer) -> ReloadingContextFactory:
         acme.attach(factory)
         acme.setServiceParent(server)
         hangup.actions.append(lambda: acme.check("SIGHUP"))
+        if acme.settings.shared:
+            # Another node may be the one that renews: what it stores in the shared
+            # store is served here within [tls] reload_interval (SIGHUP's check reads it
+            # too).
+            from mailserver.acme_client import AcmeStore
+
+            store = AcmeStore(acme.settings.store)
+            CertificateFileWatcher(factory, store.certificate_path, store.private_key_path,
+                                   config.tls.reload_interval,
+                                   file_signature(store.certificate_path,
+                                                  store.private_key_path)
+                                   ).setServiceParent(server)
     else:
         # The generated pair is watched too: replacing it by hand works like any file.
         watcher = CertificateFileWatcher(factory, paths.certificate, paths.private_key,
