@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import Sequence
 
 from common import Deadline, percentile, tree_cpu_seconds
 from imap_client import IMAPConn, IMAPError, exists_of, search_numbers
@@ -102,10 +103,12 @@ def single_client(port: int, user: str, password: str, manifest: dict, seed: int
     return out
 
 
-def mixed_loop(port: int, user: str, password: str, clients: int, duration: float,
-               max_ops: int, seed: int, server_pids) -> dict:
-    """`clients` connections on the same INBOX in a weighted mix of operations."""
-    setup = IMAPConn(port)
+def mixed_loop(port: int | Sequence[int], user: str, password: str, clients: int,
+               duration: float, max_ops: int, seed: int, server_pids) -> dict:
+    """`clients` connections on the same INBOX in a weighted mix of operations.  With
+    several ports (nodes sharing one store), client k connects to ports[k % len(ports)]."""
+    ports = [port] if isinstance(port, int) else list(port)
+    setup = IMAPConn(ports[0])
     setup.login(user, password)
     setup.ok("EXAMINE INBOX")
     uids = sorted(search_numbers(setup.ok("UID SEARCH ALL", keep=(b"* SEARCH",))))
@@ -120,13 +123,14 @@ def mixed_loop(port: int, user: str, password: str, clients: int, duration: floa
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1)
     deadline_box: list[Deadline] = []
+    by_port = [0] * len(ports)   # operations done through each port
 
     def worker(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
         local: dict[str, list[float]] = {name: [] for name in names}
         conn = None
         try:
-            conn = IMAPConn(port)
+            conn = IMAPConn(ports[k % len(ports)])
             conn.login(user, password)
             conn.ok("SELECT INBOX")
         except (OSError, IMAPError) as e:
@@ -166,6 +170,7 @@ def mixed_loop(port: int, user: str, password: str, clients: int, duration: floa
             with lock:
                 for name in names:
                     lat[name].extend(local[name])
+                by_port[k % len(ports)] += sum(len(v) for v in local.values())
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
@@ -182,7 +187,8 @@ def mixed_loop(port: int, user: str, password: str, clients: int, duration: floa
     out = {"clients": clients, "elapsed_s": elapsed, "ops": total,
            "ops_per_s": total / elapsed if elapsed else None,
            "server_cpu_ms_per_op": cpu / total * 1000 if total else None,
-           "errors": len(errors), "error_examples": errors[:3]}
+           "errors": len(errors), "error_examples": errors[:3],
+           "ops_by_port": dict(zip(ports, by_port))}
     for name in names:
         out[f"{name}_median_ms"] = (percentile(lat[name], 50) or 0) * 1000 if lat[name] else None
         out[f"{name}_count"] = len(lat[name])
