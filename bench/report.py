@@ -456,6 +456,14 @@ def targets(results: dict) -> str:
         if a is not None and b:
             rows.append((f"IMAP {corpus['count']:,} mixed loop: ops/s >= half of Dovecot's",
                          f"{a / b:.2f}x ({fmt(a)} vs {fmt(b)})", verdict(a >= 0.5 * b)))
+    pop3 = results["areas"].get("pop3", {})
+    for phase in ("first", "second"):
+        a = _median(pop3.get("servers", {}), OURS, phase, "retr_msgs_per_s")
+        b = _median(pop3.get("servers", {}), "dovecot", phase, "retr_msgs_per_s")
+        if a is not None and b:
+            rows.append((f"POP3 {pop3['count']:,}, {phase} session: RETR msgs/s >= 0.8x "
+                         f"Dovecot's", f"{a / b:.2f}x ({fmt(a)} vs {fmt(b)})",
+                         verdict(a >= 0.8 * b)))
     mem = results["areas"].get("memory", {})
     if mem.get("servers"):
         for state, label in (("authenticated", "idle authenticated"), ("idle", "IDLE-ing")):

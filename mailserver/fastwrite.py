@@ -22,7 +22,9 @@ from twisted.internet import main, tcp
 from twisted.python.failure import Failure
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: Any, data: bytes) -> bool:
+    """Send `data`; True if it all went out at once, False if (some of) it waits in the
+    transport's buffer."""
     if type(transport) is tcp.Server and _idle(transport):
         try:
             sent = transport.socket.send(data)
@@ -31,9 +33,10 @@ def write_now(transport: Any, data: bytes) -> None:
         except OSError:
             sent = 0  # the reactor sees the broken connection on its next turn
         if sent == len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)
+    return False
 
 
 def close_now(transport: Any) -> None:

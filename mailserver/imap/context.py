@@ -18,6 +18,8 @@ class IMAPContext:
     tls: Any = None  # server TLS context factory; None: no STARTTLS
     allow_plaintext_loopback: bool = False
     metrics: Any = None  # mailserver.metrics.ServiceMetrics of the listener
+    # Runs the header pass (imap/headerpass.py) like deferToThread; None: in threads.
+    header_workers: Any = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 
-from mailserver.imap import fetchitems, mime
+from mailserver.imap import fetchitems, mime, summary
 from mailserver.imap.parser import Arguments, BadCommand, sequence_text
 from mailserver.maildir import InvalidFolderName, decode_folder_name
 from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern_escaped
@@ -294,6 +294,14 @@ def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
 ROWS_PER_BATCH = 512
 
 
+class WholeResponses(bytes):
+    """A chunk of FETCH output made of whole responses: the stream is between two
+    responses after it, which the keyword announcement (server.py) then need not find
+    out by scanning it for literals."""
+
+    __slots__ = ()
+
+
 class _FetchContext:
     """Per-FETCH state: index values read in batches, and flag lists formatted once each."""
 
@@ -302,13 +310,22 @@ class _FetchContext:
         self.folder = session.folder
         self.recent = session.recent
         self._flag_text: dict[frozenset[str], bytes] = {}
+        self._recent_text: dict[frozenset[str], bytes] = {}
         self.keys = sorted({k for k in (_cache_key(i) for i in items) if k})
         if any(i.type == "rfc822size" for i in items):
             self.keys.append(VSIZE_KEY)
         self.cached: dict[str, dict[int, Any]] = {}
+        # BODY[HEADER.FIELDS (...)] cut from the summary's header lines: the names of each
+        # such item, and which of the fields kept are wanted, per list of names kept.
+        self.line_names = {id(i): names for i in items
+                           if (names := summary_fields_wanted(i)) is not None}
+        self.lines_memo: dict[bytes, Any] = {}
 
-    def load(self, uids: list[int]) -> None:
-        self.cached = {key: self.folder.cache_get_many(uids, key) for key in self.keys}
+    def load(self, uids: list[int], known: dict[str, dict[int, Any]] | None = None) -> None:
+        """The cached values of these messages: from `known` (what the header pass just
+        computed) for its keys, else read from the index."""
+        self.cached = {key: known[key] if known is not None and key in known
+                       else self.folder.cache_get_many(uids, key) for key in self.keys}
 
     def get(self, uid: int, key: str, compute: Callable[[], bytes]) -> bytes:
         value = self.cached.get(key, {}).get(uid)
@@ -318,17 +335,38 @@ class _FetchContext:
         return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
     def flags(self, info: Any) -> bytes:
-        flags = info.flags | {"\\Recent"} if info.uid in self.recent else info.flags
+        """The flag list of a message, made once per set of flags (with \\Recent, per
+        set of the others: no new set per message of a folder's first session)."""
+        flags = info.flags
+        if info.uid in self.recent:
+            text = self._recent_text.get(flags)
+            if text is None:
+                text = self._recent_text[flags] = flag_list(
+                    sorted(f.encode() for f in flags | {"\\Recent"}))
+            return text
         text = self._flag_text.get(flags)
         if text is None:
             text = self._flag_text[flags] = flag_list(sorted(f.encode() for f in flags))
         return text
 
 
+def summary_fields_wanted(item: Any) -> frozenset[bytes] | None:
+    """For BODY[HEADER.FIELDS (names)] of the top-level header, when every name is one of
+    the fields whose lines the header summary keeps (summary.SUMMARY_NAMES): the names,
+    lower case.  Such a fetch is answered from those lines (index key LINES_KEY)."""
+    if (item.type != "body" or item.header is None or not item.header.fields
+            or item.header.negate or item.part or item.partial_begin is not None):
+        return None
+    names = frozenset(n.lower() for n in item.header.fields)
+    return names if names <= summary.SUMMARY_NAMES else None
+
+
 def _cache_key(item: Any) -> str | None:
     """The index key under which an item's answer is kept, for items worth keeping."""
     if item.type == "envelope":
-        return "envelope"
+        return summary.ENVELOPE_KEY
+    if summary_fields_wanted(item) is not None:
+        return summary.LINES_KEY
     if item.type == "bodystructure":
         return "bodystructure"
     if item.type == "body" and _is_plain_body(item):
@@ -353,13 +391,19 @@ def _header_fields_key(item: Any) -> str:
 
 
 def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
-                    seen_changed: set[int]) -> Iterator[bytes]:
+                    seen_changed: set[int],
+                    known: dict[str, dict[int, Any]] | None = None) -> Iterator[bytes]:
     """Untagged FETCH responses for `uids`, produced lazily in chunks; index values are
-    read for a batch of messages at a time and message files opened only when needed."""
+    read for a batch of messages at a time (or taken from `known`: key -> uid -> value)
+    and message files opened only when needed."""
     folder = session.folder
     ctx = _FetchContext(session, items)
     if all(i.type in _METADATA for i in items):
         yield from _metadata_responses(session, ctx, uids, items, seen_changed)
+        return
+    if all(i.type in _METADATA or i.type == "envelope" or id(i) in ctx.line_names
+           for i in items):
+        yield from _summary_responses(session, ctx, uids, items, seen_changed, known)
         return
     wants_flags = any(i.type == "flags" for i in items)
     wants_modseq = any(i.type == "modseq" for i in items)
@@ -370,7 +414,7 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
     for first_row in range(0, len(uids), ROWS_PER_BATCH):
         rows = uids[first_row:first_row + ROWS_PER_BATCH]
         if ctx.keys:
-            ctx.load(rows)
+            ctx.load(rows, known)
         for u in rows:
             info = folder.by_uid(u)
             seq = session._seq_of(u)
@@ -426,31 +470,146 @@ def _metadata_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[i
     sync): answered from memory in one tight loop, without per-item dispatch."""
     infos = ctx.folder.info_map()
     kinds = [i.type for i in items]
+    uid_flags = kinds == ["uid", "flags"]  # UID FETCH 1:* (FLAGS): the most common of all
+    flags_of = ctx.flags
     batch: list[bytes] = []
     size = 0
-    for u in uids:
+    for seq, u in _numbered(session, uids):
         info = infos.get(u)
-        seq = session._seq_of(u)
         if info is None or seq is None:
             continue
-        parts = []
-        for kind in kinds:
-            if kind == "uid":
-                parts.append(b"UID %d" % u)
-            elif kind == "flags":
-                parts.append(b"FLAGS " + ctx.flags(info))
-            elif kind == "modseq":
-                parts.append(b"MODSEQ (%d)" % info.modseq)
-            else:
-                parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
-        line = b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
+        if uid_flags:
+            line = b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, u, flags_of(info))
+        else:
+            parts = []
+            for kind in kinds:
+                if kind == "uid":
+                    parts.append(b"UID %d" % u)
+                elif kind == "flags":
+                    parts.append(b"FLAGS " + flags_of(info))
+                elif kind == "modseq":
+                    parts.append(b"MODSEQ (%d)" % info.modseq)
+                else:
+                    parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
+            line = b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
         batch.append(line)
         size += len(line)
         if size > CHUNK:
-            yield b"".join(batch)
+            yield WholeResponses(b"".join(batch))
             batch, size = [], 0
     if batch:
-        yield b"".join(batch)
+        yield WholeResponses(b"".join(batch))
+
+
+def _numbered(session: "IMAPSession", uids: list[int]) -> Iterable[tuple[int | None, int]]:
+    """(sequence number or None, uid) of each of `uids`: counted up when they are a run of
+    the session's view (FETCH 1:*, or any range), else looked up one by one."""
+    view = session.view
+    start = session._seq_of(uids[0]) if uids else None
+    if start is not None and view[start - 1:start - 1 + len(uids)] == uids:
+        return enumerate(uids, start)
+    return ((session._seq_of(u), u) for u in uids)
+
+
+def _summary_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[int],
+                       items: list[Any], seen_changed: set[int],
+                       known: dict[str, dict[int, Any]] | None) -> Iterator[bytes]:
+    """FETCH of ENVELOPE and of header fields cut from the header summary's lines, with
+    UID/FLAGS/INTERNALDATE/MODSEQ (what a client asks of every message when it first
+    lists a folder): answered from the index values in one tight loop.  A message without
+    its values goes through _fetch_item (its file is read)."""
+    infos = ctx.folder.info_map()
+    wants_flags = any(i.type == "flags" for i in items)
+    wants_modseq = any(i.type == "modseq" for i in items)
+    condstore = getattr(session, "condstore", False)
+    # per item: (kind, label or names); kinds: metadata type, "envelope", "lines"
+    plan: list[tuple[str, Any, Any]] = []
+    for item in items:
+        names = ctx.line_names.get(id(item))
+        if names is not None:
+            plan.append(("lines", b"BODY[" + _section_name(item) + b"] {", names, item))
+        else:
+            plan.append((item.type, None, None, item))
+    memo = ctx.lines_memo
+    fields_from_lines = summary.fields_from_lines
+    single = plan[0] if len(plan) == 1 and plan[0][0] in ("lines", "envelope") else None
+    batch: list[bytes] = []
+    size = 0
+    for first_row in range(0, len(uids), ROWS_PER_BATCH):
+        rows = uids[first_row:first_row + ROWS_PER_BATCH]
+        ctx.load(rows, known)
+        envelopes = ctx.cached.get(summary.ENVELOPE_KEY, {})
+        kept_lines = ctx.cached.get(summary.LINES_KEY, {})
+        for seq, u in _numbered(session, rows):
+            if single is not None and u not in seen_changed:
+                # One item, its value at hand (a client listing a folder): one format.
+                value = (kept_lines if single[0] == "lines" else envelopes).get(u)
+                if value is not None and seq is not None and u in infos:
+                    if single[0] == "lines":
+                        data = fields_from_lines(value, single[2], memo)
+                        line = b"* %d FETCH (%s%d}\r\n%s)\r\n" % (seq, single[1], len(data),
+                                                                    data)
+                    elif isinstance(value, bytes):
+                        line = b"* %d FETCH (ENVELOPE %s)\r\n" % (seq, value)
+                    else:
+                        line = b"* %d FETCH (ENVELOPE %s)\r\n" % (
+                            seq, value.encode("utf-8", "surrogateescape"))
+                    batch.append(line)
+                    size += len(line)
+                    if size > CHUNK:
+                        yield WholeResponses(b"".join(batch))
+                        batch, size = [], 0
+                    continue
+            info = infos.get(u)
+            if info is None or seq is None:
+                continue  # expunged by another session; its EXPUNGE comes later
+            parts = []
+            for kind, label, names, item in plan:
+                if kind == "envelope":
+                    value = envelopes.get(u)
+                    if value is None:
+                        parts.append(_fetch_slow(ctx, info, item))
+                    else:
+                        parts.append(b"ENVELOPE " + (value if isinstance(value, bytes)
+                                                     else value.encode("utf-8", "surrogateescape")))
+                elif kind == "lines":
+                    value = kept_lines.get(u)
+                    if value is None:
+                        parts.append(_fetch_slow(ctx, info, item))
+                    else:
+                        data = summary.fields_from_lines(value, names, memo)
+                        parts.append(b"%s%d}\r\n%s" % (label, len(data), data))
+                elif kind == "uid":
+                    parts.append(b"UID %d" % u)
+                elif kind == "flags":
+                    parts.append(b"FLAGS " + ctx.flags(info))
+                elif kind == "modseq":
+                    parts.append(b"MODSEQ (%d)" % info.modseq)
+                else:
+                    parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
+            if u in seen_changed and not wants_flags:
+                parts.append(b"FLAGS " + ctx.flags(info))
+                if condstore and not wants_modseq:  # RFC 7162 3.1: with its MODSEQ
+                    parts.append(b"MODSEQ (%d)" % info.modseq)
+            line = b"* %d FETCH (%s)\r\n" % (seq, parts[0] if len(parts) == 1
+                                                else b" ".join(parts))
+            batch.append(line)
+            size += len(line)
+            if size > CHUNK:
+                yield WholeResponses(b"".join(batch))
+                batch, size = [], 0
+    if batch:
+        yield WholeResponses(b"".join(batch))
+
+
+def _fetch_slow(ctx: _FetchContext, info: Any, item: Any) -> bytes:
+    """One item of one message by the general path (its file read when need be)."""
+    msg = _Message(ctx.session, info.uid)
+    try:
+        piece = _fetch_item(ctx, msg, info, item)
+        return piece if isinstance(piece, bytes) else b"".join(piece)
+    finally:
+        msg.close()
 
 
 def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> bytes | Iterator[bytes]:
@@ -474,11 +633,18 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
     if kind == "body" and _is_plain_body(item):
         return b"BODY " + ctx.get(u, "body", lambda: mime.body_structure(msg.root, False))
     if kind == "body":
+        names = ctx.line_names.get(id(item))
+        if names is not None:  # cut from the header summary's lines
+            lines = ctx.cached.get(summary.LINES_KEY, {}).get(u)
+            if lines is None:
+                lines = _summarize(ctx, msg, u).lines
+            data = summary.fields_from_lines(lines, names, ctx.lines_memo)
+            return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         key = _cache_key(item)
         if key is not None:  # header fields: small, asked for again and again by clients
             data = ctx.get(u, key, lambda: mime.header_fields(
                 *msg.head(), item.header.fields, bool(item.header.negate)))
-            return iter([b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data])
+            return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         return _section_chunks(msg, item)
     if kind == "rfc822":
         return _labelled(b"RFC822", msg, 0, None)
@@ -491,6 +657,18 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
     if kind in ("binary", "binarysize"):
         return _binary_item(ctx, msg, info, item)
     raise BadCommand(f"unsupported FETCH item {kind}")
+
+
+def _summarize(ctx: _FetchContext, msg: _Message, uid: int) -> summary.Summary:
+    """A message's header summary computed here (a few messages the header pass did not
+    do: new mail, a small FETCH); its envelope and lines are kept in the index."""
+    data, root = msg.head()
+    hend, _ = mime.header_end(data, root.start, root.end)
+    result = summary.summarize(bytes(data[root.start:hend]))
+    ctx.folder.cache_put(uid, summary.ENVELOPE_KEY, result.envelope)
+    ctx.folder.cache_put(uid, summary.LINES_KEY, result.lines)
+    ctx.cached.setdefault(summary.ENVELOPE_KEY, {})[uid] = result.envelope
+    return result
 
 
 def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Iterator[bytes]:

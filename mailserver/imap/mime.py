@@ -12,7 +12,7 @@ import binascii
 import mmap
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 from mailserver.rfc5322 import comment_end
 
@@ -305,15 +305,19 @@ def find_part(root: Part, numbers: Sequence[int]) -> Part | None:
 
 # -- IMAP rendering -----------------------------------------------------------------------
 
+_NOT_PLAIN = re.compile(rb'[\x00\r\n"\\\x80-\xff]').search
+_NOT_QUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]").search
+
+
 def imap_string(value: bytes | str | None) -> bytes:
     """NIL, a quoted string, or a literal when the value cannot be quoted."""
     if value is None:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if len(value) < 1024 and not re.search(rb'[\x00\r\n"\\\x80-\xff]', value):
+    if len(value) < 1024 and not _NOT_PLAIN(value):
         return b'"' + value + b'"'
-    if not re.search(rb"[\x00\r\n\x80-\xff]", value):
+    if not _NOT_QUOTABLE(value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return b"{%d}\r\n%s" % (len(value), value)
 
@@ -633,8 +637,13 @@ def _addresses(value: bytes | None) -> bytes:
     holds no address; a group is (NIL NIL name NIL) ... (NIL NIL NIL NIL)."""
     if value is None:
         return b"NIL"
+    return envelope_addresses(parse_addresses(value.decode("utf-8", "surrogateescape")))
+
+
+def envelope_addresses(addresses: Sequence[Address]) -> bytes:
+    """`_addresses` of a field whose value is parsed already."""
     out = []
-    for a in parse_addresses(value.decode("utf-8", "surrogateescape")):
+    for a in addresses:
         if a.kind == GROUP_START:
             out.append(b"(NIL NIL " + imap_string(_enc(a.mailbox or "")) + b" NIL)")
         elif a.kind == GROUP_END:
@@ -653,10 +662,17 @@ def _enc(s: str) -> bytes:
 
 def envelope(part: Part) -> bytes:
     """RFC 3501 7.4.2 ENVELOPE from the part's header fields."""
-    h = part.header
-    from_ = _addresses(h(b"from"))
-    sender = _addresses(h(b"sender"))
-    reply_to = _addresses(h(b"reply-to"))
+    return envelope_of(part.header)
+
+
+def envelope_of(h: Callable[[bytes], bytes | None],
+                addresses: Callable[[bytes | None], bytes] = _addresses) -> bytes:
+    """ENVELOPE from `h` (lower-case field name -> the first such field's value, or
+    None); `addresses` formats an address field (`_addresses`, or one that reuses a
+    parse the caller made anyway)."""
+    from_ = addresses(h(b"from"))
+    sender = addresses(h(b"sender"))
+    reply_to = addresses(h(b"reply-to"))
     fields = [
         imap_string(h(b"date")),
         imap_string(h(b"subject")),
@@ -664,9 +680,9 @@ def envelope(part: Part) -> bytes:
         # absent or empty (no address in it): the From member (RFC 3501 7.4.2)
         from_ if sender == b"NIL" else sender,
         from_ if reply_to == b"NIL" else reply_to,
-        _addresses(h(b"to")),
-        _addresses(h(b"cc")),
-        _addresses(h(b"bcc")),
+        addresses(h(b"to")),
+        addresses(h(b"cc")),
+        addresses(h(b"bcc")),
         imap_string(h(b"in-reply-to")),
         imap_string(h(b"message-id")),
     ]

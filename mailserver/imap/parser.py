@@ -48,6 +48,12 @@ class SequenceSet:
 
     def resolve(self, largest: int) -> Iterator[int]:
         """Numbers in ascending order with '*' as `largest` (RFC 3501 9: a:b == b:a)."""
+        for a, b in self.spans(largest):
+            yield from range(a, b + 1)
+
+    def spans(self, largest: int) -> list[tuple[int, int]]:
+        """The numbers as ascending, disjoint (first, last) runs, '*' as `largest`: what
+        `resolve` counts through, for a caller that takes whole runs at once."""
         spans = []
         for lo, hi in self.ranges:
             a = largest if lo is None else lo
@@ -62,8 +68,7 @@ class SequenceSet:
                 merged[-1][1] = max(merged[-1][1], b)
             else:
                 merged.append([a, b])
-        for a, b in merged:
-            yield from range(max(a, 1), b + 1)
+        return [(max(a, 1), b) for a, b in merged if b >= max(a, 1)]
 
     def contains(self, n: int, largest: int) -> bool:
         for lo, hi in self.ranges:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
-from mailserver.imap import mime
+from mailserver.imap import headerpass, mime, summary
 from mailserver.imap.condstore import parse_modseq
 from mailserver.imap.fetch import vsize_hint_from
 from mailserver.maildir.index import SEARCH_COLUMNS
@@ -126,41 +127,10 @@ class Row:
         return self._message
 
 
-def _text(value: bytes) -> str:
-    """A raw header value as text: UTF-8 (RFC 6532), else Latin-1 (never fails)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def _decode(value: bytes) -> str:
-    return mime.decode_words(_text(value))
-
-
-def address_text(value: bytes) -> str:
-    """An address field as FROM/TO/CC/BCC match it (RFC 3501 6.4.4): each address as
-    `display name <local@domain>` with the name's encoded words decoded, and groups as
-    `name: members;`.  Parsed first, so that comments, route and quoting do not split an
-    address (`<user (c)@ (c) domain.org>` holds "user@domain.org") and encoded words are
-    decoded only where the header allows them."""
-    out: list[str] = []
-    members: list[str] | None = None
-    group = ""
-    for a in mime.parse_addresses(_text(value)):
-        if a.kind == mime.GROUP_START:
-            members, group = [], mime.decode_words(a.mailbox or "")
-        elif a.kind == mime.GROUP_END:
-            out.append(group + ":" + (" " + ", ".join(members) if members else "") + ";")
-            members = None
-        else:
-            addr = a.mailbox or ""
-            if a.host:
-                addr += "@" + a.host
-            name = mime.decode_words(a.name) if a.name else ""
-            text = f"{name} <{addr}>" if name and addr else name or addr
-            (out if members is None else members).append(text)
-    return ", ".join(out)
+# How SEARCH reads header values: shared with the header pass, which stores the same text.
+_text = summary.header_text
+_decode = summary.decoded_text
+address_text = summary.address_text
 
 
 Predicate = Callable[[Row], bool]
@@ -435,7 +405,20 @@ def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     view = list(session.view)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
-    return folder.read_in_thread(_run, view, recent, query, sizes)
+    return folder.read_in_thread(_run, view, recent, query, sizes, _summarizer(session, query))
+
+
+def _summarizer(session: "IMAPSession", query: Query) -> Callable[..., Any] | None:
+    """For a search with header-field keys: what the job's thread calls to have the header
+    pass summarize the messages the index lacks, in worker processes (headerpass), and
+    waits for.  None without workers (the thread reads the files itself)."""
+    run = getattr(getattr(session, "context", None), "header_workers", None)
+    if not query.fields or run is None:
+        return None
+    from twisted.internet import reactor  # noqa: PLC0415
+
+    return lambda folder_dir, index_dir, work: blockingCallFromThread(
+        reactor, headerpass.summarize_all, run, folder_dir, index_dir, work)
 
 
 def matcher(session: "IMAPSession", query: Query) -> Callable[[Any], list[int]]:
@@ -450,7 +433,8 @@ def matcher(session: "IMAPSession", query: Query) -> Callable[[Any], list[int]]:
         return lambda disk: _flags_matching(disk.infos, view, tests)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
-    return lambda disk: _run(disk, view, recent, query, sizes)
+    summarize = _summarizer(session, query)
+    return lambda disk: _run(disk, view, recent, query, sizes, summarize)
 
 
 def search_among(session: "IMAPSession", query: Query, uids: list[int],
@@ -538,19 +522,21 @@ def _is_whole_folder(folder: Any, view: list[int]) -> bool:
 
 
 def _run(folder: Any, view: list[int], recent: set[int], query: Query,
-         sizes: dict[int, Any]) -> list[int]:
+         sizes: dict[int, Any], summarize: Callable[..., Any] | None = None) -> list[int]:
     """The search itself (a thread of the folder's executor; `folder` is its FolderView):
     fills the field tests, then tests every message."""
     if query.fields:
-        _fill_fields(folder, view, query.fields)
+        _fill_fields(folder, view, query.fields, summarize)
     row = Row(len(view), view[-1] if view else 0)
     return list(_matching(folder, enumerate(view, 1), row, recent, query, sizes))
 
 
-def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest]) -> None:
+def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest],
+                 summarize: Callable[..., Any] | None = None) -> None:
     """Answer the header-field keys for the whole folder: index the messages it does not
-    know yet (read from their files), then one SQL scan per key.  An unusable index costs
-    speed only: the fields are then computed from every file."""
+    know yet (by the header pass in worker processes when `summarize` is given and many
+    are missing, else read from their files here), then one SQL scan per key.  An
+    unusable index costs speed only: the fields are then computed from every file."""
     index = folder.index
     row = Row()
     try:
@@ -562,11 +548,18 @@ def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest]) -> None:
         have = set()
     computed: dict[str, tuple[str, ...]] = {}
     batch: list[tuple[str, ...]] = []
-    for u in view:
-        info = folder.by_uid(u)
-        if info is None or info.basename in have:
-            continue
-        row.load(0, u, info, info.flags, None, folder.path)
+    get = folder.by_uid
+    missing = [i for u in view if (i := get(u)) is not None and i.basename not in have]
+    passed = False
+    if index is not None and summarize is not None and len(missing) >= headerpass.MIN_PASS:
+        unstored, failed = summarize(str(folder.path), str(index.dir),
+                                     [(i.basename, i.subdir, i.filename) for i in missing])
+        index = _put_fields(index, unstored)
+        failed_bases = {f[0] for f in failed}
+        missing = [i for i in missing if i.basename in failed_bases]
+        passed = True
+    for info in missing:
+        row.load(0, info.uid, info, info.flags, None, folder.path)
         try:
             fields = row.search_fields()
         except OSError:
@@ -578,7 +571,7 @@ def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest]) -> None:
             batch = []
     if index is not None:
         index = _put_fields(index, batch)
-    complete = not have  # `computed` holds every message
+    complete = not have and not passed  # `computed` holds every message
     for test in tests:
         if index is not None:
             try:

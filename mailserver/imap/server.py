@@ -47,6 +47,7 @@ from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.streaming import ChunkProducer
 from mailserver.imap import fetch as F
+from mailserver.imap import headerpass as HP
 from mailserver.imap import listing as L
 from mailserver.imap.append import APPEND_CAPABILITIES, AppendCommand, AppendCommands, is_append
 from mailserver.imap.compress import COMPRESS_CAPABILITY, CompressCommands
@@ -92,6 +93,9 @@ class _ResponseCursor:
         """Move past `chunk`, the next piece of the stream."""
         pos, end = 0, len(chunk)
         if not end:
+            return
+        if isinstance(chunk, F.WholeResponses) and not self._literal_left:
+            self.between = True  # FETCH says so: no need to look for literals
             return
         while True:
             if self._literal_left:
@@ -1054,11 +1058,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return []
         if uid:
             return seqset.select(self.view, self.view[-1])
-        out = []
-        for n in seqset.resolve(len(self.view)):
-            if n > len(self.view):
+        out: list[int] = []
+        for first, last in seqset.spans(len(self.view)):  # whole runs: 1:* is one slice
+            if last > len(self.view):
                 raise BadCommand("message number out of range")
-            out.append(self.view[n - 1])
+            out.extend(self.view[first - 1:last])
         return out
 
     def cmd_select_SEARCH(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred | None:
@@ -1087,8 +1091,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             uids = self.folder.changed_since(mods.changedsince, uids)
             if not any(i.type == "modseq" for i in items):
                 items.append(C.MODSEQ_ITEM)
-        marks = [] if self.readonly else [u for u in uids if F.sets_seen(items)
-                                          and "\\Seen" not in self._flags_of(u)]
+        marks = ([u for u in uids if "\\Seen" not in self._flags_of(u)]
+                 if not self.readonly and F.sets_seen(items) else [])
         # BINARY sections decoded in a thread first: a refusal (UNKNOWN-CTE) comes before
         # \\Seen is set, and the stream below never decodes a large part in one go.
         d = F.prepare_binary(self, uids, items)
@@ -1106,6 +1110,12 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
         def stream(changed: list[Any]) -> defer.Deferred:
             changed_uids = {m.uid for m in changed}
+            if HP.wants_pass(items, len(uids)):  # header summaries made in batches aside
+                return HP.stream_fetch(
+                    self, uids, items, changed_uids,
+                    lambda chunks: ChunkProducer(
+                        self.transport, self._announcing_keywords(chunks)).start(),
+                    getattr(self.context, "header_workers", None))
             chunks = self._announcing_keywords(
                 F.fetch_responses(self, uids, items, changed_uids))
             return ChunkProducer(self.transport, chunks).start()

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mailserver.connlimit import LimitedFactory
+from mailserver.imap import headerpass
 from mailserver.imap.context import IMAPContext
 from mailserver.imap.mailbox import IIMAPAccount, IMAPAccount
 from mailserver.imap.server import IMAPSession
@@ -44,5 +45,6 @@ def build_factory(server: Any, name: str) -> IMAPFactory:
                           portal=server.portal, throttle=server.throttle, store=server.store,
                           tls=server.tls if name == "imap" else None,
                           allow_plaintext_loopback=config.auth.allow_plaintext_loopback,
-                          metrics=server.metrics.service(name))
+                          metrics=server.metrics.service(name),
+                          header_workers=headerpass.workers())
     return IMAPFactory(context)

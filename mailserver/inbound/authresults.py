@@ -81,22 +81,113 @@ def _comment_words(comment: str) -> tuple[str, ...]:
     return tuple(words)
 
 
+@functools.lru_cache(maxsize=64)
+def _keyword(text: str, lower: bool) -> str | None:
+    """A method or result as written (RFC 8601 2.2 keyword), None when it is not one."""
+    text = _printable(text).strip()
+    if lower:
+        text = text.lower()
+    return text if _KEYWORD_RE.fullmatch(text) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _property_ok(name: str) -> bool:
+    return _PROPERTY_RE.fullmatch(name) is not None
+
+
 def _resinfo_parts(method: str, result: str, comment: str,
                    properties: dict[str, str]) -> list[str] | None:
     """The words of one resinfo (RFC 8601 2.2); None when method or result is not a
     keyword (such a result is left out rather than written malformed)."""
-    method = _printable(str(method)).strip()
-    result = _printable(str(result)).strip().lower()
-    if not _KEYWORD_RE.fullmatch(method) or not _KEYWORD_RE.fullmatch(result):
+    head = _head_words(str(method), str(result), str(comment or ""))
+    if head is None:
         return None
-    parts = [f"{method.lower()}={result}"]
-    parts.extend(_comment_words(str(comment or "")))
-    for name, value in properties.items():
-        name = str(name).strip()
-        if not _PROPERTY_RE.fullmatch(name) or value is None:
-            continue
-        parts.append(f"{name}={_value(str(value))}")
-    return parts
+    return [*head, *(_property_word(str(n), v) for n, v in properties.items()
+                     if v is not None and _property_ok(str(n).strip()))]
+
+
+@functools.lru_cache(maxsize=256)
+def _head_words(method: str, result: str, comment: str) -> tuple[str, ...] | None:
+    """"method=result" and the comment's words; None when either is not a keyword."""
+    method_word = _keyword(method, False)
+    result_word = _keyword(result, True)
+    if method_word is None or result_word is None:
+        return None
+    return (f"{method_word.lower()}={result_word}", *_comment_words(comment))
+
+
+def _property_word(name: str, value: str) -> str:
+    return f"{name.strip()}={_value(str(value))}"
+
+
+def _fold(parts: list[str]) -> str:
+    """One resinfo on lines of its own: a new line where the next word would pass WIDTH."""
+    line = "\t" + parts[0]
+    lines = []
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) > WIDTH:
+            lines.append(line)
+            line = "\t" + part
+        else:
+            line += " " + part
+    lines.append(line)
+    return "\r\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1024)
+def _folded(method: str, result: str, comment: str,
+            properties: tuple[tuple[str, str], ...]) -> str | None:
+    """A resinfo's folded text (each starts a line of its own, so it does not depend
+    on the others).  Remembered: SPF, DMARC and ARC give the same few results for the
+    same senders message after message."""
+    parts = _resinfo_parts(method, result, comment, dict(properties))
+    return _fold(parts) if parts else None
+
+
+def _resinfo_text(method: str, result: str, comment: str,
+                  properties: dict[str, str]) -> str | None:
+    if "header.b" in properties:   # DKIM: a value of its own in every message
+        try:
+            head = _dkim_words(method, result, comment, tuple(properties.items()))
+        except TypeError:   # something unhashable
+            head = None
+        if head is None:
+            parts = _resinfo_parts(method, result, comment, properties)
+            return _fold(parts) if parts else None
+        words, at = head
+        b = properties["header.b"]
+        if b is not None:
+            words = [*words[:at], f"header.b={_value(str(b))}", *words[at:]]
+        return _fold(words)
+    try:
+        return _folded(method, result, comment, tuple(properties.items()))
+    except TypeError:   # something unhashable: not remembered
+        parts = _resinfo_parts(method, result, comment, properties)
+        return _fold(parts) if parts else None
+
+
+def _dkim_words(method: str, result: str, comment: str,
+                properties: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], int] | None:
+    """A DKIM resinfo's words but header.b's, and where header.b goes.  All but b= are
+    the same for a sender's every message: they are remembered, without b=."""
+    names = [n for n, _ in properties]
+    at = names.index("header.b")
+    return _words_around(method, result, comment, properties[:at], properties[at + 1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _words_around(method: str, result: str, comment: str,
+                  before: tuple[tuple[str, str], ...],
+                  after: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], int] | None:
+    head = _head_words(str(method), str(result), str(comment or ""))
+    if head is None:
+        return None
+    words = [*head, *(_property_word(str(n), v) for n, v in before
+                      if v is not None and _property_ok(str(n).strip()))]
+    at = len(words)
+    words += [_property_word(str(n), v) for n, v in after
+              if v is not None and _property_ok(str(n).strip())]
+    return tuple(words), at
 
 
 def format_header(authserv_id: str,
@@ -104,21 +195,10 @@ def format_header(authserv_id: str,
     """RFC 8601 2.2: one Authentication-Results field, CRLF-terminated, each result on
     its own folded line; "<id>; none" when there are no results."""
     head = f"{FIELD}: {_value(authserv_id.strip().rstrip('.'))};"
-    resinfos = [p for p in (_resinfo_parts(*r) for r in results) if p]
+    resinfos = [t for t in (_resinfo_text(*r) for r in results) if t]
     if not resinfos:
         return (head + " none\r\n").encode("utf-8")
-    lines = [head]
-    for i, parts in enumerate(resinfos):
-        last = i == len(resinfos) - 1
-        line = "\t" + parts[0]
-        for part in parts[1:]:
-            if len(line) + 1 + len(part) > WIDTH:
-                lines.append(line)
-                line = "\t" + part
-            else:
-                line += " " + part
-        lines.append(line if last else line + ";")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    return (head + "\r\n" + ";\r\n".join(resinfos) + "\r\n").encode("utf-8")
 
 
 # -- reading: RFC 8601 2.2 authserv-id ---------------------------------------------------

@@ -27,13 +27,15 @@ from mailserver.config import ConfigError, InboundConfig
 from mailserver.inbound import dnsbl
 from mailserver.inbound.authresults import format_header
 from mailserver.inbound.dkimcheck import verify_message
-from mailserver.inbound.dmarc import DMARCResult, evaluate, from_domain
+from mailserver.inbound.dmarc import DMARCResult, evaluate_now, from_domain
 from mailserver.inbound.psl import OrgDomains
 from mailserver.inbound.spf import ResultCache, SPFResult, check_spf
 from mailserver.smtp import replies as R
 from mailserver.smtp.replies import Reply
 
 log = Logger()
+
+MAX_REMEMBERED = 4096   # client addresses whose trusted_networks answer is kept
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class InboundChecker:
         # Evaluations reused while their DNS answers stand (needs a resolver that can say).
         self._spf = ResultCache(resolver) if hasattr(resolver, "current") else None
         self._orgs_loading: defer.Deferred[None] | None = None
+        self._trusted: dict[str, bool] = {}   # client address -> trusted, as answered
 
     def preload_orgs(self) -> None:
         """Parse the Public Suffix List in a thread now (a fifth of a second of CPU that
@@ -83,9 +86,9 @@ class InboundChecker:
             d = self._orgs_loading = deferToThread(self.orgs.load)
             d.addErrback(lambda f: log.failure("loading the Public Suffix List failed", f))
 
-    def _orgs_ready(self) -> defer.Deferred[None]:
+    def _orgs_ready(self) -> defer.Deferred[None] | None:
         if self.orgs.loaded:
-            return defer.succeed(None)
+            return None
         self.preload_orgs()
         assert self._orgs_loading is not None
         waiter: defer.Deferred[None] = defer.Deferred()
@@ -96,6 +99,14 @@ class InboundChecker:
 
     def trusted(self, ip: str) -> bool:
         """Clients in trusted_networks skip every check (local programs, monitoring)."""
+        known = self._trusted.get(ip)
+        if known is None:
+            if len(self._trusted) >= MAX_REMEMBERED:
+                self._trusted.clear()
+            known = self._trusted[ip] = self._in_networks(ip)
+        return known
+
+    def _in_networks(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
@@ -125,41 +136,59 @@ class InboundChecker:
 
     # -- per transaction ---------------------------------------------------------------
 
-    def check_sender(self, ip: str, mail_from: str, helo: str) -> defer.Deferred | None:
-        """Start SPF for MAIL FROM (RFC 7208 2.4; HELO for bounces); None when off."""
+    def check_sender(self, ip: str, mail_from: str, helo: str
+                     ) -> SPFResult | defer.Deferred | None:
+        """Start SPF for MAIL FROM (RFC 7208 2.4; HELO for bounces): the SPFResult at once
+        when a cached evaluation still stands, else a Deferred[SPFResult]; None when off."""
         if not self.config.spf:
             return None
         if self._spf is not None:
-            return self._spf.check(ip, mail_from, helo)
+            return self._spf.cached(ip, mail_from, helo) or self._spf.check(ip, mail_from, helo)
         return check_spf(self.resolver, ip, mail_from, helo)
 
-    @defer.inlineCallbacks
-    def check_message(self, facts: MessageFacts, spf: defer.Deferred | None):
-        """Deferred[Verdict]; never fails."""
-        try:
-            verdict = yield self._check_message(facts, spf)
-        except Exception:
-            log.failure("message {qid}: inbound checks failed; delivering unchecked",
-                        qid=facts.queue_id)
-            verdict = Verdict("inbox", headers=format_header(self.authserv_id, []))
-        return verdict
+    def check_message(self, facts: MessageFacts,
+                      spf: SPFResult | defer.Deferred | None) -> defer.Deferred:
+        """Deferred[Verdict]; never fails.
 
-    @defer.inlineCallbacks
-    def _check_message(self, facts: MessageFacts, spf_pending: defer.Deferred | None):
+        Each step goes on at once with what is at hand (a cached SPF result, DMARC over
+        cached records) and waits only for what is not: the DKIM/ARC verification in a
+        worker, DNS answers not cached, rspamd."""
+        try:
+            verdict = self._check_message(facts, spf)
+        except Exception:
+            verdict = defer.fail()
+        if not isinstance(verdict, defer.Deferred):
+            return defer.succeed(verdict)
+        return verdict.addErrback(self._unchecked, facts)
+
+    def _unchecked(self, failure: Any, facts: MessageFacts) -> Verdict:
+        log.failure("message {qid}: inbound checks failed; delivering unchecked", failure,
+                    qid=facts.queue_id)
+        return Verdict("inbox", headers=format_header(self.authserv_id, []))
+
+    def _check_message(self, facts: MessageFacts,
+                       spf: SPFResult | defer.Deferred | None) -> Verdict | defer.Deferred:
         cfg = self.config
-        dkim_d = (verify_message(self.resolver, facts.path, self.run_in_thread,
-                                 check_arc=cfg.arc, header_block=facts.header_block)
-                  if cfg.dkim or cfg.arc else defer.succeed(([], None)))
-        spam_d = (self.rspamd.check(facts.path, ip=facts.ip, helo=facts.helo,
-                                    mail_from=facts.mail_from, rcpts=list(facts.rcpts),
-                                    queue_id=facts.queue_id)
-                  if self.rspamd is not None else defer.succeed(None))
-        spf: SPFResult | None = (yield spf_pending) if spf_pending is not None else None
-        dkim_results, arc = yield dkim_d
-        if not cfg.dkim:
+        dkim = (verify_message(self.resolver, facts.path, self.run_in_thread,
+                               check_arc=cfg.arc, header_block=facts.header_block)
+                if cfg.dkim or cfg.arc else ([], None))
+        spam = (self.rspamd.check(facts.path, ip=facts.ip, helo=facts.helo,
+                                  mail_from=facts.mail_from, rcpts=list(facts.rcpts),
+                                  queue_id=facts.queue_id)
+                if self.rspamd is not None else None)
+        return _then(spf, self._with_spf, facts, dkim, spam)
+
+    def _with_spf(self, spf: SPFResult | None, facts: MessageFacts, dkim: Any,
+                  spam: Any) -> Verdict | defer.Deferred:
+        return _then(dkim, self._with_dkim, facts, spf, spam)
+
+    def _with_dkim(self, dkim: tuple[list[Any], Any], facts: MessageFacts,
+                   spf: SPFResult | None, spam: Any) -> Verdict | defer.Deferred:
+        dkim_results, arc = dkim
+        if not self.config.dkim:
             dkim_results = []
-        dmarc: DMARCResult | None = None
-        if cfg.dmarc:
+        dmarc: DMARCResult | defer.Deferred | None = None
+        if self.config.dmarc:
             domain, why = from_domain(facts.header_block or b"")
             if domain is None:
                 # RFC 7489 6.6.1: no single From: domain to evaluate.  Delivering it to the
@@ -167,15 +196,23 @@ class InboundChecker:
                 # to Junk while the policy is enforced.
                 dmarc = DMARCResult("permerror", "", "", "quarantine", why)
             else:
-                # RFC 7489 4.1 / RFC 7208 2.4: with a null MAIL FROM the HELO identity
-                # stands in for it, so a bounce can align through its HELO name.
-                spf_domain = spf.domain if spf is not None else ""
-                yield self._orgs_ready()
-                dmarc = yield evaluate(self.resolver, self.orgs, domain,
-                                       spf.result if spf is not None else "none", spf_domain,
-                                       [r.domain for r in dkim_results if r.result == "pass"])
-        spam = yield spam_d
-        return self._decide(facts, spf, dkim_results, arc, dmarc, spam)
+                dmarc = _then(self._orgs_ready(), self._dmarc, domain, spf, dkim_results)
+        return _then(dmarc, self._with_dmarc, facts, spf, dkim_results, arc, spam)
+
+    def _dmarc(self, _: None, domain: str, spf: SPFResult | None,
+               dkim_results: list[Any]) -> DMARCResult | defer.Deferred:
+        # RFC 7489 4.1 / RFC 7208 2.4: with a null MAIL FROM the HELO identity stands
+        # in for it, so a bounce can align through its HELO name.
+        return evaluate_now(self.resolver, self.orgs, domain,
+                            spf.result if spf is not None else "none",
+                            spf.domain if spf is not None else "",
+                            [r.domain for r in dkim_results if r.result == "pass"])
+
+    def _with_dmarc(self, dmarc: DMARCResult | None, facts: MessageFacts,
+                    spf: SPFResult | None, dkim_results: list[Any], arc: Any,
+                    spam: Any) -> Verdict | defer.Deferred:
+        return _then(spam, lambda spam: self._decide(facts, spf, dkim_results, arc, dmarc,
+                                                     spam))
 
     def _arc_override(self, arc: Any) -> str:
         """The trusted sealer whose valid ARC chain vouches for the message, or ""."""
@@ -261,6 +298,14 @@ class InboundChecker:
         verdict.spam_checked = bool(extra)
         verdict.summary = summary
         return verdict
+
+
+def _then(value: Any, step: Callable[..., Any], *args: Any) -> Any:
+    """step(value, *args) now, or once `value` has fired when it is a Deferred: the
+    checks go on without a Deferred (or a reactor turn) for what is at hand already."""
+    if isinstance(value, defer.Deferred):
+        return value.addCallback(step, *args)
+    return step(value, *args)
 
 
 def _with_message(reply: Reply, message: str) -> Reply:

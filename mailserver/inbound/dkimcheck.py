@@ -26,7 +26,8 @@ from mailserver.inbound.dkimverify import (
 
 log = Logger()
 
-_SIGNED = re.compile(rb"(?im)^(?:dkim-signature|arc-seal|arc-message-signature|"
+# Searched in the lower-cased header section (faster than re.I).
+_SIGNED = re.compile(rb"(?m)^(?:dkim-signature|arc-seal|arc-message-signature|"
                      rb"arc-authentication-results)[ \t]*:")
 
 
@@ -55,12 +56,14 @@ def _verify(resolver: Any, path: Path, run_in_thread: Callable[..., defer.Deferr
             check_arc: bool, header_block: bytes | None) -> defer.Deferred:
     if header_block is None:
         d = run_in_thread(key_names_in_file, path, check_arc)
-    elif not _SIGNED.search(header_block):
+        return d.addCallback(_fetch_keys, resolver).addCallback(
+            lambda keys: run_in_thread(verify_path, path, keys, check_arc))
+    if not _SIGNED.search(header_block.lower()):
         return defer.succeed(([], ARCResult("none", 0, (), "no ARC header fields")))  # no DNS
-    else:
-        d = defer.succeed(key_names(header_block, include_arc=check_arc))
-    return d.addCallback(_fetch_keys, resolver).addCallback(
-        lambda keys: run_in_thread(verify_path, path, keys, check_arc))
+    keys = _fetch_keys(key_names(header_block, include_arc=check_arc), resolver)
+    if isinstance(keys, defer.Deferred):   # a key not in the DNS cache (yet)
+        return keys.addCallback(lambda keys: run_in_thread(verify_path, path, keys, check_arc))
+    return run_in_thread(verify_path, path, keys, check_arc)
 
 
 def _fetch_keys(names: list[str], resolver: Any) -> dict[str, bytes | None | str] | defer.Deferred:

@@ -22,6 +22,7 @@ from pathlib import Path
 from publicsuffixlist import PublicSuffixList
 
 MAX_PSL_BYTES = 64 * 1024 * 1024   # a PSL file larger than this is not a PSL file
+MAX_REMEMBERED = 4096              # organizational domains kept per list
 
 # One rule of the list: "example.com", "*.example.com" or "!www.example.com" (U-labels
 # allowed); what the parser takes from a line is its text up to the first space.
@@ -91,6 +92,7 @@ class OrgDomains:
         self.error = ""
         self._psl: PublicSuffixList | None = None
         self._lock = threading.Lock()
+        self._orgs: dict[str, str] = {}   # answers given (the same few domains come back)
 
     def load(self) -> None:
         """Parse the list now (otherwise the first `org_domain` call does)."""
@@ -124,8 +126,14 @@ class OrgDomains:
         itself a public suffix is its own organizational domain.  Lower-case, no final
         dot, A-labels for IDNs; a string that is not a domain name comes back normalized
         as far as possible, never an exception."""
+        org = self._orgs.get(domain)
+        if org is not None:
+            return org
         name = normalize_domain(domain)
         if name is None:
             return domain.strip().rstrip(".").lower()
-        org = self._get().privatesuffix(name)
-        return org if org else name
+        org = self._get().privatesuffix(name) or name
+        if len(self._orgs) >= MAX_REMEMBERED:
+            self._orgs.clear()
+        self._orgs[domain] = org
+        return org

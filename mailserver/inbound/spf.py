@@ -788,18 +788,28 @@ class ResultCache:
         self._results: OrderedDict[tuple[str, str, str], tuple[SPFResult, tuple]] = OrderedDict()
         self.hits = 0
 
-    def check(self, ip: str, mail_from: str, helo: str) -> defer.Deferred:
-        """check_spf(), from the cache when it may."""
+    def cached(self, ip: str, mail_from: str, helo: str) -> SPFResult | None:
+        """The result of check() when it can be given at once from the cache, else None."""
         key = (ip, mail_from.lower(), helo.lower())
         kept = self._results.get(key)
-        if kept is not None:
-            result, read = kept
-            current = self.resolver.current
-            if all(current(name, rtype) is answer for name, rtype, answer in read):
-                self.hits += 1
-                self._results.move_to_end(key)
-                return defer.succeed(result)
-            del self._results[key]
+        if kept is None:
+            return None
+        result, read = kept
+        current = self.resolver.current
+        for name, rtype, answer in read:
+            if current(name, rtype) is not answer:
+                del self._results[key]
+                return None
+        self.hits += 1
+        self._results.move_to_end(key)
+        return result
+
+    def check(self, ip: str, mail_from: str, helo: str) -> defer.Deferred:
+        """check_spf(), from the cache when it may."""
+        result = self.cached(ip, mail_from, helo)
+        if result is not None:
+            return defer.succeed(result)
+        key = (ip, mail_from.lower(), helo.lower())
         recording = _Recording(self.resolver)
         d = check_spf(recording, ip, mail_from, helo)
 

@@ -37,7 +37,7 @@ class _Child(protocol.ProcessProtocol):
     def __init__(self, pool: "WorkerPool") -> None:
         self.pool = pool
         self.pending: dict[int, defer.Deferred] = {}
-        self.buffer = b""
+        self.buffer = bytearray()
         self.ended = False
 
     def send(self, key: int, name: str, args: tuple[Any, ...], d: defer.Deferred) -> None:
@@ -45,17 +45,25 @@ class _Child(protocol.ProcessProtocol):
         self.transport.write(frame((key, name, args)))
 
     def outReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 4:
-            size = int.from_bytes(self.buffer[:4], "big")
+        # Whole answers in `data` are read from it directly; a frame that comes in
+        # pieces (a large answer) is gathered in a bytearray, appended to, not copied.
+        if self.buffer:
+            self.buffer += data
+            buffer: bytes | bytearray = self.buffer
+        else:
+            buffer = data
+        start = 0
+        while len(buffer) - start >= 4:
+            size = int.from_bytes(buffer[start:start + 4], "big")
             if size > MAX_FRAME:
                 log.error("check worker sent a frame of {size} bytes; stopping it", size=size)
                 self.transport.signalProcess("KILL")
+                self.buffer = bytearray()
                 return
-            if len(self.buffer) < 4 + size:
-                return
-            data, self.buffer = self.buffer[4:4 + size], self.buffer[4 + size:]
-            key, ok, value = pickle.loads(data)
+            if len(buffer) - start < 4 + size:
+                break
+            key, ok, value = pickle.loads(buffer[start + 4:start + 4 + size])
+            start += 4 + size
             d = self.pending.pop(key, None)
             if d is None:
                 continue
@@ -63,6 +71,10 @@ class _Child(protocol.ProcessProtocol):
                 d.callback(value)
             else:
                 d.errback(WorkerFailed(value))
+        if start:
+            self.buffer = bytearray(buffer[start:])
+        elif buffer is not self.buffer:
+            self.buffer = bytearray(buffer)
 
     def errReceived(self, data: bytes) -> None:
         log.warn("check worker: {text}", text=data.decode("utf-8", "replace").rstrip())
@@ -76,7 +88,11 @@ class _Child(protocol.ProcessProtocol):
 
 
 class WorkerPool:
-    def __init__(self, reactor: Any = None, processes: int = 1) -> None:
+    """`idle_timeout` (seconds): children with nothing to do for that long are ended (and
+    started again by the next request), for work that comes in bursts."""
+
+    def __init__(self, reactor: Any = None, processes: int = 1,
+                 idle_timeout: float | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -87,9 +103,15 @@ class WorkerPool:
         self._threads_only = False
         self._stopping = False
         self._hooked = False
+        self._names: dict[Callable[..., Any], str] = {}
+        self.idle_timeout = idle_timeout
+        self._last_used = 0.0
+        self._idle_call: Any = None
 
     def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
-        name = f"{function.__module__}:{function.__name__}"
+        name = self._names.get(function)
+        if name is None:
+            name = self._names[function] = f"{function.__module__}:{function.__name__}"
         if self._threads_only or self._stopping or function.__module__ not in ALLOWED:
             return deferToThread(function, *args)
         child = self._child()
@@ -97,7 +119,25 @@ class WorkerPool:
             return deferToThread(function, *args)
         d: defer.Deferred = defer.Deferred()
         child.send(next(self._ids), name, args, d)
+        if self.idle_timeout is not None:
+            self._last_used = self.reactor.seconds()
+            if self._idle_call is None:
+                self._idle_call = self.reactor.callLater(self.idle_timeout, self._retire_idle)
         return d
+
+    def _retire_idle(self) -> None:
+        """End the children once none has had a request for `idle_timeout` seconds."""
+        self._idle_call = None
+        assert self.idle_timeout is not None
+        wait = self._last_used + self.idle_timeout - self.reactor.seconds()
+        busy = any(c.pending for c in self._children if not c.ended)
+        if wait > 0 or busy:
+            self._idle_call = self.reactor.callLater(max(wait, 1.0), self._retire_idle)
+            return
+        for child in self._children:
+            if not child.ended:
+                child.ended = True  # no new request goes to it while it winds down
+                child.transport.closeStdin()
 
     def _child(self) -> _Child | None:
         live = [c for c in self._children if not c.ended]
@@ -137,6 +177,9 @@ class WorkerPool:
     def stop(self) -> None:
         """Close the children's input: each ends once it has answered what it has."""
         self._stopping = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
         for child in self._children:
             if not child.ended:
                 child.transport.closeStdin()

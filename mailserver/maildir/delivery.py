@@ -414,6 +414,24 @@ class Delivery:
         """The file name the message gets in every new/ directory."""
         return f"{self._base},S={self._size}{self._info}"
 
+    # -- a file without a name made ahead (lone_commit) -----------------------------------
+
+    def file_dir(self) -> Path | None:
+        """The new/ directory this delivery's file without a name would be created in (its
+        first target's), while it has no file yet; None once it has one, or where files
+        without a name cannot be made."""
+        if self._fd >= 0 or self._home is not None or self._error is not None:
+            return None
+        return new_dir(self._unique[0]) if _anonymous_files else None
+
+    def take_file(self, fd: int) -> None:
+        """Make `fd`, a file without a name open for writing in `file_dir()` (see
+        `file_without_name`), this delivery's file (in the commit thread, before
+        `stage_write`)."""
+        self._fd, self._home = fd, self._unique[0]
+        self._base = unique_base(self._escaped_host)
+
+
     @property
     def unsynced_fd(self) -> int:
         """The file's descriptor while it is written but not yet synced, else -1."""
@@ -528,3 +546,9 @@ class Delivery:
             except OSError:
                 pass
             self._fd = -1
+
+
+def file_without_name(directory: Path) -> int:
+    """A new file without a name (O_TMPFILE, mode 0600) open for writing in `directory`,
+    as a delivery makes one (blocking: for a thread)."""
+    return os.open(directory, _ANON_FLAGS, 0o600)

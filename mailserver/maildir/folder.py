@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
+from operator import attrgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -75,6 +77,8 @@ from mailserver.maildir.uidranges import (  # noqa: F401 (re-exported for IMAP)
 log = Logger()
 
 T = TypeVar("T")
+_flags_of = attrgetter("flags")
+_size_of = attrgetter("size")
 
 INLINE_STORE_MAX = 8       # STOREs on at most this many messages rename in the reactor
 DIRTY_WINDOW = 1.0         # seconds: a directory changed this recently is scanned again
@@ -175,6 +179,9 @@ class Folder:
         self._flushing: Deferred[int] | None = None
         self._flush_again = False
         self._flush_waiters: list[Deferred[int]] = []
+        # Told this folder's path after each durable change of its own (not one a
+        # refresh found): MailAccount sets it to MaildirStore.folder_changed.
+        self.on_change: Callable[[Path], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Folder {self.name!r} at {str(self.path)!r}>"
@@ -282,17 +289,15 @@ class Folder:
     def _stats(self) -> tuple[int, int | None, int, int]:
         stats = self._stats_cache
         if stats is None:
-            unseen, first, total, deleted = 0, None, 0, 0
-            for info in self._infos.values():
-                total += info.size
-                flags = info.flags
-                if "\\Seen" not in flags:
-                    unseen += 1
-                    if first is None:
-                        first = info.uid
-                if "\\Deleted" in flags:
-                    deleted += 1
-            stats = self._stats_cache = (unseen, first, total, deleted)
+            infos = self._infos.values()
+            # Counted per set of flags (messages share a few): C-level passes, not a
+            # Python loop over a large folder.
+            by_flags = Counter(map(_flags_of, infos))
+            unseen = sum(n for flags, n in by_flags.items() if "\\Seen" not in flags)
+            deleted = sum(n for flags, n in by_flags.items() if "\\Deleted" in flags)
+            first = (next(i.uid for i in infos if "\\Seen" not in i.flags) if unseen
+                     else None)
+            stats = self._stats_cache = (unseen, first, sum(map(_size_of, infos)), deleted)
         return stats
 
     @property
@@ -403,9 +408,12 @@ class Folder:
 
     def cache_get_many(self, uids: Iterable[int], key: str) -> dict[int, CacheValue]:
         """`cache_get` for many messages at once (uids without a value are left out)."""
-        infos = [self._infos[u] for u in uids if u in self._infos]
+        get = self._infos.get
+        infos = [i for u in uids if (i := get(u)) is not None]
         found = self._index.get_many([i.basename for i in infos], key)
-        return {i.uid: found[i.basename] for i in infos if i.basename in found}
+        if not found:
+            return {}
+        return {i.uid: v for i in infos if (v := found.get(i.basename)) is not None}
 
     def cache_put(self, uid: int, key: str, value: CacheValue) -> None:
         """Remember a value computed from message `uid`; written in batches."""
@@ -467,6 +475,9 @@ class Folder:
                 else:
                     for w in later:
                         w.callback(0)
+            elif self._index.loaded_pending and self._flush_call is None:
+                # A first load's rows go a part per write: other jobs come in between.
+                self._flush_call = self._clock.callLater(0, self.flush_cache)
             return result
         return d.addBoth(done)
 
@@ -742,6 +753,10 @@ class Folder:
         changes = FolderChanges(added=list(sync.added), expunged=sorted(sync.expunged),
                                 flags_changed=list(sync.flags_changed),
                                 uidvalidity_changed=sync.reset and not first_load)
+        if sync.index_deferred and self._flush_call is None and self._flushing is None:
+            # The load's index rows (see folder_disk.FolderDisk.sync) go with the next
+            # flush of cached values, not right behind the answer to SELECT.
+            self._flush_call = self._clock.callLater(CACHE_FLUSH_DELAY, self.flush_cache)
         if first_load:
             return changes
         self._notify(origin, changes.expunged, changes.flags_changed, changes.added,
@@ -785,6 +800,13 @@ class Folder:
             self._modseq_log_floor = floor
 
     def _add_infos(self, infos: Iterable[MessageInfo]) -> None:
+        if not self._infos and not self._by_base and isinstance(infos, list):
+            # An empty folder filled (its first load: maybe a hundred thousand messages,
+            # in uid order): new dicts made in one go.  No job reads the old ones now.
+            self._infos = {i.uid: i for i in infos}
+            self._by_base = {i.basename: i.uid for i in infos}
+            self._recent.update([i.uid for i in infos if i.recent])
+            return
         for info in infos:
             self._infos[info.uid] = info
             self._by_base[info.basename] = info.uid
@@ -869,6 +891,8 @@ class Folder:
         self._notify(None, expunged=vanished)
         self._notify(origin, expunged=sorted(u for u in edit.expunged if u in gone),
                      changed=changed, added=edit.added)
+        if self.on_change is not None and (changed or edit.added or edit.expunged):
+            self.on_change(self.path)
         return edit
 
     # -- expunge ---------------------------------------------------------------------------------

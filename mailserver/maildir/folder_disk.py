@@ -37,18 +37,21 @@ while we were not looking, or our write was lost) gets a new value when the fold
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
 from mailserver.maildir.flags import (
     apply_mode,
-    base_name,
     flags_from_letters,
     info_letters,
     is_keyword,
@@ -58,13 +61,16 @@ from mailserver.maildir.flags import (
 )
 from mailserver.maildir.index import FolderIndex
 from mailserver.maildir.keywords import KeywordLimit, Keywords
-from mailserver.maildir.newfiles import FLUSH_THRESHOLD, OPEN_FLAGS, arrival_key, unique_base
+from mailserver.maildir.newfiles import FLUSH_THRESHOLD, OPEN_FLAGS, arrival_order, unique_base
 from mailserver.maildir.uidlist import DotLock, FileStamp, UidList
 from mailserver.maildir.uidranges import gaps, has, intersect_ranges, normalize_ranges, uid_ranges
 
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 256 * 1024
+# A first load that finds at least this many messages not in the index answers before
+# their rows are written (see FolderDisk.sync).
+DEFERRED_ROWS = 1000
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -123,6 +129,34 @@ class MessageInfo:
     modseq: int = 0
 
 
+# A first load makes a hundred thousand MessageInfo at once (_all_new): made through the
+# slots' own setters, not the frozen dataclass's __init__ (an object.__setattr__ by name
+# per field), it takes half the time.
+_INFO_FIELDS = ("uid", "basename", "filename", "subdir", "flags", "size", "internaldate",
+                "recent", "modseq")
+assert tuple(f.name for f in dataclass_fields(MessageInfo)) == _INFO_FIELDS
+(_set_uid, _set_basename, _set_filename, _set_subdir, _set_flags, _set_size,
+ _set_internaldate, _set_recent, _set_modseq) = (
+    MessageInfo.__dict__[name].__set__ for name in _INFO_FIELDS)
+
+
+def _new_info(uid: int, basename: str, filename: str, subdir: str, flags: frozenset[str],
+              size: int, internaldate: float, recent: bool, modseq: int,
+              _new: Callable[[type], Any] = object.__new__) -> MessageInfo:
+    """MessageInfo(...) made faster (see above): the same object."""
+    info = _new(MessageInfo)
+    _set_uid(info, uid)
+    _set_basename(info, basename)
+    _set_filename(info, filename)
+    _set_subdir(info, subdir)
+    _set_flags(info, flags)
+    _set_size(info, size)
+    _set_internaldate(info, internaldate)
+    _set_recent(info, recent)
+    _set_modseq(info, modseq)
+    return info
+
+
 @dataclass(frozen=True, slots=True)
 class FolderView:
     """The reactor's knowledge of a folder when a job starts: what disk work reads.
@@ -172,6 +206,7 @@ class Sync:
     scan_start: float = 0.0  # time.time() when the listing began (0: no scan)
     modseq_issued: int = 0   # the last mod-sequence handed out so far
     keyword_names: tuple[str, ...] | None = None  # the keyword table's (None: not read)
+    index_deferred: bool = False  # the index rows it made wait for the folder's next flush
 
 
 @dataclass
@@ -234,11 +269,19 @@ class FolderDisk:
         """Catch up with the disk (a thread): what changed since `view`."""
         self._follow(view)
         try:
-            sync = self._sync_core(view, lock_held=False, force=force)
+            if view.loaded:
+                sync = self._sync_core(view, lock_held=False, force=force)
+            else:
+                with gc_paused():  # a first load makes an object or three per message
+                    sync = self._sync_core(view, lock_held=False, force=force)
         except BaseException:
             self._uidlist = None  # may be half-changed: read it again next time
             raise
-        self.index.write_modseqs()
+        if not sync.index_deferred:
+            self.index.write_modseqs()
+        # else a large folder's first load: its rows are written by the flush that
+        # follows (Folder._apply_sync), not before the answer; rows lost in a crash only
+        # cost the next open a stat() per message and new mod-sequences (module text).
         sync.modseq_issued = self._modseq_issued
         sync.keyword_names = self._keyword_names()
         return sync
@@ -304,6 +347,11 @@ class FolderDisk:
         stamps = disk_stamps(self.path, self.name)
         if view.loaded and not force and view.trusts_stamps and stamps == view.stamps:
             return Sync(stamps)
+        if not lock_held and stamps[2] is None:
+            # No uid list: this scan writes one.  Locked first, so the folder is listed
+            # once (a large folder's first open), not once more under the lock.
+            with DotLock(self.path / "dovecot-uidlist"):
+                return self._sync_core(view, lock_held=True, force=True)
         if not view.loaded and not self._meta:
             self._meta, self._index_rows = self.index.load()
             self._index_generation = self.index.generation
@@ -333,30 +381,44 @@ class FolderDisk:
             with DotLock(ul.path):
                 return self._sync_core(view, lock_held=True, force=True)
 
-        fresh_stats: dict[str, os.stat_result] = {}
+        # The files that get a uid now: base -> mtime in ns, the order they get it, and
+        # the sizes their names do not carry; for a folder without uids yet, each file's
+        # (mtime in ns, base, subdir, name) in that order instead.
+        fresh_mtimes: dict[str, int] = {}
+        fresh_order: list[str] = []
+        fresh_sizes: dict[str, int] = {}
+        all_fresh: list[tuple[int, str, str, str]] | None = None
+        first_fresh_uid = ul.nextuid
         moved: set[str] = set()
         if need_write:
             moved = self._move_new(listing)
             for uid, base in list(ul.items()):
                 if base not in listing:
                     ul.remove(uid)
-            fresh = []
-            for base in listing:
-                if needs_uid(base):
-                    old = ul.lookup(base)
-                    if old is not None:
-                        ul.remove(old)
-                    sub, name = listing[base]
-                    try:
-                        fresh_stats[base] = os.stat(os.path.join(dirs[sub], name))
-                    except FileNotFoundError:
-                        continue
-                    fresh.append(base)
-            fresh.sort(key=lambda b: (fresh_stats[b].st_mtime_ns, arrival_key(b)))
-            for base in fresh:
-                ul.add(base)
-            for base in [b for b in listing if uid_of(b) is None]:
-                del listing[base]  # vanished while we looked
+            lookup = ul.lookup
+            with _DirFds(dirs) as fds:
+                if not len(ul) and not by_base:  # no uids yet: every file is new
+                    all_fresh = _stat_all(listing, fds, fresh_sizes)
+                    fresh_order = [entry[1] for entry in all_fresh]
+                else:
+                    for base, (sub, name) in listing.items():
+                        if needs_uid(base):
+                            old = lookup(base)
+                            if old is not None:
+                                ul.remove(old)
+                            try:
+                                st = os.stat(name, dir_fd=fds[sub])
+                            except FileNotFoundError:
+                                continue
+                            fresh_mtimes[base] = st.st_mtime_ns
+                            if ",S=" not in base:
+                                fresh_sizes[base] = st.st_size
+                    fresh_order = arrival_order(fresh_mtimes)
+            first_fresh_uid = ul.nextuid
+            ul.add_all(fresh_order)
+            if len(ul) != len(listing):
+                for base in [b for b in listing if uid_of(b) is None]:
+                    del listing[base]  # vanished while we looked
             ul.write()
             if kw.dirty:
                 kw.write()
@@ -369,7 +431,6 @@ class FolderDisk:
 
         rows = self._index_rows
         new_rows: list[tuple[str, int, float]] = []
-        recent_bases = moved | set(fresh_stats)
         known: Mapping[int, MessageInfo] = {} if reset else view.infos
         seen_uids: set[int] = set()
         flags_of = self._flags_of
@@ -377,7 +438,18 @@ class FolderDisk:
         stored = self._start_modseqs(view, ul.uidvalidity, reset)
         mod_rows: list[tuple[str, int, int, str]] = []
         issued = 0
-        for base, (sub, name) in listing.items():
+        loaded: list[MessageInfo] | None = None
+        compare = listing
+        if all_fresh is not None and not known and not rows and not stored:
+            # Every file is new (a folder's first open, nothing in the index): the loop
+            # below, with nothing to compare, in uid order.
+            issued = self._issue_modseq()
+            sync.added = loaded = _all_new(self.path, all_fresh, first_fresh_uid,
+                                           fresh_sizes, flags_of, issued)
+            compare = {}
+        elif all_fresh is not None:
+            fresh_mtimes = {base: ns for ns, base, _, _ in all_fresh}
+        for base, (sub, name) in compare.items():
             uid = uid_of(base)
             assert uid is not None
             seen_uids.add(uid)
@@ -396,19 +468,22 @@ class FolderDisk:
                         sync.flags_changed.append(info)
                 continue
             row = rows.get(base)
-            st = fresh_stats.get(base)
-            if row is not None and st is None:
+            mtime_ns = fresh_mtimes.get(base)
+            if row is not None and mtime_ns is None:
                 size, date = row
             else:
                 size = size_from_base(base)
-                if st is None:
+                if mtime_ns is not None and size is None:
+                    size = fresh_sizes.get(base)
+                if mtime_ns is None or size is None:
                     try:
                         st = os.stat(os.path.join(dirs[sub], name))
                     except FileNotFoundError:
                         continue  # vanished
-                date = st.st_mtime
-                if size is None:
-                    size = st.st_size
+                    mtime_ns = st.st_mtime_ns
+                    if size is None:
+                        size = st.st_size
+                date = mtime_seconds(mtime_ns)
                 new_rows.append((base, size, date))
             had = stored.get(base)
             if had is not None and had[0] == uid and had[2] == name:
@@ -416,9 +491,9 @@ class FolderDisk:
             else:
                 modseq = issued = issued or self._issue_modseq()
                 mod_rows.append((base, uid, modseq, name))
-            sync.added.append(MessageInfo(uid, base, name, sub, flags_of(name),
-                                          size, date, base in recent_bases, modseq))
-        sync.added.sort(key=lambda i: i.uid)
+            sync.added.append(MessageInfo(uid, base, name, sub, flags_of(name), size, date,
+                                          base in moved or base in fresh_mtimes, modseq))
+        sync.added.sort(key=_by_uid)
         sync.expunged = [uid for uid in known if uid not in seen_uids
                          or known[uid].basename != ul.name(uid)]
 
@@ -446,7 +521,17 @@ class FolderDisk:
         self.index.note_modseq_meta(highestmodseq=self._modseq_issued,
                                     modseq_uidvalidity=ul.uidvalidity)
         self.index.drop(gone_bases)
-        self.index.put_messages(new_rows)
+        if loaded is not None and len(loaded) >= DEFERRED_ROWS:
+            self.index.note_loaded(loaded)
+            sync.index_deferred = True
+        elif loaded is not None:
+            self.index.put_messages((i.basename, i.size, i.internaldate) for i in loaded)
+            self.index.note_modseqs((i.basename, i.uid, i.modseq, i.filename) for i in loaded)
+        elif view.loaded or len(new_rows) < DEFERRED_ROWS:
+            self.index.put_messages(new_rows)
+        else:
+            self.index.note_messages(new_rows)
+            sync.index_deferred = True
         self.index.set_meta({"uidvalidity": ul.uidvalidity, "uidnext": ul.nextuid})
         self._meta = {"uidvalidity": str(ul.uidvalidity), "uidnext": str(ul.nextuid)}
         return sync
@@ -464,9 +549,7 @@ class FolderDisk:
         """Move every file of new/ to cur/ (adding ":2,"); the base names we moved."""
         moved: set[str] = set()
         lost = False
-        for base, (sub, name) in list(listing.items()):
-            if sub != "new":
-                continue
+        for base, name in [(b, n) for b, (sub, n) in listing.items() if sub == "new"]:
             dest = name if ":" in name else name + ":2,"
             try:
                 os.rename(self.path / "new" / name, self.path / "cur" / dest)
@@ -907,6 +990,111 @@ class AppendFile:
 
 # -- helpers -----------------------------------------------------------------------------------
 
+_by_uid = attrgetter("uid")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while long-lived objects are made by the
+    hundred thousand (a large folder's first load), then run once over everything: its
+    collections would otherwise walk the growing pile again and again (and, left to
+    after the pause, walk it once per generation), for nothing: they are all kept."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.collect()
+            gc.enable()
+
+
+class _DirFds:
+    """Descriptors of a folder's directories (subdir -> fd), for stat() by name relative
+    to them: no path to build and walk per file (a first open stats every file)."""
+
+    def __init__(self, dirs: Mapping[str, str]) -> None:
+        self._dirs = dirs
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> dict[str, int]:
+        try:
+            for subdir, path in self._dirs.items():
+                self._fds[subdir] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self._fds
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _stat_all(listing: Mapping[str, tuple[str, str]], fds: Mapping[str, int],
+              sizes: dict[str, int]) -> list[tuple[int, str, str, str]]:
+    """(mtime in ns, base, subdir, file name) of each file of `listing`, in the order new
+    files get uids (see newfiles.arrival_order); sizes[base] = its size when the name
+    carries none (",S=").  A file that vanished meanwhile is left out.  Only numbers are
+    kept of the stat results, and the result is walked in order: a first open goes
+    through a hundred thousand of them."""
+    stat = os.stat
+    entries: list[tuple[int, str, str, str]] | None = None
+    if not any(",S=" not in base for base in listing):
+        try:
+            entries = [(stat(name, dir_fd=fds[sub]).st_mtime_ns, base, sub, name)
+                       for base, (sub, name) in listing.items()]
+        except FileNotFoundError:
+            pass
+    if entries is None:
+        entries = []
+        for base, (sub, name) in listing.items():
+            try:
+                st = stat(name, dir_fd=fds[sub])
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime_ns, base, sub, name))
+            if ",S=" not in base:
+                sizes[base] = st.st_size
+    entries.sort(key=itemgetter(0))  # by the numbers alone: several times faster
+    # Files of one mtime: in arrival order, not by name (see newfiles.arrival_key).
+    ties = [k for k in range(1, len(entries)) if entries[k][0] == entries[k - 1][0]]
+    if ties:
+        by_base = {entry[1]: entry for entry in entries}
+        order = arrival_order({entry[1]: entry[0] for entry in entries})
+        entries = [by_base[base] for base in order]
+    return entries
+
+
+def mtime_seconds(ns: int) -> float:
+    """A modification time in ns as the float os.stat gives (st_mtime), to the last bit."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return sec + nsec * 1e-9
+
+
+def _all_new(folder: Path, entries: list[tuple[int, str, str, str]], first_uid: int,
+             sizes: Mapping[str, int], flags_of: Callable[[str], frozenset[str]],
+             modseq: int) -> list[MessageInfo]:
+    """The messages of a scan where every file (`entries`: (mtime in ns, base, subdir,
+    name), by uid from `first_uid` up) got its uid just now, and is \\Recent."""
+    added = []
+    append = added.append
+    for uid, (ns, base, sub, name) in enumerate(entries, first_uid):
+        size = size_from_base(base)
+        if size is None:
+            size = sizes.get(base)
+            if size is None:  # ",S=" without a number: the file says
+                try:
+                    size = os.stat(folder / sub / name).st_size
+                except FileNotFoundError:
+                    size = 0  # gone: the next scan reports it expunged
+        sec, nsec = divmod(ns, 1_000_000_000)
+        append(_new_info(uid, base, name, sub, flags_of(name), size, sec + nsec * 1e-9,
+                         True, modseq))
+    return added
+
+
 def disk_stamps(path: Path, name: str) -> tuple[Any, ...]:
     """What says a folder changed: the mtimes of new/ and cur/ and the identities of
     dovecot-uidlist and dovecot-keywords (four stat() calls, cheap enough for the reactor).
@@ -935,10 +1123,8 @@ def scan(folder_dir: Path, name: str | None = None) -> dict[str, tuple[str, str]
             if name is None:
                 continue
             raise NoSuchFolder(f"folder {name} does not exist") from None
-        for entry in names:
-            if entry[0] == "." or "\n" in entry or "\r" in entry:
-                continue
-            listing[base_name(entry)] = (subdir, entry)
+        listing.update({entry.partition(":")[0]: (subdir, entry) for entry in names
+                        if entry[0] != "." and "\n" not in entry and "\r" not in entry})
     return listing
 
 

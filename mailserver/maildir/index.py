@@ -33,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "mailserver.index.sqlite3"
 SCHEMA_VERSION = "2"
 _BATCH = 900  # host parameters per statement stay below SQLite's default limit
+_RANGE_READ = 64  # get_many of at least this many names tries one range read first
 
 CacheValue = bytes | str
 
@@ -69,6 +71,9 @@ SEARCH_COLUMNS = ("subject", "from_", "to_", "cc", "bcc", "date")
 
 
 DECODED_IDLE_SECONDS = 600.0   # decoded memos (SORT's keys) unused this long are forgotten
+# Messages of a first load whose rows one write takes (note_loaded): each write is short,
+# so the folder's other jobs are not held up behind a hundred thousand rows.
+LOADED_PER_WRITE = 20_000
 
 class FolderIndex:
     """The index file of one folder directory.
@@ -99,6 +104,14 @@ class FolderIndex:
         self._mod_gone: dict[str, tuple[int, int]] = {}        # base -> (uid, modseq)
         self._mod_rows: dict[str, tuple[int, int, str]] = {}   # base -> (uid, modseq, name)
         self._mod_meta: dict[str, int] = {}
+        # (base, size, internaldate) rows waiting for the next write_modseqs, and the
+        # messages of a first open whose rows it writes (objects with basename, size,
+        # internaldate, uid, modseq, filename): a large folder opens before they are written.
+        self._msg_rows: list[tuple[str, int, float]] = []
+        self._loaded: list[Any] = []
+        # Base names of loaded messages with a newer mod-sequence queued or written since:
+        # their load-time row must not come after it (see write_modseqs).
+        self._superseded: set[str] = set()
         self.last_used = time.monotonic()
 
     @property
@@ -232,6 +245,20 @@ class FolderIndex:
             self._safe(lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO msg VALUES (?, ?, ?)", rows))
 
+    def note_loaded(self, infos: list[Any]) -> None:
+        """Queue the rows (messages and mod-sequences) of a folder's first load for the
+        next `write_modseqs`, made there from the messages themselves: the first open of
+        a large folder answers before anything is done per message for the index.  A
+        change queued later for one of them wins."""
+        with self._pending_lock:
+            self._loaded.extend(infos)
+
+    def note_messages(self, rows: Iterable[tuple[str, int, float]]) -> None:
+        """Queue (base, size, internaldate) rows for the next `write_modseqs`: a folder's
+        first open answers before its hundred thousand rows are written."""
+        with self._pending_lock:
+            self._msg_rows.extend(rows)
+
     def drop(self, bases: Iterable[str]) -> None:
         """Forget expunged messages and everything cached about them."""
         bases = list(bases)
@@ -241,6 +268,10 @@ class FolderIndex:
             gone = set(bases)
             for k in [k for k in self._pending if k[0] in gone]:
                 del self._pending[k]
+            if self._msg_rows:
+                self._msg_rows = [r for r in self._msg_rows if r[0] not in gone]
+            if self._loaded:
+                self._loaded = [i for i in self._loaded if i.basename not in gone]
         for memo in list(self.decoded.values()):
             for base in bases:
                 memo.pop(base, None)
@@ -273,10 +304,15 @@ class FolderIndex:
         return len(self._pending) + self.modseqs_pending
 
     @property
+    def loaded_pending(self) -> bool:
+        """Rows of a first load are still to be written (see note_loaded)."""
+        return bool(self._loaded)
+
+    @property
     def modseqs_pending(self) -> int:
         """Mod-sequence changes queued and not written yet."""
         return (len(self._mod_rows) + len(self._mod_gone) + bool(self._mod_meta)
-                + self._mod_reset)
+                + self._mod_reset + bool(self._msg_rows) + bool(self._loaded))
 
     def flush(self) -> int:
         """Write the pending values and mod-sequences (blocking); how many cache values
@@ -322,6 +358,8 @@ class FolderIndex:
         with self._pending_lock:
             for base, uid, modseq, name in rows:
                 self._mod_rows[base] = (uid, modseq, name)
+                if self._loaded:
+                    self._superseded.add(base)
 
     def note_expunged(self, rows: Iterable[tuple[str, int]], modseq: int) -> None:
         """Queue expunged messages (base, uid): their row goes, and their uid is
@@ -330,6 +368,8 @@ class FolderIndex:
             for base, uid in rows:
                 self._mod_rows.pop(base, None)
                 self._mod_gone[base] = (uid, modseq)
+                if self._loaded:
+                    self._superseded.add(base)
 
     def note_modseq_meta(self, **values: int) -> None:
         """Queue meta values: highestmodseq, modseq_uidvalidity, vanished_after."""
@@ -343,10 +383,14 @@ class FolderIndex:
             self._mod_reset = True
             self._mod_rows.clear()
             self._mod_gone.clear()
+            self._loaded = []
+            self._superseded = set()
 
     def write_modseqs(self) -> None:
-        """Write the queued mod-sequence changes in one transaction (blocking)."""
-        if not (self._mod_reset or self._mod_rows or self._mod_gone or self._mod_meta):
+        """Write the queued mod-sequence changes (and message rows) in one transaction
+        (blocking); rows in key order, which SQLite writes several times faster."""
+        if not (self._mod_reset or self._mod_rows or self._mod_gone or self._mod_meta
+                or self._msg_rows or self._loaded):
             return
         taken: list[Any] = []
 
@@ -354,13 +398,29 @@ class FolderIndex:
             if not taken:  # taken under the write lock, once (a retry reuses it)
                 with self._pending_lock:
                     taken.append((self._mod_reset, self._mod_gone, self._mod_rows,
-                                  self._mod_meta))
+                                  self._mod_meta, self._msg_rows,
+                                  self._loaded[:LOADED_PER_WRITE]))
                     self._mod_reset, self._mod_gone = False, {}
-                    self._mod_rows, self._mod_meta = {}, {}
-            reset, gone, rows, meta = taken[0]
+                    self._mod_rows, self._mod_meta, self._msg_rows = {}, {}, []
+                    self._loaded = self._loaded[LOADED_PER_WRITE:]
+                    superseded = self._superseded
+                    if not self._loaded:
+                        self._superseded = set()
+                    taken.append(superseded)
+            reset, gone, rows, meta, msg_rows, loaded = taken[0]
+            superseded = taken[1]
+            if loaded:
+                msg_rows = msg_rows + [(i.basename, i.size, i.internaldate) for i in loaded]
+            if msg_rows:
+                conn.executemany("INSERT OR REPLACE INTO msg VALUES (?, ?, ?)",
+                                 sorted(msg_rows))
             if reset:
                 conn.execute("DELETE FROM modseq")
                 conn.execute("DELETE FROM vanished")
+            if loaded:  # not over a change made after the load (queued or written)
+                conn.executemany("INSERT OR REPLACE INTO modseq VALUES (?, ?, ?, ?)",
+                                 sorted((i.basename, i.uid, i.modseq, i.filename)
+                                        for i in loaded if i.basename not in superseded))
             if gone:
                 bases = list(gone)
                 for i in range(0, len(bases), _BATCH):
@@ -371,7 +431,7 @@ class FolderIndex:
                                  list(gone.values()))
             if rows:
                 conn.executemany("INSERT OR REPLACE INTO modseq VALUES (?, ?, ?, ?)",
-                                 [(b, u, m, n) for b, (u, m, n) in rows.items()])
+                                 sorted((b, u, m, n) for b, (u, m, n) in rows.items()))
             if meta:
                 conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  [(k, str(v)) for k, v in meta.items()])
@@ -415,21 +475,41 @@ class FolderIndex:
     def get_many(self, bases: list[str], key: str) -> dict[str, CacheValue]:
         """The cached `key` of each base name that has one."""
         found: dict[str, CacheValue] = {}
-        missing = []
-        for b in bases:
-            value = self._pending.get((b, key))
-            if value is not None:
-                found[b] = value
-            else:
-                missing.append(b)
+        missing = bases
+        pending = self._pending
+        if pending:
+            missing = []
+            for b in bases:
+                value = pending.get((b, key))
+                if value is not None:
+                    found[b] = value
+                else:
+                    missing.append(b)
         for i in range(0, len(missing), _BATCH):
             chunk = missing[i:i + _BATCH]
-            marks = ",".join("?" * len(chunk))
-            for b, v in self._read(
-                    f"SELECT base, value FROM cache WHERE key=? AND base IN ({marks})",
-                    (key, *chunk)):
-                found[b] = v
+            if len(chunk) >= _RANGE_READ and self._read_range(chunk, key, found):
+                continue
+            found.update(self._read(
+                f"SELECT base, value FROM cache WHERE key=? AND base IN ({_marks(len(chunk))})",
+                (key, *chunk)))
         return found
+
+    def _read_range(self, bases: list[str], key: str, found: dict[str, CacheValue]) -> bool:
+        """The values of `bases` read as one range of base names: consecutive messages
+        (a FETCH over a folder) have neighbouring names (they begin with the delivery
+        time), so one range walk costs less than as many lookups.  False, nothing taken,
+        when the range holds too many others (names that do not follow the uids)."""
+        limit = 2 * len(bases)
+        rows = self._read("SELECT base, value FROM cache WHERE base BETWEEN ? AND ? AND key=? "
+                          "LIMIT ?", (min(bases), max(bases), key, limit + 1))
+        if len(rows) > limit:
+            return False
+        if len(rows) == len(bases) and list(map(_first, rows)) == sorted(bases):
+            found.update(rows)  # the range holds these names and no others
+        else:
+            wanted = set(bases)
+            found.update(row for row in rows if row[0] in wanted)
+        return True
 
     # -- search fields (blocking: for threads) -----------------------------------------------
 
@@ -521,8 +601,56 @@ class FolderIndex:
     def close(self) -> None:
         """Write what is pending and close the file (blocking)."""
         self.flush()
+        while self._loaded:
+            self.write_modseqs()
         with self._write_lock:
             self._close_connections()
+
+
+def write_summaries(folder_dir: str | Path, cache_rows: list[tuple[str, str, CacheValue]],
+                    search_rows: list[tuple[str, ...]]) -> bool:
+    """Store cache values (base, key, value) and search rows (base, *SEARCH_COLUMNS) from
+    outside the folder's FolderIndex (the header pass, in a worker process): one
+    transaction on a connection of its own, rows in key order (a B-tree filled in order
+    is written several times faster).  False, nothing written, when the folder has no
+    index of this schema yet: the caller keeps the values itself.  sqlite3.Error when
+    the file cannot be written (locked beyond the timeout, damaged)."""
+    path = Path(folder_dir) / INDEX_NAME
+    if not path.exists():
+        return False
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10.0,
+                           isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=NORMAL")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None or row[0] != SCHEMA_VERSION:
+            return False
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if cache_rows:
+                conn.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
+                                 sorted(cache_rows, key=lambda r: (r[0], r[1])))
+            if search_rows:
+                conn.executemany("INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 sorted(search_rows))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return True
+    finally:
+        conn.close()
+
+
+_first = itemgetter(0)
+
+
+def _marks(n: int, _made: dict[int, str] = {}) -> str:  # noqa: B006 (a memo)
+    """"?,?,...,?" with `n` marks (made once per length)."""
+    text = _made.get(n)
+    if text is None:
+        text = _made[n] = ",".join("?" * n)
+    return text
 
 
 def _int_or_none(value: str | None) -> int | None:

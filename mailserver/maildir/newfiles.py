@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import time
+from typing import Mapping
 
 FLUSH_THRESHOLD = 64 * 1024  # bytes buffered in memory before they go to the tmp file
 # A new file only: never an existing name, never through a symbolic link.
@@ -38,6 +39,25 @@ def arrival_key(base: str) -> list[str | int]:
     system's clock tick gave several files one mtime.  Strings and numbers alternate at
     fixed positions, so any two names compare."""
     return [int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(base))]
+
+
+def arrival_order(mtimes: Mapping[str, int]) -> list[str]:
+    """The base names of `mtimes` (base -> modification time in ns) in the order new files
+    get their uids: by modification time, files of one mtime by `arrival_key`, which is
+    only worked out for them (a folder's first open gives a hundred thousand files uids)."""
+    order = sorted(mtimes, key=mtimes.__getitem__)
+    times = [mtimes[b] for b in order]
+    i, n = 0, len(order)
+    for k in [k for k in range(1, n) if times[k] == times[k - 1]]:
+        if k <= i:
+            continue  # inside a run sorted already
+        i = k - 1
+        j = k + 1
+        while j < n and times[j] == times[i]:
+            j += 1
+        order[i:j] = sorted(order[i:j], key=arrival_key)
+        i = j
+    return order
 
 
 def unique_base(escaped_host: str) -> str:

@@ -34,9 +34,10 @@ from mailserver.accounts import AccountsUnavailable
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
-from mailserver.pop3.mailbox import (MailboxInUse, MessageDeleted, MessageGone, NoSuchMessage,
-                                     POP3Mailbox)
+from mailserver.pop3.mailbox import (MailboxInUse, MailboxUnavailable, MessageDeleted,
+                                     MessageGone, NoSuchMessage, POP3Mailbox)
 from mailserver.streaming import ChunkProducer
+from mailserver.pop3.whole import read_whole, response, send_now
 from mailserver.pop3.wire import message_chunks
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
@@ -421,6 +422,13 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
                           service=self.context.service, user=account, ip=ip)
             self.err(b"Mailbox is locked by another POP3 session", b"IN-USE")
             return
+        if f.check(MailboxUnavailable):  # RFC 3206 4; the password was right
+            throttle.success(ip, account)
+            self.log.warn("{service} login {user} from {ip}: mailbox lock unavailable "
+                          "({reason})", service=self.context.service, user=account, ip=ip,
+                          reason=f.getErrorMessage())
+            self.err(b"Mailbox lock unavailable, try again later", b"SYS/TEMP")
+            return
         if f.check(AccountsUnavailable):  # a subsystem is down: no traceback, no throttle
             self.log.info("{service} login for {user} from {ip} refused: accounts database "
                           "unavailable", service=self.context.service, user=account, ip=ip)
@@ -519,6 +527,16 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             return
         n, e = found
         assert self.mbox is not None
+        if top is None:
+            # A message of one chunk (nearly all) is read and sent whole (pop3/whole.py).
+            data = read_whole(self.mbox, e)
+            if data is not None:
+                self.mbox.retrieved += 1
+                drained = send_now(self.transport,
+                                   response(b"+OK %d octets\r\n" % e.size, data, e.size))
+                if drained is not None:
+                    self._hold(drained, idle_timer=True)
+                return
         try:
             f = self.mbox.open(e)
         except MessageGone:

@@ -89,7 +89,7 @@ class Vacation:
 Action = Keep | FileInto | Redirect | Reject | Discard | Vacation
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """The outcome of evaluating a recipient's scripts.
 

@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from mailserver.config import ConfigError
@@ -71,7 +72,7 @@ COPY_CHUNK = 256 * 1024
 _DROP_FOR_COPY = (b"return-path:", b"delivered-to:")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """One local mailbox the message is delivered to."""
 
@@ -80,7 +81,7 @@ class Target:
     rcpt: str = ""      # the RCPT TO that led to it (an alias, or the address itself)
 
 
-@dataclass
+@dataclass(slots=True)
 class Incoming:
     """The message, held whole, with what delivery knows about it.
 
@@ -104,6 +105,8 @@ class Incoming:
     checks: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     smtp_time: bool = False        # a refusal can still be the SMTP reply
     default: DefaultFolder = INBOX_DEFAULT
+    # the parsed message in memory, shared by the mailboxes evaluated in the reactor
+    _parsed: Message | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def head(self) -> bytes:
@@ -129,10 +132,15 @@ class Incoming:
                 yield chunk
 
     def message(self, head: bytes) -> Message:
-        """The message as the interpreter reads it."""
+        """The message as the interpreter reads it: one object for every mailbox when in
+        memory (its fields and body parsed once; a script's edits stay in its own
+        HeaderView), a fresh one per evaluation thread when in a file."""
         if self.rest is not None:
-            body = self.rest[2:] if self.rest.startswith(b"\r\n") else self.rest
-            return Message(head, body, size=len(head) + len(self.rest))
+            parsed = self._parsed
+            if parsed is None or parsed.header != head:
+                body = self.rest[2:] if self.rest.startswith(b"\r\n") else self.rest
+                parsed = self._parsed = Message(head, body, size=len(head) + len(self.rest))
+            return parsed
         assert self.path is not None
         total = os.path.getsize(self.path)
         offset = self.rest_offset
@@ -144,7 +152,7 @@ class Incoming:
                        size=len(head) + total - self.rest_offset)
 
 
-@dataclass
+@dataclass(slots=True)
 class UserOutcome:
     """What became of the message for one mailbox: `ok` when everything it had to be
     stored as is durable (or nothing had to be); `path`: one stored file."""
@@ -218,28 +226,44 @@ class _Compiled:
         self.max_size = max_size
         self.max_entries = max_entries
         self._entries: dict[Path, tuple[tuple[int, ...], Script | None, str]] = {}
+        # a file being compiled: its stat key and who else waits for it
+        self._compiling: dict[Path, tuple[tuple[int, ...], list[defer.Deferred]]] = {}
 
     def get(self, path: Path, key: tuple[int, ...] | None, name: str
             ) -> defer.Deferred | tuple[Script | None, str]:
-        """(script or None, error) at once when known, else a Deferred of it."""
+        """(script or None, error) at once when known, else a Deferred of it; messages
+        that arrive together while the file is compiled wait for that one compilation."""
         if key is None:
             self._entries.pop(path, None)
             return None, "not found"
         known = self._entries.get(path)
         if known is not None and known[0] == key:
             return known[1], known[2]
+        compiling = self._compiling.get(path)
+        if compiling is not None and compiling[0] == key:
+            waiter: defer.Deferred = defer.Deferred()
+            compiling[1].append(waiter)
+            return waiter
+        waiters: list[defer.Deferred] = []
+        self._compiling[path] = (key, waiters)
         d = threads.deferToThread(_compile_file, path, name, self.max_size)
 
         def done(script: Script) -> tuple[Script | None, str]:
-            self._remember(path, (key, script, ""))
-            return script, ""
+            return finished(script, "")
 
         def failed(f: Any) -> tuple[Script | None, str]:
             error = (f"line {f.value.line}: {f.value.reason}" if f.check(SieveSyntaxError)
                      else f.getErrorMessage())
             log.warn("sieve: {path} cannot be used: {error}", path=str(path), error=error)
-            self._remember(path, (key, None, error))
-            return None, error
+            return finished(None, error)
+
+        def finished(script: Script | None, error: str) -> tuple[Script | None, str]:
+            self._remember(path, (key, script, error))
+            if self._compiling.get(path, (None,))[0] == key:
+                del self._compiling[path]
+            for w in waiters:
+                w.callback((script, error))
+            return script, error
         return d.addCallbacks(done, failed)
 
     def _remember(self, path: Path, entry: tuple[tuple[int, ...], Script | None, str]) -> None:
@@ -277,7 +301,10 @@ def _then(x: Any, f: Any, *args: Any) -> Any:
 
 def _gather(values: list[Any]) -> Any:
     """The list of values, or a Deferred of it when some are Deferreds (first error)."""
-    if not any(isinstance(v, defer.Deferred) for v in values):
+    for v in values:
+        if isinstance(v, defer.Deferred):
+            break
+    else:
         return values
     return defer.gatherResults([_now(v) for v in values], consumeErrors=True).addErrback(
         _first_error)
@@ -285,6 +312,17 @@ def _gather(values: list[Any]) -> Any:
 
 def _with_header(place: tuple[Path, str], header: bytes | None) -> tuple[Path, str, bytes | None]:
     return place[0], place[1], header
+
+
+def _kept_unchanged(results: list[Result | None], default: DefaultFolder) -> bool:
+    """Every mailbox only keeps the message, into INBOX without flags, its header
+    unchanged (no script, or scripts that did nothing else): stored as without scripts."""
+    if default.name != INBOX or default.flags:
+        return False
+    for r in results:
+        if r is not None and (not _just_kept(r, default) or r.actions[0].header is not None):
+            return False
+    return True
 
 
 def _just_kept(result: Result, default: DefaultFolder) -> bool:
@@ -361,10 +399,10 @@ class SieveDelivery:
 
     def _planned(self, results: list[Result | None], msg: Incoming, head: bytes,
                  targets: Sequence[Target]) -> Any:
-        plans = [plan(result or _IMPLICIT_KEEP, head, t.address, t.rcpt, msg.default)
-                 for t, result in zip(targets, results)]
-        for p, result in zip(plans, results):
-            p.quiet = result is None or _just_kept(result, msg.default)
+        msg._parsed = None          # every evaluation is done: the parse goes now
+        if _kept_unchanged(results, msg.default):
+            return self._keep_unchanged(results, msg, head, targets)
+        plans = self._plans(results, msg, head, targets)
         if msg.smtp_time and len(targets) == 1 and plans[0].reject is not None:
             # RFC 5429 2.1.1 (ereject) and 2.1 (reject may refuse at SMTP time too).
             text = rejection.reply_text(plans[0].reject.reason)
@@ -372,6 +410,44 @@ class SieveDelivery:
             raise SMTPReplyError(Reply(550, "5.7.1", text, reason="sieve"))
         stored = self._store_all(msg, targets, plans)
         return _then(stored, self._after_stores, msg, targets, plans)
+
+    @staticmethod
+    def _plans(results: list[Result | None], msg: Incoming, head: bytes,
+               targets: Sequence[Target]) -> list[Plan]:
+        plans = [plan(result or _IMPLICIT_KEEP, head, t.address, t.rcpt, msg.default)
+                 for t, result in zip(targets, results)]
+        for p, result in zip(plans, results):
+            p.quiet = result is None or _just_kept(result, msg.default)
+        return plans
+
+    def _keep_unchanged(self, results: list[Result | None], msg: Incoming, head: bytes,
+                        targets: Sequence[Target]) -> defer.Deferred:
+        """The message kept as it came into every INBOX: the one file that plan() and
+        _store_all() would make for it (info "", the header unchanged), without building
+        them; the plans only for the log when a store failed."""
+        return self._write_file(msg, "", head, [t.path for t in targets]).addBoth(
+            self._kept, results, msg, head, targets)
+
+    def _kept(self, done: Any, results: list[Result | None], msg: Incoming, head: bytes,
+              targets: Sequence[Target]) -> Any:
+        """The outcomes of _keep_unchanged's file (as _written makes them)."""
+        if isinstance(done, Failure):
+            error = done.getErrorMessage()
+            outcomes = [UserOutcome(t, False, error) for t in targets]
+        else:
+            by_dir = {r.target: r for r in done}
+            outcomes = []
+            for t in targets:
+                r = by_dir.get(t.path)
+                if r is not None and r.ok:
+                    outcomes.append(UserOutcome(t, True, path=r.path))
+                else:
+                    outcomes.append(UserOutcome(t, False, str(r.error) if r is not None else "lost"))
+        for o in outcomes:
+            if not o.ok:
+                return self._after_stores(outcomes, msg, targets,
+                                          self._plans(results, msg, head, targets))
+        return outcomes
 
     def _after_stores(self, outcomes: list[UserOutcome], msg: Incoming,
                       targets: Sequence[Target], plans: list[Plan]) -> Any:
@@ -492,49 +568,56 @@ class SieveDelivery:
 
     def _evaluate(self, msg: Incoming, head: bytes, target: Target) -> Any:
         """The Result for one mailbox (None: it has no script to run), or a Deferred."""
-        return _then(self._user_script(target), self._evaluate_with, msg, head, target)
+        found = self._user_script(target)
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._evaluate_with, msg, head, target)
+        return self._evaluate_with(found, msg, head, target)
 
     def _evaluate_with(self, found: tuple[Script | None, str], msg: Incoming, head: bytes,
                        target: Target) -> Any:
         user, error = found
-        chain = [*self.before, *([user] if user is not None else []), *self.after]
-        if not chain:
-            if not error:
-                return None   # no script for this mailbox: the keep, nothing to log
+        if self.before or self.after:
+            chain = [*self.before, *([user] if user is not None else []), *self.after]
+        elif user is not None:
+            chain = [user]
+        elif not error:
+            return None   # no script for this mailbox: the keep, nothing to log
+        else:
             return Result([Keep(implicit=True)], error=f"script cannot be used: {error}")
-        if any(s.includes for s in chain):
-            return self._includes(target, chain).addCallback(
-                self._run_chain, chain, error if user is None else "", msg, head, target)
-        return self._run_chain({}, chain, error if user is None else "", msg, head, target)
+        for s in chain:
+            if s.includes:
+                return self._includes(target, chain).addCallback(
+                    self._run_chain, chain, error if user is None else "", msg, head, target)
+        return self._run_chain(None, chain, error if user is None else "", msg, head, target)
 
-    def _run_chain(self, includes: dict[tuple[str, bool], Script], chain: list[Script],
+    def _run_chain(self, includes: dict[tuple[str, bool], Script] | None, chain: list[Script],
                    error: str, msg: Incoming, head: bytes, target: Target) -> Any:
-        def load(name: str, is_global: bool) -> Script:
-            script = includes.get((name, is_global))
-            if script is None:
-                raise SieveIncludeError(f'included script "{name}" not found')
-            return script
+        """`includes`: None when no script of the chain includes any (then the loader and,
+        unless a script requires "mailbox", the folder check are never asked)."""
+        load = mailbox_exists = None
+        if includes is not None:
+            def load(name: str, is_global: bool) -> Script:
+                script = includes.get((name, is_global))
+                if script is None:
+                    raise SieveIncludeError(f'included script "{name}" not found')
+                return script
+        if includes is not None or _requires(chain, "mailbox"):
+            def mailbox_exists(name: str) -> bool:   # RFC 5490 3.1 (a stat)
+                if check_folder_name(name) is not None:
+                    return False
+                return os.path.isdir(self.store.folder_dir(target.path, name))
 
-        def mailbox_exists(name: str) -> bool:   # RFC 5490 3.1 (a stat)
-            if check_folder_name(name) is not None:
-                return False
-            return os.path.isdir(self.store.folder_dir(target.path, name))
-
-        envelope = Envelope(sender=msg.sender, recipient=target.rcpt or target.address,
-                            user=target.address, auth=msg.auth)
+        envelope = Envelope(msg.sender, target.rcpt or target.address, target.address, msg.auth)
         # The default folder's own flags ($Junk) go to its keep only (plan), not to the
         # imap4flags variable a fileinto would also use.
-        kwargs = dict(limits=self.limits, include=load, mailbox_exists=mailbox_exists,
-                      now=self._clock())
-
-        def noted(result: Result) -> Result:
-            if error and not result.error:
-                result.error = f"script cannot be used: {error}"
-            return result
+        # The clock only for the tests that read it (date, currentdate: RFC 5260).
+        now = self._clock() if includes is not None or _requires(chain, "date") else None
         if msg.rest is not None:   # in memory: evaluated here, in the reactor
-            return noted(_run(chain, msg.message(head), envelope, kwargs))
+            return _noted(_run(chain, msg.message(head), envelope, self.limits, load,
+                               mailbox_exists, now), error)
         return threads.deferToThread(
-            lambda: _run(chain, msg.message(head), envelope, kwargs)).addCallback(noted)
+            lambda: _run(chain, msg.message(head), envelope, self.limits, load,
+                         mailbox_exists, now)).addCallback(_noted, error)
 
     def _clock(self) -> datetime:
         """The time for currentdate and date tests, in the local zone; the zone is looked
@@ -630,7 +713,12 @@ class SieveDelivery:
     def _write_group(self, msg: Incoming, info: str, header: bytes | None,
                      dirs: list[Path]) -> defer.Deferred:
         """One stored file for `dirs`; fires with (dir, ok, path, error) per directory."""
-        head = msg.head if header is None else header
+        return self._write_file(msg, info, msg.head if header is None else header,
+                                dirs).addCallback(_result_tuples)
+
+    def _write_file(self, msg: Incoming, info: str, head: bytes,
+                    dirs: list[Path]) -> defer.Deferred:
+        """One stored file for `dirs`; fires with the store's DeliveryResults."""
         if msg.rest is not None:
             try:
                 delivery = self.store.begin_delivery(dirs, info=info)
@@ -651,8 +739,7 @@ class SieveDelivery:
                     raise
                 return delivery
             d = threads.deferToThread(write).addCallback(lambda delivery: delivery.commit())
-        return d.addCallback(lambda results: [(r.target, r.ok, r.path, r.error)
-                                              for r in results])
+        return d
 
     # -- what happens after the stores -------------------------------------------------------
 
@@ -800,14 +887,33 @@ class SieveDelivery:
 _IMPLICIT_KEEP = Result([Keep(implicit=True)])
 
 
-def _run(chain: list[Script], message: Message, envelope: Envelope,
-         kwargs: dict[str, Any]) -> Any:
+def _run(chain: list[Script], message: Message, envelope: Envelope, limits: Limits,
+         load: Any, mailbox_exists: Any, now: datetime | None) -> Any:
     """evaluate(), never raising: a failure in it is a run-time error (the keep)."""
     try:
-        return evaluate(chain, message, envelope, **kwargs)
+        return evaluate(chain, message, envelope, limits=limits, include=load,
+                        mailbox_exists=mailbox_exists, now=now)
     except Exception as e:  # not expected: the interpreter reports errors in the Result
         log.failure("sieve: evaluation failed")
         return Result([Keep(implicit=True)], error=f"internal error: {e!r}")
+
+
+def _requires(chain: list[Script], extension: str) -> bool:
+    for script in chain:
+        if extension in script.requires:
+            return True
+    return False
+
+
+def _result_tuples(results: list[Any]) -> list[tuple[Path, bool, Path | None, Any]]:
+    return [(r.target, r.ok, r.path, r.error) for r in results]
+
+
+def _noted(result: Result, error: str) -> Result:
+    """The result of the global scripts when the user's script cannot be used."""
+    if error and not result.error:
+        result.error = f"script cannot be used: {error}"
+    return result
 
 
 def _first_error(failure: Any) -> Any:

@@ -45,11 +45,10 @@ class HeaderView:
         index = self._index
         if index is None:
             if self.fields is None:
-                index = self.message.index()
-            else:
-                index = {}
-                for f in self.fields:
-                    index.setdefault(f.lname, []).append(f)
+                return self.message.fields_named(lname)
+            index = {}
+            for f in self.fields:
+                index.setdefault(f.lname, []).append(f)
             self._index = index
         return index.get(lname, [])
 

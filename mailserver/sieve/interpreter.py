@@ -8,18 +8,21 @@ include, the CPU time spent -- gives the implicit keep and the error, never an e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 from mailserver.imap import mime
 from mailserver.sieve import dates
 from mailserver.sieve.actions import Action, Discard, FileInto, Keep, Redirect, Reject, Result, Vacation
 from mailserver.sieve.editing import HeaderView, encode_field, valid_field_name
+from mailserver.sieve.fusion import MIN_TESTS, Probe, fuse
 from mailserver.sieve.matching import Matcher, ascii_lower, quote_wildcards
 from mailserver.sieve.message import Message
 from mailserver.sieve.parser import VARIABLE_REF, Node, Script, valid_address
@@ -30,7 +33,8 @@ MAX_VARIABLE_SIZE = 4000            # octets of one variable's value, as Pigeonh
 MAX_VARIABLES = 1000                # variables one script may set
 MAX_EXPANSION = 1 << 20             # characters of one string after ${...} substitution
 MAX_ADDHEADER_SIZE = 2048           # octets of a field addheader adds (Pigeonhole's default)
-_TICK_MASK = 31                     # the CPU clock is read every 32 commands/tests
+_TICK_SHIFT = 5                     # the CPU time is checked every 32 commands/tests
+_TICK_MASK = (1 << _TICK_SHIFT) - 1
 
 # RFC 5293 6 / 9: never deleted (loop detection relies on them)
 PROTECTED_FROM_DELETION = frozenset({"received", "auto-submitted"})
@@ -44,7 +48,7 @@ class SieveIncludeError(Exception):
 Loader = Callable[[str, bool], Script]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """What the envelope test sees (RFC 5228 5.4): "from" is `sender`, "to" `recipient`."""
 
@@ -82,55 +86,93 @@ class _Return(Exception):
 # ------------------------------------------------------------------------- run state
 
 
+_NO_VARIABLES: Mapping[str, str] = MappingProxyType({})
+
+
 class _Frame:
     """One executing script: its variables (RFC 5229) and match variables."""
 
     __slots__ = ("vars", "match", "declared")
 
     def __init__(self) -> None:
-        self.vars: dict[str, str] = {}
-        self.match: list[str] = []
-        self.declared: set[str] = set()
+        # empty and shared until the script sets something (most never do)
+        self.vars: Mapping[str, str] = _NO_VARIABLES
+        self.match: Sequence[str] = ()
+        self.declared: frozenset[str] = frozenset()
 
 
 class _Run:
     """The state of one evaluation."""
 
+    __slots__ = ("message", "envelope", "limits", "loader", "_now", "mailbox_exists", "headers",
+                 "actions", "keys", "lines", "keep_cancelled", "final", "kept", "flags",
+                 "globals", "started", "cpu0", "before", "ticks", "redirects", "include_stack",
+                 "included_once", "loaded", "vacation_line", "reject_line")
+
     def __init__(self, message: Message, envelope: Envelope, limits: Limits, loader: Loader | None,
-                 now: datetime, mailbox_exists: Callable[[str], bool] | None,
+                 now: datetime | None, mailbox_exists: Callable[[str], bool] | None,
                  default_flags: tuple[str, ...]) -> None:
         self.message = message
         self.envelope = envelope
         self.limits = limits
         self.loader = loader
-        self.now = now
+        self._now = now
         self.mailbox_exists = mailbox_exists
         self.headers = HeaderView(message)
         self.actions: list[Action] = []
-        self.keys: dict[tuple, int] = {}        # duplicate-action key -> index in actions
+        self.keys: dict[tuple, int] | None = None   # duplicate-action key -> index in actions
         self.lines: list[int] = []              # script line of each action, for messages
         self.keep_cancelled = False
         self.final = True                       # running the last script of the chain
         self.kept = False                       # an explicit keep in a script before it
-        self.flags: list[str] = _flag_list(default_flags)
-        self.globals: dict[str, str] = {}
-        self.deadline = time.thread_time() + limits.max_cpu_time
+        self.flags: list[str] = _flag_list(default_flags) if default_flags else []
+        self.globals: Mapping[str, str] = _NO_VARIABLES
+        # The thread's CPU clock is a system call: read from the first check on only,
+        # the time before it counted as wall-clock time (never less than the CPU time).
+        self.started = time.perf_counter()
+        self.cpu0 = -1.0
+        self.before = 0.0
         self.ticks = 0
         self.redirects = 0
-        self.include_stack: list[tuple[str, bool]] = []
-        self.included_once: set[tuple[str, bool]] = set()
-        self.loaded: dict[tuple[str, bool], Script] = {}
+        # made by the first include
+        self.include_stack: list[tuple[str, bool]] = None  # type: ignore[assignment]
+        self.included_once: set[tuple[str, bool]] = None  # type: ignore[assignment]
+        self.loaded: dict[tuple[str, bool], Script] = None  # type: ignore[assignment]
         self.vacation_line = 0
         self.reject_line = 0
+
+    @property
+    def now(self) -> datetime:
+        """The evaluation's clock (aware): the given one, else the system's, read when a
+        test first asks (date and currentdate only)."""
+        now = self._now
+        if now is None:
+            now = self._now = datetime.now().astimezone()
+        elif now.tzinfo is None:
+            now = self._now = now.astimezone()
+        return now
 
     def tick(self) -> None:
         self.ticks += 1
         if not self.ticks & _TICK_MASK:
             self.check_time()
 
+    def spend(self, n: int) -> None:
+        """Work worth `n` commands done at once (fused rules): checked as `n` ticks."""
+        old = self.ticks
+        self.ticks = old + n
+        if old >> _TICK_SHIFT != self.ticks >> _TICK_SHIFT:
+            self.check_time()
+
     def check_time(self) -> None:
-        if time.thread_time() > self.deadline:
-            raise SieveRuntimeError(f"CPU time limit of {self.limits.max_cpu_time:g} s exceeded")
+        limit = self.limits.max_cpu_time
+        elapsed = time.perf_counter() - self.started
+        if self.cpu0 < 0:
+            self.cpu0 = time.thread_time()
+            self.before = elapsed
+        # while the wall clock says the limit is not reached, the CPU time cannot be
+        if elapsed > limit and time.thread_time() - self.cpu0 + self.before > limit:
+            raise SieveRuntimeError(f"CPU time limit of {limit:g} s exceeded")
 
     # -- variables (RFC 5229 3)
 
@@ -147,14 +189,18 @@ class _Run:
 
     def assign(self, frame: _Frame, name: str, value: str) -> None:
         value = _cap(value)
-        if "." in name:
-            self.globals[name.partition(".")[2]] = value
-        elif name in frame.declared:
-            self.globals[name] = value
+        if "." in name or name in frame.declared:
+            if self.globals is _NO_VARIABLES:
+                self.globals = {}
+            if "." in name:
+                name = name.partition(".")[2]
+            self.globals[name] = value  # type: ignore[index]
         else:
             if name not in frame.vars and len(frame.vars) >= MAX_VARIABLES:
                 raise SieveRuntimeError(f"more than {MAX_VARIABLES} variables")
-            frame.vars[name] = value
+            if frame.vars is _NO_VARIABLES:
+                frame.vars = {}
+            frame.vars[name] = value  # type: ignore[index]
 
     # -- actions (RFC 5228 2.10)
 
@@ -176,6 +222,8 @@ class _Run:
             self.vacation_line = line
         if cancels_keep:                # RFC 5228 2.10.2, a repeated action included
             self.keep_cancelled = True
+        if self.keys is None:
+            self.keys = {}
         index = self.keys.get(key)
         if index is not None:
             # RFC 5228 2.10.3: done once, the later arguments winning
@@ -310,16 +358,21 @@ class _Keys:
         return r
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Script, tuple[Fn, ...]]" = weakref.WeakKeyDictionary()
+# script (weakly) -> its code; an entry goes with its script
+_COMPILED: "dict[weakref.ref[Script], tuple[Fn, ...]]" = {}
 _COMPILED_LOCK = threading.Lock()
 
 
+def _forget(ref: "weakref.ref[Script]") -> None:
+    _COMPILED.pop(ref, None)
+
+
 def compiled(script: Script) -> tuple[Fn, ...]:
-    code = _COMPILED.get(script)
+    code = _COMPILED.get(weakref.ref(script))
     if code is None:
         code = _Compiler(script).block(script.commands)
         with _COMPILED_LOCK:
-            _COMPILED[script] = code
+            _COMPILED[weakref.ref(script, _forget)] = code
     return code
 
 
@@ -344,6 +397,7 @@ class _Compiler:
 
     def block(self, nodes: Sequence[Node]) -> tuple[Fn, ...]:
         out: list[Fn] = []
+        run: list[tuple] = []           # consecutive if-commands whose tests all fuse
         i = 0
         while i < len(nodes):
             node = nodes[i]
@@ -354,12 +408,20 @@ class _Compiler:
                     n = nodes[i]
                     branches.append((self.test(n.tests[0]) if n.name == "elsif" else None, self.block(n.block)))
                     i += 1
+                if all(t is None or hasattr(t, "probe") for t, _ in branches):
+                    run.append(tuple(branches))
+                    continue
+                out.extend(_ifs(run))
+                run = []
                 out.append(_if(tuple(branches)))
                 continue
+            out.extend(_ifs(run))
+            run = []
             fn = getattr(self, "c_" + node.name)(node)
             if fn is not None:
                 out.append(fn)
             i += 1
+        out.extend(_ifs(run))
         return tuple(out)
 
     def c_require(self, node: Node) -> None:
@@ -485,7 +547,7 @@ class _Compiler:
         names = [n.lower() for n in node.args[0]]
 
         def global_(frame: _Frame, run: _Run) -> None:     # RFC 6609 3.3
-            frame.declared.update(names)
+            frame.declared = frame.declared.union(names)
         return global_
 
     def c_include(self, node: Node) -> Fn:
@@ -497,6 +559,8 @@ class _Compiler:
 
         def include(frame: _Frame, run: _Run) -> None:     # RFC 6609 3.2
             key = (name, is_global)
+            if run.include_stack is None:
+                run.include_stack, run.included_once, run.loaded = [], set(), {}
             if once and key in run.included_once:
                 return
             if key in run.include_stack:
@@ -686,7 +750,7 @@ class _Compiler:
         counting = keys.matcher.kind == "count"
         fast = keys.fast
 
-        def header(frame: _Frame, run: _Run) -> bool:      # RFC 5228 5.7
+        def values(frame: _Frame, run: _Run) -> tuple[list[str], list[str]]:
             cache = run.headers.cache
             got = cache.get(key) if key is not None else None
             if got is None:
@@ -694,12 +758,16 @@ class _Compiler:
                 got = ([f.value for f in found], [f.lvalue for f in found])
                 if key is not None:
                     cache[key] = got
+            return got
+
+        def header(frame: _Frame, run: _Run) -> bool:      # RFC 5228 5.7
+            got = values(frame, run)
             if not got[0] and not counting:
                 return False
             if fast is not None:
                 return fast(got[0], got[1])
             return keys.test(got[0], frame, run, got[1])
-        return header
+        return _probed(header, keys, key, values)
 
     def t_address(self, node: Node) -> TestFn:
         names = self.lst(node.args[0])
@@ -710,7 +778,7 @@ class _Compiler:
         counting = keys.matcher.kind == "count"
         fast = keys.fast
 
-        def address(frame: _Frame, run: _Run) -> bool:     # RFC 5228 5.1
+        def values_of(frame: _Frame, run: _Run) -> tuple[list[str], list[str]]:
             cache = run.headers.cache
             got = cache.get(key) if key is not None else None
             if got is None:
@@ -723,12 +791,16 @@ class _Compiler:
                 got = (values, folded)
                 if key is not None:
                     cache[key] = got
+            return got
+
+        def address(frame: _Frame, run: _Run) -> bool:     # RFC 5228 5.1
+            got = values_of(frame, run)
             if not got[0] and not counting:
                 return False
             if fast is not None:
                 return fast(got[0], got[1])
             return keys.test(got[0], frame, run, got[1])
-        return address
+        return _probed(address, keys, key, values_of)
 
     def t_envelope(self, node: Node) -> TestFn:
         parts = self.lst(node.args[0])
@@ -769,7 +841,11 @@ class _Compiler:
         def body(frame: _Frame, run: _Run) -> bool:        # RFC 5173
             t = types_arg(frame, run) if types_arg is not None else ()
             return keys.test(run.message.body_texts(transform, tuple(t)), frame, run)
-        return body
+        if types_arg is not None and types_arg.const is None:
+            return body
+        const_types = tuple(types_arg.const) if types_arg is not None else ()
+        return _probed(body, keys, ("body", transform, const_types),
+                       lambda frame, run: (run.message.body_texts(transform, const_types), None))
 
     def t_string(self, node: Node) -> TestFn:
         source = self.lst(node.args[0])
@@ -867,6 +943,26 @@ class _Compiler:
         return mailboxexists
 
 
+def _probed(test: TestFn, keys: _Keys, source: tuple | None,
+            values: Callable[[_Frame, _Run], tuple]) -> TestFn:
+    """The test, with its Probe when it can be fused with its neighbours: constant names
+    (a `source`) and constant :is / :contains keys that set no variables."""
+    if source is not None and keys.fast is not None:
+        matcher = keys.matcher
+        test.probe = Probe(source, values, matcher.kind,                # type: ignore[attr-defined]
+                           matcher.comparator == "i;ascii-casemap", tuple(keys.prepared))
+    return test
+
+
+def _ifs(statements: list[tuple]) -> list[Fn]:
+    """Consecutive if-commands whose tests are all Probes: one fused command when they
+    hold enough tests (mailserver.sieve.fusion), else each on its own."""
+    if sum(t is not None for branches in statements for t, _ in branches) >= MIN_TESTS:
+        return [fuse([[(t.probe if t is not None else None, block) for t, block in branches]
+                      for branches in statements], _run_block)]
+    return [_if(branches) for branches in statements]
+
+
 def _if(branches: tuple) -> Fn:
     def if_(frame: _Frame, run: _Run) -> None:              # RFC 5228 3.1
         for test, block in branches:
@@ -921,6 +1017,23 @@ def _part(local: str, domain: str, part: str) -> str | None:
     return detail if sep else None             # no separator: :detail matches nothing
 
 
+def _address_pairs(value: str) -> tuple[tuple[str, str], ...] | bool:
+    """(local part, domain) of each address of a field's value, group names skipped;
+    False when one is not a whole address."""
+    pairs = []
+    for a in mime.parse_addresses(value):
+        if a.kind != mime.MAILBOX:
+            continue
+        if not a.mailbox or not a.host:
+            return False
+        pairs.append((a.mailbox, a.host))
+    return tuple(pairs)
+
+
+# Short address fields recur (the user's own address, lists, frequent senders).
+_remembered_pairs = functools.lru_cache(maxsize=512)(_address_pairs)
+
+
 def _address_values(field, part: str) -> tuple[list[str], list[str]]:
     """The address parts of one field's addresses, and the same under i;ascii-casemap;
     group names skipped, cached on the field.  A field that does not parse as addresses
@@ -933,15 +1046,9 @@ def _address_values(field, part: str) -> tuple[list[str], list[str]]:
         return got
     cache = field.addresses
     if cache is None:
-        pairs: list[tuple[str, str]] | bool = []
-        for a in mime.parse_addresses(field.unfolded):
-            if a.kind != mime.MAILBOX:
-                continue
-            if not a.mailbox or not a.host:
-                pairs = False
-                break
-            pairs.append((a.mailbox, a.host))
-        cache = field.addresses = pairs
+        unfolded = field.unfolded
+        cache = field.addresses = (_remembered_pairs(unfolded) if len(unfolded) <= 200
+                                   else _address_pairs(unfolded))
     if cache is False:
         values = [field.value] if part == "all" else []
     else:
@@ -966,16 +1073,13 @@ def evaluate(scripts: Sequence[Script], message: Message, envelope: Envelope, *,
     explicit keep, which before the last script only carries the keep on); "stop" ends
     its own script.  The implicit keep comes once, at the end.  `now` (aware) is
     currentdate's clock and its zone the local zone of date tests; the system's when
-    None.  Never raises for a parsed script and any message."""
-    if now is None:
-        now = datetime.now().astimezone()
-    elif now.tzinfo is None:
-        now = now.astimezone()
+    None (read only if such a test runs).  Never raises for a parsed script and any
+    message."""
     run = _Run(message, envelope, limits, include, now, mailbox_exists, default_flags)
     try:
         keep = True
         for i, script in enumerate(scripts):
-            run.globals = {}
+            run.globals = _NO_VARIABLES
             run.final = i == len(scripts) - 1
             run.keep_cancelled = run.kept = False
             try:
@@ -985,9 +1089,11 @@ def evaluate(scripts: Sequence[Script], message: Message, envelope: Envelope, *,
             keep = run.kept or not run.keep_cancelled
             if not keep:
                 break
-        actions = list(run.actions)
+        actions = run.actions
         if keep and not run.keep_cancelled:     # RFC 5228 2.10.2
-            actions.append(Keep(tuple(run.flags), run.headers.snapshot(), implicit=True))
+            header = run.headers.snapshot()
+            actions.append(Keep(tuple(run.flags), header, implicit=True)
+                           if run.flags or header is not None else _IMPLICIT_KEEP)
         return Result(actions)
     except SieveRuntimeError as exc:
         return _failed(str(exc), default_flags)
@@ -995,6 +1101,9 @@ def evaluate(scripts: Sequence[Script], message: Message, envelope: Envelope, *,
         return _failed("script nesting too deep", default_flags)
     except Exception as exc:       # noqa: BLE001 - RFC 5228 2.10.6: never lose the message
         return _failed(f"internal error: {exc.__class__.__name__}: {exc}", default_flags)
+
+
+_IMPLICIT_KEEP = Keep(implicit=True)
 
 
 def _failed(error: str, default_flags: tuple[str, ...]) -> Result:

@@ -4,10 +4,11 @@ Twisted-free."""
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from mailserver.imap import mime
 from mailserver.sieve.matching import ascii_lower
@@ -47,17 +48,18 @@ class Field:
     field, kept only to be written back), `raw` the value as written (folding kept),
     `line` the field's bytes without the final line end."""
 
-    # caches filled on first use (class defaults keep creating a field cheap)
-    addresses: list | bool | None = None                # the address test's parse
-    parts: dict[str, tuple[list[str], list[str]]] | None = None    # address part -> values
-    _decoded: str | None = None
-    _lvalue: str | None = None
+    __slots__ = ("name", "lname", "raw", "line", "addresses", "parts", "_decoded", "_lvalue")
 
     def __init__(self, name: str, raw: str, line: bytes) -> None:
         self.name = name
         self.lname = name.lower()
         self.raw = raw
         self.line = line
+        # caches filled on first use
+        self.addresses: list | bool | None = None                  # the address test's parse
+        self.parts: dict[str, tuple[list[str], list[str]]] | None = None  # address part -> values
+        self._decoded: str | None = None
+        self._lvalue: str | None = None
 
     @property
     def value(self) -> str:
@@ -115,11 +117,105 @@ def parse_fields(header: bytes) -> list[Field]:
     return fields
 
 
+_LOOKUP_NAME = re.compile(r"[!-9;-~]+\Z")
+_NEEDLES: dict[str, bytes | None] = {}
+
+
+def _needle(lname: str) -> bytes | None:
+    """What _Lookup searches for a field name (None: a name it cannot search for)."""
+    needle = _NEEDLES.get(lname, b"")
+    if needle == b"":
+        needle = b"\n" + lname.encode("ascii") if _LOOKUP_NAME.match(lname) else None
+        if len(_NEEDLES) >= 1024:
+            _NEEDLES.clear()
+        _NEEDLES[lname] = needle
+    return needle
+
+
+class _Lookup:
+    """Fields found by name in a plain header (no bare LF, fewer lines than
+    MAX_HEADER_FIELDS), each made once and kept by its offset; gives the same fields as
+    parse_fields."""
+
+    __slots__ = ("header", "lowered", "by_name", "at")
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+        self.lowered = b"\n" + header.lower()    # "\n" + name finds it at a line's start
+        self.by_name: dict[str, list[Field]] = {}
+        self.at: dict[int, Field] = {}
+
+    @classmethod
+    def of(cls, header: bytes) -> "_Lookup | None":
+        # A bare LF is a line end to parse_fields (a bare CR is kept in its line, as here).
+        lf = header.count(b"\n")
+        if lf >= MAX_HEADER_FIELDS or lf != header.count(b"\r\n"):
+            return None
+        return cls(header)
+
+    def named(self, lname: str) -> list[Field] | None:
+        """None for a name the search cannot look for (parse_fields decides then)."""
+        got = self.by_name.get(lname)
+        if got is not None:
+            return got
+        needle = _needle(lname)
+        if needle is None:
+            return None
+        got = []
+        lowered = self.lowered
+        pos = lowered.find(needle)
+        while pos >= 0:
+            # lowered[pos] is the line end before the line, which starts at header[pos];
+            # lowered[j] is header[j - 1]
+            j = pos + len(needle)
+            while lowered.startswith((b" ", b"\t"), j):
+                j += 1
+            if lowered.startswith(b":", j):
+                got.append(self._field_at(pos, j - 1))
+            pos = lowered.find(needle, j)
+        self.by_name[lname] = got
+        return got
+
+    def _field_at(self, start: int, colon: int) -> Field:
+        f = self.at.get(start)
+        if f is None:
+            header = self.header
+            end = header.find(b"\r\n", colon)
+            while end >= 0 and header.startswith((b" ", b"\t"), end + 2):   # folded (RFC 5322 2.2.3)
+                end = header.find(b"\r\n", end + 2)
+            if end < 0:                                 # the last line, without CRLF
+                end = len(header) - 1 if header.endswith(b"\r") else len(header)
+            value = header[colon + 1:end]
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                text = value.decode("latin-1")
+            f = self.at[start] = Field(header[start:colon].rstrip(b" \t").decode("ascii"), text,
+                                       header[start:end])
+        return f
+
+    def merged(self, fields: list[Field]) -> list[Field]:
+        """parse_fields' list with the fields made here put in their places."""
+        if not self.at:
+            return fields
+        out = []
+        pos = 0
+        for f in fields:
+            start = self.header.find(f.line, pos)
+            pos = start + len(f.line)
+            made = self.at.get(start) if f.lname else None
+            out.append(made if made is not None and made.line == f.line else f)
+        return out
+
+
 class Message:
     """A message for the interpreter.  `header`: the header block (CRLF lines, without
     the blank line); `body`: the body bytes, or a path to a file holding the whole
     message whose body starts at `body_offset`; `size`: RFC 5228 5.9's size, counted
     here when not given."""
+
+    __slots__ = ("header", "_body", "_path", "_body_offset", "size", "_fields", "_index",
+                 "_lookup", "_structure", "_mapped", "_body_cache")
 
     def __init__(self, header: bytes, body: bytes | str | os.PathLike = b"", body_offset: int = 0,
                  size: int | None = None) -> None:
@@ -139,9 +235,10 @@ class Message:
         self.size = size
         self._fields: list[Field] | None = None
         self._index: dict[str, list[Field]] | None = None
+        self._lookup: _Lookup | None | bool = None
         self._structure: tuple | None = None
         self._mapped: mime.MessageBytes | None = None
-        self._body_cache: dict[tuple, list[str]] = {}
+        self._body_cache: dict[tuple, list[str]] | None = None
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Message":
@@ -150,7 +247,8 @@ class Message:
         if raw.startswith(b"\r\n") or raw.startswith(b"\n"):
             return cls(b"", raw[2 if raw.startswith(b"\r\n") else 1:], size=len(raw))
         i = raw.find(b"\r\n\r\n")
-        j = raw.find(b"\n\n")
+        # a bare-LF blank line counts only before the CRLF one
+        j = raw.find(b"\n\n", 0, i + 1) if i >= 0 else raw.find(b"\n\n")
         if i >= 0 and (j < 0 or i <= j + 1):
             return cls(raw[:i + 2], raw[i + 4:], size=len(raw))
         if j >= 0:
@@ -162,7 +260,10 @@ class Message:
     @property
     def fields(self) -> list[Field]:
         if self._fields is None:
-            self._fields = parse_fields(self.header)
+            fields = parse_fields(self.header)
+            if isinstance(self._lookup, _Lookup):   # the fields handed out already stay the same objects
+                fields = self._lookup.merged(fields)
+            self._fields = fields
         return self._fields
 
     def index(self) -> dict[str, list[Field]]:
@@ -176,6 +277,17 @@ class Message:
         return index
 
     def fields_named(self, lname: str) -> list[Field]:
+        """The fields named `lname` (lower-case), in order: found by searching the header
+        for the name when the header is plain (CRLF lines, within MAX_HEADER_FIELDS), so
+        that a script looking at a few fields does not parse them all."""
+        if self._index is None:
+            lookup = self._lookup
+            if lookup is None:
+                lookup = self._lookup = _Lookup.of(self.header) or False
+            if lookup is not False:
+                got = lookup.named(lname)
+                if got is not None:
+                    return got
         return self.index().get(lname, [])
 
     # -- body
@@ -203,20 +315,20 @@ class Message:
             self._structure = (data, mime.parse_structure(data))
         return self._structure
 
-    def _single_part(self) -> tuple[bytes, "mime.Part"] | None:
-        """(body bytes, a Part for them) when the message is neither multipart nor an
-        encapsulated message: the common case, answered without parsing a structure."""
+    def _single_part(self) -> tuple[bytes, str, str, Sequence[tuple[str, str]], bytes] | None:
+        """(body bytes, main type, subtype, parameters, transfer encoding) when the
+        message is neither multipart nor an encapsulated message: the common case,
+        answered without parsing a structure."""
         ctype = self.fields_named("content-type")
         value = ctype[0].unfolded.encode("utf-8", "surrogateescape") if ctype else None
-        maintype, subtype, params = mime.parse_content_type(value, ("text", "plain"))
+        maintype, subtype, params = _content_type(value)
         if maintype in ("multipart", "message"):
             return None
         body = self.body_bytes(BODY_SEARCH_LIMIT * 4)      # room for base64's growth
         cte = self.fields_named("content-transfer-encoding")
-        headers = [(b"content-transfer-encoding", cte[0].unfolded.encode("utf-8", "surrogateescape"))] if cte else []
-        part = mime.Part(start=0, body_start=0, end=len(body), headers=headers,
-                         maintype=maintype, subtype=subtype, params=params)
-        return body, part
+        # as mime.transfer_encoding reads it from a part
+        encoding = cte[0].unfolded.encode("utf-8", "surrogateescape").strip().lower() if cte else b""
+        return body, maintype, subtype, params, encoding or b"7bit"
 
     def body_texts(self, transform: str, types: tuple[str, ...] = ()) -> list[str]:
         """What the body test (RFC 5173) compares, cached per transform.
@@ -228,7 +340,9 @@ class Message:
         of the raw body, are searched: a huge message costs bounded work."""
         key = (transform, types)
         cache = self._body_cache
-        if key in cache:
+        if cache is None:
+            cache = self._body_cache = {}
+        elif key in cache:
             return cache[key]
         if transform == "raw":
             out = [_text(self.body_bytes())]
@@ -239,7 +353,9 @@ class Message:
             types = tuple(t.lower() for t in types)
             single = self._single_part()
             if single is not None:          # no MIME structure to walk: the body is the part
-                out = [_decoded(single[0], single[1], text)] if _type_matches(single[1], types) else []
+                body, maintype, subtype, params, encoding = single
+                out = ([_content(body, 0, len(body), encoding, maintype, subtype, params, text)]
+                       if _types_match(maintype, subtype, types) else [])
             else:
                 data, root = self.structure()
                 out = []
@@ -248,12 +364,32 @@ class Message:
         return out
 
 
+def _content_type(value: bytes | None) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """mime.parse_content_type with text/plain as the default; a short value's parse
+    remembered, since most messages carry one of a few."""
+    if value is not None and len(value) > 200:
+        return _parse_content_type(value)
+    return _remembered_content_type(value)
+
+
+def _parse_content_type(value: bytes | None) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    maintype, subtype, params = mime.parse_content_type(value, ("text", "plain"))
+    return maintype, subtype, tuple(params)
+
+
+_remembered_content_type = functools.lru_cache(maxsize=256)(_parse_content_type)
+
+
 def _type_matches(part: "mime.Part", types: tuple[str, ...]) -> bool:
+    return _types_match(part.maintype, part.subtype, types)
+
+
+def _types_match(maintype: str, subtype: str, types: tuple[str, ...]) -> bool:
     for t in types:
         if t == "":
             return True
         main, _, sub = t.partition("/")
-        if main == part.maintype and (not sub or sub == part.subtype):
+        if main == maintype and (not sub or sub == subtype):
             return True
     return False
 
@@ -319,25 +455,38 @@ def _drop_hidden(markup: str) -> str:
 
 
 def _decoded(data, part: "mime.Part", text: bool = False) -> str:
-    encoding = mime.transfer_encoding(part)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        for chunk in mime.decoded_chunks(data, part.body_start, part.end, encoding):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= BODY_SEARCH_LIMIT:
-                break
-    except ValueError:          # an unknown transfer encoding: searched as it is
-        chunks = [bytes(data[part.body_start:min(part.end, part.body_start + BODY_SEARCH_LIMIT)])]
-    raw = b"".join(chunks)[:BODY_SEARCH_LIMIT]
-    if part.maintype == "text":
-        charset = dict(part.params).get("charset", "us-ascii") or "us-ascii"
+    return _content(data, part.body_start, part.end, mime.transfer_encoding(part),
+                    part.maintype, part.subtype, part.params, text)
+
+
+def _content(data, start: int, end: int, encoding: bytes, maintype: str, subtype: str,
+             params: Sequence[tuple[str, str]], text: bool) -> str:
+    """A leaf's content as the body test sees it: data[start:end] with its transfer
+    encoding removed, the first BODY_SEARCH_LIMIT octets, a text/* charset decoded."""
+    if encoding in mime.IDENTITY_ENCODINGS:     # what decoded_chunks would give, at once
+        raw = bytes(data[start:min(end, start + BODY_SEARCH_LIMIT)])
+    else:
+        chunks: list[bytes] = []
+        size = 0
         try:
-            decoded = raw.decode(charset, "replace")
+            for chunk in mime.decoded_chunks(data, start, end, encoding):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= BODY_SEARCH_LIMIT:
+                    break
+        except ValueError:          # an unknown transfer encoding: searched as it is
+            chunks = [bytes(data[start:min(end, start + BODY_SEARCH_LIMIT)])]
+        raw = b"".join(chunks)[:BODY_SEARCH_LIMIT]
+    if maintype == "text":
+        charset = "us-ascii"
+        for name, value in params:          # the last one, as dict(params) has it
+            if name == "charset":
+                charset = value
+        try:
+            decoded = raw.decode(charset or "us-ascii", "replace")
         except LookupError:
             decoded = _text(raw)
-        return html_text(decoded) if text and part.subtype == "html" else decoded
+        return html_text(decoded) if text and subtype == "html" else decoded
     return _text(raw)
 
 

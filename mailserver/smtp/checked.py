@@ -20,11 +20,14 @@ from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserver.inbound.authresults import is_ours, remove_fields
 from mailserver.inbound.checker import InboundChecker, MessageFacts, Verdict
+from mailserver.inbound.headerscan import has_field
 from mailserver.inbound.junk import JunkFolders
+from mailserver.inbound.spf import SPFResult
 from mailserver.smtp.delivery import IDelivery, Placement, Recipient
 from mailserver.smtp.replies import Reply, SMTPReplyError
 from mailserver.smtp.spool import MessageSpool, clean_spool  # noqa: F401 (imported from here too)
@@ -36,6 +39,9 @@ log = Logger()
 MAX_HEADER = 256 * 1024
 SPAM_FIELDS = frozenset({b"x-spam", b"x-spam-status", b"x-spam-flag", b"x-spam-score",
                          b"x-spam-level", b"x-spamd-result", b"x-rspamd-score"})
+# The names of the fields _dropped_fields() may drop: a header without any is kept as is.
+DROPPED = (b"authentication-results",)
+DROPPED_SPAM = DROPPED + tuple(sorted(SPAM_FIELDS))
 _SUBJECT = re.compile(rb"(?im)^subject[ \t]*:.*(?:\r\n[ \t].*)*\r\n")
 
 
@@ -68,7 +74,7 @@ def _dropped_fields(authserv_id: str, spam_checked: bool) -> Callable[[bytes, by
 class CheckedDelivery:
     def __init__(self, checker: InboundChecker, junk: JunkFolders, store: Any,
                  make_inner: Callable[[Placement | None], IDelivery], spool_dir: Path,
-                 facts: dict[str, Any], spf: defer.Deferred | None) -> None:
+                 facts: dict[str, Any], spf: SPFResult | defer.Deferred | None) -> None:
         self.checker = checker
         self.junk = junk
         self.store = store
@@ -118,8 +124,7 @@ class CheckedDelivery:
         will send the message again, so this copy is not delivered (no duplicate)."""
         self._client_gone = True
 
-    @defer.inlineCallbacks
-    def _judged(self, verdict: Verdict):
+    def _judged(self, verdict: Verdict) -> defer.Deferred:
         self.verdict = verdict
         if self._client_gone:  # the session logs it: nothing acknowledged, nothing stored
             raise ClientGone()
@@ -133,22 +138,27 @@ class CheckedDelivery:
                      ip=self.facts["ip"], checks=self.log_text)
             assert verdict.reply is not None
             raise SMTPReplyError(verdict.reply)
-        place: Placement | None = None
         if verdict.action == "junk":
             users = [self.store.user_path(u.domain, u.localpart)
                      for r in self._recipients for u in r.local]
-            try:
-                yield self.junk.prepare(users)
-                place = self.junk.place
-            except Exception as e:  # a Junk folder that cannot be made: INBOX, not a retry
-                log.error("message {qid}: cannot prepare the Junk folder ({error}); "
-                          "delivering to INBOX", qid=self.facts["queue_id"], error=e)
+            d = defer.maybeDeferred(self.junk.prepare, users)
+            d.addCallbacks(lambda _: self.junk.place, self._junk_failed)
+            return d.addCallback(self._deliver, verdict)
+        return self._deliver(None, verdict)
+
+    def _junk_failed(self, failure: Failure) -> None:
+        """A Junk folder that cannot be made: INBOX, not a retry."""
+        log.error("message {qid}: cannot prepare the Junk folder ({error}); "
+                  "delivering to INBOX", qid=self.facts["queue_id"], error=failure.value)
+        return None
+
+    def _deliver(self, place: Placement | None, verdict: Verdict) -> defer.Deferred:
         inner = self._inner = self.make_inner(place)
         for recipient in self._recipients:
             inner.add_recipient(recipient)
         inner.write_headers(self._prefix, verdict.headers + self._trace)
         header = self.spool.header
-        if header:
+        if header and has_field(header, DROPPED_SPAM if verdict.spam_checked else DROPPED):
             header = remove_fields(header, _dropped_fields(self.checker.authserv_id,
                                                            verdict.spam_checked))
         if verdict.subject is not None:
@@ -156,10 +166,10 @@ class CheckedDelivery:
         inner.write(header)
         if self.spool.in_memory:
             inner.write(self.spool.rest())
-        else:  # a large body: one chunk per reactor turn, other sessions go on meanwhile
-            yield task.cooperate(self._copy_body(inner)).whenDone()
-        outcome = yield inner.commit()
-        return outcome
+            return inner.commit()
+        # a large body: one chunk per reactor turn, other sessions go on meanwhile
+        d = task.cooperate(self._copy_body(inner)).whenDone()
+        return d.addCallback(lambda _: inner.commit())
 
     def _copy_body(self, inner: IDelivery) -> Iterator[None]:
         for chunk in self.spool.rest_chunks():

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from mailserver.maildir import MaildirStore
 
 
+_NO_CHECKS: Mapping[str, str] = MappingProxyType({})
+
+
 @implementer(IDelivery)
 class FilteringDelivery:
     def __init__(self, sieve: SieveDelivery, store: "MaildirStore", queue_id: str,
@@ -41,7 +44,7 @@ class FilteringDelivery:
         self.sender = sender
         self.default = default
         self.client_ip, self.helo, self.auth = client_ip, helo, auth
-        self.checks = MappingProxyType(dict(checks or {}))
+        self.checks = MappingProxyType(dict(checks)) if checks else _NO_CHECKS
         self._targets: dict[Path, Target] = {}
         self._users: dict[Path, "User"] = {}
         self._full: dict[str, "User"] = {}   # address -> a user whose mailbox is full

@@ -169,7 +169,7 @@ class MXSession(QuotaChecks, SMTPSession):
     _banner: bytes | None = None
     _banner_call: Any = None
     _blocked: Any = None          # Deferred[Reply | None] while the blocklists answer
-    _spf: defer.Deferred | None = None
+    _spf: Any = None              # SPFResult, or Deferred[SPFResult] while it is evaluated
 
     def connectionMade(self) -> None:
         checker = self.context.checker

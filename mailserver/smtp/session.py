@@ -675,6 +675,11 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self.context.metrics.rejected(R.LOCAL_ERROR)
             self.reply(R.LOCAL_ERROR)
             return
+        self.context.metrics.message_received(inc.ended, len(outcome.delivered))
+        self.message_accepted(inc.queue_id)
+        self._errors = 0
+        self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
+        # The log line after the 250: its formatting and write are not the client's wait.
         fields = dict(
             service=self.context.service, qid=inc.queue_id, sender=sender,
             recipients=",".join(r.address for r in recipients), size=inc.size,
@@ -686,10 +691,6 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         # of ten fields costs as much again); the fields stay in the event for observers
         # that keep them.
         self.log.info("{line}", line=_ACCEPTED_LINE.format(**fields), **fields)
-        self.context.metrics.message_received(inc.ended, len(outcome.delivered))
-        self.message_accepted(inc.queue_id)
-        self._errors = 0
-        self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
 
     def message_accepted(self, queue_id: str) -> None:
         """Called just before the 250 for a message; for per-user accounting."""

@@ -48,7 +48,7 @@ class MessageSpool:
 
     def __init__(self, spool_dir: Path, name: str, *, max_header: int = MAX_HEADER,
                  memory_limit: int = MEMORY_SPOOL) -> None:
-        self.spool_dir = Path(spool_dir)
+        self.spool_dir = spool_dir if isinstance(spool_dir, Path) else Path(spool_dir)
         self.name = name
         self.max_header = max_header
         self.memory_limit = memory_limit

@@ -113,6 +113,8 @@ class ProcessCommitterTests(trial.TestCase):
     """The server's side: a real child process, a running reactor."""
 
     def setUp(self) -> None:
+        # Every delivery to the child, a lone one too (test_commit_lone: the thread path).
+        self.patch(ProcessCommitter, "lone_in_thread", False)
         root = Path(tempfile.mkdtemp(prefix="commit-process-test-"))
         self.addCleanup(shutil.rmtree, root, True)
         self.store = MaildirStore(root / "maildirs", hostname="mx.example.test",

@@ -1,0 +1,115 @@
+"""RETR of a message that fits in one read: read whole, answered with one send.
+
+Streamed (wire.message_chunks through a ChunkProducer), every RETR costs a Python file
+object, a producer registered and unregistered, the socket registered for writability and
+back (two epoll_ctl calls), a reactor turn before the first byte leaves and a read that
+only finds the end of the file.  A message of at most one chunk (nearly every one) is
+read here by name with open, fstat, read and close, converted and dot-stuffed whole, and
+sent behind its "+OK" line in one send(2) at once (`fastwrite.write_now`).  Anything out
+of the ordinary (a larger file, one renamed or removed meanwhile, an error) takes the
+streaming path, which handles it.
+
+The file is read in the reactor, as the streaming path reads each of its chunks: a chunk
+of a file that is nearly always in the page cache.
+
+Memory stays bounded under pipelining (RFC 2449 6.6): what the socket does not take at
+once waits in the transport, and the session answers its next command only once that
+has gone out (`send_now`'s Deferred), so at most one message waits in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+from mailserver.fastwrite import write_now
+from mailserver.pop3.wire import CHUNK
+
+WHOLE_MAX = CHUNK  # bytes: a file up to this size is read and sent whole
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+def read_whole(mbox: Any, e: Any, limit: int = WHOLE_MAX) -> bytes | None:
+    """The bytes of the message of snapshot entry `e` (mailbox.py) when its file holds at
+    most `limit`; None for a larger one, and whenever the file is not where the folder
+    says (`POP3Mailbox.open` then finds it or reports it gone)."""
+    if e.gone:
+        return None
+    folder = mbox.folder
+    info = folder.by_uid(e.uid)
+    if info is None or info.basename != e.base:
+        return None
+    try:
+        fd = os.open(f"{folder.path}/{info.subdir}/{info.filename}", _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        return os.read(fd, size) if size <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def response(head: bytes, data: bytes, crlf_size: int) -> bytes:
+    """`head` and the multi-line response for a whole message (RFC 1939 3).
+
+    `crlf_size` is the size of the message's CRLF form as the listing gives it (the file
+    name's, the index's or measured, mailbox.py): a file of exactly that size has no bare
+    LF to convert, and is not searched for one.
+    """
+    return b"".join((head, *multiline(data, len(data) == crlf_size)))
+
+
+def multiline(data: bytes, crlf: bool = False) -> tuple[bytes, bytes]:
+    """A whole message as a multi-line response body (RFC 1939 3), in two parts: the
+    message with CRLF line ends, byte-stuffed, and the terminating line; together the
+    bytes `wire.message_chunks` yields for it.  `crlf`: the caller knows it has no bare
+    LF."""
+    if not crlf and data.count(b"\n") != data.count(b"\r\n"):  # a file from elsewhere
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    return data, (b".\r\n" if not data or data[-1:] == b"\n" else b"\r\n.\r\n")
+
+
+def send_now(transport: Any, data: bytes) -> Deferred[None] | None:
+    """Send `data` at once; None if it all went out (or on TLS, whose layer takes it
+    whole, as the streaming path does), else a Deferred that fires once the transport's
+    buffer has drained (or the connection is gone)."""
+    if write_now(transport, data) or getattr(transport, "TLS", True):
+        return None
+    waiter = _Drained(transport)
+    transport.registerProducer(waiter, False)
+    waiter.registered = True
+    return waiter.done
+
+
+@implementer(IPullProducer)
+class _Drained:
+    """A pull producer with nothing to produce: the transport asks it for more once its
+    buffer is empty, which is the moment it waits for."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.registered = False  # registerProducer asks at once: not yet drained
+        self.done: Deferred[None] = Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.registered:
+            self._finish()
+
+    def stopProducing(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.called:
+            self.transport.unregisterProducer()
+            self.done.callback(None)
