@@ -546,7 +546,12 @@ def _summary_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[in
                 value = (kept_lines if single[0] == "lines" else envelopes).get(u)
                 if value is not None and seq is not None and u in infos:
                     if single[0] == "lines":
-                        data = fields_from_lines(value, single[2], memo)
+                        # fields_from_lines, its usual case inline: every field kept wanted
+                        n = value.find(b"\n")
+                        if n > 0 and memo.get(value[:n], False) is None:
+                            data = value[summary.lines_start(n):]
+                        else:
+                            data = fields_from_lines(value, single[2], memo)
                         line = b"* %d FETCH (%s%d}\r\n%s)\r\n" % (seq, single[1], len(data),
                                                                     data)
                     elif isinstance(value, bytes):

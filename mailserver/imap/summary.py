@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sqlite3
+import struct
 from typing import NamedTuple, Sequence
 
 from mailserver.imap import mime
@@ -31,11 +32,16 @@ from mailserver.maildir.index import write_summaries
 log = logging.getLogger(__name__)
 
 ENVELOPE_KEY = "envelope"   # index cache key of the ENVELOPE text (what fetch.py reads)
-LINES_KEY = "hdr1"          # index cache key of the header lines (see `lines_value`)
+LINES_KEY = "hdr2"          # index cache key of the header lines (see `lines_value`)
 # The envelope's header fields, lower case: the ones whose raw lines are kept.
 SUMMARY_FIELDS = (b"date", b"subject", b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc",
                   b"in-reply-to", b"message-id")
 SUMMARY_NAMES = frozenset(SUMMARY_FIELDS)
+# In a LINES_KEY value each field is named by one character: its place in SUMMARY_FIELDS.
+_CODE = {name: b"%c" % (ord("a") + k) for k, name in enumerate(SUMMARY_FIELDS)}
+_NAME_OF = {code[0]: name for name, code in _CODE.items()}
+_LENGTH = struct.Struct(">I")
+_LENGTHS: dict[int, struct.Struct] = {}
 # SEARCH's fields (search.py SEARCH_FIELDS, index.SEARCH_COLUMNS order), date last.
 SEARCH_FIELDS = (b"subject", b"from", b"to", b"cc", b"bcc", b"date")
 ADDRESS_FIELDS = frozenset((b"from", b"to", b"cc", b"bcc"))
@@ -122,38 +128,48 @@ def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def lines_value(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """What the index keeps under LINES_KEY: a line of the field names in order, a line of
-    their lengths, then the fields' raw bytes and the blank line that ends a header."""
-    return (b" ".join(name for name, _ in fields) + b"\n"
-            + b" ".join(b"%d" % len(raw) for _, raw in fields) + b"\n"
+    """What the index keeps under LINES_KEY: a character per field naming it (_CODE), a
+    newline, each field's length (4 octets, big-endian), then the fields' raw bytes and
+    the blank line that ends a header.  So the usual answer (every field kept is wanted)
+    is the value from one known place on, without parsing a thing."""
+    return (b"".join(_CODE[name] for name, _ in fields) + b"\n"
+            + b"".join(_LENGTH.pack(len(raw)) for _, raw in fields)
             + b"".join(raw for _, raw in fields) + b"\r\n")
+
+
+def lines_start(count: int) -> int:
+    """Where the fields begin in a LINES_KEY value that keeps `count` of them."""
+    return (_LENGTH.size + 1) * count + 1
 
 
 def fields_from_lines(value: bytes, wanted: frozenset[bytes],
                       memo: dict[bytes, tuple[int, ...] | None] | None = None) -> bytes:
     """BODY[HEADER.FIELDS (wanted)] (lower-case names, a subset of SUMMARY_NAMES) from a
     LINES_KEY value: the named fields in message order and the blank line.  `memo` keeps,
-    per list of names kept (few differ within a folder), the fields to leave out."""
-    i = value.find(b"\n")
-    if i <= 0:
+    per list of fields kept (few differ within a folder), the fields to leave out."""
+    n = value.find(b"\n")   # the number of fields kept
+    if n <= 0:
         return b"\r\n"
-    names = value[:i]
-    drop = memo.get(names, False) if memo is not None else False
+    codes = value[:n]
+    drop = memo.get(codes, False) if memo is not None else False
     if drop is False:
-        drop = tuple(k for k, n in enumerate(names.split(b" ")) if n not in wanted) or None
+        drop = tuple(k for k, c in enumerate(codes) if _NAME_OF[c] not in wanted) or None
         if memo is not None:
-            memo[names] = drop
-    j = value.find(b"\n", i + 1)
-    if drop is None:  # every field kept is wanted: the lines as they are
-        return value[j + 1:]
-    lengths = value[i + 1:j].split(b" ")
+            memo[codes] = drop
+    blob = lines_start(n)
+    if drop is None:         # every field kept is wanted: the lines as they are
+        return value[blob:]
+    lengths = _LENGTHS.get(n)
+    if lengths is None:
+        lengths = _LENGTHS[n] = struct.Struct(">%dI" % n)
+    sizes = lengths.unpack_from(value, n + 1)
     out = []
-    pos = start = j + 1   # `start`: where the next piece to keep begins
-    done = 0              # fields before `pos`
+    pos = start = blob       # `start`: where the next piece to keep begins
+    done = 0                 # fields before `pos`
     for k in drop:
-        pos += sum(map(int, lengths[done:k]))  # the start of field k
+        pos += sum(sizes[done:k])  # the start of field k
         out.append(value[start:pos])
-        pos += int(lengths[k])
+        pos += sizes[k]
         start, done = pos, k + 1
     out.append(value[start:])  # the fields after the last one left out, the blank line
     return b"".join(out)
@@ -185,22 +201,20 @@ def summarize(head: bytes) -> Summary:
     """The summary of a message from its header section (mime.read_head's bytes)."""
     fields = _fields(head)
     values: dict[bytes, list[bytes]] = {}
+    firsts: dict[bytes, bytes] = {}  # what ENVELOPE shows: each field's first value
     for name, raw in fields:
         value = raw[raw.index(b":") + 1:].replace(b"\r\n", b"").strip()
         found = values.get(name)
         if found is None:
             values[name] = [value]
+            firsts[name] = value
         else:
             found.append(value)
 
     def addresses(value: bytes | None) -> bytes:
         return b"NIL" if value is None else _address_field(value)[0]
 
-    def first(name: bytes) -> bytes | None:
-        found = values.get(name)
-        return found[0] if found else None
-
-    envelope = mime.envelope_of(first, addresses)
+    envelope = mime.envelope_of(firsts.get, addresses)
     search: list[str] = []
     for name in SEARCH_FIELDS:
         found = values.get(name)

@@ -68,12 +68,12 @@ def info_letters(filename: str) -> str:
 
 
 def size_from_base(base: str) -> int | None:
-    """The ",S=<size>" field of a base name (the file's exact size), None if absent."""
-    start = base.find(",S=")
-    if start < 0:
+    """The ",S=<size>" field of a base name (the file's exact size), None if absent.
+    (By partition: a folder's first open asks this of every message.)"""
+    _, found, rest = base.partition(",S=")
+    if not found:
         return None
-    end = base.find(",", start + 3)
-    digits = base[start + 3:] if end < 0 else base[start + 3:end]
+    digits = rest.partition(",")[0]
     return int(digits) if digits.isdigit() else None
 
 

@@ -87,6 +87,8 @@ CACHE_FLUSH_BATCH = 500    # ... or this many, whichever comes first
 
 # Deliveries arriving within this many seconds share one refresh of an open folder.
 REFRESH_COALESCE = 0.05
+# A first load's index rows wait this long for the folder to have nothing else to do.
+ROWS_RETRY = 0.5
 
 __all__ = [
     "AppendWriter", "CACHE_FLUSH_BATCH", "CACHE_FLUSH_DELAY", "DIRTY_WINDOW", "Folder",
@@ -179,6 +181,7 @@ class Folder:
         self._flushing: Deferred[int] | None = None
         self._flush_again = False
         self._flush_waiters: list[Deferred[int]] = []
+        self._rows_call: Any = None
         # Told this folder's path after each durable change of its own (not one a
         # refresh found): MailAccount sets it to MaildirStore.folder_changed.
         self.on_change: Callable[[Path], None] | None = None
@@ -475,15 +478,36 @@ class Folder:
                 else:
                     for w in later:
                         w.callback(0)
-            elif self._index.loaded_pending and self._flush_call is None:
-                # A first load's rows go a part per write: other jobs come in between.
-                self._flush_call = self._clock.callLater(0, self.flush_cache)
             return result
         return d.addBoth(done)
+
+    def _rows_soon(self, delay: float) -> None:
+        """A first load's index rows (see folder_disk.FolderDisk.sync) are written a part
+        at a time (index.LOADED_PER_WRITE) while the folder has nothing else to do, so
+        they never hold up its commands; closing the index writes what is left."""
+        if self._rows_call is None or not self._rows_call.active():
+            self._rows_call = self._clock.callLater(delay, self._write_rows)
+
+    def _write_rows(self) -> None:
+        self._rows_call = None
+        if self._deleted or not self._index.loaded_pending:
+            return
+        if not self._executor.idle:
+            self._rows_soon(ROWS_RETRY)
+            return
+        d = self._executor.run(self._index.write_loaded, kind=INDEX)
+        d.addCallbacks(lambda _: self._rows_soon(0), lambda f: log.failure(
+            "index rows of {path} not written", f, path=str(self.path)))
+
+    def _stop_rows(self) -> None:
+        if self._rows_call is not None and self._rows_call.active():
+            self._rows_call.cancel()
+        self._rows_call = None
 
     def close(self) -> Deferred[None]:
         """Write pending cache values and close the index (the folder stays usable: the
         index reopens on next use)."""
+        self._stop_rows()
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
@@ -496,7 +520,8 @@ class Folder:
         d = self._flushing if self._flushing is not None else succeed(None)
         waiter: Deferred[Any] = Deferred()
         d.addBoth(lambda result: waiter.callback(None) or result)
-        return waiter.addCallback(lambda _: self._executor.run(self._index.close))
+        waiter.addCallback(lambda _: self._executor.run(self._index.close))
+        return waiter.addCallback(lambda _: self._stop_rows())  # one under way came back
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -663,6 +688,7 @@ class Folder:
         may remove the files."""
         uids = list(self._infos)
         self._deleted = True
+        self._stop_rows()
         if self._refresh_call is not None and self._refresh_call.active():
             self._refresh_call.cancel()
         self._refresh_call = None
@@ -753,10 +779,8 @@ class Folder:
         changes = FolderChanges(added=list(sync.added), expunged=sorted(sync.expunged),
                                 flags_changed=list(sync.flags_changed),
                                 uidvalidity_changed=sync.reset and not first_load)
-        if sync.index_deferred and self._flush_call is None and self._flushing is None:
-            # The load's index rows (see folder_disk.FolderDisk.sync) go with the next
-            # flush of cached values, not right behind the answer to SELECT.
-            self._flush_call = self._clock.callLater(CACHE_FLUSH_DELAY, self.flush_cache)
+        if sync.index_deferred:
+            self._rows_soon(CACHE_FLUSH_DELAY)
         if first_load:
             return changes
         self._notify(origin, changes.expunged, changes.flags_changed, changes.added,

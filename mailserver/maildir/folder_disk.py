@@ -19,7 +19,10 @@ Across processes (Dovecot, another instance) the folder follows Dovecot's rules:
 
 The first open of a large folder stats each file once (its mtime is the internal date);
 sizes come from the ",S=" field of the name.  Both go to the folder's index (index.py),
-so the next open, in this process or a new one, needs no per-message stat at all.
+so the next open, in this process or a new one, needs no per-message stat at all.  When
+none of the messages is in the index yet, the open answers first and the rows are written
+afterwards, a part at a time while the folder is otherwise idle (Folder._write_rows); rows
+lost in a crash are made again by the next open, with new mod-sequences.
 
 Mod-sequences (RFC 7162 CONDSTORE/QRESYNC) live in memory with the messages and in our own
 index only; nothing Dovecot reads changes.  Every change the folder applies gets one new
@@ -68,8 +71,8 @@ from mailserver.maildir.uidranges import gaps, has, intersect_ranges, normalize_
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 256 * 1024
-# A first load that finds at least this many messages not in the index answers before
-# their rows are written (see FolderDisk.sync).
+# A first load that finds at least this many messages, none of them in the index, answers
+# before their rows are written (see FolderDisk.sync).
 DEFERRED_ROWS = 1000
 
 
@@ -515,6 +518,10 @@ class FolderDisk:
                 self._forget_vanished(ul.uidvalidity)
                 self.index.note_modseqs((i.basename, i.uid, i.modseq, i.filename)
                                         for i in view.infos.values())
+        if (loaded is None and not view.loaded and not rows and not stored
+                and len(new_rows) == len(mod_rows) == len(sync.added) >= DEFERRED_ROWS):
+            # The index knew none of them (made anew): their rows, as for a first load.
+            loaded, new_rows, mod_rows = sync.added, [], []
         if vanished and not reset:
             self.index.note_expunged(vanished, issued or self._issue_modseq())
         self.index.note_modseqs(mod_rows)
@@ -527,11 +534,8 @@ class FolderDisk:
         elif loaded is not None:
             self.index.put_messages((i.basename, i.size, i.internaldate) for i in loaded)
             self.index.note_modseqs((i.basename, i.uid, i.modseq, i.filename) for i in loaded)
-        elif view.loaded or len(new_rows) < DEFERRED_ROWS:
-            self.index.put_messages(new_rows)
         else:
-            self.index.note_messages(new_rows)
-            sync.index_deferred = True
+            self.index.put_messages(new_rows)
         self.index.set_meta({"uidvalidity": ul.uidvalidity, "uidnext": ul.nextuid})
         self._meta = {"uidvalidity": str(ul.uidvalidity), "uidnext": str(ul.nextuid)}
         return sync

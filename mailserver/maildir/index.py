@@ -10,7 +10,9 @@ it identifies the file's contents for good, whatever the flags or the UIDVALIDIT
 - `msg`: size and internal date (file mtime) of every message, so that opening a folder
   needs no stat() per known message;
 - `cache`: opaque values the IMAP layer computes once (envelope, bodystructure, header
-  subsets...), written in batches;
+  subsets...), written in batches; a large folder's header pass (imap/headerpass.py)
+  writes its envelopes, header lines and search rows from worker processes, a batch per
+  transaction, on connections of their own (`write_summaries`);
 - `search`: the decoded header fields SEARCH keys name (subject, from, to, cc, bcc, date),
   so that a header search over a large folder is one SQL scan, not a read of every file;
 - `meta`: UIDVALIDITY and UIDNEXT last seen, a fallback when dovecot-uidlist is lost;
@@ -71,9 +73,9 @@ SEARCH_COLUMNS = ("subject", "from_", "to_", "cc", "bcc", "date")
 
 
 DECODED_IDLE_SECONDS = 600.0   # decoded memos (SORT's keys) unused this long are forgotten
-# Messages of a first load whose rows one write takes (note_loaded): each write is short,
+# Messages of a first load whose rows one write takes (write_loaded): each write is short,
 # so the folder's other jobs are not held up behind a hundred thousand rows.
-LOADED_PER_WRITE = 20_000
+LOADED_PER_WRITE = 5_000
 
 class FolderIndex:
     """The index file of one folder directory.
@@ -104,14 +106,10 @@ class FolderIndex:
         self._mod_gone: dict[str, tuple[int, int]] = {}        # base -> (uid, modseq)
         self._mod_rows: dict[str, tuple[int, int, str]] = {}   # base -> (uid, modseq, name)
         self._mod_meta: dict[str, int] = {}
-        # (base, size, internaldate) rows waiting for the next write_modseqs, and the
-        # messages of a first open whose rows it writes (objects with basename, size,
-        # internaldate, uid, modseq, filename): a large folder opens before they are written.
-        self._msg_rows: list[tuple[str, int, float]] = []
+        # The messages of a first load whose rows write_loaded writes (objects with
+        # basename, size, internaldate, uid, modseq, filename): a large folder opens
+        # before they are written.
         self._loaded: list[Any] = []
-        # Base names of loaded messages with a newer mod-sequence queued or written since:
-        # their load-time row must not come after it (see write_modseqs).
-        self._superseded: set[str] = set()
         self.last_used = time.monotonic()
 
     @property
@@ -246,18 +244,32 @@ class FolderIndex:
                 "INSERT OR REPLACE INTO msg VALUES (?, ?, ?)", rows))
 
     def note_loaded(self, infos: list[Any]) -> None:
-        """Queue the rows (messages and mod-sequences) of a folder's first load for the
-        next `write_modseqs`, made there from the messages themselves: the first open of
-        a large folder answers before anything is done per message for the index.  A
-        change queued later for one of them wins."""
+        """Queue the rows (messages and mod-sequences) of a folder's first load for
+        `write_loaded`, made there from the messages themselves: the first open of a
+        large folder answers before anything is done per message for the index."""
         with self._pending_lock:
             self._loaded.extend(infos)
 
-    def note_messages(self, rows: Iterable[tuple[str, int, float]]) -> None:
-        """Queue (base, size, internaldate) rows for the next `write_modseqs`: a folder's
-        first open answers before its hundred thousand rows are written."""
-        with self._pending_lock:
-            self._msg_rows.extend(rows)
+    def write_loaded(self, limit: int | None = None) -> None:
+        """Write the rows of up to `limit` (LOADED_PER_WRITE) queued messages of a first
+        load (blocking).  A row never replaces one already there: whatever was written
+        since the load (a flag change, an expunge and its drop) is newer, and a change
+        queued and not written yet replaces this row when it is."""
+        taken: list[Any] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not taken:  # taken under the write lock, once (a retry reuses it)
+                count = LOADED_PER_WRITE if limit is None else limit
+                with self._pending_lock:
+                    taken.append(self._loaded[:count])
+                    self._loaded = self._loaded[count:]
+            infos = taken[0]
+            conn.executemany("INSERT OR IGNORE INTO msg VALUES (?, ?, ?)",
+                             sorted((i.basename, i.size, i.internaldate) for i in infos))
+            conn.executemany("INSERT OR IGNORE INTO modseq VALUES (?, ?, ?, ?)",
+                             sorted((i.basename, i.uid, i.modseq, i.filename) for i in infos))
+        if self._loaded:
+            self._safe(run)
 
     def drop(self, bases: Iterable[str]) -> None:
         """Forget expunged messages and everything cached about them."""
@@ -268,8 +280,6 @@ class FolderIndex:
             gone = set(bases)
             for k in [k for k in self._pending if k[0] in gone]:
                 del self._pending[k]
-            if self._msg_rows:
-                self._msg_rows = [r for r in self._msg_rows if r[0] not in gone]
             if self._loaded:
                 self._loaded = [i for i in self._loaded if i.basename not in gone]
         for memo in list(self.decoded.values()):
@@ -301,7 +311,7 @@ class FolderIndex:
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + self.modseqs_pending
+        return len(self._pending) + self.modseqs_pending + bool(self._loaded)
 
     @property
     def loaded_pending(self) -> bool:
@@ -312,7 +322,7 @@ class FolderIndex:
     def modseqs_pending(self) -> int:
         """Mod-sequence changes queued and not written yet."""
         return (len(self._mod_rows) + len(self._mod_gone) + bool(self._mod_meta)
-                + self._mod_reset + bool(self._msg_rows) + bool(self._loaded))
+                + self._mod_reset)
 
     def flush(self) -> int:
         """Write the pending values and mod-sequences (blocking); how many cache values
@@ -358,8 +368,6 @@ class FolderIndex:
         with self._pending_lock:
             for base, uid, modseq, name in rows:
                 self._mod_rows[base] = (uid, modseq, name)
-                if self._loaded:
-                    self._superseded.add(base)
 
     def note_expunged(self, rows: Iterable[tuple[str, int]], modseq: int) -> None:
         """Queue expunged messages (base, uid): their row goes, and their uid is
@@ -368,8 +376,6 @@ class FolderIndex:
             for base, uid in rows:
                 self._mod_rows.pop(base, None)
                 self._mod_gone[base] = (uid, modseq)
-                if self._loaded:
-                    self._superseded.add(base)
 
     def note_modseq_meta(self, **values: int) -> None:
         """Queue meta values: highestmodseq, modseq_uidvalidity, vanished_after."""
@@ -384,13 +390,11 @@ class FolderIndex:
             self._mod_rows.clear()
             self._mod_gone.clear()
             self._loaded = []
-            self._superseded = set()
 
     def write_modseqs(self) -> None:
-        """Write the queued mod-sequence changes (and message rows) in one transaction
-        (blocking); rows in key order, which SQLite writes several times faster."""
-        if not (self._mod_reset or self._mod_rows or self._mod_gone or self._mod_meta
-                or self._msg_rows or self._loaded):
+        """Write the queued mod-sequence changes in one transaction (blocking); rows in
+        key order, which SQLite writes several times faster."""
+        if not (self._mod_reset or self._mod_rows or self._mod_gone or self._mod_meta):
             return
         taken: list[Any] = []
 
@@ -398,29 +402,13 @@ class FolderIndex:
             if not taken:  # taken under the write lock, once (a retry reuses it)
                 with self._pending_lock:
                     taken.append((self._mod_reset, self._mod_gone, self._mod_rows,
-                                  self._mod_meta, self._msg_rows,
-                                  self._loaded[:LOADED_PER_WRITE]))
+                                  self._mod_meta))
                     self._mod_reset, self._mod_gone = False, {}
-                    self._mod_rows, self._mod_meta, self._msg_rows = {}, {}, []
-                    self._loaded = self._loaded[LOADED_PER_WRITE:]
-                    superseded = self._superseded
-                    if not self._loaded:
-                        self._superseded = set()
-                    taken.append(superseded)
-            reset, gone, rows, meta, msg_rows, loaded = taken[0]
-            superseded = taken[1]
-            if loaded:
-                msg_rows = msg_rows + [(i.basename, i.size, i.internaldate) for i in loaded]
-            if msg_rows:
-                conn.executemany("INSERT OR REPLACE INTO msg VALUES (?, ?, ?)",
-                                 sorted(msg_rows))
+                    self._mod_rows, self._mod_meta = {}, {}
+            reset, gone, rows, meta = taken[0]
             if reset:
                 conn.execute("DELETE FROM modseq")
                 conn.execute("DELETE FROM vanished")
-            if loaded:  # not over a change made after the load (queued or written)
-                conn.executemany("INSERT OR REPLACE INTO modseq VALUES (?, ?, ?, ?)",
-                                 sorted((i.basename, i.uid, i.modseq, i.filename)
-                                        for i in loaded if i.basename not in superseded))
             if gone:
                 bases = list(gone)
                 for i in range(0, len(bases), _BATCH):
@@ -602,7 +590,7 @@ class FolderIndex:
         """Write what is pending and close the file (blocking)."""
         self.flush()
         while self._loaded:
-            self.write_modseqs()
+            self.write_loaded()
         with self._write_lock:
             self._close_connections()
 
@@ -615,31 +603,68 @@ def write_summaries(folder_dir: str | Path, cache_rows: list[tuple[str, str, Cac
     is written several times faster).  False, nothing written, when the folder has no
     index of this schema yet: the caller keeps the values itself.  sqlite3.Error when
     the file cannot be written (locked beyond the timeout, damaged)."""
-    path = Path(folder_dir) / INDEX_NAME
-    if not path.exists():
+    conn = _summary_connection(Path(folder_dir) / INDEX_NAME)
+    if conn is None:
         return False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if cache_rows:
+            conn.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
+                             sorted(cache_rows, key=_base_and_key))
+        if search_rows:
+            conn.executemany("INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             sorted(search_rows, key=_first))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        _forget_summary_connection()
+        raise
+    conn.execute("COMMIT")
+    return True
+
+
+# The header pass writes batch after batch into the same index: its connection (and the
+# pages it has read) is kept for the next batch, one per thread, while the file is the
+# same one (an index rebuilt meanwhile is another file).
+_summary_conns = threading.local()
+
+
+def _summary_connection(path: Path) -> sqlite3.Connection | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    identity = (str(path), st.st_dev, st.st_ino)
+    kept = getattr(_summary_conns, "kept", None)
+    if kept is not None and kept[0] == identity:
+        return kept[1]
+    _forget_summary_connection()
     conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10.0,
-                           isolation_level=None)
+                           isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA synchronous=NORMAL")
         row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
-            return False
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if cache_rows:
-                conn.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
-                                 sorted(cache_rows, key=lambda r: (r[0], r[1])))
-            if search_rows:
-                conn.executemany("INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 sorted(search_rows))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return True
-    finally:
+    except BaseException:
         conn.close()
+        raise
+    if row is None or row[0] != SCHEMA_VERSION:
+        conn.close()
+        return None
+    _summary_conns.kept = (identity, conn)
+    return conn
+
+
+def _forget_summary_connection() -> None:
+    kept = getattr(_summary_conns, "kept", None)
+    _summary_conns.kept = None
+    if kept is not None:
+        try:
+            kept[1].close()
+        except sqlite3.Error:
+            pass
+
+
+def _base_and_key(row: tuple[str, str, CacheValue]) -> tuple[str, str]:
+    return row[0], row[1]
 
 
 _first = itemgetter(0)

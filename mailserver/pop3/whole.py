@@ -63,21 +63,33 @@ def response(head: bytes, data: bytes, crlf_size: int) -> bytes:
     name's, the index's or measured, mailbox.py): a file of exactly that size has no bare
     LF to convert, and is not searched for one.
     """
-    return b"".join((head, *multiline(data, len(data) == crlf_size)))
+    parts = multiline(data, len(data) == crlf_size)
+    parts.insert(0, head)
+    return b"".join(parts)
 
 
-def multiline(data: bytes, crlf: bool = False) -> tuple[bytes, bytes]:
-    """A whole message as a multi-line response body (RFC 1939 3), in two parts: the
-    message with CRLF line ends, byte-stuffed, and the terminating line; together the
-    bytes `wire.message_chunks` yields for it.  `crlf`: the caller knows it has no bare
-    LF."""
+def multiline(data: bytes, crlf: bool = False) -> list[bytes]:
+    """A whole message as a multi-line response body (RFC 1939 3), in parts to be joined:
+    CRLF line ends, a "." doubled at the start of a line, then the terminating line; the
+    bytes `wire.message_chunks` yields for it.  `crlf`: the caller knows it has no bare LF.
+
+    The lines that start with "." (many messages have a few) are found with `find` and
+    the message is cut there: bytes.replace searches a two-byte pattern whose first byte
+    ends every line several times slower, and copies the message once more before the
+    final join.
+    """
     if not crlf and data.count(b"\n") != data.count(b"\r\n"):  # a file from elsewhere
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    if b"\n." in data:
-        data = data.replace(b"\n.", b"\n..")
-    if data[:1] == b".":
-        data = b"." + data
-    return data, (b".\r\n" if not data or data[-1:] == b"\n" else b"\r\n.\r\n")
+    parts = [b"."] if data[:1] == b"." else []
+    start = 0
+    at = data.find(b"\n.")
+    while at >= 0:
+        parts += (data[start:at + 1], b".")
+        start = at + 1
+        at = data.find(b"\n.", at + 2)
+    parts.append(data[start:] if start else data)
+    parts.append(b".\r\n" if not data or data[-1:] == b"\n" else b"\r\n.\r\n")
+    return parts
 
 
 def send_now(transport: Any, data: bytes) -> Deferred[None] | None:

@@ -755,7 +755,11 @@ class _Compiler:
             got = cache.get(key) if key is not None else None
             if got is None:
                 found = fields(frame, run)
-                got = ([f.value for f in found], [f.lvalue for f in found])
+                if len(found) == 1:
+                    f = found[0]
+                    got = ([f.value], [f.lvalue])
+                else:
+                    got = ([f.value for f in found], [f.lvalue for f in found])
                 if key is not None:
                     cache[key] = got
             return got

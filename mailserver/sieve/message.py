@@ -48,10 +48,10 @@ class Field:
     field, kept only to be written back), `raw` the value as written (folding kept),
     `line` the field's bytes without the final line end."""
 
-    __slots__ = ("name", "lname", "raw", "line", "addresses", "parts", "_decoded", "_lvalue")
+    __slots__ = ("_name", "lname", "raw", "line", "addresses", "parts", "_decoded", "_lvalue")
 
     def __init__(self, name: str, raw: str, line: bytes) -> None:
-        self.name = name
+        self._name: str | None = name
         self.lname = name.lower()
         self.raw = raw
         self.line = line
@@ -60,6 +60,26 @@ class Field:
         self.parts: dict[str, tuple[list[str], list[str]]] | None = None  # address part -> values
         self._decoded: str | None = None
         self._lvalue: str | None = None
+
+    @classmethod
+    def found(cls, lname: str, raw: str, line: bytes) -> "Field":
+        """A field found by its lower-case name (its name as written taken from `line`
+        when asked for)."""
+        f = cls.__new__(cls)
+        f._name = None
+        f.lname = lname
+        f.raw = raw
+        f.line = line
+        f.addresses = f.parts = f._decoded = f._lvalue = None
+        return f
+
+    @property
+    def name(self) -> str:
+        name = self._name
+        if name is None:
+            line = self.line
+            name = self._name = line[:line.find(b":")].rstrip(b" \t").decode("ascii")
+        return name
 
     @property
     def value(self) -> str:
@@ -171,12 +191,12 @@ class _Lookup:
             while lowered.startswith((b" ", b"\t"), j):
                 j += 1
             if lowered.startswith(b":", j):
-                got.append(self._field_at(pos, j - 1))
+                got.append(self._field_at(pos, j - 1, lname))
             pos = lowered.find(needle, j)
         self.by_name[lname] = got
         return got
 
-    def _field_at(self, start: int, colon: int) -> Field:
+    def _field_at(self, start: int, colon: int, lname: str) -> Field:
         f = self.at.get(start)
         if f is None:
             header = self.header
@@ -190,8 +210,7 @@ class _Lookup:
                 text = value.decode("utf-8")
             except UnicodeDecodeError:
                 text = value.decode("latin-1")
-            f = self.at[start] = Field(header[start:colon].rstrip(b" \t").decode("ascii"), text,
-                                       header[start:end])
+            f = self.at[start] = Field.found(lname, text, header[start:end])
         return f
 
     def merged(self, fields: list[Field]) -> list[Field]:

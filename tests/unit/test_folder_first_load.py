@@ -11,11 +11,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from mailserver.maildir import Folder
+from mailserver.maildir import folder as folder_mod
 from mailserver.maildir import folder_disk, index as index_mod
+from mailserver.maildir.executor import INDEX, READ
 
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
 COUNT = folder_disk.DEFERRED_ROWS + 200
@@ -49,10 +53,17 @@ class FirstLoad(unittest.TestCase):
         for folder in self.folders:
             yield folder.close()
 
-    def folder(self) -> Folder:
-        folder = Folder(self.dir, "INBOX", "mx.example.test")
+    def folder(self, clock: Clock | None = None) -> Folder:
+        folder = Folder(self.dir, "INBOX", "mx.example.test", clock=clock)
         self.folders.append(folder)
         return folder
+
+    @inlineCallbacks
+    def rows_pass(self, folder: Folder, clock: Clock):  # type: ignore[no-untyped-def]
+        """Let the time of one step of the rows' writing pass; wait for what it started."""
+        clock.advance(folder_mod.CACHE_FLUSH_DELAY)
+        yield folder._executor.submit(lambda: succeed(None), INDEX)
+        yield deferLater(reactor, 0, lambda: None)  # the write's own callbacks have run
 
     @inlineCallbacks
     def test_uids_in_arrival_order_with_exact_dates_and_sizes(self):
@@ -71,14 +82,17 @@ class FirstLoad(unittest.TestCase):
     @inlineCallbacks
     def test_rows_are_written_after_the_answer_a_part_at_a_time(self):
         self.patch(index_mod, "LOADED_PER_WRITE", 500)
-        folder = self.folder()
+        clock = Clock()
+        folder = self.folder(clock)
         yield folder.refresh()
         self.assertTrue(folder.index.loaded_pending)  # the answer came first
         writes = 0
         while folder.index.loaded_pending:
-            yield folder.flush_cache()
+            before = len(folder.index._loaded)
+            yield self.rows_pass(folder, clock)
+            self.assertEqual(len(folder.index._loaded), max(before - 500, 0))
             writes += 1
-        self.assertGreaterEqual(writes, COUNT // 500)
+        self.assertEqual(writes, -(-COUNT // 500))
         meta, rows = folder.index.load()
         self.assertEqual(rows, {i.basename: (i.size, i.internaldate) for i in folder.messages})
         _, modseqs = folder.index.load_modseqs()
@@ -86,14 +100,30 @@ class FirstLoad(unittest.TestCase):
                                    for i in folder.messages})
 
     @inlineCallbacks
+    def test_rows_wait_while_the_folder_is_busy(self):
+        clock = Clock()
+        folder = self.folder(clock)
+        yield folder.refresh()
+        gate: Deferred[None] = Deferred()
+        busy = folder._executor.submit(lambda: gate, READ)  # a SEARCH, say, under way
+        clock.advance(folder_mod.CACHE_FLUSH_DELAY)
+        self.assertEqual(len(folder.index._loaded), COUNT)  # not now: the folder is busy
+        gate.callback(None)
+        yield busy
+        yield self.rows_pass(folder, clock)
+        self.assertLess(len(folder.index._loaded), COUNT)
+
+    @inlineCallbacks
     def test_a_change_between_the_writes_is_not_undone(self):
         self.patch(index_mod, "LOADED_PER_WRITE", 300)
-        folder = self.folder()
+        clock = Clock()
+        folder = self.folder(clock)
         yield folder.refresh()
-        yield folder.flush_cache()   # a first part of the rows
+        yield self.rows_pass(folder, clock)   # a first part of the rows
         last = folder.messages[-1]   # its row is not written yet
         changed = yield folder.store_flags([last.uid], ["\\Flagged"], "add")
         self.assertEqual(len(changed), 1)
+        yield folder.flush_cache()   # the change's row: written before the load's row
         yield folder.close()         # writes the rest
         again = self.folder()
         yield again.refresh()
@@ -130,9 +160,7 @@ class FirstLoad(unittest.TestCase):
         highest = folder.highestmodseq
         # A crash: the process ends with the rows unwritten (the file is closed as is).
         folder.index._loaded = []
-        if folder._flush_call is not None:
-            folder._flush_call.cancel()
-            folder._flush_call = None
+        folder._stop_rows()
         again = self.folder()
         yield again.refresh()
         self.assertEqual({i.uid: (i.basename, i.size, i.internaldate)

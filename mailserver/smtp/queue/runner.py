@@ -271,23 +271,27 @@ class QueueRunner(service.Service):
         env.attempts += 1
         # Failures whose DSN could not be queued last time (state failed, not reported).
         newly_failed = [r for r in env.recipients if r.state == "failed" and not r.reported]
+        # Logged once the envelope that records them is on disk: a log line never reports
+        # an outcome that a crash could still undo.
+        outcome: list[tuple[str, dict]] = []
         for r, result in results:
             r.attempts += 1
             self.metrics.queue_result(r.kind, result.ok, result.permanent)
             if result.ok:
                 r.state = "delivered"
-                log.info("queue {id}: delivered to <{rcpt}> via {mta}: {reply}", id=env.id,
-                         rcpt=r.address, mta=result.remote_mta or "local", reply=result.text)
+                outcome.append(("queue {id}: delivered to <{rcpt}> via {mta}: {reply}",
+                                dict(rcpt=r.address, mta=result.remote_mta or "local",
+                                     reply=result.text)))
                 continue
             r.last_error, r.status, r.remote_mta = result.text, result.status, result.remote_mta
             if result.permanent:
                 r.state = "failed"
                 newly_failed.append(r)
-                log.info("queue {id}: <{rcpt}> failed permanently: {error}", id=env.id,
-                         rcpt=r.address, error=result.text)
+                outcome.append(("queue {id}: <{rcpt}> failed permanently: {error}",
+                                dict(rcpt=r.address, error=result.text)))
             else:
-                log.info("queue {id}: <{rcpt}> deferred: {error}", id=env.id, rcpt=r.address,
-                         error=result.text)
+                outcome.append(("queue {id}: <{rcpt}> deferred: {error}",
+                                dict(rcpt=r.address, error=result.text)))
         if env.pending and now - env.created >= self.config.max_age:
             self.metrics.queue_expired(len(env.pending))
             for r in env.pending:
@@ -306,6 +310,8 @@ class QueueRunner(service.Service):
             env.warned = True
             yield self._notify(env, env.pending, "delayed")
         yield self._save(env)
+        for text, fields in outcome:
+            log.info(text, id=env.id, **fields)
 
     def _warning_due(self, env: Envelope, now: float) -> bool:
         return bool(self.config.delay_warning and env.pending and not env.warned and env.sender
