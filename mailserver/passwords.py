@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import argon2
 import bcrypt
+import nacl.exceptions
+import nacl.pwhash.argon2id
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 # OWASP's first argon2id recommendation: 46 MiB, one pass, one lane.  It takes ~50 ms on a
@@ -127,7 +129,19 @@ def _verify_plain(value: str, secret: bytes) -> bool:
     return hmac.compare_digest(value.encode("utf-8"), secret)
 
 
+# What libsodium verifies itself: argon2id, version 19, one lane (it supports no other).
+_SODIUM_ARGON2ID = re.compile(r"\$argon2id\$v=19\$m=\d+,t=\d+,p=1\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+
+
 def _verify_argon2(value: str, secret: bytes) -> bool:
+    """libsodium (PyNaCl) for the hashes it supports, our own among them: its argon2 is
+    built with the CPU's vector instructions, about a third faster than argon2-cffi's
+    portable build, and every cold login waits for it.  argon2-cffi for the others."""
+    if _SODIUM_ARGON2ID.fullmatch(value):
+        try:
+            return nacl.pwhash.argon2id.verify(value.encode("ascii"), secret)
+        except nacl.exceptions.InvalidkeyError:
+            return False
     try:
         return _hasher.verify(value, secret)
     except (VerifyMismatchError, VerificationError, InvalidHashError):

@@ -103,6 +103,22 @@ def test_argon2id_with_other_parameters_needs_rehash():
     assert needs_rehash(weak)
 
 
+def test_argon2id_both_implementations_agree():
+    """One lane: libsodium verifies (nacl agrees with argon2-cffi on the same string);
+    several lanes, which libsodium does not support: argon2-cffi does."""
+    import nacl.pwhash.argon2id
+
+    ours = hash_password("pässword")
+    assert nacl.pwhash.argon2id.verify(ours.encode(), "pässword".encode())
+    made_by_sodium = nacl.pwhash.argon2id.str(b"pw", opslimit=1, memlimit=8192 * 1024).decode()
+    assert argon2.PasswordHasher().verify(made_by_sodium, b"pw")
+    assert verify_password(made_by_sodium, "pw") and not verify_password(made_by_sodium, "pW")
+    lanes = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=4).hash("pw")
+    assert ",p=4$" in lanes
+    assert verify_password(lanes, "pw") and not verify_password(lanes, "px")
+    assert not verify_password(ours[:-4] + "AAAA", "pässword")
+
+
 @pytest.mark.parametrize("variant", [b"2b", b"2y", b"2a"])
 @pytest.mark.parametrize("prefix", ["{BLF-CRYPT}", "{BCRYPT}", "{CRYPT}", ""])
 def test_bcrypt_variants(variant, prefix):
