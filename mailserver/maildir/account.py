@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ from mailserver.maildir.names import (
     normalized,
     parse_subscriptions,
 )
-from mailserver.maildir.store import MAILDIR_SUBDIRS, _create_file, _mkdir
+from mailserver.maildir.store import MAILDIR_SUBDIRS, STAGED_FOLDER_PREFIX, _create_file, _mkdir
 from mailserver.maildir.uidlist import DotLock, LockTimeout, UidList, replace_locked
 
 log = Logger()
@@ -303,7 +304,30 @@ class MailAccount:
 
     def _make_folder_dir(self, path: Path, exclusive: bool) -> None:
         """A Maildir++ folder at `path` with a fresh uid list (FolderExists if `exclusive`
-        and it exists)."""
+        and it exists).
+
+        A new folder is made whole in the Maildir's tmp/ and renamed into place: a
+        delivery that finds the directory (Sieve's fileinto :create, the Junk folder,
+        from several messages at once) or a LIST never sees it without its tmp/, new/ and
+        cur/.  One there already (made by another program, or half made before a crash)
+        is completed in place."""
+        if not os.path.lexists(path):
+            stage = self.path / "tmp" / (f"{STAGED_FOLDER_PREFIX}{os.getpid()}."
+                                         f"{threading.get_ident()}.{time.time_ns()}")
+            try:
+                os.mkdir(stage, 0o700)
+                for sub in MAILDIR_SUBDIRS:
+                    os.mkdir(stage / sub, 0o700)
+                _create_file(stage / "maildirfolder", b"", stage / "tmp")
+                UidList.create(stage).write()
+                fsync_directory(stage)
+                os.rename(stage, path)
+                return
+            except OSError:
+                shutil.rmtree(stage, ignore_errors=True)
+                if not os.path.isdir(path):
+                    raise
+            # made by someone else meanwhile
         if not _mkdir(path):
             if exclusive:
                 raise FolderExists(f"folder {self._name_of(path)!r} exists")

@@ -8,6 +8,7 @@ as Dovecot lays them out.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ log = Logger()
 
 DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk", "Archive")
 MAILDIR_SUBDIRS = ("cur", "new", "tmp")
+# A folder being made, in the Maildir's tmp/ until it is complete (account.py).
+STAGED_FOLDER_PREFIX = ".folder."
 TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
 USER_PATHS_MAX = 4096  # users whose Maildir path is remembered
 INDEX_IDLE_SECONDS = 2.0  # a folder index unused this long is closed (reopened on use)
@@ -243,6 +246,11 @@ class MaildirStore:
             for entry in entries:
                 try:
                     if not entry.is_file(follow_symlinks=False):
+                        if (entry.name.startswith(STAGED_FOLDER_PREFIX)
+                                and entry.is_dir(follow_symlinks=False)
+                                and entry.stat(follow_symlinks=False).st_mtime < limit):
+                            shutil.rmtree(entry.path)   # a folder a crash left half made
+                            removed += 1
                         continue
                     st = entry.stat(follow_symlinks=False)
                     # ctime too: mtime can be set back, ctime moves with every write.

@@ -369,13 +369,15 @@ class ServerProcess:
     def run_to_exit(self, timeout: float = 30.0) -> tuple[int, str]:
         """Run twistd expecting it to refuse to start; returns (exit code, all output).
 
-        Fails at once if any configured port starts answering (the server came up) or
-        if the process is still running after `timeout`.
+        Fails at once if the server came up (it logged its start and a configured port
+        answers: an answer alone may come from another program on the machine) or if the
+        process is still running after `timeout`.
         """
         proc = self._spawn()
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
-            listening = [s for s, p in self.ports.items() if port_is_listening(p)]
+            started = "mailserver " in (log := self.log_text()) and " started (pid " in log
+            listening = [s for s, p in self.ports.items() if started and port_is_listening(p)]
             if listening:
                 self.kill9()
                 pytest.fail(f"server started listening ({', '.join(listening)}) despite the bad "

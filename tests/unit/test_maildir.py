@@ -680,6 +680,23 @@ def test_clean_tmp(named_tmp: None, store: MaildirStore) -> None:
     assert (u / "subscriptions").exists() and (u / ".Sent" / "maildirfolder").exists()
 
 
+def test_a_folder_is_made_whole_before_it_appears(named_tmp: None, store: MaildirStore) -> None:
+    """Made in tmp/ and renamed into place; one a crash left half made there goes with
+    the stale tmp files."""
+    (u,) = users(store, 1)
+    account = store.account(u)
+    account.create_folder("Reports.2026")
+    for name in (".Reports", ".Reports.2026"):
+        assert all((u / name / sub).is_dir() for sub in ("cur", "new", "tmp"))
+        assert (u / name / "dovecot-uidlist").exists()
+    assert [p.name for p in (u / "tmp").iterdir()] == []
+    half = u / "tmp" / ".folder.1.2.3"
+    (half / "cur").mkdir(parents=True)
+    assert store._clean_tmp_sync(now=time.time()) == 0
+    assert store._clean_tmp_sync(max_age=36 * 3600, now=time.time() + 37 * 3600) == 1
+    assert not half.exists() and (u / ".Reports.2026" / "cur").is_dir()
+
+
 def test_clean_tmp_on_missing_root(tmp_path: Path) -> None:
     assert MaildirStore(tmp_path / "none")._clean_tmp_sync() == 0
 

@@ -270,5 +270,6 @@ class DeliveryTests(trial.TestCase):
         outcomes = yield defer.gatherResults([self.sieve.deliver(m, self.targets[:1])
                                               for m in msgs])
         self.assertEqual(len(calls), 1)
+        self.assertEqual([o[0].error for o in outcomes if not o[0].ok], [])
         self.assertTrue(all(o[0].ok for o in outcomes))
         self.assertEqual(len(list((self.users[0] / ".Reports" / "new").iterdir())), 5)
