@@ -5,7 +5,7 @@ object, a producer registered and unregistered, the socket registered for writab
 back (two epoll_ctl calls), a reactor turn before the first byte leaves and a read that
 only finds the end of the file.  A message of at most one chunk (nearly every one) is
 read here by name with open, fstat, read and close, converted and dot-stuffed whole, and
-sent behind its "+OK" line in one send(2) at once (`fastwrite.write_now`).  Anything out
+written behind its "+OK" line in one transport.write.  Anything out
 of the ordinary (a larger file, one renamed or removed meanwhile, an error) takes the
 streaming path, which handles it.
 
@@ -14,7 +14,8 @@ of a file that is nearly always in the page cache.
 
 Memory stays bounded under pipelining (RFC 2449 6.6): what the socket does not take at
 once waits in the transport, and the session answers its next command only once that
-has gone out (`send_now`'s Deferred), so at most one message waits in memory.
+has gone out (`send_now`'s Deferred, from a pull producer the transport asks for more
+once its buffer is empty), so at most one message waits in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
-from mailserver.fastwrite import write_now
 from mailserver.pop3.wire import CHUNK
 
 WHOLE_MAX = CHUNK  # bytes: a file up to this size is read and sent whole
@@ -93,10 +93,11 @@ def multiline(data: bytes, crlf: bool = False) -> list[bytes]:
 
 
 def send_now(transport: Any, data: bytes) -> Deferred[None] | None:
-    """Send `data` at once; None if it all went out (or on TLS, whose layer takes it
-    whole, as the streaming path does), else a Deferred that fires once the transport's
-    buffer has drained (or the connection is gone)."""
-    if write_now(transport, data) or getattr(transport, "TLS", True):
+    """Write `data`; a Deferred that fires once the transport's buffer has drained (or
+    the connection is gone), None on TLS, whose layer takes it whole, as the streaming
+    path does."""
+    transport.write(data)
+    if getattr(transport, "TLS", True):
         return None
     waiter = _Drained(transport)
     transport.registerProducer(waiter, False)

@@ -11,7 +11,6 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from mailserver.addresses import AddressError, check_recipient_syntax
-from mailserver.fastwrite import write_now
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
 from mailserver.inbound.junk import JunkFolders
@@ -201,7 +200,7 @@ class MXSession(QuotaChecks, SMTPSession):
         self._banner_call = None
         banner, self._banner = self._banner, None
         if banner and not self._closing:
-            write_now(self.transport, banner)
+            self.transport.write(banner)
             self.setTimeout(self.timeout)
             if self._buffer:  # cannot happen: input before the banner was refused
                 self._drain()

@@ -37,7 +37,6 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from mailserver.fastwrite import close_now, write_now
 from mailserver.metrics import unexported
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
@@ -212,7 +211,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         if self._replies is not None:
             self._replies.append(data)  # sent with the others when the input is handled
         else:
-            write_now(self.transport, data)
+            self.transport.write(data)
 
     def _flush_replies(self) -> None:
         """Send the replies gathered while handling pipelined input, in one segment: one
@@ -220,7 +219,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         behind each other."""
         if self._replies:
             data, self._replies = b"".join(self._replies), []
-            write_now(self.transport, data)
+            self.transport.write(data)
 
     def reply(self, r: Reply, extra: str = "") -> None:
         text = r.line() + (b" " + extra.encode("utf-8", "replace") if extra else b"")
@@ -241,7 +240,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self._incoming.delivery.abort()
             self._incoming = None
         self._flush_replies()
-        close_now(self.transport)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
         self._closing = True
