@@ -1,13 +1,11 @@
-"""RETR of a message that fits in one read: read whole, answered with one send.
+"""RETR of a message that fits in one read: read whole, answered with one write.
 
 Streamed (wire.message_chunks through a ChunkProducer), every RETR costs a Python file
-object, a producer registered and unregistered, the socket registered for writability and
-back (two epoll_ctl calls), a reactor turn before the first byte leaves and a read that
-only finds the end of the file.  A message of at most one chunk (nearly every one) is
-read here by name with open, fstat, read and close, converted and dot-stuffed whole, and
-written behind its "+OK" line in one transport.write.  Anything out
-of the ordinary (a larger file, one renamed or removed meanwhile, an error) takes the
-streaming path, which handles it.
+object, a generator of chunks, a write per chunk and a read that only finds the end of
+the file.  A message of at most one chunk (nearly every one) is read here by name with
+open, fstat, read and close, converted and dot-stuffed whole, and written behind its
+"+OK" line in one transport.write.  Anything out of the ordinary (a larger file, one
+renamed or removed meanwhile, an error) takes the streaming path, which handles it.
 
 The file is read in the reactor, as the streaming path reads each of its chunks: a chunk
 of a file that is nearly always in the page cache.
