@@ -14,8 +14,9 @@ busy file system (ext4 looks for a free inode past the recently freed ones), so 
 deliveries in a row into the same Maildir the next one's file without a name is made
 ahead, while that client is still busy with its next message (Postfix's cleanup, too,
 creates its queue file as a message starts, not at its end).  The reactor asks for it
-once it has answered the delivery, from its next turn again, so that the thread never
-takes the GIL from the reactor while it answers.  A delivery into another Maildir closes
+once it has answered the delivery, two turns later: the answer is written to the socket
+on the reactor's next turn, after the calls due in that turn, so that the thread never
+takes the GIL from the reactor before the answer has gone out.  A delivery into another Maildir closes
 the spare file (a file without a name leaves nothing behind), and the pattern has to
 repeat before the next spare is made.
 """
@@ -48,6 +49,7 @@ class LoneCommitter:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._last: Path | None = None  # where the last delivery's file was made
+        self._queued = 0  # deliveries handed to the thread so far
 
     def commit(self, delivery: Delivery) -> Deferred[list[DeliveryResult]]:
         d: Deferred[list[DeliveryResult]] = Deferred()
@@ -58,14 +60,22 @@ class LoneCommitter:
             self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         where = delivery.file_dir()
         again, self._last = where is not None and where == self._last, where
+        self._queued += 1
         self._reactor.callLater(0, self._jobs.put, (delivery, d))
         if again:  # once answered: a spare file for the next one
             d.addBoth(self._spare, where)
         return d
 
     def _spare(self, result: Any, where: Path) -> Any:
-        self._reactor.callLater(0, self._jobs.put, (where, None))
+        self._reactor.callLater(0, self._reactor.callLater, 0, self._ask_spare, where,
+                                self._queued)
         return result
+
+    def _ask_spare(self, where: Path, queued: int) -> None:
+        """Not when another delivery was queued meanwhile: it asks for its own spare if it
+        repeats its Maildir, and this one would come after it, for nothing."""
+        if queued == self._queued:
+            self._jobs.put((where, None))
 
     def stop(self) -> None:
         """End the thread once it has committed what it holds (at shutdown)."""
