@@ -271,8 +271,10 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
                 if len(out) >= MAX_SHARED_FILES:
                     break
                 out.append(entry)
-    except OSError:
-        pass
+    except FileNotFoundError:
+        return out   # nothing shared yet
+    except OSError as e:
+        log.warning("cannot list %s: %s", directory, e)
     return out
 
 

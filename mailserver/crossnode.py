@@ -45,6 +45,7 @@ rewritten under their own dot-locks.  What the executor serialises in one proces
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -262,10 +263,8 @@ def _with_lost(link: NodeLink, fn: Callable[..., T], *args: Any) -> tuple[T, lis
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:
     """The link's thread at shutdown: `fn`, whose failure nobody would hear of."""
-    try:
+    with contextlib.suppress(LinkDown):   # the link is going away with the server
         fn(*args)
-    except LinkDown:
-        pass
 
 
 class NodeMailboxLocks:

@@ -24,6 +24,7 @@ Blocking (psycopg), used by one thread at a time; imports nothing from Twisted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -285,10 +286,10 @@ class NodeLink:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            # Abandoned for a new one: closing a broken connection may fail, and changes
+            # nothing then.
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:
-                pass
 
 
 def _first_line(error: BaseException) -> str:

@@ -105,6 +105,19 @@ def fsync_directory(path: Path | str) -> None:
         os.close(fd)
 
 
+def stat_by_open(path: Path | str) -> os.stat_result | None:
+    """fstat() of the file opened: on NFS an open revalidates the cached attributes
+    (close-to-open consistency), a stat() may not.  None when there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def unlink_quietly(path: Path | str) -> None:
     """Remove a file that may already be gone; other errors are logged, not raised."""
     try:

@@ -33,13 +33,14 @@ newline is there.  Nothing here imports Twisted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from mailserver.fsutil import fsync_directory, unlink_quietly, write_all
+from mailserver.fsutil import fsync_directory, stat_by_open, unlink_quietly, write_all
 from mailserver.maildir.uidranges import uid_ranges
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,8 @@ class LogReader:
 
     def stamp(self) -> tuple[int, int] | None:
         """(inode, size) of the file as it is now (opened: fresh on NFS); None if none."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return st.st_ino, st.st_size
+        st = stat_by_open(self.path)
+        return None if st is None else (st.st_ino, st.st_size)
 
     @property
     def position(self) -> tuple[int, int] | None:
@@ -285,10 +279,9 @@ class LogWriter:
             return
         cut = body.find(b"\n", cut - 1) + 1  # whole lines only
         dropped = body[:cut].rstrip(b"\n").rpartition(b"\n")[2]
-        try:
+        # A damaged line leaves the floor where it was: the older floor still holds.
+        with contextlib.suppress(ValueError):
             floor = max(floor, int(dropped.split(b" ", 1)[0]))
-        except ValueError:
-            pass
         self._replace(header_line(uidvalidity, floor) + body[cut:])
 
     def _replace(self, data: bytes) -> None:

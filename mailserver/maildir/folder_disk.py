@@ -39,6 +39,7 @@ while we were not looking, or our write was lost) gets a new value when the fold
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
@@ -1046,11 +1047,10 @@ def _stat_all(listing: Mapping[str, tuple[str, str]], fds: Mapping[str, int],
     stat = os.stat
     entries: list[tuple[int, str, str, str]] | None = None
     if not any(",S=" not in base for base in listing):
-        try:
+        # A file that vanished meanwhile ends the quick pass: the loop below skips it.
+        with contextlib.suppress(FileNotFoundError):
             entries = [(stat(name, dir_fd=fds[sub]).st_mtime_ns, base, sub, name)
                        for base, (sub, name) in listing.items()]
-        except FileNotFoundError:
-            pass
     if entries is None:
         entries = []
         for base, (sub, name) in listing.items():
@@ -1147,6 +1147,15 @@ def vanished_since(index: FolderIndex, modseq: int, present: Sequence[int],
     except sqlite3.Error as e:
         log.warning("expunge memory of %s unreadable (%s)", where, e)
         after, uids = None, []
+    return vanished_ranges(after, uids, modseq, present, within, unchanged_below, uidnext)
+
+
+def vanished_ranges(after: int | None, uids: Sequence[int], modseq: int,
+                    present: Sequence[int], within: Sequence[tuple[int, int]] | None,
+                    unchanged_below: int, uidnext: int) -> list[tuple[int, int]]:
+    """VANISHED (EARLIER) from a record of expunged uids exact from mod-sequence `after`
+    on (None: no record): those not present when `modseq` is within it, else every uid
+    below UIDNEXT that is not present (RFC 7162 allows naming uids that never were)."""
     if after is not None and modseq >= after:
         ranges = uid_ranges(u for u in uids if u < uidnext and not has(present, u))
     else:

@@ -30,6 +30,7 @@ or a rebuilt file forgets is only re-announced, never reused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -657,10 +658,8 @@ def _forget_summary_connection() -> None:
     kept = getattr(_summary_conns, "kept", None)
     _summary_conns.kept = None
     if kept is not None:
-        try:
+        with contextlib.suppress(sqlite3.Error):   # dropped either way
             kept[1].close()
-        except sqlite3.Error:
-            pass
 
 
 def _base_and_key(row: tuple[str, str, CacheValue]) -> tuple[str, str]:

@@ -33,6 +33,7 @@ Nothing here imports Twisted (tests/unit/test_layering.py).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Sequence
 
+from mailserver.fsutil import stat_by_open
 from mailserver.maildir.changelog import LogReader, LogState, LogWriter, name_suffix, record_line
 from mailserver.maildir.changelog import vanished_since as log_vanished_since
 from mailserver.maildir.flags import size_from_base
@@ -52,11 +54,11 @@ from mailserver.maildir.folder_disk import (
     NoSuchFolder,
     Sync,
     scan,
+    vanished_ranges,
 )
 from mailserver.maildir.index import INDEX_NAME, FolderIndex
 from mailserver.maildir.keywords import KEYWORDS_NAME
 from mailserver.maildir.uidlist import UIDLIST_NAME, DotLock, FileStamp
-from mailserver.maildir.uidranges import gaps, has, intersect_ranges, normalize_ranges, uid_ranges
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def remove_index_files(index_dir: Path, keep_dir: bool = False) -> None:
         try:
             os.unlink(str(Path(index_dir) / INDEX_NAME) + suffix)
         except FileNotFoundError:
-            pass
+            continue   # that part was never made
         except OSError as e:
             log.warning("cannot remove %s: %s", str(Path(index_dir) / INDEX_NAME), e)
     if keep_dir:
@@ -122,15 +124,8 @@ def move_index_files(old_dir: Path, new_dir: Path) -> None:
 def fresh_stamp(path: Path) -> FileStamp | None:
     """A control file's identity, from an open() of it: on NFS an open revalidates the
     cached attributes (close-to-open consistency), a stat() may not."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
+    st = stat_by_open(path)
+    return None if st is None else FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _uidlist_header(path: Path) -> tuple[int, int] | None:
@@ -151,11 +146,11 @@ def flush_dir_cache(path: Path) -> None:
     """Make the next listing of directory `path` current on NFS: a chown to the owner it
     has makes the client drop its cached attributes and contents (what Dovecot does with
     mail_nfs_storage on Linux).  Elsewhere it changes nothing but the ctime."""
-    try:
+    # Not allowed (another owner) or gone: the listing is only as fresh as NFS makes it,
+    # as without this call.
+    with contextlib.suppress(OSError):
         st = os.stat(path)
         os.chown(path, st.st_uid, -1)
-    except OSError:
-        pass
 
 
 # -- the folder ------------------------------------------------------------------------------------
@@ -649,13 +644,7 @@ def vanished_since(folder_dir: Path, uidvalidity: int, modseq: int, present: Seq
     except OSError as e:
         log.warning("change log of %s unreadable (%s)", str(folder_dir), e)
         floor, uids = None, []
-    if floor is not None and modseq >= floor:
-        ranges = uid_ranges(u for u in uids if u < uidnext and not has(present, u))
-    else:
-        ranges = gaps(present, unchanged_below + 1, uidnext - 1)
-    if within is not None:
-        ranges = intersect_ranges(ranges, normalize_ranges(within))
-    return ranges
+    return vanished_ranges(floor, uids, modseq, present, within, unchanged_below, uidnext)
 
 
 def insert_modseqs(entries: list[tuple[int, int]], infos: Sequence[MessageInfo],

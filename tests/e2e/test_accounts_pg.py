@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DOMAIN, PASSWORD, ServerProcess, tls_client_context, wait_until  # noqa: E402
 from imap_helpers import close_quietly, imap_connect  # noqa: E402
 
+import pg_nodes  # noqa: E402
+from pg_nodes import cluster  # noqa: E402,F401 (a fixture)
 from tests.pg_helper import PgCluster, require_postgresql  # noqa: E402
 
 ALICE = f"alice@{DOMAIN}"
@@ -29,36 +31,20 @@ ALICE = f"alice@{DOMAIN}"
 AT_ONCE = 10.0
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    c = PgCluster(require_postgresql())
-    yield c
-    c.destroy()
+# Logins are retried while a change travels: no throttling in these tests.
+NO_THROTTLE = {"limits": {"auth_failure_delay_after": 1000, "auth_failures_per_connection": 1000}}
 
 
 def start_nodes(root: Path, url: str, count: int = 2, **accounts: object) -> list[ServerProcess]:
-    """`count` servers, each with its own state dir and ports, sharing the Maildir root
-    and the accounts database."""
-    shared = root / "maildirs"
-    nodes = []
-    for i in range(count):
-        nodes.append(ServerProcess(root / f"node{i}", {
-            "storage": {"maildir_root": str(shared), "shared": True},
-            "accounts": {"url": url, **accounts},
-            # Logins are retried while a change travels: no throttling in these tests.
-            "limits": {"auth_failure_delay_after": 1000, "auth_failures_per_connection": 1000},
-        }))
-    for node in nodes:
-        node.start()
-    return nodes
+    """`count` nodes sharing the Maildir root and the accounts database."""
+    return pg_nodes.start_nodes(root, url, count, config=NO_THROTTLE, **accounts)
 
 
 @pytest.fixture
 def nodes(tmp_path: Path, cluster: PgCluster) -> Iterator[list[ServerProcess]]:
     started = start_nodes(tmp_path, cluster.create_database())
     yield started
-    for node in started:
-        node.close()
+    pg_nodes.stop_nodes(started)
 
 
 def login(node: ServerProcess, user: str = ALICE, password: str = PASSWORD) -> str:

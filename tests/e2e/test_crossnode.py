@@ -26,6 +26,8 @@ from harness import (PASSWORD, ServerProcess, make_message,  # noqa: E402
                      tls_client_context, wait_until)
 from imap_helpers import ALICE, RawIMAP, deliver  # noqa: E402
 
+import pg_nodes  # noqa: E402
+from pg_nodes import cluster  # noqa: E402,F401 (a fixture)
 from tests.pg_helper import PgCluster, require_postgresql  # noqa: E402
 
 # A change travels in milliseconds; this only bounds a failure ("within a few seconds").
@@ -39,33 +41,17 @@ SETTLE = 1.2
 AT_ONCE = 3.0
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    c = PgCluster(require_postgresql())
-    yield c
-    c.destroy()
-
-
 def start_nodes(root: Path, url: str, **accounts: object) -> list[ServerProcess]:
-    """Two servers with their own state dirs and ports, one Maildir root, one database,
-    and the users alice, bob and carol."""
-    shared = root / "maildirs"
-    nodes = [ServerProcess(root / f"node{i}", {
-        "storage": {"maildir_root": str(shared), "shared": True},
-        "accounts": {"url": url, **accounts},
-    }) for i in range(2)]
-    nodes[0].create_accounts()
-    for node in nodes:
-        node.start()
-    return nodes
+    """Two nodes sharing the Maildir root and the accounts database, with the users
+    alice, bob and carol."""
+    return pg_nodes.start_nodes(root, url, with_users=True, **accounts)
 
 
 @pytest.fixture
 def nodes(tmp_path: Path, cluster: PgCluster) -> Iterator[list[ServerProcess]]:
     started = start_nodes(tmp_path, cluster.create_database())
     yield started
-    for node in started:
-        node.close()
+    pg_nodes.stop_nodes(started)
 
 
 def idle(node: ServerProcess, mailbox: str = "INBOX") -> tuple[RawIMAP, bytes]:
