@@ -5,7 +5,6 @@ refusals (non-empty destination, missing or damaged backup, existing data withou
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sqlite3
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from mailserver import admin
 from mailserver.accounts import Accounts
 from mailserver.accounts_schema import SCHEMA_VERSION
 from mailserver.config import load_config
@@ -42,18 +40,6 @@ def make_config(root: Path) -> Path:
         maildir_root = "maildirs"
     """))
     return path
-
-
-@pytest.fixture
-def run(capsys, monkeypatch):
-    """run(config, *argv, stdin=None) -> (exit code, stdout, stderr)."""
-    def run(config: Path, *argv: str, stdin: str | None = None):
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = admin.main(["--config", str(config), *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def assert_error(result, *texts: str) -> str:

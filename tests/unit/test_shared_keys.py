@@ -6,7 +6,6 @@ answers, with bad tokens and files refused."""
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import os
 import stat
@@ -24,7 +23,6 @@ from twisted.trial import unittest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from mailserver import admin
 from mailserver.acme_client import (HTTP01, TLS_ALPN01, AcmeNames, AcmeSettings, AcmeStore,
                                     PendingChallenge, tls_alpn01_certificate)
 from mailserver.acme_settings import acme_settings, describe
@@ -61,18 +59,6 @@ def node_config(root: Path, node: str, shared: bool = True, **tls: str) -> Path:
         text += "[tls]\n" + "".join(f'{k} = "{v}"\n' for k, v in tls.items())
     path.write_text(text)
     return path
-
-
-@pytest.fixture
-def run(capsys, monkeypatch):
-    """run(config, *argv, stdin=None) -> (exit code, stdout, stderr)."""
-    def run(config: Path, *argv: str, stdin: str | None = None):
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = admin.main(["--config", str(config), *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def mode(path: Path) -> int:
