@@ -401,6 +401,8 @@ def canonical_charset(raw: bytes) -> bytes | None:
 
 # -- the sort data of many messages, as columns ------------------------------------------------
 
+# The sort keys whose values the folder's message list holds (no header is read for them).
+LIST_KEYS = frozenset((b"ARRIVAL", b"SIZE"))
 # RFC 5256 3, RFC 5957 4: the column each sort key compares.
 SORT_COLUMNS: dict[bytes, str] = {
     b"ARRIVAL": "internaldate", b"CC": "cc", b"DATE": "sent", b"FROM": "from_",
@@ -420,12 +422,12 @@ class Columns:
     stays unchanged, and later sorts by it compare small integers."""
 
     def __init__(self, uids: Sequence[int], internaldate: Sequence[float],
-                 sizes: Sequence[int] | None, keys: Sequence[SortKeys],
+                 sizes: Sequence[int] | None, keys: Sequence[SortKeys] | None,
                  keep: bool = False) -> None:
         self.uids = uids
         self.internaldate = internaldate
         self.sizes = sizes  # RFC822.SIZE; None when not read (SIZE not asked for)
-        self.keys = keys
+        self.keys = keys    # None when not read (only ARRIVAL or SIZE asked for)
         self.keep = keep
         self._columns: dict[str, Sequence[Any]] = {}
         self._orders: dict[str, array] = {}
@@ -450,6 +452,8 @@ class Columns:
                 if self.sizes is None:
                     raise ValueError("sizes were not read")
                 col = self.sizes
+            elif self.keys is None:
+                raise ValueError("sort keys were not read")
             elif name == "sent":
                 col = [d if s is None else s
                        for s, d in zip(map(itemgetter(0), self.keys), self.internaldate)]

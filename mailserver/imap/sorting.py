@@ -66,13 +66,16 @@ class SortingCommands:
         args.space()
         query = S.parse_search(args)
         need_size = any(key == b"SIZE" for key, _ in criteria)
+        # ARRIVAL and SIZE come from the folder's list: no message header is read for them
+        need_keys = any(key not in SO.LIST_KEYS for key, _ in criteria)
         if options is None:
             def answer(cols: SO.Columns, positions: list[int] | None,
                        numbers: SOT.Numbering) -> bytes:  # worker thread
                 order = SO.sort_positions(cols, criteria, positions)
                 return SO.sort_line(order, numbers.text(uid, order))
 
-            return self._sorted_answer(tag, query, uid, need_size, answer, b"SORT completed")
+            return self._sorted_answer(tag, query, uid, need_size, answer, b"SORT completed",
+                                       need_keys=need_keys)
         update = self.reserve_update(tag, options, uid, query, criteria)
         keep = isinstance(update, LiveResult)  # a context starts from the sort values
 
@@ -91,7 +94,8 @@ class SortingCommands:
             self.answer_searching(tag, options, uids, line, update, keys)
             self.done(tag, b"SORT completed", expunges=uid)
 
-        d = self._sorted_answer(tag, query, uid, need_size, esort, b"SORT completed", reply)
+        d = self._sorted_answer(tag, query, uid, need_size, esort, b"SORT completed", reply,
+                                need_keys=need_keys)
         return self.unless_failed(d, update)
 
     def cmd_select_THREAD(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:
@@ -114,7 +118,8 @@ class SortingCommands:
     def _sorted_answer(self, tag: bytes, query: S.Query, uid: bool, need_size: bool,
                        answer: Callable[[SO.Columns, list[int] | None, SOT.Numbering], Any],
                        completed: bytes,
-                       finish: Callable[[Any], None] | None = None) -> defer.Deferred:
+                       finish: Callable[[Any], None] | None = None, *,
+                       need_keys: bool = True) -> defer.Deferred:
         """Search, load, order and format in one job of the folder, in a thread; the
         answer is one untagged line, or what `finish` makes of `answer`'s result.  Like
         SEARCH, the non-UID form sends no EXPUNGE (RFC 3501 7.4.1)."""
@@ -133,7 +138,8 @@ class SortingCommands:
             self.untagged(line)
             self.done(tag, completed, expunges=uid)
 
-        d = folder.read_in_thread(_search_and_answer, match, view, need_size, answer)
+        d = folder.read_in_thread(_search_and_answer, match, view, need_size, answer,
+                                  need_keys)
         return d.addCallback(reply)
 
 
@@ -153,7 +159,7 @@ def _size_hint(folder: Any, info: Any) -> int | None:
 
 
 def _search_and_answer(folder: Any, match: Callable[[Any], list[int]], view: list[int],
-                       need_size: bool, answer: Any) -> tuple[Any, int]:
+                       need_size: bool, answer: Any, need_keys: bool) -> tuple[Any, int]:
     """A thread of the folder's executor (`folder` is its FolderView): the matching
     messages, their columns (the folder's sort table, else the index cache or the
     files), then the answer."""
@@ -161,5 +167,5 @@ def _search_and_answer(folder: Any, match: Callable[[Any], list[int]], view: lis
     hint = partial(_size_hint, folder) if need_size else None
     cols, positions, added = SOT.table_for(str(folder.path), folder.infos, uids,
                                            folder.index, hint, VSIZE_KEY,
-                                           folder.uidvalidity)
+                                           folder.uidvalidity, need_keys)
     return answer(cols, positions, SOT.Numbering(cols, view)), added

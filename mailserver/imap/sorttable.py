@@ -33,7 +33,7 @@ class SortTable(SO.Columns):
     """The columns of a folder's messages in UID order, with their base names."""
 
     def __init__(self, bases: list[str], uids: list[int], internaldate: list[float],
-                 sizes: list[int] | None, keys: list[SO.SortKeys]) -> None:
+                 sizes: list[int] | None, keys: list[SO.SortKeys] | None) -> None:
         super().__init__(uids, internaldate, sizes, keys, keep=True)
         self.bases = bases
         self.uidvalidity = 0
@@ -44,22 +44,23 @@ class SortTable(SO.Columns):
         return default
 
     def appended(self, bases: list[str], uids: list[int], internaldate: list[float],
-                 keys: list[SO.SortKeys], sizes: list[int] | None) -> "SortTable":
+                 keys: list[SO.SortKeys] | None, sizes: list[int] | None) -> "SortTable":
         """This table with messages added at the end: columns extended, and the kept
         orders given the new positions (after their equals: ties go by position)."""
         n, m = len(self), len(bases)
         table = SortTable(self.bases + bases, self.uids + uids,
                           self.internaldate + internaldate,
                           None if self.sizes is None or sizes is None else self.sizes + sizes,
-                          self.keys + keys)
+                          None if self.keys is None or keys is None else self.keys + keys)
         table.uidvalidity = self.uidvalidity
         for name, col in self._columns.items():
-            if name in ("internaldate", "size"):
+            if name in ("internaldate", "size") or keys is None:
                 continue
             table._columns[name] = [*col, *_values(name, keys, internaldate)]
         if m * INSERT_SHARE <= n:
             for name, order in self._orders.items():
-                if name != "size" or table.sizes is not None:
+                if name in table._columns or name == "internaldate" or (
+                        name == "size" and table.sizes is not None):
                     table._orders[name] = _merged(order, table.column(name), n, m)
         if self._uid_text is not None:
             table._uid_text = self._uid_text + [b"%d" % u for u in uids]
@@ -75,7 +76,7 @@ class SortTable(SO.Columns):
         table = SortTable([self.bases[p] for p in keep], [self.uids[p] for p in keep],
                           [self.internaldate[p] for p in keep],
                           None if self.sizes is None else [self.sizes[p] for p in keep],
-                          [self.keys[p] for p in keep])
+                          None if self.keys is None else [self.keys[p] for p in keep])
         table.uidvalidity = self.uidvalidity
         for name, col in self._columns.items():
             if name not in ("internaldate", "size"):
@@ -113,13 +114,15 @@ def _values(name: str, keys: list[SO.SortKeys], internaldate: list[float]) -> li
 
 def folder_table(folder_dir: str, infos: Mapping[int, Any], index: Any,
                  size_hint: Callable[[Any], int | None] | None = None,
-                 size_key: str = "vsize", uidvalidity: int = 0) -> tuple[SortTable, int]:
+                 size_key: str = "vsize", uidvalidity: int = 0,
+                 need_keys: bool = True) -> tuple[SortTable, int]:
     """(the table of the folder's messages `infos` (uid -> MessageInfo-like, in UID
     order), rows added to the index cache).  The kept table when it is still the
     folder's (the same UIDs under the same UIDVALIDITY are the same messages), else one
     brought up to date or built, and kept if every message's keys could be read.  With
-    `size_hint`, the table has RFC822.SIZE values too (sort.read_sizes).  Blocking:
-    meant for a worker thread."""
+    `size_hint`, the table has RFC822.SIZE values too (sort.read_sizes).  Without
+    `need_keys` (a sort by ARRIVAL or SIZE), no message's header is read: a table built
+    then has no keys until a command needs them.  Blocking: meant for a worker thread."""
     uids = list(infos)
     decoded = getattr(index, "decoded", None)
     old = decoded.get(TABLE_KEY) if decoded is not None else None
@@ -136,11 +139,21 @@ def folder_table(folder_dir: str, infos: Mapping[int, Any], index: Any,
             table, added, complete = _updated(old, folder_dir, messages, bases, uids,
                                               index, size_hint, size_key)
         if table is None:
-            keys, added, complete = SO.read_keys(folder_dir, messages, index)
+            keys: list[SO.SortKeys] | None = None
+            if need_keys:
+                keys, added, complete = SO.read_keys(folder_dir, messages, index)
             table = SortTable(bases, uids, [i.internaldate for i in messages], None, keys)
         if not complete:
             decoded = None  # a message's file was missing: not worth keeping
         table.uidvalidity = uidvalidity
+    if need_keys and table.keys is None:  # kept from a sort by ARRIVAL or SIZE
+        if messages is None:
+            messages = list(infos.values())
+        table.keys, more, complete = SO.read_keys(folder_dir, messages, index)
+        added += more
+        if not complete and decoded is not None:
+            decoded.pop(TABLE_KEY, None)
+            decoded = None
     if size_hint is not None and table.sizes is None:
         table.sizes, more = SO.read_sizes(folder_dir, messages or list(infos.values()),
                                           index, size_hint, size_key)
@@ -162,7 +175,10 @@ def _updated(old: SortTable, folder_dir: str, infos: Sequence[Any], bases: list[
     if len(uids) > n and uids[n - 1:n] == old.uids[n - 1:] and uids[:n] == old.uids \
             and bases[:n] == old.bases:
         fresh = infos[n:]
-        keys, added, complete = SO.read_keys(folder_dir, fresh, index)
+        keys: list[SO.SortKeys] | None = None
+        added, complete = 0, True
+        if old.keys is not None:
+            keys, added, complete = SO.read_keys(folder_dir, fresh, index)
         sizes = None
         if old.sizes is not None and size_hint is not None:
             sizes, more = SO.read_sizes(folder_dir, fresh, index, size_hint, size_key)
@@ -201,7 +217,8 @@ def positions_of(table: SO.Columns, uids: Sequence[int]) -> list[int] | None:
 
 def table_for(folder_dir: str, infos: Mapping[int, Any], uids: list[int], index: Any,
               size_hint: Callable[[Any], int | None] | None = None, size_key: str = "vsize",
-              uidvalidity: int = 0) -> tuple[SO.Columns, list[int] | None, int]:
+              uidvalidity: int = 0, need_keys: bool = True
+              ) -> tuple[SO.Columns, list[int] | None, int]:
     """(columns, the positions of `uids` in them (None: all), rows added to the index
     cache) for sorting or threading the messages `uids` (ascending) of a folder whose
     messages are `infos` (uid -> MessageInfo, in UID order).
@@ -212,10 +229,13 @@ def table_for(folder_dir: str, infos: Mapping[int, Any], uids: list[int], index:
     decoded = getattr(index, "decoded", None)
     if len(uids) * 4 >= len(infos) or (decoded is not None and TABLE_KEY in decoded):
         table, added = folder_table(folder_dir, infos, index, size_hint, size_key,
-                                    uidvalidity)
+                                    uidvalidity, need_keys)
         return table, positions_of(table, uids), added
     some = [infos[u] for u in uids]
-    keys, added, _ = SO.read_keys(folder_dir, some, index)
+    keys: list[SO.SortKeys] | None = None
+    added = 0
+    if need_keys:
+        keys, added, _ = SO.read_keys(folder_dir, some, index)
     sizes = None
     if size_hint is not None:
         sizes, more = SO.read_sizes(folder_dir, some, index, size_hint, size_key)

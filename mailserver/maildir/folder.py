@@ -84,6 +84,7 @@ INLINE_STORE_MAX = 8       # STOREs on at most this many messages rename in the 
 DIRTY_WINDOW = 1.0         # seconds: a directory changed this recently is scanned again
 CACHE_FLUSH_DELAY = 2.0    # seconds cached values may wait before they are written
 CACHE_FLUSH_BATCH = 500    # ... or this many, whichever comes first
+FLUSH_PER_WRITE = 5_000    # cached values written in one job of the folder
 
 # Deliveries arriving within this many seconds share one refresh of an open folder.
 REFRESH_COALESCE = 0.05
@@ -464,7 +465,22 @@ class Folder:
         return self._start_flush([])
 
     def _start_flush(self, waiters: list[Deferred[int]]) -> Deferred[int]:
-        d = self._flushing = self._executor.run(self._index.flush, kind=INDEX)
+        # A part at a time (the sort keys of a hundred thousand messages take a second
+        # to write): a command queued meanwhile runs between two parts, not after all.
+        written = 0
+
+        def part() -> Deferred[int]:
+            return self._executor.run(self._index.flush, FLUSH_PER_WRITE,
+                                      kind=INDEX).addCallback(next_part)
+
+        def next_part(count: int) -> int | Deferred[int]:
+            nonlocal written
+            written += count
+            if self._index.values_pending and not self._deleted:
+                return part()
+            return written
+
+        d = self._flushing = part()
 
         def done(result: Any) -> Any:
             self._flushing = None

@@ -31,6 +31,7 @@ or a rebuilt file forgets is only re-announced, never reused.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -325,11 +326,20 @@ class FolderIndex:
         return (len(self._mod_rows) + len(self._mod_gone) + bool(self._mod_meta)
                 + self._mod_reset)
 
-    def flush(self) -> int:
-        """Write the pending values and mod-sequences (blocking); how many cache values
-        were written."""
+    @property
+    def values_pending(self) -> int:
+        """Cached values not written yet."""
+        return len(self._pending)
+
+    def flush(self, limit: int | None = None) -> int:
+        """Write the pending values (up to `limit` of them) and mod-sequences (blocking);
+        how many cache values were written."""
         with self._pending_lock:
-            batch, self._pending = self._pending, {}
+            if limit is None or len(self._pending) <= limit:
+                batch, self._pending = self._pending, {}
+            else:
+                keys = list(itertools.islice(self._pending, limit))
+                batch = {k: self._pending.pop(k) for k in keys}
         if batch:
             self._safe(lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",

@@ -20,14 +20,6 @@ VSIZE_KEY = "vsize"
 _CHUNK = 256 * 1024
 
 
-def name_field(base: str, key: str) -> int | None:
-    """The number of a `,<key><digits>` field in a Maildir base name (key like 'W=')."""
-    for part in base.split(",")[1:]:
-        if part.startswith(key) and part[len(key):].isdigit():
-            return int(part[len(key):])
-    return None
-
-
 def own_name_pattern(hostname: str) -> re.Pattern[str]:
     """Base names this server's delivery and APPEND give (`unique_base` + ',S=')."""
     return own_name_pattern_escaped(escape_hostname(hostname))
@@ -38,11 +30,18 @@ def own_name_pattern_escaped(escaped_host: str) -> re.Pattern[str]:
     return re.compile(r"\d+\.M\d+P\d+Q\d+\." + re.escape(escaped_host) + r",S=\d+")
 
 
+# A `,W=<digits>` field after the unique part of a Maildir name (Dovecot's CRLF size).
+_W_FIELD = re.compile(r",W=([0-9]+)(?=,|$)")
+
+
 def known_vsize(base: str, size: int, own: re.Pattern[str]) -> int | None:
-    """The CRLF size when the name tells it, else None (then: cache, then measure)."""
-    w = name_field(base, "W=")
-    if w is not None:
-        return w
+    """The CRLF size when the name tells it, else None (then: cache, then measure).
+    One regular-expression search, not a split of the name: a POP3 login lists every
+    message of the mailbox through here, in the reactor."""
+    if ",W=" in base:
+        m = _W_FIELD.search(base)
+        if m is not None:
+            return int(m.group(1))
     if own.fullmatch(base):
         return size
     return None

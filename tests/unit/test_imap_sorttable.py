@@ -191,3 +191,39 @@ def test_sorttable_imports_nothing_from_twisted() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_arrival_and_size_read_no_header_and_keys_come_when_needed(folder, monkeypatch) -> None:
+    # A webmail's default sort (ARRIVAL) of a large folder: the folder's list has the
+    # values, so no message file is opened; the first sort by a header key reads them.
+    path, index = folder
+    rng = random.Random(7)
+    infos = {u: write(path, u, rng) for u in range(1, 40)}
+    real_read_keys = SO.read_keys
+    reads: list[int] = []
+
+    def read_keys(folder_dir, messages, index, files=None):
+        reads.append(len(messages))
+        return real_read_keys(folder_dir, messages, index, files)
+    monkeypatch.setattr(SO, "read_keys", read_keys)
+    uids = list(infos)
+    expected = fresh(path, infos)
+    reads.clear()
+    for words in (["ARRIVAL"], ["REVERSE", "SIZE", "ARRIVAL"]):
+        criteria = SO.criteria_from_words([w.encode() for w in words])
+        table, positions, _ = SOT.table_for(str(path), infos, uids, index, size_hint,
+                                            need_keys=False)
+        assert table.keys is None and positions is None
+        assert SO.sort_line(SO.sort_positions(table, criteria), table.uid_text()) == \
+            SO.sort_line(SO.sort_positions(expected, criteria), expected.uid_text())
+    assert reads == []
+    # new mail at the end: still no header read for ARRIVAL
+    infos[40] = write(path, 40, rng)
+    table, _, _ = SOT.table_for(str(path), infos, list(infos), index, need_keys=False)
+    assert table.keys is None and len(table) == 40
+    # SUBJECT needs the keys: read once, for every message, into the kept table
+    table, _, _ = SOT.table_for(str(path), infos, list(infos), index, size_hint)
+    assert table.keys is not None and reads[-1] == len(infos)
+    assert answers(table) == answers(fresh(path, infos))
+    again, _, _ = SOT.table_for(str(path), infos, list(infos), index, size_hint)
+    assert again is table

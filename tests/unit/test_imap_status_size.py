@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet.defer import inlineCallbacks
 
-from mailserver.maildir.sizes import VSIZE_KEY, crlf_size_of_path, total_vsize
+from mailserver.maildir.sizes import (VSIZE_KEY, crlf_size_of_path, known_vsize,
+                                      own_name_pattern, total_vsize)
 from mailserver.pop3.wire import crlf_size
 from tests.unit.imap_session_harness import SessionCase
 
@@ -132,3 +133,16 @@ class StatusSize(SessionCase):
         self.assertIn(b"b2 BAD", out)
         out = yield self.command(b"n", b"NOOP")
         self.assertIn(b"n OK", out)
+
+
+@pytest.mark.parametrize("base, size, expected", [
+    ("1700000000.M1P2Q3.corpus.example,S=2612,W=2650", 2612, 2650),   # Dovecot's W=
+    ("1700000000.M1P2Q3.corpus.example,W=12a,W=40", 9, 40),          # the first good one
+    ("1700000000.M1P2Q3.corpus.example,W=", 9, None),
+    ("1700000000.M1P2Q3.corpus.example,XW=5", 9, None),
+    ("1700000000.M1P2Q3.mx.example,S=77", 77, 77),                   # ours: S= is CRLF
+    ("1700000000.M1P2Q3.other.example,S=77", 77, None),              # another's S=: LF?
+    ("1700000000.M1P2Q3.mx.example,W=\u0663", 9, None),              # digits are ASCII
+])
+def test_known_vsize_from_the_name(base: str, size: int, expected: int | None) -> None:
+    assert known_vsize(base, size, own_name_pattern("mx.example")) == expected

@@ -590,6 +590,30 @@ class Changes(FolderTestCase):
         yield fresh.close()
 
     @inlineCallbacks
+    def test_a_large_cache_write_lets_commands_in_between_its_parts(self):
+        # The sort keys of a large folder take a second to write: a command that comes
+        # meanwhile waits for one part, not for all of them.
+        self.patch(foldermod, "FLUSH_PER_WRITE", 2)
+        for uid in (1, 2, 3, 4):
+            for n in range(3):
+                self.folder.cache_put(uid, f"k{n}", f"v{uid}.{n}")
+        order: list[str] = []
+        real = self.folder._index.flush
+        self.patch(self.folder._index, "flush",
+                   lambda limit=None: order.append("part") or real(limit))
+        flushed = self.folder.flush_cache()
+        command = self.folder.read_in_thread(lambda view: order.append("command"))
+        written = yield flushed
+        yield command
+        self.assertEqual(written, 12)
+        self.assertEqual(order.count("part"), 6)
+        self.assertLess(order.index("command"), 2)   # after the first part at the latest
+        fresh = self.fresh_folder()
+        yield fresh.refresh()
+        self.assertEqual(fresh.cache_get(4, "k2"), "v4.2")
+        yield fresh.close()
+
+    @inlineCallbacks
     def test_cache_flushes_by_itself(self):
         from twisted.internet.task import Clock
         clock = Clock()
