@@ -378,9 +378,14 @@ class FolderDisk:
             uid = uid_of(base)
             return uid is None or (uid <= limit and by_base.get(base) != uid)
 
+        uids = ul.mapping()
+        if limit == 0:  # nothing known: a file needs a uid exactly when it has none
+            unnumbered = (any(sub == "new" for sub, _ in listing.values())
+                          or not listing.keys() <= uids.keys())
+        else:
+            unnumbered = any(sub == "new" or needs_uid(b) for b, (sub, _) in listing.items())
         need_write = (ul.stamp is None or ul.damaged or ul.version != 3 or kw.dirty
-                      or any(sub == "new" or needs_uid(b) for b, (sub, _) in listing.items())
-                      or any(b not in listing for _, b in ul.items()))
+                      or unnumbered or not uids.keys() <= listing.keys())
         if need_write and not lock_held:
             with DotLock(ul.path):
                 return self._sync_core(view, lock_held=True, force=True)
@@ -453,6 +458,14 @@ class FolderDisk:
             compare = {}
         elif all_fresh is not None:
             fresh_mtimes = {base: ns for ns, base, _, _ in all_fresh}
+        if not known and compare:
+            # Nothing in memory to compare with (a folder's open after a restart): every
+            # message from the index's rows where it has them, in one pass.
+            sync.added, issued = _restored(self.path, compare, ul.items(), rows, stored,
+                                           fresh_mtimes, fresh_sizes, moved, flags_of,
+                                           new_rows, mod_rows, self._issue_modseq)
+            seen_uids.update(i.uid for i in sync.added)
+            compare = {}
         for base, (sub, name) in compare.items():
             uid = uid_of(base)
             assert uid is not None
@@ -1097,6 +1110,65 @@ def _all_new(folder: Path, entries: list[tuple[int, str, str, str]], first_uid: 
         append(_new_info(uid, base, name, sub, flags_of(name), size, sec + nsec * 1e-9,
                          True, modseq))
     return added
+
+
+def _restored(folder: Path, listing: Mapping[str, tuple[str, str]],
+              by_uid: Iterable[tuple[int, str]], rows: Mapping[str, tuple[int, float]],
+              stored: Mapping[str, tuple[int, int, str]], fresh_mtimes: Mapping[str, int],
+              fresh_sizes: Mapping[str, int], moved: set[str],
+              flags_of: Callable[[str], frozenset[str]],
+              new_rows: list[tuple[str, int, float]], mod_rows: list[tuple[str, int, int, str]],
+              issue_modseq: Callable[[], int]) -> tuple[list[MessageInfo], int]:
+    """The messages of `listing` (every one has a uid: `by_uid` gives (uid, base name)
+    in uid order, the order they are returned in) when none is known in memory yet:
+    size and date from the index's row, else from the name and the file (and a row for
+    the index in `new_rows`); the mod-sequence the index has for the same uid and name,
+    else one new one for all (and its row in `mod_rows`), returned with them (0: none
+    issued).  What _sync_core's loop does for each message it does not know, without
+    what it does for the known ones."""
+    added: list[MessageInfo] = []
+    append = added.append
+    row_of, had_of, fresh_of, listed = rows.get, stored.get, fresh_mtimes.get, listing.get
+    issued = 0
+    simple = not fresh_mtimes and not moved   # a restart: nothing arrived meanwhile
+    for uid, base in by_uid:
+        where = listed(base)
+        if where is None:
+            continue
+        sub, name = where
+        row = row_of(base)
+        if simple and row is not None:
+            had = had_of(base)
+            if had is not None and had[0] == uid and had[2] == name:  # as the index says
+                append(_new_info(uid, base, name, sub, flags_of(name), row[0], row[1], False,
+                                 had[1]))
+                continue
+        mtime_ns = fresh_of(base)
+        recent = mtime_ns is not None or base in moved
+        if row is not None and mtime_ns is None:
+            size, date = row
+        else:
+            size = size_from_base(base)
+            if mtime_ns is not None and size is None:
+                size = fresh_sizes.get(base)
+            if mtime_ns is None or size is None:
+                try:
+                    st = os.stat(os.path.join(folder, sub, name))
+                except FileNotFoundError:
+                    continue  # vanished
+                mtime_ns = st.st_mtime_ns
+                if size is None:
+                    size = st.st_size
+            date = mtime_seconds(mtime_ns)
+            new_rows.append((base, size, date))
+        had = had_of(base)
+        if had is not None and had[0] == uid and had[2] == name:
+            modseq = had[1]  # as the index knows it: unchanged since
+        else:
+            modseq = issued = issued or issue_modseq()
+            mod_rows.append((base, uid, modseq, name))
+        append(_new_info(uid, base, name, sub, flags_of(name), size, date, recent, modseq))
+    return added, issued
 
 
 def disk_stamps(path: Path, name: str) -> tuple[Any, ...]:

@@ -183,6 +183,43 @@ class UidAssignment(FolderTestCase):
         self.assertEqual(again.recent_count, 0)  # nothing new for the second process
 
     @inlineCallbacks
+    def test_an_open_after_a_restart_reads_the_index_and_sees_what_changed_meanwhile(self):
+        # The index knows most messages; while the server was down one was read
+        # elsewhere (renamed with :2,S), one deleted, one delivered to new/, one put in
+        # cur/ with no size in its name: the next process's open tells them all apart.
+        for _ in range(4):
+            yield self.deliver()
+        folder = self.account.folder("INBOX")
+        yield folder.refresh()
+        before = {i.uid: i for i in folder.messages}
+        highest = folder.highestmodseq
+        yield folder.close()
+        read = before[2]
+        os.rename(self.user / read.subdir / read.filename, self.user / "cur" / (
+            read.basename + ":2,S"))
+        gone = before[3]
+        os.unlink(self.user / gone.subdir / gone.filename)
+        drop(self.user, "1900000000.M1P1.other", mtime=1900000000)
+        drop(self.user, "1900000001.M1P1.other:2,", subdir="cur", mtime=1900000001)
+        again = self.fresh_folder()
+        yield again.refresh()
+        after = {i.uid: i for i in again.messages}
+        self.assertEqual(sorted(after), [1, 2, 4, 5, 6])
+        for uid in (1, 4):   # untouched: as they were, not \Recent, same mod-sequence
+            self.assertEqual((after[uid].basename, after[uid].size, after[uid].modseq,
+                              after[uid].internaldate, after[uid].recent),
+                             (before[uid].basename, before[uid].size, before[uid].modseq,
+                              before[uid].internaldate, False))
+        self.assertEqual(after[2].flags, frozenset({"\\Seen"}))
+        self.assertGreater(after[2].modseq, highest)
+        self.assertEqual([after[5].basename, after[6].basename],
+                         ["1900000000.M1P1.other", "1900000001.M1P1.other"])
+        self.assertEqual((after[5].size, after[6].size), (len(MESSAGE), len(MESSAGE)))
+        self.assertEqual(after[6].internaldate, 1900000001)
+        self.assertTrue(after[5].recent and after[6].recent)
+        yield again.close()
+
+    @inlineCallbacks
     def test_files_of_one_mtime_get_uids_in_the_order_their_names_were_made(self):
         # A clock tick of the file system can give several deliveries one mtime: their
         # unique names decide, number by number (M99999 was made before M100000).
