@@ -458,21 +458,22 @@ class FolderDisk:
             compare = {}
         elif all_fresh is not None:
             fresh_mtimes = {base: ns for ns, base, _, _ in all_fresh}
-        if not known and compare:
-            # Nothing in memory to compare with (a folder's open after a restart): every
-            # message from the index's rows where it has them, in one pass.
-            sync.added, issued = _restored(self.path, compare, ul.items(), rows, stored,
-                                           fresh_mtimes, fresh_sizes, moved, flags_of,
-                                           new_rows, mod_rows, self._issue_modseq)
-            seen_uids.update(i.uid for i in sync.added)
-            compare = {}
-        for base, (sub, name) in compare.items():
-            uid = uid_of(base)
-            assert uid is not None
-            seen_uids.add(uid)
-            old = known.get(uid)
-            if old is not None and old.basename == base:
-                if old.filename != name or old.subdir != sub or kw_reread:
+        by_uid: Iterable[tuple[int, str]] = ()
+        if not known:
+            # Nothing in memory to compare with (a folder's open after a restart): the
+            # uid list gives every message, in uid order.
+            if compare:
+                by_uid = ul.items()
+        else:
+            unknown: list[tuple[int, str]] = []
+            for base, (sub, name) in compare.items():
+                uid = uid_of(base)
+                assert uid is not None
+                seen_uids.add(uid)
+                old = known.get(uid)
+                if old is None or old.basename != base:
+                    unknown.append((uid, base))
+                elif old.filename != name or old.subdir != sub or kw_reread:
                     flags = flags_of(name)
                     modseq = old.modseq
                     if flags != old.flags:
@@ -483,33 +484,11 @@ class FolderDisk:
                     mod_rows.append((base, uid, modseq, name))
                     if flags != old.flags:
                         sync.flags_changed.append(info)
-                continue
-            row = rows.get(base)
-            mtime_ns = fresh_mtimes.get(base)
-            if row is not None and mtime_ns is None:
-                size, date = row
-            else:
-                size = size_from_base(base)
-                if mtime_ns is not None and size is None:
-                    size = fresh_sizes.get(base)
-                if mtime_ns is None or size is None:
-                    try:
-                        st = os.stat(os.path.join(dirs[sub], name))
-                    except FileNotFoundError:
-                        continue  # vanished
-                    mtime_ns = st.st_mtime_ns
-                    if size is None:
-                        size = st.st_size
-                date = mtime_seconds(mtime_ns)
-                new_rows.append((base, size, date))
-            had = stored.get(base)
-            if had is not None and had[0] == uid and had[2] == name:
-                modseq = had[1]  # as the index knows it: unchanged since
-            else:
-                modseq = issued = issued or self._issue_modseq()
-                mod_rows.append((base, uid, modseq, name))
-            sync.added.append(MessageInfo(uid, base, name, sub, flags_of(name), size, date,
-                                          base in moved or base in fresh_mtimes, modseq))
+            by_uid = sorted(unknown)
+        added, issued = _restored(self.path, compare, by_uid, rows, stored, fresh_mtimes,
+                                  fresh_sizes, moved, flags_of, new_rows, mod_rows,
+                                  self._issue_modseq, issued)
+        sync.added += added
         sync.added.sort(key=_by_uid)
         sync.expunged = [uid for uid in known if uid not in seen_uids
                          or known[uid].basename != ul.name(uid)]
@@ -1118,18 +1097,16 @@ def _restored(folder: Path, listing: Mapping[str, tuple[str, str]],
               fresh_sizes: Mapping[str, int], moved: set[str],
               flags_of: Callable[[str], frozenset[str]],
               new_rows: list[tuple[str, int, float]], mod_rows: list[tuple[str, int, int, str]],
-              issue_modseq: Callable[[], int]) -> tuple[list[MessageInfo], int]:
-    """The messages of `listing` (every one has a uid: `by_uid` gives (uid, base name)
-    in uid order, the order they are returned in) when none is known in memory yet:
-    size and date from the index's row, else from the name and the file (and a row for
-    the index in `new_rows`); the mod-sequence the index has for the same uid and name,
-    else one new one for all (and its row in `mod_rows`), returned with them (0: none
-    issued).  What _sync_core's loop does for each message it does not know, without
-    what it does for the known ones."""
+              issue_modseq: Callable[[], int], issued: int = 0
+              ) -> tuple[list[MessageInfo], int]:
+    """The messages of `listing` that memory does not know (`by_uid`: their (uid, base
+    name) in uid order, the order they are returned in): size and date from the index's
+    row, else from the name and the file (and a row for the index in `new_rows`); the
+    mod-sequence the index has for the same uid and name, else the one this scan issued
+    (`issued`, or a new one when 0; its row in `mod_rows`), returned with them."""
     added: list[MessageInfo] = []
     append = added.append
     row_of, had_of, fresh_of, listed = rows.get, stored.get, fresh_mtimes.get, listing.get
-    issued = 0
     simple = not fresh_mtimes and not moved   # a restart: nothing arrived meanwhile
     for uid, base in by_uid:
         where = listed(base)
