@@ -1,6 +1,2 @@
 """POP3 (RFC 1939) over the INBOX of each user's Maildir: [listen].pop3 with STLS and
 [listen].pop3s with implicit TLS (service.py wraps that one in TLS)."""
-
-from mailserver.pop3.service import POP3Factory, build_factory
-
-__all__ = ["POP3Factory", "build_factory"]

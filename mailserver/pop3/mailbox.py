@@ -18,9 +18,6 @@ is measured once, in a thread, and the result cached.
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
@@ -29,14 +26,13 @@ from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
-from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern
+from mailserver.maildir.sizes import VSIZE_KEY, own_name_pattern
 from mailserver.pop3 import dovecot
+from mailserver.pop3.snapshot import Entry, Snapshot, take_snapshot, uidl_of  # noqa: F401
 from mailserver.pop3.wire import crlf_size_of_path
 
 log = Logger()
 
-UIDL_MAX = 70         # RFC 1939 7: 1 to 70 characters in the range 0x21 to 0x7E
-_UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
 
 
 class MailboxInUse(Exception):
@@ -58,14 +54,6 @@ class MessageDeleted(ValueError):
 
 class MessageGone(ValueError):
     """A message removed by another session or program since login."""
-
-
-def uidl_of(base: str) -> bytes:
-    """The UIDL of a message: its base name, or, for a name RFC 1939 does not allow as a
-    unique-id (too long, spaces, 8-bit), a digest of it that is just as stable."""
-    if _UIDL_OK.fullmatch(base):
-        return base.encode("ascii")
-    return b"H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40].encode()
 
 
 class MailboxLocks:
@@ -92,22 +80,6 @@ class MailboxLocks:
         return key in self._held
 
 
-@dataclass(slots=True)
-class Entry:
-    """One message of the session's snapshot."""
-
-    uid: int
-    base: str
-    size: int
-    deleted: bool = False
-    gone: bool = False
-    uidl: bytes | None = None   # stored by Dovecot (P<uidl>), else the base name's
-
-    def unique_id(self) -> bytes:
-        """The message's UIDL (RFC 1939 7)."""
-        return self.uidl if self.uidl is not None else uidl_of(self.base)
-
-
 @implementer(IMailbox)
 class POP3Mailbox:
     """One POP3 session's view of an INBOX (the avatar the realm hands out).
@@ -121,13 +93,14 @@ class POP3Mailbox:
     quota: Any = None  # the store's QuotaTracker: messages removed at QUIT are counted off
 
     def __init__(self, address: str, folder: Any, entries: list[Entry],
-                 locks: MailboxLocks, lock_key: str) -> None:
+                 locks: MailboxLocks, lock_key: str,
+                 by_base: dict[str, Entry] | None = None) -> None:
         self.address = address
         self.folder = folder
         self.entries = entries
         self._locks = locks
         self._lock_key = lock_key
-        self._by_base = {e.base: e for e in entries}
+        self._by_base = by_base if by_base is not None else {e.base: e for e in entries}
         self._logged_out = False
         self.retrieved = 0
         folder.add_listener(self)
@@ -302,52 +275,25 @@ def _open_locked(store: Any, path: Path, address: str, locks: MailboxLocks, key:
         return defer.fail()
     own = own_name_pattern(store.hostname)
     d.addCallback(lambda _: folder.uidlist_fields(dovecot.UIDLIST_KEYS))
+    # The listing of a large mailbox is made in the folder's thread, not in the reactor.
+    d.addCallback(lambda fields: folder.read_in_thread(take_snapshot, own, fields))
 
-    def snapshot(fields: dict[int, dict[str, str]]) -> defer.Deferred[POP3Mailbox]:
-        infos = list(folder.messages)
-        entries, unknown = _known_sizes(folder, infos, own)
-        entries, unusable = dovecot.apply_fields(entries, fields)
-        if unusable:
+    def snapshot(taken: Snapshot) -> defer.Deferred[POP3Mailbox]:
+        if taken.unusable:
             log.warn("{count} POP3 UIDLs in {path}/dovecot-uidlist are not usable "
                      "(RFC 1939 7, or repeated): those messages keep their own",
-                     count=unusable, path=str(folder.path))
-        mailbox = POP3Mailbox(address, folder, entries, locks, key)
+                     count=taken.unusable, path=str(folder.path))
+        mailbox = POP3Mailbox(address, folder, taken.entries, locks, key, taken.by_base)
         mailbox.quota = getattr(store, "quota", None)
-        if not unknown:
+        if not taken.unknown:
             return defer.succeed(mailbox)
-        return _measure(folder, mailbox, unknown).addCallback(lambda _: mailbox)
+        return _measure(folder, mailbox, taken.unknown).addCallback(lambda _: mailbox)
 
     def failed(f: Any) -> Any:
         locks.release(key)
         return f
 
     return d.addCallback(snapshot).addErrback(failed)
-
-
-def _known_sizes(folder: Any, infos: list[Any],
-                 own: re.Pattern[str]) -> tuple[list[Entry], list[Entry]]:
-    """Snapshot entries with their CRLF sizes where the name or the cache knows them;
-    also the entries still to be measured (their size is provisional)."""
-    entries: list[Entry] = []
-    unknown: list[Entry] = []
-    for info in infos:
-        base = info.basename
-        size = known_vsize(base, info.size, own)
-        entry = Entry(info.uid, base, info.size if size is None else size)
-        entries.append(entry)
-        if size is None:
-            unknown.append(entry)
-    if unknown:
-        cached = folder.cache_get_many([e.uid for e in unknown], VSIZE_KEY)
-        still = []
-        for e in unknown:
-            value = cached.get(e.uid)
-            try:
-                e.size = int(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                still.append(e)
-        unknown = still
-    return entries, unknown
 
 
 def _measure(folder: Any, mailbox: POP3Mailbox, entries: list[Entry]) -> defer.Deferred[None]:

@@ -35,6 +35,8 @@ DISK_MODULES = [
     "mailserver.maildir.specialuse",
     "mailserver.maildir.uidlist",
     "mailserver.maildir.uidranges",
+    "mailserver.pop3.dovecot",
+    "mailserver.pop3.snapshot",
     "mailserver.imap.esearch",
     "mailserver.imap.fetchitems",
     "mailserver.imap.mime",

@@ -737,6 +737,29 @@ class MailboxTests(unittest.TestCase):
         self.assertNotIn(str(self.server.inbox()), self.server.locks)
 
     @defer.inlineCallbacks
+    def test_the_listing_is_made_in_the_folders_thread(self):
+        # 100,000 messages are a tenth of a second of listing: not the reactor's.
+        import threading
+
+        from mailserver.pop3 import mailbox as module
+        self.server.drop(b"Subject: a\r\n\r\nbody\r\n", name="1700000000.M1P1.h,S=9,W=25")
+        self.server.drop(b"Subject: b\r\n\r\nbody\n")
+        threads_seen = []
+        real = module.take_snapshot
+
+        def recording(view, own, fields):
+            threads_seen.append(threading.current_thread() is threading.main_thread())
+            return real(view, own, fields)
+        self.patch(module, "take_snapshot", recording)
+        mbox = yield open_inbox(self.server.store, self.server.inbox(), ALICE,
+                                self.server.locks)
+        self.assertEqual(threads_seen, [False])
+        # the W= size as the name says; the other measured (its bare LF counted as CRLF)
+        self.assertEqual([e.size for e in mbox.entries], [25, 20])
+        self.assertEqual(mbox.stat(), (2, 45))
+        mbox.logout()
+
+    @defer.inlineCallbacks
     def test_second_open_is_in_use(self):
         from mailserver.pop3.mailbox import MailboxInUse
         mbox = yield open_inbox(self.server.store, self.server.inbox(), ALICE,
