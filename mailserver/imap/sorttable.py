@@ -46,7 +46,8 @@ class SortTable(SO.Columns):
     def appended(self, bases: list[str], uids: list[int], internaldate: list[float],
                  keys: list[SO.SortKeys] | None, sizes: list[int] | None) -> "SortTable":
         """This table with messages added at the end: columns extended, and the kept
-        orders given the new positions (after their equals: ties go by position)."""
+        orders given the new positions (after their equals: ties go by position).  `keys`
+        is None only for a table without keys, which has no column or order made of them."""
         n, m = len(self), len(bases)
         table = SortTable(self.bases + bases, self.uids + uids,
                           self.internaldate + internaldate,
@@ -54,13 +55,12 @@ class SortTable(SO.Columns):
                           None if self.keys is None or keys is None else self.keys + keys)
         table.uidvalidity = self.uidvalidity
         for name, col in self._columns.items():
-            if name in ("internaldate", "size") or keys is None:
+            if name in ("internaldate", "size"):
                 continue
             table._columns[name] = [*col, *_values(name, keys, internaldate)]
         if m * INSERT_SHARE <= n:
             for name, order in self._orders.items():
-                if name in table._columns or name == "internaldate" or (
-                        name == "size" and table.sizes is not None):
+                if name != "size" or table.sizes is not None:
                     table._orders[name] = _merged(order, table.column(name), n, m)
         if self._uid_text is not None:
             table._uid_text = self._uid_text + [b"%d" % u for u in uids]

@@ -1107,19 +1107,12 @@ def _restored(folder: Path, listing: Mapping[str, tuple[str, str]],
     added: list[MessageInfo] = []
     append = added.append
     row_of, had_of, fresh_of, listed = rows.get, stored.get, fresh_mtimes.get, listing.get
-    simple = not fresh_mtimes and not moved   # a restart: nothing arrived meanwhile
     for uid, base in by_uid:
         where = listed(base)
         if where is None:
             continue
         sub, name = where
         row = row_of(base)
-        if simple and row is not None:
-            had = had_of(base)
-            if had is not None and had[0] == uid and had[2] == name:  # as the index says
-                append(_new_info(uid, base, name, sub, flags_of(name), row[0], row[1], False,
-                                 had[1]))
-                continue
         mtime_ns = fresh_of(base)
         recent = mtime_ns is not None or base in moved
         if row is not None and mtime_ns is None:

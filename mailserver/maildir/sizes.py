@@ -37,7 +37,7 @@ _W_FIELD = re.compile(r",W=([0-9]+)(?=,|$)")
 def known_vsize(base: str, size: int, own: re.Pattern[str]) -> int | None:
     """The CRLF size when the name tells it, else None (then: cache, then measure).
     One regular-expression search, not a split of the name: a POP3 login lists every
-    message of the mailbox through here, in the reactor."""
+    message of the mailbox through here."""
     if ",W=" in base:
         m = _W_FIELD.search(base)
         if m is not None:
