@@ -1,6 +1,6 @@
 """mailserver-admin through main(argv), against a temporary config and state directory."""
 
-import io
+import functools
 import textwrap
 
 import pytest
@@ -34,15 +34,10 @@ def config(tmp_path):
 
 
 @pytest.fixture
-def run(config, capsys, monkeypatch):
-    """run(*argv, stdin=None) -> (exit code, stdout, stderr)."""
-    def run(*argv, stdin=None):
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = admin.main(["--config", str(config), *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
+def run(config, run):
+    """run(*argv, stdin=None) -> (exit code, stdout, stderr): conftest's runner with this
+    module's config."""
+    return functools.partial(run, config)
 
 
 def accounts_of(config):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
@@ -80,15 +81,10 @@ def write_listen(config: Path, listen: dict[str, object]) -> None:
 
 
 @pytest.fixture
-def run(config, capsys, monkeypatch):
-    """run(*argv, stdin=None) -> (exit code, stdout, stderr)."""
-    def run(*argv, stdin=None):
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = admin.main(["--config", str(config), *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
+def run(config, run):
+    """run(*argv, stdin=None) -> (exit code, stdout, stderr): conftest's runner with this
+    module's config."""
+    return functools.partial(run, config)
 
 
 def assert_one_error_line(code: int, err: str, *texts: str) -> str:
