@@ -1,138 +1,183 @@
 """How long a client that knows HIGHESTMODSEQ takes to resynchronise a large folder
-(RFC 7162 CONDSTORE/QRESYNC), against a real server process on loopback.
+(RFC 7162 CONDSTORE/QRESYNC): this server and Dovecot, side by side in the same run, on the
+same corpus (bench/corpus.py).
 
     python bench/condstore_resync.py [--messages 100000] [--changes 10] [--rounds 7]
+                                     [--servers mailserver,dovecot]
 
-The folder is written straight into the Maildir before the server starts; the first
-SELECT gives every message its uid.  Then, each round, another session changes the flags
-of `--changes` messages, and the resynchronising client measures, from sending the
-command to its tagged OK:
+Per server, after one untimed SELECT that gives every message its uid and mod-sequence,
+each round another session makes `--changes` changes, then the resynchronising client
+measures, from sending the command to its tagged OK:
 
-- SELECT INBOX (QRESYNC (uidvalidity modseq)) on a new connection (logged in already),
-  and a plain SELECT INBOX after it on the same connection;
-- UID FETCH 1:* (FLAGS) (CHANGEDSINCE modseq) in a session that has the folder selected;
+- flags rounds: the other session sets a keyword new to the folder on `--changes`
+  random messages;
+- expunge rounds: it expunges `--changes` random messages (UID EXPUNGE), so QRESYNC must
+  answer VANISHED (EARLIER) for them;
+
+and in both:
+- SELECT INBOX (QRESYNC (uidvalidity modseq)) on a new connection (logged in already);
+- UID FETCH 1:* (FLAGS) (CHANGEDSINCE modseq VANISHED) in a session that has the folder
+  selected (RFC 7162 3.2.6);
 - for comparison, UID FETCH 1:* (FLAGS), what a client without CONDSTORE must do.
 
-Prints the median and the worst of the rounds.  A figure, not a test: machines differ.
+Each answer is checked: the changed messages' FETCH lines, the expunged uids in VANISHED.
+Prints the median and the worst of the rounds, and the ratio to Dovecot's medians.  A
+figure, not a test: machines differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
+import shutil
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ServerProcess  # noqa: E402
-from imap_helpers import ALICE, PASSWORD, RawIMAP  # noqa: E402
+import corpus  # noqa: E402
+import servers as S  # noqa: E402
+from imap_client import IMAPConn, Response  # noqa: E402
 
-MESSAGE = (b"From: <x@remote.test>\r\nTo: <alice@example.test>\r\nSubject: bench %d\r\n"
-           b"Message-ID: <bench%d@remote.test>\r\n\r\nBody %d.\r\n")
-
-
-def populate(maildir: Path, count: int) -> None:
-    """`count` messages in cur/, as another delivery agent would have left them."""
-    cur = maildir / "cur"
-    cur.mkdir(parents=True, exist_ok=True)
-    for sub in ("new", "tmp"):
-        (maildir / sub).mkdir(exist_ok=True)
-    base_time = int(time.time()) - count
-    for i in range(1, count + 1):
-        data = MESSAGE % (i, i, i)
-        (cur / f"{base_time + i}.M{i}P1.bench,S={len(data)}:2,").write_bytes(data)
+USER = "bench"
+CASES = ("QRESYNC SELECT, new connection", "UID FETCH (CHANGEDSINCE .. VANISHED), selected",
+         "UID FETCH 1:* (FLAGS), no CONDSTORE")
 
 
-def login(server: ServerProcess, select: str | None = None) -> RawIMAP:
-    client = RawIMAP.connect(server, timeout=600)
-    client.ok(f'LOGIN "{ALICE}" "{PASSWORD}"')
-    if select is not None:
-        client.ok(f"SELECT {select}")
-    return client
+def login(port: int) -> IMAPConn:
+    conn = IMAPConn(port)
+    conn.login(f"{USER}@{S.DOMAIN}", S.PASSWORD)
+    conn.ok("ENABLE QRESYNC")
+    return conn
 
 
-def timed(client: RawIMAP, command: str) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = client.command(command)
-    elapsed = time.perf_counter() - start
-    assert result.status == "OK", str(result)[:2000]
-    return elapsed, result
+def code(resp: Response, name: bytes) -> int:
+    for line in [resp.text, *resp.kept]:
+        m = re.search(rb"\[" + name + rb" (\d+)\]", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError(f"no {name!r} in {resp.text!r}")
 
 
-def highest(result: object) -> int:
-    return int(result.codes()["HIGHESTMODSEQ"])  # type: ignore[attr-defined]
+def vanished_uids(resp: Response) -> set[int]:
+    out: set[int] = set()
+    for line in resp.kept:
+        if not line.startswith(b"* VANISHED"):
+            continue
+        for part in line.split()[-1].split(b","):
+            lo, _, hi = part.partition(b":")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def all_uids(conn: IMAPConn) -> list[int]:
+    resp = conn.ok("UID SEARCH ALL", keep=(b"* SEARCH",))
+    return [int(x) for line in resp.kept for x in line[8:].split()]
+
+
+def measure(port: int, opts: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    watcher = login(port)
+    resp = watcher.ok("SELECT INBOX", keep=(b"* OK",))
+    uidvalidity = code(resp, b"UIDVALIDITY")
+    changer = login(port)
+    changer.ok("SELECT INBOX")
+    live = all_uids(changer)
+    rng = random.Random(7162)
+    known = code(resp, b"HIGHESTMODSEQ")
+    times: dict[str, dict[str, list[float]]] = {
+        kind: {case: [] for case in CASES} for kind in ("flags", "expunge")}
+    for round_ in range(2 * opts.rounds):
+        kind = "flags" if round_ % 2 == 0 else "expunge"
+        picked = rng.sample(live, opts.changes)
+        uidset = ",".join(map(str, picked))
+        if kind == "flags":
+            changer.ok(f"UID STORE {uidset} +FLAGS.SILENT ($Resync{round_})")  # a change to each
+        else:
+            changer.ok(f"UID STORE {uidset} +FLAGS.SILENT (\\Deleted)")
+            changer.ok(f"UID EXPUNGE {uidset}")
+            gone = set(picked)
+            live = [u for u in live if u not in gone]
+
+        fresh = IMAPConn(port)
+        fresh.login(f"{USER}@{S.DOMAIN}", S.PASSWORD)
+        fresh.ok("ENABLE QRESYNC")
+        got = fresh.ok(f"SELECT INBOX (QRESYNC ({uidvalidity} {known}))",
+                       keep=(b"* VANISHED", b"* OK"))
+        fresh.logout()
+        check(kind, got, picked)
+        after = code(got, b"HIGHESTMODSEQ")
+        times[kind][CASES[0]].append(got.elapsed)
+
+        got = watcher.ok(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {known} VANISHED)",
+                         keep=(b"* VANISHED",))
+        if kind == "flags":   # expunged messages also reached the watcher as VANISHED
+            check(kind, got, picked)
+        times[kind][CASES[1]].append(got.elapsed)
+        if round_ < 4:
+            times[kind][CASES[2]].append(watcher.ok("UID FETCH 1:* (FLAGS)").elapsed)
+        known = after
+    watcher.logout()
+    changer.logout()
+    return times
+
+
+def check(kind: str, resp: Response, picked: list[int]) -> None:
+    if kind == "flags":
+        assert resp.fetches >= len(picked), f"{resp.fetches} FETCH for {len(picked)} changes"
+    else:
+        missing = set(picked) - vanished_uids(resp)
+        assert not missing, f"expunged uids not reported VANISHED: {sorted(missing)}"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--changes", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=7)
-    opts = parser.parse_args()
-
-    with tempfile.TemporaryDirectory(prefix="condstore-bench-") as tmp:
-        server = ServerProcess(Path(tmp))
-        server.create_accounts()
-        print(f"writing {opts.messages} messages ...", flush=True)
-        populate(server.maildir(ALICE), opts.messages)
-        server.start()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--changes", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of each kind")
+    ap.add_argument("--servers", default="mailserver,dovecot")
+    ap.add_argument("--workdir", default="/tmp/mailserver-bench")
+    opts = ap.parse_args()
+    workdir = Path(opts.workdir)
+    corpus_dir, manifest = corpus.cached(workdir, opts.messages)
+    classes = {"mailserver": S.MailServer, "dovecot": S.Dovecot}
+    results: dict[str, dict] = {}
+    for key in opts.servers.split(","):
+        cls = classes[key]
+        srv = cls(workdir / f"resync-{key}")
         try:
-            return run(server, opts)
+            srv.check()
+        except S.Unavailable as e:
+            print(f"{key}: not runnable: {e}")
+            continue
+        srv.setup([USER])
+        corpus.link_into(corpus_dir, manifest, srv.maildir(USER), lf=cls.lf_maildir)
+        srv.start()
+        try:
+            results[key] = measure(srv.port("imap"), opts)
         finally:
-            server.stop()
-
-
-def run(server: ServerProcess, opts: argparse.Namespace) -> int:
-    first = time.perf_counter()
-    watcher = login(server)
-    watcher.ok("ENABLE QRESYNC")
-    r = watcher.command("SELECT INBOX")
-    assert r.status == "OK", str(r)
-    print(f"first SELECT (uids and mod-sequences for every message): "
-          f"{time.perf_counter() - first:.1f} s", flush=True)
-    uidvalidity = int(r.codes()["UIDVALIDITY"])
-    changer = login(server, select="INBOX")
-    rng = random.Random(7162)
-    select_times, plain_times, fetch_times, full_times = [], [], [], []
-    for round_ in range(opts.rounds):
-        known = highest(watcher.ok("SELECT INBOX"))
-        uids = rng.sample(range(1, opts.messages + 1), opts.changes)
-        flag = "\\Flagged" if round_ % 2 else "$Bench"
-        changer.ok(f"UID STORE {','.join(map(str, uids))} +FLAGS.SILENT ({flag})")
-
-        fresh = login(server)
-        fresh.ok("ENABLE QRESYNC")
-        elapsed, result = timed(fresh, f"SELECT INBOX (QRESYNC ({uidvalidity} {known}))")
-        plain_times.append(timed(fresh, "SELECT INBOX")[0])
-        fresh.close()
-        reported = len(result.fetches())  # type: ignore[attr-defined]
-        assert reported == opts.changes, f"{reported} changes reported, {opts.changes} made"
-        select_times.append(elapsed)
-
-        elapsed, result = timed(watcher, f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {known})")
-        fetch_times.append(elapsed)
-        if round_ < 3:
-            elapsed, _ = timed(watcher, "UID FETCH 1:* (FLAGS)")
-            full_times.append(elapsed)
-    watcher.close()
-    changer.close()
-
-    def show(what: str, times: list[float]) -> None:
-        print(f"{what:58s} median {statistics.median(times) * 1000:8.1f} ms   "
-              f"worst {max(times) * 1000:8.1f} ms")
-
-    print(f"{opts.messages} messages, {opts.changes} changed per round, "
-          f"{opts.rounds} rounds:")
-    show("SELECT (QRESYNC (uidvalidity modseq)), new connection", select_times)
-    show("SELECT INBOX, plain, after it (for comparison)", plain_times)
-    show("UID FETCH 1:* (FLAGS) (CHANGEDSINCE modseq), selected", fetch_times)
-    show("UID FETCH 1:* (FLAGS), no CONDSTORE (for comparison)", full_times)
+            srv.stop()
+            shutil.rmtree(srv.dir, ignore_errors=True)
+    report(results, opts)
     return 0
+
+
+def report(results: dict[str, dict], opts: argparse.Namespace) -> None:
+    print(f"\n{opts.messages} messages, {opts.changes} changes per round, {opts.rounds} rounds "
+          f"of each kind: median (worst) in ms; ratio = this server / Dovecot")
+    ours, dove = results.get("mailserver"), results.get("dovecot")
+    for kind in ("flags", "expunge"):
+        print(f"  {kind} rounds")
+        for case in CASES:
+            cells, medians = [], []
+            for r in (ours, dove):
+                t = r[kind][case] if r else []
+                medians.append(statistics.median(t) if t else None)
+                cells.append(f"{statistics.median(t) * 1000:8.1f} ({max(t) * 1000:7.1f})"
+                             if t else f"{'-':>18s}")
+            ratio = (f"{medians[0] / medians[1]:5.2f}x" if all(medians) else "  -  ")
+            print(f"    {case:50s} {cells[0]}  {cells[1]}  {ratio}")
 
 
 if __name__ == "__main__":
