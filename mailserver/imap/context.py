@@ -18,6 +18,7 @@ class IMAPContext:
     tls: Any = None  # server TLS context factory; None: no STARTTLS
     allow_plaintext_loopback: bool = False
     metrics: Any = None  # mailserver.metrics.ServiceMetrics of the listener
+    warm: Any = None     # username -> load the INBOX ahead (auth.inbox_warmer)
     # Runs the header pass (imap/headerpass.py) like deferToThread; None: in threads.
     header_workers: Any = None
 

@@ -591,6 +591,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         account = user.decode("utf-8", "replace").lower()
         throttle = self.context.throttle
         delay = throttle.delay(ip, account)
+        if not delay and self.context.warm is not None:
+            self.context.warm(user)   # a first open's scan beside the password's check
         d = task.deferLater(reactor, delay, lambda: None) if delay else defer.succeed(None)
         d.addCallback(lambda _: self.context.portal.login(
             UsernamePassword(user, password), None, IIMAPAccount))

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mailserver.auth import inbox_warmer
 from mailserver.connlimit import LimitedFactory
 from mailserver.imap import headerpass
 from mailserver.imap.context import IMAPContext
@@ -46,5 +47,6 @@ def build_factory(server: Any, name: str) -> IMAPFactory:
                           tls=server.tls if name == "imap" else None,
                           allow_plaintext_loopback=config.auth.allow_plaintext_loopback,
                           metrics=server.metrics.service(name),
-                          header_workers=headerpass.workers())
+                          header_workers=headerpass.workers(),
+                          warm=inbox_warmer(server.accounts, server.store))
     return IMAPFactory(context)

@@ -25,7 +25,7 @@ from mailserver.maildir.commit_process import ProcessCommitter
 from mailserver.maildir.commit_process import available as commit_process_available
 from mailserver.maildir.committer import GroupCommitter
 from mailserver.maildir.delivery import Delivery, escape_hostname
-from mailserver.maildir.folder_disk import NoSuchFolder
+from mailserver.maildir.folder_disk import FolderError, NoSuchFolder
 from mailserver.maildir.names import (
     INBOX,
     SUBSCRIPTIONS_FILE,
@@ -106,6 +106,26 @@ class MaildirStore:
         if (path / "cur").is_dir():
             return succeed(path)
         return deferToThread(self.create_user, domain, localpart)
+
+    def warm_inbox(self, domain: str, localpart: str) -> None:
+        """Start loading the user's INBOX if it is not in memory yet.
+
+        Called while a login's password is being verified: the first open of a large
+        Maildir (a listing and a stat per file) then runs in the folder's thread beside the
+        verification in the hashing pool, instead of after it.  Grants, locks and creates
+        nothing; a user without a Maildir yet is left to the login's ensure_user.
+        """
+        try:
+            path = self.user_path(domain, localpart)
+            if not (path / "cur").is_dir():
+                return
+            folder = self.account(path).folder("INBOX")
+        except (ValueError, OSError, FolderError):
+            return
+        if folder.loaded:
+            return   # the login's own refresh costs a few stat() calls
+        folder.refresh().addErrback(lambda f: None if f.check(FolderError) else log.failure(
+            "loading {path} ahead of a login failed", f, path=str(folder.path)))
 
     def create_user(self, domain: str, localpart: str) -> Path:
         """Create the user's Maildir++ with the default folders; keep whatever exists.

@@ -274,9 +274,9 @@ def _open_locked(store: Any, path: Path, address: str, locks: MailboxLocks, key:
         locks.release(key)
         return defer.fail()
     own = own_name_pattern(store.hostname)
-    d.addCallback(lambda _: folder.uidlist_fields(dovecot.UIDLIST_KEYS))
-    # The listing of a large mailbox is made in the folder's thread, not in the reactor.
-    d.addCallback(lambda fields: folder.read_in_thread(take_snapshot, own, fields))
+    # The listing of a large mailbox is made in the folder's thread, not in the reactor,
+    # in the job that reads Dovecot's stored UIDLs and order.
+    d.addCallback(lambda _: folder.uidlist_fields(dovecot.UIDLIST_KEYS, take_snapshot, own))
 
     def snapshot(taken: Snapshot) -> defer.Deferred[POP3Mailbox]:
         if taken.unusable:

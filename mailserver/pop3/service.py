@@ -7,6 +7,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.mail.pop3 import IMailbox
 
+from mailserver.auth import inbox_warmer
 from mailserver.connlimit import LimitedFactory
 from mailserver.pop3.mailbox import MailboxLocks, POP3Mailbox, open_inbox
 from mailserver.pop3.session import POP3Context, POP3Session
@@ -51,5 +52,6 @@ def build_factory(server: Any, name: str) -> POP3Factory:
                           portal=server.portal, throttle=server.throttle,
                           tls=server.tls if name == "pop3" else None,
                           allow_plaintext_loopback=config.auth.allow_plaintext_loopback,
-                          service=name, metrics=server.metrics.service(name))
+                          service=name, metrics=server.metrics.service(name),
+                          warm=inbox_warmer(server.accounts, server.store))
     return POP3Factory(context)

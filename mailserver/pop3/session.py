@@ -83,6 +83,7 @@ class POP3Context:
     service: str = "pop3"
     clock: Any = None                    # IReactorTime; the reactor when None
     metrics: Any = None                  # mailserver.metrics.ServiceMetrics of the listener
+    warm: Any = None                     # username -> load the INBOX ahead (auth.inbox_warmer)
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -389,6 +390,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         account = user.decode("utf-8", "replace").lower()
         throttle = self.context.throttle
         delay = throttle.delay(ip, account)
+        if not delay and self.context.warm is not None:
+            self.context.warm(user)   # a first open's scan beside the password's check
         d: defer.Deferred[Any] = (task.deferLater(self.context.clock, delay, lambda: None)
                                   if delay else defer.succeed(None))
         d.addCallback(lambda _: self.context.portal.login(

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailserver.accounts import Accounts
-from mailserver.auth import AuthThrottle, MailRealm, build_portal
+from mailserver.auth import AuthThrottle, MailRealm, build_portal, inbox_warmer
 from mailserver.config import LimitsConfig
 from mailserver.maildir import MaildirStore
 from mailserver.passwords import hash_password
@@ -445,6 +445,58 @@ class POP3SessionTests(unittest.TestCase):
         r = yield c.wait_for(lambda got: got.endswith(b"\r\n"))
         self.assertTrue(r.startswith(b"+OK"), r)
         self.assertEqual(throttle.failures("192.0.2.7", ALICE), 0)
+
+    def warming_conn(self) -> Conn:
+        context = self.server.context()
+        context.warm = inbox_warmer(self.server.accounts, self.server.store)
+        return self.conn(context=context)
+
+    def inbox_folder(self, user: str = "alice"):
+        return self.server.store.account(self.server.inbox(user)).loaded_folder("INBOX")
+
+    @defer.inlineCallbacks
+    def test_the_inbox_loads_while_the_password_is_checked(self):
+        self.server.drop(message(1))
+        c = self.warming_conn()
+        yield c.cmd(b"USER alice@example.test")
+        c.send(b"PASS secret\r\n")
+        self.assertEqual(c.take(), b"")            # the verification is still under way
+        folder = self.inbox_folder()
+        self.assertIsNotNone(folder)               # ... and the INBOX's first load began
+        r = yield c.wait_for(lambda got: got.endswith(b"\r\n"))
+        self.assertEqual(r, b"+OK Logged in, 1 messages (%d octets)\r\n" % len(message(1)))
+        self.assertTrue(folder.loaded)
+
+    @defer.inlineCallbacks
+    def test_no_load_ahead_for_unknown_or_throttled_names(self):
+        c = self.warming_conn()
+        yield c.cmd(b"USER nobody@example.test")
+        r = yield c.cmd(b"PASS secret")
+        self.assertTrue(r.startswith(b"-ERR"), r)
+        throttle = self.server.throttle
+        for _ in range(3):
+            throttle.failure("192.0.2.7", "bob@example.test")
+        c = self.warming_conn()
+        c.proto.context.clock = self.server.clock
+        yield c.cmd(b"USER bob@example.test")
+        c.send(b"PASS wrong\r\n")
+        self.assertIsNone(self.inbox_folder("bob"))  # a guessing client loads nothing
+        self.server.clock.advance(throttle.delay("192.0.2.7", "bob@example.test"))
+        r = yield c.wait_for(lambda got: got.endswith(b"\r\n"))
+        self.assertTrue(r.startswith(b"-ERR"), r)
+        self.assertIsNone(self.inbox_folder("bob"))
+
+    @defer.inlineCallbacks
+    def test_a_failed_login_of_a_known_name_loads_what_the_user_would(self):
+        self.server.drop(message(1))
+        c = self.warming_conn()
+        yield c.cmd(b"USER alice@example.test")
+        r = yield c.cmd(b"PASS wrong")
+        self.assertTrue(r.startswith(b"-ERR"), r)
+        folder = self.inbox_folder()
+        yield folder.refresh()
+        self.assertEqual(folder.exists, 1)   # loaded, nothing else: no lock, no session
+        self.assertNotIn(str(self.server.inbox()), self.server.locks)
 
     @defer.inlineCallbacks
     def test_second_session_gets_in_use(self):
