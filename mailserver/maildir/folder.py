@@ -152,6 +152,8 @@ class Folder:
         self._refresh_call: Any = None
         self._settle_call: Any = None
         self._loaded = False
+        # Those waiting for the first load in progress (refresh), None when none runs.
+        self._load_waiters: list[Deferred[FolderChanges]] | None = None
         self._deleted = False
         self.uidvalidity = 0
         self.uidnext = 1
@@ -756,6 +758,15 @@ class Folder:
                         lambda _: FolderChanges())
                 return succeed(FolderChanges())
 
+        if not force and not self._loaded and self._load_waiters is not None:
+            # The first load is under way: it answers for those who ask meanwhile, as
+            # they knew nothing before it (a login's early load, then its SELECT or POP3
+            # open).  What changes while it runs, the next refresh finds; a delivery of
+            # this process asks for that one itself (refresh_soon).
+            waiter: Deferred[FolderChanges] = Deferred()
+            self._load_waiters.append(waiter)
+            return waiter
+
         def job() -> Deferred[FolderChanges]:
             if self._deleted:
                 return fail(NoSuchFolder(f"folder {self.name} was deleted"))
@@ -763,7 +774,20 @@ class Folder:
             d.addCallbacks(self._apply_sync, self._sync_failed, callbackArgs=(None,))
             d.addErrback(self._translate)
             return d
-        return self._executor.submit(job)
+        d = self._executor.submit(job)
+        if not self._loaded and self._load_waiters is None:
+            waiters = self._load_waiters = []
+
+            def answer(result: Any) -> Any:
+                self._load_waiters = None
+                for waiter in waiters:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(result)
+                return result
+            d.addBoth(answer)
+        return d
 
     def _apply_sync(self, sync: Sync, origin: Any) -> FolderChanges:
         if self._deleted:

@@ -183,6 +183,38 @@ class UidAssignment(FolderTestCase):
         self.assertEqual(again.recent_count, 0)  # nothing new for the second process
 
     @inlineCallbacks
+    def test_who_asks_during_the_first_load_gets_its_answer(self):
+        # A login starts loading the INBOX while its password is checked; the SELECT or
+        # POP3 open that follows waits for that load instead of scanning once more.
+        for _ in range(3):
+            yield self.deliver()
+        folder = self.fresh_folder()
+        scans: list[bool] = []
+        real = folder._disk.sync
+        self.patch(folder._disk, "sync",
+                   lambda view, force=False: scans.append(view.loaded) or real(view, force))
+        first, second, third = folder.refresh(), folder.refresh(), folder.refresh()
+        yield first
+        yield second
+        yield third
+        self.assertEqual(scans, [False])         # one scan, the first load
+        self.assertEqual([i.uid for i in folder.messages], [1, 2, 3])
+        yield self.deliver()
+        yield folder.refresh(force=True)          # after the load: a scan of its own
+        self.assertEqual(scans, [False, True])
+        self.assertEqual(folder.exists, 4)
+        yield folder.close()
+
+    @inlineCallbacks
+    def test_a_failed_first_load_fails_its_waiters_too(self):
+        folder = self.fresh_folder(self.user / ".NoSuch")
+        first, second = folder.refresh(), folder.refresh()
+        with self.assertRaises(NoSuchFolder):
+            yield first
+        with self.assertRaises(NoSuchFolder):
+            yield second
+
+    @inlineCallbacks
     def test_an_open_after_a_restart_reads_the_index_and_sees_what_changed_meanwhile(self):
         # The index knows most messages; while the server was down one was read
         # elsewhere (renamed with :2,S), one deleted, one delivered to new/, one put in
