@@ -206,8 +206,9 @@ class _Message:
     @property
     def data(self) -> Any:
         if self._bytes is None:
-            self._file = self.session.folder.open_message(self.uid)
-            self._bytes = mime.MessageBytes(self._file)
+            folder = self.session.folder
+            self._file = folder.open_message(self.uid)
+            self._bytes = mime.MessageBytes(self._file, crlf=_named_crlf(folder, self.uid))
         return self._bytes.data
 
     @property
@@ -236,7 +237,22 @@ class _Message:
             self._file.close()
 
 
+def _named_crlf(folder: Any, uid: int) -> bool:
+    """Whether the message's file name says it is stored with CRLF line ends only (its
+    CRLF size, W=, equal to its size): what this server and Dovecot with CRLF storage
+    write; the file then need not be counted for bare LFs."""
+    info = folder.by_uid(uid)
+    return info is not None and known_vsize(
+        info.basename, info.size, own_name_pattern_escaped(folder.escaped_host)) == info.size
+
+
 def _body_span(msg: _Message, item: Any) -> tuple[int, int] | None:
+    if not item.part:  # the whole message, its header or its text: no structure needed
+        data = msg.data
+        if item.text or item.header is not None:
+            hend, body = mime.header_end(data, 0, len(data))
+            return (body, len(data)) if item.text else (0, hend)
+        return 0, len(data)
     root = msg.root
     if item.part:
         part = mime.find_part(root, [n + 1 for n in item.part])
@@ -686,7 +702,7 @@ def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Itera
 
 def _crlf_size(ctx: _FetchContext, msg: _Message, info: Any) -> int:
     """RFC822.SIZE: octets as sent (CRLF), from the name or the index, else measured."""
-    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(ctx.folder._escaped_host))
+    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(ctx.folder.escaped_host))
     if size is not None:
         return size
     return int(ctx.get(info.uid, VSIZE_KEY, lambda: b"%d" % len(msg.data)))

@@ -34,14 +34,16 @@ class MessageBytes:
     (maildir/sizes.py), which they share with FETCH under one cache key.
     """
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, crlf: bool = False) -> None:
+        """`crlf`: the caller knows the file has no bare LF (its name gives a CRLF size
+        equal to its size), so it is not counted."""
         self._mmap: mmap.mmap | None = None
         size = _fsize(f)
         if size == 0:
             self.data: bytes | mmap.mmap = b""
             return
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if has_bare_lf(m):
+        if not crlf and has_bare_lf(m):
             data = m[:]
             m.close()
             self.data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

@@ -2,8 +2,11 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from mailserver.imap.mime import (MessageBytes, body_structure, envelope, find_part,
                                   header_fields, imap_string, parse_structure)
@@ -86,3 +89,37 @@ def test_message_bytes_size_agrees_with_pop3_and_status_size(tmp_path, raw):
     assert len(data) == crlf_size_of_path(path) == pop3_size(path)
     assert not has_bare_lf(data)
     assert data.replace(b"\r\n", b"\n") == raw.replace(b"\r\n", b"\n")
+
+
+
+class NamedCRLF(unittest.TestCase):
+    """A name whose W= equals its S= says the file has CRLF line ends only (what this
+    server writes): FETCH maps it without counting its LFs; any other is counted."""
+
+    @defer.inlineCallbacks
+    def test_a_file_named_crlf_is_mapped_without_counting_its_line_ends(self):
+        from mailserver.imap import fetch, mime
+        from mailserver.maildir import MaildirStore
+
+        root = Path(self.mktemp())
+        store = MaildirStore(root / "maildirs", hostname="mx.example.test")
+        folder = store.account(store.create_user("example.org", "alice")).folder("INBOX")
+        crlf = b"Subject: a\r\n\r\nbody\r\n"
+        lf = b"Subject: a\n\nbody\n"
+        cur = folder.path / "cur"
+        (cur / f"1700000000.M1P1.mx,S={len(crlf)},W={len(crlf)}:2,").write_bytes(crlf)
+        (cur / f"1700000001.M2P1.mx,S={len(lf)},W={len(crlf)}:2,").write_bytes(lf)
+        (cur / "1700000002.M3P1.other:2,").write_bytes(lf)
+        counted: list[int] = []
+        real = mime.has_bare_lf
+        self.patch(mime, "has_bare_lf", lambda buf: counted.append(len(buf)) or real(buf))
+        yield folder.refresh()
+        self.addCleanup(folder.close)
+        session = type("Session", (), {"folder": folder})()
+        served = []
+        for uid in (1, 2, 3):
+            msg = fetch._Message(session, uid)
+            served.append(bytes(msg.data))
+            msg.close()
+        self.assertEqual(served, [crlf, crlf, crlf])        # each served in CRLF form
+        self.assertEqual(counted, [len(lf), len(lf)])       # only those that may have LFs
