@@ -144,16 +144,10 @@ def main() -> int:
     classes = {"mailserver": S.MailServer, "dovecot": S.Dovecot}
     results: dict[str, dict] = {}
     for key in opts.servers.split(","):
-        cls = classes[key]
-        srv = cls(workdir / f"resync-{key}")
-        try:
-            srv.check()
-        except S.Unavailable as e:
-            print(f"{key}: not runnable: {e}")
+        srv = corpus.started_server(classes[key], workdir / f"resync-{key}", USER,
+                                    corpus_dir, manifest)
+        if srv is None:
             continue
-        srv.setup([USER])
-        corpus.link_into(corpus_dir, manifest, srv.maildir(USER), lf=cls.lf_maildir)
-        srv.start()
         try:
             results[key] = measure(srv.port("imap"), opts)
         finally:

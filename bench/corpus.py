@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 VERSION = 2
 DEFAULT_SEED = 6
@@ -321,3 +322,21 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def started_server(cls: Any, directory: Path, user: str, corpus_dir: Path,
+                   manifest: dict) -> Any:
+    """A server of `cls` (bench/servers.py) in `directory`, with the corpus in `user`'s
+    Maildir, started; None (said on stdout) when it cannot run on this machine."""
+    from common import Unavailable  # noqa: PLC0415 (the servers' module, not the corpus's)
+
+    srv = cls(directory)
+    try:
+        srv.check()
+    except Unavailable as e:
+        print(f"{cls.key}: not runnable: {e}")
+        return None
+    srv.setup([user])
+    link_into(corpus_dir, manifest, srv.maildir(user), lf=cls.lf_maildir)
+    srv.start()
+    return srv

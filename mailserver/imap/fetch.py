@@ -242,8 +242,7 @@ def _named_crlf(folder: Any, uid: int) -> bool:
     CRLF size, W=, equal to its size): what this server and Dovecot with CRLF storage
     write; the file then need not be counted for bare LFs."""
     info = folder.by_uid(uid)
-    return info is not None and known_vsize(
-        info.basename, info.size, own_name_pattern_escaped(folder.escaped_host)) == info.size
+    return info is not None and vsize_hint_from(folder, info, None) == info.size
 
 
 def _body_span(msg: _Message, item: Any) -> tuple[int, int] | None:
@@ -253,27 +252,20 @@ def _body_span(msg: _Message, item: Any) -> tuple[int, int] | None:
             hend, body = mime.header_end(data, 0, len(data))
             return (body, len(data)) if item.text else (0, hend)
         return 0, len(data)
-    root = msg.root
-    if item.part:
-        part = mime.find_part(root, [n + 1 for n in item.part])
-        if part is None:
-            return None
-        if item.mime:
-            return part.start, part.body_start
-        if item.header is not None or item.text:
-            target = part.message
-            if target is None:
-                return None
-        else:
-            return part.body_start, part.end
-    else:
-        target = root
+    part = mime.find_part(msg.root, [n + 1 for n in item.part])
+    if part is None:
+        return None
+    if item.mime:
+        return part.start, part.body_start
+    if item.header is None and not item.text:
+        return part.body_start, part.end
+    target = part.message
+    if target is None:
+        return None
     if item.text:
         return target.body_start, target.end
-    if item.header is not None:
-        hend, _ = mime.header_end(msg.data, target.start, target.end)
-        return target.start, hend
-    return 0, len(msg.data)
+    hend, _ = mime.header_end(msg.data, target.start, target.end)   # n.HEADER
+    return target.start, hend
 
 
 def section_source(msg: Any, item: Any) -> tuple[Any, int, int]:
@@ -702,7 +694,7 @@ def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Itera
 
 def _crlf_size(ctx: _FetchContext, msg: _Message, info: Any) -> int:
     """RFC822.SIZE: octets as sent (CRLF), from the name or the index, else measured."""
-    size = known_vsize(info.basename, info.size, own_name_pattern_escaped(ctx.folder.escaped_host))
+    size = vsize_hint_from(ctx.folder, info, None)
     if size is not None:
         return size
     return int(ctx.get(info.uid, VSIZE_KEY, lambda: b"%d" % len(msg.data)))
