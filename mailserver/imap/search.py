@@ -26,7 +26,13 @@ from mailserver.imap.condstore import parse_modseq
 from mailserver.imap.fetch import vsize_hint_from
 from mailserver.maildir.index import SEARCH_COLUMNS
 from mailserver.maildir.sizes import VSIZE_KEY
-from mailserver.imap.parser import Arguments, BadCommand, SavedSet, parse_sequence_set
+from mailserver.imap.parser import (
+    Arguments,
+    BadCommand,
+    SavedSet,
+    SequenceSet,
+    parse_sequence_set,
+)
 
 if TYPE_CHECKING:
     from mailserver.imap.server import IMAPSession
@@ -213,19 +219,24 @@ class Query:
     `flag_tests` is set when the key is only a conjunction of flag tests (UNSEEN, DELETED
     UNDELETED, ...), which has a fast path without per-message objects.  `modseq` says a
     MODSEQ key is in it (RFC 7162 3.1.6: the response then tells the highest mod-sequence).
-    `reads_files` says a key opens message files (HEADER, BODY, TEXT).
+    `reads_files` says a key opens message files (HEADER, BODY, TEXT).  `within` holds
+    the sequence sets the key is a conjunction with, (is it a UID set, the set): only the
+    messages of the smallest need testing (`UID SEARCH UID 99990:* UNSEEN` over 100,000
+    messages tests a dozen, not all of them).
     """
 
     def __init__(self, predicate: Predicate, needs_size: bool = False,
                  fields: list[FieldTest] | None = None,
                  flag_tests: list[tuple[str, bool]] | None = None,
-                 modseq: bool = False, reads_files: bool = False) -> None:
+                 modseq: bool = False, reads_files: bool = False,
+                 within: tuple[tuple[bool, SequenceSet], ...] = ()) -> None:
         self.predicate = predicate
         self.fields = fields or []
         self.needs_size = needs_size
         self.flag_tests = flag_tests
         self.modseq = modseq
         self.reads_files = reads_files
+        self.within = within
 
     @property
     def in_memory(self) -> bool:
@@ -258,14 +269,18 @@ def _and(keys: list[Query]) -> Query:
     flag_tests = None
     if all(k.flag_tests is not None for k in keys):
         flag_tests = [t for k in keys for t in k.flag_tests or ()]
-    return _combine(lambda r: all(p(r) for p in preds), keys, flag_tests)
+    return _combine(lambda r: all(p(r) for p in preds), keys, flag_tests,
+                    tuple(w for k in keys for w in k.within))
 
 
 def _combine(predicate: Predicate, keys: list[Query],
-             flag_tests: list[tuple[str, bool]] | None = None) -> Query:
+             flag_tests: list[tuple[str, bool]] | None = None,
+             within: tuple[tuple[bool, SequenceSet], ...] = ()) -> Query:
+    """A key made of `keys`; `within` only for a conjunction (OR and NOT reach beyond
+    their keys' sets)."""
     return Query(predicate, any(k.needs_size for k in keys),
                  [f for k in keys for f in k.fields], flag_tests, any(k.modseq for k in keys),
-                 any(k.reads_files for k in keys))
+                 any(k.reads_files for k in keys), within)
 
 
 def _field_key(field: str, needle: str | None = None,
@@ -295,7 +310,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         seqset = args.sequence_set()
         if isinstance(seqset, SavedSet):  # RFC 5182 2.1: "$" is UIDs, here too
             return _saved_key(seqset)
-        return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq))
+        return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq), flag_tests=[],
+                     within=((False, seqset),))
     word = args.atom().upper()
     if word == b"ALL":
         return Query(lambda r: True, flag_tests=[])
@@ -368,7 +384,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         uidset = args.sequence_set()
         if isinstance(uidset, SavedSet):
             return _saved_key(uidset)
-        return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid))
+        return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid), flag_tests=[],
+                     within=((True, uidset),))
     if word == b"MODSEQ":  # RFC 7162 3.1.5
         args.space()
         if args.peek() == b'"':
@@ -388,7 +405,7 @@ def _saved_key(saved: SavedSet) -> Query:
     """`$` or `UID $` (RFC 5182): the messages of the saved result, as it was when the
     command was read."""
     uids = frozenset(saved.uids)
-    return Query(lambda r: r.uid in uids)
+    return Query(lambda r: r.uid in uids, flag_tests=[], within=((True, saved),))
 
 
 def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
@@ -401,7 +418,7 @@ def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
     """
     folder = session.folder
     if query.flag_tests is not None:
-        return succeed(_flag_search(folder, session.view, query.flag_tests))
+        return succeed(_flag_search(folder, _narrowed(session.view, query), query.flag_tests))
     view = list(session.view)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
@@ -429,7 +446,7 @@ def matcher(session: "IMAPSession", query: Query) -> Callable[[Any], list[int]]:
     folder = session.folder
     view = list(session.view)
     if query.flag_tests is not None:
-        tests = query.flag_tests
+        tests, view = query.flag_tests, _narrowed(view, query)
         return lambda disk: _flags_matching(disk.infos, view, tests)
     sizes: dict[int, Any] = folder.cache_get_many(view, VSIZE_KEY) if query.needs_size else {}
     recent = set(session.recent)
@@ -525,10 +542,67 @@ def _run(folder: Any, view: list[int], recent: set[int], query: Query,
          sizes: dict[int, Any], summarize: Callable[..., Any] | None = None) -> list[int]:
     """The search itself (a thread of the folder's executor; `folder` is its FolderView):
     fills the field tests, then tests every message."""
+    if query.within:
+        numbered = candidates(view, query.within)
+        if not numbered:
+            return []
+        view_part = [u for _, u in numbered]
+    else:
+        numbered, view_part = list(enumerate(view, 1)), view
     if query.fields:
-        _fill_fields(folder, view, query.fields, summarize)
+        _fill_fields(folder, view_part, query.fields, summarize)
     row = Row(len(view), view[-1] if view else 0)
-    return list(_matching(folder, enumerate(view, 1), row, recent, query, sizes))
+    return list(_matching(folder, numbered, row, recent, query, sizes))
+
+
+def _narrowed(view: list[int], query: Query) -> list[int]:
+    """The uids of `view` in every set of `query.within` (`view` itself when that is all
+    of it, as for "1:*", so that a flag search keeps its whole-folder answer)."""
+    if not query.within:
+        return view
+    within = list(query.within)
+    if len(within) == 1 and _best_spans(view, within) == [(1, len(view))]:
+        return view
+    return [u for _, u in candidates(view, within)]
+
+
+def _best_spans(view: list[int], within: list[tuple[bool, SequenceSet]]
+                ) -> list[tuple[int, int]]:
+    """The runs of sequence numbers of the smallest of the sets, in `view`."""
+    count = len(view)
+    best: list[tuple[int, int]] = [(1, count)] if count else []
+    best_size = count
+    for is_uid, numbers in within:
+        if is_uid:
+            spans = []
+            for a, b in numbers.spans(view[-1] if view else 0):
+                i, j = bisect.bisect_left(view, a), bisect.bisect_right(view, b)
+                if i < j:
+                    spans.append((i + 1, j))
+        else:
+            spans = [(a, min(b, count)) for a, b in numbers.spans(count) if a <= count]
+        size = sum(b - a + 1 for a, b in spans)
+        if size < best_size:
+            best, best_size = spans, size
+    return best
+
+
+def candidates(view: list[int], within: Iterable[tuple[bool, SequenceSet]]
+               ) -> list[tuple[int, int]]:
+    """(sequence number, uid) of the messages of `view` (ascending uids) in every set a
+    search key is a conjunction with (RFC 3501 6.4.4: a sequence set, or a UID set with
+    "UID"; '*' the last message): the smallest set is walked, the others asked about its
+    members only."""
+    within = list(within)
+    pairs = [(seq, view[seq - 1]) for a, b in _best_spans(view, within)
+             for seq in range(a, b + 1)]
+    if len(within) > 1:
+        count, largest_uid = len(view), view[-1] if view else 0
+        pairs = [(seq, u) for seq, u in pairs
+                 if all(numbers.contains(u if is_uid else seq,
+                                         largest_uid if is_uid else count)
+                        for is_uid, numbers in within)]
+    return pairs
 
 
 def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest],

@@ -31,7 +31,9 @@ MESSAGES = [
 ]
 
 
-class SearchTests(unittest.TestCase):
+class FolderOfFour(unittest.TestCase):
+    """A folder holding MESSAGES, and a session that sees all of it."""
+
     @inlineCallbacks
     def setUp(self):
         root = Path(tempfile.mkdtemp(prefix="search-test-"))
@@ -58,6 +60,8 @@ class SearchTests(unittest.TestCase):
             found = yield self.run_search(text)
             self.assertEqual(found, expected, text)
 
+
+class SearchTests(FolderOfFour):
     HEADER_CASES = [
         ("SUBJECT alpha", [1, 4]), ("SUBJECT café", [2]), ("SUBJECT report", [2]),
         ("FROM ALICE", [1]), ("TO alice", [2, 3, 4]), ("CC carol", [3]), ("BCC x", []),
@@ -118,6 +122,59 @@ class SearchTests(unittest.TestCase):
         query = S.parse_search(Arguments([b"SEEN"]))
         found = yield S.search(stale, query)
         self.assertEqual(found, [1, 2, 3])
+
+
+class RangeTests(FolderOfFour):
+    """Keys joined with a sequence or UID set (RFC 3501 6.4.4) test only the messages of
+    the smallest set, and answer as a test of every message would."""
+
+    RANGE_CASES = [
+        ("1:2 UNSEEN", [2]), ("UID 3:* SEEN", [3]), ("2:3 UID 3:4", [3]),
+        ("OR 1 4", [1, 4]), ("NOT 1:3", [4]), ("(1:2 UNSEEN)", [2]), ("* UNSEEN", [4]),
+        ("UID 9:*", [4]), ("5:7", []), ("UID 5:7 ALL", []), ("SUBJECT alpha 4", [4]),
+        ("2,4 NOT UID 4", [2]), ("OR (1:2 UNSEEN) 4", [2, 4]), ("1:* UID 2", [2]),
+    ]
+
+    @inlineCallbacks
+    def test_ranges_answer_as_the_whole_view_would(self):
+        yield self.check(self.RANGE_CASES)
+        # the same keys without the narrowing: every message tested
+        for text, expected in self.RANGE_CASES:
+            query = S.parse_search(Arguments([text.encode()]))
+            query.within = ()
+            query.flag_tests = None
+            found = yield S.search(self.session(), query)
+            self.assertEqual(found, expected, text)
+
+    def test_sets_and_flags_alone_take_the_flag_path(self):
+        for text in ("1:2 UNSEEN", "UID 3:* SEEN", "2:3 UID 3:4", "(1:2 UNSEEN)", "5:7"):
+            self.assertIsNotNone(S.parse_search(Arguments([text.encode()])).flag_tests, text)
+        for text in ("OR 1 4", "NOT 1:3", "SUBJECT alpha 4"):
+            self.assertIsNone(S.parse_search(Arguments([text.encode()])).flag_tests, text)
+
+    def test_only_the_smallest_set_is_walked(self):
+        view = [1, 5, 9, 12, 20]
+
+        def within(text: str):
+            return S.parse_search(Arguments([text.encode()])).within
+
+        self.assertEqual(S.candidates(view, within("UID 5:9")), [(2, 5), (3, 9)])
+        self.assertEqual(S.candidates(view, within("2:* UID 10:*")), [(4, 12), (5, 20)])
+        self.assertEqual(S.candidates(view, within("1:* 5")), [(5, 20)])
+        self.assertEqual(S.candidates(view, within("1:4 UID 9,20 (UID 1:19)")), [(3, 9)])
+        self.assertEqual(S.candidates(view, within("UID 30:*")), [(5, 20)])  # '*' is 20
+        self.assertEqual(S.candidates(view, within("UID 21:30")), [])
+        self.assertEqual(S.candidates(view, within("6:9")), [])
+        self.assertEqual(S.candidates([], within("1:*")), [])
+        self.assertEqual(within("OR 1 2"), ())
+        self.assertEqual(within("NOT 1"), ())
+
+    @inlineCallbacks
+    def test_a_stale_view_skips_what_was_expunged(self):
+        yield self.folder.delete_messages([2])
+        stale = SimpleNamespace(folder=self.folder, view=[1, 2, 3, 4], recent=set())
+        found = yield S.search(stale, S.parse_search(Arguments([b"1:3 NOT DELETED"])))
+        self.assertEqual(found, [1])
 
 
 def test_imap_avatar_provides_its_interface(tmp_path):
