@@ -19,10 +19,10 @@ from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -318,6 +318,23 @@ def inbox_warmer(accounts: IAccounts, store: Any) -> Callable[[bytes], None]:
             store.warm_inbox(user.domain, user.localpart)
 
     return warm
+
+
+def throttled_login(portal: Portal, throttle: AuthThrottle, clock: IReactorTime, ip: str,
+                    account: str, user: bytes, password: bytes, interface: InterfaceClass,
+                    warm: Callable[[bytes], None] | None = None) -> defer.Deferred[Any]:
+    """A front end's password login (IMAP LOGIN and AUTHENTICATE, POP3 PASS and AUTH,
+    ManageSieve AUTHENTICATE): the portal's Deferred (interface, avatar, logout), after
+    the delay the throttle puts on this client and account, for a right password too (a
+    guesser cannot tell success from a quick answer).  `warm` starts loading the user's
+    INBOX beside the check, unless the client is being held back."""
+    delay = throttle.delay(ip, account)
+    if not delay and warm is not None:
+        warm(user)
+    d: defer.Deferred[Any] = (task.deferLater(clock, delay, lambda: None)
+                              if delay else defer.succeed(None))
+    return d.addCallback(lambda _: portal.login(UsernamePassword(user, password), None,
+                                                interface))
 
 
 @implementer(IRealm)

@@ -34,7 +34,6 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import Logger
@@ -43,6 +42,7 @@ from twisted.python.failure import Failure
 
 from mailserver import sasl
 from mailserver.accounts import AccountsUnavailable
+from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.streaming import ChunkProducer
@@ -590,12 +590,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         ip = self.peer_ip
         account = user.decode("utf-8", "replace").lower()
         throttle = self.context.throttle
-        delay = throttle.delay(ip, account)
-        if not delay and self.context.warm is not None:
-            self.context.warm(user)   # a first open's scan beside the password's check
-        d = task.deferLater(reactor, delay, lambda: None) if delay else defer.succeed(None)
-        d.addCallback(lambda _: self.context.portal.login(
-            UsernamePassword(user, password), None, IIMAPAccount))
+        d = throttled_login(self.context.portal, throttle, reactor, ip, account, user,
+                            password, IIMAPAccount, self.context.warm)
 
         def ok(result: tuple[Any, IMAPAccount, Callable[[], None]]) -> None:
             _, avatar, logout = result

@@ -19,9 +19,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -29,6 +28,7 @@ from twisted.python.failure import Failure
 
 from mailserver import sasl
 from mailserver.accounts import AccountsUnavailable
+from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.managesieve.account import ISieveAccount, SieveAccount
@@ -391,13 +391,9 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
     def _login(self, user: str, password: str) -> None:
         ip = self.peer_ip
         account = user.lower()
-        throttle = self.context.throttle
-        delay = throttle.delay(ip, account)
-        d: defer.Deferred[Any] = (task.deferLater(self.context.clock, delay, lambda: None)
-                                  if delay else defer.succeed(None))
-        d.addCallback(lambda _: self.context.portal.login(
-            UsernamePassword(user.encode("utf-8"), password.encode("utf-8")), None,
-            ISieveAccount))
+        d = throttled_login(self.context.portal, self.context.throttle, self.context.clock,
+                            ip, account, user.encode("utf-8"), password.encode("utf-8"),
+                            ISieveAccount)
         d.addCallbacks(self._logged_in, self._login_failed,
                        callbackArgs=(ip, account), errbackArgs=(ip, account))
         self._hold(d)

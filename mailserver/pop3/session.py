@@ -21,9 +21,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -31,6 +30,7 @@ from twisted.python.failure import Failure
 
 from mailserver import sasl
 from mailserver.accounts import AccountsUnavailable
+from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
@@ -388,14 +388,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
     def _login(self, user: bytes, password: bytes) -> None:
         ip = self.peer_ip
         account = user.decode("utf-8", "replace").lower()
-        throttle = self.context.throttle
-        delay = throttle.delay(ip, account)
-        if not delay and self.context.warm is not None:
-            self.context.warm(user)   # a first open's scan beside the password's check
-        d: defer.Deferred[Any] = (task.deferLater(self.context.clock, delay, lambda: None)
-                                  if delay else defer.succeed(None))
-        d.addCallback(lambda _: self.context.portal.login(
-            UsernamePassword(user, password), None, pop3.IMailbox))
+        d = throttled_login(self.context.portal, self.context.throttle, self.context.clock,
+                            ip, account, user, password, pop3.IMailbox, self.context.warm)
         d.addCallbacks(self._logged_in, self._login_failed,
                        callbackArgs=(ip, account), errbackArgs=(ip, account))
         self._hold(d)

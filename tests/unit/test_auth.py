@@ -8,8 +8,8 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from zope.interface import Interface
 from zope.interface.verify import verifyObject
@@ -184,16 +184,21 @@ class RealmTests(unittest.TestCase):
         self.assertRaises(NotImplementedError, realm.requestAvatar, "a@example.org", None, IOther)
 
 
+def alice_portal(case: unittest.TestCase) -> Portal:
+    """A portal over accounts holding alice@example.org ("Hello world!"), IFake avatars."""
+    accounts = temp_accounts(case)
+    accounts.add_domain("example.org")
+    accounts.add_user("alice@example.org", "{SHA512-CRYPT}$6$saltstring$svn8UoSVapNtMuq1u"
+                      "kKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1")
+    realm = MailRealm()
+    realm.register(IFake, Avatar)
+    return build_portal(accounts, realm)
+
+
 class PortalTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_login_through_the_portal(self):
-        accounts = temp_accounts(self)
-        accounts.add_domain("example.org")
-        accounts.add_user("alice@example.org", "{SHA512-CRYPT}$6$saltstring$svn8UoSVapNtMuq1u"
-                          "kKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1")
-        realm = MailRealm()
-        realm.register(IFake, Avatar)
-        portal = build_portal(accounts, realm)
+        portal = alice_portal(self)
         self.assertIsInstance(portal, Portal)
         iface, avatar, logout = yield portal.login(
             UsernamePassword(b"Alice@example.org", b"Hello world!"), None, IFake)
@@ -201,6 +206,46 @@ class PortalTests(unittest.TestCase):
         self.assertEqual(avatar.avatar_id, "alice@example.org")
         with self.assertRaises(UnauthorizedLogin):
             yield portal.login(UsernamePassword(b"alice@example.org", b"nope"), None, IFake)
+
+
+class ThrottledLoginTests(unittest.TestCase):
+    """The front ends' login: the throttle's delay first, for a right password too, and the
+    INBOX load ahead only for a client that is not held back."""
+
+    def setUp(self):
+        self.portal = alice_portal(self)
+        self.clock = Clock()
+        self.throttle = AuthThrottle(delay_after=3, window=900, clock=self.clock)
+        self.warmed = []
+
+    def login(self, password=b"Hello world!"):
+        return auth.throttled_login(self.portal, self.throttle, self.clock, "192.0.2.1",
+                                    "alice@example.org", b"alice@example.org", password,
+                                    IFake, self.warmed.append)
+
+    @defer.inlineCallbacks
+    def test_no_delay_logs_in_and_warms(self):
+        iface, avatar, _ = yield self.login()
+        self.assertEqual((iface, avatar.avatar_id), (IFake, "alice@example.org"))
+        self.assertEqual(self.warmed, [b"alice@example.org"])
+
+    @defer.inlineCallbacks
+    def test_a_held_back_client_waits_and_loads_nothing(self):
+        for _ in range(3):
+            self.throttle.failure("192.0.2.1", "alice@example.org")
+        delay = self.throttle.delay("192.0.2.1", "alice@example.org")
+        self.assertGreater(delay, 0)
+        answers = []
+        self.login().addBoth(answers.append)
+        self.clock.advance(delay - 0.01)
+        self.assertEqual((answers, self.warmed), ([], []))   # right password, still waiting
+        self.clock.advance(0.01)
+        for _ in range(200):   # the check itself runs in the hashing pool
+            if answers:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(answers[0][1].avatar_id, "alice@example.org")
+        self.assertEqual(self.warmed, [])
 
 
 class ThrottleTests(unittest.TestCase):
