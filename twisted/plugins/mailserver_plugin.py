@@ -50,7 +50,12 @@ class MailServerMaker:
                     raise StartupError(f"{logjson.LOG_PATH_VARIABLE}: a daemon has no standard "
                                        f"output to log to; name a file, or run twistd -n")
                 prepare_log_file(json_log.path, run_as)
-            return make_service(config, run_as)
+            server = make_service(config, run_as)
+            from twisted.internet import reactor
+
+            from mailserver.heap import freeze_startup_heap
+            reactor.callWhenRunning(freeze_startup_heap)
+            return server
         except ConfigError as e:
             self._exit(f"config error: {e}")
         except (StartupError, AccountsError) as e:
