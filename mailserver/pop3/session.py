@@ -261,7 +261,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self._busy = False
             if self._closing:
                 return
-            self.setTimeout(self.idle_timeout)
+            if not idle_timer:  # else it ran on (a RETR's answer): no new timer per message
+                self.setTimeout(self.idle_timeout)
             self._drain()
 
         d.addBoth(release)

@@ -46,12 +46,13 @@ def read_whole(mbox: Any, e: Any, limit: int = WHOLE_MAX) -> bytes | None:
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        return os.read(fd, size) if size <= limit else None
+        # One read of one byte more than allowed tells a larger file without an fstat.
+        data = os.read(fd, limit + 1)
     except OSError:
         return None
     finally:
         os.close(fd)
+    return data if len(data) <= limit else None
 
 
 def response(head: bytes, data: bytes, crlf_size: int) -> bytes:
