@@ -15,7 +15,9 @@ import gc
 
 def freeze_startup_heap() -> int:
     """Collect once, then move everything alive into the permanent generation; how many
-    objects that froze.  Called once the reactor runs (the twistd plugin)."""
+    objects that froze.  Called once the reactor runs (the twistd plugin).  Should a
+    thread be collecting at that moment, ours is skipped and whatever garbage is left
+    stays, frozen: memory, not behaviour."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

@@ -25,6 +25,7 @@ from mailserver.imap import headerpass, mime, summary
 from mailserver.imap.condstore import parse_modseq
 from mailserver.imap.fetch import vsize_hint_from
 from mailserver.maildir.index import SEARCH_COLUMNS
+from mailserver.maildir.uidranges import intersect_ranges
 from mailserver.maildir.sizes import VSIZE_KEY
 from mailserver.imap.parser import (
     Arguments,
@@ -41,6 +42,7 @@ log = Logger()
 
 CHARSETS = ("UTF-8", "US-ASCII")
 FIELD_BATCH = 1000  # search-field rows written to the index per transaction
+INLINE_RANGES = 64  # ranges of sets a search may resolve in the reactor (_few_ranges)
 # Header fields SEARCH keys name most; their decoded text is kept in the folder index
 # (in SEARCH_COLUMNS, the same order, date last).
 SEARCH_FIELDS = ("subject", "from", "to", "cc", "bcc", "date")
@@ -221,7 +223,7 @@ class Query:
     MODSEQ key is in it (RFC 7162 3.1.6: the response then tells the highest mod-sequence).
     `reads_files` says a key opens message files (HEADER, BODY, TEXT).  `within` holds
     the sequence sets the key is a conjunction with, (is it a UID set, the set): only the
-    messages of the smallest need testing (`UID SEARCH UID 99990:* UNSEEN` over 100,000
+    messages in all of them need testing (`UID SEARCH UID 99990:* UNSEEN` over 100,000
     messages tests a dozen, not all of them).
     """
 
@@ -267,10 +269,34 @@ def _and(keys: list[Query]) -> Query:
         return keys[0]
     preds = [k.predicate for k in keys]
     flag_tests = None
-    if all(k.flag_tests is not None for k in keys):
+    within = tuple(w for k in keys for w in k.within)
+    if all(k.flag_tests is not None for k in keys) and _few_ranges(within):
         flag_tests = [t for k in keys for t in k.flag_tests or ()]
-    return _combine(lambda r: all(p(r) for p in preds), keys, flag_tests,
-                    tuple(w for k in keys for w in k.within))
+    return _combine(lambda r: all(p(r) for p in preds), keys, flag_tests, within)
+
+
+def _membership(numbers: SequenceSet) -> Callable[[int, int], bool]:
+    """`numbers.contains`, by bisection over its runs once it has more than a few (a
+    client may send ten thousand ranges); the runs are made again only when '*' comes to
+    mean another number."""
+    if len(numbers.ranges) <= 8:
+        return numbers.contains
+    state: list[tuple[int, list[int], list[tuple[int, int]]] | None] = [None]
+
+    def contains(n: int, largest: int) -> bool:
+        runs = state[0]
+        if runs is None or runs[0] != largest:
+            spans = numbers.spans(largest)
+            runs = state[0] = (largest, [a for a, _ in spans], spans)
+        i = bisect.bisect_right(runs[1], n) - 1
+        return i >= 0 and n <= runs[2][i][1]
+    return contains
+
+
+def _few_ranges(within: tuple[tuple[bool, SequenceSet], ...]) -> bool:
+    """Whether sets this small may be resolved in the reactor (the flag path): a client
+    may send ten thousand ranges, which go to the thread as other keys do."""
+    return sum(len(numbers.ranges) for _, numbers in within) <= INLINE_RANGES
 
 
 def _combine(predicate: Predicate, keys: list[Query],
@@ -310,8 +336,9 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         seqset = args.sequence_set()
         if isinstance(seqset, SavedSet):  # RFC 5182 2.1: "$" is UIDs, here too
             return _saved_key(seqset)
-        return Query(lambda r, s=seqset: s.contains(r.seq, r.largest_seq), flag_tests=[],
-                     within=((False, seqset),))
+        within = ((False, seqset),)
+        return Query(lambda r, contains=_membership(seqset): contains(r.seq, r.largest_seq),
+                     flag_tests=[] if _few_ranges(within) else None, within=within)
     word = args.atom().upper()
     if word == b"ALL":
         return Query(lambda r: True, flag_tests=[])
@@ -369,7 +396,8 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         args.space()
         inner = _key(args, charset, depth + 1)
         flag_tests = None
-        if inner.flag_tests is not None and len(inner.flag_tests) == 1:
+        # NOT (1:2 SEEN) is not UNSEEN: only a lone flag test, bounded by no set, flips.
+        if inner.flag_tests is not None and len(inner.flag_tests) == 1 and not inner.within:
             flag, present = inner.flag_tests[0]
             flag_tests = [(flag, not present)]
         return _combine(lambda r: not inner.predicate(r), [inner], flag_tests)
@@ -384,8 +412,9 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         uidset = args.sequence_set()
         if isinstance(uidset, SavedSet):
             return _saved_key(uidset)
-        return Query(lambda r, s=uidset: s.contains(r.uid, r.largest_uid), flag_tests=[],
-                     within=((True, uidset),))
+        within = ((True, uidset),)
+        return Query(lambda r, contains=_membership(uidset): contains(r.uid, r.largest_uid),
+                     flag_tests=[] if _few_ranges(within) else None, within=within)
     if word == b"MODSEQ":  # RFC 7162 3.1.5
         args.space()
         if args.peek() == b'"':
@@ -405,7 +434,9 @@ def _saved_key(saved: SavedSet) -> Query:
     """`$` or `UID $` (RFC 5182): the messages of the saved result, as it was when the
     command was read."""
     uids = frozenset(saved.uids)
-    return Query(lambda r: r.uid in uids, flag_tests=[], within=((True, saved),))
+    within = ((True, saved),)
+    return Query(lambda r: r.uid in uids, flag_tests=[] if _few_ranges(within) else None,
+                 within=within)
 
 
 def search(session: "IMAPSession", query: Query) -> Deferred[list[int]]:
@@ -560,49 +591,45 @@ def _narrowed(view: list[int], query: Query) -> list[int]:
     of it, as for "1:*", so that a flag search keeps its whole-folder answer)."""
     if not query.within:
         return view
-    within = list(query.within)
-    if len(within) == 1 and _best_spans(view, within) == [(1, len(view))]:
+    spans = _common_spans(view, query.within)
+    if spans == [(1, len(view))]:
         return view
-    return [u for _, u in candidates(view, within)]
-
-
-def _best_spans(view: list[int], within: list[tuple[bool, SequenceSet]]
-                ) -> list[tuple[int, int]]:
-    """The runs of sequence numbers of the smallest of the sets, in `view`."""
-    count = len(view)
-    best: list[tuple[int, int]] = [(1, count)] if count else []
-    best_size = count
-    for is_uid, numbers in within:
-        if is_uid:
-            spans = []
-            for a, b in numbers.spans(view[-1] if view else 0):
-                i, j = bisect.bisect_left(view, a), bisect.bisect_right(view, b)
-                if i < j:
-                    spans.append((i + 1, j))
-        else:
-            spans = [(a, min(b, count)) for a, b in numbers.spans(count) if a <= count]
-        size = sum(b - a + 1 for a, b in spans)
-        if size < best_size:
-            best, best_size = spans, size
-    return best
+    return [u for a, b in spans for u in view[a - 1:b]]
 
 
 def candidates(view: list[int], within: Iterable[tuple[bool, SequenceSet]]
                ) -> list[tuple[int, int]]:
     """(sequence number, uid) of the messages of `view` (ascending uids) in every set a
     search key is a conjunction with (RFC 3501 6.4.4: a sequence set, or a UID set with
-    "UID"; '*' the last message): the smallest set is walked, the others asked about its
-    members only."""
-    within = list(within)
-    pairs = [(seq, view[seq - 1]) for a, b in _best_spans(view, within)
-             for seq in range(a, b + 1)]
-    if len(within) > 1:
-        count, largest_uid = len(view), view[-1] if view else 0
-        pairs = [(seq, u) for seq, u in pairs
-                 if all(numbers.contains(u if is_uid else seq,
-                                         largest_uid if is_uid else count)
-                        for is_uid, numbers in within)]
-    return pairs
+    "UID"; '*' the last message), found by intersecting the sets' runs, not by asking
+    each set about each message."""
+    return [(seq, view[seq - 1]) for a, b in _common_spans(view, within)
+            for seq in range(a, b + 1)]
+
+
+def _common_spans(view: list[int], within: Iterable[tuple[bool, SequenceSet]]
+                  ) -> list[tuple[int, int]]:
+    """The runs of sequence numbers of `view` that lie in every set."""
+    common = [(1, len(view))] if view else []
+    for is_uid, numbers in within:
+        common = intersect_ranges(common, _seq_spans(view, is_uid, numbers))
+        if not common:
+            break
+    return common
+
+
+def _seq_spans(view: list[int], is_uid: bool, numbers: SequenceSet
+               ) -> list[tuple[int, int]]:
+    """A set's members in `view` as ascending runs of sequence numbers."""
+    count = len(view)
+    if not is_uid:
+        return [(a, min(b, count)) for a, b in numbers.spans(count) if a <= count]
+    spans = []
+    for a, b in numbers.spans(view[-1] if view else 0):
+        i, j = bisect.bisect_left(view, a), bisect.bisect_right(view, b)
+        if i < j:
+            spans.append((i + 1, j))
+    return spans
 
 
 def _fill_fields(folder: Any, view: list[int], tests: list[FieldTest],

@@ -133,6 +133,9 @@ class RangeTests(FolderOfFour):
         ("OR 1 4", [1, 4]), ("NOT 1:3", [4]), ("(1:2 UNSEEN)", [2]), ("* UNSEEN", [4]),
         ("UID 9:*", [4]), ("5:7", []), ("UID 5:7 ALL", []), ("SUBJECT alpha 4", [4]),
         ("2,4 NOT UID 4", [2]), ("OR (1:2 UNSEEN) 4", [2, 4]), ("1:* UID 2", [2]),
+        ("NOT (1:2 SEEN)", [2, 3, 4]), ("NOT (1:2 UNSEEN)", [1, 3, 4]),
+        ("NOT (UID 1 DELETED)", [1, 2, 3, 4]), ("NOT NOT (1:2 SEEN)", [1]),
+        ("(NOT (1:2 SEEN)) 3:4", [3, 4]), ("4:2 UID *:3", [3, 4]),
     ]
 
     @inlineCallbacks
@@ -152,7 +155,15 @@ class RangeTests(FolderOfFour):
         for text in ("OR 1 4", "NOT 1:3", "SUBJECT alpha 4"):
             self.assertIsNone(S.parse_search(Arguments([text.encode()])).flag_tests, text)
 
-    def test_only_the_smallest_set_is_walked(self):
+    @inlineCallbacks
+    def test_many_ranges_go_to_the_thread(self):
+        many = ",".join(str(n) for n in range(1, 200, 2))   # 100 ranges
+        query = S.parse_search(Arguments([f"UID {many} SEEN".encode()]))
+        self.assertIsNone(query.flag_tests)   # not resolved in the reactor
+        found = yield S.search(self.session(), query)
+        self.assertEqual(found, [1, 3])
+
+    def test_the_sets_are_intersected(self):
         view = [1, 5, 9, 12, 20]
 
         def within(text: str):
