@@ -286,6 +286,11 @@ def link_into(corpus_dir: Path, manifest: dict, maildir: Path, count: int | None
     server renaming a file to change its flags does not touch the corpus or another copy.
     With `lf`, the files are copied with LF line ends instead (for a server whose Maildir
     files are LF-only), named with the LF size in S= and the CRLF size in W=.
+
+    Either way every file's contents end up in the page cache: a copy was just written,
+    and a link is read once.  Otherwise a server given links would read from the disk
+    what the other reads from memory, whenever the corpus had left the cache since its
+    last use (the first POP3 session of a run then took 2.5 s instead of 1.6).
     """
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,7 @@ def link_into(corpus_dir: Path, manifest: dict, maildir: Path, count: int | None
     for name in names:
         if not lf:
             os.link(src / name, dst / name)
+            _read_through(dst / name)
             continue
         data = (src / name).read_bytes().replace(b"\r\n", b"\n")
         base, _, flags = name.partition(":2,")
@@ -303,6 +309,12 @@ def link_into(corpus_dir: Path, manifest: dict, maildir: Path, count: int | None
         target.write_bytes(data)
         st = (src / name).stat()
         os.utime(target, (st.st_mtime, st.st_mtime))
+
+
+def _read_through(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
 
 
 def main() -> int:
