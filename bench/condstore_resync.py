@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -143,16 +142,9 @@ def main() -> int:
     corpus_dir, manifest = corpus.cached(workdir, opts.messages)
     classes = {"mailserver": S.MailServer, "dovecot": S.Dovecot}
     results: dict[str, dict] = {}
-    for key in opts.servers.split(","):
-        srv = corpus.started_server(classes[key], workdir / f"resync-{key}", USER,
-                                    corpus_dir, manifest)
-        if srv is None:
-            continue
-        try:
-            results[key] = measure(srv.port("imap"), opts)
-        finally:
-            srv.stop()
-            shutil.rmtree(srv.dir, ignore_errors=True)
+    for key, srv in corpus.servers_in_turn(opts.servers.split(","), classes, workdir,
+                                           "resync", USER, corpus_dir, manifest):
+        results[key] = measure(srv.port("imap"), opts)
     report(results, opts)
     return 0
 

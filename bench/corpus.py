@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 VERSION = 2
 DEFAULT_SEED = 6
@@ -299,7 +299,7 @@ def link_into(corpus_dir: Path, manifest: dict, maildir: Path, count: int | None
     for name in names:
         if not lf:
             os.link(src / name, dst / name)
-            _read_through(dst / name)
+            (dst / name).read_bytes()  # into the page cache (see above)
             continue
         data = (src / name).read_bytes().replace(b"\r\n", b"\n")
         base, _, flags = name.partition(":2,")
@@ -309,12 +309,6 @@ def link_into(corpus_dir: Path, manifest: dict, maildir: Path, count: int | None
         target.write_bytes(data)
         st = (src / name).stat()
         os.utime(target, (st.st_mtime, st.st_mtime))
-
-
-def _read_through(path: Path) -> None:
-    with open(path, "rb", buffering=0) as f:
-        while f.read(1 << 20):
-            pass
 
 
 def main() -> int:
@@ -352,3 +346,20 @@ def started_server(cls: Any, directory: Path, user: str, corpus_dir: Path,
     link_into(corpus_dir, manifest, srv.maildir(user), lf=cls.lf_maildir)
     srv.start()
     return srv
+
+
+def servers_in_turn(keys: list[str], classes: dict[str, Any], workdir: Path, prefix: str,
+                    user: str, corpus_dir: Path, manifest: dict) -> Iterator[tuple[str, Any]]:
+    """(key, server) for each runnable server of `keys` in turn, started in
+    workdir/<prefix>-<key> with the corpus in `user`'s Maildir; stopped and its directory
+    removed once the caller moves on to the next (or leaves the loop)."""
+    for key in keys:
+        srv = started_server(classes[key], workdir / f"{prefix}-{key}", user, corpus_dir,
+                             manifest)
+        if srv is None:
+            continue
+        try:
+            yield key, srv
+        finally:
+            srv.stop()
+            shutil.rmtree(srv.dir, ignore_errors=True)

@@ -21,7 +21,6 @@ Prints the figures and the ratio to Dovecot's.  A figure, not a test: machines d
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import threading
@@ -147,23 +146,15 @@ def main() -> int:
     word = manifest["search_word"]
     classes = {"mailserver": S.MailServer, "dovecot": S.Dovecot}
     results: dict[str, dict] = {}
-    for key in opts.servers.split(","):
-        srv = corpus.started_server(classes[key], workdir / f"sortstall-{key}", USER,
-                                    corpus_dir, manifest)
-        if srv is None:
-            continue
-        try:
-            results[key] = {"sort": warm_sorts(srv.port("imap"), opts.runs),
-                            "during": noop_during_sorts(srv.port("imap"), srv.pids(),
-                                                         opts.runs)}
-            if not opts.no_stall:
-                srv.stop()
-                remove_indexes(srv)
-                srv.start()
-                results[key]["stall"] = stall(srv.port("imap"), word)
-        finally:
+    for key, srv in corpus.servers_in_turn(opts.servers.split(","), classes, workdir,
+                                           "sortstall", USER, corpus_dir, manifest):
+        results[key] = {"sort": warm_sorts(srv.port("imap"), opts.runs),
+                        "during": noop_during_sorts(srv.port("imap"), srv.pids(), opts.runs)}
+        if not opts.no_stall:
             srv.stop()
-            shutil.rmtree(srv.dir, ignore_errors=True)
+            remove_indexes(srv)
+            srv.start()
+            results[key]["stall"] = stall(srv.port("imap"), word)
     report(results, opts.messages)
     return 0
 
