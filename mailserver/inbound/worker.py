@@ -1,14 +1,16 @@
-"""The child side of `workers.WorkerProcess`: runs Twisted-free check functions (DKIM and
-ARC verification) for the server, one request at a time, in its own interpreter.
+"""The child side of `workers.WorkerProcess`: runs Twisted-free functions (DKIM and ARC
+verification, a folder's header pass, password hashing) for the server, one request at a
+time, in its own interpreter.
 
-A thread would share the server's GIL: the reactor and the verifying thread then take
-turns, each hand-off a futex call, and the checks' CPU time comes out of the reactor's.
+A thread would share the server's GIL: the reactor and the working thread then take
+turns, each hand-off a futex call, and the work's CPU time comes out of the reactor's.
 Here it runs beside it.  Requests and answers are pickled frames on stdin/stdout
 (4-byte length, then `(id, "module:function", args)` / `(id, ok, value)`); the peer is
 only ever the server that started this process, and only functions of the modules in
 ALLOWED can be called.
 
-Run as ``python -m mailserver.inbound.worker`` (by the server).
+Run as ``python -m mailserver.inbound.worker [MODULE ...]`` (by the server): the modules
+named (of ALLOWED; all of them when none is) are imported before the first request.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import pickle
 import sys
 from typing import Any, BinaryIO
 
-# DKIM/ARC verification; the IMAP header pass (a folder's first FETCH ENVELOPE or SEARCH).
-ALLOWED = frozenset({"mailserver.inbound.dkimverify", "mailserver.imap.summary"})
+# DKIM/ARC verification; the IMAP header pass (a folder's first FETCH ENVELOPE or SEARCH);
+# password hashing and verification (auth.py).
+ALLOWED = frozenset({"mailserver.inbound.dkimverify", "mailserver.imap.summary",
+                     "mailserver.passwords"})
 MAX_FRAME = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 
@@ -81,7 +85,8 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 def main() -> None:
-    for module in ALLOWED:  # imported up front: the first message does not wait for them
+    # Imported up front: the first request does not wait for them.
+    for module in [m for m in sys.argv[1:] if m in ALLOWED] or sorted(ALLOWED):
         importlib.import_module(module)
     # The server gone (a closed pipe) or interrupted: nothing is owed to anyone.
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):

@@ -74,7 +74,7 @@ def size_from_base(base: str) -> int | None:
     if not found:
         return None
     digits = rest.partition(",")[0]
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isdigit() and digits.isascii() else None   # not "²"
 
 
 def normalize_flag(flag: str) -> str:

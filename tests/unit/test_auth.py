@@ -151,6 +151,87 @@ class Avatar:
         self.logged_out = True
 
 
+class HashWorkerTests(unittest.TestCase):
+    """The running server hashes and verifies passwords in a child process."""
+
+    def setUp(self):
+        self.accounts = temp_accounts(self)
+        self.accounts.add_domain("example.org")
+        self.accounts.add_user("alice@example.org", hash_password("right"))
+        self.checker = AccountsChecker(self.accounts)
+        self.addCleanup(self.stop_workers)
+        self.assertIsNone(auth._hash_workers)
+        return auth.use_hash_workers(processes=1)
+
+    @defer.inlineCallbacks
+    def stop_workers(self):
+        pool, auth._hash_workers = auth._hash_workers, None
+        if pool is None:
+            return
+        children = list(pool._children)
+        pool.stop()
+        for _ in range(250):
+            if all(c.ended for c in children):
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    def live_children(self):
+        return [c for c in auth._hash_workers._children if not c.ended]
+
+    def test_a_worker_is_running_before_the_first_login(self):
+        [child] = self.live_children()
+        with open(f"/proc/{child.transport.pid}/cmdline", "rb") as f:
+            self.assertIn(b"mailserver.passwords", f.read())
+
+    @defer.inlineCallbacks
+    def test_logins_are_verified_there(self):
+        ran_here = []
+        self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn))
+        address = yield self.checker.requestAvatarId(
+            UsernamePassword(b"alice@example.org", b"right"))
+        self.assertEqual(address, "alice@example.org")
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(
+                UsernamePassword(b"alice@example.org", b"wrong"))
+        value = yield auth.in_hash_pool(hash_password, "new")
+        self.assertTrue(value.startswith("$argon2id$"))
+        self.assertEqual(ran_here, [])
+
+    @defer.inlineCallbacks
+    def test_a_dead_worker_costs_no_login(self):
+        [child] = self.live_children()
+        child.transport.signalProcess("KILL")
+        # Whether this request reaches the dying child or a new one, it is answered.
+        address = yield self.checker.requestAvatarId(
+            UsernamePassword(b"alice@example.org", b"right"))
+        self.assertEqual(address, "alice@example.org")
+        for _ in range(250):
+            if child.ended:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        address = yield self.checker.requestAvatarId(
+            UsernamePassword(b"alice@example.org", b"right"))
+        self.assertEqual(address, "alice@example.org")
+        self.assertNotIn(child, self.live_children())
+
+    @defer.inlineCallbacks
+    def test_threads_until_a_worker_answers(self):
+        pool, auth._hash_workers = auth._hash_workers, None
+        self.addCleanup(setattr, auth, "_hash_workers", pool)
+        ran_here = []
+        real = auth._in_threads
+        self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn) or real(fn, *a))
+        address = yield self.checker.requestAvatarId(
+            UsernamePassword(b"alice@example.org", b"right"))
+        self.assertEqual(address, "alice@example.org")
+        self.assertEqual(ran_here, [auth.verify_password])
+
+    @defer.inlineCallbacks
+    def test_other_functions_stay_in_threads(self):
+        value = yield auth.in_hash_pool(len, b"abc")
+        self.assertEqual(value, 3)
+
+
 class RealmTests(unittest.TestCase):
     def test_interface(self):
         self.assertTrue(verifyObject(IRealm, MailRealm()))

@@ -45,6 +45,7 @@ DISK_MODULES = [
     "mailserver.imap.summary",
     "mailserver.inbound.dkimverify",
     "mailserver.inbound.worker",
+    "mailserver.passwords",
     "mailserver.sieve.actions",
     "mailserver.sieve.lexer",
     "mailserver.sieve.grammar",

@@ -283,6 +283,7 @@ def test_flags_from_file_names() -> None:
     assert flagsmod.base_name("123.M4P5.host,S=9:2,S") == "123.M4P5.host,S=9"
     assert flagsmod.size_from_base("123.M4P5.host,S=9,W=11") == 9
     assert flagsmod.size_from_base("123.M4P5.host") is None
+    assert flagsmod.size_from_base("123.M4P5.host,S=\u00b2") is None   # a digit, not 0-9
 
 
 def test_with_letters_keeps_unknown_and_sorts() -> None:
