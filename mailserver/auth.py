@@ -63,6 +63,9 @@ def use_hash_workers(processes: int = HASH_THREADS) -> defer.Deferred[None]:
 
     def ready(_: object) -> None:
         global _hash_workers
+        if not pool.runs_in_processes:   # the ping itself ran in a thread
+            log.warn("password hashing workers could not start: hashing in threads")
+            return
         _hash_workers = pool
         log.info("password hashing: in worker processes (up to {n})", n=processes)
 
@@ -78,7 +81,7 @@ def in_hash_pool(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
     """Run a password hash function in the hashing workers (see use_hash_workers), else
     in the hashing thread pool (started on first use, stopped with the reactor; its
     threads never hold up the process's exit)."""
-    if _hash_workers is not None and fn in _IN_WORKERS:
+    if _hash_workers is not None and _hash_workers.runs_in_processes and fn in _IN_WORKERS:
         d = _hash_workers(fn, *args)
         return d.addErrback(_in_thread_instead, fn, args)
     return _in_threads(fn, *args)
@@ -103,7 +106,11 @@ def _in_threads(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
     if _hash_pool is None:
         pool = ThreadPool(minthreads=0, maxthreads=HASH_THREADS, name="password-hash")
         pool.threadFactory = _daemon_thread  # type: ignore[assignment]
-        pool.start()
+        # Its threads start with the reactor, as the reactor's own pool's do: twistd
+        # builds the server (and its checker asks for the unknown users' dummy hash)
+        # before the fork that makes it a daemon, and threads do not survive a fork;
+        # work queued before then waits for them.
+        reactor.callWhenRunning(pool.start)  # type: ignore[attr-defined]
         reactor.addSystemEventTrigger("during", "shutdown", pool.stop)  # type: ignore[attr-defined]
         _hash_pool = pool
     return threads.deferToThreadPool(reactor, _hash_pool, fn, *args)  # type: ignore[arg-type]

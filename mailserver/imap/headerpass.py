@@ -48,7 +48,8 @@ def workers() -> Runner:
     if _workers is None:
         from mailserver.inbound.workers import WorkerPool  # noqa: PLC0415
 
-        _workers = WorkerPool(processes=os.cpu_count() or 1, idle_timeout=IDLE_SECONDS)
+        _workers = WorkerPool(processes=os.cpu_count() or 1, idle_timeout=IDLE_SECONDS,
+                              preload=("mailserver.imap.summary",))
     return _workers
 
 

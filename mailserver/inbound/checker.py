@@ -328,7 +328,8 @@ def build_checker(server: Any) -> InboundChecker:
         rspamd = RspamdClient(config.inbound.rspamd_url, config.inbound.rspamd_timeout,
                               mta_name=config.server.hostname)
     orgs = OrgDomains(config.inbound.psl_file or None)
-    workers = WorkerPool(processes=max(1, (os.cpu_count() or 2) // 2))
+    workers = WorkerPool(processes=max(1, (os.cpu_count() or 2) // 2),
+                         preload=("mailserver.inbound.dkimverify",))
     if orgs.psl_file is not None:
         try:
             orgs.load()  # a bad psl_file fails at start, not at the first message

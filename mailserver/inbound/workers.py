@@ -57,7 +57,8 @@ class _Child(protocol.ProcessProtocol):
         while len(buffer) - start >= 4:
             size = int.from_bytes(buffer[start:start + 4], "big")
             if size > MAX_FRAME:
-                log.error("check worker sent a frame of {size} bytes; stopping it", size=size)
+                log.error("worker process sent a frame of {size} bytes; stopping it",
+                          size=size)
                 self.transport.signalProcess("KILL")
                 self.buffer = bytearray()
                 return
@@ -78,14 +79,14 @@ class _Child(protocol.ProcessProtocol):
             self.buffer = bytearray(buffer)
 
     def errReceived(self, data: bytes) -> None:
-        log.warn("check worker: {text}", text=data.decode("utf-8", "replace").rstrip())
+        log.warn("worker process: {text}", text=data.decode("utf-8", "replace").rstrip())
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.pool.child_ended(self)
         pending, self.pending = self.pending, {}
         for d in pending.values():
-            d.errback(WorkerFailed(f"check worker ended: {reason.getErrorMessage()}"))
+            d.errback(WorkerFailed(f"worker process ended: {reason.getErrorMessage()}"))
 
 
 class WorkerPool:
@@ -129,6 +130,11 @@ class WorkerPool:
                 self._idle_call = self.reactor.callLater(self.idle_timeout, self._retire_idle)
         return d
 
+    @property
+    def runs_in_processes(self) -> bool:
+        """False once children could not be started: requests then run in threads."""
+        return not self._threads_only
+
     def _retire_idle(self) -> None:
         """End the children once none has had a request for `idle_timeout` seconds."""
         self._idle_call = None
@@ -163,11 +169,12 @@ class WorkerPool:
                                     else "")
         try:
             self.reactor.spawnProcess(child, sys.executable,
-                                      [sys.executable, "-m", "mailserver.inbound.worker",
+                                      [sys.executable, "-P", "-m", "mailserver.inbound.worker",
                                        *self.preload],
                                       env=env, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
-            log.error("cannot start a check worker ({error}): checks run in threads", error=e)
+            log.error("cannot start a worker process ({error}): its work runs in threads",
+                      error=e)
             self._threads_only = True
             return None
         self._children.append(child)
@@ -177,7 +184,8 @@ class WorkerPool:
         if child in self._children:
             self._children.remove(child)
         if not self._stopping and child.pending:
-            log.warn("a check worker ended with {n} requests in flight", n=len(child.pending))
+            log.warn("a worker process ended with {n} requests in flight",
+                     n=len(child.pending))
 
     def stop(self) -> None:
         """Close the children's input: each ends once it has answered what it has."""

@@ -176,7 +176,9 @@ class ProcessCommitter:
         try:
             self._process = self._reactor.spawnProcess(
                 self._child, sys.executable,
-                [sys.executable, "-c", CHILD_BOOT, str(CHILD_FD)],
+                # -P: not the working directory first on sys.path (a module there
+                # would be imported in its place).
+                [sys.executable, "-P", "-c", CHILD_BOOT, str(CHILD_FD)],
                 env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r",
                                                 CHILD_FD: theirs.fileno()})
         except (OSError, twisted_error.ProcessExitedAlready) as e:

@@ -44,6 +44,7 @@ from harness import (
     requires_tool,
     send_mail,
     split_overrides,
+    tls_client_context,
     toml_text,
     wait_until,
 )
@@ -450,6 +451,50 @@ def test_a_port_in_use_is_one_line_naming_the_key(make_server, tmp_path, daemon)
     assert lines[0].startswith("mailserver: listen.imaps = ") and str(port) in lines[0], lines[0]
     assert not (tmp_path / "twistd.pid").exists()
     assert not any(port_is_listening(p) for s, p in srv.ports.items() if s != "imaps")
+
+
+def test_a_daemon_answers_logins_of_unknown_and_known_users(make_server, tmp_path):
+    """twistd builds the server, then forks to become a daemon: threads started before the
+    fork are gone after it.  The unknown users' dummy hash, asked for while the server is
+    built, once waited forever for such a thread, and with it every login of an unknown
+    user; password hashing moves to worker processes once the server runs."""
+    import poplib
+
+    srv = make_server(start=False)
+    pidfile = tmp_path / "daemon.pid"
+    argv = srv.twistd_argv()
+    argv.remove("-n")
+    argv[argv.index("--pidfile=")] = f"--pidfile={pidfile}"
+    cp = subprocess.run(argv, cwd=srv.root, env=_env(), capture_output=True, text=True,
+                        stdin=subprocess.DEVNULL, timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    try:
+        assert wait_until(lambda: pidfile.exists() and port_is_listening(srv.ports["pop3s"]),
+                          30), srv.log_path.read_text()[-3000:]
+
+        def login(user: str, password: str) -> bytes:
+            p = poplib.POP3_SSL("127.0.0.1", srv.ports["pop3s"], context=tls_client_context(),
+                                timeout=10)
+            try:
+                p.user(user)
+                return p.pass_(password)
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                p.close()
+
+        for _ in range(2):   # in threads, then in the hashing workers once they answer
+            assert login(f"nobody@{DOMAIN}", "x").startswith(b"-ERR [AUTH]")
+            assert login(f"alice@{DOMAIN}", PASSWORD).startswith(b"+OK")
+            assert login(f"alice@{DOMAIN}", "wrong").startswith(b"-ERR [AUTH]")
+            time.sleep(1.0)
+        log = srv.log_path.read_text()
+        assert "password hashing: in worker processes" in log, log[-3000:]
+    finally:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            assert wait_until(lambda: not pidfile.exists(), 30)
 
 
 def test_an_endpoint_that_cannot_listen_at_start_is_one_line_naming_the_key(make_server,

@@ -1,5 +1,6 @@
 """Checker, throttle, realm and portal, with a real accounts database."""
 
+import os
 import shutil
 import tempfile
 import threading
@@ -183,8 +184,16 @@ class HashWorkerTests(unittest.TestCase):
         with open(f"/proc/{child.transport.pid}/cmdline", "rb") as f:
             self.assertIn(b"mailserver.passwords", f.read())
 
+    @staticmethod
+    def cpu_seconds(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     @defer.inlineCallbacks
     def test_logins_are_verified_there(self):
+        [child] = self.live_children()
+        before = self.cpu_seconds(child.transport.pid)
         ran_here = []
         self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn))
         address = yield self.checker.requestAvatarId(
@@ -196,6 +205,8 @@ class HashWorkerTests(unittest.TestCase):
         value = yield auth.in_hash_pool(hash_password, "new")
         self.assertTrue(value.startswith("$argon2id$"))
         self.assertEqual(ran_here, [])
+        # Three argon2id runs of about 20 ms of CPU each, in the child.
+        self.assertGreater(self.cpu_seconds(child.transport.pid) - before, 0.03)
 
     @defer.inlineCallbacks
     def test_a_dead_worker_costs_no_login(self):
@@ -216,15 +227,33 @@ class HashWorkerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_threads_until_a_worker_answers(self):
-        pool, auth._hash_workers = auth._hash_workers, None
-        self.addCleanup(setattr, auth, "_hash_workers", pool)
+        yield self.stop_workers()
         ran_here = []
         real = auth._in_threads
         self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn) or real(fn, *a))
+        started = auth.use_hash_workers(processes=1)
+        self.assertIsNone(auth._hash_workers)   # not before its first answer
         address = yield self.checker.requestAvatarId(
             UsernamePassword(b"alice@example.org", b"right"))
         self.assertEqual(address, "alice@example.org")
         self.assertEqual(ran_here, [auth.verify_password])
+        yield started
+        self.assertIsNotNone(auth._hash_workers)
+
+    @defer.inlineCallbacks
+    def test_no_worker_process_means_threads(self):
+        yield self.stop_workers()
+
+        def cannot(*args, **kwargs):
+            raise OSError(11, "Resource temporarily unavailable")
+
+        self.patch(reactor, "spawnProcess", cannot)
+        yield auth.use_hash_workers(processes=1)
+        self.assertIsNone(auth._hash_workers)
+        self.flushLoggedErrors()
+        address = yield self.checker.requestAvatarId(
+            UsernamePassword(b"alice@example.org", b"right"))
+        self.assertEqual(address, "alice@example.org")
 
     @defer.inlineCallbacks
     def test_other_functions_stay_in_threads(self):
