@@ -37,8 +37,8 @@ TWISTD_BOOT = ("import sys; sys.argv[0] = 'twistd'; "
                "from twisted.scripts.twistd import run; sys.exit(run())")
 MAIL_UID = "nobody"   # the unprivileged owner of the anchors' mail (Postfix, Dovecot)
 # Every server is measured once it has started, not while it starts: after its banners,
-# this long for the work a start leaves running (this server's heap collection, Public
-# Suffix List and password-hashing worker; Dovecot starts its processes on demand).
+# this long for the work a start leaves running (this server's heap collection and Public
+# Suffix List; Dovecot starts its processes on demand).
 SETTLE_SECONDS = 1.0
 
 # The password hash every server that reads a Dovecot passwd-file gets (this server imports

@@ -37,69 +37,15 @@ log = Logger()
 
 HASH_THREADS = max(2, os.cpu_count() or 2)
 _hash_pool: ThreadPool | None = None
-_hash_workers: Any = None   # a WorkerPool once use_hash_workers() is called
-# What may go to the worker processes: functions of the passwords module alone.
-_IN_WORKERS = (verify_password, hash_password)
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
     return threading.Thread(*args, daemon=True, **kwargs)
 
 
-def use_hash_workers(processes: int = HASH_THREADS) -> defer.Deferred[None]:
-    """Hash and verify passwords in child processes (the running server), from the
-    moment the first child has answered: until then, and if none can be started, in
-    threads.  One child is started now, up to `processes` as logins come in together.
-
-    argon2id takes 46 MiB and 20 ms of CPU per login.  In a thread of the server it maps
-    and faults in those 46 MiB while the folder thread scans the mailbox that same login
-    opens, and every mmap() of that thread (a Python arena, a thread stack, SQLite's
-    shared memory) waits behind it in the kernel: a POP3 login to a 10,000-message
-    mailbox took 10-15 ms longer than the scan and the hash side by side.  In a process
-    of its own, as in Dovecot's auth workers, the two do not meet."""
-    from mailserver.inbound.workers import WorkerPool  # noqa: PLC0415
-
-    pool = WorkerPool(processes=processes, preload=("mailserver.passwords",))
-
-    def ready(_: object) -> None:
-        global _hash_workers
-        if not pool.runs_in_processes:   # the ping itself ran in a thread
-            log.warn("password hashing workers could not start: hashing in threads")
-            return
-        _hash_workers = pool
-        log.info("password hashing: in worker processes (up to {n})", n=processes)
-
-    def failed(f: Any) -> None:
-        log.warn("password hashing workers unavailable ({why}): hashing in threads",
-                 why=f.getErrorMessage())
-        pool.stop()
-
-    return pool(needs_rehash, "").addCallbacks(ready, failed)
-
-
 def in_hash_pool(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-    """Run a password hash function in the hashing workers (see use_hash_workers), else
-    in the hashing thread pool (started on first use, stopped with the reactor; its
-    threads never hold up the process's exit)."""
-    if _hash_workers is not None and _hash_workers.runs_in_processes and fn in _IN_WORKERS:
-        d = _hash_workers(fn, *args)
-        return d.addErrback(_in_thread_instead, fn, args)
-    return _in_threads(fn, *args)
-
-
-def _in_thread_instead(failure: Any, fn: Callable[..., Any],
-                       args: tuple[Any, ...]) -> defer.Deferred[Any]:
-    """A worker that died (or a function that raised there): the same call in a thread,
-    so a login fails only for what it is, never for a lost child."""
-    from mailserver.inbound.workers import WorkerFailed  # noqa: PLC0415
-
-    failure.trap(WorkerFailed)
-    log.warn("password hashing worker: {why}; hashing in a thread",
-             why=failure.getErrorMessage())
-    return _in_threads(fn, *args)
-
-
-def _in_threads(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """Run a password hash function in the hashing pool (started with the reactor, stopped
+    with it; its threads never hold up the process's exit)."""
     global _hash_pool
     from twisted.internet import reactor
 

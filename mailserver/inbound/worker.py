@@ -1,5 +1,5 @@
 """The child side of `workers.WorkerProcess`: runs Twisted-free functions (DKIM and ARC
-verification, a folder's header pass, password hashing) for the server, one request at a
+verification, a folder's header pass) for the server, one request at a
 time, in its own interpreter.
 
 A thread would share the server's GIL: the reactor and the working thread then take
@@ -21,10 +21,8 @@ import pickle
 import sys
 from typing import Any, BinaryIO
 
-# DKIM/ARC verification; the IMAP header pass (a folder's first FETCH ENVELOPE or SEARCH);
-# password hashing and verification (auth.py).
-ALLOWED = frozenset({"mailserver.inbound.dkimverify", "mailserver.imap.summary",
-                     "mailserver.passwords"})
+# DKIM/ARC verification; the IMAP header pass (a folder's first FETCH ENVELOPE or SEARCH).
+ALLOWED = frozenset({"mailserver.inbound.dkimverify", "mailserver.imap.summary"})
 MAX_FRAME = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 

@@ -1,5 +1,5 @@
 """Worker processes for CPU work that would otherwise share the reactor's GIL: the checks'
-DKIM and ARC hashing and signatures, a folder's header pass, password hashing.
+DKIM and ARC hashing and signatures, a folder's header pass.
 
 `WorkerPool` is called like deferToThread, `pool(function, *args)`, with a function of a
 Twisted-free module (`worker.ALLOWED`), and runs it in a child process
@@ -129,11 +129,6 @@ class WorkerPool:
             if self._idle_call is None:
                 self._idle_call = self.reactor.callLater(self.idle_timeout, self._retire_idle)
         return d
-
-    @property
-    def runs_in_processes(self) -> bool:
-        """False once children could not be started: requests then run in threads."""
-        return not self._threads_only
 
     def _retire_idle(self) -> None:
         """End the children once none has had a request for `idle_timeout` seconds."""

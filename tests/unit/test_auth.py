@@ -1,6 +1,5 @@
 """Checker, throttle, realm and portal, with a real accounts database."""
 
-import os
 import shutil
 import tempfile
 import threading
@@ -150,115 +149,6 @@ class Avatar:
 
     def logout(self):
         self.logged_out = True
-
-
-class HashWorkerTests(unittest.TestCase):
-    """The running server hashes and verifies passwords in a child process."""
-
-    def setUp(self):
-        self.accounts = temp_accounts(self)
-        self.accounts.add_domain("example.org")
-        self.accounts.add_user("alice@example.org", hash_password("right"))
-        self.checker = AccountsChecker(self.accounts)
-        self.addCleanup(self.stop_workers)
-        self.assertIsNone(auth._hash_workers)
-        return auth.use_hash_workers(processes=1)
-
-    @defer.inlineCallbacks
-    def stop_workers(self):
-        pool, auth._hash_workers = auth._hash_workers, None
-        if pool is None:
-            return
-        children = list(pool._children)
-        pool.stop()
-        for _ in range(250):
-            if all(c.ended for c in children):
-                return
-            yield deferLater(reactor, 0.02, lambda: None)
-
-    def live_children(self):
-        return [c for c in auth._hash_workers._children if not c.ended]
-
-    def test_a_worker_is_running_before_the_first_login(self):
-        [child] = self.live_children()
-        with open(f"/proc/{child.transport.pid}/cmdline", "rb") as f:
-            self.assertIn(b"mailserver.passwords", f.read())
-
-    @staticmethod
-    def cpu_seconds(pid):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    @defer.inlineCallbacks
-    def test_logins_are_verified_there(self):
-        [child] = self.live_children()
-        before = self.cpu_seconds(child.transport.pid)
-        ran_here = []
-        self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn))
-        address = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice@example.org", b"right"))
-        self.assertEqual(address, "alice@example.org")
-        with self.assertRaises(UnauthorizedLogin):
-            yield self.checker.requestAvatarId(
-                UsernamePassword(b"alice@example.org", b"wrong"))
-        value = yield auth.in_hash_pool(hash_password, "new")
-        self.assertTrue(value.startswith("$argon2id$"))
-        self.assertEqual(ran_here, [])
-        # Three argon2id runs of about 20 ms of CPU each, in the child.
-        self.assertGreater(self.cpu_seconds(child.transport.pid) - before, 0.03)
-
-    @defer.inlineCallbacks
-    def test_a_dead_worker_costs_no_login(self):
-        [child] = self.live_children()
-        child.transport.signalProcess("KILL")
-        # Whether this request reaches the dying child or a new one, it is answered.
-        address = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice@example.org", b"right"))
-        self.assertEqual(address, "alice@example.org")
-        for _ in range(250):
-            if child.ended:
-                break
-            yield deferLater(reactor, 0.02, lambda: None)
-        address = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice@example.org", b"right"))
-        self.assertEqual(address, "alice@example.org")
-        self.assertNotIn(child, self.live_children())
-
-    @defer.inlineCallbacks
-    def test_threads_until_a_worker_answers(self):
-        yield self.stop_workers()
-        ran_here = []
-        real = auth._in_threads
-        self.patch(auth, "_in_threads", lambda fn, *a: ran_here.append(fn) or real(fn, *a))
-        started = auth.use_hash_workers(processes=1)
-        self.assertIsNone(auth._hash_workers)   # not before its first answer
-        address = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice@example.org", b"right"))
-        self.assertEqual(address, "alice@example.org")
-        self.assertEqual(ran_here, [auth.verify_password])
-        yield started
-        self.assertIsNotNone(auth._hash_workers)
-
-    @defer.inlineCallbacks
-    def test_no_worker_process_means_threads(self):
-        yield self.stop_workers()
-
-        def cannot(*args, **kwargs):
-            raise OSError(11, "Resource temporarily unavailable")
-
-        self.patch(reactor, "spawnProcess", cannot)
-        yield auth.use_hash_workers(processes=1)
-        self.assertIsNone(auth._hash_workers)
-        self.flushLoggedErrors()
-        address = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice@example.org", b"right"))
-        self.assertEqual(address, "alice@example.org")
-
-    @defer.inlineCallbacks
-    def test_other_functions_stay_in_threads(self):
-        value = yield auth.in_hash_pool(len, b"abc")
-        self.assertEqual(value, 3)
 
 
 class RealmTests(unittest.TestCase):

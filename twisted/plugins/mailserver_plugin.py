@@ -53,10 +53,8 @@ class MailServerMaker:
             server = make_service(config, run_as)
             from twisted.internet import reactor
 
-            from mailserver.auth import use_hash_workers
             from mailserver.heap import freeze_startup_heap
             reactor.callWhenRunning(freeze_startup_heap)
-            reactor.callWhenRunning(use_hash_workers)
             return server
         except ConfigError as e:
             self._exit(f"config error: {e}")
