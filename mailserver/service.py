@@ -11,11 +11,13 @@ from twisted.application import service, strports
 from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver import logbridge
 from mailserver.config import Config
+from mailserver.heap import TRIM_SECONDS, release_free_memory
 from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
 from mailserver.metrics import Metrics
@@ -211,11 +213,16 @@ class MailServer(service.MultiService):
         self._index_sweep = LoopingCall(self.store.close_idle_indexes)
         self._index_sweep.start(INDEX_IDLE_SECONDS, now=False).addErrback(
             lambda f: log.failure("closing idle folder indexes failed", f))
+        self._heap_trim = LoopingCall(deferToThread, release_free_memory)
+        self._heap_trim.start(TRIM_SECONDS, now=False).addErrback(
+            lambda f: log.failure("returning free memory failed", f))
 
     def stopService(self) -> Any:
         self.readiness.stopping()
         if getattr(self, "_index_sweep", None) is not None and self._index_sweep.running:
             self._index_sweep.stop()
+        if getattr(self, "_heap_trim", None) is not None and self._heap_trim.running:
+            self._heap_trim.stop()
         if self.checker is not None and self.checker.rspamd is not None:
             self.checker.rspamd.close()
         if self.sieve is not None:
