@@ -1077,8 +1077,7 @@ def _all_new(folder: Path, entries: list[tuple[int, str, str, str]], first_uid: 
     added = []
     append = added.append
     for uid, (ns, base, sub, name) in enumerate(entries, first_uid):
-        digits = base.partition(",S=")[2].partition(",")[0]   # size_from_base, inline
-        size = int(digits) if digits.isdigit() and digits.isascii() else None
+        size = size_from_base(base)
         if size is None:
             size = sizes.get(base)
             if size is None:  # ",S=" without a number: the file says
@@ -1170,11 +1169,8 @@ def scan(folder_dir: Path, name: str | None = None) -> dict[str, tuple[str, str]
             if name is None:
                 continue
             raise NoSuchFolder(f"folder {name} does not exist") from None
-        joined = "/".join(names)   # no name has a "/": one test for all of them
-        if "\n" in joined or "\r" in joined:
-            names = [entry for entry in names if "\n" not in entry and "\r" not in entry]
         listing.update({entry.partition(":")[0]: (subdir, entry) for entry in names
-                        if entry[0] != "."})
+                        if entry[0] != "." and "\n" not in entry and "\r" not in entry})
     return listing
 
 

@@ -42,12 +42,11 @@ def _rss_kb() -> int:
 def test_free_pages_between_live_blocks_go_back_to_the_system():
     """What malloc keeps after a burst: freed blocks in holes between blocks still in
     use, which no automatic trim of the heap's end returns."""
-    import pytest
-
     from mailserver import heap
 
-    if heap._malloc_trim() is None:
-        pytest.skip("no malloc_trim in this C library")
+    if heap._malloc_trim() is None:   # another C library: nothing is given back, and
+        assert heap.release_free_memory() is False   # the call says so
+        return
     heap.release_free_memory()
     blocks = [bytearray(8192) for _ in range(8000)]   # 64 MB through malloc
     kept = blocks[::16]                                # one in 16 stays: holes between
