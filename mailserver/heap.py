@@ -34,6 +34,12 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def can_release_free_memory() -> bool:
+    """Whether release_free_memory() can do anything here (glibc): where it cannot, the
+    server does not call it every second for nothing."""
+    return _malloc_trim() is not None
+
+
 def release_free_memory() -> bool:
     """Return the C allocator's free pages to the system (glibc's malloc_trim); False
     where there is no such call (another C library): nothing to do then."""

@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver import logbridge
 from mailserver.config import Config
-from mailserver.heap import TRIM_SECONDS, release_free_memory
+from mailserver.heap import TRIM_SECONDS, can_release_free_memory, release_free_memory
 from mailserver.maildir.store import INDEX_IDLE_SECONDS
 from mailserver.connlimit import ConnectionLimiter, LimitedFactory
 from mailserver.metrics import Metrics
@@ -213,9 +213,10 @@ class MailServer(service.MultiService):
         self._index_sweep = LoopingCall(self.store.close_idle_indexes)
         self._index_sweep.start(INDEX_IDLE_SECONDS, now=False).addErrback(
             lambda f: log.failure("closing idle folder indexes failed", f))
-        self._heap_trim = LoopingCall(deferToThread, release_free_memory)
-        self._heap_trim.start(TRIM_SECONDS, now=False).addErrback(
-            lambda f: log.failure("returning free memory failed", f))
+        if can_release_free_memory():
+            self._heap_trim = LoopingCall(deferToThread, release_free_memory)
+            self._heap_trim.start(TRIM_SECONDS, now=False).addErrback(
+                lambda f: log.failure("returning free memory failed", f))
 
     def stopService(self) -> Any:
         self.readiness.stopping()

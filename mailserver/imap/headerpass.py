@@ -36,6 +36,9 @@ BATCH = 1000        # messages per request to a worker (one index transaction ea
 AHEAD = 4           # requests in flight: the workers never wait for the reactor
 MIN_PASS = 100      # fewer messages missing in a batch: computed in the session
 IDLE_SECONDS = 60.0  # workers without a request this long are ended
+# A batch's headers read and stored well within this even from a slow disk; a worker
+# silent for longer is stuck, and killed (its batch is answered from the files).
+BATCH_TIMEOUT = 300.0
 
 Runner = Callable[..., "defer.Deferred[Any]"]
 _workers: Any = None
@@ -49,7 +52,8 @@ def workers() -> Runner:
         from mailserver.inbound.workers import WorkerPool  # noqa: PLC0415
 
         _workers = WorkerPool(processes=os.cpu_count() or 1, idle_timeout=IDLE_SECONDS,
-                              preload=("mailserver.imap.summary",))
+                              preload=("mailserver.imap.summary",),
+                              request_timeout=BATCH_TIMEOUT)
     return _workers
 
 

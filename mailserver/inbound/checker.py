@@ -36,6 +36,9 @@ from mailserver.smtp.replies import Reply
 log = Logger()
 
 MAX_REMEMBERED = 4096   # client addresses whose trusted_networks answer is kept
+# A 50 MB message verifies in under 2 s; a worker silent for this long is stuck on its
+# input and is killed: that message gets temperror, the ones behind it go on.
+VERIFY_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,8 @@ def build_checker(server: Any) -> InboundChecker:
                               mta_name=config.server.hostname)
     orgs = OrgDomains(config.inbound.psl_file or None)
     workers = WorkerPool(processes=max(1, (os.cpu_count() or 2) // 2),
-                         preload=("mailserver.inbound.dkimverify",))
+                         preload=("mailserver.inbound.dkimverify",),
+                         request_timeout=VERIFY_TIMEOUT)
     if orgs.psl_file is not None:
         try:
             orgs.load()  # a bad psl_file fails at start, not at the first message

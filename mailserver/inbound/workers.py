@@ -9,18 +9,22 @@ requests waiting.
 
 A child that dies fails its requests in flight (the caller turns that into temperror
 results: the message is still judged once) and is started again for the next request.
+A child that gives no answer within `request_timeout` (a verification stuck on some
+input) is killed: the request it was working on fails, and those queued behind it go
+to another child, so one message cannot hold up every other message's checks.
 If children cannot be started at all, requests run in threads instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
 from itertools import count
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,16 +38,26 @@ class WorkerFailed(Exception):
     """The child could not answer (it died, or the function raised there)."""
 
 
+class _Request(NamedTuple):
+    d: defer.Deferred
+    function: Callable[..., Any]
+    name: str
+    args: tuple[Any, ...]
+    sent: float      # reactor.seconds() when it went to the child
+
+
 class _Child(protocol.ProcessProtocol):
     def __init__(self, pool: "WorkerPool") -> None:
         self.pool = pool
-        self.pending: dict[int, defer.Deferred] = {}
+        # In the order sent, which is the order the child answers in: the first is the
+        # one it is working on.
+        self.pending: dict[int, _Request] = {}
         self.buffer = bytearray()
         self.ended = False
 
-    def send(self, key: int, name: str, args: tuple[Any, ...], d: defer.Deferred) -> None:
-        self.pending[key] = d
-        self.transport.write(frame((key, name, args)))
+    def send(self, key: int, request: _Request) -> None:
+        self.pending[key] = request
+        self.transport.write(frame((key, request.name, request.args)))
 
     def outReceived(self, data: bytes) -> None:
         # Whole answers in `data` are read from it directly; a frame that comes in
@@ -66,13 +80,13 @@ class _Child(protocol.ProcessProtocol):
                 break
             key, ok, value = pickle.loads(buffer[start + 4:start + 4 + size])
             start += 4 + size
-            d = self.pending.pop(key, None)
-            if d is None:
+            request = self.pending.pop(key, None)
+            if request is None:
                 continue
             if ok:
-                d.callback(value)
+                request.d.callback(value)
             else:
-                d.errback(WorkerFailed(value))
+                request.d.errback(WorkerFailed(value))
         if start:
             self.buffer = bytearray(buffer[start:])
         elif buffer is not self.buffer:
@@ -85,18 +99,21 @@ class _Child(protocol.ProcessProtocol):
         self.ended = True
         self.pool.child_ended(self)
         pending, self.pending = self.pending, {}
-        for d in pending.values():
-            d.errback(WorkerFailed(f"worker process ended: {reason.getErrorMessage()}"))
+        for request in pending.values():
+            request.d.errback(
+                WorkerFailed(f"worker process ended: {reason.getErrorMessage()}"))
 
 
 class WorkerPool:
     """`idle_timeout` (seconds): children with nothing to do for that long are ended (and
-    started again by the next request), for work that comes in bursts.  `preload`: the
-    modules (of worker.ALLOWED) a child imports before its first request; all of them
-    when empty."""
+    started again by the next request), for work that comes in bursts.
+    `request_timeout` (seconds): a child that has not answered a request for that long
+    is killed (None: never).  `preload`: the modules (of worker.ALLOWED) a child imports
+    before its first request; all of them when empty."""
 
     def __init__(self, reactor: Any = None, processes: int = 1,
-                 idle_timeout: float | None = None, preload: tuple[str, ...] = ()) -> None:
+                 idle_timeout: float | None = None, preload: tuple[str, ...] = (),
+                 request_timeout: float | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -112,6 +129,8 @@ class WorkerPool:
         self.idle_timeout = idle_timeout
         self._last_used = 0.0
         self._idle_call: Any = None
+        self.request_timeout = request_timeout
+        self._watch_call: Any = None
 
     def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         name = self._names.get(function)
@@ -119,16 +138,57 @@ class WorkerPool:
             name = self._names[function] = f"{function.__module__}:{function.__name__}"
         if self._threads_only or self._stopping or function.__module__ not in ALLOWED:
             return deferToThread(function, *args)
-        child = self._child()
-        if child is None:
-            return deferToThread(function, *args)
         d: defer.Deferred = defer.Deferred()
-        child.send(next(self._ids), name, args, d)
+        self._send(d, function, name, args)
         if self.idle_timeout is not None:
             self._last_used = self.reactor.seconds()
             if self._idle_call is None:
                 self._idle_call = self.reactor.callLater(self.idle_timeout, self._retire_idle)
         return d
+
+    def _send(self, d: defer.Deferred, function: Callable[..., Any], name: str,
+              args: tuple[Any, ...]) -> None:
+        child = None if self._threads_only or self._stopping else self._child()
+        if child is None:
+            deferToThread(function, *args).chainDeferred(d)
+            return
+        child.send(next(self._ids), _Request(d, function, name, args, self.reactor.seconds()))
+        if self.request_timeout is not None and self._watch_call is None:
+            self._watch_call = self.reactor.callLater(self.request_timeout, self._watch)
+
+    def _watch(self) -> None:
+        """Kill each child whose oldest request is older than request_timeout; look again
+        when the next oldest would be."""
+        self._watch_call = None
+        assert self.request_timeout is not None
+        now = self.reactor.seconds()
+        wait: float | None = None
+        for child in list(self._children):
+            if child.ended or not child.pending:
+                continue
+            key, oldest = next(iter(child.pending.items()))
+            left = oldest.sent + self.request_timeout - now
+            if left <= 0:
+                self._kill_hung(child, key)
+            else:
+                wait = left if wait is None else min(wait, left)
+        if wait is not None:
+            self._watch_call = self.reactor.callLater(wait, self._watch)
+
+    def _kill_hung(self, child: _Child, key: int) -> None:
+        """The request `key` has kept `child` busy too long: it fails; the child is
+        killed and the requests waiting behind it go to another child."""
+        hung = child.pending.pop(key)
+        waiting, child.pending = child.pending, {}
+        child.ended = True  # no new request goes to it
+        log.error("a worker process gave no answer to {name} in {timeout:g} s; "
+                  "stopping it ({n} requests waiting behind it go to another)",
+                  name=hung.name, timeout=self.request_timeout, n=len(waiting))
+        with contextlib.suppress(error.ProcessExitedAlready):
+            child.transport.signalProcess("KILL")
+        hung.d.errback(WorkerFailed(f"no answer in {self.request_timeout:g} s"))
+        for request in waiting.values():
+            self._send(request.d, request.function, request.name, request.args)
 
     def _retire_idle(self) -> None:
         """End the children once none has had a request for `idle_timeout` seconds."""
@@ -185,9 +245,10 @@ class WorkerPool:
     def stop(self) -> None:
         """Close the children's input: each ends once it has answered what it has."""
         self._stopping = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        for call in (self._idle_call, self._watch_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._watch_call = None
         for child in self._children:
             if not child.ended:
                 child.transport.closeStdin()

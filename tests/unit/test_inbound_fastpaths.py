@@ -25,7 +25,7 @@ from mailserver.inbound.dmarc import DMARCResult, evaluate, evaluate_now, from_v
 from mailserver.inbound.dns import Answer, CachingResolver, StaticResolver
 from mailserver.inbound.psl import OrgDomains
 from mailserver.inbound.spf import ResultCache, SPFResult
-from mailserver.inbound.workers import WorkerFailed, WorkerPool, _Child
+from mailserver.inbound.workers import WorkerFailed, WorkerPool, _Child, _Request
 from mailserver.smtp.headers import named_field_values
 
 PIECES = [b"From: a@b.c", b"from :x", b"FROM:\t<y@z>", b" cont", b"\tmore", b"X-From: no",
@@ -290,7 +290,7 @@ class WorkerAnswerTests(unittest.TestCase):
     def child(self) -> tuple[_Child, dict]:
         child = _Child(WorkerPool(processes=1))
         waiting = {key: defer.Deferred() for key in range(1, 5)}
-        child.pending.update(waiting)
+        child.pending.update({key: _Request(d, len, "len", (), 0.0) for key, d in waiting.items()})
         return child, waiting
 
     def test_answers_in_pieces_and_several_at_once(self):

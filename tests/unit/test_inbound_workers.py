@@ -73,6 +73,38 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertNotIn(child, self.pool._children)
 
     @defer.inlineCallbacks
+    def test_a_child_that_gives_no_answer_is_killed_and_the_requests_behind_move(self):
+        self.pool = WorkerPool(reactor, processes=1, request_timeout=0.5)
+        yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        [child] = self.pool._children
+        stuck_pid = child.transport.pid
+        os.kill(stuck_pid, signal.SIGSTOP)   # as a verification that never ends
+        hung = self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+        behind = self.pool(dkimverify.verify_path, MESSAGE, {}, True)
+        with self.assertRaises(WorkerFailed) as e:
+            yield hung
+        self.assertIn("no answer in 0.5 s", str(e.exception))
+        results, arc = yield behind   # answered by a new child
+        self.assertEqual((results, arc.result), ([], "none"))
+        for _ in range(100):
+            if child not in self.pool._children:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        [new] = self.pool._children
+        self.assertNotEqual(new.transport.pid, stuck_pid)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(stuck_pid, 0)   # killed and reaped
+
+    @defer.inlineCallbacks
+    def test_a_child_that_answers_in_time_is_kept(self):
+        self.pool = WorkerPool(reactor, processes=1, request_timeout=0.3)
+        for _ in range(8):  # longer than the timeout in all, each answered at once
+            yield self.pool(dkimverify.key_names_in_file, MESSAGE, True)
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        [child] = self.pool._children
+        self.assertFalse(child.ended)
+
+    @defer.inlineCallbacks
     def test_other_functions_run_in_a_thread(self):
         value = yield self.pool(len, b"abc")
         self.assertEqual(value, 3)
