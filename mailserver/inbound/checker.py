@@ -209,7 +209,9 @@ class InboundChecker:
         return evaluate_now(self.resolver, self.orgs, domain,
                             spf.result if spf is not None else "none",
                             spf.domain if spf is not None else "",
-                            [r.domain for r in dkim_results if r.result == "pass"])
+                            [r.domain for r in dkim_results if r.result == "pass"],
+                            dkim_temperror_domains=[r.domain for r in dkim_results
+                                                    if r.result == "temperror"])
 
     def _with_dmarc(self, dmarc: DMARCResult | None, facts: MessageFacts,
                     spf: SPFResult | None, dkim_results: list[Any], arc: Any,
@@ -256,7 +258,8 @@ class InboundChecker:
             comment = dmarc.reason
             disposition = dmarc.disposition
             if disposition != "none":
-                override = self._arc_override(arc) if dmarc.result == "fail" else ""
+                override = (self._arc_override(arc) if dmarc.result in ("fail", "temperror")
+                            else "")
                 if override:
                     comment += f"; policy {disposition} overridden: ARC sealed by {override}"
                     disposition = "none"
@@ -268,7 +271,11 @@ class InboundChecker:
                 props["policy.dmarc"] = dmarc.policy
             results.append(("dmarc", dmarc.result, comment, props))
             summary["dmarc"] = f"{dmarc.result}:{disposition}"
-            if disposition == "reject":
+            if disposition != "none" and dmarc.result == "temperror":
+                # No pass or fail to act on: the sender tries again, and the policy
+                # applies then (a forger stuck on a temperror never gets in).
+                verdict = Verdict("tempfail", R.DMARC_TEMPFAIL)
+            elif disposition == "reject":
                 verdict = Verdict("reject", R.DMARC_REJECT)
             elif disposition == "quarantine":
                 verdict = Verdict("junk")

@@ -93,7 +93,10 @@ def verify_message(resolver: Any, path: Path, run_in_thread: Callable[..., defer
     d = defer.maybeDeferred(_verify, resolver, path, run_in_thread, check_arc, header_block)
 
     def failed(failure: Any) -> tuple[list[DKIMResult], ARCResult]:
-        log.failure("DKIM/ARC verification of {path} failed", failure, path=str(path))
+        # A small message is checked as bytes: its size, not its text, goes to the log.
+        what = (f"a message of {len(path)} bytes" if isinstance(path, (bytes, bytearray))
+                else str(path))
+        log.failure("DKIM/ARC verification of {what} failed", failure, what=what)
         return ([DKIMResult("temperror", "", "", "", "", None, "verification error")],
                 ARCResult("none", 0, (), "not verified: verification error"))
 

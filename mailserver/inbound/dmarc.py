@@ -29,7 +29,7 @@ import functools
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -330,7 +330,7 @@ class _Missing(Exception):
 
 def _evaluate(txt: Callable[[str], Any], orgs: OrgDomains, from_dom: str, spf_result: str,
               spf_domain: str, dkim_pass_domains: list[str],
-              rand: Callable[[], float]) -> DMARCResult:
+              dkim_temperror_domains: list[str], rand: Callable[[], float]) -> DMARCResult:
     """RFC 7489 6.6 over the answers `txt(name)` gives; it raises _Missing for one it
     does not have, and the caller asks DNS and evaluates again."""
     domain = normalize_domain(from_dom)
@@ -383,13 +383,40 @@ def _evaluate(txt: Callable[[str], Any], orgs: OrgDomains, from_dom: str, spf_re
     if spf_pass and spf_dom:
         notes.append(f"spf pass for {spf_dom} not aligned")
     reason = "no aligned spf or dkim pass" + (f" ({'; '.join(notes)})" if notes else "")
+    unsure = _unsure(orgs, domain, record, spf_result, spf_dom, dkim_temperror_domains)
+    if unsure:
+        reason += f"; temporary error for {unsure}: no conclusive result"
 
     # RFC 7489 6.6.4 / 6.3 pct: a message outside the sample gets the next lower policy.
     disposition, sampled_out = policy, False
     if policy != "none" and rand() * 100 >= record.pct:
         disposition, sampled_out = _LOWER[policy], True
         reason += f"; pct={record.pct}: {policy} not applied"
-    return DMARCResult("fail", domain, policy, disposition, reason, record_domain, sampled_out)
+    return DMARCResult("temperror" if unsure else "fail", domain, policy, disposition, reason,
+                       record_domain, sampled_out)
+
+
+def _unsure(orgs: OrgDomains, domain: str, record: DMARCRecord, spf_result: str,
+            spf_dom: str | None, dkim_temperror_domains: list[str]) -> str:
+    """The identifiers that might have passed aligned but for a temporary error (a DNS
+    timeout, a verification that could not finish), as text; "" when there is none.
+
+    Without them the message fails; with one, RFC 7489 6.6.2 has no pass or fail to go
+    on, and a permanent refusal for our own passing trouble would lose a message its
+    sender may never send again.  A DKIM temperror with no d= known (the verification
+    as a whole failed) may have been aligned.  Unaligned ones change nothing: a forger
+    cannot turn a fail into a temperror with a signature of a domain of his own."""
+    unsure = []
+    for d in dkim_temperror_domains:
+        name = normalize_domain(d) if d else None
+        if not d:
+            unsure.append("dkim")
+        elif name and _aligned(orgs, name, domain, record.adkim):
+            unsure.append(f"dkim {name}")
+    if spf_result.strip().lower() == "temperror" and spf_dom and _aligned(
+            orgs, spf_dom, domain, record.aspf):
+        unsure.append(f"spf {spf_dom}")
+    return ", ".join(dict.fromkeys(unsure))
 
 
 class _Cached:
@@ -413,12 +440,15 @@ class _Cached:
 
 def evaluate_now(resolver: Any, orgs: OrgDomains, from_domain: str, spf_result: str,
                  spf_domain: str, dkim_pass_domains: list[str], *,
+                 dkim_temperror_domains: Sequence[str] = (),
                  rand: Callable[[], float] = random.random) -> DMARCResult | defer.Deferred:
     """RFC 7489 6.6: the DMARCResult at once when the resolver has every answer it needs
     in its cache (`current`), as it has for a sender seen within the records' TTL; else
-    a Deferred[DMARCResult].  Never fails."""
+    a Deferred[DMARCResult].  Never fails.  `dkim_temperror_domains`: the d= of each
+    signature whose verification ended in temperror ("" when not known)."""
     txt = _Cached(resolver)
-    args = (orgs, from_domain, spf_result, spf_domain, list(dkim_pass_domains), rand)
+    args = (orgs, from_domain, spf_result, spf_domain, list(dkim_pass_domains),
+            list(dkim_temperror_domains), rand)
     try:
         return _evaluate(txt, *args)
     except _Missing as missing:
@@ -448,11 +478,16 @@ def _failed(failure: Any, from_domain: str) -> DMARCResult:
 
 def evaluate(resolver: Any, orgs: OrgDomains, from_domain: str, spf_result: str,
              spf_domain: str, dkim_pass_domains: list[str], *,
+             dkim_temperror_domains: Sequence[str] = (),
              rand: Callable[[], float] = random.random) -> defer.Deferred:
     """RFC 7489 6.6: Deferred[DMARCResult]; never fails.
 
     spf_domain: the MAIL FROM domain SPF checked ("" when SPF checked HELO, which DMARC
-    does not use); dkim_pass_domains: the d= of each DKIM signature that passed."""
+    does not use); dkim_pass_domains: the d= of each DKIM signature that passed;
+    dkim_temperror_domains: of each that ended in temperror.  A message that fails only
+    for want of an aligned identifier a temporary error kept from passing is
+    "temperror", with the disposition a failure would have had."""
     result = evaluate_now(resolver, orgs, from_domain, spf_result, spf_domain,
-                          dkim_pass_domains, rand=rand)
+                          dkim_pass_domains, dkim_temperror_domains=dkim_temperror_domains,
+                          rand=rand)
     return result if isinstance(result, defer.Deferred) else defer.succeed(result)

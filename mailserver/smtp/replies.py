@@ -77,6 +77,8 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 BAD_HELO = Reply(501, "5.5.4", "Error: invalid HELO/EHLO name")
 DMARC_REJECT = Reply(550, "5.7.1", "Message rejected: DMARC policy of the From domain",
                      reason="dmarc")
+DMARC_TEMPFAIL = Reply(451, "4.7.1", "Try again later: the From domain's DMARC policy "
+                       "could not be evaluated (temporary error)", reason="dmarc")
 SPAM_REJECT = Reply(554, "5.7.1", "Message rejected as spam", reason="spam")
 SPAM_TEMPFAIL = Reply(451, "4.7.1", "Try again later", reason="spam")
 FILTER_TEMPFAIL = Reply(451, "4.7.1", "Error: message filter unavailable, try again later")

@@ -31,10 +31,12 @@ def txt(*records: bytes) -> Answer:
     return Answer("ok", tuple(records))
 
 
-def run(orgs, table, domain, spf=("none", ""), dkim=(), rand=lambda: 0.0) -> DMARCResult:
+def run(orgs, table, domain, spf=("none", ""), dkim=(), rand=lambda: 0.0,
+        dkim_temperror=()) -> DMARCResult:
     resolver = table if isinstance(table, StaticResolver) else StaticResolver(
         {(name, "TXT"): ans for name, ans in table.items()})
-    result = fired(evaluate(resolver, orgs, domain, spf[0], spf[1], list(dkim), rand=rand))
+    result = fired(evaluate(resolver, orgs, domain, spf[0], spf[1], list(dkim), rand=rand,
+                            dkim_temperror_domains=list(dkim_temperror)))
     assert isinstance(result, DMARCResult)
     return result
 
@@ -303,6 +305,39 @@ def test_idn_from_domain_aligns_with_a_label_signature(orgs):
     table = {"_dmarc.xn--bcher-kva.example": txt(b"v=DMARC1; p=reject")}
     r = run(orgs, table, "bücher.example", dkim=["xn--bcher-kva.example"])
     assert (r.result, r.from_domain) == ("pass", "xn--bcher-kva.example")
+
+
+def test_a_temporary_error_of_an_aligned_identifier_is_no_fail(orgs):
+    """A DNS timeout on the sender's own key (or SPF record) is no proof of forgery."""
+    r = run(orgs, RELAXED, "example.com", dkim_temperror=["mail.example.com"])
+    assert (r.result, r.policy, r.disposition) == ("temperror", "reject", "reject")
+    assert "temporary error for dkim mail.example.com" in r.reason
+    r = run(orgs, RELAXED, "example.com", spf=("temperror", "bounces.example.com"))
+    assert (r.result, r.disposition) == ("temperror", "reject")
+    assert "spf bounces.example.com" in r.reason
+    # the verification as a whole failed: its signatures may have been aligned
+    assert run(orgs, RELAXED, "example.com", dkim_temperror=[""]).result == "temperror"
+    # an aligned pass decides whatever else went wrong
+    r = run(orgs, RELAXED, "example.com", dkim=["example.com"], dkim_temperror=[""],
+            spf=("temperror", "example.com"))
+    assert (r.result, r.disposition) == ("pass", "none")
+    # pct applies as for a fail
+    zero = {"_dmarc.example.com": txt(b"v=DMARC1; p=reject; pct=0")}
+    r = run(orgs, zero, "example.com", dkim_temperror=["example.com"])
+    assert (r.result, r.disposition, r.sampled_out) == ("temperror", "quarantine", True)
+
+
+def test_a_temporary_error_of_an_unaligned_identifier_changes_nothing(orgs):
+    """A forger's signature of his own domain with a key that never answers, or an SPF
+    error for another domain, leaves the message failing."""
+    for kw in ({"dkim_temperror": ["attacker.test"]},
+               {"spf": ("temperror", "attacker.test")},
+               {"dkim_temperror": ["example.com.attacker.test"]}):
+        r = run(orgs, RELAXED, "example.com", **kw)
+        assert (r.result, r.disposition) == ("fail", "reject"), kw
+    r = run(orgs, STRICT, "example.com", dkim_temperror=["mail.example.com"],
+            spf=("temperror", "bounces.example.com"))
+    assert (r.result, r.disposition) == ("fail", "reject")   # not aligned when strict
 
 
 # -- evaluate: pct (RFC 7489 6.6.4) ------------------------------------------------------

@@ -10,10 +10,12 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailserver.accounts import Accounts
@@ -23,6 +25,7 @@ from mailserver.inbound.checker import InboundChecker
 from mailserver.inbound.dns import Answer, StaticResolver
 from mailserver.inbound.junk import JunkFolders
 from mailserver.inbound.rspamd import SpamVerdict
+from mailserver.inbound.workers import WorkerFailed
 from mailserver.maildir import MaildirStore
 from mailserver.passwords import hash_password
 from mailserver.smtp.mx import MXSession
@@ -39,6 +42,10 @@ ZONE = {
     ("_dmarc.bad.example", "TXT"): Answer("ok", (b"v=DMARC1; p=reject",)),
     ("shady.example", "TXT"): Answer("ok", (b"v=spf1 -all",)),
     ("_dmarc.shady.example", "TXT"): Answer("ok", (b"v=DMARC1; p=quarantine",)),
+    # signs with a key whose lookup times out; its SPF does not pass for 192.0.2.7
+    ("slow.example", "TXT"): Answer("ok", (b"v=spf1 -all",)),
+    ("_dmarc.slow.example", "TXT"): Answer("ok", (b"v=DMARC1; p=reject",)),
+    ("sel._domainkey.slow.example", "TXT"): Answer("error", (), "timeout"),
     ("7.2.0.192.bl.example", "A"): Answer("ok", ("127.0.0.2",)),
     ("8.2.0.192.bl.example", "A"): Answer("ok", ("127.255.255.254",)),
 }
@@ -59,7 +66,7 @@ class Session(smtp_session.Session):
     """test_smtp_session's send-and-expect helper, with inbound checks on."""
 
     def __init__(self, root: Path, inbound: InboundConfig = CHECKS, ip: str = "192.0.2.7",
-                 rspamd: object = None, **limits) -> None:
+                 rspamd: object = None, run_in_thread: Any = None, **limits) -> None:
         self.accounts = Accounts(root / "var" / "accounts.sqlite3")
         self.store = MaildirStore(root / "maildirs", HOST)
         self.accounts.add_domain("example.test")
@@ -68,7 +75,8 @@ class Session(smtp_session.Session):
             self.store.create_user("example.test", user)
         self.resolver = StaticResolver(ZONE)
         checker = InboundChecker(inbound, HOST, self.resolver, rspamd=rspamd,
-                                 run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+                                 run_in_thread=run_in_thread or (
+                                     lambda f, *a: defer.maybeDeferred(f, *a)))
         context = SMTPContext(hostname=HOST, limits=LimitsConfig(**limits),
                               accounts=self.accounts, store=self.store, tls=None)
         context.checker, context.junk = checker, JunkFolders(self.store)
@@ -232,6 +240,50 @@ class MXInboundTests(unittest.TestCase):
         s.send(b"NOOP\r\n")
         codes, _ = yield s.wait_codes(1)
         self.assertEqual(codes, [250])
+
+    @defer.inlineCallbacks
+    def test_dmarc_temperror_is_try_again_later_not_a_refusal(self):
+        """p=reject, SPF fails, and the aligned signature's key lookup timed out: no
+        proof either way, so 451 (the sender tries again), and nothing stored."""
+        s = self.session()
+        s.lines()
+        signed = (b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=slow.example;"
+                  b" s=sel; h=from:to:subject; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=;"
+                  b" b=AAAA\r\n" + message("ceo@slow.example"))
+        code, lines = yield self.transaction(s, "x@slow.example", signed)
+        self.assertEqual(code, 451)
+        self.assertIn(b"4.7.1", lines[-1])
+        self.assertEqual(s.files(), [])
+        # the same without the signature: a plain DMARC failure, refused for good
+        code, _ = yield self.transaction(s, "x@slow.example", message("ceo@slow.example"))
+        self.assertEqual(code, 550)
+
+    @defer.inlineCallbacks
+    def test_verification_that_cannot_finish_is_try_again_later(self):
+        """The DKIM worker gave no answer (stuck, killed): a p=reject sender without an
+        aligned SPF pass is asked to come back, one with it is delivered."""
+        def broken(function, *args):
+            return defer.fail(WorkerFailed("no answer in 60 s"))
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        s = self.session(run_in_thread=broken)
+        s.lines()
+        signed = b"DKIM-Signature: v=1; d=bad.example; s=s; b=AAAA\r\n" + message(
+            "ceo@bad.example")
+        code, _ = yield self.transaction(s, "x@bad.example", signed)
+        self.assertEqual(code, 451)
+        self.assertEqual(s.files(), [])
+        signed = b"DKIM-Signature: v=1; d=good.example; s=s; b=AAAA\r\n" + message(
+            "x@good.example")
+        code, _ = yield self.transaction(s, "x@good.example", signed)
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        self.assertIn(b"dkim=temperror", path.read_bytes())
+        self.flushLoggedErrors(WorkerFailed)
+        logged = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("DKIM/ARC verification of a message of", logged)
+        self.assertNotIn("ceo@bad.example", logged)   # its size is logged, not its text
 
     @defer.inlineCallbacks
     def test_dmarc_reject_only_recorded_when_not_enforced(self):
