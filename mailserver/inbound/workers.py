@@ -173,6 +173,8 @@ class WorkerPool:
             else:
                 wait = left if wait is None else min(wait, left)
         if wait is not None:
+            if self._watch_call is not None:  # set again by a request moved just now
+                self._watch_call.cancel()
             self._watch_call = self.reactor.callLater(wait, self._watch)
 
     def _kill_hung(self, child: _Child, key: int) -> None:
