@@ -58,6 +58,10 @@ MAX_SIGNATURES = 10           # DKIM-Signature fields verified; later ones get "
 MAX_REPORTED = 20             # DKIM-Signature fields reported at all (the topmost ones)
 MAX_KEY_NAMES = 20            # distinct key names looked up for one message
 MAX_ARC_INSTANCES = 50        # RFC 8617 4.2.1: i= is 1..50
+# An ARC field longer than this makes the chain fail unverified: real ones are about a
+# kilobyte, and dkimpy's b= regex takes time quadratic in a long run of folding
+# whitespace (a 136 KB ARC-Message-Signature held a worker for 79 s).
+MAX_ARC_FIELD = 8 * 1024
 CHUNK = 64 * 1024             # body read size (bounds the work of one regex pass too)
 LONG_LINE = 64 * 1024         # a body line longer than this is hashed piecewise
 EXPIRY_SLOP = 300             # seconds of clock skew forgiven on x= (RFC 6376 3.5)
@@ -872,6 +876,10 @@ class _ArcCheck:
         if self.max_instance > MAX_ARC_INSTANCES:
             self.early = ARCResult("fail", self.max_instance, self.sealers,
                                    "too many ARC sets")
+            return
+        if any(len(v) > MAX_ARC_FIELD for _, _, v in instances):
+            self.early = ARCResult("fail", self.max_instance, self.sealers,
+                                   f"ARC header field over {MAX_ARC_FIELD} bytes")
             return
         for name, i, v in instances:
             if name == b"arc-message-signature" and i == self.max_instance:

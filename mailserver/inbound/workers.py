@@ -54,8 +54,14 @@ class _Child(protocol.ProcessProtocol):
         self.pending: dict[int, _Request] = {}
         self.buffer = bytearray()
         self.ended = False
+        # When the child started on its oldest request: when that was sent to an idle
+        # child, or when the child answered the one before it.  Time spent queued behind
+        # other requests is not the child being stuck.
+        self.busy_since = 0.0
 
     def send(self, key: int, request: _Request) -> None:
+        if not self.pending:
+            self.busy_since = request.sent
         self.pending[key] = request
         self.transport.write(frame((key, request.name, request.args)))
 
@@ -88,6 +94,7 @@ class _Child(protocol.ProcessProtocol):
             else:
                 request.d.errback(WorkerFailed(value))
         if start:
+            self.busy_since = self.pool.reactor.seconds()  # on to the next request
             self.buffer = bytearray(buffer[start:])
         elif buffer is not self.buffer:
             self.buffer = bytearray(buffer)
@@ -166,8 +173,8 @@ class WorkerPool:
         for child in list(self._children):
             if child.ended or not child.pending:
                 continue
-            key, oldest = next(iter(child.pending.items()))
-            left = oldest.sent + self.request_timeout - now
+            key = next(iter(child.pending))
+            left = child.busy_since + self.request_timeout - now
             if left <= 0:
                 self._kill_hung(child, key)
             else:

@@ -593,3 +593,32 @@ def test_relaxed_header_canonicalization_equals_dkimpy():
         value = b"".join(rng.choice(chars) for _ in range(rng.randint(0, 10)))
         assert dkimverify._relaxed_headers([(name, value)]) == [
             tuple(x) for x in Relaxed.canonicalize_headers([(name, value)])]
+
+
+def test_an_oversized_arc_field_fails_the_chain_without_hashing_it():
+    """dkimpy's b= regex is quadratic in folding whitespace: a 60 KB ARC-Message-Signature
+    would hold a worker for seconds (minutes at the header cap)."""
+    import time
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from mailserver.inbound.dkimverify import MAX_ARC_FIELD, key_names, verify_file
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    msg = (b"From: ceo@bank.example\r\nTo: alice@example.test\r\nSubject: pay\r\n"
+           b"Authentication-Results: lists.example; spf=pass\r\n\r\nbody\r\n")
+    signed = b"".join(dkim.arc_sign(msg, b"sel", b"lists.example", pem, b"lists.example")) + msg
+    end = signed.index(b"\r\nARC-Authentication-Results",
+                       signed.index(b"ARC-Message-Signature:"))
+    bloated = signed[:end] + b"\r\n " * 20000 + b";" + signed[end:]
+    header = bloated.split(b"\r\n\r\n")[0] + b"\r\n"
+    started = time.monotonic()
+    _, arc = verify_file(bloated, {name: None for name in key_names(header)})
+    assert time.monotonic() - started < 5   # about 15 s before the bound
+    assert arc.result == "fail"
+    assert f"over {MAX_ARC_FIELD} bytes" in arc.reason

@@ -140,3 +140,53 @@ def test_worker_modules_import_nothing_from_twisted():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip()
     assert out == "[]"
+
+
+class _FakeChildTransport:
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.signals: list = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(pickle.loads(data[4:]))
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+
+    def closeStdin(self) -> None:
+        pass
+
+
+class _ClockReactor(task.Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: list = []
+
+    def spawnProcess(self, proto, *args, **kwargs) -> None:
+        transport = _FakeChildTransport()
+        proto.makeConnection(transport)
+        self.children.append((proto, transport))
+
+    def addSystemEventTrigger(self, *args) -> None:
+        pass
+
+
+def test_time_queued_behind_another_request_is_not_counted_as_stuck():
+    """A took 50 s; B, queued behind it, has been worked on for 11 s at t=61: the child
+    is not stuck.  B fails only once the child has been on it for the whole timeout."""
+    clock = _ClockReactor()
+    pool = WorkerPool(reactor=clock, processes=1, request_timeout=60.0)
+    results: dict = {}
+    for name in ("A", "B"):
+        pool(dkimverify.verify_path, MESSAGE, {}, True).addBoth(
+            lambda value, n=name: results.__setitem__(n, value))
+        clock.advance(1)
+    child, transport = clock.children[0]
+    clock.advance(48)                                   # t = 50: A answered
+    child.outReceived(worker.frame((transport.sent[0][0], True, "A's answer")))
+    assert results["A"] == "A's answer"
+    clock.advance(11)                                   # t = 61
+    assert "B" not in results and transport.signals == []
+    clock.advance(50)                                   # t = 111: 61 s on B
+    assert transport.signals == ["KILL"]
+    assert results["B"].check(WorkerFailed)
