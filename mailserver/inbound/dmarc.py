@@ -205,7 +205,7 @@ def _mailbox_domains(value: str) -> tuple[str | None, ...]:
             tokens.append((kind, m.group()))
     # Split into mailboxes at "," and at the ":" / ";" of a group, outside <> and [].
     items: list[list[tuple[str, str]]] = [[]]
-    angle = bracket = False
+    angle = bracket = group = False
     for kind, tok in tokens:
         if kind == "sp":
             if tok == "<" and not bracket:
@@ -217,10 +217,16 @@ def _mailbox_domains(value: str) -> tuple[str | None, ...]:
             elif tok == "]":
                 bracket = False
             elif tok in ",;" and not angle and not bracket:
+                group = group and tok == ","
                 items.append([])
                 continue
             elif tok == ":" and not angle and not bracket:
-                items[-1] = []        # a group's display name
+                # A group's display name is a phrase: after an address (or a second
+                # ":") it is no group, and readers show the address before it.
+                if group or any(k == "sp" for k, _ in items[-1]):
+                    raise _Malformed("':' after an address")
+                group = True
+                items[-1] = []
                 continue
         items[-1].append((kind, tok))
     domains: list[str | None] = []
@@ -251,8 +257,12 @@ def _mailbox_domains(value: str) -> tuple[str | None, ...]:
             continue
         if len(ats) > 1:
             raise _Malformed("more than one @ in an address")
-        domain = "".join(t for _, t in spec[ats[-1] + 1:])
-        domains.append(domain)
+        part = spec[ats[-1] + 1:]
+        # One dot-atom or one [literal]: "ceo@bank.example x" is no domain "bank.examplex".
+        if not (len(part) == 1 and part[0][0] == "atom") and not (
+                len(part) >= 2 and part[0] == ("sp", "[") and part[-1] == ("sp", "]")):
+            raise _Malformed("not a domain after @")
+        domains.append("".join(t for _, t in part))
     return tuple(domains)
 
 

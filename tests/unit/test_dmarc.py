@@ -401,7 +401,11 @@ def test_from_domain(block, domain):
     (b"From: Alice <a@example.com\r\n", "malformed"),
     (b"From: Alice <a@example.com> <b@example.org>\r\n", "malformed"),
     (b"From: (unterminated a@example.com\r\n", "malformed"),
-    (b"From: a@exa mple..com\r\n", "invalid"),
+    (b"From: a@exa mple..com\r\n", "malformed"),
+    (b"From: ceo@bank.example x\r\n", "malformed"),      # no "bank.examplex"
+    (b"From: CEO <ceo@bank.example>:x@attacker.example;\r\n", "malformed"),
+    (b"From: a@bank.example: x@attacker.example;\r\n", "malformed"),
+    (b"From: G1: G2: x@attacker.example;;\r\n", "malformed"),
     (b"From: a@" + b"x" * 300 + b".com\r\n", "invalid"),
 ])
 def test_from_domain_refused(block, why):
