@@ -43,7 +43,6 @@ class _Request(NamedTuple):
     function: Callable[..., Any]
     name: str
     args: tuple[Any, ...]
-    sent: float      # reactor.seconds() when it went to the child
 
 
 class _Child(protocol.ProcessProtocol):
@@ -59,9 +58,9 @@ class _Child(protocol.ProcessProtocol):
         # other requests is not the child being stuck.
         self.busy_since = 0.0
 
-    def send(self, key: int, request: _Request) -> None:
+    def send(self, key: int, request: _Request, now: float) -> None:
         if not self.pending:
-            self.busy_since = request.sent
+            self.busy_since = now
         self.pending[key] = request
         self.transport.write(frame((key, request.name, request.args)))
 
@@ -159,13 +158,13 @@ class WorkerPool:
         if child is None:
             deferToThread(function, *args).chainDeferred(d)
             return
-        child.send(next(self._ids), _Request(d, function, name, args, self.reactor.seconds()))
+        child.send(next(self._ids), _Request(d, function, name, args), self.reactor.seconds())
         if self.request_timeout is not None and self._watch_call is None:
             self._watch_call = self.reactor.callLater(self.request_timeout, self._watch)
 
     def _watch(self) -> None:
-        """Kill each child whose oldest request is older than request_timeout; look again
-        when the next oldest would be."""
+        """Kill each child that has been on its oldest request for request_timeout; look
+        again when the next one would have been."""
         self._watch_call = None
         assert self.request_timeout is not None
         now = self.reactor.seconds()

@@ -290,7 +290,7 @@ class WorkerAnswerTests(unittest.TestCase):
     def child(self) -> tuple[_Child, dict]:
         child = _Child(WorkerPool(processes=1))
         waiting = {key: defer.Deferred() for key in range(1, 5)}
-        child.pending.update({key: _Request(d, len, "len", (), 0.0) for key, d in waiting.items()})
+        child.pending.update({key: _Request(d, len, "len", ()) for key, d in waiting.items()})
         return child, waiting
 
     def test_answers_in_pieces_and_several_at_once(self):

@@ -146,6 +146,7 @@ class _FakeChildTransport:
     def __init__(self) -> None:
         self.sent: list = []
         self.signals: list = []
+        self.stdin_closed = False
 
     def write(self, data: bytes) -> None:
         self.sent.append(pickle.loads(data[4:]))
@@ -154,13 +155,14 @@ class _FakeChildTransport:
         self.signals.append(sig)
 
     def closeStdin(self) -> None:
-        pass
+        self.stdin_closed = True
 
 
 class _ClockReactor(task.Clock):
     def __init__(self) -> None:
         super().__init__()
         self.children: list = []
+        self.triggers: list = []
 
     def spawnProcess(self, proto, *args, **kwargs) -> None:
         transport = _FakeChildTransport()
@@ -168,7 +170,7 @@ class _ClockReactor(task.Clock):
         self.children.append((proto, transport))
 
     def addSystemEventTrigger(self, *args) -> None:
-        pass
+        self.triggers.append(args)   # the pool's stop at shutdown
 
 
 def test_time_queued_behind_another_request_is_not_counted_as_stuck():
