@@ -8,11 +8,11 @@ and is removed before ours is added (RFC 8601 5).
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Callable
 
 from mailserver.rfc5322 import comment_end
+from mailserver.shortcache import cache_short
 
 FIELD = "Authentication-Results"
 _FIELD_LOWER = FIELD.lower().encode()
@@ -44,7 +44,7 @@ def _printable(text: str) -> str:
                    if c in "\t\r\n" or c.isprintable())
 
 
-@functools.lru_cache(maxsize=4096)
+@cache_short(maxsize=4096)
 def _value(value: str) -> str:
     """An RFC 2045 token or local-part@domain as it is, anything else quoted.
     Remembered: the same domains, selectors and senders come back message after message."""
@@ -61,7 +61,7 @@ def _value(value: str) -> str:
     return "".join(out) + '"'
 
 
-@functools.lru_cache(maxsize=1024)
+@cache_short(maxsize=1024)
 def _comment_words(comment: str) -> tuple[str, ...]:
     """A comment's words, "(" on the first and ")" on the last, ( ) \\ escaped and
     non-ASCII replaced, so the comment can be folded between any two words.
@@ -81,7 +81,7 @@ def _comment_words(comment: str) -> tuple[str, ...]:
     return tuple(words)
 
 
-@functools.lru_cache(maxsize=64)
+@cache_short(maxsize=64)
 def _keyword(text: str, lower: bool) -> str | None:
     """A method or result as written (RFC 8601 2.2 keyword), None when it is not one."""
     text = _printable(text).strip()
@@ -90,7 +90,7 @@ def _keyword(text: str, lower: bool) -> str | None:
     return text if _KEYWORD_RE.fullmatch(text) else None
 
 
-@functools.lru_cache(maxsize=256)
+@cache_short(maxsize=256)
 def _property_ok(name: str) -> bool:
     return _PROPERTY_RE.fullmatch(name) is not None
 
@@ -106,7 +106,7 @@ def _resinfo_parts(method: str, result: str, comment: str,
                      if v is not None and _property_ok(str(n).strip()))]
 
 
-@functools.lru_cache(maxsize=256)
+@cache_short(maxsize=256)
 def _head_words(method: str, result: str, comment: str) -> tuple[str, ...] | None:
     """"method=result" and the comment's words; None when either is not a keyword."""
     method_word = _keyword(method, False)
@@ -134,7 +134,7 @@ def _fold(parts: list[str]) -> str:
     return "\r\n".join(lines)
 
 
-@functools.lru_cache(maxsize=1024)
+@cache_short(maxsize=1024)
 def _folded(method: str, result: str, comment: str,
             properties: tuple[tuple[str, str], ...]) -> str | None:
     """A resinfo's folded text (each starts a line of its own, so it does not depend
@@ -175,7 +175,7 @@ def _dkim_words(method: str, result: str, comment: str,
     return _words_around(method, result, comment, properties[:at], properties[at + 1:])
 
 
-@functools.lru_cache(maxsize=256)
+@cache_short(maxsize=256)
 def _words_around(method: str, result: str, comment: str,
                   before: tuple[tuple[str, str], ...],
                   after: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], int] | None:

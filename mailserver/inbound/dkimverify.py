@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import hashlib
 import re
@@ -52,6 +51,7 @@ from dkim.crypto import parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailserver.inbound.headerscan import named_values
+from mailserver.shortcache import cache_short
 
 MAX_HEADER = 1024 * 1024      # header section cap; beyond it signatures are permerror
 MAX_SIGNATURES = 10           # DKIM-Signature fields verified; later ones get "policy"
@@ -252,7 +252,7 @@ def _key_name(tags: dict[bytes, bytes]) -> str | None:
     return _key_name_of(s, d)
 
 
-@functools.lru_cache(maxsize=1024)   # a sender's selector and domain, message after message
+@cache_short(maxsize=1024)   # a sender's selector and domain, message after message
 def _key_name_of(s_tag: bytes, d_tag: bytes) -> str | None:
     try:
         s = s_tag.decode("ascii").lower()
@@ -481,7 +481,7 @@ def _body_key(tags: dict[bytes, bytes], default_c: bytes = b"simple/simple") -> 
     return (relaxed, hash_name, int(length) if length is not None else None)
 
 
-@functools.lru_cache(maxsize=64)
+@cache_short(maxsize=64)
 def _relaxed_body(c: bytes) -> bool:
     """Whether a c= value asks for the relaxed body canonicalization; ValueError when it
     is not a c= value.  Remembered: there are four valid values and few invalid ones."""
@@ -603,13 +603,13 @@ def _check_fields(sig: _Signature, tags: dict[bytes, bytes], now: float) -> None
 _H_SEPARATOR = re.compile(rb"\s*:\s*")
 
 
-@functools.lru_cache(maxsize=256)   # h= is the same for all of a sender's mail
+@cache_short(maxsize=256)   # h= is the same for all of a sender's mail
 def _signed_names(h: bytes) -> tuple[bytes, ...]:
     """The lower-case field names of h= (RFC 6376 3.5), in order."""
     return tuple(name.lower() for name in _H_SEPARATOR.split(h.strip()) if name)
 
 
-@functools.lru_cache(maxsize=512)
+@cache_short(maxsize=512, longest=4096)   # an RSA-4096 key record is about 750 bytes
 def _key_record(record: bytes) -> tuple[dict[bytes, bytes], bytes, Any, int] | _Verdict:
     """A key record parsed once (RFC 6376 3.6.1, RFC 8463 4): (tags, key type, public key,
     bits), or the verdict for a record that cannot be used.  Remembered: the same few

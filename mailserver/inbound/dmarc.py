@@ -25,7 +25,6 @@ Record parsing choices (RFC 7489 6.3 leaves room):
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from twisted.logger import Logger
 
 from mailserver.inbound.psl import OrgDomains, normalize_domain
 from mailserver.inbound.headerscan import named_values
+from mailserver.shortcache import cache_short
 
 log = Logger()
 
@@ -81,7 +81,7 @@ class DMARCResult:
     sampled_out: bool = False  # pct said: apply the next lower policy
 
 
-@functools.lru_cache(maxsize=1024)   # the same records, message after message
+@cache_short(maxsize=1024)   # the same records, message after message
 def _is_dmarc(txt: bytes) -> bool:
     """RFC 7489 6.6.3 step 2: does this TXT record claim to be a DMARC record?"""
     if len(txt) > MAX_RECORD_BYTES:
@@ -102,7 +102,7 @@ def _uris(value: str) -> tuple[str, ...]:
     return tuple(found[:MAX_URIS])
 
 
-@functools.lru_cache(maxsize=1024)   # records repeat for every message of a domain
+@cache_short(maxsize=1024)   # records repeat for every message of a domain
 def parse_record(txt: bytes) -> DMARCRecord:
     """RFC 7489 6.3/6.4: one TXT record -> DMARCRecord; DMARCSyntaxError when it is no
     DMARC record or one without a usable policy (see the module notes)."""
@@ -192,7 +192,7 @@ def _strip_comments(text: str) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=4096)
+@cache_short(maxsize=4096)
 def _mailbox_domains(value: str) -> tuple[str | None, ...]:
     """The domain of each mailbox in a From value (None for one without a domain);
     group members count as mailboxes, the group's name does not.  Remembered: the same

@@ -13,13 +13,14 @@ thread.
 
 from __future__ import annotations
 
-import functools
 
 import re
 import threading
 from pathlib import Path
 
 from publicsuffixlist import PublicSuffixList
+
+from mailserver.shortcache import cache_short
 
 MAX_PSL_BYTES = 64 * 1024 * 1024   # a PSL file larger than this is not a PSL file
 MAX_REMEMBERED = 4096              # organizational domains kept per list
@@ -29,7 +30,7 @@ MAX_REMEMBERED = 4096              # organizational domains kept per list
 _RULE = re.compile(r"(?:\*\.|!)?[^\s!*<>/\\:;=?#\"'()\[\]{}@,]+")
 
 
-@functools.lru_cache(maxsize=4096)   # the same few domains, message after message
+@cache_short(maxsize=4096)   # the same few domains, message after message
 def normalize_domain(domain: str) -> str | None:
     """`domain` lower-case, without the final dot, with U-labels turned into A-labels
     (IDNA), so that the forms compare equal; None when it is not a domain name."""

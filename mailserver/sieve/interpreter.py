@@ -8,7 +8,6 @@ include, the CPU time spent -- gives the implicit keep and the error, never an e
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import threading
 import time
@@ -19,6 +18,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 from mailserver.imap import mime
+from mailserver.shortcache import cache_short
 from mailserver.sieve import dates
 from mailserver.sieve.actions import Action, Discard, FileInto, Keep, Redirect, Reject, Result, Vacation
 from mailserver.sieve.editing import HeaderView, encode_field, valid_field_name
@@ -1021,6 +1021,7 @@ def _part(local: str, domain: str, part: str) -> str | None:
     return detail if sep else None             # no separator: :detail matches nothing
 
 
+@cache_short(maxsize=512, longest=200)
 def _address_pairs(value: str) -> tuple[tuple[str, str], ...] | bool:
     """(local part, domain) of each address of a field's value, group names skipped;
     False when one is not a whole address."""
@@ -1032,10 +1033,6 @@ def _address_pairs(value: str) -> tuple[tuple[str, str], ...] | bool:
             return False
         pairs.append((a.mailbox, a.host))
     return tuple(pairs)
-
-
-# Short address fields recur (the user's own address, lists, frequent senders).
-_remembered_pairs = functools.lru_cache(maxsize=512)(_address_pairs)
 
 
 def _address_values(field, part: str) -> tuple[list[str], list[str]]:
@@ -1051,8 +1048,7 @@ def _address_values(field, part: str) -> tuple[list[str], list[str]]:
     cache = field.addresses
     if cache is None:
         unfolded = field.unfolded
-        cache = field.addresses = (_remembered_pairs(unfolded) if len(unfolded) <= 200
-                                   else _address_pairs(unfolded))
+        cache = field.addresses = _address_pairs(unfolded)
     if cache is False:
         values = [field.value] if part == "all" else []
     else:

@@ -4,13 +4,13 @@ Twisted-free."""
 
 from __future__ import annotations
 
-import functools
 import html
 import os
 import re
 from typing import Iterator, Sequence
 
 from mailserver.imap import mime
+from mailserver.shortcache import cache_short
 from mailserver.sieve.matching import ascii_lower
 
 MAX_HEADER_FIELDS = 5000            # fields scanned; a hostile header costs bounded work
@@ -383,20 +383,11 @@ class Message:
         return out
 
 
+@cache_short(maxsize=256, longest=200)   # most messages carry one of a few
 def _content_type(value: bytes | None) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-    """mime.parse_content_type with text/plain as the default; a short value's parse
-    remembered, since most messages carry one of a few."""
-    if value is not None and len(value) > 200:
-        return _parse_content_type(value)
-    return _remembered_content_type(value)
-
-
-def _parse_content_type(value: bytes | None) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """mime.parse_content_type with text/plain as the default."""
     maintype, subtype, params = mime.parse_content_type(value, ("text", "plain"))
     return maintype, subtype, tuple(params)
-
-
-_remembered_content_type = functools.lru_cache(maxsize=256)(_parse_content_type)
 
 
 def _type_matches(part: "mime.Part", types: tuple[str, ...]) -> bool:
