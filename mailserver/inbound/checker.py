@@ -264,7 +264,8 @@ class InboundChecker:
                     comment += f"; policy {disposition} overridden: ARC sealed by {override}"
                     disposition = "none"
                 elif not cfg.dmarc_enforce:
-                    comment += f"; policy {disposition} not enforced"
+                    comment += ("; not enforced" if disposition == "unknown"
+                                else f"; policy {disposition} not enforced")
                     disposition = "none"
             props = {"header.from": dmarc.from_domain} if dmarc.from_domain else {}
             if dmarc.policy:

@@ -75,7 +75,8 @@ class DMARCResult:
     result: str          # "pass" | "fail" | "none" | "temperror" | "permerror"
     from_domain: str     # the RFC5322.From domain ("" if none could be determined)
     policy: str          # the published policy that applies ("" when no record)
-    disposition: str     # "none" | "quarantine" | "reject", after pct sampling
+    disposition: str     # "none" | "quarantine" | "reject", after pct sampling; "unknown"
+                         # when the record could not be looked up and nothing aligned passed
     reason: str          # for logs and the Authentication-Results comment
     record_domain: str = ""    # where the record was found
     sampled_out: bool = False  # pct said: apply the next lower policy
@@ -320,10 +321,27 @@ def _aligned(orgs: OrgDomains, domain: str, from_dom: str, mode: str) -> bool:
     return mode != "s" and orgs.org_domain(domain) == orgs.org_domain(from_dom)
 
 
-def _dns_error(domain: str, name: str, answer: Any) -> DMARCResult:
+def _dns_error(orgs: OrgDomains, domain: str, name: str, answer: Any, spf_result: str,
+               spf_domain: str, dkim_pass_domains: list[str]) -> DMARCResult:
+    """RFC 7489 6.6.3: the policy record could not be had.  With an identifier that
+    passed and shares the From domain's organizational domain the message would pass
+    under any record but a strict one: it goes on, policy none.  Without one it would
+    fail under any record there may be, so the disposition is "unknown": the checker
+    answers 451 and the sender tries again.  Else a lame delegation for a subdomain of a
+    p=reject organisation (_dmarc.old.bank.example timing out) would let its forgeries
+    in."""
     detail = f": {answer.detail}" if answer.detail else ""
-    return DMARCResult("temperror", domain, "", "none",
-                       f"DNS error looking up _dmarc.{name}{detail}", name)
+    reason = f"DNS error looking up _dmarc.{name}{detail}"
+    passed = [d for d in (normalize_domain(x) for x in dkim_pass_domains if x) if d]
+    if spf_result.strip().lower() == "pass" and spf_domain:
+        spf_dom = normalize_domain(spf_domain.rpartition("@")[2])
+        if spf_dom:
+            passed.append(spf_dom)
+    if any(_aligned(orgs, d, domain, "r") for d in passed):
+        return DMARCResult("temperror", domain, "", "none",
+                           reason + "; an aligned identifier passed", name)
+    return DMARCResult("temperror", domain, "", "unknown",
+                       reason + "; no aligned spf or dkim pass: policy unknown", name)
 
 
 def _records(answer: Any) -> list[bytes]:
@@ -352,14 +370,16 @@ def _evaluate(txt: Callable[[str], Any], orgs: OrgDomains, from_dom: str, spf_re
     record_domain = domain
     answer = txt(f"_dmarc.{domain}")
     if answer.status == "error":
-        return _dns_error(domain, domain, answer)
+        return _dns_error(orgs, domain, domain, answer, spf_result, spf_domain,
+                          dkim_pass_domains)
     found = _records(answer) if answer.status == "ok" else []
     org = orgs.org_domain(domain) if not found else domain
     if not found and org != domain:
         record_domain = org
         answer = txt(f"_dmarc.{org}")
         if answer.status == "error":
-            return _dns_error(domain, org, answer)
+            return _dns_error(orgs, domain, org, answer, spf_result, spf_domain,
+                              dkim_pass_domains)
         found = _records(answer) if answer.status == "ok" else []
     if not found:
         return DMARCResult("none", domain, "", "none", "no DMARC record")

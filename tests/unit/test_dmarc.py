@@ -237,6 +237,32 @@ def test_dns_error_is_temperror(orgs):
     assert r.result == "temperror"
 
 
+def test_dns_error_without_aligned_pass_leaves_the_policy_unknown(orgs):
+    """A lame delegation for one subdomain of a p=reject organisation: the forgery
+    passes nothing aligned, so the policy it would fail under is not known (451)."""
+    table = {"_dmarc.old.bank.example": Answer("error", detail="timeout"),
+             "_dmarc.bank.example": txt(b"v=DMARC1; p=reject")}
+    r = run(orgs, table, "old.bank.example", spf=("pass", "x@attacker.example"),
+            dkim=["attacker.example"])
+    assert (r.result, r.policy, r.disposition) == ("temperror", "", "unknown")
+    assert "policy unknown" in r.reason and "timeout" in r.reason
+    # An SPF or DKIM pass of the same organization would pass under any relaxed record.
+    for spf, dkim in ((("pass", "bounce@mail.bank.example"), ()),
+                      (("fail", "x@bank.example"), ["bank.example"]),
+                      (("none", ""), ["old.bank.example"])):
+        r = run(orgs, table, "old.bank.example", spf=spf, dkim=dkim)
+        assert (r.result, r.disposition) == ("temperror", "none"), (spf, dkim)
+    # A failure of the organizational domain's lookup counts the same.
+    r = run(orgs, {"_dmarc.sub.example.com": txt(),
+                   "_dmarc.example.com": Answer("error", detail="SERVFAIL")},
+            "sub.example.com")
+    assert (r.result, r.disposition, r.record_domain) == ("temperror", "unknown",
+                                                          "example.com")
+    # An SPF temperror is no pass: still unknown.
+    r = run(orgs, table, "old.bank.example", spf=("temperror", "x@bank.example"))
+    assert r.disposition == "unknown"
+
+
 def test_never_fails(orgs):
     class Broken:
         def txt(self, name):

@@ -46,6 +46,8 @@ ZONE = {
     ("slow.example", "TXT"): Answer("ok", (b"v=spf1 -all",)),
     ("_dmarc.slow.example", "TXT"): Answer("ok", (b"v=DMARC1; p=reject",)),
     ("sel._domainkey.slow.example", "TXT"): Answer("error", (), "timeout"),
+    # a lame delegation: the subdomain's DMARC lookup times out, good.example's says reject
+    ("_dmarc.lame.good.example", "TXT"): Answer("error", (), "timeout"),
     ("7.2.0.192.bl.example", "A"): Answer("ok", ("127.0.0.2",)),
     ("8.2.0.192.bl.example", "A"): Answer("ok", ("127.255.255.254",)),
 }
@@ -257,6 +259,29 @@ class MXInboundTests(unittest.TestCase):
         # the same without the signature: a plain DMARC failure, refused for good
         code, _ = yield self.transaction(s, "x@slow.example", message("ceo@slow.example"))
         self.assertEqual(code, 550)
+
+    @defer.inlineCallbacks
+    def test_dmarc_record_lookup_failure_defers_what_passes_nothing_aligned(self):
+        """The From domain's _dmarc lookup times out: a message with no SPF or DKIM pass
+        of that organization is asked to come back (451) instead of landing in INBOX;
+        one with an aligned SPF pass is delivered with dmarc=temperror."""
+        s = self.session()
+        s.lines()
+        code, lines = yield self.transaction(s, "x@bad.example", message("ceo@lame.good.example"))
+        self.assertEqual(code, 451)
+        self.assertIn(b"4.7.1", lines[-1])
+        self.assertEqual(s.files(), [])
+        code, _ = yield self.transaction(s, "x@good.example", message("ceo@lame.good.example"))
+        self.assertEqual(code, 250)
+        [path] = s.files()
+        self.assertIn(b"dmarc=temperror", path.read_bytes())
+        # Not enforced: recorded, delivered.
+        lax = self.session(inbound=replace(CHECKS, dmarc_enforce=False))
+        lax.lines()
+        code, _ = yield self.transaction(lax, "x@bad.example", message("ceo@lame.good.example"))
+        self.assertEqual(code, 250)
+        [path] = lax.files()
+        self.assertIn(b"policy unknown", path.read_bytes())
 
     @defer.inlineCallbacks
     def test_verification_that_cannot_finish_is_try_again_later(self):
