@@ -29,7 +29,7 @@ from mailserver.inbound.headerscan import has_field
 from mailserver.inbound.junk import JunkFolders
 from mailserver.inbound.spf import SPFResult
 from mailserver.smtp.delivery import IDelivery, Placement, Recipient
-from mailserver.smtp.replies import Reply, SMTPReplyError
+from mailserver.smtp.replies import LOCAL_ERROR, Reply, SMTPReplyError
 from mailserver.smtp.spool import MessageSpool, clean_spool  # noqa: F401 (imported from here too)
 
 log = Logger()
@@ -147,10 +147,12 @@ class CheckedDelivery:
         return self._deliver(None, verdict)
 
     def _junk_failed(self, failure: Failure) -> None:
-        """A Junk folder that cannot be made: INBOX, not a retry."""
+        """A Junk folder that cannot be made (a uid-list lock held too long, a file where
+        the folder should be): 451, nothing stored, and the sender tries again.  INBOX
+        would hand the user what the checks set aside."""
         log.error("message {qid}: cannot prepare the Junk folder ({error}); "
-                  "delivering to INBOX", qid=self.facts["queue_id"], error=failure.value)
-        return None
+                  "answering try again later", qid=self.facts["queue_id"], error=failure.value)
+        raise SMTPReplyError(LOCAL_ERROR)
 
     def _deliver(self, place: Placement | None, verdict: Verdict) -> defer.Deferred:
         inner = self._inner = self.make_inner(place)

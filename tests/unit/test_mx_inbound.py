@@ -338,6 +338,30 @@ class MXInboundTests(unittest.TestCase):
         self.assertEqual(len(s.files(folder="Junk")), 2)
 
     @defer.inlineCallbacks
+    def test_junk_folder_that_cannot_be_made_is_try_again_later(self):
+        """Quarantined mail never falls back to INBOX: a file where Junk should be gives
+        451 and nothing stored; once the folder can be made, it is delivered there."""
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        s = self.session()
+        s.lines()
+        junk = s.store.user_path("example.test", "alice") / ".Junk"
+        shutil.rmtree(junk)
+        junk.write_bytes(b"not a folder")
+        code, lines = yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        self.assertEqual(code, 451)
+        self.assertIn(b"4.3.0", lines[-1])
+        self.assertEqual(s.files(), [])
+        self.assertEqual(spooled(s), [])
+        self.assertIn("cannot prepare the Junk folder",
+                      "\n".join(formatEvent(e) for e in events))
+        junk.unlink()
+        code, _ = yield self.transaction(s, "x@shady.example", message("x@shady.example"))
+        self.assertEqual(code, 250)
+        self.assertEqual((len(s.files()), len(s.files(folder="Junk"))), (0, 1))
+
+    @defer.inlineCallbacks
     def test_unchecked_client_message_unchanged(self):
         s = self.session(inbound=replace(CHECKS, trusted_networks=("192.0.2.0/24",)))
         s.lines()
