@@ -20,10 +20,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _length(value: object) -> int:
     """The characters a cache key made of `value` holds: strings and bytes by length,
     tuples by the sum of their items, anything else (None, bool, int) as nothing."""
+    kind = type(value)
+    if kind is str or kind is bytes:
+        return len(value)  # type: ignore[arg-type]
+    if kind is tuple:
+        total = 0
+        for item in value:  # type: ignore[attr-defined]
+            total += _length(item)
+        return total
     if isinstance(value, (str, bytes)):
         return len(value)
-    if isinstance(value, tuple):
-        return sum(_length(item) for item in value)
     return 0
 
 
@@ -37,12 +43,10 @@ def cache_short(maxsize: int, longest: int = 1024) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def call(*args: Any) -> Any:
-            # One str or bytes argument is the common case: keep its test to one len().
-            if len(args) == 1 and isinstance(args[0], (str, bytes)):
-                short = len(args[0]) <= longest
-            else:
-                short = sum(_length(a) for a in args) <= longest
-            return cached(*args) if short else fn(*args)
+            total = 0
+            for arg in args:
+                total += _length(arg)
+            return cached(*args) if total <= longest else fn(*args)
 
         call.cache_info = cached.cache_info  # type: ignore[attr-defined]
         call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
