@@ -277,6 +277,25 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertEqual(self.s.stored(), [])
         self.assertEqual(self.s.tmp_files(), [])
 
+    @defer.inlineCallbacks
+    def test_long_data_line_found_anywhere_in_one_read(self):
+        """Many lines in one read: lines up to the limit pass wherever they are, one line
+        over it is found after the others (the check looks at line starts only)."""
+        self.s.close()
+        self.s = Session(self.tmpdir(), max_line_length=100)
+        self.envelope()
+        full = (b"w" * 100 + b"\r\n") * 20
+        self.s.send(b"DATA\r\nSubject: x\r\n\r\n" + full + b".\r\n")
+        codes, _ = yield self.s.wait_codes(5)      # EHLO MAIL RCPT DATA, the message
+        self.assertEqual(codes, [250, 250, 250, 354, 250])
+        self.assertEqual(len(self.s.stored()), 1)
+        self.s.send(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                    b"DATA\r\nSubject: y\r\n\r\n" + full + b"v" * 101 + b"\r\n" + full
+                    + b".\r\nNOOP\r\n")
+        codes, _ = yield self.s.wait_codes(5)
+        self.assertEqual(codes, [250, 250, 354, 500, 250])
+        self.assertEqual(len(self.s.stored()), 1)
+
     def test_bare_lf_in_data_refused(self):
         self.envelope()
         self.s.send(b"DATA\r\nSubject: x\r\n\r\nhello\n.\nmore\r\n")
