@@ -7,9 +7,11 @@ no continuation sent, as Pigeonhole does: ManageSieve has no continuation for li
 a client sending {n} must not wait for one.
 
 Every input is bounded: the command's text (without literal octets) by `max_line`, each
-literal by `max_literal`.  A bad command is consumed to its end and reported as a
-`WireError`, so the session answers NO and goes on with the next one; a literal over the
-limit is counted off without being kept.
+literal by `max_literal`, and all of one command's literals together by `max_literal` plus
+`max_line` (a script and its name).  A bad command is consumed to its end, the octets of a
+literal announced at the end of a line too long included, and reported as a `WireError`,
+so the session answers NO and goes on with the next one; a literal over the limit is
+counted off without being kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ MAX_NUMBER = 4294967295    # RFC 5804 4: number = 1*DIGIT, up to 2^32 - 1
 _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")
 _TRAILING_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\Z")
 _ATOM_END = re.compile(rb'[ "(){}\\\x00-\x1f\x7f-\xff]')
+# Octets kept from the end of a line being skipped: enough for a literal's header
+# ("{4294967295+}" and CR), whose octets belong to the skipped command.
+_SKIP_TAIL = 16
 
 
 class Atom(str):
@@ -53,6 +58,7 @@ class CommandReader:
         self._args: list[Arg] = []
         self._text = 0                  # octets of command text read so far
         self._literal_left = 0          # octets of the current literal still to come
+        self._literal_total = 0         # octets of all this command's literals
         self._literal: bytearray | None = None   # None while discarding one
         self._in_literal = False
         self._after_literal = False     # the text after a literal continues the command
@@ -88,22 +94,20 @@ class CommandReader:
             nl = self._buffer.find(b"\n")
             if nl < 0:
                 if self._skipping:
-                    self._buffer.clear()
+                    del self._buffer[:-_SKIP_TAIL]
                 elif self._text + len(self._buffer) > self.max_line + 1:
                     self._skipping = True
                     self._fail("Command line too long")
-                    self._buffer.clear()
+                    del self._buffer[:-_SKIP_TAIL]
                 return None
             segment = bytes(self._buffer[:nl])
             del self._buffer[:nl + 1]
-            if self._skipping:
-                return self._finish()
             if segment.endswith(b"\r"):
                 segment = segment[:-1]
-            self._text += len(segment)
-            if self._text > self.max_line:
-                self._fail("Command line too long")
-                return self._finish()
+            if not self._skipping:
+                self._text += len(segment)
+                if self._text > self.max_line:
+                    self._fail("Command line too long")
             if self._error is None:
                 if self._after_literal and segment and not segment.startswith(b" "):
                     self._fail("Expected a space or the end of the line after a literal")
@@ -134,9 +138,13 @@ class CommandReader:
     def _start_literal(self, size: int) -> None:
         self._in_literal = True
         self._literal_left = size
-        if size > self.max_literal or self._error is not None:
-            if self._error is None:
-                self._fail(f"Literal larger than {self.max_literal} octets", too_large=True)
+        self._literal_total += size
+        if self._error is None and size > self.max_literal:
+            self._fail(f"Literal larger than {self.max_literal} octets", too_large=True)
+        elif self._error is None and self._literal_total > self.max_literal + self.max_line:
+            self._fail(f"Literals larger than {self.max_literal + self.max_line} octets in "
+                       "one command", too_large=True)
+        if self._error is not None:
             self._literal = None
         else:
             self._literal = bytearray()

@@ -94,6 +94,27 @@ class WireTests(unittest.SynchronousTestCase):
         self.assertEqual(out[0], WireError("Command line too long"))
         self.assertEqual(out[1:], [[Atom("NOOP")]])
 
+    def test_a_line_too_long_ending_in_a_literal_does_not_run_the_literal(self):
+        """The literal's octets belong to the refused command, whether the long line
+        arrives whole or in pieces (a script's text must never run as commands)."""
+        data = (b'PUTSCRIPT "' + b"a" * 300 + b'" {23+}\r\nDELETESCRIPT "victim"\r\n'
+                b"\r\nNOOP\r\n")
+        for step in (None, 1, 7, 64, 303, 305):
+            out = read_all(data, max_line=100, step=step)
+            self.assertEqual(out, [WireError("Command line too long"), [Atom("NOOP")]], step)
+
+    def test_all_literals_of_one_command_are_bounded_together(self):
+        """Each literal under the limit, but many of them in one command: refused as too
+        large once they pass max_literal + max_line together, and not kept."""
+        r = CommandReader(100, 50)
+        r.feed(b"NOOP" + (b" {50+}\r\n" + b"x" * 50) * 10)
+        self.assertIsNone(r.next())
+        self.assertLessEqual(sum(len(a) for a in r._args if isinstance(a, bytes)), 150)
+        r.feed(b"\r\nNOOP {50+}\r\n" + b"y" * 50 + b" {50+}\r\n" + b"z" * 50 + b"\r\n")
+        self.assertEqual(r.next(), WireError("Literals larger than 150 octets in one command",
+                                             too_large=True))
+        self.assertEqual(r.next(), [Atom("NOOP"), b"y" * 50, b"z" * 50])
+
     def test_literal_too_large_is_counted_off_not_kept(self):
         r = CommandReader(100, 50)
         r.feed(b'PUTSCRIPT "s" {100000+}\r\n')
