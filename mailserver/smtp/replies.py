@@ -64,6 +64,7 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again l
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "Error: TLS already active")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0", "Bye")

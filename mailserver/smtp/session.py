@@ -424,6 +424,11 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self.startedTLS = True
             self._reset_session()  # RFC 3207 4.2: back to the state after the greeting
 
+    def ext_AUTH(self, rest: bytes) -> None:  # RFC 4954 4
+        """Not offered here (the MX; submission has its own): Twisted's ESMTP.ext_AUTH,
+        which a bare AUTH crashed with a logged traceback, must never answer."""
+        self.reply(R.AUTH_NOT_ENABLED)
+
     # -- the envelope ----------------------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:  # RFC 5321 4.1.1.2

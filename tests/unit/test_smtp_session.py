@@ -277,6 +277,19 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertEqual(self.s.stored(), [])
         self.assertEqual(self.s.tmp_files(), [])
 
+    def test_auth_is_not_offered_on_the_mx(self):
+        self.s.send(b"EHLO client.test\r\n")
+        self.assertNotIn(b"AUTH", b"".join(self.s.lines()))
+        for line in (b"AUTH\r\n", b"AUTH PLAIN\r\n", b"AUTH PLAIN AGFsaWNlAHg=\r\n",
+                     b"auth login\r\n"):
+            self.s.send(line)
+            self.assertEqual(self.s.lines(), [b"503 5.5.1 Error: authentication not enabled"],
+                             line)
+        self.assertFalse(self.s.transport.disconnecting)
+        self.s.send(b"NOOP\r\n")
+        self.assertEqual(self.s.codes(), [250])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     @defer.inlineCallbacks
     def test_long_data_line_found_anywhere_in_one_read(self):
         """Many lines in one read: lines up to the limit pass wherever they are, one line
