@@ -804,6 +804,8 @@ class FolderDisk:
     def _append(self, view: FolderView, file: AppendFile, flags: frozenset[str]) -> Edit:
         tmp, base, size = file.finish()
         full_base = f"{base},S={size}"
+        if file.crlf_size != size:   # bare LFs: the size IMAP and POP3 send differs
+            full_base += f",W={file.crlf_size}"
         try:
             mtime = os.stat(tmp).st_mtime
             with DotLock(self.path / "dovecot-uidlist"):
@@ -919,13 +921,20 @@ class FolderDisk:
 class AppendFile:
     """The file of a message on its way into a folder (IMAP APPEND): created in the
     folder's tmp/ at once, written as data arrives (at most FLUSH_THRESHOLD bytes held in
-    memory; a disk error is kept for `finish`), made durable by `finish` in a thread."""
+    memory; a disk error is kept for `finish`), made durable by `finish` in a thread.
+
+    The bytes are kept as the client sent them.  A message with bare LFs gets its CRLF
+    size as ",W=" in its name, as Dovecot does: IMAP and POP3 send the CRLF form, and
+    take ",S=" alone for that size in the names this server gives."""
 
     def __init__(self, folder_dir: Path, escaped_host: str,
                  internaldate: float | None) -> None:
         self.internaldate = internaldate
         self._buffer = bytearray()
         self._size = 0
+        self._newlines = 0       # LF octets, and those with a CR before them
+        self._crlf = 0
+        self._last_cr = False
         self._error: OSError | None = None
         last: OSError | None = None
         for _ in range(5):
@@ -943,8 +952,17 @@ class AppendFile:
     def size(self) -> int:
         return self._size
 
+    @property
+    def crlf_size(self) -> int:
+        """The size of the message with every bare LF sent as CRLF."""
+        return self._size + self._newlines - self._crlf
+
     def write(self, data: bytes) -> None:
         self._size += len(data)
+        if data:
+            self._newlines += data.count(b"\n")
+            self._crlf += data.count(b"\r\n") + (self._last_cr and data[:1] == b"\n")
+            self._last_cr = data[-1:] == b"\r"
         if self._error is not None:
             return
         self._buffer += data

@@ -1,7 +1,8 @@
 """The size of a message as IMAP and POP3 send it (CRLF line ends), without reading it
 where the file name or the folder cache already says.
 
-Files this server writes are stored with CRLF, so their `,S=` is that size; Dovecot's
+Files this server writes are stored with CRLF, so their `,S=` is that size (an APPEND with
+bare LFs is kept as sent and named with `,W=` too); Dovecot's
 files (LF by default) carry it as `,W=`; anything else is measured once and cached
 under VSIZE_KEY, which IMAP and POP3 share.
 """

@@ -174,3 +174,20 @@ class MultiAppend(SessionCase):
         out = yield self.command(b"a14", b"APPEND INBOX " + lit(M1) + b" " + lit(M2))
         self.assertIn(b"* 2 EXISTS", out)
         self.assertLess(out.index(b"* 2 EXISTS"), out.index(b"a14 OK"))
+
+
+class BareLineFeeds(SessionCase):
+    @inlineCallbacks
+    def test_rfc822_size_is_the_size_of_what_fetch_sends(self):
+        """An APPEND with bare LFs is kept as sent; FETCH sends its CRLF form, and
+        RFC822.SIZE (from the ",W=" in its name) tells that form's size (RFC 3501 7.4.2)."""
+        lf = b"Subject: lf\n\nline1\n..dot\nlast\n"
+        crlf = lf.replace(b"\n", b"\r\n")
+        out = yield self.command(b"a1", b"APPEND INBOX " + lit(lf))
+        self.assertIn(b"a1 OK", out)
+        [name] = os.listdir(self.user_path / "cur")
+        self.assertIn(f",S={len(lf)},W={len(crlf)}", name)
+        yield self.select()
+        out = yield self.command(b"f", b"FETCH 1 (RFC822.SIZE BODY.PEEK[])")
+        self.assertIn(b"RFC822.SIZE %d" % len(crlf), out)
+        self.assertIn(b"BODY[] {%d}\r\n" % len(crlf) + crlf, out)

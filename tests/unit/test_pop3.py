@@ -683,6 +683,31 @@ class POP3SessionTests(unittest.TestCase):
         self.assertEqual(int(cached), len(crlf))
 
     @defer.inlineCallbacks
+    def test_an_imap_append_with_bare_lfs_is_sized_and_sent_as_crlf(self):
+        """APPEND keeps the client's bytes; its name then carries the CRLF size (",W="),
+        so LIST tells the octets RETR sends and RETR ends in CRLF.CRLF."""
+        lf = b"Subject: lf\n\nline1\r\n..dot\nlast line\n"
+        crlf = lf.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        folder = yield self.server.store.account(self.server.inbox()).open_folder("INBOX")
+        writer = folder.begin_append()
+        for piece in (lf[:19], lf[19:20], lf[20:]):   # a CRLF split between two writes
+            writer.write(piece)
+        info = yield writer.commit()
+        self.assertIn(f",S={len(lf)},W={len(crlf)}", info.basename)
+        self.assertEqual((self.server.inbox() / "cur" / info.filename).read_bytes(), lf)
+        plain = folder.begin_append()
+        plain.write(crlf)
+        info = yield plain.commit()
+        self.assertNotIn(",W=", info.basename)
+        c = self.conn()
+        yield c.login()
+        r = yield c.cmd(b"LIST", multi=True)
+        self.assertEqual(lines_of(r), [b"1 %d" % len(crlf), b"2 %d" % len(crlf)])
+        for n in (b"1", b"2"):
+            r = yield c.cmd(b"RETR " + n, multi=True)
+            self.assertEqual(r, b"+OK %d octets\r\n" % len(crlf) + reference(crlf))
+
+    @defer.inlineCallbacks
     def test_listing_comes_from_the_index_without_reading_files(self):
         for i in range(30):
             own_name = f"1700000000.M{i}P9Q{i}.mail.example.test,S={len(message(i))}"
