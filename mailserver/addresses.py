@@ -82,6 +82,15 @@ def check_recipient_syntax(path: str) -> str:
     return normalize(path)
 
 
+def relay_address(path: str) -> str:
+    """A forward-path for a domain hosted elsewhere: checked as check_recipient_syntax
+    checks it, the domain normalised, the local part as written.  RFC 5321 2.4: only
+    the destination host may interpret a local part, and its case MUST be kept."""
+    _, domain = split_address(path)
+    local = _split_quoted(path)[0] if path.startswith('"') else path.partition("@")[0]
+    return f"{local}@{domain}"
+
+
 def subaddress_base(localpart: str, separator: str = "+") -> str | None:
     """'alice+tag' -> 'alice'; None when there is no separator or the base is empty."""
     if not separator or separator not in localpart:

@@ -25,7 +25,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from mailserver.addresses import AddressError, check_recipient_syntax, is_domain_literal
+from mailserver.addresses import (AddressError, check_recipient_syntax, is_domain_literal,
+                                 relay_address)
 from mailserver import sasl
 from mailserver.config import is_loopback
 from mailserver.smtp import replies as R
@@ -302,7 +303,9 @@ class SubmissionSession(QuotaChecks, SMTPSession):
         if is_domain_literal(domain):
             raise SMTPReplyError(DOMAIN_LITERAL)
         if not self.context.accounts.is_local_domain(domain):
-            return Recipient(address, (), (address,))  # relayed: the user is authenticated
+            # Relayed (the user is authenticated), the local part's case as written.
+            remote = relay_address(path)
+            return Recipient(remote, (), (remote,))
         return resolve_local(self.context, path)
 
     def make_delivery(self, queue_id: str) -> IDelivery:

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from mailserver.addresses import (AddressError, check_recipient_syntax, is_domain_literal,
-                                  normalize, normalize_domain, split_address, subaddress_base)
+                                  normalize, normalize_domain, relay_address, split_address,
+                                  subaddress_base)
 
 
 @pytest.mark.parametrize("addr, expected", [
@@ -140,3 +141,13 @@ def test_subaddress_base_other_separator():
     assert subaddress_base("alice-tag", "-") == "alice"
     assert subaddress_base("alice+tag", "-") is None
     assert subaddress_base("alice+tag", "") is None
+
+
+def test_relay_address_keeps_the_local_part_as_written():
+    assert relay_address("John.Smith@Remote.Example") == "John.Smith@remote.example"
+    assert relay_address('"John.Smith"@Remote.Example') == "John.Smith@remote.example"
+    assert relay_address("O'Neil+Tag@xn--bcher-kva.example") == "O'Neil+Tag@xn--bcher-kva.example"
+    for bad in ("a%b@remote.example", "a@b@remote.example", "@r:a@remote.example",
+                "a b@x.example", "a@remote..example"):
+        with pytest.raises(AddressError):
+            relay_address(bad)

@@ -223,8 +223,8 @@ class SubmissionTests(unittest.TestCase):
     def test_message_local_and_queued_with_headers_added(self):
         h = self.harness()
         yield self.login(h)
-        h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
-               b"RCPT TO:<x@remote.test>\r\nDATA\r\n")
+        h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<Bob@Example.TEST>\r\n"
+               b"RCPT TO:<X.Ray@Remote.TEST>\r\nDATA\r\n")
         yield h.replies(3)
         h.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
         finals = yield h.replies(1)
@@ -240,8 +240,9 @@ class SubmissionTests(unittest.TestCase):
         self.assertIn(b"\r\nMessage-ID: <" + queue_id.encode(), data)
         self.assertTrue(data.endswith(b"\r\n\r\nbody\r\n"))
         env = json.loads(h.queue_store.envelope_path(queue_id).read_bytes())
+        # RFC 5321 2.4: a remote local part keeps its case; the domain is normalised.
         self.assertEqual([(r["address"], r["kind"]) for r in env["recipients"]],
-                         [("x@remote.test", "remote")])
+                         [("X.Ray@remote.test", "remote")])
         queued = h.queue_store.message_path(queue_id).read_bytes()
         self.assertFalse(queued.startswith(b"Return-Path"))
         self.assertEqual(queued, data.split(b"\r\n", 2)[2])
