@@ -381,12 +381,21 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         self._send(string(base64.b64encode(challenge)) + b"\r\n")
 
     def _sasl_refused(self, error: sasl.SASLError) -> None:
+        """Login data that could not be read counts as a failed login on this connection
+        (as on submission): no password was tried, but it must not go on for ever."""
         if error.reason == sasl.PROXY:
             self._no("Proxy login not allowed")
         elif error.reason == sasl.CANNOT_DECODE:
             self._no("Invalid base64")
         else:
             self._no("Malformed authentication data")
+        self._count_auth_failure()
+
+    def _count_auth_failure(self) -> None:
+        self._auth_failures += 1
+        if self._auth_failures >= self.limits.auth_failures_per_connection:
+            self._send(response("BYE", "Too many authentication failures"))
+            self._close()
 
     def _login(self, user: str, password: str) -> None:
         ip = self.peer_ip
@@ -426,14 +435,11 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
             self._no("Temporary server error, try again later", "TRYLATER")
             return
         self.context.throttle.failure(ip, account)
-        self._auth_failures += 1
         self.log.info("{service} login failed for {user} from {ip}",
                       service=self.context.service, user=account, ip=ip)
         self.context.metrics.auth_failed()
         self._no("Authentication failed")
-        if self._auth_failures >= self.limits.auth_failures_per_connection:
-            self._send(response("BYE", "Too many authentication failures"))
-            self._close()
+        self._count_auth_failure()
 
     # -- authenticated state -------------------------------------------------------------
 

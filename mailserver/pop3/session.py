@@ -379,12 +379,21 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self.transport.write(b"+ " + base64.b64encode(challenge) + b"\r\n")
 
     def _sasl_refused(self, error: sasl.SASLError) -> None:
+        """Login data that could not be read counts as a failed login on this connection
+        (as on submission): no password was tried, but it must not go on for ever."""
         if error.reason == sasl.PROXY:
             self.err(b"Proxy login not allowed", b"AUTH")
         elif error.reason == sasl.CANNOT_DECODE:
             self.err(b"Invalid base64")
         else:
             self.err(b"Malformed authentication data")
+        self._count_auth_failure()
+
+    def _count_auth_failure(self) -> None:
+        self._auth_failures += 1
+        if self._auth_failures >= self.limits.auth_failures_per_connection:
+            self.err(b"Too many authentication failures")
+            self._close()
 
     def _login(self, user: bytes, password: bytes) -> None:
         ip = self.peer_ip
@@ -438,14 +447,11 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self.err(b"Temporary server error, try again later", b"SYS/TEMP")
             return
         throttle.failure(ip, account)
-        self._auth_failures += 1
         self.log.info("{service} login failed for {user} from {ip}",
                       service=self.context.service, user=account, ip=ip)
         self.context.metrics.auth_failed()
         self.err(b"Authentication failed", b"AUTH")  # RFC 3206 4
-        if self._auth_failures >= self.limits.auth_failures_per_connection:
-            self.err(b"Too many authentication failures")
-            self._close()
+        self._count_auth_failure()
 
     # -- TRANSACTION state ---------------------------------------------------------------
 

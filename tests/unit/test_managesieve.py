@@ -350,6 +350,15 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(r, b'NO "Invalid base64"\r\n')
 
     @defer.inlineCallbacks
+    def test_unreadable_login_data_counts_as_a_failed_login(self):
+        c = self.conn()
+        for _ in range(3):
+            r = yield c.cmd(b'AUTHENTICATE "PLAIN" "!!!"')
+            self.assertTrue(r.startswith(b'NO "Invalid base64"'), r)
+        self.assertIn(b'BYE "Too many authentication failures"', r)
+        self.assertTrue(c.transport.disconnecting)
+
+    @defer.inlineCallbacks
     def test_failed_logins_are_throttled_and_close_the_connection(self):
         c = self.conn()
         for i in range(3):

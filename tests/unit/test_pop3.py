@@ -421,6 +421,18 @@ class POP3SessionTests(unittest.TestCase):
         self.assertTrue(r.startswith(b"+OK"), r)
 
     @defer.inlineCallbacks
+    def test_unreadable_login_data_counts_as_a_failed_login(self):
+        """Bad base64 or a malformed PLAIN tries no password, but a client sending only
+        that is closed after the per-connection limit like a guesser."""
+        c = self.conn()
+        for line in (b"AUTH PLAIN !!!", b"AUTH PLAIN " + base64.b64encode(b"a\0b"),
+                     b"AUTH PLAIN !!!"):
+            r = yield c.cmd(line)
+            self.assertTrue(r.startswith(b"-ERR"), r)
+        self.assertIn(b"Too many authentication failures", r)
+        self.assertTrue(c.transport.disconnecting)
+
+    @defer.inlineCallbacks
     def test_wrong_password_counts_and_closes_after_the_limit(self):
         c = self.conn()
         for i in range(3):
