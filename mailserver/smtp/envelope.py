@@ -6,6 +6,8 @@ import re
 
 _PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 4.1.2 A-d-l: "@one.example,@two.example" before the ":" of a source route.
+_ROUTE = re.compile(r"@[^\s,:@<>\"]+(?:,@[^\s,:@<>\"]+)*")
 
 
 class EnvelopeSyntaxError(ValueError):
@@ -65,4 +67,11 @@ def parse_command_path(arg: bytes, keyword: str) -> tuple[str, dict[str, str | N
     path, rest = _split_path(text[len(keyword) + 1:])
     if _CONTROL.search(path):
         raise EnvelopeSyntaxError("control character in address")
+    if path.startswith("@"):
+        # RFC 5321 3.3 and C: a source route is accepted and ignored; the mailbox after
+        # it is the path (never relayed through the hosts it names).
+        route, colon, mailbox = path.partition(":")
+        if not colon or not _ROUTE.fullmatch(route) or not mailbox:
+            raise EnvelopeSyntaxError("bad source route")
+        path = mailbox
     return path, _parse_params(rest.rstrip(" "))

@@ -459,9 +459,11 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
                     raise SMTPReplyError(R.SYNTAX)
                 if int(value) > self.limits.max_message_size:
                     raise SMTPReplyError(R.MESSAGE_TOO_BIG)
-            elif key == "BODY":  # RFC 6152
-                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+            elif key == "BODY":  # RFC 6152; BINARYMIME (RFC 3030) and others: not offered
+                if value is None:
                     raise SMTPReplyError(R.SYNTAX)
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)
             else:
                 self.check_mail_param(key, value)
 
@@ -494,6 +496,8 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             path, params = parse_command_path(rest, "TO")
         except EnvelopeSyntaxError:
             return self.reply(R.SYNTAX)
+        if not path:  # RFC 5321 4.1.1.3: the null path is a reverse-path only
+            return self.reply(R.BAD_RECIPIENT_SYNTAX)
         try:
             if params:
                 raise SMTPReplyError(R.UNSUPPORTED_PARAMETER)

@@ -158,6 +158,41 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertTrue(lines[-2].startswith(b"250"))
         self.assertTrue(lines[-1].startswith(b"555"))
 
+    def test_body_parameter_values(self):
+        """RFC 6152: 7BIT and 8BITMIME; BINARYMIME (RFC 3030, not offered) and other
+        values are parameters not implemented (555), a BODY without a value a syntax
+        error."""
+        self.s.send(b"EHLO c\r\n")
+        self.s.lines()
+        for param, code in ((b"BODY=7bit", 250), (b"BODY=BINARYMIME", 555),
+                            (b"BODY=X-OTHER", 555), (b"BODY", 501)):
+            self.s.send(b"MAIL FROM:<a@b.test> " + param + b"\r\nRSET\r\n")
+            self.assertEqual(self.s.codes(), [code, 250], param)
+
+    def test_null_recipient_is_a_syntax_error(self):
+        self.s.send(b"EHLO c\r\nMAIL FROM:<>\r\n")
+        self.s.lines()
+        self.s.send(b"RCPT TO:<>\r\n")
+        self.assertEqual(self.s.lines(), [b"501 5.1.3 Bad recipient address syntax"])
+
+    @defer.inlineCallbacks
+    def test_source_routes_are_ignored(self):
+        """RFC 5321 3.3: a source route is accepted and ignored: the reverse-path stored
+        is the mailbox alone, a route to a local mailbox delivers there, a route to a
+        remote one is still no relay, a malformed route is a syntax error."""
+        self.s.send(b"EHLO c\r\nMAIL FROM:<@a.example,@b.example:x@remote.test>\r\n")
+        self.s.lines()
+        for rcpt, code in ((b"<@relay.test:someone@other.test>", 554), (b"<@:a@b.test>", 501),
+                           (b"<@relay.test:>", 501), (b"<@relay.test,alice@example.test>", 501),
+                           (b"<@relay.test:alice@example.test>", 250)):
+            self.s.send(b"RCPT TO:" + rcpt + b"\r\n")
+            self.assertEqual(self.s.codes(), [code], rcpt)
+        self.s.send(b"DATA\r\nSubject: r\r\n\r\nbody\r\n.\r\n")
+        codes, _ = yield self.s.wait_codes(2)
+        self.assertEqual(codes, [354, 250])
+        [msg] = self.s.stored()
+        self.assertTrue(msg.startswith(b"Return-Path: <x@remote.test>\r\n"), msg[:80])
+
     def test_bare_lf_in_command_closes(self):
         self.s.send(b"EHLO c\nMAIL FROM:<a@b.test>\r\n")
         lines = self.s.lines()
