@@ -137,7 +137,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
     def timeoutConnection(self) -> None:
         self.log.info("{service} {ip}: idle timeout, disconnecting",
                       service=self.context.service, ip=self.peer_ip)
-        self.err(b"Disconnected for inactivity")
+        if not self._busy:   # not inside a message the client stopped reading
+            self.err(b"Disconnected for inactivity")
         self._close()
 
     def _close(self) -> None:

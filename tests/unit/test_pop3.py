@@ -758,6 +758,25 @@ class POP3SessionTests(unittest.TestCase):
         self.assertTrue(c.transport.disconnecting)
 
     @defer.inlineCallbacks
+    def test_idle_timeout_inside_a_message_adds_no_text_to_it(self):
+        """A client that stops reading in the middle of a RETR is disconnected after the
+        idle time, without an -ERR line written into the message it was sent."""
+        self.server.drop(message(1, b"x" * 100 + b"\r\n") * 4000)
+        clock = task.Clock()
+        ctx = self.server.context()
+        ctx.clock = clock
+        c = self.conn(context=ctx)
+        yield c.login()
+        c.send(b"RETR 1\r\n")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+        sent = c.take()
+        self.assertTrue(sent.startswith(b"+OK"), sent[:40])
+        self.assertFalse(sent.endswith(b"\r\n.\r\n"))   # the rest waits for the reader
+        clock.advance(self.server.limits.idle_timeout + 1)
+        self.assertTrue(c.transport.disconnecting)
+        self.assertNotIn(b"-ERR", c.take())
+
+    @defer.inlineCallbacks
     def test_message_expunged_elsewhere_cannot_be_retrieved(self):
         self.server.drop(message(1))
         self.server.drop(message(2))
