@@ -130,6 +130,9 @@ class ScriptedServer(basic.LineReceiver):
     def lineReceived(self, line):
         f = self.factory
         if self.in_data:
+            if f.script.get("reset in data"):
+                self.transport.abortConnection()
+                return
             if line == b".":
                 self.in_data = False
                 self.sendLine(f.script.get("end", b"250 2.0.0 ok"))
@@ -145,6 +148,8 @@ class ScriptedServer(basic.LineReceiver):
                     self.transport.loseConnection()
                     return
                 self.sendLine(reply)
+                if prefix == "STARTTLS" and f.script.get("no handshake"):
+                    self.transport.loseConnection()
                 return
         self.sendLine(b"250 ok")
 
@@ -223,3 +228,48 @@ class TransactionTests(unittest.TestCase):
         f, port = self.serve({"EHLO": b"250-mx.test\r\n250 SIZE 10"})
         results = yield self.run_tx(port, ["x@d.test"])
         self.assertEqual((results[0][1].kind, results[0][1].status), ("permanent", "5.3.4"))
+
+    @defer.inlineCallbacks
+    def test_a_2xx_answer_to_data_is_no_delivery(self):
+        """RFC 5321 4.3.2: DATA gets 354 or an error; a 250 before any octet was sent
+        is retried, never recorded as delivered."""
+        for ehlo in (b"250-mx.test\r\n250 PIPELINING", b"250 mx.test"):
+            f, port = self.serve({"EHLO": ehlo, "DATA": b"250 2.0.0 ok"})
+            results = yield self.run_tx(port, ["x@d.test"])
+            self.assertEqual((results[0][1].kind, results[0][1].status), ("temporary", "4.5.0"))
+            self.assertIn("not 354", results[0][1].text)
+            self.assertEqual(f.data, [])
+
+    @defer.inlineCallbacks
+    def test_connection_reset_during_data_is_this_hosts_failure(self):
+        """The host resets the connection while the message is being sent: HostFailure
+        (try the next host, retry later), not an error that fails the whole message."""
+        self.message.write_bytes(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20000)
+        f, port = self.serve({"DATA": b"354 go", "reset in data": True})
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(port, ["x@d.test"])
+        self.assertEqual(e.exception.result.kind, "temporary")
+        self.assertFalse(e.exception.tls_failed)
+
+    @defer.inlineCallbacks
+    def test_failed_starttls_handshake_is_marked_for_the_plaintext_retry(self):
+        """RFC 7435: an opportunistic relay whose handshake fails tries again without
+        TLS; the failure says so (it did not: the flag was cleared before it was read)."""
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250 STARTTLS", "STARTTLS": b"220 go",
+                              "no handshake": True})
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(port, ["x@d.test"])
+        self.assertTrue(e.exception.tls_failed)
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250 STARTTLS", "STARTTLS": b"220 go",
+                              "no handshake": True})
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(port, ["x@d.test"], tls="required")
+        self.assertTrue(e.exception.tls_failed)
+
+
+def test_a_reply_text_is_kept_short():
+    """A hostile host's 800 KB reply would make the envelope too large to load again."""
+    from mailserver.smtp.queue.attempt import MAX_TEXT, AttemptResult
+    result = AttemptResult.from_reply(451, "x" * 800_000)
+    assert len(result.text) == MAX_TEXT and result.text.endswith("...")
+    assert AttemptResult.temporary("short").text == "short"

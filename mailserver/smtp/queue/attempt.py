@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
+# What is kept of a reply's text: it goes into the envelope (rewritten at every attempt,
+# refused when over envelope.MAX_ENVELOPE), the logs and a DSN.  A hostile host's reply
+# may be 200 lines of 4,000 octets.
+MAX_TEXT = 1000
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,10 @@ class AttemptResult:
     status: str = ""        # RFC 3463 status code, e.g. "5.1.1"
     remote_mta: str = ""    # the host that answered
     smtp: bool = False      # `text` is an SMTP reply (Diagnostic-Code type "smtp")
+
+    def __post_init__(self) -> None:
+        if len(self.text) > MAX_TEXT:
+            object.__setattr__(self, "text", self.text[:MAX_TEXT - 3] + "...")
 
     @property
     def ok(self) -> bool:

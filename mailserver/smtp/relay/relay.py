@@ -71,6 +71,17 @@ class Relay:
 
     async def _domain(self, env: Envelope, message: Path, domain: str,
                       recipients: list[RecipientState]) -> Results:
+        """One domain's results; an unexpected error is a temporary failure of this
+        domain's recipients only (the others' results stand: no copy sent twice)."""
+        try:
+            return await self._domain_hosts(env, message, domain, recipients)
+        except Exception:
+            log.failure("relay {id}: {domain}: delivery error", id=env.id, domain=domain)
+            result = AttemptResult.temporary("internal error relaying to " + domain, "4.3.0")
+            return [(r, result) for r in recipients]
+
+    async def _domain_hosts(self, env: Envelope, message: Path, domain: str,
+                            recipients: list[RecipientState]) -> Results:
         try:
             hosts = await mx_hosts(self.resolver, domain)
         except RouteError as e:

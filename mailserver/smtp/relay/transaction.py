@@ -82,9 +82,18 @@ class Transaction:
     async def run(self) -> list[tuple[RecipientState, AttemptResult]]:
         try:
             return await self._run()
+        except HostFailure:
+            raise
         except SMTPClientError as e:
             raise HostFailure(_temp(f"{self.target.label}: {e}", self.target),
                               tls_failed=self._in_tls_handshake) from None
+        except Exception as e:
+            # The connection went away under us (the message's file sender told to stop
+            # when the host reset the connection during DATA, a TLS error): this host's
+            # failure, never the whole message's, whose other domains may be done.
+            log.info("relay: {host}: {error!r}", host=self.target.label, error=e)
+            raise HostFailure(_temp(f"{self.target.label}: connection failed: {_reason(e)}",
+                                    self.target), tls_failed=self._in_tls_handshake) from None
         finally:
             if self.proto is not None:
                 if self.tracker is not None:
@@ -157,11 +166,11 @@ class Transaction:
         else:
             creator = opportunistic = OpportunisticTLS(t.name, t.ca_file)
         proto.transport.startTLS(creator)
+        # Left set when the handshake or the EHLO over it fails: run() reads it then, and
+        # an opportunistic relay tries again without TLS (RFC 7435).
         self._in_tls_handshake = True
-        try:
-            ext = await self._hello(proto)  # RFC 3207 4.2: forget what was said before
-        finally:
-            self._in_tls_handshake = False
+        ext = await self._hello(proto)  # RFC 3207 4.2: forget what was said before
+        self._in_tls_handshake = False
         self.tls_active = True
         if opportunistic is not None:
             problem = opportunistic.record.problem(t.name, proto.transport.getHandle())
@@ -241,7 +250,11 @@ class Transaction:
             await self._quit(proto)
             return [(r, results[i]) for i, r in enumerate(self.recipients)]
         assert data is not None
-        if data.code != 354:
+        if 200 <= data.code < 400 and data.code != 354:
+            # RFC 5321 4.3.2: DATA gets 354 or an error.  A "250" before any octet was
+            # sent is no delivery: try again later.
+            final = _temp(f"{t.label} answered DATA with {data}, not 354", t, "4.5.0")
+        elif data.code != 354:
             final = self._result(data)
         else:
             reply = await proto.send_message(env.prefix.encode("utf-8", "replace"), self.message)
