@@ -113,17 +113,6 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000):x}{_id_random.getrandbits(24):06x}".upper()
 
 
-def _space_outside_quotes(path: str) -> bool:
-    """A space anywhere but inside a quoted local part ("john smith"@example.org is a
-    mailbox, RFC 5321 4.1.2)."""
-    if not path.startswith('"'):
-        return " " in path
-    i = 1
-    while i < len(path) and path[i] != '"':
-        i += 2 if path[i] == "\\" else 1
-    return " " in path[i + 1:]
-
-
 @dataclass
 class _Incoming:
     """State of a DATA phase in progress."""
@@ -488,8 +477,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
 
     def check_sender(self, sender: str) -> str:
         """Policy for MAIL FROM; returns the sender to use or raises SMTPReplyError."""
-        if sender and (sender.count("@") < 1 or len(sender) > 254
-                       or _space_outside_quotes(sender)):
+        if sender and (sender.count("@") < 1 or len(sender) > 254 or " " in sender):
             raise SMTPReplyError(R.BAD_SENDER_SYNTAX)
         return sender
 
