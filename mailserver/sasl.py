@@ -28,7 +28,8 @@ class SASLError(Exception):
 
 
 class Cancelled(Exception):
-    """The client sent "*": it gives up the exchange (not a failed login)."""
+    """The client sent "*": it gives up the exchange.  Not a failed password, but the
+    services count it toward the per-connection limit, so AUTH-then-cancel cannot loop."""
 
 
 def is_cancel(line: bytes) -> bool:

@@ -371,6 +371,7 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
                 following = exchange.respond(self._bytes(item[0]))
             except sasl.Cancelled:   # RFC 5804 2.1: the client cancels
                 self._no("Authentication cancelled")
+                self._count_auth_failure()   # as on submission: no endless AUTH, cancel
                 return
             except sasl.SASLError as e:
                 self._sasl_refused(e)

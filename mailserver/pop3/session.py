@@ -370,6 +370,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
                 following = exchange.respond(line)
             except sasl.Cancelled:
                 self.err(b"Authentication cancelled")  # RFC 5034 4
+                self._count_auth_failure()   # as on submission: no endless AUTH, cancel
                 return
             except sasl.SASLError as e:
                 self._sasl_refused(e)

@@ -6,8 +6,10 @@ import re
 
 _PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# RFC 5321 4.1.2 A-d-l: "@one.example,@two.example" before the ":" of a source route.
-_ROUTE = re.compile(r"@[^\s,:@<>\"]+(?:,@[^\s,:@<>\"]+)*")
+# RFC 5321 4.1.2 A-d-l: "@one.example,@[192.0.2.1],@[IPv6:2001:db8::1]" before the ":"
+# that ends a source route.
+_AT_DOMAIN = r"@(?:[^\s,:@<>\"\[\]]+|\[[^\s@<>\"\[\]]+\])"
+_ROUTE = re.compile(rf"({_AT_DOMAIN}(?:,{_AT_DOMAIN})*):")
 
 
 class EnvelopeSyntaxError(ValueError):
@@ -70,8 +72,8 @@ def parse_command_path(arg: bytes, keyword: str) -> tuple[str, dict[str, str | N
     if path.startswith("@"):
         # RFC 5321 3.3 and C: a source route is accepted and ignored; the mailbox after
         # it is the path (never relayed through the hosts it names).
-        route, colon, mailbox = path.partition(":")
-        if not colon or not _ROUTE.fullmatch(route) or not mailbox:
+        route = _ROUTE.match(path)
+        if route is None or route.end() == len(path):
             raise EnvelopeSyntaxError("bad source route")
-        path = mailbox
+        path = path[route.end():]
     return path, _parse_params(rest.rstrip(" "))

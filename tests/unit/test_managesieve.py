@@ -357,6 +357,13 @@ class SessionTests(unittest.TestCase):
             self.assertTrue(r.startswith(b'NO "Invalid base64"'), r)
         self.assertIn(b'BYE "Too many authentication failures"', r)
         self.assertTrue(c.transport.disconnecting)
+        c = self.conn()      # cancelled exchanges count too
+        for _ in range(3):
+            c.send(b'AUTHENTICATE "PLAIN"\r\n')
+            r = yield c.cmd(b'"*"')
+            self.assertIn(b'NO "Authentication cancelled"', r)
+        self.assertIn(b'BYE "Too many authentication failures"', r)
+        self.assertTrue(c.transport.disconnecting)
 
     @defer.inlineCallbacks
     def test_failed_logins_are_throttled_and_close_the_connection(self):

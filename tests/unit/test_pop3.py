@@ -398,6 +398,8 @@ class POP3SessionTests(unittest.TestCase):
         proxy = base64.b64encode(b"bob@example.test\0alice@example.test\0secret")
         r = yield c.cmd(b"AUTH PLAIN " + proxy)
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+        self.assertTrue(c.transport.disconnecting)   # three failures on one connection
+        c = self.conn()
         r = yield c.cmd(b"AUTH CRAM-MD5")
         self.assertTrue(r.startswith(b"-ERR"), r)
         r = yield c.cmd(b"AUTH", multi=True)
@@ -429,6 +431,15 @@ class POP3SessionTests(unittest.TestCase):
                      b"AUTH PLAIN !!!"):
             r = yield c.cmd(line)
             self.assertTrue(r.startswith(b"-ERR"), r)
+        self.assertIn(b"Too many authentication failures", r)
+        self.assertTrue(c.transport.disconnecting)
+        # Cancelled exchanges count too: AUTH then "*" cannot go on for ever.
+        c = self.conn()
+        for _ in range(3):
+            r = yield c.cmd(b"AUTH PLAIN")
+            self.assertEqual(r, b"+ \r\n")
+            r = yield c.cmd(b"*")
+            self.assertTrue(r.startswith(b"-ERR Authentication cancelled"), r)
         self.assertIn(b"Too many authentication failures", r)
         self.assertTrue(c.transport.disconnecting)
 

@@ -180,10 +180,12 @@ class SMTPSessionTests(unittest.TestCase):
         """RFC 5321 3.3: a source route is accepted and ignored: the reverse-path stored
         is the mailbox alone, a route to a local mailbox delivers there, a route to a
         remote one is still no relay, a malformed route is a syntax error."""
-        self.s.send(b"EHLO c\r\nMAIL FROM:<@a.example,@b.example:x@remote.test>\r\n")
+        self.s.send(b"EHLO c\r\nMAIL FROM:<@a.example,@[IPv6:2001:db8::1]:x@remote.test>\r\n")
         self.s.lines()
         for rcpt, code in ((b"<@relay.test:someone@other.test>", 554), (b"<@:a@b.test>", 501),
                            (b"<@relay.test:>", 501), (b"<@relay.test,alice@example.test>", 501),
+                           (b"<@[IPv6:2001:db8::1]:someone@other.test>", 554),
+                           (b"<@[IPv6:2001:db8::1],@[192.0.2.1]:alice@example.test>", 250),
                            (b"<@relay.test:alice@example.test>", 250)):
             self.s.send(b"RCPT TO:" + rcpt + b"\r\n")
             self.assertEqual(self.s.codes(), [code], rcpt)
