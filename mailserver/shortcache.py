@@ -23,7 +23,7 @@ def _length(value: object) -> int:
     kind = type(value)
     if kind is str or kind is bytes:
         return len(value)  # type: ignore[arg-type]
-    if kind is tuple:
+    if kind is tuple or isinstance(value, tuple):
         total = 0
         for item in value:  # type: ignore[attr-defined]
             total += _length(item)

@@ -42,6 +42,11 @@ def test_several_arguments_and_tuples_count_together() -> None:
     join(*args)
     assert len(calls) == 3
     assert join.cache_info().currsize == 1
+    # A tuple subclass counts by its items too.
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "k v")
+    join("", (Pair("x" * 20, "y"),), None)
+    assert join.cache_info().currsize == 1
 
 
 def test_hostile_header_values_do_not_stay_in_the_inbound_caches() -> None:
