@@ -125,21 +125,57 @@ class _Pattern:
 
     def __init__(self, reference: str, pattern: str) -> None:
         full = reference + pattern
-        self.regex = _compile(full)
-        self.inbox = (_compile("INBOX" + full[5:])
+        self.glob = _Glob(full)
+        self.inbox = (_Glob("INBOX" + full[5:])
                       if full[:5].upper() == "INBOX" and full[:5] != "INBOX" else None)
 
     def match(self, wire: str) -> bool:
-        if self.regex.match(wire):
+        if self.glob.match(wire):
             return True
         return (self.inbox is not None and wire.partition(SEPARATOR)[0] == "INBOX"
-                and bool(self.inbox.match(wire)))
+                and self.inbox.match(wire))
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    parts = (".*" if c == "*" else f"[^{re.escape(SEPARATOR)}]*" if c == "%" else re.escape(c)
-             for c in pattern)
-    return re.compile("".join(parts) + r"\Z", re.S)
+class _Glob:
+    """A LIST pattern matched in time linear in the name, whatever its wildcards: the
+    pattern's positions as bits of one integer, all advanced together for each character
+    of the name.  (A backtracking regular expression took 70 s for "*a*a*a*a*a*b" against
+    one 200-character name, in the reactor.)"""
+
+    def __init__(self, pattern: str) -> None:
+        chars: list[str] = []
+        for c in pattern:   # a run of wildcards is one: "*" if it holds one, else "%"
+            if c in "*%" and chars and chars[-1] in "*%":
+                if c == "*":
+                    chars[-1] = "*"
+                continue
+            chars.append(c)
+        self.star = self.percent = 0
+        self.literal: dict[str, int] = {}
+        for i, c in enumerate(chars):
+            bit = 1 << i
+            if c == "*":
+                self.star |= bit
+            elif c == "%":
+                self.percent |= bit
+            else:
+                self.literal[c] = self.literal.get(c, 0) | bit
+        self.wild = self.star | self.percent
+        self.end = 1 << len(chars)
+
+    def _skip(self, states: int) -> int:
+        """`states` and the positions after their wildcards (which may match nothing);
+        no wildcard follows another, so one step is all."""
+        return states | ((states & self.wild) << 1)
+
+    def match(self, name: str) -> bool:
+        states = self._skip(1)
+        for ch in name:
+            stay = states & (self.star if ch == SEPARATOR else self.wild)
+            states = self._skip(((states & self.literal.get(ch, 0)) << 1) | stay)
+            if not states:
+                return False
+        return bool(states & self.end)
 
 
 @dataclass
