@@ -17,7 +17,7 @@ import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from zope.interface import directlyProvides, implementer, providedBy
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 COMPRESS_CAPABILITY = b"COMPRESS=DEFLATE"   # RFC 4978 1
 INFLATE_PIECE = 16 * 1024                  # inflated octets handed on at a time
+PUMP_TURN = 256 * 1024                     # inflated octets run per reactor turn
 WBITS = -15                                # raw deflate (RFC 4978 4)
 
 
@@ -172,6 +173,8 @@ class CompressCommands:
 
         def untagged(self, line: bytes) -> None: ...
 
+        def _hold_input(self, until: defer.Deferred) -> None: ...
+
         def _close(self) -> None: ...
 
         def _drain_input(self) -> None: ...
@@ -213,8 +216,18 @@ class CompressCommands:
             self._drain_input()
 
     def _pump_compressed(self) -> None:
+        """Inflate and run what the client sent, PUMP_TURN octets per reactor turn: a
+        few KB of deflated input may hold millions of commands, and other sessions must
+        get their turn meanwhile (RFC 4978 6).  Reading waits until the rest is done."""
         self._drain_input()
+        budget = PUMP_TURN
         while self._inflater is not None and not self._closing and not self._input_held:
+            if budget <= 0:
+                turn: defer.Deferred[None] = defer.Deferred()
+                self._hold_input(turn)
+                clock = self._compress_clock if self._compress_clock is not None else reactor
+                clock.callLater(0, turn.callback, None)
+                return
             try:
                 piece = self._inflater.read()
             except zlib.error:
@@ -223,6 +236,7 @@ class CompressCommands:
                 return
             if not piece:
                 return
+            budget -= len(piece)
             self._buffer = self._buffer + piece if self._buffer else piece
             if self._line_overflows():
                 self.untagged(b"BYE Decompressed input exceeds the line limit")

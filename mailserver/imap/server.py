@@ -69,6 +69,14 @@ if TYPE_CHECKING:
 MAX_LINE = 65536           # bytes of command text (long UID sets are legitimate)
 MAX_LITERAL = 65536        # bytes of a literal that is not an APPEND message
 MAX_LITERALS = 1000        # literals in one command
+# Bytes of one command held in memory (its text and the literals that are not APPEND
+# messages), after and before login: a stranger gets no more than a LOGIN needs.
+MAX_COMMAND = 1024 * 1024
+MAX_LITERAL_UNAUTH = 4096
+MAX_COMMAND_UNAUTH = 16 * 1024
+# Commands read and waiting behind a running one (RFC 3501 5.5 pipelining): past this,
+# input is not read until half of them have run.
+MAX_QUEUED = 64
 UNAUTH_TIMEOUT = 60.0
 AUTH_TIMEOUT = 30 * 60.0   # RFC 3501 5.4
 IDLE_POLL = 5.0            # seconds between looks at the disk for other processes' changes
@@ -152,6 +160,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self.timeOut = min(UNAUTH_TIMEOUT, context.limits.idle_timeout)
         self._buffer = b""
         self._parts: list[bytes] = []       # the command being assembled
+        self._held = 0                      # its bytes in memory (text, literals)
+        self._queue_room: defer.Deferred | None = None   # input held: too many queued
         self._literal_left = 0
         self._literal_sink: Any = None      # bytearray, or an AppendWriter for APPEND
         self._append_writer: Any = None     # the APPEND being assembled (AppendCommand)
@@ -297,13 +307,17 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if self._discard:
             if not literal:
                 self._discard = False
-                self._parts = []
+                self._parts, self._held = [], 0
             elif literal.group(2):  # non-synchronising: its octets follow, skip them
                 self._start_literal(int(literal.group(1)), None)
             return
         self._parts.append(text)
+        self._held += len(text)
         if not literal:
-            parts, self._parts = self._parts, []
+            if self._held > self._command_limit():
+                self._refuse_command(b"BAD Command too long", False, 0)
+                return
+            parts, self._parts, self._held = self._parts, [], 0
             writer, self._append_writer = self._append_writer, None
             self._enqueue(parts, writer)
             return
@@ -327,7 +341,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def _refuse_command(self, text: bytes, non_sync: bool, size: int) -> None:
         tag = self._parts[0].split(b" ", 1)[0] if self._parts and self._parts[0] else b"*"
-        self._parts = []
+        self._parts, self._held = [], 0
+        status, _, rest = text.partition(b" ")
+        if status not in (b"NO", b"BAD"):
+            status, rest = (b"NO" if text.startswith(b"[") else b"BAD"), text
         if self._append_writer is not None:
             self._append_writer.abort()
             self._append_writer = None
@@ -340,10 +357,9 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 return
             self._discard = True
             self._start_literal(size, None)
-            self.tagged(tag, b"NO" if text.startswith(b"[") else b"BAD", text)
+            self.tagged(tag, status, rest)
             return
-        status, _, rest = text.partition(b" ")
-        if status in (b"NO", b"BAD"):
+        if text.partition(b" ")[0] in (b"NO", b"BAD"):
             self.tagged(tag, status, rest)
         else:
             self.tagged(tag, b"NO", text)
@@ -355,9 +371,15 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self._append_writer = AppendCommand(self)
         if self._append_writer is not None:
             return self._append_writer.literal_sink(self._parts, size)
-        if size > MAX_LITERAL:
+        if size > (MAX_LITERAL if self.user else MAX_LITERAL_UNAUTH):
             return b"BAD Literal too large", None
+        if self._held + size > self._command_limit():
+            return b"BAD Command too long", None
+        self._held += size
         return None, bytearray()
+
+    def _command_limit(self) -> int:
+        return MAX_COMMAND if self.user else MAX_COMMAND_UNAUTH
 
     # -- command execution -----------------------------------------------------------------
 
@@ -365,10 +387,17 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self._queue.append((parts, writer))
         if not self._busy:
             self._run_queue()
+        if len(self._queue) >= MAX_QUEUED and self._queue_room is None and not self._closing:
+            # A client pipelining behind a slow command: read on once half have run.
+            self._queue_room = defer.Deferred()
+            self._hold_input(self._queue_room)
 
     def _run_queue(self) -> None:
         while self._queue and not self._busy and not self._closing:
             parts, writer = self._queue.pop(0)
+            if self._queue_room is not None and len(self._queue) <= MAX_QUEUED // 2:
+                room, self._queue_room = self._queue_room, None
+                self.callLater(0, lambda: room.callback(None))   # not from inside a read
             d = self._execute(parts, writer)
             if d is not None:
                 self._busy = True

@@ -197,3 +197,24 @@ class Pieces(SessionCase):
         self.assertEqual(zlib.decompressobj(-15).decompress(inner.value()),
                          b"* OK one\r\n* OK two\r\nt OK three\r\n")
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class CompressedInputTakesTurns(Compress):
+    @inlineCallbacks
+    def test_many_compressed_commands_run_over_several_turns(self):
+        """A few KB of deflated input holding thousands of commands is run a slice per
+        reactor turn, reading paused meanwhile, so other sessions get their turns."""
+        yield self.start()
+        count = 60000                           # 540 KB inflated, about 1 KB deflated
+        self.session.dataReceived(self.client.pack(b"a NOOP\r\n" * count))
+        self.assertGreater(self.transport.reading_paused, 0)   # the rest waits a turn
+        self.assertTrue(self.clock.getDelayedCalls())
+        plain = b""
+        turns = 0
+        while plain.count(b"a OK") < count and turns < 100:
+            self.clock.advance(0)
+            turns += 1
+            plain += self.client.unpack(self.transport.value())
+            self.transport.clear()
+        self.assertEqual(plain.count(b"a OK"), count)
+        self.assertEqual(self.transport.reading_paused, 0)

@@ -191,3 +191,39 @@ class BareLineFeeds(SessionCase):
         out = yield self.command(b"f", b"FETCH 1 (RFC822.SIZE BODY.PEEK[])")
         self.assertIn(b"RFC822.SIZE %d" % len(crlf), out)
         self.assertIn(b"BODY[] {%d}\r\n" % len(crlf) + crlf, out)
+
+
+class InputBounds(SessionCase):
+    """What one connection can make the server hold: literals before login, a whole
+    command's bytes, and commands pipelined behind a slow one."""
+
+    @inlineCallbacks
+    def test_before_login_literals_are_small(self):
+        session, transport = self.new_session()
+        session.user, session.state = None, "unauth"
+        self.send(b"a LOGIN {5000+}\r\n" + b"x" * 5000 + b" y\r\nb NOOP\r\n", session)
+        out = yield self.wait_for(rb"b OK", transport)
+        self.assertIn(b"a BAD Literal too large\r\n", out)     # once, not "BAD BAD"
+        transport.clear()
+        # Each literal small, but many in one command: refused once they pass 16 KiB.
+        self.send(b"c LOGIN" + b" {4000+}\r\n" + b"x" * 4000 + b" {4000+}\r\n" + b"x" * 4000
+                  + (b" {4000+}\r\n" + b"x" * 4000) * 3 + b"\r\nd NOOP\r\n", session)
+        out = yield self.wait_for(rb"d OK", transport)
+        self.assertIn(b"c BAD Command too long\r\n", out)
+        self.assertLess(session._held, 16 * 1024)
+
+    @inlineCallbacks
+    def test_commands_pipelined_behind_a_slow_one_pause_reading(self):
+        """Past 64 commands waiting, input is not read until half of them have run;
+        every command is still answered, in order."""
+        self.session._busy = True                # a command still running
+        self.send(b"".join(b"n%d NOOP\r\n" % i for i in range(300)))
+        self.assertEqual(len(self.session._queue), 64)
+        self.assertGreater(self.transport.reading_paused, 0)
+        self.assertGreater(len(self.session._buffer), 0)   # the rest waits, unread
+        self.session._busy = False
+        self.session._run_queue()
+        out = yield self.wait_for(rb"n299 OK")
+        tags = re.findall(rb"(n\d+) OK", out)
+        self.assertEqual(tags, [b"n%d" % i for i in range(300)])
+        self.assertEqual(self.transport.reading_paused, 0)
