@@ -22,7 +22,8 @@ _ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\\]]+")
 # astring-char adds "]"; list-mailbox adds "%" and "*"
 _ASTRING_ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\]+")
 _LIST_MAILBOX = re.compile(rb"[^(){ \x00-\x1f\x7f\"\\]+")
-_FLAG = re.compile(rb"\\?[^(){ \x00-\x1f\x7f%*\"\\\]]+|\\\*")
+# flags are atoms, 7-bit (RFC 3501 9: CHAR is %x01-7F)
+_FLAG = re.compile(rb"\\?[^(){ \x00-\x1f\x7f-\xff%*\"\\\]]+|\\\*")
 _SEQ = re.compile(rb"[0-9*:,]+")
 _QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"')
 

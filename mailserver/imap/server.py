@@ -1251,6 +1251,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return defer.succeed(None)
 
         def copied(pairs: list[tuple[int, int]]) -> Any:
+            if not pairs:
+                # Every one was expunged by another session meanwhile: no COPYUID with
+                # empty sets (RFC 4315 3), a NO as RFC 2180 4.4 and RFC 5530 allow.
+                raise CommandFailed(b"[EXPUNGEISSUED] The messages no longer exist")
             if not move:
                 added = [i for i in (dest.by_uid(d) for _, d in pairs) if i is not None]
                 self.imap_account.add_usage(sum(i.size for i in added),  # type: ignore[union-attr]

@@ -227,3 +227,36 @@ class InputBounds(SessionCase):
         tags = re.findall(rb"(n\d+) OK", out)
         self.assertEqual(tags, [b"n%d" % i for i in range(300)])
         self.assertEqual(self.transport.reading_paused, 0)
+
+
+class CopyOfExpunged(SessionCase):
+    @inlineCallbacks
+    def test_copy_and_move_of_messages_expunged_elsewhere_say_no(self):
+        """RFC 4315 3: COPYUID needs two non-empty uid sets; when every message named was
+        expunged by another session meanwhile the answer is NO [EXPUNGEISSUED]."""
+        yield self.append(M1)
+        yield self.append(M2)
+        yield self.select()
+        folder = self.account.loaded_folder("INBOX")
+        yield folder.delete_messages([i.uid for i in folder.messages])   # another session
+        for tag, command in ((b"c1", b"COPY 1 Trash"), (b"c2", b"MOVE 2 Trash"),
+                             (b"c3", b"UID COPY 1:2 Trash")):
+            out = yield self.command(tag, command)
+            self.assertIn(tag + b" NO [EXPUNGEISSUED]", out)
+            self.assertNotIn(b"COPYUID", out)
+
+
+class EightBitFlags(SessionCase):
+    @inlineCallbacks
+    def test_a_flag_with_an_8bit_octet_is_bad(self):
+        """Flags are atoms, 7-bit (RFC 3501 9): STORE and APPEND answer BAD instead of
+        an internal error or a dropped connection."""
+        yield self.append(M1)
+        yield self.select()
+        out = yield self.command(b"s1", b"STORE 1 +FLAGS (caf\xe9)")
+        self.assertIn(b"s1 BAD", out)
+        out = yield self.command(b"a1", b"APPEND INBOX (caf\xe9) " + lit(M2))
+        self.assertIn(b"a1 BAD", out)
+        out = yield self.command(b"n1", b"NOOP")
+        self.assertIn(b"n1 OK", out)
+        self.assertEqual(self.flushLoggedErrors(), [])
