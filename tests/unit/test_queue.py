@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,7 +48,10 @@ def test_envelope_round_trip_and_bad_files():
     assert back == env
     for bad in (b"", b"[]", b"{}", b'{"version": 1, "id": "../x"}',
                 env.to_json().replace(b'"remote"', b'"sideways"'),
-                env.to_json().replace(b'"ABC1"', b'"A/B"')):
+                env.to_json().replace(b'"ABC1"', b'"A/B"'),
+                # numbers out of range, nesting too deep: one bad file, not a crash
+                re.sub(rb'"attempts":\d+', b'"attempts":1e999', env.to_json()),
+                b"[" * 100000 + b"]" * 100000):
         with pytest.raises(EnvelopeError):
             Envelope.from_json(bad)
 

@@ -73,7 +73,7 @@ class Envelope:
             raise EnvelopeError("envelope file too large")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:   # deeply nested too
             raise EnvelopeError(f"not JSON: {e}") from None
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
             raise EnvelopeError("unknown envelope format")
@@ -85,7 +85,7 @@ class Envelope:
                 attempts=int(data["attempts"]), warned=bool(data["warned"]),
                 prefix=_str(data.get("prefix", "")), size=int(data.get("size", 0)),
                 eight_bit=bool(data.get("eight_bit", False)), user=_str(data.get("user", "")))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:   # "attempts": 1e999
             raise EnvelopeError(f"bad envelope field: {e}") from None
         if not ID_RE.fullmatch(env.id):
             raise EnvelopeError(f"bad queue id {env.id!r}")
