@@ -60,6 +60,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied", reason="relay_denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")   # RFC 3463 3.5
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
     from mailserver.maildir import MaildirStore
 
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+# RFC 5321 6.3: a message that has passed this many hosts is in a loop (two servers
+# forwarding to each other); "at least 100" is the RFC's advice (Postfix stops at 50).
+MAX_HOPS = 100
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 _HELO_BAD = re.compile(r"[\x00-\x1f\x7f]")
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 _ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
@@ -123,6 +127,8 @@ class _Incoming:
     error: Reply | None = None
     skip_line: bool = False
     first_chunk: bool = True
+    in_header: bool = True
+    hops: int = 0          # Received: fields in the header section
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0  # time.monotonic() at the end of the data
 
@@ -608,8 +614,12 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         if inc.error is None and chunk:
             chunk = self._unstuff(inc, chunk)
             inc.size += len(chunk)
+            if inc.in_header:
+                self._count_hops(inc, chunk)
             if inc.size > self.limits.max_message_size:
                 self._data_error(inc, R.MESSAGE_TOO_BIG)
+            elif inc.hops > MAX_HOPS:
+                self._data_error(inc, R.TOO_MANY_HOPS)
             else:
                 try:
                     inc.delivery.write(chunk)
@@ -633,6 +643,15 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         elif (inc.error is None and len(chunk) > self.limits.max_line_length + 2
               and self._long_data_line.search(chunk)):
             self._data_error(inc, R.DATA_LINE_TOO_LONG)
+
+    @staticmethod
+    def _count_hops(inc: _Incoming, chunk: bytes) -> None:
+        """Count the Received: fields of the header section; a chunk is whole lines, so
+        an empty line at its start or inside it ends the header."""
+        end = 0 if chunk[:2] == b"\r\n" else chunk.find(b"\r\n\r\n")
+        if end >= 0:
+            inc.in_header = False
+        inc.hops += len(_RECEIVED.findall(chunk, 0, len(chunk) if end < 0 else end + 2))
 
     def _unstuff(self, inc: _Incoming, chunk: bytes) -> bytes:
         """Remove the leading dot of dot-stuffed lines (RFC 5321 4.5.2)."""

@@ -169,6 +169,32 @@ class SMTPSessionTests(unittest.TestCase):
             self.s.send(b"MAIL FROM:<a@b.test> " + param + b"\r\nRSET\r\n")
             self.assertEqual(self.s.codes(), [code, 250], param)
 
+    @defer.inlineCallbacks
+    def test_a_message_that_passed_too_many_hosts_is_refused(self):
+        """RFC 5321 6.3: over 100 Received: fields is a loop (two servers forwarding
+        to each other): 554 5.4.6 and nothing stored.  Fields in the body do not count,
+        nor do 100 in the header."""
+        from mailserver.smtp.session import MAX_HOPS
+        hop = b"Received: from a.example by b.example; Thu, 3 Dec 2026 10:00:00 +0000\r\n"
+        cases = ((hop * (MAX_HOPS + 1) + b"Subject: loop\r\n\r\nbody\r\n", 554),
+                 (hop * MAX_HOPS + b"Subject: ok\r\n\r\nbody\r\n", 250),
+                 (b"Subject: quoted\r\n\r\n" + hop * (MAX_HOPS + 5), 250),
+                 (b"Subject: s\r\n" + b"rEcEiVeD : x\r\n" * (MAX_HOPS + 1) + b"\r\nb\r\n",
+                  554))
+        self.s.send(b"EHLO c\r\n")
+        self.s.lines()
+        for data, code in cases:
+            self.s.send(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                        b"DATA\r\n")
+            for i in range(0, len(data), 700):   # in pieces: the header spans reads
+                self.s.send(data[i:i + 700])
+            self.s.send(b".\r\n")
+            codes, lines = yield self.s.wait_codes(4)
+            self.assertEqual(codes[-1], code, lines)
+            if code == 554:
+                self.assertIn(b"5.4.6", lines[-1])
+        self.assertEqual(len(self.s.stored()), 2)
+
     def test_null_recipient_is_a_syntax_error(self):
         self.s.send(b"EHLO c\r\nMAIL FROM:<>\r\n")
         self.s.lines()
