@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.names import dns, error
 from twisted.protocols import basic
 from twisted.trial import unittest
@@ -265,6 +265,50 @@ class TransactionTests(unittest.TestCase):
         with self.assertRaises(HostFailure) as e:
             yield self.run_tx(port, ["x@d.test"], tls="required")
         self.assertTrue(e.exception.tls_failed)
+
+
+class Dripping(protocol.Protocol):
+    """A peer that sends its greeting one byte every 50 ms."""
+
+    def connectionMade(self):
+        self.left = b"220 " + b"s" * 60 + b"\r\n"
+        self.call = reactor.callLater(0, self.drip)
+
+    def drip(self):
+        if self.left and self.transport is not None:
+            self.transport.write(self.left[:1])
+            self.left = self.left[1:]
+            self.call = reactor.callLater(0.05, self.drip)
+
+    def connectionLost(self, reason):
+        self.factory.unsent.append(len(self.left))
+        if self.call.active():
+            self.call.cancel()
+
+
+class SlowReplyTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_reply_must_end_within_the_timeout_however_it_drips(self):
+        """Each byte used to restart the timer: one byte every 50 ms held a 0.5 s
+        timeout for the whole 3 s greeting (and a delivery slot for as long as a peer
+        likes)."""
+        factory = protocol.Factory.forProtocol(Dripping)
+        factory.unsent = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        d = Path(tempfile.mkdtemp(prefix="relay-"))
+        self.addCleanup(shutil.rmtree, d, True)
+        (d / "msg").write_bytes(b"Subject: t\r\n\r\nx\r\n")
+        env = Envelope("T2", "a@example.test", [RecipientState("x@d.test")], size=16)
+        target = HostTarget("mx.test", "127.0.0.1", port.getHost().port, "none")
+        tx = Transaction(reactor, target, Settings("mail.example.test", 5, 0.5), env,
+                         d / "msg", env.recipients)
+        with self.assertRaises(HostFailure) as e:
+            yield defer.ensureDeferred(tx.run())
+        self.assertIn("timeout", e.exception.result.text)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(factory.unsent), 1)
+        self.assertGreater(factory.unsent[0], 0)      # given up inside the greeting
 
 
 def test_a_reply_text_is_kept_short():

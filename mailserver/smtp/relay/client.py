@@ -144,8 +144,7 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
             return
         self._lines.append(m.group(3).decode("utf-8", "replace").strip())
         if m.group(2) == b"-":
-            self.resetTimeout()
-            return
+            return   # the whole reply within the timeout, not each line (a slow drip)
         reply = ServerReply(int(m.group(1)), tuple(self._lines))
         self._lines = []
         if not self._waiting:
@@ -210,7 +209,5 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
 
         return sent.addCallbacks(finished, broken)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._waiting:
-            self.resetTimeout()
-        super().dataReceived(data)
+    # No resetTimeout() on data received: a peer sending one byte a second would keep a
+    # reply, and a delivery slot, for ever (RFC 5321 4.5.3.2: a timeout per command).
