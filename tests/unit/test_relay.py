@@ -286,6 +286,42 @@ class Dripping(protocol.Protocol):
             self.call.cancel()
 
 
+class NoAddress(FakeResolver):
+    def lookupIPV6Address(self, name, timeout=None):
+        if name not in self.addresses:
+            return defer.fail(error.DNSNameError(name))
+        return defer.succeed(([], [], []))
+
+    def lookupAddress(self, name, timeout=None):
+        if name == "broken.d.test":
+            return defer.fail(error.DNSServerError(name))
+        return super().lookupAddress(name, timeout)
+
+
+class UnroutableTests(unittest.TestCase):
+    def relay(self, resolver):
+        from types import SimpleNamespace
+        from mailserver.smtp.relay.relay import Relay
+        relay_cfg = SimpleNamespace(resolver_address=None, connect_timeout=1, timeout=1,
+                                    smarthost_address=None, port=25, tls_required_domains=(),
+                                    ca_file="", smarthost_username="", smarthost_password="")
+        config = SimpleNamespace(relay=relay_cfg, server=SimpleNamespace(hostname="mx.test"))
+        return Relay(config, reactor, resolver)  # type: ignore[arg-type]
+
+    @defer.inlineCallbacks
+    def test_a_domain_without_any_address_is_bounced_not_retried(self):
+        """RFC 5321 5.1: no MX and no A/AAAA (or MX hosts that have none) is an error
+        to report; a DNS failure on the way is still retried."""
+        env = Envelope("T3", "a@example.test", [RecipientState("x@d.test")])
+        results = yield self.relay(NoAddress()).deliver(env, Path("/nonexistent"),
+                                                        env.recipients)
+        self.assertEqual((results[0][1].kind, results[0][1].status), ("permanent", "5.4.4"))
+        resolver = NoAddress(mx_answer=[mx(10, "broken.d.test"), mx(20, "gone.d.test")])
+        results = yield self.relay(resolver).deliver(env, Path("/nonexistent"),
+                                                     env.recipients)
+        self.assertEqual(results[0][1].kind, "temporary")
+
+
 class SlowReplyTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_reply_must_end_within_the_timeout_however_it_drips(self):

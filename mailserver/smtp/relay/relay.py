@@ -97,18 +97,21 @@ class Relay:
                          hosts: list[tuple[str, Sequence[str]]], port: int, policy: TLSPolicy,
                          credentials: bool = False) -> Results:
         last: AttemptResult | None = None
+        unroutable = not credentials   # every MX host without an address, DNS sure of it
         for name, hint in hosts:
             if self.stopping:
                 last = AttemptResult.temporary("the server is shutting down", "4.3.2")
+                unroutable = False
                 break
             try:
                 addresses = list(hint) or await host_addresses(self.resolver, name)
             except RouteError as e:
-                last = e.result
+                last, unroutable = e.result, False
                 continue
             if not addresses:
                 last = AttemptResult.temporary(f"host {name} has no address", "4.4.4", name)
                 continue
+            unroutable = False
             for address in addresses:
                 if self.stopping:
                     break
@@ -131,6 +134,11 @@ class Relay:
                                                    replace(target, tls="none"))
                 except HostFailure as failure:
                     last = failure.result
+        if unroutable and last is not None:
+            # RFC 5321 5.1: a domain (or every MX host of it) without an address is an
+            # error to report, not to retry for days.
+            last = AttemptResult.failed(f"{last.text}: unable to route", "5.4.4",
+                                        last.remote_mta)
         if last is None:
             last = AttemptResult.temporary("no host to deliver to", "4.4.4")
         return [(r, last) for r in recipients]
