@@ -230,6 +230,28 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual((results[0][1].kind, results[0][1].status), ("permanent", "5.3.4"))
 
     @defer.inlineCallbacks
+    def test_8bit_data_only_to_a_host_that_offers_8bitmime(self):
+        """RFC 6152 3: no 8-bit octets to a host without 8BITMIME; a permanent failure
+        of that host (the next MX may take it), nothing sent."""
+        self.message.write_bytes("Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0\r\n".encode())
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250 PIPELINING", "DATA": b"354 go"})
+        env = Envelope("T4", "a@example.test", [RecipientState("x@d.test")],
+                       size=self.message.stat().st_size, eight_bit=True)
+        tx = Transaction(reactor, HostTarget("mx.test", "127.0.0.1", port, "none"),
+                         Settings("mail.example.test", 5, 5), env, self.message, env.recipients)
+        with self.assertRaises(HostFailure) as e:
+            yield defer.ensureDeferred(tx.run())
+        self.assertEqual((e.exception.result.kind, e.exception.result.status),
+                         ("permanent", "5.6.3"))
+        self.assertNotIn(b"MAIL", b" ".join(f.commands))
+        f, port = self.serve({"EHLO": b"250-mx.test\r\n250 8BITMIME", "DATA": b"354 go"})
+        tx = Transaction(reactor, HostTarget("mx.test", "127.0.0.1", port, "none"),
+                         Settings("mail.example.test", 5, 5), env, self.message, env.recipients)
+        results = yield defer.ensureDeferred(tx.run())
+        self.assertEqual(results[0][1].kind, "ok")
+        self.assertIn(b"BODY=8BITMIME", b" ".join(f.commands))
+
+    @defer.inlineCallbacks
     def test_a_2xx_answer_to_data_is_no_delivery(self):
         """RFC 5321 4.3.2: DATA gets 354 or an error; a 250 before any octet was sent
         is retried, never recorded as delivered."""

@@ -213,10 +213,17 @@ class Transaction:
                 f"message of {size} bytes exceeds the {limit} bytes {t.name} accepts", "5.3.4",
                 t.name)
             return [(r, result) for r in self.recipients]
+        if env.eight_bit and "8BITMIME" not in ext:
+            # RFC 6152 3: 8-bit data only to a host that offers 8BITMIME; converting it
+            # would break the DKIM signature, so this host cannot take it (another MX
+            # may: the last host's answer is the one that counts).
+            raise HostFailure(AttemptResult.failed(
+                f"{t.label} does not offer 8BITMIME and the message has 8-bit data",
+                "5.6.3", t.name))
         params = ""
         if "SIZE" in ext:
             params += f" SIZE={size}"
-        if env.eight_bit and "8BITMIME" in ext:
+        if env.eight_bit:
             params += " BODY=8BITMIME"  # RFC 6152
         commands = [f"MAIL FROM:<{env.sender}>{params}"]
         commands += [f"RCPT TO:<{r.address}>" for r in self.recipients]
