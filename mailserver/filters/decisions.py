@@ -9,7 +9,7 @@ import re
 from typing import Any, Iterable
 
 from mailserver.filters.api import ACCEPT, ACTIONS, FilterDecision
-from mailserver.maildir.names import INBOX, folder_dir_name
+from mailserver.maildir.names import INBOX, folder_dir_name, is_inbox
 
 MAX_REPLY = 200            # characters of SMTP reply text
 MAX_HEADERS = 32           # fields one message may get from all filters together
@@ -57,7 +57,7 @@ def folder_problem(folder: Any) -> str | None:
     names, mailserver.maildir.names); None when it can."""
     if not isinstance(folder, str):
         return f"folder {folder!r} is not a string"
-    if folder.upper() == INBOX:
+    if is_inbox(folder):
         return None
     try:
         folder_dir_name(folder)
@@ -88,7 +88,7 @@ def checked(decision: Any, room: int = MAX_HEADERS) -> tuple[FilterDecision | No
         if problem is not None:
             problems.append(f"{problem}; ignored")
             folder = None
-        elif folder.upper() == INBOX:
+        elif is_inbox(folder):
             folder = INBOX
     return FilterDecision(ACCEPT, "", tuple(headers), folder), problems
 

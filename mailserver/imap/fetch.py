@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from mailserver.imap import fetchitems, mime, summary
 from mailserver.imap.parser import Arguments, BadCommand, sequence_text
-from mailserver.maildir import InvalidFolderName, decode_folder_name
+from mailserver.maildir import InvalidFolderName, decode_folder_name, is_inbox
 from mailserver.maildir.sizes import VSIZE_KEY, known_vsize, own_name_pattern_escaped
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def decode_mailbox(raw: bytes) -> str:
                 raise InvalidFolderName("invalid modified UTF-7 in mailbox name") from None
     if "\0" in text:
         raise InvalidFolderName("NUL in mailbox name")
-    return "INBOX" if text.upper() == "INBOX" else text
+    return "INBOX" if is_inbox(text) else text
 
 
 # -- FETCH ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from mailserver.imap.fetch import STATUS_ITEMS
 from mailserver.imap.parser import Arguments, BadCommand
-from mailserver.maildir import SEPARATOR, encode_folder_name
+from mailserver.maildir import SEPARATOR, encode_folder_name, is_inbox
 
 _SELECTION = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
 _RETURN = {b"SUBSCRIBED", b"CHILDREN", b"SPECIAL-USE"}
@@ -127,7 +127,7 @@ class _Pattern:
         full = reference + pattern
         self.glob = _Glob(full)
         self.inbox = (_Glob("INBOX" + full[5:])
-                      if full[:5].upper() == "INBOX" and full[:5] != "INBOX" else None)
+                      if is_inbox(full[:5]) and full[:5] != "INBOX" else None)
 
     def match(self, wire: str) -> bool:
         if self.glob.match(wire):

@@ -24,7 +24,7 @@ import re
 
 from mailserver.imap.fetch import decode_mailbox, quote_mailbox
 from mailserver.imap.parser import Arguments
-from mailserver.maildir import InvalidFolderName, encode_folder_name
+from mailserver.maildir import InvalidFolderName, encode_folder_name, is_inbox
 
 UTF8_CAPABILITY = b"UTF8=ACCEPT"
 _NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -39,7 +39,7 @@ def decode_utf8_mailbox(raw: bytes) -> str:
         raise InvalidFolderName("mailbox name is not UTF-8") from None
     if _NOT_IN_NAMES.search(text):
         raise InvalidFolderName("control character in mailbox name")
-    return "INBOX" if text.upper() == "INBOX" else text
+    return "INBOX" if is_inbox(text) else text
 
 
 def mailbox_name(raw: bytes, utf8: bool) -> str:
@@ -49,7 +49,7 @@ def mailbox_name(raw: bytes, utf8: bool) -> str:
 
 def wire_name(name: str, utf8: bool) -> bytes:
     """A mailbox name as sent to the client: UTF-8 once enabled, else modified UTF-7."""
-    if name.upper() == "INBOX":
+    if is_inbox(name):
         return b"INBOX"
     if utf8:
         return quote_mailbox(name.encode("utf-8"))

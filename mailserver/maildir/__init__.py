@@ -30,6 +30,7 @@ from mailserver.maildir.names import (
     folder_dir_name,
     folder_name_from_dir,
     format_subscriptions,
+    is_inbox,
     parse_subscriptions,
 )
 from mailserver.maildir.store import DEFAULT_FOLDERS, MaildirStore
@@ -65,5 +66,6 @@ __all__ = [
     "folder_dir_name",
     "folder_name_from_dir",
     "format_subscriptions",
+    "is_inbox",
     "parse_subscriptions",
 ]

@@ -73,6 +73,7 @@ from mailserver.maildir.names import (
     folder_dir,
     folder_name_from_dir,
     format_subscriptions,
+    is_inbox,
     normalized,
     parse_subscriptions,
 )
@@ -107,7 +108,7 @@ class FolderEntry:
 def canonical_name(name: str) -> str:
     """`name` with a leading INBOX level in upper case (INBOX is case-insensitive)."""
     first, sep, rest = name.partition(SEPARATOR)
-    return INBOX + sep + rest if first.upper() == INBOX else name
+    return INBOX + sep + rest if is_inbox(first) else name
 
 
 class MailAccount:

@@ -39,6 +39,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # -- user directories -------------------------------------------------------------------
 
+def is_inbox(name: str) -> bool:
+    """INBOX in any ASCII case (RFC 3501 5.1), and only that: str.upper() makes
+    "\u0131nbox" (a dotless i) INBOX too."""
+    return len(name) == 5 and name.isascii() and name.upper() == INBOX
+
+
 def check_path_component(value: str, what: str) -> str:
     """Return `value` if it is safe as one directory name under the Maildir root.
 
@@ -159,7 +165,7 @@ def _split_folder_name(imap_name: str) -> list[str]:
     if not isinstance(imap_name, str) or not imap_name:
         raise ValueError("folder name must be a non-empty string")
     parts = imap_name.split(SEPARATOR)
-    if parts[0].upper() == INBOX:
+    if is_inbox(parts[0]):
         parts[0] = INBOX
     for part in parts:
         if not part:
@@ -188,7 +194,7 @@ def folder_dir(user_path: Path, imap_name: str) -> Path:
     anything outside (ValueError for names that are unsafe or invalid).
     """
     user_path = Path(user_path)
-    if imap_name.upper() == INBOX:
+    if is_inbox(imap_name):
         return user_path
     dirname = folder_dir_name(imap_name)
     path = user_path / dirname
@@ -259,7 +265,7 @@ def parse_subscriptions(data: bytes) -> list[str]:
             _split_folder_name(name)
         except ValueError:
             continue
-        if name.upper() == INBOX:
+        if is_inbox(name):
             name = INBOX
         if name not in names:
             names.append(name)

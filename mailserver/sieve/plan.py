@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 from mailserver.maildir.flags import SYSTEM_FLAG_LETTERS, normalize_flag
 from mailserver.maildir.keywords import KeywordLimit, Keywords
-from mailserver.maildir.names import INBOX, folder_dir
+from mailserver.maildir.names import INBOX, folder_dir, is_inbox
 from mailserver.maildir.uidlist import DotLock
 from mailserver.sieve.actions import (Discard, FileInto, Keep, Redirect, Reject, Result,
                                       Vacation)
@@ -132,7 +132,7 @@ def plan(result: Result, header: bytes, user: str, rcpt: str,
 
     def store(folder: str, flags: tuple[str, ...], header: bytes | None, create: bool,
               fallback: bool) -> None:
-        key = INBOX if folder.upper() == INBOX else folder
+        key = INBOX if is_inbox(folder) else folder
         known = by_folder.get(key)
         if known is not None:  # RFC 5228 4.1: one copy per folder
             known.flags = _merge(known.flags, flags)

@@ -130,6 +130,11 @@ class Create(AccountTestCase):
         self.assertTrue((self.user / ".INBOX.Lists").is_dir())
         self.assertEqual(self.attrs()["INBOX"], ("\\HasChildren",))
         self.assertIn("INBOX.Lists", self.names())
+        # Only an ASCII "inbox" is INBOX: str.upper() of a dotless i is "I" too.
+        self.account.create_folder("\u0131nbox")
+        self.account.create_folder("\u0131nbox.x")
+        self.assertIn("\u0131nbox.x", self.names())
+        self.assertNotIn("INBOX.x", self.names())
 
     @inlineCallbacks
     def test_new_folders_get_distinct_uidvalidity(self):
