@@ -22,6 +22,7 @@ _ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\\]]+")
 # astring-char adds "]"; list-mailbox adds "%" and "*"
 _ASTRING_ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\]+")
 _LIST_MAILBOX = re.compile(rb"[^(){ \x00-\x1f\x7f\"\\]+")
+_TAG = re.compile(rb"[^(){ \x00-\x1f\x7f-\xff%*\"\\+]+")
 # flags are atoms, 7-bit (RFC 3501 9: CHAR is %x01-7F)
 _FLAG = re.compile(rb"\\?[^(){ \x00-\x1f\x7f-\xff%*\"\\\]]+|\\\*")
 _SEQ = re.compile(rb"[0-9*:,]+")
@@ -222,6 +223,10 @@ class Arguments:
 
     def atom(self) -> bytes:
         return self._match(_ATOM, "an atom")
+
+    def tag(self) -> bytes:
+        """RFC 3501 9: tag = 1*<any ASTRING-CHAR except "+"> ("]" allowed)."""
+        return self._match(_TAG, "a tag")
 
     def number(self) -> int:
         text = self.atom()

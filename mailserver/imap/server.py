@@ -414,7 +414,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         args = Arguments(parts)
         tag = None
         try:
-            tag = args.atom() if args.peek() not in (b"", b" ") else None
+            tag = args.tag() if args.peek() not in (b"", b" ") else None
             if tag is None or b"+" in tag:
                 raise BadCommand("missing or bad tag")
             args.space()
@@ -813,7 +813,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if name == "INBOX":
             raise CommandFailed(b"[CANNOT] INBOX cannot be deleted")
         if self.folder is not None and self._selected_name == name:
+            # The client is told it is no longer in the selected state (RFC 9051 7.1,
+            # RFC 7162 3.2.11): its next FETCH would otherwise get a BAD out of nowhere.
             self._deselect()
+            self.untagged(b"OK [CLOSED] The selected mailbox is being deleted")
         self.imap_account.delete_folder(name)  # type: ignore[union-attr]
         self.done(tag, b"DELETE completed")
 

@@ -260,3 +260,34 @@ class EightBitFlags(SessionCase):
         out = yield self.command(b"n1", b"NOOP")
         self.assertIn(b"n1 OK", out)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class DeleteSelected(SessionCase):
+    @inlineCallbacks
+    def test_deleting_the_selected_mailbox_says_it_is_closed(self):
+        out = yield self.command(b"c", b"CREATE Work")
+        self.assertIn(b"c OK", out)
+        yield self.select(b"Work")
+        out = yield self.command(b"d", b"DELETE Work")
+        self.assertIn(b"* OK [CLOSED]", out)
+        self.assertIn(b"d OK", out)
+        out = yield self.command(b"f", b"FETCH 1 FLAGS")
+        self.assertIn(b"f BAD", out)          # no longer selected, as the client was told
+        from mailserver.maildir.account import _DELETED_PREFIX
+        from twisted.internet import reactor, task
+        for _ in range(400):                  # the files go in a thread: let it finish
+            if not any(n.startswith(_DELETED_PREFIX) for n in os.listdir(self.user_path)):
+                break
+            yield task.deferLater(reactor, 0.005, lambda: None)
+
+
+class Tags(SessionCase):
+    @inlineCallbacks
+    def test_a_tag_may_hold_a_closing_bracket(self):
+        """RFC 3501 9: tag is any ASTRING-CHAR but "+", and "]" is one."""
+        out = yield self.command(b"a]1", b"NOOP")
+        self.assertIn(b"a]1 OK", out)
+        self.transport.clear()
+        self.send(b"a+1 NOOP\r\n")
+        out = yield self.wait_for(rb"BAD")
+        self.assertNotIn(b"a+1 OK", out)
