@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from mailserver.imap import fetch as F
 from mailserver.imap import fetchitems, mime
-from mailserver.imap.parser import BadCommand, Literal
+from mailserver.imap.parser import TAG, BadCommand, Literal
 from mailserver.maildir import FolderError, InvalidFolderName, NoSuchFolder
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ class AppendCommand:
         while True:
             state = self.state
             if state == "tag":
-                t.match(_ATOM, "a tag")
+                t.match(TAG, "a tag")
                 t.take(b" APPEND ")
                 self.state = "mailbox"
             elif state == "mailbox":

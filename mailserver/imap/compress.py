@@ -175,6 +175,8 @@ class CompressCommands:
 
         def _hold_input(self, until: defer.Deferred) -> None: ...
 
+        def _drop_queue(self) -> None: ...
+
         def _close(self) -> None: ...
 
         def _drain_input(self) -> None: ...
@@ -196,7 +198,7 @@ class CompressCommands:
         clock = self._compress_clock if self._compress_clock is not None else reactor
         self.transport = DeflateTransport(self.transport, clock)
         self._inflater = Inflater()
-        self._queue = []
+        self._drop_queue()
         leftover, self._buffer = self._buffer, b""
         if leftover:
             self._inflater.feed(leftover)

@@ -22,7 +22,8 @@ _ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\\]]+")
 # astring-char adds "]"; list-mailbox adds "%" and "*"
 _ASTRING_ATOM = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\]+")
 _LIST_MAILBOX = re.compile(rb"[^(){ \x00-\x1f\x7f\"\\]+")
-_TAG = re.compile(rb"[^(){ \x00-\x1f\x7f-\xff%*\"\\+]+")
+# tag: any ASTRING-CHAR but "+" (RFC 3501 9), 7-bit
+TAG = re.compile(rb"[^(){ \x00-\x1f\x7f-\xff%*\"\\+]+")
 # flags are atoms, 7-bit (RFC 3501 9: CHAR is %x01-7F)
 _FLAG = re.compile(rb"\\?[^(){ \x00-\x1f\x7f-\xff%*\"\\\]]+|\\\*")
 _SEQ = re.compile(rb"[0-9*:,]+")
@@ -226,7 +227,7 @@ class Arguments:
 
     def tag(self) -> bytes:
         """RFC 3501 9: tag = 1*<any ASTRING-CHAR except "+"> ("]" allowed)."""
-        return self._match(_TAG, "a tag")
+        return self._match(TAG, "a tag")
 
     def number(self) -> int:
         text = self.atom()

@@ -351,7 +351,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if non_sync:
             # The client sends the octets without waiting: too many to skip, so hang up.
             if size > self.context.limits.max_message_size:
-                self.tagged(tag, b"NO", text)
+                self.tagged(tag, status, rest)
                 self.untagged(b"BYE Literal too large")
                 self._close()
                 return
@@ -395,14 +395,27 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def _run_queue(self) -> None:
         while self._queue and not self._busy and not self._closing:
             parts, writer = self._queue.pop(0)
-            if self._queue_room is not None and len(self._queue) <= MAX_QUEUED // 2:
-                room, self._queue_room = self._queue_room, None
-                self.callLater(0, lambda: room.callback(None))   # not from inside a read
+            if len(self._queue) <= MAX_QUEUED // 2:
+                self._open_queue()
             d = self._execute(parts, writer)
             if d is not None:
                 self._busy = True
                 self.setTimeout(None)
                 d.addBoth(self._command_done)
+
+    def _open_queue(self) -> None:
+        """Read input again after a full queue (from the next turn, not inside a read)."""
+        if self._queue_room is not None:
+            room, self._queue_room = self._queue_room, None
+            self.callLater(0, lambda: room.callback(None))
+
+    def _drop_queue(self) -> None:
+        """Forget what was pipelined (STARTTLS, COMPRESS: none of it counts)."""
+        for _, writer in self._queue:
+            if writer is not None:
+                writer.abort()
+        self._queue = []
+        self._open_queue()
 
     def _command_done(self, _: Any) -> None:
         self._busy = False
@@ -546,7 +559,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return
         self.tagged(tag, b"OK", b"Begin TLS negotiation now")
         self._buffer = b""  # nothing pipelined before the handshake counts
-        self._queue = []
+        self._drop_queue()
         self.transport.startTLS(self.context.tls)
         self.startedTLS = True
         self.canStartTLS = False

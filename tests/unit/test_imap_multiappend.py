@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 
+from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 
 from mailserver.imap.append import MAX_APPEND_MESSAGES
@@ -229,6 +230,40 @@ class InputBounds(SessionCase):
         self.assertEqual(self.transport.reading_paused, 0)
 
 
+class QueueHoldReleased(SessionCase):
+    """A full queue of pipelined commands that STARTTLS or COMPRESS drops must not leave
+    input paused for good (the handshake or the compressed commands would never be read)."""
+
+    @inlineCallbacks
+    def test_compress_drops_a_full_queue_and_input_goes_on(self):
+        self.session._busy = True
+        self.send(b"c COMPRESS DEFLATE\r\n" + b"".join(b"n%d NOOP\r\n" % i for i in range(70)))
+        self.assertIsNotNone(self.session._queue_room)
+        self.session._busy = False
+        self.session._run_queue()
+        yield self.wait_for(rb"c OK")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(self.session._input_held)
+        self.assertEqual(self.transport.reading_paused, 0)
+
+    @inlineCallbacks
+    def test_starttls_drops_a_full_queue_and_input_goes_on(self):
+        session, transport = self.new_session()
+        session.user, session.state = None, "unauth"
+        session.canStartTLS = True
+        transport.startTLS = lambda ctx: None
+        session._busy = True
+        self.send(b"s STARTTLS\r\n" + b"".join(b"n%d NOOP\r\n" % i for i in range(70)),
+                  session)
+        session._busy = False
+        session._run_queue()
+        out = yield self.wait_for(rb"s OK", transport)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertNotIn(b"n1 OK", out)           # nothing pipelined before TLS counts
+        self.assertFalse(session._input_held)
+        self.assertEqual(transport.reading_paused, 0)
+
+
 class CopyOfExpunged(SessionCase):
     @inlineCallbacks
     def test_copy_and_move_of_messages_expunged_elsewhere_say_no(self):
@@ -274,7 +309,6 @@ class DeleteSelected(SessionCase):
         out = yield self.command(b"f", b"FETCH 1 FLAGS")
         self.assertIn(b"f BAD", out)          # no longer selected, as the client was told
         from mailserver.maildir.account import _DELETED_PREFIX
-        from twisted.internet import reactor, task
         for _ in range(400):                  # the files go in a thread: let it finish
             if not any(n.startswith(_DELETED_PREFIX) for n in os.listdir(self.user_path)):
                 break
@@ -284,10 +318,23 @@ class DeleteSelected(SessionCase):
 class Tags(SessionCase):
     @inlineCallbacks
     def test_a_tag_may_hold_a_closing_bracket(self):
-        """RFC 3501 9: tag is any ASTRING-CHAR but "+", and "]" is one."""
+        """RFC 3501 9: tag is any ASTRING-CHAR but "+", and "]" is one (APPEND too)."""
         out = yield self.command(b"a]1", b"NOOP")
         self.assertIn(b"a]1 OK", out)
+        out = yield self.command(b"b]2", b"APPEND INBOX " + lit(M1))
+        self.assertIn(b"b]2 OK", out)
         self.transport.clear()
         self.send(b"a+1 NOOP\r\n")
         out = yield self.wait_for(rb"BAD")
         self.assertNotIn(b"a+1 OK", out)
+
+
+class HugeLiteralBeforeLogin(SessionCase):
+    @inlineCallbacks
+    def test_a_literal_over_the_message_size_is_refused_with_one_status(self):
+        session, transport = self.new_session()
+        session.user, session.state = None, "unauth"
+        self.send(b"a LOGIN {20000000+}\r\n", session)
+        out = yield self.wait_for(rb"BYE", transport)
+        self.assertIn(b"a BAD Literal too large\r\n", out)
+        self.assertNotIn(b"NO BAD", out)

@@ -51,6 +51,8 @@ def test_envelope_round_trip_and_bad_files():
                 env.to_json().replace(b'"ABC1"', b'"A/B"'),
                 # numbers out of range, nesting too deep: one bad file, not a crash
                 re.sub(rb'"attempts":\d+', b'"attempts":1e999', env.to_json()),
+                re.sub(rb'"created":[0-9.e+-]+', b'"created":1e999', env.to_json()),
+                re.sub(rb'"next_attempt":[0-9.e+-]+', b'"next_attempt":-1e999', env.to_json()),
                 b"[" * 100000 + b"]" * 100000):
         with pytest.raises(EnvelopeError):
             Envelope.from_json(bad)

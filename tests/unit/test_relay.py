@@ -309,6 +309,9 @@ class Dripping(protocol.Protocol):
 
 
 class NoAddress(FakeResolver):
+    def lookupMailExchange(self, name, timeout=None):
+        return defer.succeed((self.mx_answer, [], []))   # no address hints
+
     def lookupIPV6Address(self, name, timeout=None):
         if name not in self.addresses:
             return defer.fail(error.DNSNameError(name))
@@ -320,15 +323,20 @@ class NoAddress(FakeResolver):
         return super().lookupAddress(name, timeout)
 
 
+def make_relay(resolver, port: int = 25):
+    """A Relay over `resolver` that connects to `port` (the MX hosts are loopback)."""
+    from types import SimpleNamespace
+    from mailserver.smtp.relay.relay import Relay
+    relay_cfg = SimpleNamespace(resolver_address=None, connect_timeout=1, timeout=1,
+                                smarthost_address=None, port=port, tls_required_domains=(),
+                                ca_file="", smarthost_username="", smarthost_password="")
+    config = SimpleNamespace(relay=relay_cfg, server=SimpleNamespace(hostname="mx.test"))
+    return Relay(config, reactor, resolver)  # type: ignore[arg-type]
+
+
 class UnroutableTests(unittest.TestCase):
     def relay(self, resolver):
-        from types import SimpleNamespace
-        from mailserver.smtp.relay.relay import Relay
-        relay_cfg = SimpleNamespace(resolver_address=None, connect_timeout=1, timeout=1,
-                                    smarthost_address=None, port=25, tls_required_domains=(),
-                                    ca_file="", smarthost_username="", smarthost_password="")
-        config = SimpleNamespace(relay=relay_cfg, server=SimpleNamespace(hostname="mx.test"))
-        return Relay(config, reactor, resolver)  # type: ignore[arg-type]
+        return make_relay(resolver)
 
     @defer.inlineCallbacks
     def test_a_domain_without_any_address_is_bounced_not_retried(self):
@@ -341,6 +349,43 @@ class UnroutableTests(unittest.TestCase):
         resolver = NoAddress(mx_answer=[mx(10, "broken.d.test"), mx(20, "gone.d.test")])
         results = yield self.relay(resolver).deliver(env, Path("/nonexistent"),
                                                      env.recipients)
+        self.assertEqual(results[0][1].kind, "temporary")
+
+
+class HostOrderTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def relay_on(self, resolver, port):
+        return make_relay(resolver, port)
+
+    @defer.inlineCallbacks
+    def test_a_temporary_failure_of_one_host_outweighs_a_permanent_one_of_another(self):
+        """The preferred MX is down, the backup takes no 8-bit data: try again later
+        (the preferred one may be back), not a bounce."""
+        (self.dir / "m").write_bytes("Subject: caf\u00e9\r\n\r\nx\r\n".encode())
+        f = Scripted({"EHLO": b"250-backup\r\n250 PIPELINING"})
+        port = reactor.listenTCP(0, f, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        resolver = NoAddress(mx_answer=[mx(10, "mx1.d.test"), mx(20, "mx2.d.test")],
+                             addresses={"mx1.d.test": ["127.0.0.2"], "mx2.d.test": ["127.0.0.1"]})
+        env = Envelope("T5", "a@example.test", [RecipientState("x@d.test")], size=20,
+                       eight_bit=True)
+        results = yield self.relay_on(resolver, port.getHost().port).deliver(
+            env, self.dir / "m", env.recipients)
+        self.assertEqual(results[0][1].kind, "temporary")
+
+    @defer.inlineCallbacks
+    def test_no_address_among_the_first_hosts_of_a_long_list_is_no_bounce(self):
+        """Only the first MAX_MX_HOSTS hosts are tried: that they have no address does
+        not make the domain unroutable."""
+        from mailserver.smtp.relay.routes import MAX_MX_HOSTS
+        answers = [mx(10, f"gone{i}.d.test") for i in range(MAX_MX_HOSTS)]
+        answers.append(mx(20, "ok.d.test"))
+        resolver = NoAddress(mx_answer=answers, addresses={"ok.d.test": ["127.0.0.1"]})
+        env = Envelope("T6", "a@example.test", [RecipientState("x@d.test")], size=16)
+        results = yield self.relay_on(resolver, 1).deliver(env, self.dir / "m", env.recipients)
         self.assertEqual(results[0][1].kind, "temporary")
 
 

@@ -8,6 +8,7 @@ kill -9) repeats at most the one delivery that was in flight.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,8 @@ class Envelope:
             raise EnvelopeError(f"bad envelope field: {e}") from None
         if not ID_RE.fullmatch(env.id):
             raise EnvelopeError(f"bad queue id {env.id!r}")
+        if not (math.isfinite(env.created) and math.isfinite(env.next_attempt)):
+            raise EnvelopeError("bad envelope field: a time that is not a number")
         return env
 
 

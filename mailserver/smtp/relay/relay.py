@@ -17,7 +17,8 @@ from twisted.logger import Logger
 
 from mailserver.smtp.queue.attempt import AttemptResult
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
-from mailserver.smtp.relay.routes import RouteError, host_addresses, make_resolver, mx_hosts
+from mailserver.smtp.relay.routes import (MAX_MX_HOSTS, RouteError, host_addresses,
+                                          make_resolver, mx_hosts)
 from mailserver.smtp.relay.transaction import (HostFailure, HostTarget, Settings, TLSPolicy,
                                                Transaction)
 
@@ -97,7 +98,9 @@ class Relay:
                          hosts: list[tuple[str, Sequence[str]]], port: int, policy: TLSPolicy,
                          credentials: bool = False) -> Results:
         last: AttemptResult | None = None
-        unroutable = not credentials   # every MX host without an address, DNS sure of it
+        retry: AttemptResult | None = None   # a temporary failure of some host
+        # Every MX host without an address, DNS sure of it (and not a list cut short).
+        unroutable = not credentials and len(hosts) < MAX_MX_HOSTS
         for name, hint in hosts:
             if self.stopping:
                 last = AttemptResult.temporary("the server is shutting down", "4.3.2")
@@ -107,6 +110,8 @@ class Relay:
                 addresses = list(hint) or await host_addresses(self.resolver, name)
             except RouteError as e:
                 last, unroutable = e.result, False
+                if not last.permanent:
+                    retry = last
                 continue
             if not addresses:
                 last = AttemptResult.temporary(f"host {name} has no address", "4.4.4", name)
@@ -122,6 +127,8 @@ class Relay:
                     return await self._transaction(env, message, recipients, target)
                 except HostFailure as failure:
                     last = failure.result
+                    if not last.permanent:
+                        retry = last
                     log.info("relay {id}: {host}: {reason}", id=env.id, host=target.label,
                              reason=failure.result.text)
                     if self.stopping or not (failure.tls_failed and policy == "opportunistic"):
@@ -134,11 +141,17 @@ class Relay:
                                                    replace(target, tls="none"))
                 except HostFailure as failure:
                     last = failure.result
+                    if not last.permanent:
+                        retry = last
         if unroutable and last is not None:
             # RFC 5321 5.1: a domain (or every MX host of it) without an address is an
             # error to report, not to retry for days.
             last = AttemptResult.failed(f"{last.text}: unable to route", "5.4.4",
                                         last.remote_mta)
+        if last is not None and last.permanent and retry is not None:
+            # One host could not take it for good (no 8BITMIME), another only for now
+            # (down): try again later, when that one may be back.
+            last = retry
         if last is None:
             last = AttemptResult.temporary("no host to deliver to", "4.4.4")
         return [(r, last) for r in recipients]
