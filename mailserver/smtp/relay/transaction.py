@@ -91,7 +91,11 @@ class Transaction:
             # The connection went away under us (the message's file sender told to stop
             # when the host reset the connection during DATA, a TLS error): this host's
             # failure, never the whole message's, whose other domains may be done.
-            log.info("relay: {host}: {error!r}", host=self.target.label, error=e)
+            if isinstance(e, (AttributeError, NameError, TypeError, KeyError, IndexError,
+                              AssertionError)):   # our mistake, not the host's: say so
+                log.failure("relay: {host}: error in the transaction", host=self.target.label)
+            else:
+                log.info("relay: {host}: {error!r}", host=self.target.label, error=e)
             raise HostFailure(_temp(f"{self.target.label}: connection failed: {_reason(e)}",
                                     self.target), tls_failed=self._in_tls_handshake) from None
         finally:
