@@ -252,6 +252,16 @@ class TransactionTests(unittest.TestCase):
         self.assertIn(b"BODY=8BITMIME", b" ".join(f.commands))
 
     @defer.inlineCallbacks
+    def test_a_reply_whose_lines_disagree_is_no_delivery(self):
+        """RFC 5321 4.2.1: all lines of a reply carry one code; "550-" then "250" after
+        the message was taken as delivered (the last line's code)."""
+        f, port = self.serve({"DATA": b"354 go", "end": b"550-5.7.1 no\r\n250 2.0.0 ok"})
+        with self.assertRaises(HostFailure) as e:
+            yield self.run_tx(port, ["x@d.test"])
+        self.assertEqual(e.exception.result.kind, "temporary")
+        self.assertIn("different codes", e.exception.result.text)
+
+    @defer.inlineCallbacks
     def test_a_2xx_answer_to_data_is_no_delivery(self):
         """RFC 5321 4.3.2: DATA gets 354 or an error; a 250 before any octet was sent
         is retried, never recorded as delivered."""

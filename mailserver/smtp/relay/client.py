@@ -93,6 +93,9 @@ class DotStuffer:
         return b".\r\n"
 
 
+FINAL_REPLY_TIMEOUT = 600.0
+
+
 class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
     delimiter = b"\n"
     MAX_LENGTH = 4096        # RFC 5321 4.5.3.1.5 says 512; some servers send longer text
@@ -104,6 +107,7 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
             self.callLater = clock.callLater  # type: ignore[assignment]
         self._waiting: deque[defer.Deferred[ServerReply]] = deque()
         self._lines: list[str] = []
+        self._code = 0
         self._failed: Failure | None = None
         self.greeting: defer.Deferred[ServerReply] = self._expect()
 
@@ -142,10 +146,19 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
             self._fail(SMTPClientError(f"malformed reply {line[:80]!r}"))
             self.abort()
             return
+        code = int(m.group(1))
+        if self._lines and code != self._code:
+            # RFC 5321 4.2.1: every line of a reply has the same code; "550-no" then
+            # "250 ok" after DATA is no delivery.
+            self._fail(SMTPClientError(f"reply lines with different codes: {self._code}, "
+                                       f"{code}"))
+            self.abort()
+            return
+        self._code = code
         self._lines.append(m.group(3).decode("utf-8", "replace").strip())
         if m.group(2) == b"-":
             return   # the whole reply within the timeout, not each line (a slow drip)
-        reply = ServerReply(int(m.group(1)), tuple(self._lines))
+        reply = ServerReply(code, tuple(self._lines))
         self._lines = []
         if not self._waiting:
             # A reply nobody asked for (an unsolicited 421 before closing, say): ignore.
@@ -201,6 +214,9 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
             reply = self._expect()
             if self._failed is None:
                 self.transport.write(stuffer.end())
+                # RFC 5321 4.5.3.2.6: the reply to the final "." may take 10 minutes (the
+                # receiver filters the message then); giving up sooner means a duplicate.
+                self.setTimeout(max(self.reply_timeout, FINAL_REPLY_TIMEOUT))
             return reply
 
         def broken(failure: Failure) -> Failure:
