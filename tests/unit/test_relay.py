@@ -399,6 +399,23 @@ class HostOrderTests(unittest.TestCase):
         self.assertEqual(results[0][1].kind, "temporary")
 
 
+class OurselvesTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_our_own_name_among_the_mx_hosts(self):
+        """RFC 5321 5.1: our own record and worse ones are dropped; when we are the best
+        MX there is nowhere to send it (a loop), and it bounces with 5.4.6."""
+        from mailserver.smtp.relay.relay import _below_ourselves
+        from mailserver.smtp.relay.routes import MXHost
+        hosts = [MXHost(10, "a.d.test"), MXHost(20, "mx.test"), MXHost(20, "b.d.test"),
+                 MXHost(30, "c.d.test")]
+        self.assertEqual([h.name for h in _below_ourselves(hosts, "MX.test.")], ["a.d.test"])
+        self.assertEqual(_below_ourselves(hosts, "other.test"), hosts)
+        resolver = NoAddress(mx_answer=[mx(10, "mx.test"), mx(20, "b.d.test")])
+        env = Envelope("T7", "a@example.test", [RecipientState("x@d.test")])
+        results = yield make_relay(resolver).deliver(env, Path("/nonexistent"), env.recipients)
+        self.assertEqual((results[0][1].kind, results[0][1].status), ("permanent", "5.4.6"))
+
+
 class SlowReplyTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_reply_must_end_within_the_timeout_however_it_drips(self):

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from mailserver.smtp.queue.attempt import AttemptResult
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
-from mailserver.smtp.relay.routes import (MAX_MX_HOSTS, RouteError, host_addresses,
+from mailserver.smtp.relay.routes import (MAX_MX_HOSTS, MXHost, RouteError, host_addresses,
                                           make_resolver, mx_hosts)
 from mailserver.smtp.relay.transaction import (HostFailure, HostTarget, Settings, TLSPolicy,
                                                Transaction)
@@ -89,6 +89,13 @@ class Relay:
             log.info("relay {id}: {domain}: {reason}", id=env.id, domain=domain,
                      reason=e.result.text)
             return [(r, e.result) for r in recipients]
+        hosts = _below_ourselves(hosts, self.settings.helo)
+        if not hosts:
+            result = AttemptResult.failed(f"mail for {domain} loops back to myself "
+                                          f"({self.settings.helo} is its best MX)", "5.4.6")
+            log.info("relay {id}: {domain}: {reason}", id=env.id, domain=domain,
+                     reason=result.text)
+            return [(r, result) for r in recipients]
         policy: TLSPolicy = ("required" if domain in self.config.tls_required_domains
                              else "opportunistic")
         return await self._try_hosts(env, message, recipients,
@@ -161,3 +168,13 @@ class Relay:
         transaction = Transaction(self.reactor, target, self.settings, env, message, recipients,
                                   self.connections)
         return await transaction.run()
+
+
+def _below_ourselves(hosts: list[MXHost], hostname: str) -> list[MXHost]:
+    """RFC 5321 5.1: when this server is one of the MX hosts, that record and every one of
+    equal or worse preference are dropped (we are a backup MX handing mail on, or the
+    domain's mail would come back to us)."""
+    ours = [h.preference for h in hosts if h.name == hostname.lower().rstrip(".")]
+    if not ours:
+        return hosts
+    return [h for h in hosts if h.preference < min(ours)]
