@@ -100,3 +100,4 @@ class Result:
 
     actions: list[Action] = field(default_factory=list)
     error: str | None = None
+    out_of_time: bool = False   # the error is the CPU time limit

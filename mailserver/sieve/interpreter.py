@@ -36,8 +36,12 @@ MAX_ADDHEADER_SIZE = 2048           # octets of a field addheader adds (Pigeonho
 _TICK_SHIFT = 5                     # the CPU time is checked every 32 commands/tests
 _TICK_MASK = (1 << _TICK_SHIFT) - 1
 
-# RFC 5293 6 / 9: never deleted (loop detection relies on them)
-PROTECTED_FROM_DELETION = frozenset({"received", "auto-submitted"})
+# RFC 5293 6 / 9: never deleted (loop detection relies on them: a script that deleted
+# its redirect mark sent a message round two users' redirects for ever)
+PROTECTED_FROM_DELETION = frozenset({"received", "auto-submitted", "x-sieve-redirected-from"})
+# Octets all addheader actions of one evaluation may add (RFC 5293 6 "implementation
+# limitations"): 1,800 fields of 2 KB turned a 70-byte message into 3.4 MB a copy.
+MAX_ADDHEADER_TOTAL = 32 * 1024
 _SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 
 
@@ -75,6 +79,10 @@ class SieveRuntimeError(Exception):
     """RFC 5228 2.10.6: the script cannot go on; the implicit keep applies."""
 
 
+class SieveTimeExceeded(SieveRuntimeError):
+    """The evaluation used its CPU time (Limits.max_cpu_time)."""
+
+
 class _Stop(Exception):
     pass
 
@@ -106,8 +114,8 @@ class _Run:
 
     __slots__ = ("message", "envelope", "limits", "loader", "_now", "mailbox_exists", "headers",
                  "actions", "keys", "lines", "keep_cancelled", "final", "kept", "flags",
-                 "globals", "started", "cpu0", "before", "ticks", "redirects", "include_stack",
-                 "included_once", "loaded", "vacation_line", "reject_line")
+                 "globals", "started", "cpu0", "before", "ticks", "redirects", "added",
+                 "include_stack", "included_once", "loaded", "vacation_line", "reject_line")
 
     def __init__(self, message: Message, envelope: Envelope, limits: Limits, loader: Loader | None,
                  now: datetime | None, mailbox_exists: Callable[[str], bool] | None,
@@ -134,6 +142,7 @@ class _Run:
         self.before = 0.0
         self.ticks = 0
         self.redirects = 0
+        self.added = 0                          # octets addheader added
         # made by the first include
         self.include_stack: list[tuple[str, bool]] = None  # type: ignore[assignment]
         self.included_once: set[tuple[str, bool]] = None  # type: ignore[assignment]
@@ -172,7 +181,7 @@ class _Run:
             self.before = elapsed
         # while the wall clock says the limit is not reached, the CPU time cannot be
         if elapsed > limit and time.thread_time() - self.cpu0 + self.before > limit:
-            raise SieveRuntimeError(f"CPU time limit of {limit:g} s exceeded")
+            raise SieveTimeExceeded(f"CPU time limit of {limit:g} s exceeded")
 
     # -- variables (RFC 5229 3)
 
@@ -632,6 +641,10 @@ class _Compiler:
             encoded = encode_field(name, value(frame, run))
             if len(encoded) > MAX_ADDHEADER_SIZE:
                 raise SieveRuntimeError(f"line {line}: addheader: the field is larger than {MAX_ADDHEADER_SIZE} octets")
+            run.added += len(encoded)
+            if run.added > MAX_ADDHEADER_TOTAL:
+                raise SieveRuntimeError(f"line {line}: addheader: over {MAX_ADDHEADER_TOTAL} "
+                                        "octets added in all")
             run.headers.add(name, encoded, last)
         return addheader
 
@@ -1095,6 +1108,10 @@ def evaluate(scripts: Sequence[Script], message: Message, envelope: Envelope, *,
             actions.append(Keep(tuple(run.flags), header, implicit=True)
                            if run.flags or header is not None else _IMPLICIT_KEEP)
         return Result(actions)
+    except SieveTimeExceeded as exc:
+        result = _failed(str(exc), default_flags)
+        result.out_of_time = True
+        return result
     except SieveRuntimeError as exc:
         return _failed(str(exc), default_flags)
     except RecursionError:

@@ -13,6 +13,7 @@ Twisted-free: the memory is blocking and is used from a thread.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import logging
 import re
 import secrets
@@ -33,6 +34,7 @@ MEMORY_FILE = "sieve-vacation.sqlite3"
 MAX_REASON = 64 * 1024          # bytes of :reason text sent
 MAX_SUBJECT = 900               # characters of a generated Subject
 MAX_REFERENCES = 20             # message ids carried on in References
+MAX_HANDLE = 200                # characters of a :handle stored as it is, longer by digest
 PRUNE_EVERY = 256               # answers recorded between two removals of expired rows
 
 # RFC 5230 4.6: any of these fields marks list mail, which is never answered.
@@ -153,10 +155,10 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
     reason = vacation.reason.encode("utf-8", "replace")[:MAX_REASON].decode("utf-8", "ignore")
     reason = reason.replace("\r\n", "\n").replace("\r", "\n")
     if vacation.mime:
-        # RFC 5230 5.8 (:mime): the reason is a whole MIME entity, its own header first.
-        entity = reason.lstrip("\n")
-        if "\n\n" not in entity:
-            entity += "\n\n"
+        # RFC 5230 5.8 (:mime): the reason is a MIME entity, its own header first; of
+        # that header only the Content-* fields are kept (a script's From:, Reply-To: or
+        # Auto-Submitted: no would be the reply's own, past the checks of :from).
+        entity = _mime_entity(reason.lstrip("\n"))
         head = "\r\n".join(lines) + "\r\n"
         return (head + entity.replace("\n", "\r\n")).encode("utf-8", "replace")
     if reason.isascii():
@@ -171,6 +173,32 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
     if not body.endswith("\r\n"):
         body += "\r\n"
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8", "replace")
+
+
+def _mime_entity(entity: str) -> str:
+    """A :mime reason with only the Content-* fields of its header (LF line ends)."""
+    header, sep, body = entity.partition("\n\n")
+    if not sep:
+        header, body = entity, ""
+    kept: list[str] = []
+    keep = False
+    for line in header.split("\n"):
+        if line[:1] in (" ", "\t"):      # a continuation of the field before
+            if keep:
+                kept.append(line)
+            continue
+        keep = line.partition(":")[0].strip().lower().startswith("content-")
+        if keep:
+            kept.append(line)
+    return "\n".join(kept) + "\n\n" + body
+
+
+def _handle_key(handle: str) -> str:
+    """The handle as stored: a long one (variables can make it 1 MiB, stored per sender
+    for up to 90 days) by its digest; RFC 5230 4.2 only compares handles."""
+    if len(handle) <= MAX_HANDLE:
+        return handle
+    return "sha256:" + hashlib.sha256(handle.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class VacationMemory:
@@ -214,7 +242,7 @@ class VacationMemory:
         now = time.time() if now is None else now
         if period <= 0:
             return True
-        key = (user.lower(), handle, sender.lower())
+        key = (user.lower(), _handle_key(handle), sender.lower())
         with self._lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
@@ -240,7 +268,7 @@ class VacationMemory:
         """Forget a claim whose answer could not be queued (the next message tries again)."""
         with self._lock:
             self._db().execute("DELETE FROM answered WHERE user=? AND handle=? AND sender=?",
-                               (user.lower(), handle, sender.lower()))
+                               (user.lower(), _handle_key(handle), sender.lower()))
 
     def prune(self, now: float | None = None) -> int:
         """Remove records whose period is over; the count removed."""
