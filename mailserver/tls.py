@@ -11,9 +11,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from OpenSSL import crypto
+from typing import Any
+
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IProtocolNegotiationFactory, ISSLTransport
 
 from mailserver.certfiles import CertificatePair, load_pair
 from mailserver.config import Config
@@ -97,6 +99,28 @@ def certificate_options(pair: CertificatePair) -> ssl.CertificateOptions:
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
     )
+
+
+def server_context(pair: CertificatePair) -> SSL.Context:
+    """The OpenSSL context of certificate_options(pair), with alpn_select for ALPN."""
+    context = certificate_options(pair).getContext()
+    context.set_alpn_select_callback(alpn_select)
+    return context
+
+
+def alpn_select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """RFC 7301 3.2: the first protocol the listener's factory speaks that the client
+    offered; when there is none, no ALPN answer and the handshake goes on.  (Twisted's
+    own callback answers b"" then, which OpenSSL turns into a fatal alert: an IMAPS
+    client offering "imap", or a browser offering only "h2", could not connect.)
+    The connection's app data is its TLS protocol (serverConnectionForTLS sets it)."""
+    tls = connection.get_app_data()
+    factory = getattr(getattr(tls, "factory", None), "wrappedFactory", None)
+    if IProtocolNegotiationFactory.providedBy(factory):
+        for protocol in factory.acceptableProtocols():
+            if protocol in offered:
+                return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def describe_tls(transport: object) -> str | None:

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from mailserver.certfiles import CertificateError, CertificatePair, Signature, check_files, \
     file_signature, load_pair
 from mailserver.startup import StartupError
-from mailserver.tls import certificate_options
+from mailserver.tls import alpn_select, server_context
 
 if TYPE_CHECKING:
     from mailserver.acme_client import ChallengeBoard
@@ -45,7 +45,7 @@ class ReloadingContextFactory:
 
     def __init__(self, pair: CertificatePair) -> None:
         self._pair = pair
-        self._context = certificate_options(pair).getContext()
+        self._context = server_context(pair)
         self.generation = 0
         self.alpn_challenges: ChallengeBoard | None = None   # set when ACME is on
 
@@ -55,7 +55,7 @@ class ReloadingContextFactory:
 
     def swap(self, pair: CertificatePair) -> None:
         """Serve `pair` to new connections from now on."""
-        self._context = certificate_options(pair).getContext()
+        self._context = server_context(pair)
         self._pair = pair
         self.generation += 1
         log.info("tls certificate reloaded ({what})", what=pair.describe())
@@ -64,7 +64,9 @@ class ReloadingContextFactory:
         return self._context
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)   # for alpn_select
+        return connection
 
     def for_listener(self, name: str) -> Any:
         """What the implicit-TLS listener `name` wraps its connections with: this object,
@@ -89,10 +91,12 @@ class AlpnChallengeListener:
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         generation = self.parent.generation
         if self._built is None or self._built[0] != generation:
-            context = certificate_options(self.parent.pair).getContext()
+            context = server_context(self.parent.pair)
             context.set_alpn_select_callback(self._select)
             self._built = (generation, context)
-        return SSL.Connection(self._built[1], None)
+        connection = SSL.Connection(self._built[1], None)
+        connection.set_app_data(tlsProtocol)
+        return connection
 
     def _select(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         """The ALPN callback, in the reactor during the handshake (before the certificate
@@ -100,7 +104,7 @@ class AlpnChallengeListener:
         from mailserver.acme_client import ACME_TLS_PROTOCOL
 
         if ACME_TLS_PROTOCOL not in offered:
-            return SSL.NO_OVERLAPPING_PROTOCOLS   # no ALPN answer: as without a callback
+            return alpn_select(connection, offered)   # h2 / http/1.1 as on any listener
         try:
             name = (connection.get_servername() or b"").decode("ascii")
         except UnicodeDecodeError:

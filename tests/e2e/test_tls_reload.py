@@ -132,3 +132,20 @@ def test_unusable_certificate_at_start_is_one_line(make_server, tmp_path):
     assert "mailserver: tls.certificate: the private key does not belong to the certificate" \
         in output
     assert "Traceback" not in output
+
+
+def test_alpn_offers_the_listener_does_not_speak_are_ignored(server):
+    """RFC 7301 3.2: with no protocol in common the handshake goes on without ALPN; an
+    IMAPS client offering "imap" (and POP3S "pop3", HTTPS "h2" alone) got a fatal
+    internal_error alert.  HTTPS still agrees on http/1.1 when it is offered."""
+    for service, offer, agreed in (("imaps", ["imap"], None), ("pop3s", ["pop3"], None),
+                                   ("submissions", ["smtp"], None),
+                                   ("autoconfig", ["h2"], None),
+                                   ("autoconfig", ["h2", "http/1.1"], "http/1.1")):
+        ctx = tls_client_context()
+        ctx.set_alpn_protocols(offer)
+        with socket.create_connection(("127.0.0.1", server.ports[service]), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=HOSTNAME) as tls:
+                assert tls.selected_alpn_protocol() == agreed, (service, offer)
+                if service != "autoconfig":
+                    assert tls.recv(100)[:1] in (b"*", b"+", b"2"), service   # a greeting
