@@ -28,6 +28,10 @@ log = Logger()
 MAX_BODY = 64 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024
 DRAIN_SECONDS = 10.0
+# A whole request, header and body, must arrive within this from its first octet: the
+# idle timeout alone let a client sending a byte every few seconds hold a connection slot
+# (shared with SMTP, IMAP and POP3) for as long as it liked.
+REQUEST_SECONDS = 30.0
 TOO_LARGE = b"request body larger than %d bytes\n" % MAX_BODY
 
 
@@ -39,6 +43,9 @@ def _plain_response(code: int, reason: bytes, text: bytes) -> bytes:
 
 # The issue asks for 400 for an oversized body (413 would also be fitting).
 REFUSAL_TOO_LARGE = _plain_response(400, b"Bad Request", TOO_LARGE)
+REFUSAL_TOO_SLOW = _plain_response(408, b"Request Timeout",
+                                   b"request not received within %d seconds\n"
+                                   % REQUEST_SECONDS)
 
 
 class BoundedRequest(server.Request):
@@ -72,6 +79,31 @@ class BoundedChannel(http.HTTPChannel):
     _drain_left = 0
     _drain_call: IDelayedCall | None = None
     _closing = False
+
+    _request_call: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if data and self._request_call is None and not self.refused and not self._closing:
+            self._request_call = self.callLater(REQUEST_SECONDS, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_request_clock()
+        super().allContentReceived()
+
+    def _stop_request_clock(self) -> None:
+        if self._request_call is not None and self._request_call.active():
+            self._request_call.cancel()
+        self._request_call = None
+
+    def _too_slow(self) -> None:
+        self._request_call = None
+        log.info("{service}: request not received within {seconds} s, closing",
+                 service=getattr(self.site, "name", "autoconfig"), seconds=REQUEST_SECONDS)
+        if not self._closing:
+            self._closing = True
+            self.transport.write(REFUSAL_TOO_SLOW)
+            self.loseConnection()
 
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > MAX_BODY:
@@ -114,6 +146,7 @@ class BoundedChannel(http.HTTPChannel):
             self.loseConnection()
 
     def connectionLost(self, reason: object) -> None:  # type: ignore[override]
+        self._stop_request_clock()
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
         self._drain_call = None
