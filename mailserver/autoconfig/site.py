@@ -83,7 +83,11 @@ class BoundedChannel(http.HTTPChannel):
     _request_call: IDelayedCall | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if data and self._request_call is None and not self.refused and not self._closing:
+        # The clock starts with a request's first octet; not for octets of a pipelined
+        # request that arrive while an earlier one is being answered (twisted.web keeps
+        # them, and hands them here again once that answer is done).
+        if (data and self._request_call is None and not self.requests and not self.refused
+                and not self._closing):
             self._request_call = self.callLater(REQUEST_SECONDS, self._too_slow)
         super().dataReceived(data)
 
@@ -116,6 +120,7 @@ class BoundedChannel(http.HTTPChannel):
         if self.refused:
             return
         self.refused = True
+        self._stop_request_clock()   # answered already: the drain has its own bound
         self.persistent = False
         log.info("{service}: request body of {length} bytes refused (limit {limit})",
                  service=getattr(self.site, "name", "autoconfig"), length=length,

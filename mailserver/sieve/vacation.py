@@ -34,6 +34,7 @@ MEMORY_FILE = "sieve-vacation.sqlite3"
 MAX_REASON = 64 * 1024          # bytes of :reason text sent
 MAX_SUBJECT = 900               # characters of a generated Subject
 MAX_REFERENCES = 20             # message ids carried on in References
+_FIELD_NAME = re.compile(r"[!-9;-~]+[ \t]*:")   # RFC 5322 2.2 field name, then ":"
 MAX_HANDLE = 200                # characters of a :handle stored as it is, longer by digest
 PRUNE_EVERY = 256               # answers recorded between two removals of expired rows
 
@@ -158,7 +159,7 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
         # RFC 5230 5.8 (:mime): the reason is a MIME entity, its own header first; of
         # that header only the Content-* fields are kept (a script's From:, Reply-To: or
         # Auto-Submitted: no would be the reply's own, past the checks of :from).
-        entity = _mime_entity(reason.lstrip("\n"))
+        entity = _mime_entity(reason)
         head = "\r\n".join(lines) + "\r\n"
         return (head + entity.replace("\n", "\r\n")).encode("utf-8", "replace")
     if reason.isascii():
@@ -176,21 +177,31 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
 
 
 def _mime_entity(entity: str) -> str:
-    """A :mime reason with only the Content-* fields of its header (LF line ends)."""
-    header, sep, body = entity.partition("\n\n")
-    if not sep:
-        header, body = entity, ""
+    """A :mime reason (LF line ends) with only the Content-* fields of its header.  The
+    header is the run of field lines at its start, up to an empty line or the first line
+    that is no field: a reason without a header (or starting with an empty line) is all
+    body, as a mail reader would show it."""
+    lines = entity.split("\n")
     kept: list[str] = []
     keep = False
-    for line in header.split("\n"):
-        if line[:1] in (" ", "\t"):      # a continuation of the field before
+    at = 0
+    while at < len(lines):
+        line = lines[at]
+        if not line:
+            at += 1               # the empty line that ends the header
+            break
+        if line[:1] in (" ", "\t") and at:
+            if keep:              # a continuation of the field before
+                kept.append(line)
+        elif _FIELD_NAME.match(line):
+            keep = line.partition(":")[0].strip().lower().startswith("content-")
             if keep:
                 kept.append(line)
-            continue
-        keep = line.partition(":")[0].strip().lower().startswith("content-")
-        if keep:
-            kept.append(line)
-    return "\n".join(kept) + "\n\n" + body
+        else:
+            break                 # no field: the body starts here
+        at += 1
+    head = "".join(line + "\n" for line in kept)
+    return head + "\n" + "\n".join(lines[at:])
 
 
 def _handle_key(handle: str) -> str:

@@ -360,6 +360,38 @@ def test_a_request_trickled_byte_by_byte_is_cut_off():
     assert b"408" not in transport.value()
 
 
+def test_the_request_clock_stops_when_a_body_is_refused_or_an_answer_is_pending():
+    """No 408 after the 400 of a refused body, nor in front of the answer to an earlier
+    request while a pipelined one waits."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+    c = Client()
+    channel, transport = c.connect()
+    channel.dataReceived(b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\n")
+    c.clock.advance(25)
+    channel.dataReceived(b"Host: x\r\nContent-Length: 999999999\r\n\r\n")
+    c.clock.advance(6)
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+
+    pending = []
+
+    class Slow(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            pending.append(request)
+            return NOT_DONE_YET
+
+    c.site.resource = Slow()
+    channel, transport = c.connect()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    c.clock.advance(31)
+    pending[0].write(b"hello")
+    pending[0].finish()
+    assert b"408" not in transport.value()
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+
+
 def test_oversized_chunked_body_is_cut_off():
     c = Client()
     channel, transport = c.connect()

@@ -114,6 +114,19 @@ class Abuse(unittest.TestCase):
         self.assertEqual(body, b"Away.\r\n")
 
     @defer.inlineCallbacks
+    def test_a_mime_reason_without_a_header_is_all_body(self):
+        for reason, body in (("\nAway until Monday.\nBack on the 5th.\n",
+                              b"Away until Monday.\r\nBack on the 5th.\r\n"),
+                             ("I am away.\n\nBack on the 5th.\n",
+                              b"I am away.\r\n\r\nBack on the 5th.\r\n")):
+            self.queue.generated.clear()
+            self.script('require ["vacation", "vacation-seconds"];\n'
+                        'vacation :seconds 0 :mime text:\n' + reason + '.\n;\n')
+            yield self.sieve.deliver(self.incoming(), self.targets)
+            [(_, _, data)] = self.queue.generated
+            self.assertEqual(data.partition(b"\r\n\r\n")[2], body, reason)
+
+    @defer.inlineCallbacks
     def test_a_long_handle_is_stored_by_its_digest(self):
         """A 1 MB handle was stored in every (user, handle, sender) row for 90 days."""
         self.script('require ["vacation", "variables"];\n'
