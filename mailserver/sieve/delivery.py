@@ -132,6 +132,14 @@ class Incoming:
             while chunk := f.read(COPY_CHUNK):
                 yield chunk
 
+    def own_message(self, head: bytes) -> Message:
+        """A Message of the in-memory message that nothing else shares (its parse caches
+        fill as it is read): for an evaluation in a thread while the reactor reads the
+        shared one."""
+        assert self.rest is not None
+        body = self.rest[2:] if self.rest.startswith(b"\r\n") else self.rest
+        return Message(head, body, size=len(head) + len(self.rest))
+
     def message(self, head: bytes) -> Message:
         """The message as the interpreter reads it: one object for every mailbox when in
         memory (its fields and body parsed once; a script's edits stay in its own
@@ -139,8 +147,7 @@ class Incoming:
         if self.rest is not None:
             parsed = self._parsed
             if parsed is None or parsed.header != head:
-                body = self.rest[2:] if self.rest.startswith(b"\r\n") else self.rest
-                parsed = self._parsed = Message(head, body, size=len(head) + len(self.rest))
+                parsed = self._parsed = self.own_message(head)
             return parsed
         assert self.path is not None
         total = os.path.getsize(self.path)
@@ -624,6 +631,10 @@ class SieveDelivery:
                           now)
             if not (result.out_of_time and quick is not self.limits):
                 return _noted(result, error)
+            own = msg.own_message(head)   # the shared one stays the reactor's
+            return threads.deferToThread(
+                lambda: _run(chain, own, envelope, self.limits, load, mailbox_exists,
+                             now)).addCallback(_noted, error)
         return threads.deferToThread(
             lambda: _run(chain, msg.message(head), envelope, self.limits, load,
                          mailbox_exists, now)).addCallback(_noted, error)

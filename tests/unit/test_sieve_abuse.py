@@ -169,3 +169,28 @@ class Abuse(unittest.TestCase):
         outcomes = yield self.sieve.deliver(msg, self.targets)
         self.assertFalse(outcomes[0].error)
         self.assertEqual(len(self.files("Work")), 1)
+
+    @defer.inlineCallbacks
+    def test_a_slow_and_a_quick_script_on_one_message_in_memory(self):
+        """Two mailboxes of one message: the slow script runs in a thread on a Message of
+        its own while the quick one is evaluated in the reactor on the shared one."""
+        bob = self.store.create_user("example.test", "bob")
+        (bob / "sieve").mkdir()
+        (bob / "sieve" / "s.sieve").write_text('require ["fileinto", "mailbox"];\n'
+                                               'if header :contains "subject" "a" '
+                                               '{ fileinto :create "Quick"; }\n')
+        (bob / ".dovecot.sieve").symlink_to("sieve/s.sieve")
+        tests = ", ".join(['header :matches "subject" "*a?a?a?a?ab*"'] * 40)
+        self.script('require ["fileinto", "mailbox"];\n'
+                    f'if anyof ({tests}) {{ stop; }}\n'
+                    'fileinto :create "Work";\n')
+        msg = self.incoming()
+        msg = Incoming(msg.queue_id, msg.sender,
+                       msg.head.replace(b"Subject: hi", b"Subject: " + b"a" * 30000),
+                       rest=msg.rest)
+        outcomes = yield self.sieve.deliver(
+            msg, self.targets + [Target("bob@example.test", bob, "bob@example.test")])
+        self.assertTrue(all(o.ok for o in outcomes))
+        self.assertEqual(len(self.files("Work")), 1)
+        quick = [p for sub in ("new", "cur") for p in (bob / ".Quick" / sub).iterdir()]
+        self.assertEqual(len(quick), 1)
