@@ -20,16 +20,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _length(value: object) -> int:
     """The characters a cache key made of `value` holds: strings and bytes by length,
     tuples by the sum of their items, anything else (None, bool, int) as nothing."""
-    kind = type(value)
-    if kind is str or kind is bytes:
-        return len(value)  # type: ignore[arg-type]
-    if kind is tuple or isinstance(value, tuple):
-        total = 0
-        for item in value:  # type: ignore[attr-defined]
-            total += _length(item)
-        return total
     if isinstance(value, (str, bytes)):
         return len(value)
+    if isinstance(value, tuple):
+        total = 0
+        for item in value:
+            total += _length(item)
+        return total
     return 0
 
 

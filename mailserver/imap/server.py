@@ -342,9 +342,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def _refuse_command(self, text: bytes, non_sync: bool, size: int) -> None:
         tag = self._parts[0].split(b" ", 1)[0] if self._parts and self._parts[0] else b"*"
         self._parts, self._held = [], 0
+        # `text` starts with its status, or is a NO's text (a [CODE] from APPEND).
         status, _, rest = text.partition(b" ")
         if status not in (b"NO", b"BAD"):
-            status, rest = (b"NO" if text.startswith(b"[") else b"BAD"), text
+            status, rest = b"NO", text
         if self._append_writer is not None:
             self._append_writer.abort()
             self._append_writer = None
@@ -359,10 +360,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self._start_literal(size, None)
             self.tagged(tag, status, rest)
             return
-        if text.partition(b" ")[0] in (b"NO", b"BAD"):
-            self.tagged(tag, status, rest)
-        else:
-            self.tagged(tag, b"NO", text)
+        self.tagged(tag, status, rest)
         self._discard = False
 
     def _literal_sink_for(self, size: int) -> tuple[bytes | None, Any]:

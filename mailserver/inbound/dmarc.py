@@ -321,6 +321,15 @@ def _aligned(orgs: OrgDomains, domain: str, from_dom: str, mode: str) -> bool:
     return mode != "s" and orgs.org_domain(domain) == orgs.org_domain(from_dom)
 
 
+def _identifiers(spf_result: str, spf_domain: str,
+                 dkim_pass_domains: list[str]) -> tuple[list[str], str | None, bool]:
+    """The normalized d= of each passing DKIM signature, the SPF-checked domain, and
+    whether SPF passed: what alignment is judged on."""
+    dkim_domains = [d for d in (normalize_domain(x) for x in dkim_pass_domains if x) if d]
+    spf_dom = normalize_domain(spf_domain.rpartition("@")[2]) if spf_domain else None
+    return dkim_domains, spf_dom, spf_result.strip().lower() == "pass"
+
+
 def _dns_error(orgs: OrgDomains, domain: str, name: str, answer: Any, spf_result: str,
                spf_domain: str, dkim_pass_domains: list[str]) -> DMARCResult:
     """RFC 7489 6.6.3: the policy record could not be had.  With an identifier that
@@ -332,11 +341,8 @@ def _dns_error(orgs: OrgDomains, domain: str, name: str, answer: Any, spf_result
     in."""
     detail = f": {answer.detail}" if answer.detail else ""
     reason = f"DNS error looking up _dmarc.{name}{detail}"
-    passed = [d for d in (normalize_domain(x) for x in dkim_pass_domains if x) if d]
-    if spf_result.strip().lower() == "pass" and spf_domain:
-        spf_dom = normalize_domain(spf_domain.rpartition("@")[2])
-        if spf_dom:
-            passed.append(spf_dom)
+    dkim_domains, spf_dom, spf_pass = _identifiers(spf_result, spf_domain, dkim_pass_domains)
+    passed = dkim_domains + ([spf_dom] if spf_pass and spf_dom else [])
     if any(_aligned(orgs, d, domain, "r") for d in passed):
         return DMARCResult("temperror", domain, "", "none",
                            reason + "; an aligned identifier passed", name)
@@ -396,13 +402,11 @@ def _evaluate(txt: Callable[[str], Any], orgs: OrgDomains, from_dom: str, spf_re
     policy = record.p if record_domain == domain else record.sp
 
     # RFC 7489 3.1: identifier alignment.
-    dkim_domains = [d for d in (normalize_domain(x) for x in dkim_pass_domains if x) if d]
+    dkim_domains, spf_dom, spf_pass = _identifiers(spf_result, spf_domain, dkim_pass_domains)
     for d in dkim_domains:
         if _aligned(orgs, d, domain, record.adkim):
             return DMARCResult("pass", domain, policy, "none",
                                f"aligned dkim pass for {d}", record_domain)
-    spf_dom = normalize_domain(spf_domain.rpartition("@")[2]) if spf_domain else None
-    spf_pass = spf_result.strip().lower() == "pass"
     if spf_pass and spf_dom and _aligned(orgs, spf_dom, domain, record.aspf):
         return DMARCResult("pass", domain, policy, "none",
                            f"aligned spf pass for {spf_dom}", record_domain)

@@ -13,7 +13,6 @@ thread.
 
 from __future__ import annotations
 
-
 import re
 import threading
 from pathlib import Path

@@ -248,9 +248,9 @@ def remove_message(path: Path) -> None:
             for found in (path.parent.parent / sub).glob(glob.escape(base) + "*"):
                 try:
                     found.unlink()
-                    return
-                except FileNotFoundError:
-                    pass
+                except FileNotFoundError:   # moved on again meanwhile: look once more
+                    continue
+                return
         time.sleep(0.02)
     raise AssertionError(f"{base} is in neither new/ nor cur/")
 
