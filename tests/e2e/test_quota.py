@@ -320,7 +320,9 @@ def test_warning_at_90_percent_is_delivered_once(server):
     assert f"\r\nTo: <{fay}>\r\n".encode() in warning
     assert b"\r\nAuto-Submitted: auto-generated\r\n" in warning
     assert b"\r\nMessage-ID: <" in warning and b"\r\nDate: " in warning
-    assert "quota warning delivered" in server.log_text()
+    # The file is visible once renamed into new/; the log line follows the commit.
+    assert wait_until(lambda: "quota warning delivered" in server.log_text(), 5), \
+        server.log_text()
     # Still above 90%, also after a restart: no second warning.
     assert accepted(server, fay, 3)
     server.stop()
