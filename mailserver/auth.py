@@ -31,6 +31,7 @@ from zope.interface.interface import InterfaceClass
 
 from mailserver.accounts import AccountsUnavailable, IAccounts
 from mailserver.addresses import AddressError, normalize
+from mailserver.hashprocess import HashProcess
 from mailserver.passwords import hash_password, needs_rehash, verify_password
 
 log = Logger()
@@ -133,10 +134,12 @@ class AccountsChecker:
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, accounts: IAccounts, upgrade_hashes: bool = True,
-                 verified: VerifiedLogins | None = None) -> None:
+                 verified: VerifiedLogins | None = None,
+                 hash_process: HashProcess | None = None) -> None:
         self.accounts = accounts
         self.upgrade_hashes = upgrade_hashes
         self.verified = verified
+        self.hash_process = hash_process
         # Same parameters as a real hash, so verifying it costs the same; made in the
         # hashing pool (a tenth of a second of CPU) on first need, not at start.
         self._dummy_hash: str | None = None
@@ -159,10 +162,9 @@ class AccountsChecker:
                 user.address, user.password_hash, password):
             return defer.succeed(user.address)
         if user is not None:
-            d = in_hash_pool(verify_password, user.password_hash, password)
+            d = self._verify(user.password_hash, password)
         else:
-            d = self._dummy().addCallback(
-                lambda dummy: in_hash_pool(verify_password, dummy, password))
+            d = self._dummy().addCallback(lambda dummy: self._verify(dummy, password))
         stored = user.password_hash if user else ""
 
         def checked(ok: bool) -> Any:
@@ -176,6 +178,16 @@ class AccountsChecker:
             return user.address
 
         return d.addCallback(checked)
+
+    def _verify(self, stored: str, password: str | bytes) -> defer.Deferred[bool]:
+        """The hash process when it can take it (a child that died meanwhile: the
+        threads after all), else the hashing threads."""
+        if self.hash_process is not None:
+            d = self.hash_process.verify(stored, password)
+            if d is not None:
+                return d.addErrback(
+                    lambda _: in_hash_pool(verify_password, stored, password))
+        return in_hash_pool(verify_password, stored, password)
 
     def _dummy(self) -> defer.Deferred[str]:
         """The hash an unknown user's password is verified against."""
@@ -377,8 +389,10 @@ def _login_tuple(iface: InterfaceClass,
     return iface, avatar, logout if callable(logout) else (lambda: None)
 
 
-def build_portal(accounts: IAccounts, realm: MailRealm, login_cache_ttl: float = 0.0) -> Portal:
+def build_portal(accounts: IAccounts, realm: MailRealm, login_cache_ttl: float = 0.0,
+                 hash_process: HashProcess | None = None) -> Portal:
     """The portal every protocol logs in through; `login_cache_ttl` > 0 keeps verified
-    logins that long (VerifiedLogins)."""
+    logins that long (VerifiedLogins); `hash_process` verifies what it can."""
     verified = VerifiedLogins(login_cache_ttl) if login_cache_ttl > 0 else None
-    return Portal(realm, [AccountsChecker(accounts, verified=verified)])
+    return Portal(realm, [AccountsChecker(accounts, verified=verified,
+                                          hash_process=hash_process)])

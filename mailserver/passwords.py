@@ -133,6 +133,20 @@ def _verify_plain(value: str, secret: bytes) -> bool:
 _SODIUM_ARGON2ID = re.compile(r"\$argon2id\$v=19\$m=\d+,t=\d+,p=1\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
 
 
+def sodium_hash(stored: str) -> bytes | None:
+    """The argon2id string (ASCII) that `verify_password` would hand libsodium for
+    `stored`, or None: what a libsodium elsewhere (hashchild.py) may verify instead."""
+    try:
+        scheme, value = _split_scheme(stored)
+        if scheme not in (None, "CRYPT", "ARGON2ID") or not _SODIUM_ARGON2ID.fullmatch(value):
+            return None
+        ascii_value = value.encode("ascii")
+    except Exception:   # not a str, not ASCII: verify_password says what it says
+        return None
+    # PyNaCl refuses a longer one (crypto_pwhash_STRBYTES, 128, counts the final NUL).
+    return ascii_value if len(ascii_value) <= 127 else None
+
+
 def _verify_argon2(value: str, secret: bytes) -> bool:
     """libsodium (PyNaCl) for the hashes it supports, our own among them: its argon2 is
     built with the CPU's vector instructions, about a third faster than argon2-cffi's

@@ -70,6 +70,7 @@ class MailServer(service.MultiService):
         super().__init__()
         from mailserver.accounts import open_accounts
         from mailserver.auth import AuthThrottle, MailRealm, build_portal
+        from mailserver.hashprocess import HashProcess
         from mailserver.maildir import MaildirStore
         from mailserver.tls import ensure_certificate
         from mailserver.tls_reload import build_tls
@@ -125,7 +126,11 @@ class MailServer(service.MultiService):
         # One realm and portal for every protocol: each protocol module registers the
         # avatar for its interface when its factory is built.
         self.realm = MailRealm()
-        self.portal = build_portal(self.accounts, self.realm, config.auth.login_cache_ttl)
+        # argon2id verification in a child process of its own (hashprocess.py).
+        self.hash_process = HashProcess()
+        self.hash_process.setServiceParent(self)
+        self.portal = build_portal(self.accounts, self.realm, config.auth.login_cache_ttl,
+                                   self.hash_process)
         self.throttle = AuthThrottle(config.limits.auth_failure_delay_after,
                                      config.limits.auth_failure_window)
         # Outbound: the queue (with its runner and relay) that MX forwarding and

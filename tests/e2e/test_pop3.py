@@ -4,7 +4,9 @@ process: poplib, raw sockets, curl, and an IMAP session on the same mailbox."""
 from __future__ import annotations
 
 import imaplib
+import os
 import poplib
+import signal
 import socket
 import ssl
 import subprocess
@@ -288,6 +290,41 @@ def test_stls_discards_pipelined_commands_and_auth_plain(server):
         assert r.cmd(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=").startswith(b"+OK")
     finally:
         r.close()
+
+
+def hash_processes(server_pid: int) -> list[int]:
+    """The server's password hash children (mailserver/hashchild.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue   # gone meanwhile
+        if ppid == server_pid and b"hashchild.py" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_logins_go_on_when_the_hash_process_dies(server):
+    """argon2id is verified in a child process of the server; killing it costs a login
+    nothing: the threads verify it meanwhile."""
+    assert wait_until(lambda: len(hash_processes(server.pid)) == 1, 10)
+    (child,) = hash_processes(server.pid)
+    pop3_stls(server).quit()
+    os.kill(child, signal.SIGKILL)
+    assert wait_until(lambda: not hash_processes(server.pid), 10)
+    p = pop3_stls(server)
+    assert p.stat()[0] == 0
+    p.quit()
+    p = pop3_stls(server, user=None)
+    p.user(ALICE)
+    with pytest.raises(poplib.error_proto):
+        p.pass_("not the password")
+    p.quit()
+    assert server.running
 
 
 def test_wrong_passwords_count_toward_the_limit(make_server):
