@@ -219,6 +219,12 @@ def _compile_file(path: Path, name: str, max_size: int) -> Script:
     return parse(data, name, max_size=max_size)
 
 
+class PassingError(str):
+    """Why a script cannot be used this time only (the file could not be read: EMFILE,
+    EIO...): not remembered, so the next message tries again, where a syntax error is
+    kept until the file changes."""
+
+
 def _stat_key(path: Path) -> tuple[int, ...] | None:
     try:
         st = os.stat(path)
@@ -262,11 +268,14 @@ class _Compiled:
         def failed(f: Any) -> tuple[Script | None, str]:
             error = (f"line {f.value.line}: {f.value.reason}" if f.check(SieveSyntaxError)
                      else f.getErrorMessage())
+            if f.check(OSError):
+                error = PassingError(error)
             log.warn("sieve: {path} cannot be used: {error}", path=str(path), error=error)
             return finished(None, error)
 
         def finished(script: Script | None, error: str) -> tuple[Script | None, str]:
-            self._remember(path, (key, script, error))
+            if not isinstance(error, PassingError):
+                self._remember(path, (key, script, error))
             if self._compiling.get(path, (None,))[0] == key:
                 del self._compiling[path]
             for w in waiters:
@@ -537,12 +546,16 @@ class SieveDelivery:
             return self._compiled.get(active.path, active.key, active.name or "dovecot")
 
         def remember(entry: tuple[Script | None, str]) -> tuple[Script | None, str]:
+            if isinstance(entry[1], PassingError):
+                return entry
             if len(self._active) >= 4096:
                 self._active.clear()
             self._active[target.path] = (key, *entry)
             return entry
+
         def failed(f: Any) -> tuple[Script | None, str]:
-            return None, f.getErrorMessage()
+            # sieve/ could not be read this time: tried again with the next message
+            return None, PassingError(f.getErrorMessage())
         d = threads.deferToThread(stored.script_stat, target.path)
         return d.addCallback(found).addErrback(failed).addCallback(remember)
 

@@ -6,6 +6,7 @@ that is only kept."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -273,3 +274,25 @@ class DeliveryTests(trial.TestCase):
         self.assertEqual([o[0].error for o in outcomes if not o[0].ok], [])
         self.assertTrue(all(o[0].ok for o in outcomes))
         self.assertEqual(len(list((self.users[0] / ".Reports" / "new").iterdir())), 5)
+
+    @defer.inlineCallbacks
+    def test_a_script_that_could_not_be_read_is_tried_again_next_time(self):
+        """EMFILE while the script is read keeps that message (implicit keep), and does
+        not switch the filter off until the file changes: the next message is filtered."""
+        from mailserver.sieve import delivery
+        self.script(self.users[0], 'require ["fileinto", "mailbox"];\n'
+                    'if header :contains "subject" "report" { fileinto :create "Reports"; }\n')
+        real, failures = delivery._compile_file, [OSError(errno.EMFILE, "Too many open files")]
+
+        def compile_file(*args):
+            if failures:
+                raise failures.pop()
+            return real(*args)
+        self.patch(delivery, "_compile_file", compile_file)
+        for i in range(2):
+            msg = Incoming(f"Q{i}", "bob@remote.test", MSG[:MSG.index(b"\r\n\r\n") + 2],
+                           rest=MSG[MSG.index(b"\r\n\r\n") + 2:])
+            (outcome,) = yield self.sieve.deliver(msg, self.targets[:1])
+            self.assertTrue(outcome.ok)
+        self.assertEqual(len(list((self.users[0] / "new").iterdir())), 1)
+        self.assertEqual(len(list((self.users[0] / ".Reports" / "new").iterdir())), 1)
