@@ -371,7 +371,7 @@ class CondstoreSession:
         if len(uids) <= WRITE_AT_ONCE:
             self.send(b"".join(chunks))
             return None
-        return ChunkProducer(self.transport, chunks).start()
+        return ChunkProducer(self.transport, chunks, self.resetTimeout).start()
 
 
 def uid_set_ranges(seqset: SequenceSet, largest: int) -> list[tuple[int, int]]:

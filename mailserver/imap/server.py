@@ -397,8 +397,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 self._open_queue()
             d = self._execute(parts, writer)
             if d is not None:
+                # The idle clock runs on: a client that stops reading the answer (a
+                # FETCH's producer then waits for ever) is logged out like an idle one;
+                # each part of the answer the client takes, and any input, restart it.
                 self._busy = True
-                self.setTimeout(None)
                 d.addBoth(self._command_done)
 
     def _open_queue(self) -> None:
@@ -1155,11 +1157,12 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 return HP.stream_fetch(
                     self, uids, items, changed_uids,
                     lambda chunks: ChunkProducer(
-                        self.transport, self._announcing_keywords(chunks)).start(),
+                        self.transport, self._announcing_keywords(chunks),
+                        self.resetTimeout).start(),
                     getattr(self.context, "header_workers", None))
             chunks = self._announcing_keywords(
                 F.fetch_responses(self, uids, items, changed_uids))
-            return ChunkProducer(self.transport, chunks).start()
+            return ChunkProducer(self.transport, chunks, self.resetTimeout).start()
 
         d.addCallback(stream)
         d.addCallback(lambda _: self.done(tag, b"FETCH completed", expunges=uid))
