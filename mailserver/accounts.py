@@ -25,6 +25,7 @@ they compare case-insensitively as Dovecot's do.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailserver.accounts_schema import SCHEMA_VERSION, SchemaError, upgrade
 from mailserver.addresses import (AddressError, is_domain_literal, normalize, normalize_domain,
-                                  split_address, subaddress_base)
+                                  relay_address, split_address, subaddress_base)
 
 if TYPE_CHECKING:
     from mailserver.config import Config
@@ -320,18 +321,26 @@ class SqlAccounts(abc.ABC):
         source, domain = _alias_source(alias)
         if not targets:
             raise AccountsError("an alias needs at least one target")
-        clean: list[str] = []
+        checked: list[tuple[str, str]] = []   # (normalised, as written but its domain)
         for target in targets:
             try:
                 t = normalize(target.strip())
+                written = relay_address(target.strip())
             except AddressError as e:
                 raise AccountsError(f"bad alias target {target!r}: {e}") from None
             if is_domain_literal(t.rpartition("@")[2]):
                 raise AccountsError(f"bad alias target {target!r}: domain literal")
-            if t not in clean:
-                clean.append(t)
+            checked.append((t, written))
         with self._write() as db:
             self._require_domain(db, domain)
+            # RFC 5321 2.4: a local part in a domain hosted elsewhere keeps its case
+            # (only that domain's server may interpret it); ours are case-insensitive.
+            clean: list[str] = []
+            for t, written in checked:
+                if not self._has_domain(db, t.rpartition("@")[2]):
+                    t = written
+                if t not in clean:
+                    clean.append(t)
             if check_local_targets:
                 for t in clean:
                     self._require_mailbox(db, source, t)
@@ -618,7 +627,11 @@ class _Expansion:
             if not self.lookup.has_domain(target.rpartition("@")[2]):
                 self.remote.setdefault(target, None)
                 found = True
-            elif target == source:
+                continue
+            if not target.islower():   # written when its domain was hosted elsewhere
+                with contextlib.suppress(AddressError):
+                    target = normalize(target)
+            if target == source:
                 # An alias naming itself keeps a copy in the same-named mailbox.
                 if self._add_user(target):
                     found = True

@@ -185,6 +185,25 @@ def test_aliases_crud(accounts):
     assert accounts.list_aliases() == [("@example.net", ["postmaster@example.org"])]
 
 
+def test_remote_alias_targets_keep_the_case_of_their_local_part(accounts):
+    """RFC 5321 2.4: only the remote domain may interpret its local parts; ours are
+    case-insensitive and kept lower-case."""
+    accounts.add_user("carol@example.org", "{PLAIN}x")
+    assert accounts.add_alias("team@example.org", [
+        "John.Smith@Remote.TEST", "john.smith@remote.test", "Carol@Example.org"]) == [
+        "John.Smith@remote.test", "john.smith@remote.test", "carol@example.org"]
+    res = accounts.resolve("team@example.org")
+    assert res.remote == ("John.Smith@remote.test", "john.smith@remote.test")
+    assert [u.address for u in res.local] == ["carol@example.org"]
+    # The remote domain hosted here later: the target is looked up as ours are.
+    accounts.add_domain("remote.test")
+    accounts.add_user("john.smith@remote.test", "{PLAIN}x")
+    res = accounts.resolve("team@example.org")
+    assert res.remote == ()
+    assert sorted(u.address for u in res.local) == ["carol@example.org",
+                                                     "john.smith@remote.test"]
+
+
 def test_alias_errors(accounts):
     with pytest.raises(AccountsError, match="no such domain"):
         accounts.add_alias("x@example.com", ["a@example.org"])
@@ -318,7 +337,7 @@ def test_resolve_depth_is_limited(populated):
 def test_resolve_remote_only_and_dropped_local_target(populated):
     populated.add_alias("fwd@example.org", ["Someone@Remote.Test", "ghost@example.org"])
     r = populated.resolve("fwd@example.org")
-    assert r == Resolution("ok", (), ("someone@remote.test",))
+    assert r == Resolution("ok", (), ("Someone@remote.test",))   # its case kept
 
 
 def test_resolve_domain_case_and_idna(accounts):
