@@ -146,6 +146,28 @@ def test_dsn_is_a_multipart_report(tmp_path):
     assert b"Action: delayed\r\nStatus: 4.1.1" in delayed and b"Will-Retry-Until:" in delayed
 
 
+def test_dsn_lines_stay_lines_whatever_the_remote_side_sent(tmp_path):
+    """A hostile MX name (DNS carries any octet) and a long reply cannot add lines of their
+    own to our bounce or make one longer than RFC 5322's 998 octets; over-long header
+    lines of the original are cut, not split into lines that are no header fields."""
+    env = Envelope("Q1", "alice@example.test", [
+        RecipientState("a" * 60 + "@" + "d" * 60 + ".test", state="failed",
+                       last_error="550-5.7.1 " + "x" * 300 + " / " + "y" * 600,
+                       status="5.7.1",
+                       remote_mta="mx\r\nyour account is suspended\nbare-lf." + "m" * 400)])
+    path = tmp_path / "m"
+    path.write_bytes(b"References: <" + b"r" * 1500 + b">\r\nX-Exact: " + b"e" * 990
+                     + b"\r\nSubject: kept\r\n\r\nbody\r\n")
+    headers = read_original_headers(path, "")
+    assert headers.split(b"\r\n")[1:] == [b"X-Exact: " + b"e" * 989, b"Subject: kept", b""]
+    data = build_dsn("mail.example.test", env, env.recipients, "failed", headers, 0)
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    assert b"\r\nyour account" not in data
+    boundary = email.message_from_bytes(data).get_boundary()
+    assert len(boundary) <= 70
+
+
 # -- the runner --------------------------------------------------------------------------
 
 class FakeDeliverer:
@@ -256,6 +278,42 @@ class RunnerTests(unittest.TestCase):
         self.assertEqual((dsn_env.sender, rcpts), ("", ["alice@example.test"]))
         self.assertIn(b"Status: 5.1.1", data)
         self.assertIn(b"Subject: hi", data)
+
+    @defer.inlineCallbacks
+    def test_a_dsn_that_cannot_be_queued_leaves_the_deliveries_recorded(self):
+        """The accounts database down when the bounce is routed: what was delivered is on
+        disk all the same (a restart delivers it no second time), and the DSN is queued at
+        the next retry, where nothing is delivered again."""
+        yield self.runner([])
+        self.relay.deliver = self._ok_and_gone
+        routes = [RuntimeError("accounts database unavailable")]
+
+        def router(address):
+            if routes:
+                raise routes.pop()
+            return [RecipientState(address, "local")]
+        self.runner.router = router
+        yield self.submit(rcpts=("ok@remote.test", "gone@remote.test"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        saved = self.store.read("M1")
+        self.assertEqual([(r.address, r.state, r.reported) for r in saved.recipients],
+                         [("ok@remote.test", "delivered", False),
+                          ("gone@remote.test", "failed", False)])
+        self.assertEqual(self.local.calls, [])
+        self.clock.advance(10)
+        yield self.settle()
+        self.assertEqual(self.tried, [["ok@remote.test", "gone@remote.test"]])
+        [(dsn_env, rcpts, data)] = self.local.calls
+        self.assertEqual(rcpts, ["alice@example.test"])
+        self.assertIn(b"<gone@remote.test>", data)
+        self.assertNotIn(b"ok@remote.test", data)
+        self.assertEqual(self.store.ids(), [])
+
+    def _ok_and_gone(self, env, message, recipients):
+        self.tried = self.tried + [[r.address for r in recipients]]
+        return defer.succeed([(r, AttemptResult.delivered() if r.address.startswith("ok")
+                               else AttemptResult.from_reply(550, "5.1.1 gone", "mx.test"))
+                              for r in recipients])
 
     @defer.inlineCallbacks
     def test_no_dsn_for_null_sender(self):

@@ -108,6 +108,20 @@ class RouteTests(unittest.TestCase):
         self.assertEqual([h.name for h in hosts], ["mx1.d.test"])
 
     @defer.inlineCallbacks
+    def test_mx_names_that_are_no_host_names_are_never_used(self):
+        """DNS carries any octet: a name with a CR, an LF or a space is skipped (it would
+        end up in log lines and in the text of a bounce), and one with nothing else is a
+        temporary failure, as a malformed answer is."""
+        hosts = yield mx_hosts(FakeResolver([mx(5, "mx\r\nyou have been hacked.d.test"),
+                                             mx(10, "mx1.d.test"), mx(20, "bad name.d.test")]),
+                               "d.test")
+        self.assertEqual([h.name for h in hosts], ["mx1.d.test"])
+        with self.assertRaises(RouteError) as e:
+            yield mx_hosts(FakeResolver([mx(5, "mx\nevil.d.test")]), "d.test")
+        self.assertEqual((e.exception.result.kind, e.exception.result.status),
+                         ("temporary", "4.4.3"))
+
+    @defer.inlineCallbacks
     def test_host_addresses(self):
         r = FakeResolver(addresses={"mx1.d.test": ["192.0.2.1", "192.0.2.1", "192.0.2.9"]})
         self.assertEqual((yield host_addresses(r, "mx1.d.test")), ["192.0.2.1", "192.0.2.9"])

@@ -28,7 +28,13 @@ def read_original_headers(message: Path, prefix: str, limit: int = MAX_ORIGINAL_
             line = f.readline(_LINE_CAP + 2)
             if not line or line in (b"\r\n", b"\n"):
                 break
-            head += line if line.endswith(b"\n") else line + b"\r\n"
+            if not line.endswith(b"\n"):
+                # Longer than a line may be: its first 998 octets, the rest skipped (not
+                # made into lines of their own that are no header fields).
+                while (more := f.readline(_LINE_CAP + 2)) and not more.endswith(b"\n"):
+                    pass
+                line = line[:_LINE_CAP].rstrip(b"\r") + b"\r\n"
+            head += line
     if len(head) > limit:
         cut = head.rfind(b"\n", 0, limit)
         head = head[:cut + 1] if cut > 0 else b""
@@ -53,7 +59,7 @@ def build_dsn(hostname: str, env: Envelope, recipients: Iterable[RecipientState]
               retry_until: float | None = None) -> bytes:
     """The whole DSN message, CRLF line ends, ready to queue."""
     recipients = list(recipients)
-    boundary = f"{env.id}.{secrets.token_hex(8)}/{hostname}"
+    boundary = f"{env.id}.{secrets.token_hex(8)}"   # RFC 2046 5.1.1: 70 characters at most
     failed = action == "failed"
     subject = ("Undelivered Mail Returned to Sender" if failed
                else "Delayed Mail (still being retried)")
@@ -76,9 +82,10 @@ def build_dsn(hostname: str, env: Envelope, recipients: Iterable[RecipientState]
         until = f" until {_date(retry_until)}" if retry_until else ""
         text += ["Your message has not been delivered to one or more recipients yet.",
                  f"Delivery will be retried{until}; you do not need to resend it.", ""]
-    for r in recipients:
-        where = f" (from {r.remote_mta})" if r.remote_mta else ""
-        text.append(f"<{_ascii(r.address)}>{where}: {_ascii(r.last_error) or 'no reason given'}")
+    for r in recipients:   # the reason on a line of its own: each within 998 octets
+        where = f" (from {_ascii(r.remote_mta)[:255]})" if r.remote_mta else ""
+        text += [f"<{_ascii(r.address)[:300]}>{where}:",
+                 f"    {_ascii(r.last_error) or 'no reason given'}"]
     status = [f"Reporting-MTA: dns; {hostname}",
               f"X-Mailserver-Queue-ID: {env.id}",
               f"Arrival-Date: {_date(env.created)}"]

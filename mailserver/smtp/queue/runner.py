@@ -304,14 +304,22 @@ class QueueRunner(service.Service):
         if env.pending:
             env.next_attempt = min(now + self.retry_delay(env.attempts),
                                    env.created + self.config.max_age)
+        elif newly_failed:   # only a DSN is owed: at the first retry if it cannot be queued
+            env.next_attempt = now + self.retry_delay(1)
+        warn = self._warning_due(env, now)
+        if newly_failed or warn:
+            # What this attempt delivered goes on disk before a DSN is made: one that
+            # cannot be queued (or a crash meanwhile) must not have it delivered again.
+            env.warned = env.warned or warn   # at most one warning
+            yield self._save(env)
+            _log_outcome(env, outcome)
+            outcome = []
         if newly_failed:
             yield self._notify(env, newly_failed, "failed")
-        if self._warning_due(env, now):
-            env.warned = True
+        if warn:
             yield self._notify(env, env.pending, "delayed")
         yield self._save(env)
-        for text, fields in outcome:
-            log.info(text, id=env.id, **fields)
+        _log_outcome(env, outcome)
 
     def _warning_due(self, env: Envelope, now: float) -> bool:
         return bool(self.config.delay_warning and env.pending and not env.warned and env.sender
@@ -343,9 +351,11 @@ class QueueRunner(service.Service):
                  kind=action, sender=env.sender, rcpts=",".join(r.address for r in recipients))
 
     def _save(self, env: Envelope) -> defer.Deferred:
+        """Write the envelope, or remove the message once nothing is owed for it: no
+        delivery pending, no failure whose DSN is still to be queued."""
         if env.id not in self.entries:
             return defer.succeed(None)
-        if env.pending:
+        if env.pending or any(r.state == "failed" and not r.reported for r in env.recipients):
             return threads.deferToThread(self.store.save, env)
         del self.entries[env.id]
         log.info("queue {id}: done, removed from the queue", id=env.id)
@@ -375,6 +385,11 @@ class QueueRunner(service.Service):
         d.addErrback(lambda f: log.failure("queue {id}: delete failed", f, id=queue_id))
         if request is not None:
             d.addBoth(lambda _: _unlink_request(request))
+
+
+def _log_outcome(env: Envelope, outcome: list[tuple[str, dict]]) -> None:
+    for text, fields in outcome:
+        log.info(text, id=env.id, **fields)
 
 
 def _unlink_request(path: Any) -> None:
