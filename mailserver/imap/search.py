@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import datetime
 import email
 import email.policy
 import email.utils
@@ -148,6 +149,9 @@ def _contains(haystack: str, needle: str) -> bool:
     return needle.casefold() in haystack.casefold()
 
 
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
 def _parse_date(raw: bytes) -> int:
     m = _DATE.match(raw)
     if not m:
@@ -155,7 +159,8 @@ def _parse_date(raw: bytes) -> int:
     day, mon, year = m.groups()
     try:
         month = _MONTHS.index(mon.decode().lower()) + 1
-        return calendar.timegm((int(year), month, int(day), 0, 0, 0, 0, 0, 0)) // 86400
+        # A day the month has (timegm alone would make 31-Feb the 2nd of March).
+        return datetime.date(int(year), month, int(day)).toordinal() - _EPOCH_ORDINAL
     except (ValueError, OverflowError):
         raise BadCommand("invalid date") from None
 
@@ -165,7 +170,10 @@ def _sent_day(value: str) -> int | None:
     if not parsed:
         return None
     # RFC 3501: compare the date in the header's own time zone, ignoring the time.
-    return calendar.timegm((parsed[0], parsed[1], parsed[2], 0, 0, 0, 0, 0, 0)) // 86400
+    try:
+        return calendar.timegm((parsed[0], parsed[1], parsed[2], 0, 0, 0, 0, 0, 0)) // 86400
+    except (ValueError, OverflowError, TypeError):   # year 99999, month 13: no date
+        return None
 
 
 def _body_text(row: Row, with_headers: bool) -> str:
@@ -540,6 +548,11 @@ def _matching(folder: Any, numbered: Iterable[tuple[int, int]], row: Row, recent
                 yield u
         except OSError:
             continue  # expunged meanwhile
+        except (RecursionError, ValueError, LookupError, UnicodeError) as e:
+            # One message the parser cannot take (MIME nested a thousand deep...) does
+            # not fail the search of every other: it matches nothing.
+            log.warn("search: {path} uid {uid} cannot be read ({error}); taken as no match",
+                     path=str(folder_path), uid=u, error=f"{type(e).__name__}: {e}")
 
 
 def _flag_search(folder: Any, view: list[int], tests: list[tuple[str, bool]]) -> list[int]:

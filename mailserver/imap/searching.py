@@ -83,7 +83,10 @@ class SearchCommands:
 
         def answer(found: list[int]) -> None:
             nums = found if uid else [self._seq_of(u) or 0 for u in found]
-            infos = [self.folder.by_uid(u) for u in found] if query.modseq else []
+            # RFC 7162 3.1.5: of the messages returned: MIN's, MAX's (the higher of the two
+            # with both), PARTIAL's; every match with ALL or COUNT, or without RETURN.
+            returned = found if options is None else ESEARCH.saved_result(options, found)
+            infos = [self.folder.by_uid(u) for u in returned] if query.modseq else []
             highest = max((i.modseq for i in infos if i is not None), default=0)
             if options is None:
                 line = ("SEARCH " + " ".join(map(str, nums))).rstrip().encode()
