@@ -21,6 +21,7 @@ threads).
 from __future__ import annotations
 
 import ctypes
+import signal
 import sys
 from typing import BinaryIO
 
@@ -49,6 +50,11 @@ def serve(verify: "ctypes._CFuncPtr", stdin: BinaryIO, stdout: BinaryIO) -> None
 
 
 def main() -> None:
+    # The server's stop (systemd's SIGTERM to the whole unit, a terminal's ^C to the
+    # process group) reaches this process too: it leaves when its input closes, after
+    # the answer it owes, as the server's shutdown asks.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     sodium = ctypes.CDLL(sys.argv[1])
     if sodium.sodium_init() < 0:   # also picks argon2's vectorised implementation
         raise SystemExit("libsodium cannot start")

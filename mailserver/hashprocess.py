@@ -15,11 +15,12 @@ verifies go there (`passwords.sodium_hash`: our own argon2id, and imported ones 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
@@ -56,6 +57,7 @@ class _Child(protocol.ProcessProtocol):
         self.done: defer.Deferred[None] = defer.Deferred()
         self.deadline: Any = None
         self.answered = False
+        self.on_first_answer: Callable[[], None] = lambda: None
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -64,7 +66,9 @@ class _Child(protocol.ProcessProtocol):
             self.buffer = self.buffer[5:]
             if self.deadline is not None and self.deadline.active():
                 self.deadline.cancel()
-            self.answered = True
+            if not self.answered:
+                self.answered = True
+                self.on_first_answer()
             d = self.pending.pop(key, None)
             if d is not None:
                 d.callback(ok)
@@ -76,7 +80,7 @@ class _Child(protocol.ProcessProtocol):
     def stuck(self) -> None:
         log.error("password hash process gave no answer in {seconds} s; stopping it",
                   seconds=REQUEST_TIMEOUT)
-        self.transport.signalProcess("KILL")
+        _kill(self)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
@@ -108,8 +112,7 @@ class HashProcess(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        # Once the reactor runs: after twistd's fork into a daemon, which a child
-        # started before would not follow.
+        # Once the reactor runs (and reaps its children).
         self._reactor.callWhenRunning(self._spawn)
 
     def stopService(self) -> defer.Deferred[None] | None:
@@ -139,8 +142,6 @@ class HashProcess(service.Service):
             return None
         if child.pending:
             return None
-        if child.answered:
-            self._failures = 0
         value = sodium_hash(stored)
         try:
             secret = password.encode("utf-8") if isinstance(password, str) else bytes(password)
@@ -168,12 +169,20 @@ class HashProcess(service.Service):
                 [sys.executable, "-I", "-S", str(Path(hashchild.__file__)), self._library],
                 env={}, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
+            self._failures += 1   # tried again less and less often, as a child that dies
             log.error("cannot start the password hash process ({error}): verifying in "
                       "threads", error=e)
             return
+        child.on_first_answer = self._working
         self._child = child
+
+    def _working(self) -> None:
+        """A child answered: the installation works; one that dies later is replaced
+        after RESTART_DELAY, whatever failed before."""
+        self._failures = 0
 
 
 def _kill(child: _Child) -> None:
     if not child.ended:
-        child.transport.signalProcess("KILL")
+        with contextlib.suppress(error.ProcessExitedAlready):
+            child.transport.signalProcess("KILL")

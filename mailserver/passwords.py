@@ -129,7 +129,10 @@ def _verify_plain(value: str, secret: bytes) -> bool:
     return hmac.compare_digest(value.encode("utf-8"), secret)
 
 
-# What libsodium verifies itself: argon2id, version 19, one lane (it supports no other).
+# What libsodium verifies itself: argon2id, version 19, one lane (it supports no other),
+# in at most crypto_pwhash_STRBYTES (128) with the final NUL: a longer one (a 64-byte
+# hash) is argon2-cffi's.
+SODIUM_HASH_MAX = 127
 _SODIUM_ARGON2ID = re.compile(r"\$argon2id\$v=19\$m=\d+,t=\d+,p=1\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
 
 
@@ -143,15 +146,14 @@ def sodium_hash(stored: str) -> bytes | None:
         ascii_value = value.encode("ascii")
     except Exception:   # not a str, not ASCII: verify_password says what it says
         return None
-    # PyNaCl refuses a longer one (crypto_pwhash_STRBYTES, 128, counts the final NUL).
-    return ascii_value if len(ascii_value) <= 127 else None
+    return ascii_value if len(ascii_value) <= SODIUM_HASH_MAX else None
 
 
 def _verify_argon2(value: str, secret: bytes) -> bool:
     """libsodium (PyNaCl) for the hashes it supports, our own among them: its argon2 is
     built with the CPU's vector instructions, about a third faster than argon2-cffi's
     portable build, and every cold login waits for it.  argon2-cffi for the others."""
-    if _SODIUM_ARGON2ID.fullmatch(value):
+    if len(value) <= SODIUM_HASH_MAX and _SODIUM_ARGON2ID.fullmatch(value):
         try:
             return nacl.pwhash.argon2id.verify(value.encode("ascii"), secret)
         except nacl.exceptions.InvalidkeyError:

@@ -308,9 +308,10 @@ def hash_processes(server_pid: int) -> list[int]:
     return found
 
 
-def test_logins_go_on_when_the_hash_process_dies(server):
+def test_logins_go_on_when_the_hash_process_dies(make_server):
     """argon2id is verified in a child process of the server; killing it costs a login
-    nothing: the threads verify it meanwhile."""
+    nothing: the threads verify it meanwhile (no login cache, so each is verified)."""
+    server = make_server(auth={"login_cache_ttl": 0})
     assert wait_until(lambda: len(hash_processes(server.pid)) == 1, 10)
     (child,) = hash_processes(server.pid)
     pop3_stls(server).quit()

@@ -36,10 +36,20 @@ class RunningReactor:
         f(*args, **kwargs)
 
 
-def started(case: unittest.TestCase, **kwargs: object) -> HashProcess:
-    hp = HashProcess(RunningReactor(), **kwargs)
+class ClockedReactor(RunningReactor):
+    """The same, with its clock (`seconds`) set by the test."""
+
+    now = 1000.0
+
+    def seconds(self) -> float:
+        return self.now
+
+
+def started(case: unittest.TestCase, reactor: object = None, **kwargs: object) -> HashProcess:
+    hp = HashProcess(reactor or RunningReactor(), **kwargs)
     hp.startService()
     case.addCleanup(hp.stopService)
+    case.hp = hp
     return hp
 
 
@@ -100,18 +110,51 @@ class HashProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_without_libsodium_nothing_is_started(self) -> None:
         self.patch(hashprocess, "RESTART_DELAY", 0.2)
-        hp = started(self, library="/nonexistent/libsodium.so")
+        clock = ClockedReactor()
+        hp = started(self, reactor=clock, library="/nonexistent/libsodium.so")
         yield hp._child.done
         # The child could not load it and ended: logins are verified in threads, and
         # it is tried again less and less often.
+        clock.now += 0.2
         self.assertIsNone(hp.verify(STORED, "right"))   # 0.2 s after the start: not yet
-        yield deferLater(reactor, 0.45, lambda: None)
-        self.assertIsNone(hp.verify(STORED, "right"))   # 0.4 s after it: started again
+        self.assertIsNone(hp._child)
+        clock.now += 0.25
+        self.assertIsNone(hp.verify(STORED, "right"))   # 0.45 s: started again
         self.assertIsNotNone(hp._child)
         yield hp._child.done
-        yield deferLater(reactor, 0.45, lambda: None)
-        self.assertIsNone(hp.verify(STORED, "right"))   # now 0.8 s: not yet
+        clock.now += 0.45
+        self.assertIsNone(hp.verify(STORED, "right"))   # 0.45 s after that: not yet (0.8)
         self.assertIsNone(hp._child)
+
+    def test_a_process_that_cannot_be_started_is_tried_less_and_less_often(self) -> None:
+        self.patch(hashprocess, "RESTART_DELAY", 1.0)
+        clock = ClockedReactor()
+        attempts = []
+
+        def spawn(*args, **kwargs):
+            attempts.append(clock.now)
+            raise OSError(11, "Resource temporarily unavailable")
+        clock.spawnProcess = spawn
+        started(self, reactor=clock)
+        hp = self.hp
+        for _ in range(40):   # a login a second
+            clock.now += 1
+            self.assertIsNone(hp.verify(STORED, "right"))
+        self.assertEqual([t - 1000 for t in attempts], [0, 2, 6, 14, 30])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    @defer.inlineCallbacks
+    def test_a_child_that_answered_is_replaced_soon_whatever_failed_before(self) -> None:
+        self.patch(hashprocess, "RESTART_DELAY", 1.0)
+        clock = ClockedReactor()
+        hp = started(self, reactor=clock)
+        hp._failures = 5   # children before it ended without an answer
+        self.assertTrue((yield hp.verify(STORED, "right")))
+        hp._child.transport.signalProcess("KILL")
+        yield hp._child.done
+        clock.now += 1.0
+        self.assertIsNone(hp.verify(STORED, "right"))
+        self.assertIsNotNone(child_pid(hp))   # after RESTART_DELAY, not 32 s
 
 
 class CheckerWithHashProcessTests(unittest.TestCase):

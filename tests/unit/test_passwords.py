@@ -7,7 +7,7 @@ import bcrypt
 import pytest
 
 from mailserver.passwords import (hash_password, is_supported_hash, needs_rehash, sha_crypt,
-                                  verify_password)
+                                  sodium_hash, verify_password)
 
 # From "Unix crypt using SHA-256 and SHA-512" (the published test vectors).
 SHA_CRYPT_VECTORS = [
@@ -117,6 +117,12 @@ def test_argon2id_both_implementations_agree():
     assert ",p=4$" in lanes
     assert verify_password(lanes, "pw") and not verify_password(lanes, "px")
     assert not verify_password(ours[:-4] + "AAAA", "pässword")
+    # A 64-byte hash makes a string longer than libsodium takes: argon2-cffi's too.
+    long_hash = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1,
+                                      hash_len=64).hash("pw")
+    assert len(long_hash) > 127
+    assert verify_password(long_hash, "pw") and not verify_password(long_hash, "px")
+    assert sodium_hash(long_hash) is None and sodium_hash(made_by_sodium) is not None
 
 
 @pytest.mark.parametrize("variant", [b"2b", b"2y", b"2a"])
