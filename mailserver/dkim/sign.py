@@ -55,12 +55,26 @@ class RelaxedBodyHash:
         return self._hash.digest()
 
 
+# RFC 6376 8.15 and 5.4.2: fields a reader relies on are each named once more in h=
+# than the message has them (also when it has none), so that a field added above them
+# later (a second Subject, a Reply-To) breaks the signature.
+OVERSIGNED = (b"from", b"sender", b"reply-to", b"to", b"cc", b"subject", b"date",
+              b"message-id", b"in-reply-to", b"references", b"mime-version",
+              b"content-type", b"content-transfer-encoding")
+
+
 class _StreamedBodyDKIM(dkim.DKIM):
     """dkimpy's signer with the body hash (bh=) computed by us over the file."""
 
     def __init__(self, header: bytes, body_hash: bytes) -> None:
         super().__init__(header + b"\r\n")
         self._bh = base64.b64encode(body_hash)
+
+    def signed_names(self) -> list[bytes]:
+        """h=: every field dkimpy would sign, once per occurrence, then OVERSIGNED."""
+        wanted = self.should_sign | set(OVERSIGNED)
+        return [name.lower() for name, _ in self.headers
+                if name.lower() in wanted] + list(OVERSIGNED)
 
     def gen_header(self, fields, *args, **kwargs):  # type: ignore[no-untyped-def]
         fields = [(k, self._bh if k == b"bh" else v) for k, v in fields]
@@ -83,4 +97,5 @@ def sign_file(path: Path, key: DKIMKey, prefix: bytes = b"") -> bytes:
             body.update(chunk)
     signer = _StreamedBodyDKIM(bytes(header), body.digest())
     return signer.sign(key.selector.encode("ascii"), key.domain.encode("ascii"),
-                       key.private_pem(), canonicalize=(b"relaxed", b"relaxed"))
+                       key.private_pem(), canonicalize=(b"relaxed", b"relaxed"),
+                       include_headers=signer.signed_names())

@@ -37,6 +37,20 @@ def header_fields(block: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+def without_fields(block: bytes, names: frozenset[str]) -> bytes:
+    """`block` without the fields called one of `names` (lower-case), each with its
+    continuation lines; every other line as it was."""
+    out = []
+    dropping = False
+    for line in block.split(b"\n"):
+        if line[:1] not in (b" ", b"\t"):
+            m = _FIELD_NAME.match(line)
+            dropping = m is not None and m.group(1).decode("ascii").lower() in names
+        if not dropping:
+            out.append(line)
+    return b"\n".join(out)
+
+
 def named_field_values(block: bytes, name: str) -> list[str]:
     """The unfolded values of the fields called `name`, as header_fields() would give
     them, found without splitting the whole block: a field is a line that starts with

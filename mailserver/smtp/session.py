@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from mailserver.config import LimitsConfig
     from mailserver.maildir import MaildirStore
 
-_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")   # "Name :" too (RFC 5322 4.5 obs-optional)
 # RFC 5321 6.3: a message that has passed this many hosts is in a loop (two servers
 # forwarding to each other); "at least 100" is the RFC's advice (Postfix stops at 50).
 MAX_HOPS = 100
@@ -676,6 +676,11 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         inc.ended = time.monotonic()
         sender, recipients = self._sender, self._recipients
         self._reset_transaction()
+        if inc.error is None:
+            refusal = self.message_complete()
+            if refusal is not None:
+                inc.error = refusal
+                inc.delivery.abort()
         if inc.error is not None:
             self.log.info("{service} {ip}: message {qid} from <{sender}> refused: {reply}",
                           service=self.context.service, ip=self.peer_ip, qid=inc.queue_id,
@@ -722,6 +727,10 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         # of ten fields costs as much again); the fields stay in the event for observers
         # that keep them.
         self.log.info("{line}", line=_ACCEPTED_LINE.format(**fields), **fields)
+
+    def message_complete(self) -> Reply | None:
+        """Called when a message is whole, before it is committed: a refusal, or None."""
+        return None
 
     def message_accepted(self, queue_id: str) -> None:
         """Called just before the 250 for a message; for per-user accounting."""

@@ -317,9 +317,20 @@ class SubmissionSession(QuotaChecks, SMTPSession):
             delivery.add_recipient(recipient)
         return delivery
 
-    def message_accepted(self, queue_id: str) -> None:
-        if self.context.rate is not None:
-            self.context.rate.record(self.username)
+    def message_complete(self) -> Reply | None:
+        """The hourly limit checked again and counted as the message ends, before its
+        commit: MAIL's check alone let parallel connections all pass before any of their
+        messages counted.  (A commit that then fails still counts: rare, and on the safe
+        side.)"""
+        rate = self.context.rate
+        if rate is None:
+            return None
+        if not rate.allowed(self.username):
+            self.log.info("submission {ip}: {user} over the hourly message limit",
+                          ip=self.peer_ip, user=self.username)
+            return RATE_LIMITED
+        rate.record(self.username)
+        return None
 
 
 def build_factory(server: Any, name: str) -> SMTPFactory:

@@ -22,7 +22,8 @@ from zope.interface import implementer
 
 from mailserver.dkim.keys import keys_for
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, MailboxStatus, Recipient
-from mailserver.smtp.headers import field_values, header_fields, mailbox_addresses
+from mailserver.smtp.headers import (field_values, header_fields, mailbox_addresses,
+                                     without_fields)
 from mailserver.smtp.outbound import recipient_states
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
 from mailserver.smtp.queue.local import QueueLocalDelivery
@@ -39,6 +40,13 @@ MAX_HEADER = 1024 * 1024
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header section too large")
 FROM_NOT_OWNED = Reply(553, "5.7.1", "From: header address not owned by the authenticated user")
 FROM_UNREADABLE = Reply(553, "5.7.1", "From: header has no address that can be checked")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender: or Resent- header address not owned by the "
+                                      "authenticated user")
+# Checked as From is: each names who sent the message (RFC 5322 3.6.2, 3.6.6), and the
+# DKIM signature covers them.
+_SENDER_FIELDS = ("sender", "resent-from", "resent-sender")
+# RFC 5322 3.6.3: the blind copies' addresses are not shown to the other recipients.
+_BLIND_FIELDS = frozenset({"bcc", "resent-bcc"})
 
 
 @implementer(IDelivery)
@@ -95,7 +103,8 @@ class SubmissionDelivery:
         self._spool.write(rest)
 
     def _complete(self, head: bytes) -> bytes:
-        """The header section with what is missing added; records a From: refusal."""
+        """The header section with what is missing added and Bcc taken out; records a
+        refusal of a From:, Sender: or Resent- address the user does not own."""
         fields = header_fields(head)
         added = []
         from_values = field_values(fields, "from")
@@ -110,6 +119,14 @@ class SubmissionDelivery:
                 self._error = FROM_NOT_OWNED
         if addresses:
             self.from_domain = addresses[0].rpartition("@")[2].lower()
+        for name in _SENDER_FIELDS:
+            values = field_values(fields, name)
+            if values and self._error is None:
+                owned = mailbox_addresses(values)
+                if not owned or not all(self.accounts.may_send_as(self.user, a) for a in owned):
+                    self._error = SENDER_NOT_OWNED
+        if any(n in _BLIND_FIELDS for n, _ in fields):
+            head = without_fields(head, _BLIND_FIELDS)
         if not field_values(fields, "date"):  # RFC 6409 8.2
             added.append("Date: " + email.utils.formatdate(localtime=True))
         if not field_values(fields, "message-id"):  # RFC 6409 8.3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 import dkim
 import pytest
@@ -68,6 +69,27 @@ def test_signature_verifies_and_breaks_on_change(tmp_path, key):
     assert dkim.verify(b"Return-Path: <x@y.z>\r\n" + signature + message, dnsfunc=dnsfunc)
     assert not dkim.verify(signature + message.replace(b".dot", b".dog"), dnsfunc=dnsfunc)
     assert not dkim.verify(signature + message.replace(b"Alice", b"Mallory"), dnsfunc=dnsfunc)
+
+
+def test_fields_a_reader_relies_on_are_oversigned(tmp_path, key):
+    """RFC 6376 8.15: a Subject, Reply-To or Cc added above the signed ones (present in
+    the message or not) breaks the signature; a Received added by a relay does not."""
+    message = (b"From: Alice <alice@example.test>\r\nTo: b@remote.test\r\n"
+               b"Subject: pay invoice 1\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+               b"\r\nbody\r\n")
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    signature = sign_file(path, key)
+    txt = key.txt_record().encode()
+    dnsfunc = lambda name, timeout=5: txt if name == f"{key.selector}._domainkey.example.test.".encode() else None  # noqa: E731
+    assert dkim.verify(signature + message, dnsfunc=dnsfunc)
+    assert dkim.verify(b"Received: from relay\r\n" + signature + message, dnsfunc=dnsfunc)
+    h = re.search(rb"h=([^;]+);", signature.replace(b"\r\n\t", b"")).group(1)
+    names = [n.strip() for n in h.split(b":")]
+    assert names.count(b"subject") == 2 and names.count(b"reply-to") == 1
+    for added in (b"Subject: pay invoice 2\r\n", b"Reply-To: <mallory@evil.test>\r\n",
+                  b"Cc: <mallory@evil.test>\r\n", b"From: <mallory@evil.test>\r\n"):
+        assert not dkim.verify(signature + added + message, dnsfunc=dnsfunc), added
 
 
 def test_dns_records(tmp_path, key):

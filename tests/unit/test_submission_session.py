@@ -260,6 +260,44 @@ class SubmissionTests(unittest.TestCase):
         self.assertEqual(list(h.queue_store.tmp_dir.iterdir()), [])
 
     @defer.inlineCallbacks
+    def test_sender_and_resent_fields_of_someone_else_refused(self):
+        """Sender: and Resent-From: name who sent the message as From: does, and the DKIM
+        signature covers them: checked as From: is."""
+        h = self.harness()
+        yield self.login(h)
+        for field in (b"Sender: <bob@example.test>", b"Resent-From: Bob <bob@example.test>",
+                      b"Resent-Sender: <bob@example.test>", b"Sender: nobody"):
+            h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n"
+                   b"From: <alice@example.test>\r\n" + field + b"\r\n\r\nbody\r\n.\r\n")
+            finals = yield h.replies(4)
+            self.assertTrue(finals[-1].startswith(b"553 5.7.1 Sender:"), (field, finals))
+        h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+               b"From: <alice@example.test>\r\nSender: <Sales@example.test>\r\n\r\nb\r\n.\r\n")
+        finals = yield h.replies(4)
+        self.assertTrue(finals[-1].startswith(b"250"), finals)   # an alias of hers
+        self.assertEqual(h.queue_store.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_bcc_is_taken_out_and_an_obsolete_field_name_is_a_field(self):
+        h = self.harness()
+        yield self.login(h)
+        h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
+               b"RCPT TO:<sales@example.test>\r\nDATA\r\n"
+               b"Subject : obsolete form\r\nTo: <bob@example.test>\r\n"
+               b"Bcc: <sales@example.test>,\r\n <secret@example.test>\r\n"
+               b"Resent-Bcc: <x@example.test>\r\nX-After: kept\r\n\r\nbody\r\n.\r\n")
+        finals = yield h.replies(5)
+        self.assertTrue(finals[-1].startswith(b"250"), finals)
+        [bob] = list((h.store.user_path("example.test", "bob") / "new").iterdir())
+        data = bob.read_bytes()
+        head = data.split(b"\r\n\r\n", 1)[0]
+        self.assertNotIn(b"Bcc", head)
+        self.assertNotIn(b"secret@", data)
+        self.assertIn(b"\r\nSubject : obsolete form\r\nTo: <bob@example.test>\r\n"
+                      b"X-After: kept\r\n", head)
+        self.assertTrue(data.endswith(b"\r\n\r\nbody\r\n"))
+
+    @defer.inlineCallbacks
     def test_message_rate_per_user(self):
         h = self.harness(messages_per_hour=1)
         yield self.login(h)
@@ -269,6 +307,33 @@ class SubmissionTests(unittest.TestCase):
         self.assertTrue(finals[-1].startswith(b"250"))
         h.send(b"MAIL FROM:<alice@example.test>\r\n")
         self.assertTrue(h.lines()[0].startswith(b"451 4.7.1"))
+
+    @defer.inlineCallbacks
+    def test_message_rate_holds_across_parallel_connections(self):
+        """Three connections past MAIL at once, two messages an hour: the third message
+        is refused as it ends (MAIL's check alone let all three through)."""
+        first = self.harness(messages_per_hour=2)
+        sessions = [first]
+        for _ in range(2):
+            other = Harness.__new__(Harness)
+            other.proto = SubmissionSession(first.context)
+            other.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4322))
+            other.proto.makeConnection(other.transport)
+            other.lines()
+            self.addCleanup(other.proto.connectionLost, None)
+            sessions.append(other)
+        for h in sessions:
+            yield self.login(h)
+            h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+            finals = yield h.replies(3)
+            self.assertTrue(finals[-1].startswith(b"354"), finals)
+        answers = []
+        for h in sessions:
+            h.send(b"Subject: hi\r\n\r\nx\r\n.\r\n")
+            answers.append((yield h.replies(1))[0][:9])
+        self.assertEqual(answers, [b"250 2.0.0", b"250 2.0.0", b"451 4.7.1"])
+        self.assertEqual(len(list((first.store.user_path("example.test", "bob") / "new")
+                                  .iterdir())), 2)
 
 
 class SASLTests(unittest.TestCase):
