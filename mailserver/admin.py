@@ -513,7 +513,10 @@ def _create_maildir(config: Config, domain: str, local: str) -> None:
             _warn(f"Maildir for {local}@{domain} not created: {e}")
             return
         raise
-    MaildirStore(config.maildir_root).create_user(domain, local)
+    try:
+        MaildirStore(config.maildir_root).create_user(domain, local)
+    except ValueError as e:   # a name no directory may have ('a/b'): no such user
+        raise AdminError(f"{local}@{domain} cannot have a Maildir: {e}") from None
     _match_owner([config.maildir_root / domain], config.maildir_root, recursive=True)
 
 
@@ -595,7 +598,12 @@ def cmd_user_import(config: Config, args: argparse.Namespace) -> int:
                 # mail from the first message (the passwd-file names the domains moving).
                 _add_domain(config, accounts, domain)
             quota = _passwd_file_quota(fields[7] if len(fields) > 7 else "", where)
-            _create_maildir(config, domain, local)
+            try:
+                _create_maildir(config, domain, local)
+            except AdminError as e:
+                _warn(f"{where}: {e}; skipped")
+                skipped += 1
+                continue
             accounts.add_user(address, password_hash, quota)
             imported += 1
     print(f"imported {imported} users" + (f", skipped {skipped}" if skipped else ""))

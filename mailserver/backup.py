@@ -274,12 +274,14 @@ def _backup_into(config: Config, dest: Path, copy: bool) -> BackupResult:
         record("state/accounts.sqlite3")
 
     copier = _Copier(link=not copy)
+    # The queue before the Maildirs: a queued message delivered meanwhile is then in the
+    # queue's copy (and maybe in its Maildir's too: a duplicate after a restore, never a
+    # loss), where the other order could miss it in both.
+    queued = _backup_queue(config.queue_dir, state / "queue", copier)
     make_dir(dest / "maildirs")
     counts = _MaildirCounts()
     if config.maildir_root.is_dir():
         _backup_maildirs(config.maildir_root, dest / "maildirs", copier, counts)
-
-    queued = _backup_queue(config.queue_dir, state / "queue", copier)
 
     dkim: list[str] = []
     if config.dkim_dir.is_dir():
@@ -369,9 +371,13 @@ def is_folder(names: list[str]) -> bool:
 
 
 def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCounts) -> None:
+    """Every folder, then each folder listed once more: a message moved (IMAP MOVE) during
+    the walk from a folder not yet walked into one already walked is in neither listing
+    of the walk, and is placed by the second look."""
     def fail(e: OSError) -> None:
         raise e
 
+    placed: dict[Path, set[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         here = Path(dirpath)
         rel = here.relative_to(root)
@@ -386,7 +392,7 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
             counts.folders += 1
             if len(rel.parts) == 2:
                 counts.users += 1
-            _backup_folder(here, out, copier, counts)
+            placed[here] = _backup_folder(here, out, copier, counts)
             dirnames[:] = [d for d in dirnames if d not in MAILDIR_DIRS]
         else:
             for name in sorted(filenames):
@@ -399,9 +405,21 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
                     copy_file(here / name, out / name)
                 except FileNotFoundError:
                     continue
+    for folder, bases in placed.items():
+        finder = _Finder(folder)
+        finder.rescan()
+        for base, where in finder.names().items():
+            if base in bases:
+                continue
+            size = _place_message(folder, dest / folder.relative_to(root), base, where,
+                                  copier, finder)
+            if size is not None:
+                counts.messages += 1
+                counts.bytes += size
 
 
-def _backup_folder(folder: Path, out: Path, copier: _Copier, counts: _MaildirCounts) -> None:
+def _backup_folder(folder: Path, out: Path, copier: _Copier,
+                   counts: _MaildirCounts) -> set[str]:
     """One Maildir folder: its control files and message list taken under the uid list
     lock, then the messages placed without holding it."""
     for sub in MAILDIR_DIRS:
@@ -455,6 +473,7 @@ def _backup_folder(folder: Path, out: Path, copier: _Copier, counts: _MaildirCou
         else:
             counts.messages += 1
             counts.bytes += size
+    return set(wanted)
 
 
 def _place_message(folder: Path, out: Path, base: str, where: tuple[str, str] | None,
@@ -489,6 +508,12 @@ class _Finder:
             self.rescan()
         assert self._names is not None
         return self._names.get(base)
+
+    def names(self) -> dict[str, tuple[str, str]]:
+        if self._names is None:
+            self.rescan()
+        assert self._names is not None
+        return dict(self._names)
 
     def rescan(self) -> None:
         names: dict[str, tuple[str, str]] = {}
@@ -545,7 +570,7 @@ def _backup_tls(config: Config, dest: Path, record: Callable[[str], None]) -> di
         acme_files = [Path(e.path) for e in sorted(os.scandir(acme), key=lambda e: e.name)
                       if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
         found += [(path, "acme") for path in acme_files]
-    note = "" if found else "no TLS certificate generated yet"
+    note = ""
     if config.tls.certificate:
         configured = [(Path(config.tls.certificate), "certificate"),
                       (Path(config.tls.private_key), "private_key")]
@@ -554,11 +579,15 @@ def _backup_tls(config: Config, dest: Path, record: Callable[[str], None]) -> di
             note = ("TLS certificate not included (configured outside state_dir: "
                     f"{', '.join(outside)})")
         found += [(p.resolve(), kind) for p, kind in configured if is_within(p, state)]
+    if not found and not note:
+        note = "no TLS certificate generated yet"
     included: dict[str, str] = {}
     for path, kind in found:
         rel = (f"state/acme/{path.name}" if path in acme_files
                else "state/" + path.relative_to(state).as_posix())
         if rel in included:
+            if kind == "private_key":   # one file holding both: kept as a key is
+                included[rel] = kind
             continue
         make_dirs((dest / rel).parent)
         copy_file(path, dest / rel, follow=True)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -173,11 +174,20 @@ def verify(src: Path, manifest: dict[str, Any]) -> _Scan:
 
 
 def _scan_maildirs(root: Path) -> _Scan:
+    """Counts of maildirs/; BackupError for what a backup never holds (a link other than
+    an active Sieve script's, a special file), before anything is written."""
     scan = _Scan()
     if not root.is_dir():
         return scan
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            mode = os.lstat(here / name).st_mode
+            if stat.S_ISLNK(mode) and not (name in filenames and is_active_link(here / name)):
+                raise BackupError(f"{here / name} is a symbolic link, which a backup never "
+                                  f"holds: the backup is damaged")
+            if not (stat.S_ISLNK(mode) or stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise BackupError(f"{here / name} is not a regular file: the backup is damaged")
         if is_folder(dirnames):
             scan.folders += 1
             if len(here.relative_to(root).parts) == 2:
@@ -285,6 +295,7 @@ def restore(config: Config, src: Path, *, force: bool = False,
         raise BackupError(f"restore would replace {replaced[0]}{more}; nothing was changed "
                           f"(--force replaces them with the backup's)")
 
+    _check_targets(src / "maildirs", config.maildir_root)
     try:
         _write(config, src, manifest, scan, maildirs_with_mail, say)
     except (OSError, sqlite3.Error) as e:
@@ -388,6 +399,18 @@ def _restore_file(src: Path, target: Path, mode: int) -> None:
     copy_file(src, target, mode)
 
 
+def _check_targets(src_root: Path, root: Path) -> None:
+    """No directory the restore writes into, below maildir_root, may be a symbolic link:
+    the restore runs as root, and would delete and write wherever one points."""
+    if not src_root.is_dir():
+        return
+    for dirpath, dirnames, _ in os.walk(src_root):
+        target = root / Path(dirpath).relative_to(src_root)
+        if target != root and os.path.islink(target):   # each level in its turn
+            raise BackupError(f"{target} is a symbolic link: the restore does not write "
+                              f"through one; nothing was changed")
+
+
 def _restore_maildirs(src_root: Path, root: Path, users: list[Path]) -> None:
     """Copy maildirs/ into maildir_root; the backup's user Maildirs replace same-named
     ones (checked for mail beforehand), other files there are added where missing."""
@@ -406,7 +429,7 @@ def _restore_maildirs(src_root: Path, root: Path, users: list[Path]) -> None:
             continue
         make_dirs(target)
         for name in filenames:
-            if not (target / name).exists():
+            if not os.path.lexists(target / name):
                 copy_file(here / name, target / name)
 
 

@@ -202,6 +202,8 @@ def test_user_add_errors(run):
                  "no such domain: example.com")
     assert_error(run("user", "add", "a%b@example.org", "--password-stdin", stdin="pw\n"),
                  "bad address")
+    assert_error(run("user", "add", "a/b@example.org", "--password-stdin", stdin="pw\n"),
+                 "a/b@example.org cannot have a Maildir")
     assert_error(run("user", "add", "a@example.org", "--password-stdin", stdin="\n"),
                  "empty password")
     assert_error(run("user", "add", "a@example.org", "--password-stdin", stdin=""),

@@ -439,3 +439,72 @@ def test_sieve_scripts_and_the_active_one_survive_backup_and_restore(source, run
     assert not os.path.lexists(restored / "sieve" / "stolen.sieve")
     code, out, err = run(target, "sieve", "list", "alice@example.test")
     assert code == 0 and "rules" in out and "other" in out, (out, err)
+
+
+def test_restore_refuses_links_in_the_backup_and_in_its_target(source, run, tmp_path):
+    """A link in maildirs/ (the backup is damaged) or in maildir_root (the restore runs
+    as root: it would delete and write where the link points) stops it before it writes."""
+    backup = tmp_path / "backup"
+    assert run(source, "backup", str(backup))[0] == 0
+    target = make_config(tmp_path / "b")
+    evil = backup / "maildirs" / "example.test" / "zz-evil"
+    evil.symlink_to("/etc/shadow")
+    assert_error(run(target, "restore", str(backup)), "zz-evil is a symbolic link", "damaged")
+    evil.unlink()
+    assert not load_config(target).state_dir.exists()
+
+    outside = tmp_path / "outside"
+    put(outside / "alice" / "precious.txt", b"not the server's")
+    root = load_config(target).maildir_root
+    root.mkdir(parents=True)
+    (root / "example.test").symlink_to(outside)
+    assert_error(run(target, "restore", "--force", str(backup)),
+                 "example.test is a symbolic link", "nothing was changed")
+    assert (outside / "alice" / "precious.txt").read_bytes() == b"not the server's"
+    assert not load_config(target).accounts_db.exists()
+
+
+def test_a_pem_file_holding_certificate_and_key_is_restored_as_a_key(tmp_path, run):
+    config = make_config(tmp_path / "a")
+    cfg = load_config(config)
+    generate_self_signed("mail.example.test", cfg.state_dir / "tls" / "cert.pem",
+                         cfg.state_dir / "tls" / "key.pem")
+    combined = cfg.state_dir / "certs" / "combined.pem"
+    put(combined, (cfg.state_dir / "tls" / "key.pem").read_bytes()
+        + (cfg.state_dir / "tls" / "cert.pem").read_bytes())
+    with open(config, "a") as f:
+        f.write(f'[tls]\ncertificate = "{combined}"\nprivate_key = "{combined}"\n')
+    assert run(config, "backup", str(tmp_path / "backup"))[0] == 0
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_bytes())
+    assert manifest["tls"]["files"]["state/certs/combined.pem"] == "private_key"
+    target = make_config(tmp_path / "b")
+    assert run(target, "restore", str(tmp_path / "backup"))[0] == 0
+    restored = load_config(target).state_dir / "certs" / "combined.pem"
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o600
+
+
+def test_a_message_moved_between_folders_during_the_backup_is_in_it(source, run, tmp_path,
+                                                                    monkeypatch):
+    """IMAP MOVE from a folder not yet walked into one already walked: the second look
+    at every folder finds it."""
+    from mailserver import backup as backup_module
+
+    cfg = load_config(source)
+    alice = cfg.maildir_root / "example.test" / "alice"
+    victim = put(alice / ".Archive" / "cur" / "1700000050.M50P1.host,S=7:2,S", b"victim\n")
+    real = backup_module._backup_folder
+    moved = []
+
+    def folder_then_move(folder, out, copier, counts):
+        placed = real(folder, out, copier, counts)
+        if folder == alice and not moved:   # INBOX walked; .Archive not yet
+            moved.append(victim.rename(alice / "cur" / "1700000051.M51P1.host,S=7:2,S"))
+        return placed
+    monkeypatch.setattr(backup_module, "_backup_folder", folder_then_move)
+    assert run(source, "backup", str(tmp_path / "backup"))[0] == 0
+    assert moved
+    found = list((tmp_path / "backup" / "maildirs" / "example.test" / "alice").rglob(
+        "1700000051.M51P1.host*"))
+    assert len(found) == 1 and found[0].read_bytes() == b"victim\n"
+    target = make_config(tmp_path / "b")
+    assert run(target, "restore", str(tmp_path / "backup"))[0] == 0
