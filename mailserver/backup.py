@@ -267,6 +267,9 @@ def _backup_into(config: Config, dest: Path, copy: bool) -> BackupResult:
         path = dest / rel
         files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
 
+    def record_path(path: Path) -> None:
+        record(path.relative_to(dest).as_posix())
+
     state = dest / "state"
     make_dir(state)
     accounts = _backup_accounts(config.accounts_db, state / "accounts.sqlite3")
@@ -281,7 +284,7 @@ def _backup_into(config: Config, dest: Path, copy: bool) -> BackupResult:
     make_dir(dest / "maildirs")
     counts = _MaildirCounts()
     if config.maildir_root.is_dir():
-        _backup_maildirs(config.maildir_root, dest / "maildirs", copier, counts)
+        _backup_maildirs(config.maildir_root, dest / "maildirs", copier, counts, record_path)
 
     dkim: list[str] = []
     if config.dkim_dir.is_dir():
@@ -370,7 +373,8 @@ def is_folder(names: list[str]) -> bool:
     return "cur" in names or "new" in names
 
 
-def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCounts) -> None:
+def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCounts,
+                     record: Callable[[Path], None]) -> None:
     """Every folder, then each folder listed once more: a message moved (IMAP MOVE) during
     the walk from a folder not yet walked into one already walked is in neither listing
     of the walk, and is placed by the second look."""
@@ -392,7 +396,7 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
             counts.folders += 1
             if len(rel.parts) == 2:
                 counts.users += 1
-            placed[here] = _backup_folder(here, out, copier, counts)
+            placed[here] = _backup_folder(here, out, copier, counts, record)
             dirnames[:] = [d for d in dirnames if d not in MAILDIR_DIRS]
         else:
             for name in sorted(filenames):
@@ -405,6 +409,7 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
                     copy_file(here / name, out / name)
                 except FileNotFoundError:
                     continue
+                record(out / name)   # a Sieve script, subscriptions: checked at restore
     for folder, bases in placed.items():
         finder = _Finder(folder)
         finder.rescan()
@@ -418,8 +423,8 @@ def _backup_maildirs(root: Path, dest: Path, copier: _Copier, counts: _MaildirCo
                 counts.bytes += size
 
 
-def _backup_folder(folder: Path, out: Path, copier: _Copier,
-                   counts: _MaildirCounts) -> set[str]:
+def _backup_folder(folder: Path, out: Path, copier: _Copier, counts: _MaildirCounts,
+                   record: Callable[[Path], None]) -> set[str]:
     """One Maildir folder: its control files and message list taken under the uid list
     lock, then the messages placed without holding it."""
     for sub in MAILDIR_DIRS:
@@ -442,6 +447,9 @@ def _backup_folder(folder: Path, out: Path, copier: _Copier,
                 copy_file(folder / name, out / name)
             except FileNotFoundError:
                 continue
+            # The uid list above all: one restored damaged would renumber the folder's
+            # messages under the same UIDVALIDITY.
+            record(out / name)
         active = active_link(folder)   # the active Sieve script: a link, made again
         if active is not None:
             os.symlink(active, out / ACTIVE_LINK)

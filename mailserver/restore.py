@@ -133,7 +133,8 @@ def _safe_relative(rel: Any) -> bool:
             or "\x00" in rel:
         return False
     parts = rel.split("/")
-    return all(p not in ("", ".", "..") for p in parts) and parts[0] in ("config", "state")
+    return (all(p not in ("", ".", "..") for p in parts)
+            and parts[0] in ("config", "state", "maildirs"))
 
 
 # -- restore --------------------------------------------------------------------------------

@@ -495,8 +495,8 @@ def test_a_message_moved_between_folders_during_the_backup_is_in_it(source, run,
     real = backup_module._backup_folder
     moved = []
 
-    def folder_then_move(folder, out, copier, counts):
-        placed = real(folder, out, copier, counts)
+    def folder_then_move(folder, out, *args):
+        placed = real(folder, out, *args)
         if folder == alice and not moved:   # INBOX walked; .Archive not yet
             moved.append(victim.rename(alice / "cur" / "1700000051.M51P1.host,S=7:2,S"))
         return placed
@@ -508,3 +508,28 @@ def test_a_message_moved_between_folders_during_the_backup_is_in_it(source, run,
     assert len(found) == 1 and found[0].read_bytes() == b"victim\n"
     target = make_config(tmp_path / "b")
     assert run(target, "restore", str(tmp_path / "backup"))[0] == 0
+
+
+def test_a_damaged_uid_list_or_sieve_script_in_the_backup_is_refused(source, run, tmp_path):
+    """A uid list restored damaged would renumber a folder's messages under the same
+    UIDVALIDITY (clients would show one message for another): control files and Sieve
+    scripts have their checksums in the manifest too."""
+    backup = tmp_path / "backup"
+    assert run(source, "backup", str(backup))[0] == 0
+    put(load_config(source).maildir_root / "example.test" / "alice" / "sieve" / "rules.sieve",
+        b"keep;\n")
+    assert run(source, "backup", str(tmp_path / "backup2"))[0] == 0
+    target = make_config(tmp_path / "b")
+    uidlist = backup / "maildirs" / "example.test" / "alice" / "dovecot-uidlist"
+    good = uidlist.read_bytes()
+    uidlist.write_bytes(good[:20])
+    assert_error(run(target, "restore", str(backup)), "alice/dovecot-uidlist",
+                 "differs from the manifest's checksum")
+    uidlist.unlink()
+    assert_error(run(target, "restore", str(backup)), "alice/dovecot-uidlist", "is missing")
+    script = tmp_path / "backup2" / "maildirs" / "example.test" / "alice" / "sieve" / "rules.sieve"
+    script.write_bytes(b"discard;\n")
+    assert_error(run(target, "restore", str(tmp_path / "backup2")), "rules.sieve",
+                 "differs from the manifest's checksum")
+    assert not load_config(target).state_dir.exists()
+
