@@ -227,13 +227,17 @@ def _has_messages(maildir: Path) -> bool:
     return False
 
 
-def _existing_accounts(path: Path) -> str | None:
-    """What an existing accounts database holds, if anything ("2 domains, 5 users...")."""
+def _existing_accounts(path: Path, quick: bool = False) -> str | None:
+    """What an existing accounts database holds, if anything ("2 domains, 5 users...");
+    with `quick`, only whether it is unreadable (its reason, else None)."""
     if not path.exists():
         return None
     try:
         db = sqlite3.connect(sqlite_uri(path, "mode=rw"), uri=True, timeout=5.0)
         try:
+            if quick:
+                db.execute("PRAGMA schema_version").fetchone()
+                return None
             facts = database_facts(db, str(path))
         finally:
             db.close()
@@ -375,7 +379,14 @@ def _restore_database(src: Path, target: Path) -> None:
     """SQLite's backup API into the target connection: an existing database (and its
     -wal) is replaced as SQLite replaces pages, never by a file copy beside a stale WAL."""
     make_dirs(target.parent)
-    os.close(os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    if os.path.lexists(target) and _existing_accounts(target, quick=True) is not None:
+        # Not a database SQLite can open (a forced restore over a damaged one): set aside
+        # with its journal files, not written into.
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            old = Path(f"{target}{suffix}")
+            if os.path.lexists(old):
+                os.replace(old, f"{old}.damaged")
+    os.close(os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
     os.chmod(target, 0o600)
     source = sqlite3.connect(sqlite_uri(src, "mode=ro&immutable=1"), uri=True)
     try:

@@ -533,3 +533,16 @@ def test_a_damaged_uid_list_or_sieve_script_in_the_backup_is_refused(source, run
                  "differs from the manifest's checksum")
     assert not load_config(target).state_dir.exists()
 
+
+
+def test_a_forced_restore_sets_a_damaged_accounts_database_aside(source, run, tmp_path):
+    assert run(source, "backup", str(tmp_path / "backup"))[0] == 0
+    target = make_config(tmp_path / "b")
+    db = load_config(target).accounts_db
+    put(db, os.urandom(8192))
+    assert_error(run(target, "restore", str(tmp_path / "backup")), "an unreadable database")
+    code, out, err = run(target, "restore", "--force", str(tmp_path / "backup"))
+    assert code == 0, err
+    assert Path(f"{db}.damaged").stat().st_size == 8192
+    with Accounts(db) as accounts:
+        assert len(accounts.list_users()) == 2
