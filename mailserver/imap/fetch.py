@@ -181,7 +181,7 @@ def _section_name(item: Any) -> bytes:
         spec = b"HEADER"
         if item.header.fields:
             spec += b".FIELDS.NOT" if item.header.negate else b".FIELDS"
-            spec += b" (" + b" ".join(item.header.fields) + b")"
+            spec += b" (" + b" ".join(_field_name(n) for n in item.header.fields) + b")"
     elif item.text:
         spec = b"TEXT"
     elif item.mime:
@@ -191,6 +191,14 @@ def _section_name(item: Any) -> bytes:
     if numbers and spec:
         return numbers + b"." + spec
     return numbers or spec
+
+
+def _field_name(name: bytes) -> bytes:
+    """A HEADER.FIELDS name as the response echoes it (an astring): an atom when it can
+    be one, else quoted, else a literal ('"a\\"b"' sent quoted comes back quoted)."""
+    if mime.NOT_QUOTABLE(name):
+        return mime.imap_string(name)
+    return quote_mailbox(name)
 
 
 class _Message:

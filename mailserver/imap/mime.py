@@ -20,8 +20,10 @@ MAX_DEPTH = 20
 MAX_PARTS = 5000
 
 _HEADER_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# Each match starts at its ";" (finditer skips what lies between): a leading \s* would
+# rescan a run of white space from each of its positions, quadratic in its length.
 _PARAM = re.compile(
-    r"""\s*;\s*([!#-'*+.0-9A-Z^-~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)""", re.S)
+    r""";\s*([!#-'*+.0-9A-Z^-~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)""", re.S)
 
 
 class MessageBytes:
@@ -308,19 +310,24 @@ def find_part(root: Part, numbers: Sequence[int]) -> Part | None:
 # -- IMAP rendering -----------------------------------------------------------------------
 
 _NOT_PLAIN = re.compile(rb'[\x00\r\n"\\\x80-\xff]').search
-_NOT_QUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]").search
+NOT_QUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]").search
 
 
 def imap_string(value: bytes | str | None) -> bytes:
-    """NIL, a quoted string, or a literal when the value cannot be quoted."""
+    """NIL, a quoted string, or a literal when the value cannot be quoted.  A str is
+    header text decoded as Latin-1 (parse_content_type): encoded back the same way, so
+    a UTF-8 file name goes out as the octets it came in as."""
     if value is None:
         return b"NIL"
     if isinstance(value, str):
-        value = value.encode("utf-8")
+        value = value.encode("latin-1", "replace")
     if len(value) < 1024 and not _NOT_PLAIN(value):
         return b'"' + value + b'"'
-    if not _NOT_QUOTABLE(value):
+    if not NOT_QUOTABLE(value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    # RFC 3501 4.3: no NUL in a literal (only BINARY's literal8 may hold one); 0x80 in
+    # its place, as Dovecot does.
+    value = value.replace(b"\x00", b"\x80")
     return b"{%d}\r\n%s" % (len(value), value)
 
 
@@ -658,6 +665,17 @@ def envelope_addresses(addresses: Sequence[Address]) -> bytes:
     return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 
+def _budgeted(budget: list[int]) -> Callable[[bytes | None], bytes]:
+    """`_addresses`, each address taken from `budget`; NIL once it is spent."""
+    def addresses(value: bytes | None) -> bytes:
+        if value is None or budget[0] <= 0:
+            return b"NIL"
+        parsed = parse_addresses(value.decode("utf-8", "surrogateescape"))
+        budget[0] -= len(parsed)
+        return envelope_addresses(parsed) if budget[0] >= 0 else b"NIL"
+    return addresses
+
+
 def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
@@ -698,7 +716,13 @@ def _disposition(part: Part) -> bytes:
     kind, _, params = parse_content_type(value.split(b";", 1)[0] + b"/x;" +
                                          (value.split(b";", 1)[1] if b";" in value else b""),
                                          ("", ""))
-    return b"(" + imap_string(kind.upper()) + b" " + _param_list(params) + b")"
+    return b"(" + imap_string(_upper(kind)) + b" " + _param_list(params) + b")"
+
+
+def _upper(text: str) -> bytes:
+    """Upper case for ASCII letters only (str.upper would turn a Latin-1 "\xff" into
+    U+0178, which is no octet)."""
+    return text.encode("latin-1", "replace").upper()
 
 
 def _language(part: Part) -> bytes:
@@ -711,19 +735,27 @@ def _language(part: Part) -> bytes:
     return b"(" + b" ".join(imap_string(x) for x in langs) + b")"
 
 
-def body_structure(part: Part, extended: bool = True) -> bytes:
+# Addresses in all the ENVELOPEs of one BODYSTRUCTURE (its message/rfc822 parts): each
+# list is bounded (MAX_ADDRESSES), but a hundred attached messages of 5,000 each made a
+# BODYSTRUCTURE twenty times the message's size.  Past it, their address lists are NIL.
+MAX_STRUCTURE_ADDRESSES = 10000
+
+
+def body_structure(part: Part, extended: bool = True,
+                   _budget: list[int] | None = None) -> bytes:
     """BODYSTRUCTURE (extended) or BODY (RFC 3501 7.4.2)."""
+    budget = [MAX_STRUCTURE_ADDRESSES] if _budget is None else _budget
     if part.is_multipart:
-        inner = b"".join(body_structure(c, extended) for c in part.children)
-        out = inner + b" " + imap_string(part.subtype.upper())
+        inner = b"".join(body_structure(c, extended, budget) for c in part.children)
+        out = inner + b" " + imap_string(_upper(part.subtype))
         if extended:
             out += b" " + b" ".join([_param_list(part.params), _disposition(part),
                                      _language(part), imap_string(part.header(b"content-location"))])
         return b"(" + out + b")"
     encoding = (part.header(b"content-transfer-encoding") or b"7BIT").strip().upper()
     fields = [
-        imap_string(part.maintype.upper()),
-        imap_string(part.subtype.upper()),
+        imap_string(_upper(part.maintype)),
+        imap_string(_upper(part.subtype)),
         _param_list(part.params),
         imap_string(part.header(b"content-id")),
         imap_string(part.header(b"content-description")),
@@ -731,8 +763,8 @@ def body_structure(part: Part, extended: bool = True) -> bytes:
         b"%d" % (part.end - part.body_start),
     ]
     if part.message is not None:
-        fields += [envelope(part.message), body_structure(part.message, extended),
-                   b"%d" % part.lines]
+        fields += [envelope_of(part.message.header, _budgeted(budget)),
+                   body_structure(part.message, extended, budget), b"%d" % part.lines]
     elif part.maintype == "text":
         fields.append(b"%d" % part.lines)
     if extended:

@@ -600,13 +600,12 @@ def _check_fields(sig: _Signature, tags: dict[bytes, bytes], now: float) -> None
         raise _Verdict("policy", "rsa-sha1 not accepted (RFC 8301)")
 
 
-_H_SEPARATOR = re.compile(rb"\s*:\s*")
-
-
 @cache_short(maxsize=256)   # h= is the same for all of a sender's mail
 def _signed_names(h: bytes) -> tuple[bytes, ...]:
-    """The lower-case field names of h= (RFC 6376 3.5), in order."""
-    return tuple(name.lower() for name in _H_SEPARATOR.split(h.strip()) if name)
+    """The lower-case field names of h= (RFC 6376 3.5), in order.  (Split at the colons,
+    then stripped: a regular expression's split on white space around them rescans a
+    long run of it from each of its positions.)"""
+    return tuple(name.strip().lower() for name in h.split(b":") if name.strip())
 
 
 @cache_short(maxsize=512, longest=4096)   # an RSA-4096 key record is about 750 bytes
