@@ -22,7 +22,11 @@ last snapshot keeps answering for `fail_closed_after` seconds; after that `avail
 is False until a reload succeeds: AccountsChecker refuses every login (AccountsUnavailable,
 a temporary failure for the protocols) and the MX answers RCPT for local addresses with
 451 4.3.0 instead of trusting a copy that may be stale.  An idle connection is checked
-every KEEPALIVE seconds, so a database that went away quietly is noticed too.
+every KEEPALIVE seconds, so a database that went away quietly is noticed too; one
+statement that waits (a table locked by hand) fails after STATEMENT_TIMEOUT, and a listener
+that has not heard the database for fail_closed_after + KEEPALIVE seconds, stuck in any
+other way, fails closed too.  The tables are read again every RELOAD_EVERY seconds
+anyway: a change no trigger announced (pg_restore makes the triggers last) is caught.
 
 Other channels.  The same listening connection serves other LISTENers of the process
 (`subscribe`: mailserver.crossnode's mail_changed), so a node holds one listening
@@ -56,6 +60,12 @@ log = Logger()
 
 COALESCE = 0.02        # seconds to gather more notifications before one reload
 KEEPALIVE = 10.0       # seconds between checks of an idle listening connection
+# Seconds between reloads with nothing notified: a change no trigger announced (a
+# pg_restore loads rows with COPY and makes the triggers last) is caught this late.
+RELOAD_EVERY = 60.0
+# A statement of the listener's that waits this long (a table locked by another
+# session: ALTER TABLE, VACUUM FULL) fails, and the replica counts as unreachable.
+STATEMENT_TIMEOUT = "10s"
 WAKE = 1.0             # the listener looks at its stop flag at least this often
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 5.0
@@ -138,6 +148,9 @@ class ReplicatedAccounts(service.Service):
             raise
         self._resolved: dict[str, Resolution] = {}
         self._lost_since: float | None = None
+        # When the listener last heard the database (set from its thread; read here):
+        # a listener stuck anywhere fails closed as a lost connection does.
+        self.last_contact = clock()
         self._listener: _Listener | None = None
         self._synced = threading.Condition()
         self._sync_seen: set[str] = set()
@@ -216,7 +229,9 @@ class ReplicatedAccounts(service.Service):
 
     def available(self) -> bool:
         lost = self._lost_since
-        return lost is None or self.clock() - lost < self.fail_closed_after
+        if lost is not None:
+            return self.clock() - lost < self.fail_closed_after
+        return self.clock() - self.last_contact < self.fail_closed_after + KEEPALIVE
 
     def sync(self, timeout: float = 10.0) -> bool:
         """Wait (blocking; never in the reactor) until the replica holds every change
@@ -346,6 +361,8 @@ class _Listener(threading.Thread):
 
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         """Listen and reload until stopped (returns) or the connection fails (raises)."""
+        conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+        conn.execute(f"SET lock_timeout = '{STATEMENT_TIMEOUT}'")
         conn.execute(f"LISTEN {CHANNEL}")
         subscriptions = list(self.replica._subscriptions)
         for sub in subscriptions:
@@ -354,17 +371,23 @@ class _Listener(threading.Thread):
         for sub in subscriptions:
             self._hand(sub.on_connected)
         idle = 0.0
+        reloaded = time.monotonic()
         while not self._stopping.is_set():
             notes = list(conn.notifies(timeout=WAKE, stop_after=1))
             if self._stopping.is_set():
                 return
+            if time.monotonic() - reloaded >= RELOAD_EVERY:
+                self._reload(conn, frozenset())
+                reloaded, idle = time.monotonic(), 0.0
             if not notes:
                 idle += WAKE
                 if idle >= KEEPALIVE:
                     conn.execute("SELECT 1")   # a connection that died quietly fails here
+                    self.replica.last_contact = self.replica.clock()
                     idle = 0.0
                 continue
             idle = 0.0
+            self.replica.last_contact = self.replica.clock()
             notes += conn.notifies(timeout=COALESCE)
             for sub in subscriptions:
                 payloads = [n.payload for n in notes if n.channel == sub.channel]
@@ -376,9 +399,11 @@ class _Listener(threading.Thread):
             synced = frozenset(n.payload[len(SYNC_PREFIX):] for n in accounts
                                if n.payload.startswith(SYNC_PREFIX))
             self._reload(conn, synced)
+            reloaded = time.monotonic()
 
     def _reload(self, conn: psycopg.Connection[Any], synced: frozenset[str]) -> None:
         snapshot = Snapshot.build(read_tables(conn))
+        self.replica.last_contact = self.replica.clock()
         self.replica.reloads += 1
         self._down = False
         self._served = True

@@ -272,6 +272,51 @@ def test_sql_typed_by_hand_notifies_too(pg_url):
         server.close()
 
 
+def test_rows_loaded_without_a_notify_are_seen_at_the_next_periodic_reload(pg_url,
+                                                                           monkeypatch):
+    """pg_restore loads rows with COPY and makes the triggers last: no NOTIFY at all."""
+    import psycopg
+
+    from mailserver import accounts_replica
+
+    monkeypatch.setattr(accounts_replica, "RELOAD_EVERY", 1.0)
+    server = replica(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE domains DISABLE TRIGGER USER")
+            conn.execute("ALTER TABLE users DISABLE TRIGGER USER")
+            conn.execute("INSERT INTO domains (name) VALUES ('example.org')")
+            conn.execute("INSERT INTO users VALUES "
+                         "('eve@example.org', 'eve', 'example.org', '{PLAIN}x', NULL)")
+            conn.execute("ALTER TABLE domains ENABLE TRIGGER USER")
+            conn.execute("ALTER TABLE users ENABLE TRIGGER USER")
+        assert wait_until(lambda: server.get_user("eve@example.org") is not None, timeout=10)
+    finally:
+        server.close()
+
+
+def test_a_reload_stuck_behind_a_lock_fails_closed_then_recovers(pg_url, monkeypatch):
+    """A session holding a table lock (ALTER TABLE, VACUUM FULL, LOCK TABLE typed by hand)
+    once kept the listener waiting for ever, the stale copy answering all along."""
+    import psycopg
+
+    from mailserver import accounts_replica
+
+    monkeypatch.setattr(accounts_replica, "STATEMENT_TIMEOUT", "500ms")
+    server = replica(pg_url, fail_closed_after=0.5)
+    locker = psycopg.connect(pg_url)
+    try:
+        locker.execute("LOCK TABLE aliases IN ACCESS EXCLUSIVE MODE")   # a transaction held
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('accounts_changed', 'x')")
+        assert wait_until(lambda: not server.available(), timeout=15)
+        locker.rollback()
+        assert wait_until(server.available, timeout=15)
+    finally:
+        locker.close()
+        server.close()
+
+
 def test_a_notify_storm_is_one_reload(pg_url):
     import psycopg
 
