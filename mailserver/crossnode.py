@@ -138,8 +138,9 @@ class CrossNode(service.Service):
         value, lost = result
         if lost:
             log.warn("{count} POP3 mailbox locks were taken by another node while the "
-                     "database connection was down; those sessions go on unlocked",
+                     "database connection was down; those sessions delete nothing at QUIT",
                      count=len(lost))
+            self.pop3_locks.lost(lost)
         return value
 
     # -- telling the other nodes -------------------------------------------------------------------
@@ -274,6 +275,7 @@ class NodeMailboxLocks:
     def __init__(self, crossnode: CrossNode) -> None:
         self._crossnode = crossnode
         self._local = MailboxLocks()
+        self._lost: set[str] = set()   # held here, but taken by another node meanwhile
 
     def _pg_key(self, key: str) -> int:
         mailbox = self._crossnode._key_of(Path(key))
@@ -306,7 +308,21 @@ class NodeMailboxLocks:
         return self._crossnode._run(self._crossnode.link.try_lock, pg_key).addCallbacks(
             answered, failed)
 
+    def lost(self, pg_keys: list[int]) -> None:
+        """These advisory locks went to another node (while this one's connection was
+        down): the sessions holding them here no longer hold their mailbox."""
+        gone = set(pg_keys)
+        for key in self._local.keys():
+            with contextlib.suppress(ValueError):
+                if self._pg_key(key) in gone:
+                    self._lost.add(key)
+
+    def holds(self, key: str) -> bool:
+        """Whether the session that acquired `key` still holds it on every node."""
+        return key in self._local and key not in self._lost
+
     def release(self, key: str) -> None:
+        self._lost.discard(key)
         if key not in self._local:
             return
         self._local.release(key)

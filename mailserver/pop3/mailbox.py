@@ -39,6 +39,10 @@ class MailboxInUse(Exception):
     """Another POP3 session holds this mailbox (RFC 2449 8.1.2 IN-USE)."""
 
 
+class MailboxLockLost(Exception):
+    """The session's cross-node lock was taken by another node's session meanwhile."""
+
+
 class MailboxUnavailable(Exception):
     """The lock that keeps POP3 sessions apart cannot be taken now (across nodes: the
     database is unreachable): a temporary failure (RFC 3206 SYS/TEMP)."""
@@ -75,6 +79,12 @@ class MailboxLocks:
 
     def release(self, key: str) -> None:
         self._held.discard(key)
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
+
+    def keys(self) -> list[str]:
+        return list(self._held)
 
     def __contains__(self, key: str) -> bool:
         return key in self._held
@@ -160,6 +170,11 @@ class POP3Mailbox:
         wanted = {e.base for e in self.entries if e.deleted}
         if not wanted:
             return defer.succeed((0, 0))
+        holds = getattr(self._locks, "holds", None)
+        if holds is not None and not holds(self._lock_key):
+            # Another node's session has the mailbox now (our lock went while this node's
+            # database connection was down): it decides what is deleted.
+            return defer.fail(MailboxLockLost())
         uids = [i.uid for i in self.folder.messages if i.basename in wanted]
         already = len(wanted) - len(uids)
         if not uids:

@@ -34,8 +34,8 @@ from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
-from mailserver.pop3.mailbox import (MailboxInUse, MailboxUnavailable, MessageDeleted,
-                                     MessageGone, NoSuchMessage, POP3Mailbox)
+from mailserver.pop3.mailbox import (MailboxInUse, MailboxLockLost, MailboxUnavailable,
+                                     MessageDeleted, MessageGone, NoSuchMessage, POP3Mailbox)
 from mailserver.streaming import ChunkProducer
 from mailserver.pop3.whole import read_whole, response, send_now
 from mailserver.pop3.wire import message_chunks
@@ -601,10 +601,17 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self._close()
 
         def failed(f: Failure) -> None:
-            self.log.failure("{service} {user}: deleting messages failed", f,
-                             service=self.context.service, user=self.user)
             self._logout()
-            self.err(b"Some deleted messages not removed", b"SYS/TEMP")
+            if f.check(MailboxLockLost):
+                self.log.warn("{service} {user}: mailbox lock lost to another node's "
+                              "session; nothing deleted", service=self.context.service,
+                              user=self.user)
+                self.err(b"Mailbox lock lost to another session; no message deleted",
+                         b"IN-USE")
+            else:
+                self.log.failure("{service} {user}: deleting messages failed", f,
+                                 service=self.context.service, user=self.user)
+                self.err(b"Some deleted messages not removed", b"SYS/TEMP")
             self._close()
 
         self._hold(mbox.commit().addCallbacks(done, failed))

@@ -193,6 +193,45 @@ def test_a_killed_node_releases_its_pop3_lock(nodes):
     assert wait_until(lambda: pop3_login_answer(a) == "+OK", FEW_SECONDS), a.diagnostics()
 
 
+def test_a_pop3_session_whose_lock_went_to_another_node_deletes_nothing(tmp_path, cluster):
+    """The node's database connection dropped (here: its backend terminated), PostgreSQL
+    released its lock, and a session on the other node took the mailbox: the first
+    session, once its node knows, deletes nothing at QUIT ([IN-USE])."""
+    import psycopg
+
+    url = cluster.create_database()
+    started = start_nodes(tmp_path, url)
+    try:
+        a, b = started
+        deliver(a, ALICE, subject="one")
+        deliver(a, ALICE, subject="two")
+        holder = pop3(a)
+        with psycopg.connect(url, autocommit=True) as admin:
+            (pid,) = admin.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+                                   "AND granted").fetchone()
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        sessions: list[poplib.POP3] = []
+
+        def take() -> bool:
+            try:
+                sessions.append(pop3(b))
+            except poplib.error_proto:
+                return False
+            return True
+        assert wait_until(take, FEW_SECONDS)   # the mailbox is b's now
+        other = sessions[0]
+        try:
+            a.wait_for_log(lambda t: "taken by another node" in t, timeout=30)
+            holder.dele(1)
+            with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+                holder.quit()
+            assert subjects(b) == ["one", "two"]
+        finally:
+            other.quit()
+    finally:
+        pg_nodes.stop_nodes(started)
+
+
 def test_pop3_on_one_node_while_imap_expunges_on_the_other(nodes):
     a, b = nodes
     sent = [deliver(a, ALICE, subject=f"m{i}", body=f"body {i}\r\n" * (i + 1))
