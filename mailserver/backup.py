@@ -223,7 +223,7 @@ def counted(n: int, noun: str) -> str:
     """'1 user', '2 users', '2 aliases', '2 copies'."""
     if n == 1:
         return f"1 {noun}"
-    if noun.endswith("y"):
+    if noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u"):
         return f"{n} {noun[:-1]}ies"
     return f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 

@@ -172,7 +172,7 @@ class Setup:
                      NOLOGIN_SHELLS[0])
         argv = [useradd, "--system", "--user-group", "--no-create-home",
                 "--home-dir", str(self.image_path(config.state_dir)), "--shell", shell,
-                "--comment", "mail server", self.user]
+                "--comment", "mail server", "--", self.user]
         if self.root is not None:
             argv[1:1] = ["--root", str(self.root)]
         cp = subprocess.run(argv, capture_output=True, text=True)
@@ -325,7 +325,14 @@ class Setup:
         return str(uid)
 
 
+# A system user name as useradd takes it, never an option ("-rf").
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
 def run_setup(args: argparse.Namespace) -> int:
+    if not _USER_NAME.fullmatch(args.user):
+        raise SetupError(f"--user {args.user!r}: not a system user name (lower-case "
+                         f"letters, digits, '_' and '-', not starting with '-')")
     config = getattr(args, "config", None)
     setup = Setup(Path(config) if config else DEFAULT_CONFIG, args.user, args.hostname,
                   Path(args.log_dir), Path(args.root).absolute() if args.root else None)

@@ -91,6 +91,16 @@ def test_not_root_is_one_line_and_exit_1(capsys, open_dir):
     assert not config.exists()
 
 
+def test_a_user_name_useradd_would_read_as_an_option_is_refused(capsys, open_dir):
+    for name in ("-rf", "Mail Server", "a/b", ""):
+        code, out, err = run(capsys, "--root", str(open_dir), f"--user={name}",
+                             "--config", "/srv/mail/mailserver.toml")
+        assert code == 1 and out == "", (name, out)
+        assert err.splitlines() == [f"mailserver-admin: error: --user {name!r}: not a system "
+                                    f"user name (lower-case letters, digits, '_' and '-', not "
+                                    f"starting with '-')"], err
+
+
 # -- a fresh image -------------------------------------------------------------------------------
 
 @needs_root
