@@ -279,21 +279,26 @@ class Delivery:
             d.addCallback(tell)
         return d
 
-    def _quota_roots_of(self, results: list[DeliveryResult]) -> list[Path]:
-        """The user Maildirs that got the message, once each."""
-        roots: dict[Path, None] = {}
+    def _quota_roots_of(self, results: list[DeliveryResult]) -> dict[Path, int]:
+        """The user Maildirs that got the message, each with the number of its folders
+        that did (a Sieve fileinto into two folders and keep: three files, as a
+        recount of the Maildir counts them)."""
+        roots: dict[Path, int] = {}
+        counted: set[Path] = set()
         for r in results:
-            root = self._quota_roots.get(_key(r.target)) if r.ok else None
+            key = _key(r.target)
+            root = self._quota_roots.get(key) if r.ok and key not in counted else None
             if root is not None:
-                roots[root] = None
-        return list(roots)
+                counted.add(key)
+                roots[root] = roots.get(root, 0) + 1
+        return roots
 
     def record_quota(self, results: list[DeliveryResult]) -> None:
         """Thread or commit process, after the directory sync: a change line (size, 1)
         in the maildirsize of each user Maildir that got the message (Maildir++)."""
-        for root in self._quota_roots_of(results):
+        for root, files in self._quota_roots_of(results).items():
             try:
-                quota_file.append_delta(root, self._size, 1)
+                quota_file.append_delta(root, self._size * files, files)
             except Exception as e:  # the message is stored: never fail its delivery here
                 log.error("cannot record {size} bytes in the quota of {root}: {error}",
                           size=self._size, root=str(root), error=e)

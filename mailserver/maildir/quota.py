@@ -112,6 +112,11 @@ def format_line(nbytes: int, count: int) -> bytes:
     return b"%d %d\n" % (nbytes, count)
 
 
+# Sums no mailbox reaches: the file is damaged (one line "99999999999999999999 1").
+IMPLAUSIBLE_BYTES = 1 << 50      # 1 PiB
+IMPLAUSIBLE_COUNT = 1 << 32
+
+
 def recalc_reason(qf: QuotaFile | None, size: int, mtime: float, limit: int | None,
                   now: float) -> str | None:
     """Why the file must be recalculated (None: its sums can be used)."""
@@ -121,6 +126,8 @@ def recalc_reason(qf: QuotaFile | None, size: int, mtime: float, limit: int | No
         return "too large"
     if qf.bytes < 0 or qf.count < 0:
         return "negative"
+    if qf.bytes > IMPLAUSIBLE_BYTES or qf.count > IMPLAUSIBLE_COUNT:
+        return "implausible"   # a damaged line; trusted, it would refuse mail and warn
     if qf.limit != limit:
         return "limit changed"
     if qf.lines == 0:

@@ -12,7 +12,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread
@@ -416,13 +416,13 @@ class QuotaTracker:
             self._lane(entry, flush).addErrback(_logged, "writing the quota usage of", root)
         self._consider_warning(root, entry)
 
-    def stored(self, roots: Iterable[Path], size: int) -> None:
-        """Deliveries of `size` bytes were committed into these Maildirs: counted (their
-        change lines were written by the commit work)."""
-        for root in dict.fromkeys(roots):
+    def stored(self, roots: Mapping[Path, int], size: int) -> None:
+        """A delivery of `size` bytes was committed into these Maildirs, as that many
+        files each: counted (their change lines were written by the commit work)."""
+        for root, files in roots.items():
             entry = self._entries.get(root)
             if entry is not None:
-                self._count(entry, size, 1, sure=False)
+                self._count(entry, size * files, files, sure=False)
                 self._consider_warning(root, entry)
 
     def expunging(self, folder: Any, uids: Iterable[int] | None = None

@@ -94,6 +94,10 @@ def test_recalc_reasons() -> None:
     assert quota.recalc_reason(full_one, 30, now, 2048, now) is None  # fresh: trusted
     assert quota.recalc_reason(full_one, 30, now - 15 * 60, 2048, now) == "full"
     assert quota.recalc_reason(QuotaFile(None, None, 9e9, 1, 5), 30, 0, None, now) is None
+    damaged = QuotaFile(2048, None, 10**26, 1, 1)   # one line of nonsense, fresh
+    assert quota.recalc_reason(damaged, 30, now, 2048, now) == "implausible"
+    assert quota.recalc_reason(QuotaFile(None, None, 1, 1 << 40, 2), 30, 0, None, now) \
+        == "implausible"
 
 
 def test_load_without_the_file_counts_every_folder(tmp_path: Path) -> None:
@@ -289,6 +293,24 @@ class TrackerTests(unittest.TestCase):
         # Another limit (changed by the administrator): the file is rewritten for it.
         self.assertEqual((yield self.tracker.usage(self.user, 50_000)).limit, 50_000)
         self.assertTrue((self.user / MAILDIRSIZE).read_bytes().startswith(b"50000S\n"))
+
+    @inlineCallbacks
+    def test_one_delivery_into_several_folders_counts_each_file(self):
+        """Sieve's fileinto into two folders and keep: three files (linked), which a
+        recount of the Maildir counts as three; so does the delivery."""
+        yield self.tracker.usage(self.user, 100_000)
+        for folder in (".A", ".B"):
+            for sub in ("cur", "new", "tmp"):
+                (self.user / folder / sub).mkdir(parents=True)
+        d = self.store.begin_delivery([self.user, self.user / ".A", self.user / ".B",
+                                       self.user / ".A"])
+        d.write(MESSAGE)
+        results = yield d.commit()
+        self.assertTrue(all(r.ok for r in results))
+        expected = Usage(3 * len(MESSAGE), 3, 100_000)
+        self.assertEqual(self.tracker.peek(self.user), expected)
+        self.assertEqual(sums(self.user), (expected.bytes, expected.count))
+        self.assertEqual(self.on_disk(), (expected.bytes, expected.count))
 
     @inlineCallbacks
     def test_deliveries_write_their_line_and_are_counted(self):
