@@ -483,15 +483,22 @@ def _prompt(prompt: str) -> str:
             raise AdminError("no password given (end of input)") from None
 
 
+# A quota the accounts database and IMAP's QUOTA (in KiB) can hold; 0 is no quota.
+QUOTA_MIN, QUOTA_MAX = 1024, (1 << 63) - 1
+
+
 def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
     local, domain = _address(args.address)
     address = f"{local}@{domain}"
     quota = None
     if args.quota is not None:
         try:
-            quota = parse_size(args.quota) or None
+            quota = parse_size(args.quota)
         except ValueError as e:
             raise AdminError(f"--quota: {e}") from None
+        if not QUOTA_MIN <= quota <= QUOTA_MAX:
+            raise AdminError(f"--quota {args.quota}: a quota is from 1K to 8E (leave "
+                             f"--quota out for none)")
     with _open_accounts(config) as accounts:
         if not accounts.is_local_domain(domain):
             raise AdminError(f"no such domain: {domain} (add it with: {PROG} domain add {domain})")
