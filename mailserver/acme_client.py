@@ -48,6 +48,7 @@ VALIDATION_TIMEOUT = 180.0    # seconds for the CA to validate every name of an 
 FINALIZE_TIMEOUT = 120.0      # seconds for the CA to issue once the order is ready
 POLL_SECONDS = 1.0
 MAX_NAMES = 100               # Let's Encrypt's limit of names per certificate
+REJECTED_IDENTIFIER = "urn:ietf:params:acme:error:rejectedIdentifier"
 
 # Retries after a failed attempt: 5 minutes, doubling, at most 6 hours apart.
 RETRY_FIRST = 300.0
@@ -288,14 +289,17 @@ def ensure_certificate(settings: AcmeSettings, wanted: AcmeNames, board: Challen
     store = AcmeStore(settings.store)
     current = store.load_certificate()
     now = now or datetime.datetime.now(datetime.timezone.utc)
+    if len(wanted.names) > MAX_NAMES:
+        # Cut before the comparison too: the names past the limit would otherwise never
+        # be covered, and every check would order a new certificate for nothing.
+        log.warning("acme: %d names wanted, asking for the first %d", len(wanted.names),
+                    MAX_NAMES)
+        wanted = AcmeNames(wanted.names[:MAX_NAMES], wanted.required)
     why = renewal_reason(current, wanted, now, settings.renew_before)
     if why is None:
         return Outcome(current)
     reason, due = why
-    names = list(wanted.names[:MAX_NAMES])
-    if len(wanted.names) > MAX_NAMES:
-        log.warning("acme: %d names wanted, asking for the first %d", len(wanted.names),
-                    MAX_NAMES)
+    names = list(wanted.names)
     try:
         pair = issue(settings, names, board, cancel)
     except ValidationFailed as e:
@@ -323,7 +327,18 @@ def issue(settings: AcmeSettings, names: list[str], board: ChallengeBoard,
     acme = _client(settings, account_key)
     key = ec.generate_private_key(ec.SECP256R1())
     key_pem = _key_pem(key)
-    order = acme.new_order(crypto_util.make_csr(key_pem, names))
+    try:
+        order = acme.new_order(crypto_util.make_csr(key_pem, names))
+    except messages.Error as e:
+        if e.typ != REJECTED_IDENTIFIER:
+            raise
+        # RFC 8555 6.7: the CA will not issue for some names (Let's Encrypt: a name
+        # under no public suffix, "corp.lan"); its subproblems say which (6.7.1).
+        # Without them, the names the detail quotes (what Let's Encrypt and pebble write).
+        rejected = [sub.identifier.value for sub in (e.subproblems or ())
+                    if sub.identifier is not None and sub.identifier.value in names]
+        rejected = rejected or [n for n in names if f'"{n}"' in (e.detail or "")]
+        raise ValidationFailed(rejected or names, [str(e)]) from None
     published: list[PendingChallenge] = []
     try:
         answers: list[messages.ChallengeBody] = []
@@ -350,9 +365,18 @@ def issue(settings: AcmeSettings, names: list[str], board: ChallengeBoard,
         for pending in published:
             board.withdraw(pending)
     try:
-        return parse_pair(order.fullchain_pem.encode("ascii"), key_pem)
+        pair = parse_pair(order.fullchain_pem.encode("ascii"), key_pem)
     except (CertificateError, UnicodeEncodeError) as e:
         raise errors.Error(f"the CA returned an unusable certificate: {e}") from None
+    # What comes back replaces a working certificate: it must be the one asked for.
+    missing = [n for n in names if n not in pair.names]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if missing or not pair.leaf.not_valid_before_utc <= now < pair.not_after:
+        raise errors.Error(f"the CA returned a certificate for other names or times "
+                           f"({pair.subject}, {', '.join(pair.names)}, valid "
+                           f"{pair.leaf.not_valid_before_utc:%Y-%m-%d} to "
+                           f"{pair.not_after:%Y-%m-%d}); keeping the current one")
+    return pair
 
 
 def _client(settings: AcmeSettings, account_key: jose.JWK) -> client.ClientV2:

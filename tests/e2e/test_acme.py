@@ -74,8 +74,10 @@ def _https_certificate(directory: Path) -> tuple[Path, Path]:
 class Pebble:
     """One pebble process with its own config, ports and log."""
 
-    def __init__(self, workdir: Path, dns: str, validity: int | None = None) -> None:
+    def __init__(self, workdir: Path, dns: str, validity: int | None = None,
+                 blocklist: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.blocklist = blocklist
         workdir.mkdir(parents=True, exist_ok=True)
         self.ca_bundle, self.key = _https_certificate(workdir)
         self.port, self.management_port = free_port(), free_port()
@@ -104,6 +106,8 @@ class Pebble:
         }
         if self.validity is not None:
             settings["certificateValidityPeriod"] = self.validity
+        if self.blocklist:   # names the CA refuses to issue for (rejectedIdentifier)
+            settings["domainBlocklist"] = list(self.blocklist)
         self.config.write_text(json.dumps({"pebble": settings}))
         env = dict(os.environ)
         env.pop("PEBBLE_VA_ALWAYS_VALID", None)   # every challenge is really validated
@@ -337,3 +341,17 @@ def test_a_derived_name_that_fails_validation_is_left_out(make_server, dns, pebb
     assert f"leaving autodiscover.{DOMAIN} out of the certificate" in log
     cert = served_certificate(srv.ports["imaps"], pebble.root_pem())
     assert dns_names(cert) == set(NAMES[:2])
+
+
+def test_a_derived_name_the_ca_refuses_is_left_out(make_server, dns, pebbles):
+    """The CA refuses the order for one autoconfig name (rejectedIdentifier, as Let's
+    Encrypt does for a name under no public suffix): issued without it, not never."""
+    pebble = pebbles(dns(NAMES), blocklist=(f"autodiscover.{DOMAIN}",))
+    srv = acme_server(make_server, pebble)
+    pebble.start(srv)
+    srv.start()
+    log = wait_for_issuance(srv, 1, pebble)
+    assert f"leaving autodiscover.{DOMAIN} out of the certificate" in log
+    cert = served_certificate(srv.ports["imaps"], pebble.root_pem())
+    assert dns_names(cert) == set(NAMES) - {f"autodiscover.{DOMAIN}"}
+

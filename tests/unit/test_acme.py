@@ -171,6 +171,80 @@ def test_a_new_name_asks_for_a_certificate_without_being_due():
     assert not is_due and "autoconfig.example.org" in reason
 
 
+def test_over_a_hundred_names_is_one_certificate_not_one_a_check(tmp_path, monkeypatch):
+    """Only the first 100 names are ordered (the CA's limit); the others must not count
+    as "not covered yet", which ordered a new certificate at every check."""
+    from mailserver import acme_client
+
+    settings = acme_settings(config(tmp_path, {"acme_directory": LE}))
+    names = ("mail.example.org",) + tuple(f"autoconfig.d{i}.example" for i in range(150))
+    wanted = AcmeNames(names, frozenset({"mail.example.org"}))
+    orders = []
+
+    def issue(settings, asked, board, cancel):
+        orders.append(asked)
+        return pair(NOW + datetime.timedelta(days=90), tuple(asked))
+    monkeypatch.setattr(acme_client, "issue", issue)
+    first = acme_client.ensure_certificate(settings, wanted, None, threading.Event(), NOW)
+    assert first.issued and len(orders[0]) == 100
+    again = acme_client.ensure_certificate(settings, wanted, None, threading.Event(),
+                                           NOW + datetime.timedelta(days=1))
+    assert not again.issued and len(orders) == 1
+
+
+def test_a_certificate_the_ca_returns_for_other_names_or_times_is_refused(tmp_path,
+                                                                           monkeypatch):
+    from acme import errors
+
+    from mailserver import acme_client
+
+    settings = acme_settings(config(tmp_path, {"acme_directory": LE}))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    class Order:
+        authorizations: list = []
+
+        def __init__(self, pem: str = "") -> None:
+            self.fullchain_pem = pem
+
+        def update(self, **changes):
+            return self
+
+    class CA:
+        """Signs the CSR's key, for `names`, valid from `start` for 90 days."""
+
+        def __init__(self, names, start) -> None:
+            self.names, self.start = names, start
+
+        def new_order(self, csr_pem):
+            self.key = x509.load_pem_x509_csr(csr_pem).public_key()
+            return Order()
+
+        def finalize_order(self, order, deadline):
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.names[0])])
+            cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                    .public_key(self.key).serial_number(x509.random_serial_number())
+                    .not_valid_before(self.start)
+                    .not_valid_after(self.start + datetime.timedelta(days=90))
+                    .add_extension(x509.SubjectAlternativeName(
+                        [x509.DNSName(n) for n in self.names]), critical=False)
+                    .sign(ca_key, hashes.SHA256()))
+            return Order(cert.public_bytes(serialization.Encoding.PEM).decode())
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for names, start, good in [(("mail.example.org",), now - datetime.timedelta(days=1), True),
+                               (("www.other.example",), now - datetime.timedelta(days=1), False),
+                               (("mail.example.org",), now - datetime.timedelta(days=100), False),
+                               (("mail.example.org",), now + datetime.timedelta(days=2), False)]:
+        monkeypatch.setattr(acme_client, "_client", lambda *a, ca=CA(names, start): ca)
+        if good:
+            assert acme_client.issue(settings, ["mail.example.org"], None,
+                                     threading.Event()).names == names
+        else:
+            with pytest.raises(errors.Error, match="other names or times"):
+                acme_client.issue(settings, ["mail.example.org"], None, threading.Event())
+
+
 def test_retries_back_off_and_are_capped():
     delays = [retry_delay(n) for n in range(1, 10)]
     assert delays[:3] == [300, 600, 1200]
