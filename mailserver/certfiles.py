@@ -71,6 +71,12 @@ def parse_pair(certificate_pem: bytes, key_pem: bytes) -> CertificatePair:
         certificates = x509.load_pem_x509_certificates(certificate_pem)
     except ValueError as e:
         raise CertificateError(f"certificate: not a PEM certificate ({e})") from None
+    # A block cut short (a file copied in place, a full disk) is skipped by the parser:
+    # the chain would go out without its intermediate.
+    begun = certificate_pem.count(b"-----BEGIN CERTIFICATE-----")
+    if begun != len(certificates) or begun != certificate_pem.count(b"-----END CERTIFICATE-----"):
+        raise CertificateError(f"certificate: {begun} certificate blocks begin, "
+                               f"{len(certificates)} can be read: the file is cut short")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -107,20 +113,21 @@ def _public_der(public_key: Any) -> bytes:
 
 
 # (device, inode, size, mtime in ns) of each file, None for a file that is not there.
-Signature = tuple[tuple[int, int, int, int] | None, ...]
+Signature = tuple[tuple[int, int, int, int, int] | None, ...]
 
 
 def file_signature(*paths: Path) -> Signature:
     """What changes when a file is replaced or rewritten (symlinks followed, as certbot's
     live/ links are), without reading it."""
-    out: list[tuple[int, int, int, int] | None] = []
+    out: list[tuple[int, int, int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)
         except OSError:
             out.append(None)
             continue
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        # ctime too: a chmod or chgrp that makes an unreadable key readable is a change
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)
 
 

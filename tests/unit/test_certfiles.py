@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+import time
 
 import pytest
 from cryptography import x509
@@ -94,6 +95,27 @@ def test_changes_are_seen_from_metadata(tmp_path):
     key_path.write_bytes(new_key)                    # rewritten in place: size/mtime
     after = check_files(cert_path, key_path, half.signature)
     assert after.pair is not None and after.pair.subject == "CN=mail2.example.org"
+
+
+def test_a_chain_cut_inside_a_certificate_is_refused():
+    """The parser skips a block cut short: the intermediate would silently be gone."""
+    leaf, key = make_pem()
+    intermediate, _ = make_pem("Intermediate CA")
+    whole = leaf + intermediate
+    for cut in (len(leaf) + 40, len(whole) - 30, len(whole) - 5):
+        with pytest.raises(CertificateError, match="cut short"):
+            parse_pair(whole[:cut], key)
+    assert len(parse_pair(whole, key).chain) == 1
+
+
+def test_a_permission_change_is_a_change(tmp_path):
+    """chmod/chgrp of a key that could not be read: only its ctime changes."""
+    cert, key = make_pem()
+    (tmp_path / "key.pem").write_bytes(key)
+    before = file_signature(tmp_path / "key.pem")
+    time.sleep(0.05)   # the kernel's ctime moves in clock ticks, not nanoseconds
+    os.chmod(tmp_path / "key.pem", 0o640)
+    assert file_signature(tmp_path / "key.pem") != before
 
 
 def test_signature_of_a_missing_file(tmp_path):
