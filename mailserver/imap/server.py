@@ -231,7 +231,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         # RFC 9051 1: both revisions; LITERAL+ covers IMAP4rev2's LITERAL- (imap/rev2.py).
         caps = [b"IMAP4rev1", R2.REV2_CAPABILITY, b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE",
                 b"IDLE", b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE",
-                b"SPECIAL-USE", b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA", b"ESEARCH",
+                b"SPECIAL-USE", b"LIST-EXTENDED", b"LIST-STATUS", b"QUOTA",
+                b"QUOTA=RES-STORAGE", b"ESEARCH",   # RFC 9208 3.1: the resource it has
                 *SORT_CAPABILITIES, *SEARCH_CAPABILITIES, *C.CONDSTORE_CAPABILITIES,
                 *APPEND_CAPABILITIES, STATUS_SIZE_CAPABILITY, SU.CREATE_SPECIAL_USE_CAPABILITY,
                 U.UTF8_CAPABILITY]
