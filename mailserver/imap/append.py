@@ -565,14 +565,23 @@ class AppendCommand:
         for draft in self.drafts:
             if draft.writer.size == 0:  # RFC 3502 6.3.11: a zero-length message is an error
                 raise _failed(b"Empty message")
+        account = self.session.imap_account
+        if account is not None and account.quota is not None:
+            # Known before the check: right after a login or a restart the usage may
+            # still be loading, and an unknown usage counts as none.
+            yield account.measure_usage()
         over = self.session._over_quota(self._total())
         if over:
             raise _failed(over)
+        # Held until _appended counts what is stored (in the same reactor turn as the
+        # return below): a parallel APPEND's check counts it.
+        release = account.reserve(self._total()) if account is not None else (lambda: None)
         infos: list[Any] = []
         try:
             for draft in self.drafts:
                 infos.append((yield draft.writer.commit()))
         except BaseException:
+            release()
             self.abort()
             if infos:   # all or nothing (RFC 3502 3): take back what is stored already
                 try:
@@ -580,6 +589,7 @@ class AppendCommand:
                 except Exception:
                     log.failure("cannot remove the messages of a failed APPEND")
             raise
+        release()
         return infos
 
     def _appended(self, infos: list[Any], tag: bytes) -> None:

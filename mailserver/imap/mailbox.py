@@ -50,6 +50,9 @@ class IIMAPAccount(Interface):
     def cached_size() -> int:
         """The last known usage, for a quota check without the disk."""
 
+    def reserve(octets: int) -> Callable[[], None]:
+        """Hold octets a command checked against the quota until it has counted them."""
+
     def add_usage(octets: int, count: int = 1) -> None:
         """Count messages added (APPEND, COPY)."""
 
@@ -108,9 +111,13 @@ class IMAPAccount:
 
     def cached_size(self) -> int:
         """Last known usage, for a quick quota check without touching the disk (an old
-        one is read again in the background)."""
+        one is read again in the background), with what commands under way hold."""
         usage = self._quota.peek(self.account.path)
-        return usage.bytes if usage is not None else 0
+        return (usage.bytes if usage is not None else 0) + self._quota.reserved(self.account.path)
+
+    def reserve(self, octets: int) -> Callable[[], None]:
+        """Hold `octets` an APPEND or COPY checked, until it has counted them (release)."""
+        return self._quota.reserve(self.account.path, octets)
 
     def add_usage(self, octets: int, count: int = 1) -> None:
         self._quota.changed(self.account.path, octets, count)

@@ -1286,7 +1286,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return self.folder.delete_messages([s for s, _ in pairs], origin=self).addCallback(
                 lambda gone: (self._announce_expunged(gone), self.done(tag, b"MOVE completed")))
 
-        return self.folder.copy_to(uids, dest).addCallback(copied)
+        # Held while the copy runs: a parallel APPEND's or COPY's check counts it.
+        release = self.imap_account.reserve(0 if move else size)  # type: ignore[union-attr]
+        d = self.folder.copy_to(uids, dest).addCallback(copied)
+        return d.addBoth(lambda result: (release(), result)[1])
 
     def cmd_select_MOVE(self, tag: bytes, args: Arguments, uid: bool = False) -> defer.Deferred:  # RFC 6851
         return self.cmd_select_COPY(tag, args, uid=uid, move=True)

@@ -348,6 +348,7 @@ class QuotaTracker:
         self._store = store
         self._clock = clock
         self._entries: dict[Path, _QuotaEntry] = {}
+        self._reserved: dict[Path, int] = {}
         self.fresh_seconds = QUOTA_FRESH_SECONDS
 
     def root_of(self, path: Path) -> Path | None:
@@ -387,6 +388,27 @@ class QuotaTracker:
         if not entry.loading and not self._fresh(entry):
             self._load(root, entry, entry.limit).addErrback(lambda f: None)  # logged there
         return entry.usage
+
+    def reserved(self, root: Path) -> int:
+        """Bytes that commands under way (IMAP APPEND, COPY) have checked and not yet
+        stored: counted by their next check, so parallel ones cannot all pass it."""
+        return self._reserved.get(root, 0)
+
+    def reserve(self, root: Path, nbytes: int) -> Callable[[], None]:
+        """Hold `nbytes` (see `reserved`) until the returned function is called, once the
+        command has counted what it stored (or stored nothing)."""
+        self._reserved[root] = self._reserved.get(root, 0) + nbytes
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                left = self._reserved.get(root, 0) - nbytes
+                if left > 0:
+                    self._reserved[root] = left
+                else:
+                    self._reserved.pop(root, None)
+        return release
 
     def is_full(self, root: Path, limit: int) -> bool:
         """From memory (`peek`): at or over `limit`; an unknown usage is not full."""
