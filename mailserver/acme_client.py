@@ -371,7 +371,8 @@ def issue(settings: AcmeSettings, names: list[str], board: ChallengeBoard,
     # What comes back replaces a working certificate: it must be the one asked for.
     missing = [n for n in names if n not in pair.names]
     now = datetime.datetime.now(datetime.timezone.utc)
-    if missing or not pair.leaf.not_valid_before_utc <= now < pair.not_after:
+    skew = datetime.timedelta(minutes=10)   # a CA's clock a little ahead of ours
+    if missing or not pair.leaf.not_valid_before_utc - skew <= now < pair.not_after:
         raise errors.Error(f"the CA returned a certificate for other names or times "
                            f"({pair.subject}, {', '.join(pair.names)}, valid "
                            f"{pair.leaf.not_valid_before_utc:%Y-%m-%d} to "

@@ -484,7 +484,7 @@ def _prompt(prompt: str) -> str:
 
 
 # A quota the accounts database and IMAP's QUOTA (in KiB) can hold; 0 is no quota.
-QUOTA_MIN, QUOTA_MAX = 1024, (1 << 63) - 1
+QUOTA_MIN, QUOTA_MAX = 1024, 8388607 << 40   # 1K to 8388607T: below 2^63 (SQLite)
 
 
 def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
@@ -497,8 +497,8 @@ def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise AdminError(f"--quota: {e}") from None
         if not QUOTA_MIN <= quota <= QUOTA_MAX:
-            raise AdminError(f"--quota {args.quota}: a quota is from 1K to 8E (leave "
-                             f"--quota out for none)")
+            raise AdminError(f"--quota {args.quota}: a quota is from 1K to 8388607T "
+                             f"(leave --quota out for none)")
     with _open_accounts(config) as accounts:
         if not accounts.is_local_domain(domain):
             raise AdminError(f"no such domain: {domain} (add it with: {PROG} domain add {domain})")

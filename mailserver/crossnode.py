@@ -276,6 +276,7 @@ class NodeMailboxLocks:
         self._crossnode = crossnode
         self._local = MailboxLocks()
         self._lost: set[str] = set()   # held here, but taken by another node meanwhile
+        self._acquiring: set[str] = set()   # asked of the database, not answered yet
 
     def _pg_key(self, key: str) -> int:
         mailbox = self._crossnode._key_of(Path(key))
@@ -293,13 +294,19 @@ class NodeMailboxLocks:
         except ValueError:
             self._local.release(key)
             return fail()
+        # A loss reported while the database is asked is not this session's: its lock
+        # is taken (or not) by the answer itself.
+        self._lost.discard(key)
+        self._acquiring.add(key)
 
         def answered(got: bool) -> bool:
+            self._acquiring.discard(key)
             if not got:
                 self._local.release(key)
             return got
 
         def failed(f: Failure) -> Failure:
+            self._acquiring.discard(key)
             self._local.release(key)
             if f.check(LinkDown):
                 raise MailboxUnavailable(f.getErrorMessage())
@@ -313,6 +320,8 @@ class NodeMailboxLocks:
         down): the sessions holding them here no longer hold their mailbox."""
         gone = set(pg_keys)
         for key in self._local.keys():
+            if key in self._acquiring:
+                continue
             with contextlib.suppress(ValueError):
                 if self._pg_key(key) in gone:
                     self._lost.add(key)

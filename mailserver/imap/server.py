@@ -209,6 +209,13 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def timeoutConnection(self) -> None:
         self.transport.write(b"* BYE Autologout; connection idle too long\r\n")
+        if self._busy:
+            # An answer the client stopped reading: a close would wait for it to drain
+            # (and the producer to finish), which is for ever.
+            self._closing = True
+            self._buffer = b""
+            self.transport.abortConnection()
+            return
         self._close()
 
     def _close(self) -> None:

@@ -212,7 +212,7 @@ def test_user_add_errors(run):
                      stdin="pw\n"), "--quota")
     for size in ("0", "0.5", "100", "99999999999999999999T"):   # none, under 1K, too large
         assert_error(run("user", "add", "q@example.org", "--password-stdin", "--quota", size,
-                         stdin="pw\n"), f"--quota {size}: a quota is from 1K to 8E")
+                         stdin="pw\n"), f"--quota {size}: a quota is from 1K to 8388607T")
     assert run("user", "add", "a@example.org", "--password-stdin", stdin="pw\n")[0] == 0
     assert_error(run("user", "add", "A@example.org", "--password-stdin", stdin="pw\n"),
                  "already exists")

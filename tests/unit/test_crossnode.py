@@ -260,3 +260,49 @@ class StoreObservers(unittest.TestCase):
         yield inbox.expunge()
         yield archive.delete_messages(archive.uids())
         self.assertEqual(self.changed[3:], [self.user, self.user, archive.path])
+
+
+class LostLocks(unittest.TestCase):
+    """A reconnect's report of locks taken by another node concerns the sessions that
+    held them then, not one whose own lock request is still being answered."""
+
+    def locks(self):
+        from twisted.internet.defer import Deferred
+
+        from mailserver.crossnode import NodeMailboxLocks
+
+        answers: list[Deferred] = []
+
+        class Node:
+            link = type("Link", (), {"try_lock": None, "unlock": None})()
+
+            def _key_of(self, path):
+                return (path.name, False)
+
+            def _run(self, fn, *args):
+                answers.append(Deferred())
+                return answers[-1]
+        return NodeMailboxLocks(Node()), answers
+
+    def test_a_loss_reported_during_an_acquire_is_not_that_sessions(self):
+        locks, answers = self.locks()
+        key = "/maildirs/example.org/alice"
+        d = locks.acquire(key)
+        locks.lost([lock_key("alice")])   # a reconnect reports it meanwhile
+        answers[0].callback(True)
+        self.assertTrue(self.successResultOf(d))
+        self.assertTrue(locks.holds(key))
+
+    def test_a_loss_of_a_held_lock_stays_with_that_session_only(self):
+        locks, answers = self.locks()
+        key = "/maildirs/example.org/alice"
+        d = locks.acquire(key)
+        answers[0].callback(True)
+        self.successResultOf(d)
+        locks.lost([lock_key("alice")])
+        self.assertFalse(locks.holds(key))
+        locks.release(key)
+        again = locks.acquire(key)
+        answers[-1].callback(True)
+        self.assertTrue(self.successResultOf(again))
+        self.assertTrue(locks.holds(key))
