@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailserver.certfiles import CertificateError, CertificatePair, load_pair, parse_pair, write_pair
+from mailserver.certfiles import (CertificateError, CertificatePair, load_pair_or_previous,
+                                  parse_pair, write_pair)
 from mailserver.fsutil import write_durably
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class AcmeStore:
         if not (self.certificate_path.exists() and self.private_key_path.exists()):
             return None
         try:
-            return load_pair(self.certificate_path, self.private_key_path)
+            return load_pair_or_previous(self.certificate_path, self.private_key_path)
         except CertificateError as e:
             log.warning("acme: stored certificate not usable (%s); a new one is requested", e)
             return None

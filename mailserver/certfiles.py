@@ -19,7 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailserver.fsutil import write_durably
+from mailserver.fsutil import unlink_quietly, write_durably
 
 # A certificate chain or a key file is a few KB; a bigger file is not one of them.
 MAX_PEM_BYTES = 1024 * 1024
@@ -154,9 +154,33 @@ def check_files(certificate: Path, private_key: Path, last: Signature | None) ->
         return FileCheck(signature, error=str(e))
 
 
+def previous_key(private_key: Path) -> Path:
+    """Where write_pair keeps the key it replaces until the new certificate is in place."""
+    return private_key.with_name(private_key.name + ".prev")
+
+
 def write_pair(certificate: Path, private_key: Path, pair: CertificatePair) -> None:
     """Store the pair, both files 0600, the key first: a crash between the two leaves a
-    mismatch that load_pair refuses, never a certificate served with a wrong key."""
+    mismatch that load_pair refuses, never a certificate served with a wrong key.  The
+    key it replaces is kept (`previous_key`) until the certificate is written, so the
+    old pair can still be served after such a crash (load_pair_or_previous)."""
     certificate.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    previous = previous_key(private_key)
+    # One kept from a crash before is the key of the certificate still in place: kept.
+    if private_key.exists() and not previous.exists():
+        write_durably(previous, private_key.read_bytes(), mode=0o600)
     write_durably(private_key, pair.key_pem, mode=0o600)
     write_durably(certificate, pair.certificate_pem, mode=0o600)
+    unlink_quietly(previous)
+
+
+def load_pair_or_previous(certificate: Path, private_key: Path) -> CertificatePair:
+    """load_pair; when the key does not match because a crash came between write_pair's
+    two files (new key, old certificate), the old pair from the key kept beside it."""
+    try:
+        return load_pair(certificate, private_key)
+    except CertificateError:
+        previous = previous_key(private_key)
+        if not previous.exists():
+            raise
+        return load_pair(certificate, previous)

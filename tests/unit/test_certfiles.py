@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mailserver.certfiles import (MAX_PEM_BYTES, CertificateError, check_files, file_signature,
-                                  load_pair, parse_pair, write_pair)
+                                  load_pair, load_pair_or_previous, parse_pair, previous_key,
+                                  write_pair)
 
 
 def make_pem(cn: str = "mail.example.org", issuer_key=None) -> tuple[bytes, bytes]:
@@ -130,3 +131,21 @@ def test_stored_pairs_are_private(tmp_path):
         assert stat.S_IMODE((target / name).stat().st_mode) == 0o600
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     assert load_pair(target / "certificate.pem", target / "private-key.pem").key_pem == key
+
+
+def test_a_crash_between_key_and_certificate_keeps_the_old_pair_servable(tmp_path):
+    """kill -9 after the new key is in place and before the new certificate: the old
+    certificate with the old key (kept beside it) is what loads, not nothing."""
+    cert_path, key_path = tmp_path / "certificate.pem", tmp_path / "private-key.pem"
+    old_cert, old_key = make_pem("old.example.org")
+    new_cert, new_key = make_pem("new.example.org")
+    write_pair(cert_path, key_path, parse_pair(old_cert, old_key))
+    assert not previous_key(key_path).exists()
+    previous_key(key_path).write_bytes(old_key)   # what write_pair keeps first ...
+    key_path.write_bytes(new_key)                  # ... then the new key: the crash here
+    with pytest.raises(CertificateError, match="does not belong"):
+        load_pair(cert_path, key_path)
+    assert load_pair_or_previous(cert_path, key_path).subject == "CN=old.example.org"
+    write_pair(cert_path, key_path, parse_pair(new_cert, new_key))   # the next renewal
+    assert load_pair_or_previous(cert_path, key_path).subject == "CN=new.example.org"
+    assert not previous_key(key_path).exists()
