@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from mailserver.acme_client import (ACME_IDENTIFIER_OID, HTTP01, TLS_ALPN01, AcmeNames,
                                     AcmeSettings, AcmeStore, ChallengeBoard, Outcome,
                                     PendingChallenge, ensure_certificate, renewal_reason)
+from mailserver.addresses import HOST_NAME
 from mailserver.fsutil import unlink_quietly, write_durably
 from mailserver.maildir.uidlist import DotLock, LockTimeout
 
@@ -64,8 +65,6 @@ MAX_SHARED_FILES = 256             # per look at a directory (an order has at mo
 # token "." base64url(JWK thumbprint).
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _KEY_AUTHORIZATION_RE = re.compile(r"([A-Za-z0-9_-]{16,128})\.[A-Za-z0-9_-]{16,128}")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-NAME_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
 _KEY_MARKER = b"-----BEGIN PRIVATE KEY-----"
 
 
@@ -167,7 +166,7 @@ class SharedChallengeBoard(ChallengeBoard):
         if challenge.kind == HTTP01:
             return self.http_dir / challenge.token if TOKEN_RE.fullmatch(challenge.token) \
                 else None
-        return self.alpn_dir / f"{challenge.domain}.pem" if NAME_RE.fullmatch(challenge.domain) \
+        return self.alpn_dir / f"{challenge.domain}.pem" if HOST_NAME.fullmatch(challenge.domain) \
             else None
 
     # The listeners' side.
@@ -204,7 +203,7 @@ class SharedChallengeBoard(ChallengeBoard):
         now = time.time()
         for entry in _entries(self.alpn_dir):
             name = entry.name[:-4] if entry.name.endswith(".pem") else ""
-            if not NAME_RE.fullmatch(name):
+            if not HOST_NAME.fullmatch(name):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)

@@ -20,7 +20,11 @@ MAX_DOMAIN_OCTETS = 253
 # RFC 5322 atext minus '%' and '!', which only ever serve relay tricks.
 _ATOM = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL_TEXT = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_LABEL = re.compile(_LABEL_TEXT)
+# A host name as DNS hands it over (lower case, no final dot): letters, digits and
+# hyphens in dot-separated labels (RFC 1123 2.1), 253 octets at most.
+HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL_TEXT}(?:\.{_LABEL_TEXT})*")
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f]|\s")  # \s: the characters str.isspace() accepts
 
 

@@ -1294,7 +1294,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 lambda gone: (self._announce_expunged(gone), self.done(tag, b"MOVE completed")))
 
         # Held while the copy runs: a parallel APPEND's or COPY's check counts it.
-        release = self.imap_account.reserve(0 if move else size)  # type: ignore[union-attr]
+        release = (lambda: None) if move else self.imap_account.reserve(size)  # type: ignore[union-attr]
         d = self.folder.copy_to(uids, dest).addCallback(copied)
         return d.addBoth(lambda result: (release(), result)[1])
 

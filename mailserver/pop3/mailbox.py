@@ -170,8 +170,7 @@ class POP3Mailbox:
         wanted = {e.base for e in self.entries if e.deleted}
         if not wanted:
             return defer.succeed((0, 0))
-        holds = getattr(self._locks, "holds", None)
-        if holds is not None and not holds(self._lock_key):
+        if not self._locks.holds(self._lock_key):
             # Another node's session has the mailbox now (our lock went while this node's
             # database connection was down): it decides what is deleted.
             return defer.fail(MailboxLockLost())

@@ -712,7 +712,6 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self.reply(R.LOCAL_ERROR)
             return
         self.context.metrics.message_received(inc.ended, len(outcome.delivered))
-        self.message_accepted(inc.queue_id)
         self._errors = 0
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {inc.queue_id}"))
         # The log line after the 250: its formatting and write are not the client's wait.
@@ -731,9 +730,6 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
     def message_complete(self) -> Reply | None:
         """Called when a message is whole, before it is committed: a refusal, or None."""
         return None
-
-    def message_accepted(self, queue_id: str) -> None:
-        """Called just before the 250 for a message; for per-user accounting."""
 
     def _commit_failed(self, failure: Failure, inc: _Incoming) -> None:
         inc.delivery.abort()

@@ -264,13 +264,20 @@ class SubmissionSession(QuotaChecks, SMTPSession):
         if self._greeted and self._sender is None:
             if not self.authenticated:
                 return self.reply(AUTH_REQUIRED if self.auth_allowed else STARTTLS_FIRST)
-            rate = self.context.rate
-            if rate is not None and not rate.allowed(self.username):
-                self.log.info("submission {ip}: {user} over the hourly message limit",
-                              ip=self.peer_ip, user=self.username)
-                self.context.metrics.rejected(RATE_LIMITED)
-                return self.reply(RATE_LIMITED)
+            refusal = self._over_rate()
+            if refusal is not None:
+                self.context.metrics.rejected(refusal)
+                return self.reply(refusal)
         super().do_MAIL(rest)
+
+    def _over_rate(self) -> Reply | None:
+        """RATE_LIMITED when the user has sent messages_per_hour messages this hour."""
+        rate = self.context.rate
+        if rate is None or rate.allowed(self.username):
+            return None
+        self.log.info("submission {ip}: {user} over the hourly message limit",
+                      ip=self.peer_ip, user=self.username)
+        return RATE_LIMITED
 
     def check_mail_param(self, key: str, value: str | None) -> None:
         if key == "AUTH":  # RFC 4954 5: accepted; we know who the user is
@@ -322,15 +329,10 @@ class SubmissionSession(QuotaChecks, SMTPSession):
         commit: MAIL's check alone let parallel connections all pass before any of their
         messages counted.  (A commit that then fails still counts: rare, and on the safe
         side.)"""
-        rate = self.context.rate
-        if rate is None:
-            return None
-        if not rate.allowed(self.username):
-            self.log.info("submission {ip}: {user} over the hourly message limit",
-                          ip=self.peer_ip, user=self.username)
-            return RATE_LIMITED
-        rate.record(self.username)
-        return None
+        refusal = self._over_rate()
+        if refusal is None and self.context.rate is not None:
+            self.context.rate.record(self.username)
+        return refusal
 
 
 def build_factory(server: Any, name: str) -> SMTPFactory:

@@ -115,15 +115,15 @@ class SubmissionDelivery:
             addresses = mailbox_addresses(from_values) or []
             if not addresses:
                 self._error = FROM_UNREADABLE
-            elif not all(self.accounts.may_send_as(self.user, a) for a in addresses):
+            elif not self._owns(addresses):
                 self._error = FROM_NOT_OWNED
         if addresses:
             self.from_domain = addresses[0].rpartition("@")[2].lower()
         for name in _SENDER_FIELDS:
             values = field_values(fields, name)
             if values and self._error is None:
-                owned = mailbox_addresses(values)
-                if not owned or not all(self.accounts.may_send_as(self.user, a) for a in owned):
+                named = mailbox_addresses(values)
+                if not named or not self._owns(named):
                     self._error = SENDER_NOT_OWNED
         if any(n in _BLIND_FIELDS for n, _ in fields):
             head = without_fields(head, _BLIND_FIELDS)
@@ -134,6 +134,9 @@ class SubmissionDelivery:
         if not added:
             return head
         return head + ("\r\n".join(added) + "\r\n").encode("utf-8", "replace")
+
+    def _owns(self, addresses: list[str]) -> bool:
+        return all(self.accounts.may_send_as(self.user, a) for a in addresses)
 
     def abort(self) -> None:
         if self._spool is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import secrets
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import BinaryIO, Iterable, Literal
 
 from mailserver.smtp.queue.envelope import Envelope, RecipientState
 
@@ -31,8 +31,7 @@ def read_original_headers(message: Path, prefix: str, limit: int = MAX_ORIGINAL_
             if not line.endswith(b"\n"):
                 # Longer than a line may be: its first 998 octets, the rest skipped (not
                 # made into lines of their own that are no header fields).
-                while (more := f.readline(_LINE_CAP + 2)) and not more.endswith(b"\n"):
-                    pass
+                _skip_to_line_end(f)
                 line = line[:_LINE_CAP].rstrip(b"\r") + b"\r\n"
             head += line
     if len(head) > limit:
@@ -42,6 +41,13 @@ def read_original_headers(message: Path, prefix: str, limit: int = MAX_ORIGINAL_
     while head[:1] in (b" ", b"\t"):
         head = head.split(b"\n", 1)[1] if b"\n" in head else b""
     return head
+
+
+def _skip_to_line_end(f: BinaryIO) -> None:
+    """Read past the rest of the current line (bounded pieces, never the whole line)."""
+    more = f.readline(_LINE_CAP + 2)
+    while more and not more.endswith(b"\n"):
+        more = f.readline(_LINE_CAP + 2)
 
 
 def _ascii(text: str) -> str:

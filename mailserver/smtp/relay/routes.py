@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 from twisted.names import client, dns, error
 
+from mailserver.addresses import HOST_NAME
 from mailserver.inbound.dns import describe_failure
 from mailserver.smtp.queue.attempt import AttemptResult
 
-# A host name an MX record may name: letters, digits, hyphens (and the underscores some
-# zones use) in dot-separated labels.  Anything else (a CR or LF, a space: DNS carries any
-# octet) is never connected to, nor written into a log line or a bounce.
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
 MAX_MX_HOSTS = 8       # hosts tried in one attempt; the rest of a long list waits
 MAX_ADDRESSES = 4      # addresses per host
@@ -89,7 +84,9 @@ def mx_hosts(resolver: Any, domain: str):
             raise RouteError(AttemptResult.failed(
                 f"domain {domain} does not accept mail (null MX)", "5.1.10"))
         hosts = [h for h in hosts if h[1]]
-    usable = [h for h in hosts if _HOST_NAME.fullmatch(h[1])]
+    # RFC 5321 2.3.5: an MX names a host.  Anything else (a CR or LF, a space: DNS carries
+    # any octet) is never connected to, nor written into a log line or a bounce.
+    usable = [h for h in hosts if HOST_NAME.fullmatch(h[1])]
     if not usable:
         raise RouteError(AttemptResult.temporary(
             f"DNS lookup of MX {domain}: no usable host name in the answer", "4.4.3"))
