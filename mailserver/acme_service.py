@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mailserver.acme_client import (TLS_ALPN01, AcmeNames, AcmeSettings, AcmeStore,
                                     Cancelled, ChallengeBoard, Outcome, ensure_certificate,
@@ -41,6 +40,7 @@ log = Logger()
 
 CHECK_INTERVAL = 86400.0   # the daily renewal check
 RETRY_BUSY = 300.0         # another node holds the order lock: look again this much later
+STOP_WAIT = 5.0            # how long a stop waits for a conversation with the CA to end
 
 
 class AcmeService(service.Service):
@@ -57,9 +57,6 @@ class AcmeService(service.Service):
         self.reactor = reactor
         self.tls: ReloadingContextFactory | None = None
         self.failures = 0
-        # One thread: one ACME conversation at a time, and never in the reactor's pool
-        # (an order can take minutes of waiting for the CA).
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="acme")
         self._cancel = threading.Event()
         self._daily: LoopingCall | None = None
         self._retry: IDelayedCall | None = None
@@ -98,7 +95,6 @@ class AcmeService(service.Service):
     def startService(self) -> None:
         super().startService()
         self._cancel.clear()
-        self._pool.start()
         self._daily = LoopingCall(self.check, "daily check")
         self._daily.clock = self.reactor
         self._daily.start(CHECK_INTERVAL, now=True)
@@ -119,8 +115,25 @@ class AcmeService(service.Service):
             self._alpn_poll.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        self._pool.stop()
-        return super().stopService()
+        super().stopService()
+        if self._running is None:
+            return None
+        # The conversation sees the cancel between its steps, but a request to the CA
+        # in flight ends only with its answer or NETWORK_TIMEOUT: wait a little, without
+        # holding the reactor, then leave its (daemon) thread to the process's exit.
+        stopped: defer.Deferred[None] = defer.Deferred()
+
+        def settle(result: Any = None) -> Any:
+            if not stopped.called:
+                if timer.active():
+                    timer.cancel()
+                else:
+                    log.info("acme: not waiting longer for the CA's answer")
+                stopped.callback(None)
+            return result
+        timer = self.reactor.callLater(STOP_WAIT, settle)
+        self._running.addBoth(settle)
+        return stopped
 
     def check(self, why: str = "") -> defer.Deferred:
         """Issue or renew if needed.  Never fails (failures are logged and retried)."""
@@ -137,8 +150,8 @@ class AcmeService(service.Service):
         ensure = ensure_certificate
         if self.settings.shared:
             from mailserver.acme_shared import ensure_certificate_shared as ensure
-        d = threads.deferToThreadPool(self.reactor, self._pool, ensure,
-                                      self.settings, wanted, self.board, self._cancel)
+        d = in_own_thread(self.reactor, ensure, self.settings, wanted, self.board,
+                          self._cancel)
         d.addCallbacks(self._succeeded, self._failed)
         self._running = d
 
@@ -192,6 +205,27 @@ class AcmeService(service.Service):
             self._refreshing = False
         d.addErrback(lambda f: log.failure("acme: reading the shared challenges failed", f))
         d.addBoth(done)
+
+
+def in_own_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    """f(*args) in a thread of its own, its result fired in the reactor.
+
+    Not the reactor's pool (an order can take minutes of waiting for the CA) and not a
+    pool of our own either: stopping a pool joins its threads, which would hold the
+    reactor until a request to the CA times out.  The thread is a daemon, so a stop can
+    leave it behind.  (One conversation at a time is AcmeService.check's doing.)
+    """
+    d: defer.Deferred = defer.Deferred()
+
+    def run() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            reactor.callFromThread(d.errback, Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
+    threading.Thread(target=run, name="acme", daemon=True).start()
+    return d
 
 
 def _one_line(failure: Failure) -> str:
