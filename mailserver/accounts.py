@@ -530,6 +530,27 @@ def resolve_with(lookup: Lookup, address: str, separator: str) -> Resolution:
     return Resolution("ok", tuple(users.values()), tuple(remote))
 
 
+def any_postmaster(accounts: IAccounts) -> tuple[str, Resolution] | None:
+    """The first local domain's postmaster that leads somewhere: its address and where
+    it goes (None when no domain has one)."""
+    for domain in accounts.list_domains():
+        address = f"postmaster@{domain}"
+        res = accounts.resolve(address)
+        if res.kind == "ok" and (res.local or res.remote):
+            return address, res
+    return None
+
+
+def with_postmaster(accounts: IAccounts, address: str, res: Resolution) -> Resolution:
+    """`res` for `address`, except that a local domain's postmaster with no user or alias
+    of its own is another domain's (any_postmaster): RFC 5321 4.5.1 wants postmaster@
+    every domain we take mail for, and `domain add` does not make one."""
+    if res.kind != "unknown" or address.rpartition("@")[0].lower() != "postmaster":
+        return res
+    found = any_postmaster(accounts)
+    return found[1] if found is not None else res
+
+
 def may_send_as_with(lookup: Lookup, login: str, address: str, separator: str) -> bool:
     """May the user `login` use `address` as sender (RFC 6409 8.1 territory)?
 

@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from mailserver.accounts import any_postmaster, with_postmaster
 from mailserver.addresses import AddressError, check_recipient_syntax
 from mailserver.connlimit import LimitedFactory
 from mailserver.smtp import replies as R
@@ -37,11 +38,10 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
     451 4.3.0 while the accounts cannot be trusted to be current."""
     if path.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted without a domain
         _require_current(context)
-        for domain in context.accounts.list_domains():
-            res = context.accounts.resolve(f"postmaster@{domain}")
-            if res.kind == "ok":
-                return Recipient(f"postmaster@{domain}", res.local, res.remote)
-        raise SMTPReplyError(R.UNKNOWN_USER)
+        res = any_postmaster(context.accounts)
+        if res is None:
+            raise SMTPReplyError(R.UNKNOWN_USER)
+        return Recipient(res[0], res[1].local, res[1].remote)
     try:
         address = check_recipient_syntax(path)
     except AddressError:
@@ -53,6 +53,7 @@ def resolve_local(context: SMTPContext, path: str) -> Recipient:
     if res.kind == "nonlocal":
         raise SMTPReplyError(R.RELAY_DENIED)
     _require_current(context)
+    res = with_postmaster(context.accounts, address, res)
     if res.kind != "ok" or not (res.local or res.remote):
         raise SMTPReplyError(R.UNKNOWN_USER)
     return Recipient(address, res.local, res.remote)

@@ -31,7 +31,7 @@ def recipient_states(recipient: Recipient) -> list[RecipientState]:
 
 def route_address(accounts: "Accounts", address: str) -> list[RecipientState]:
     """Where a message the server writes itself (a DSN) to `address` goes; [] if nowhere."""
-    res = accounts.resolve(address)
+    res = with_postmaster(accounts, address, accounts.resolve(address))
     if res.kind == "nonlocal":
         return [RecipientState(address, "remote")]
     if res.kind != "ok":

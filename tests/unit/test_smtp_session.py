@@ -105,6 +105,33 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertIn(b"8BITMIME", keywords)
         self.assertNotIn(b"AUTH", keywords)
 
+    @defer.inlineCallbacks
+    def test_postmaster_of_every_local_domain(self):
+        """RFC 5321 4.5.1: postmaster (bare, or @ any local domain) reaches someone, even
+        where a domain has no postmaster of its own: the first domain's that has one."""
+        acc = self.s.accounts
+        acc.add_domain("other.test")
+        self.s.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster@other.test>\r\n"
+                    b"RCPT TO:<postmaster>\r\n")
+        self.assertEqual(self.s.codes(), [250, 250, 550, 550])   # nobody has one yet
+        acc.add_alias("postmaster@example.test", ["bob@example.test"])
+        self.s.send(b"RCPT TO:<PostMaster@other.test>\r\nRCPT TO:<postmaster>\r\n"
+                    b"RCPT TO:<postmaster+x@other.test>\r\nRCPT TO:<webmaster@other.test>\r\n"
+                    b"DATA\r\n")
+        self.assertEqual(self.s.codes(), [250, 250, 550, 550, 354])
+        self.s.send(b"Subject: hi\r\n\r\nx\r\n.\r\n")
+        codes, _ = yield self.s.wait_codes(1)
+        self.assertEqual(codes, [250])
+        self.assertEqual(len(self.s.stored("bob")), 1)   # one copy for the two RCPTs
+        # A domain's own postmaster wins over the shared one.
+        acc.add_alias("postmaster@other.test", ["alice@example.test"])
+        self.s.send(b"MAIL FROM:<>\r\nRCPT TO:<postmaster@other.test>\r\nDATA\r\n")
+        self.assertEqual(self.s.codes(), [250, 250, 354])
+        self.s.send(b"Subject: hi\r\n\r\nx\r\n.\r\n")
+        codes, _ = yield self.s.wait_codes(1)
+        self.assertEqual(codes, [250])
+        self.assertEqual((len(self.s.stored("alice")), len(self.s.stored("bob"))), (1, 1))
+
     def test_sequence_errors(self):
         self.s.send(b"MAIL FROM:<a@b.test>\r\n")
         self.assertEqual(self.s.codes(), [503])
