@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 from twisted.internet import defer
 from twisted.logger import LogLevel
 from twisted.web import resource
@@ -316,8 +316,11 @@ class MetricsPage(resource.Resource):
         self.registry = registry
 
     def render_GET(self, request: "Request") -> bytes:
-        encoder, content_type = choose_encoder(
-            (request.getHeader(b"accept") or b"").decode("latin-1"))  # type: ignore[union-attr]
+        try:
+            encoder, content_type = choose_encoder(
+                (request.getHeader(b"accept") or b"").decode("latin-1"))  # type: ignore[union-attr]
+        except Exception:  # an Accept it cannot read (version=abc): the text format
+            encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encoder(_WithoutCreated(self.registry))

@@ -54,6 +54,8 @@ def parse(data: bytes) -> ET.Element:
         raise XMLRefused(f"malformed XML: {expat.ErrorString(e.code)}") from None
     except AssertionError:  # TreeBuilder: no root element
         raise XMLRefused("malformed XML: no element") from None
+    except XMLRefused:  # a DOCTYPE or depth refusal from a handler: as it is
+        raise
     except (LookupError, ValueError) as e:   # an encoding expat cannot use ("utf-7", "hex")
         raise XMLRefused(f"unusable XML encoding: {type(e).__name__}") from None
 

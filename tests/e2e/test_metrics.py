@@ -193,6 +193,14 @@ def test_metrics_page_is_the_only_page(metrics_server):
     assert status == 200
     assert headers["content-type"].startswith("application/openmetrics-text"), headers
     assert body.rstrip().endswith("# EOF")
+    # An Accept header the exposition library cannot read: the text format, not a 500
+    # (and no critical log line, which alerts would count).
+    for accept in ("text/plain; version=abc", "application/openmetrics-text; version=1.x"):
+        status, headers, body = http_get(port, "/metrics", headers={"Accept": accept})
+        assert status == 200, (accept, status)
+        assert headers["content-type"].startswith("text/plain"), headers
+        assert "mailserver_" in body
+    assert "critical" not in metrics_server.log_text()
     # Scrapes are not in the log (one line each would flood it).
     assert "/metrics" not in metrics_server.log_text()
 

@@ -302,6 +302,14 @@ def test_dtds_and_entities_are_refused(body):
     assert Client().post("/autodiscover/autodiscover.xml", body).status == 400
 
 
+def test_safexml_says_why_it_refused():
+    with pytest.raises(safexml.XMLRefused, match="DOCTYPE|entit"):
+        safexml.parse(b'<!DOCTYPE x [<!ENTITY a "b">]><a/>')
+    with pytest.raises(safexml.XMLRefused) as deep:
+        safexml.parse(b"<Autodiscover>" + b"<a>" * 40)
+    assert "encoding" not in str(deep.value)
+
+
 def test_safexml_keeps_namespaces_and_text():
     root = safexml.parse(b'<a xmlns="urn:x"><b>1 &amp; 2</b></a>')
     assert root.tag == "{urn:x}a" and root[0].text == "1 & 2"
