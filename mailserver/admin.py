@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from mailserver.accounts import Accounts, AccountsError, IAccounts, open_accounts
-from mailserver.addresses import AddressError, normalize_domain, split_address
+from mailserver.addresses import AddressError, normalize, normalize_domain, split_address
 from mailserver.config import Config, default_config_path, ConfigError, load_config, parse_size
 from mailserver.listening import probe
 from mailserver.passwords import hash_password, is_supported_hash
@@ -542,9 +542,28 @@ def cmd_user_del(config: Config, args: argparse.Namespace) -> int:
     local, domain = _address(args.address)
     with _open_accounts(config) as accounts:
         user = accounts.del_user(f"{local}@{domain}")
+        naming = _aliases_naming(accounts, user.address)
     maildir = config.maildir_root / user.domain / user.localpart
     print(f"user {user.address} deleted (mail kept in {maildir})")
+    if naming:
+        # What `alias add` refuses to make: a local target that reaches nobody.
+        _warn(f"{len(naming)} alias(es) still name {user.address}, whose mail now goes nowhere "
+              f"there: {', '.join(naming)} (see `alias list`; `alias del` removes one)")
     return 0
+
+
+def _aliases_naming(accounts: IAccounts, address: str) -> list[str]:
+    """The aliases (and catch-alls) with `address` among their targets, any case."""
+    out = []
+    for source, targets in accounts.list_aliases():
+        for target in targets:
+            try:
+                if normalize(target) == address:
+                    out.append(source)
+                    break
+            except AddressError:
+                continue
+    return out
 
 
 def cmd_user_list(config: Config, args: argparse.Namespace) -> int:

@@ -253,6 +253,24 @@ def test_user_del_and_list(run, config):
     assert_error(run("user", "del", "a@example.org"), "no such user")
 
 
+def test_user_del_names_the_aliases_left_pointing_at_nobody(run, config):
+    run("domain", "add", "example.org")
+    for user in ("a", "b"):
+        run("user", "add", f"{user}@example.org", "--password-stdin", stdin="pw\n")
+    run("alias", "add", "sales@example.org", "A@example.org,b@example.org")
+    run("alias", "add", "@example.org", "a@example.org")
+    run("alias", "add", "help@example.org", "b@example.org")
+    code, out, err = run("user", "del", "a@example.org")
+    assert code == 0 and out.startswith("user a@example.org deleted")
+    assert "warning: 2 alias(es) still name a@example.org" in err
+    assert "@example.org, sales@example.org" in err and "help@" not in err
+    code, out, err = run("user", "del", "b@example.org")
+    assert code == 0 and "sales@example.org" in err and "help@example.org" in err
+    run("user", "add", "c@example.org", "--password-stdin", stdin="pw\n")
+    code, out, err = run("user", "del", "c@example.org")
+    assert code == 0 and err == ""
+
+
 def test_user_import_dovecot_passwd_file(run, config, tmp_path):
     run("domain", "add", "example.org")
     run("user", "add", "exists@example.org", "--password-stdin", stdin="pw\n")
