@@ -472,7 +472,7 @@ class AppendCommand:
             return None
         session = self.session
         ref = parse_imap_url(url, user=session.user or "", hostname=session.context.hostname,
-                             selected=session._selected_name if session.folder is not None
+                             selected=session.folder.name if session.folder is not None
                              else None)
         folder = session.imap_account.folder(ref.mailbox)  # type: ignore[union-attr]
         d = folder.refresh()

@@ -26,6 +26,9 @@ class IIMAPAccount(Interface):
     def list_folders() -> list[Any]:
         """Every folder (FolderEntry), INBOX first."""
 
+    def loaded_folder(name: str) -> Any:
+        """The Folder of `name` if it is in memory, else None (nothing is loaded)."""
+
     def create_folder(name: str, special_use: str | None = None) -> None:
         """Create a folder (and missing parents), with a special use (RFC 6154 3)."""
 
@@ -82,6 +85,10 @@ class IMAPAccount:
 
     def list_folders(self) -> list[Any]:
         return self.account.list_folders()
+
+    def loaded_folder(self, name: str) -> Any:
+        """The Folder of `name` if it is in memory (None: not loaded, or no such one)."""
+        return self.account.loaded_folder(name)
 
     def create_folder(self, name: str, special_use: str | None = None) -> None:
         self.account.create_folder(name, special_use)

@@ -32,6 +32,7 @@ import base64
 import bisect
 import re
 import time
+import unicodedata
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from twisted.cred.error import UnauthorizedLogin
@@ -147,6 +148,15 @@ class CommandFailed(Exception):
         self.status = status
 
 
+def _nfc_only(name: str) -> str:
+    """A name for a new folder (CREATE, RENAME's target) in Unicode NFC (RFC 9051 5.1).
+    An IMAP4rev2 client's names are normalised as they come; another client's are taken
+    as sent, and one made in another form would be out of an IMAP4rev2 client's reach."""
+    if not name.isascii() and unicodedata.normalize("NFC", name) != name:
+        raise CommandFailed(b"[CANNOT] Mailbox names must be in Unicode normalization form C")
+    return name
+
+
 class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Session,
                   U.UTF8Session, AppendCommands, CompressCommands, PeerFacts,
                   LimitedProtocolMixin, imap4.IMAP4Server):
@@ -176,7 +186,6 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self.imap_account: IMAPAccount | None = None
         # Selected state:
         self.folder: Any = None
-        self._selected_name = ""
         self.readonly = True
         self.view: list[int] = []           # UIDs; sequence number = index + 1
         self._view_shared = False           # view is the folder's list: copy before changing
@@ -512,6 +521,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self.tagged(tag, err.status, err.text)
         elif failure.check(NoSuchFolder):
             self.tagged(tag, b"NO", b"[NONEXISTENT] No such mailbox")
+            if self.folder is not None and not self.folder.path.is_dir():
+                self.folder_deleted(self.folder)  # by another process: seen only now
         elif failure.check(FolderExists):
             self.tagged(tag, b"NO", b"[ALREADYEXISTS] Mailbox already exists")
         elif failure.check(InvalidFolderName):
@@ -710,7 +721,6 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def _selected(self, tag: bytes, folder: Any, readonly: bool, folder_name: str,
                   qresync: C.QresyncPlan | None = None) -> defer.Deferred | None:
         self.folder = folder
-        self._selected_name = folder_name
         self.readonly = readonly
         self.state = "select"
         self.view = folder.shared_uids()
@@ -803,7 +813,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def cmd_auth_CREATE(self, tag: bytes, args: Arguments) -> defer.Deferred:
         args.space()
         raw = args.astring()
-        name = self._decode_name(raw).rstrip(".")
+        name = _nfc_only(self._decode_name(raw).rstrip("."))
         attributes = SU.parse_create_params(args)  # RFC 4466 2.2, RFC 6154 3 USE
         if name == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
@@ -833,7 +843,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         args.end()
         if name == "INBOX":
             raise CommandFailed(b"[CANNOT] INBOX cannot be deleted")
-        if self.folder is not None and self._selected_name == name:
+        selected = self.imap_account.loaded_folder(name)  # type: ignore[union-attr]
+        if self.folder is not None and selected is self.folder:
             # The client is told it is no longer in the selected state (RFC 9051 7.1,
             # RFC 7162 3.2.11): its next FETCH would otherwise get a BAD out of nowhere.
             self._deselect()
@@ -845,7 +856,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         args.space()
         old = self._mailbox_name(args)
         args.space()
-        new = self._mailbox_name(args).rstrip(".")
+        new = _nfc_only(self._mailbox_name(args).rstrip("."))
         args.end()
         if new == "INBOX":
             raise CommandFailed(b"[ALREADYEXISTS] INBOX always exists")
@@ -1310,6 +1321,18 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def messages_expunged(self, uids: list[int]) -> None:
         self._pending_expunged.update(uids)
         self._push_if_idle()
+
+    def folder_deleted(self, folder: Any) -> None:
+        """The selected folder was deleted by another session or process (a DELETE of
+        this session deselects first).  As Dovecot does: a BYE and the end of the
+        connection, since nothing the client knows of the folder holds any more and
+        every later command on it would fail; the client reconnects and sees the tree
+        as it is."""
+        if folder is not self.folder or self._closing:
+            return
+        self._deselect()
+        self.untagged(b"BYE Selected mailbox was deleted, have to disconnect")
+        self._close()
 
     def flags_changed(self, infos: list[Any]) -> None:
         for info in infos:

@@ -34,7 +34,9 @@ SUBSCRIPTIONS_V2_HEADER = b"V\t2\n\n"
 NAME_MAX = 255  # bytes in one path component on the file systems we run on
 
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+,]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, and the line and paragraph separators: never in a folder name
+# (RFC 6855 3, RFC 9051 5.1), whichever way the client wrote it.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # -- user directories -------------------------------------------------------------------

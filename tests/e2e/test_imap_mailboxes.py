@@ -520,6 +520,123 @@ def test_delete(imap_server):
         c.close()
 
 
+def test_selected_mailbox_deleted_by_another_session_ends_the_session(imap_server):
+    """As Dovecot: a BYE and the end of the connection, not a session whose NOOP, CHECK,
+    CLOSE and EXPUNGE all fail from then on."""
+    user = new_user(imap_server, "delsel")
+    a = RawIMAP.login(imap_server, user)
+    b = RawIMAP.login(imap_server, user)
+    idle = RawIMAP.login(imap_server, user)
+    try:
+        a.ok("CREATE Gone")
+        assert a.append("Gone", msg(1)).status == "OK"
+        b.select("Gone")
+        idle.select("Gone")
+        idle.send(b"i1 IDLE\r\n")
+        assert idle.wait_for(rb"^\+ ", 5)[0] is not None
+        a.ok("DELETE Gone")
+        r = b.command("NOOP")
+        assert any(u.startswith(b"BYE ") for u in r.untagged), str(r)
+        assert b.closed_by_server()
+        line, seen = idle.wait_for(rb"^\* BYE ", 5)
+        assert line is not None, seen
+        assert idle.closed_by_server()
+        # The same name made again is a new folder, which a new session sees as such.
+        a.ok("CREATE Gone")
+        c = RawIMAP.login(imap_server, user)
+        r = c.select("Gone")
+        assert r.numbers(b"EXISTS") == [0], str(r)
+        c.close()
+    finally:
+        for conn in (a, b, idle):
+            conn.close()
+
+
+def test_selected_mailbox_deleted_on_disk_ends_the_session(imap_server):
+    """Removed by another process (not through this server): found at the next command."""
+    import shutil
+
+    user = new_user(imap_server, "delsel2")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        c.ok("CREATE Away")
+        assert c.append("Away", msg(1)).status == "OK"
+        c.select("Away")
+        shutil.rmtree(imap_server.maildir(user) / ".Away")
+        r = c.command("NOOP")
+        assert r.status == "NO", str(r)
+        line, seen = c.wait_for(rb"^\* BYE ", 5)
+        assert line is not None, seen
+        assert c.closed_by_server()
+    finally:
+        c.close()
+
+
+def test_delete_closes_the_selection_by_folder_not_by_name(imap_server):
+    """The selection follows a RENAME: DELETE of a new folder under the old name leaves it
+    alone, DELETE under the new name (any INBOX case) closes it."""
+    user = new_user(imap_server, "delren")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        c.ok("CREATE C1")
+        assert c.append("C1", msg(1)).status == "OK"
+        c.select("C1")
+        c.ok("RENAME C1 C2")
+        c.ok("CREATE C1")
+        r = c.ok("DELETE C1")
+        assert "CLOSED" not in r.codes(), str(r)
+        assert c.command("FETCH 1 (UID)").status == "OK"   # still selected: C2
+        r = c.ok("DELETE C2")
+        assert "CLOSED" in r.codes(), str(r)
+        assert c.command("FETCH 1 (UID)").status == "BAD"  # not selected any more
+        c.ok("CREATE INBOX.x")
+        c.select("inbox.x")
+        r = c.ok("DELETE INBOX.x")
+        assert "CLOSED" in r.codes(), str(r)
+        assert c.command("NOOP").status == "OK"
+    finally:
+        c.close()
+
+
+def test_catenate_relative_url_follows_a_renamed_selection(imap_server):
+    """A relative URL (;UID=n) means the selected mailbox, under whatever name it has now,
+    not a new mailbox made under its old name."""
+    user = new_user(imap_server, "catren")
+    a = RawIMAP.login(imap_server, user)
+    other = RawIMAP.login(imap_server, user)
+    try:
+        a.ok("CREATE R1")
+        assert a.append("R1", msg("first")).status == "OK"
+        a.select("R1")
+        other.ok("RENAME R1 R2")
+        other.ok("CREATE R1")
+        assert other.append("R1", msg("second")).status == "OK"
+        r = a.command('APPEND Drafts CATENATE (URL ";UID=1")')
+        assert r.status == "OK", str(r)
+        a.select("Drafts")
+        assert list(message_ids(a).values()) == ["<mfirst@remote.test>"]
+    finally:
+        a.close()
+        other.close()
+
+
+def test_folder_names_without_controls_or_separators_and_in_nfc(imap_server):
+    """RFC 6855 3 / RFC 9051 5.1, for clients of every kind: no C1 controls, no U+2028 or
+    U+2029, and new names in NFC (else an IMAP4rev2 client could not reach them)."""
+    user = new_user(imap_server, "names")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        for name in ('"x&AIU-y"', '"&ICg-"', '"&ICk-"', '"e&AwE-"'):   # U+0085, 2028, 2029, NFD
+            r = c.command(f"CREATE {name}")
+            assert r.status == "NO", (name, str(r))
+        c.ok('CREATE "&AOk-"')   # é precomposed: NFC
+        r = c.command('RENAME "&AOk-" "e&AwE-"')
+        assert r.status == "NO", str(r)
+        assert "&AOk-" in list_entries(c.ok('LIST "" "*"'))
+    finally:
+        c.close()
+
+
 # -- extensions -------------------------------------------------------------------------------
 
 def test_special_use(imap_server):
