@@ -437,6 +437,7 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
             if info is None or seq is None:
                 continue  # expunged by another session; its EXPUNGE comes later
             msg = _Message(session, u)
+            started = False
             try:
                 refusal = _binary_refusal(ctx, msg, u, binary) if binary else None
                 if refusal is not None:
@@ -450,10 +451,14 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                     if isinstance(piece, bytes):
                         out.append(piece if first else b" " + piece)
                     else:
+                        # The file open before any of the row goes out: once open, it
+                        # reads to its end even if an expunge unlinks it meanwhile.
+                        msg.data  # noqa: B018
                         if not first:
                             out.append(b" ")
                         batch.append(b"".join(out))
                         out = []
+                        started = True
                         yield b"".join(batch)
                         batch, size = [], 0
                         yield from piece
@@ -468,6 +473,13 @@ def fetch_responses(session: "IMAPSession", uids: list[int], items: list[Any],
                 line = b"".join(out)
                 batch.append(line)
                 size += len(line)
+            except FileNotFoundError:
+                if started:
+                    raise
+                # Expunged meanwhile by another session (its thread unlinks the file
+                # before the reactor hears of it) or process: left out, as a message
+                # already gone is (RFC 2180 4.1.1); its EXPUNGE comes later.
+                continue
             finally:
                 msg.close()
             if size > CHUNK:
@@ -584,30 +596,10 @@ def _summary_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[in
             info = infos.get(u)
             if info is None or seq is None:
                 continue  # expunged by another session; its EXPUNGE comes later
-            parts = []
-            for kind, label, names, item in plan:
-                if kind == "envelope":
-                    value = envelopes.get(u)
-                    if value is None:
-                        parts.append(_fetch_slow(ctx, info, item))
-                    else:
-                        parts.append(b"ENVELOPE " + (value if isinstance(value, bytes)
-                                                     else value.encode("utf-8", "surrogateescape")))
-                elif kind == "lines":
-                    value = kept_lines.get(u)
-                    if value is None:
-                        parts.append(_fetch_slow(ctx, info, item))
-                    else:
-                        data = summary.fields_from_lines(value, names, memo)
-                        parts.append(b"%s%d}\r\n%s" % (label, len(data), data))
-                elif kind == "uid":
-                    parts.append(b"UID %d" % u)
-                elif kind == "flags":
-                    parts.append(b"FLAGS " + ctx.flags(info))
-                elif kind == "modseq":
-                    parts.append(b"MODSEQ (%d)" % info.modseq)
-                else:
-                    parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
+            try:
+                parts = _summary_parts(ctx, plan, u, info, envelopes, kept_lines, memo)
+            except FileNotFoundError:
+                continue  # expunged meanwhile (see fetch_responses)
             if u in seen_changed and not wants_flags:
                 parts.append(b"FLAGS " + ctx.flags(info))
                 if condstore and not wants_modseq:  # RFC 7162 3.1: with its MODSEQ
@@ -621,6 +613,38 @@ def _summary_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[in
                 batch, size = [], 0
     if batch:
         yield WholeResponses(b"".join(batch))
+
+
+def _summary_parts(ctx: _FetchContext, plan: list[tuple[str, Any, Any, Any]], u: int,
+                   info: Any, envelopes: dict[int, Any], kept_lines: dict[int, bytes],
+                   memo: dict[bytes, Any]) -> list[bytes]:
+    """The items of one row of _summary_responses: from the index values where they are,
+    else from the file (FileNotFoundError when it is gone)."""
+    parts = []
+    for kind, label, names, item in plan:
+        if kind == "envelope":
+            value = envelopes.get(u)
+            if value is None:
+                parts.append(_fetch_slow(ctx, info, item))
+            else:
+                parts.append(b"ENVELOPE " + (value if isinstance(value, bytes)
+                                             else value.encode("utf-8", "surrogateescape")))
+        elif kind == "lines":
+            value = kept_lines.get(u)
+            if value is None:
+                parts.append(_fetch_slow(ctx, info, item))
+            else:
+                data = summary.fields_from_lines(value, names, memo)
+                parts.append(b"%s%d}\r\n%s" % (label, len(data), data))
+        elif kind == "uid":
+            parts.append(b"UID %d" % u)
+        elif kind == "flags":
+            parts.append(b"FLAGS " + ctx.flags(info))
+        elif kind == "modseq":
+            parts.append(b"MODSEQ (%d)" % info.modseq)
+        else:
+            parts.append(b"INTERNALDATE " + internal_date(info.internaldate))
+    return parts
 
 
 def _fetch_slow(ctx: _FetchContext, info: Any, item: Any) -> bytes:

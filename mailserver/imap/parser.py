@@ -82,19 +82,16 @@ class SequenceSet:
         return False
 
     def select(self, candidates: list[int], largest: int) -> list[int]:
-        """The members of sorted `candidates` (e.g. UIDs) that lie in the set."""
+        """The members of sorted `candidates` (e.g. UIDs) that lie in the set, ascending.
+        Over the merged runs: a set that names the same range thousands of times
+        ("1:*,1:*,...") costs one slice, not one per repetition."""
         import bisect
 
         out: list[int] = []
-        for lo, hi in self.ranges:
-            a = largest if lo is None else lo
-            b = largest if hi is None else hi
-            if a > b:
-                a, b = b, a
-            i = bisect.bisect_left(candidates, a)
-            j = bisect.bisect_right(candidates, b)
-            out.extend(candidates[i:j])
-        return sorted(set(out)) if len(self.ranges) > 1 else out
+        for a, b in self.spans(largest):
+            out.extend(candidates[bisect.bisect_left(candidates, a):
+                                  bisect.bisect_right(candidates, b)])
+        return out
 
 
 @dataclass(frozen=True)

@@ -1222,12 +1222,20 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             raise BadCommand("invalid STORE item")
         self._require_writable()
         uids = self._resolve(seqset, uid)
-        if unchanged_since is None:
-            d = self.folder.store_flags(uids, flags, mode, origin=self).addCallback(
-                lambda changed: (changed, []))
-        else:
+        if unchanged_since is not None:
             self.enable_condstore()  # RFC 7162 3.1
-            d = self.folder.conditional_store(uids, flags, mode, unchanged_since, origin=self)
+        folder = self.folder
+
+        def store(_: Any) -> defer.Deferred:
+            if unchanged_since is None:
+                return folder.store_flags(uids, flags, mode, origin=self).addCallback(
+                    lambda changed: (changed, []))
+            return folder.conditional_store(uids, flags, mode, unchanged_since, origin=self)
+        # On the flags as the files have them now: a change another process made (a
+        # rename of the file) would otherwise make this STORE look like no change, and
+        # be lost; UNCHANGEDSINCE compares with mod-sequences that count it.  (Four
+        # stat() calls when nothing changed.)
+        d = folder.refresh().addCallback(store)
 
         def stored(result: tuple[list[Any], list[int]]) -> None:
             changed, conflicts = result
@@ -1353,8 +1361,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self._pending_expunged = set()
             self._announce_expunged(gone)
         if self._pending_added:
+            # Not one the folder no longer has: expunged before this session was told of
+            # it (by this session's own EXPUNGE, which tells no one else, or another's).
+            by_uid = self.folder.by_uid
             added = [i for i in self._pending_added if not self._in_view(i.uid)
-                     and i.uid not in self._pending_expunged]
+                     and i.uid not in self._pending_expunged and by_uid(i.uid) is not None]
             self._pending_added = []
             if added:
                 for info in sorted(added, key=lambda i: i.uid):

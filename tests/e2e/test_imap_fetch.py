@@ -345,6 +345,29 @@ def test_body_fetch_sets_seen_but_peek_does_not(imap_server):
         c2.close()
 
 
+def test_fetch_leaves_out_a_message_whose_file_went_away(imap_server):
+    """A file unlinked under a FETCH (another session's EXPUNGE, whose thread unlinks
+    before the reactor hears of it, or another process): the message is left out (RFC
+    2180 4.1.1), not a row cut off by the tagged reply."""
+    user = new_user(imap_server, "gone")
+    for i in range(3):
+        deliver(imap_server, user, subject=f"m{i}")
+    c = RawIMAP.login(imap_server, user, select="INBOX")
+    try:
+        cur = imap_server.maildir(user) / "cur"
+        [second] = [f for f in cur.iterdir() if b"Subject: m1\r\n" in f.read_bytes()]
+        second.unlink()
+        for items in ("BODY.PEEK[]", "(UID BODY.PEEK[HEADER] BODY.PEEK[TEXT])",
+                      "(ENVELOPE BODY.PEEK[HEADER.FIELDS (X-NOT-INDEXED)])"):
+            r = c.command(f"FETCH 1:3 {items}")
+            assert r.status == "OK", (items, str(r))
+            assert sorted(r.fetches()) == [1, 3], (items, str(r))
+        r = c.ok("NOOP")
+        assert r.numbers(b"EXPUNGE") == [2], str(r)
+    finally:
+        c.close()
+
+
 def test_fetch_with_imaplib(imap_server, corpus):
     conn = imap_login(imap_server, corpus.user)
     try:

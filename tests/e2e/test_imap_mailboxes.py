@@ -273,6 +273,48 @@ def test_expunge(imap_server):
         c.close()
 
 
+def test_expunge_of_a_message_not_yet_announced_leaves_no_ghost(imap_server):
+    """A \\Deleted message another session appended, expunged by this session's EXPUNGE
+    before this session was told of it: never announced as EXISTS (RFC 3501 7.4.1)."""
+    user = new_user(imap_server, "ghost")
+    a = RawIMAP.login(imap_server, user, select="INBOX")
+    b = RawIMAP.login(imap_server, user)
+    try:
+        assert b.append("INBOX", msg(1), flags="\\Deleted").status == "OK"
+        r = a.ok("EXPUNGE")
+        assert r.numbers(b"EXISTS") == [], str(r)
+        assert a.command("SEARCH ALL").search() == []
+        assert b.append("INBOX", msg(2)).status == "OK"
+        r = a.ok("NOOP")
+        assert r.numbers(b"EXISTS") == [1], str(r)
+        assert message_ids(a) == {1: "<m2@remote.test>"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_store_acts_on_the_flags_the_file_has_now(imap_server):
+    """A flag another process took away (by renaming the file) is set again by the next
+    +FLAGS, not lost because the session's copy still had it."""
+    user = new_user(imap_server, "stale")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        assert c.append("INBOX", msg(1)).status == "OK"
+        c.select("INBOX")
+        c.ok("STORE 1 +FLAGS (\\Seen)")
+        [path] = message_files(imap_server.maildir(user))
+        assert path.name.endswith(":2,S"), path.name
+        path.rename(path.with_name(path.name[:-1]))        # another process: unseen
+        r = c.ok("STORE 1 +FLAGS (\\Seen)")
+        assert "\\Seen" in flags_of(r.fetches()[1]["FLAGS"]), str(r)
+        [path] = message_files(imap_server.maildir(user))
+        assert path.name.endswith(":2,S"), path.name
+        r = c.ok("NOOP")
+        assert not r.fetches() or "\\Seen" in flags_of(r.fetches()[1]["FLAGS"]), str(r)
+    finally:
+        c.close()
+
+
 def test_uid_expunge_only_given_uids(imap_server):
     user = new_user(imap_server, "uidexp")
     c = RawIMAP.login(imap_server, user)
