@@ -849,7 +849,14 @@ class FolderDisk:
                 ul = self._current_uidlist(view)
                 kw, _ = self._current_keywords()
                 wanted = [self._canonical(kw, i.flags) for i in items]
-                letters = [letters_for(f, kw.letter) for f in wanted]
+                dropped: set[str] = set()
+                letters = [letters_for(f, _letter_or_none(kw, dropped)) for f in wanted]
+                if dropped:
+                    # As Dovecot: the messages are copied, without the keywords this
+                    # folder has no letter left for (a full table must not keep mail
+                    # from being filed).
+                    log.warning("copy into %s: keywords %s left out (the folder has no "
+                                "keyword letter left)", self.name, ", ".join(sorted(dropped)))
                 if kw.dirty:
                     kw.write()
                 found: dict[str, tuple[str, str]] | None = None
@@ -1079,6 +1086,18 @@ def _stat_all(listing: Mapping[str, tuple[str, str]], fds: Mapping[str, int],
         order = arrival_order({entry[1]: entry[0] for entry in entries})
         entries = [by_base[base] for base in order]
     return entries
+
+
+def _letter_or_none(kw: Keywords, dropped: set[str]) -> Callable[[str], str]:
+    """kw.letter, but "" (no letter) for a keyword the table has no room for, whose
+    name goes into `dropped`."""
+    def letter(name: str) -> str:
+        try:
+            return kw.letter(name)
+        except KeywordLimit:
+            dropped.add(name)
+            return ""
+    return letter
 
 
 def mtime_seconds(ns: int) -> float:

@@ -213,6 +213,27 @@ def _uid_set(text: bytes) -> list[int]:
     return out
 
 
+def test_copy_into_a_folder_without_keyword_letters_left_drops_only_the_keywords(imap_server):
+    """As Dovecot: a full keyword table (26) must not keep a message from being filed."""
+    user = new_user(imap_server, "kwfull")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        c.ok("CREATE Full")
+        many = " ".join(f"kw{i}" for i in range(26))
+        assert c.append("Full", msg(1), flags=many).status == "OK"
+        assert c.append("INBOX", msg(2), flags="\\Seen kw3 extra").status == "OK"
+        c.select("INBOX")
+        c.ok("COPY 1 Full")
+        c.ok("MOVE 1 Full")
+        c.select("Full")
+        rows = c.fetch("1:*", "FLAGS")
+        assert len(rows) == 3, rows
+        for n in (2, 3):
+            assert flags_of(rows[n]["FLAGS"]) - {"\\Recent"} == {"\\Seen", "kw3"}, rows[n]
+    finally:
+        c.close()
+
+
 def test_append_flags_date_and_appenduid(imap_server):
     user = new_user(imap_server, "append")
     c = RawIMAP.login(imap_server, user)
