@@ -782,7 +782,7 @@ class _Compiler:
             if not got[0] and not counting:
                 return False
             if fast is not None:
-                return fast(got[0], got[1])
+                return fast(got[0], got[1], run.check_time)
             return keys.test(got[0], frame, run, got[1])
         return _probed(header, keys, key, values)
 
@@ -815,7 +815,7 @@ class _Compiler:
             if not got[0] and not counting:
                 return False
             if fast is not None:
-                return fast(got[0], got[1])
+                return fast(got[0], got[1], run.check_time)
             return keys.test(got[0], frame, run, got[1])
         return _probed(address, keys, key, values_of)
 

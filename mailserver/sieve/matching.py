@@ -14,7 +14,7 @@ limit interrupts even a huge pattern on a huge text.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ASCII_LOWER = str.maketrans(_UPPER, _UPPER.lower())
@@ -219,6 +219,35 @@ def quote_wildcards(s: str) -> str:
     return s.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
 
 
+# Comparisons (each weighted by its value's length in KiB, plus one) between two looks at
+# the CPU time limit: one test of thousands of keys against thousands of values (or
+# megabytes of body) must not run unchecked for seconds, in the reactor at that.
+CHECK_EVERY = 512
+
+
+def work_of(values: Sequence[str], keys: Sequence[Any]) -> int:
+    """The weighted comparisons of testing every value against every key."""
+    return len(keys) * (len(values) + sum(len(v) for v in values) // 1024)
+
+
+def _checked_contains(values: Sequence[str], keys: Sequence[str],
+                      check: Callable[[], None]) -> bool:
+    """Any key in any value, looking at the time limit every CHECK_EVERY of work."""
+    work = 0
+    for v in values:
+        weight = 1 + len(v) // 1024
+        step = max(1, CHECK_EVERY // weight)
+        for start in range(0, len(keys), step):
+            for k in keys[start:start + step]:
+                if k in v:
+                    return True
+            work += weight * step
+            if work >= CHECK_EVERY:
+                work = 0
+                check()
+    return False
+
+
 class Matcher:
     """One (comparator, match type) applied to values and keys (RFC 5228 2.7).
 
@@ -261,15 +290,20 @@ class Matcher:
         if self.kind == "is":
             wanted = frozenset(keys)
 
-            def is_(values: Sequence[str], folded: Sequence[str]) -> bool:
+            def is_(values: Sequence[str], folded: Sequence[str],
+                    check: Callable[[], None] | None = None) -> bool:
                 for v in (folded if use_folded else values):
                     if v in wanted:
                         return True
                 return False
             return is_
 
-        def contains(values: Sequence[str], folded: Sequence[str]) -> bool:
-            for v in (folded if use_folded else values):
+        def contains(values: Sequence[str], folded: Sequence[str],
+                     check: Callable[[], None] | None = None) -> bool:
+            vs = folded if use_folded else values
+            if check is not None and work_of(vs, keys) > CHECK_EVERY:
+                return _checked_contains(vs, keys, check)
+            for v in vs:
                 for k in keys:
                     if k in v:
                         return True
@@ -292,6 +326,8 @@ class Matcher:
             folded = values
         elif folded is None or self.comparator != "i;ascii-casemap":
             folded = [ascii_lower(v) for v in values] if self.comparator == "i;ascii-casemap" else values
+        if check is not None and work_of(folded, prepared) > CHECK_EVERY:
+            return self._checked_test(values, folded, prepared, check)
         if kind == "contains":
             for fv in folded:
                 for k in prepared:
@@ -315,3 +351,33 @@ class Matcher:
         # :value
         op, cmp = self.op, self.comparator
         return any(op(ordered_cmp(cmp, v, k)) for v in values for k in prepared)
+
+    def _checked_test(self, values: Sequence[str], folded: Sequence[str], prepared: list,
+                      check: Callable[[], None]) -> bool | list[str]:
+        """test() for much work: the same answers, with `check` called every CHECK_EVERY
+        of it (it raises when the script's time is up)."""
+        kind = self.kind
+        if kind == "contains":
+            return _checked_contains(folded, prepared, check)
+        if kind == "is" and self.comparator != "i;ascii-numeric":
+            wanted = set(prepared)   # string equality, as the list's: one lookup a value
+            return any(fv in wanted for fv in folded)
+        op, cmp = self.op, self.comparator
+        work = 0
+        for v, fv in zip(values, folded):
+            weight = 1 + len(fv) // 1024
+            for k in prepared:
+                work += weight
+                if work >= CHECK_EVERY:
+                    work = 0
+                    check()
+                if kind == "matches":
+                    groups = k.match(fv, v, check)
+                    if groups is not None:
+                        return groups
+                elif kind == "is":
+                    if numeric_cmp(v, k) == 0:
+                        return True
+                elif op(ordered_cmp(cmp, v, k)):
+                    return True
+        return False
