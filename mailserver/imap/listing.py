@@ -18,7 +18,6 @@ Which names a command returns (RFC 5258 3, 3.5; RFC 3501 6.3.9):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 

@@ -19,7 +19,7 @@ def parse_zone(text: str) -> timezone | None:
     if m is None:
         return None
     hours, minutes = int(m.group(2)), int(m.group(3))
-    if minutes > 59:
+    if minutes > 59 or hours > 23:   # no such offset ("+2500"): as a malformed zone
         return None
     offset = timedelta(hours=hours, minutes=minutes)
     return timezone(-offset if m.group(1) == "-" else offset)

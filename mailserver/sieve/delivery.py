@@ -49,7 +49,8 @@ from mailserver.maildir.names import INBOX
 from mailserver.sieve import reject as rejection
 from mailserver.sieve.actions import Keep, Result
 from mailserver.sieve import scripts as stored
-from mailserver.sieve.interpreter import Envelope, Limits, SieveIncludeError, evaluate
+from mailserver.sieve.interpreter import (Envelope, Limits, SieveIncludeBroken,
+                                          SieveIncludeError, evaluate)
 from mailserver.sieve.message import Message
 from mailserver.sieve.parser import Script, SieveSyntaxError, parse
 from mailserver.sieve.plan import (INBOX_DEFAULT, REDIRECT_MARK, DefaultFolder, Plan, Store,
@@ -571,8 +572,9 @@ class SieveDelivery:
     @defer.inlineCallbacks
     def _includes(self, target: Target, roots: list[Script]):
         """Every script the chain includes, compiled (those missing left out: the
-        interpreter's run-time error, RFC 6609 3.2, unless :optional)."""
-        found: dict[tuple[str, bool], Script] = {}
+        interpreter's run-time error, RFC 6609 3.2, unless :optional); one that is there
+        but cannot be used, as the reason why (a run-time error even when :optional)."""
+        found: dict[tuple[str, bool], Script | str] = {}
         todo = [inc for s in roots for inc in s.includes]
         while todo and len(found) < MAX_INCLUDED:
             name, is_global = todo.pop()
@@ -581,10 +583,12 @@ class SieveDelivery:
             path = self._include_path(target, name, is_global)
             if path is None:
                 continue
-            script, _ = yield _now(self._compiled.get(path, _stat_key(path), name))
+            script, error = yield _now(self._compiled.get(path, _stat_key(path), name))
             if script is not None:
                 found[(name, is_global)] = script
                 todo.extend(script.includes)
+            elif error != "not found":
+                found[(name, is_global)] = str(error) or "cannot be used"
         return found
 
     def _evaluate(self, msg: Incoming, head: bytes, target: Target) -> Any:
@@ -611,7 +615,8 @@ class SieveDelivery:
                     self._run_chain, chain, error if user is None else "", msg, head, target)
         return self._run_chain(None, chain, error if user is None else "", msg, head, target)
 
-    def _run_chain(self, includes: dict[tuple[str, bool], Script] | None, chain: list[Script],
+    def _run_chain(self, includes: dict[tuple[str, bool], Script | str] | None,
+                   chain: list[Script],
                    error: str, msg: Incoming, head: bytes, target: Target) -> Any:
         """`includes`: None when no script of the chain includes any (then the loader and,
         unless a script requires "mailbox", the folder check are never asked)."""
@@ -621,6 +626,9 @@ class SieveDelivery:
                 script = includes.get((name, is_global))
                 if script is None:
                     raise SieveIncludeError(f'included script "{name}" not found')
+                if isinstance(script, str):
+                    raise SieveIncludeBroken(f'included script "{name}" cannot be used: '
+                                             f'{script}')
                 return script
         if includes is not None or _requires(chain, "mailbox"):
             def mailbox_exists(name: str) -> bool:   # RFC 5490 3.1 (a stat)

@@ -27,7 +27,8 @@ from mailserver.sieve.matching import Matcher, ascii_lower, quote_wildcards
 from mailserver.sieve.message import Message
 from mailserver.sieve.parser import VARIABLE_REF, Node, Script, valid_address
 
-__all__ = ["Envelope", "Limits", "Loader", "SieveIncludeError", "evaluate"]
+__all__ = ["Envelope", "Limits", "Loader", "SieveIncludeBroken", "SieveIncludeError",
+           "evaluate"]
 
 MAX_VARIABLE_SIZE = 4000            # octets of one variable's value, as Pigeonhole
 MAX_VARIABLES = 1000                # variables one script may set
@@ -47,6 +48,12 @@ _SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\
 
 class SieveIncludeError(Exception):
     """Raised by a Loader for a script that is missing or does not parse."""
+
+
+class SieveIncludeBroken(SieveIncludeError):
+    """Raised by a Loader for a script that is there but cannot be used (it does not
+    compile, or cannot be read): a run-time error even for include :optional, which
+    excuses only a script that does not exist (RFC 6609 3.2)."""
 
 
 Loader = Callable[[str, bool], Script]
@@ -585,7 +592,7 @@ class _Compiler:
                 try:
                     script = run.loader(name, is_global)
                 except SieveIncludeError as exc:
-                    if optional:
+                    if optional and not isinstance(exc, SieveIncludeBroken):
                         return
                     raise SieveRuntimeError(f"line {line}: include {name!r}: {exc}") from None
                 run.loaded[key] = script

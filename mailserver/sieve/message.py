@@ -4,6 +4,7 @@ Twisted-free."""
 
 from __future__ import annotations
 
+import codecs
 import html
 import os
 import re
@@ -20,12 +21,19 @@ _NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
+def _stray_octets(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    return error.object[error.start:error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("mailserver-sieve-latin1", _stray_octets)
+
+
 def _text(raw: bytes) -> str:
-    """Header bytes as text: UTF-8 (RFC 6532), else Latin-1 so no octet is lost."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+    """Bytes as text: UTF-8 (RFC 6532), each octet that is no part of valid UTF-8 read as
+    Latin-1, so no octet is lost, and one stray octet does not turn the UTF-8 around it
+    into mojibake ("caf\xc3\xa9 na\xefve" still contains "café")."""
+    return raw.decode("utf-8", "mailserver-sieve-latin1")
 
 
 def unfold(value: str) -> str:
@@ -129,10 +137,7 @@ def parse_fields(header: bytes) -> list[Field]:
                 append(Field("", "", line))         # not a field: kept to be written back
             continue
         value = line[colon + 1:]
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = value.decode("latin-1")
+        text = _text(value)
         append(Field(name.decode("ascii"), text, line))
     return fields
 
@@ -206,10 +211,7 @@ class _Lookup:
             if end < 0:                                 # the last line, without CRLF
                 end = len(header) - 1 if header.endswith(b"\r") else len(header)
             value = header[colon + 1:end]
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                text = value.decode("latin-1")
+            text = _text(value)
             f = self.at[start] = Field.found(lname, text, header[start:end])
         return f
 

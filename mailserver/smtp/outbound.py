@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mailserver.accounts import with_postmaster
 from mailserver.smtp.delivery import Recipient
 from mailserver.smtp.queue.envelope import RecipientState
 from mailserver.smtp.queue.local import QueueLocalDelivery

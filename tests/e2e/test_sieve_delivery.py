@@ -318,6 +318,24 @@ def test_run_time_error_delivers_to_inbox_and_logs(server):
         log[-2000:]
 
 
+def test_optional_include_of_a_broken_script_is_a_run_time_error(server):
+    """RFC 6609 3.2: :optional excuses a script that does not exist, not one that does
+    not compile (Pigeonhole: error, implicit keep; the rest of the script did run)."""
+    maildir = server.maildir(ALICE)
+    install_script(server, ALICE, 'require ["include", "fileinto"];\n'
+                   'include :optional "absent";\ninclude :optional "broken";\n'
+                   'fileinto "Archive";\n')
+    (maildir / "sieve" / "broken.sieve").write_text("if {\n")
+    assert mx_send(server, message("<ob1@example.test>"), [ALICE])[0] == 250
+    assert holding(server, ALICE, b"<ob1@example.test>")
+    assert not holding(server, ALICE, b"<ob1@example.test>", "Archive")
+    assert re.search(r"keep \(run-time error: .*broken", server.log_text())
+    # Mended: the optional includes are fine again (the missing one is still excused).
+    (maildir / "sieve" / "broken.sieve").write_text("keep;\n")
+    assert mx_send(server, message("<ob2@example.test>"), [ALICE])[0] == 250
+    assert holding(server, ALICE, b"<ob2@example.test>", "Archive")
+
+
 def test_a_changed_script_is_used_by_the_next_delivery(server):
     install_script(server, ALICE, 'require "fileinto";\nfileinto "Archive";\n')
     assert mx_send(server, message("<ch1@example.test>"), [ALICE])[0] == 250

@@ -12,7 +12,7 @@ import pytest
 
 from mailserver.sieve.actions import FileInto, Keep, Redirect, Reject, Vacation
 from mailserver.sieve.interpreter import (
-    MAX_VARIABLE_SIZE, Envelope, Limits, SieveIncludeError, evaluate,
+    MAX_VARIABLE_SIZE, Envelope, Limits, SieveIncludeBroken, SieveIncludeError, evaluate,
 )
 from mailserver.sieve.message import Message
 from mailserver.sieve.parser import Script, parse
@@ -306,6 +306,11 @@ def test_date_zones() -> None:
     assert not truth('date :is "date" "year" "1997"', req, MSG.replace(b"Date: Tue", b"Date: garbage Tue"))
     assert not truth('date :is "x-none" "year" "1997"', req)
     assert not truth('date :is "date" "nosuchpart" "1997"', req)
+    # An offset no clock has ("+2500", "-9959") is a malformed zone: the local one, and
+    # the run goes on (it ended in an internal error, no rule of the script applied).
+    for zone in ("+2500", "-9959", "+2400"):
+        assert truth(f'date :zone "{zone}" :is "date" "zone" "-0500"', req)
+        assert truth(f'currentdate :zone "{zone}" :value "ge" "year" "2000"', '"date", "relational"')
 
 
 def test_date_of_received_is_after_the_semicolon() -> None:
@@ -367,6 +372,12 @@ def test_include_once_optional_and_missing() -> None:
     assert r.actions == [Keep(implicit=True)] and "nope" in r.error
     r = run('require "include"; include "p";')           # no loader at all
     assert r.actions == [Keep(implicit=True)] and r.error
+
+    def broken(name: str, is_global: bool) -> Script:
+        raise SieveIncludeBroken(f"{name} does not compile")
+    r = run('require ["include", "fileinto"]; include :optional "b"; fileinto "x";',
+            include=broken)
+    assert r.actions == [Keep(implicit=True)] and "does not compile" in r.error
 
 
 def test_include_return_and_stop() -> None:

@@ -212,6 +212,17 @@ def test_one_test_of_many_keys_against_many_values_is_cut_by_the_cpu_limit() -> 
         assert r.actions == [Keep(implicit=True)] and "CPU time" in (r.error or ""), src[:40]
 
 
+def test_a_stray_octet_does_not_spoil_the_utf8_around_it() -> None:
+    """Pigeonhole matches "café" in "caf\\xc3\\xa9 and na\\xefve"; the whole value read as
+    Latin-1 (because of one octet) turned it into "cafÃ©"."""
+    msg = MSG.replace(b"X-Caffeine: C8H10N4O2", b"X-Mixed: caf\xc3\xa9 and na\xefve")
+    assert truth('header :contains "X-Mixed" "caf\u00e9"', msg)
+    assert truth('header :contains "X-Mixed" "na\u00efve"', msg)   # the stray octet: Latin-1
+    assert truth('header :matches "X-Mixed" "caf? *"', msg)
+    latin1 = MSG.replace(b"X-Caffeine: C8H10N4O2", b"X-Mixed: na\xefve")
+    assert truth('header :is "X-Mixed" "na\u00efve"', latin1)
+
+
 def test_header_fields_scanned_are_capped() -> None:
     from mailserver.sieve.message import MAX_HEADER_FIELDS
     many = b"".join(b"X-N: %d\r\n" % i for i in range(MAX_HEADER_FIELDS + 10))
