@@ -44,11 +44,25 @@ def _printable(text: str) -> str:
                    if c in "\t\r\n" or c.isprintable())
 
 
+def _ascii(value: str) -> str:
+    """`value` in ASCII (RFC 8601's grammar is; no SMTPUTF8 here): a domain, or the
+    domain of local@domain, as its A-labels (a selector is a DNS label too), anything
+    else that is not ASCII as "?"."""
+    local, at, domain = value.rpartition("@")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        domain = "".join(c if c.isascii() else "?" for c in domain)
+    return "".join(c if c.isascii() else "?" for c in local) + at + domain
+
+
 @cache_short(maxsize=4096)
 def _value(value: str) -> str:
     """An RFC 2045 token or local-part@domain as it is, anything else quoted.
     Remembered: the same domains, selectors and senders come back message after message."""
     value = _printable(value)
+    if not value.isascii():
+        value = _ascii(value)
     if (_TOKEN_RE.fullmatch(value) or _ADDRESS_RE.fullmatch(value)) and len(value) <= MAX_TOKEN:
         return value
     out, size = ['"'], 2

@@ -291,11 +291,10 @@ class InboundChecker:
                     verdict = Verdict("tempfail", R.FILTER_TEMPFAIL)
             else:
                 is_spam = spam.action in ("add header", "rewrite subject", "reject")
-                symbols = ",".join(spam.symbols[:40])
                 extra = (f"X-Spam: {'Yes' if is_spam else 'No'}\r\n"
                          f"X-Spam-Status: {'Yes' if is_spam else 'No'}, score={spam.score:.2f} "
                          f"required={spam.required_score:.2f}\r\n"
-                         f"\ttests={symbols}\r\n").encode("utf-8", "replace")
+                         f"{_folded_tests(spam.symbols[:40])}\r\n").encode("utf-8", "replace")
                 if verdict.action != "reject":
                     if spam.action == "reject":
                         verdict = Verdict("reject", _with_message(R.SPAM_REJECT, spam.message))
@@ -352,3 +351,17 @@ def build_checker(server: Any) -> InboundChecker:
                              run_in_thread=workers)
     checker.preload_orgs()  # the packaged list: in a thread, once the reactor runs
     return checker
+
+
+def _folded_tests(symbols: list[str]) -> str:
+    """"\ttests=A,B,..." folded before a symbol that would pass 78 columns: forty of
+    rspamd's names on one line passed the 998 octets a line may have (RFC 5322 2.1.1)."""
+    lines, line = [], "\ttests="
+    for i, symbol in enumerate(symbols):
+        piece = symbol + ("," if i < len(symbols) - 1 else "")
+        if len(line) + len(piece) > 78 and not line.endswith("="):
+            lines.append(line)
+            line = "\t"
+        line += piece
+    lines.append(line)
+    return "\r\n".join(lines)

@@ -58,6 +58,12 @@ def test_no_results():
     ("line\r\nInjected: yes", '"line  Injected: yes"'),
     ("@example.com", "@example.com"),
     ("a@b@c.test", '"a@b@c.test"'),
+    # RFC 8601's grammar is ASCII: domains (and selectors, DNS labels too) as A-labels,
+    # other non-ASCII as "?" (a d= of a forged signature carried raw UTF-8 in).
+    ("b\u00e4nk.example", "xn--bnk-qla.example"),
+    ("ceo@b\u00e4nk.example", "ceo@xn--bnk-qla.example"),
+    ("s\u00e9l", "xn--sl-bja"),
+    ("j\u00f6rg@example.com", "j?rg@example.com"),
 ])
 def test_values_are_quoted_unless_tokens(value, written):
     field = format_header(ID, [("spf", "pass", "", {"smtp.mailfrom": value})])

@@ -6,6 +6,7 @@ blocklists, and a message's way through the checks into INBOX, Junk or a refusal
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -408,6 +409,27 @@ class MXInboundTests(unittest.TestCase):
         self.assertIn(b"score=9.50 required=15.00", head)
         self.assertNotIn(b"X-Spam: No", head)
         self.assertNotIn(b"score=-100", head)
+
+    @defer.inlineCallbacks
+    def test_spam_status_of_many_symbols_is_folded(self):
+        """Forty symbol names on one tests= line passed the 998 octets of a line."""
+        names = tuple(f"SYMBOL_NAME_{i:02d}_" + "X" * 100 for i in range(40))
+
+        class Filter:
+            def check(self, path, **envelope):
+                return defer.succeed(SpamVerdict("add header", 9.5, 15.0, names))
+
+        s = self.session(rspamd=Filter())
+        s.lines()
+        code, _ = yield self.transaction(s, "x@good.example", message("x@good.example"))
+        self.assertEqual(code, 250)
+        [path] = s.files(folder="Junk")
+        head = path.read_bytes().split(b"\r\n\r\n")[0]
+        self.assertLessEqual(max(len(line) for line in head.split(b"\r\n")), 998)
+        unfolded = re.sub(rb"\r\n[ \t]+", b"", head)
+        tests = re.search(rb"\r\nX-Spam-Status: [^\r]*tests=([^\r]*)", b"\r\n" + unfolded)
+        self.assertIsNotNone(tests)
+        self.assertEqual(tests.group(1).decode().split(","), list(names))
 
     @defer.inlineCallbacks
     def test_spam_filter_reject_and_unavailable(self):
