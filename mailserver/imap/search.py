@@ -8,7 +8,6 @@ stalls other clients.
 from __future__ import annotations
 
 import bisect
-import calendar
 import datetime
 import email
 import email.policy
@@ -126,7 +125,7 @@ class Row:
 
     def search_fields(self) -> tuple[str, ...]:
         """(base, *SEARCH_COLUMNS) as the index keeps them: text case-folded, date as is."""
-        return (self.base, *(self.field_text(f).casefold() for f in SEARCH_FIELDS[:-1]),
+        return (self.base, *(search_form(self.field_text(f)) for f in SEARCH_FIELDS[:-1]),
                 self.header_text("date"))
 
     def message(self) -> Any:
@@ -145,8 +144,11 @@ address_text = summary.address_text
 Predicate = Callable[[Row], bool]
 
 
+search_form = summary.search_form
+
+
 def _contains(haystack: str, needle: str) -> bool:
-    return needle.casefold() in haystack.casefold()
+    return search_form(needle) in search_form(haystack)
 
 
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
@@ -169,26 +171,45 @@ def _sent_day(value: str) -> int | None:
     parsed = email.utils.parsedate_tz(value) if value else None
     if not parsed:
         return None
-    # RFC 3501: compare the date in the header's own time zone, ignoring the time.
+    # RFC 3501: compare the date in the header's own time zone, ignoring the time.  A
+    # day the month does not have (31 Jun) is no date, not the 1st of July.
     try:
-        return calendar.timegm((parsed[0], parsed[1], parsed[2], 0, 0, 0, 0, 0, 0)) // 86400
+        return datetime.date(parsed[0], parsed[1], parsed[2]).toordinal() - _EPOCH_ORDINAL
     except (ValueError, OverflowError, TypeError):   # year 99999, month 13: no date
         return None
 
 
 def _body_text(row: Row, with_headers: bool) -> str:
+    """The text BODY (or, `with_headers`, TEXT) searches: every text part decoded, and
+    for TEXT the header fields of the message and of each part and attached message in
+    it (they are all in the message's text, RFC 3501 6.4.4)."""
     msg = row.message()
     texts = []
-    if with_headers:
-        texts.extend(f"{k}: {v}" for k, v in msg.items())
     for part in msg.walk():
+        if with_headers:
+            texts.extend(f"{k}: {v}" for k, v in part.items())
         if part.get_content_maintype() == "text":
-            try:
-                texts.append(part.get_content())
-            except Exception:
-                payload = part.get_payload(decode=True) or b""
-                texts.append(payload.decode("utf-8", "replace"))
+            texts.append(_part_text(part))
     return "\n".join(texts)
+
+
+def _part_text(part: Any) -> str:
+    """A text part decoded.  8-bit text in a part that names no charset, or US-ASCII (a
+    common mislabelling), is read as UTF-8 when it is that, else as Latin-1: decoded as
+    ASCII, "été" became replacement characters no search finds."""
+    charset = part.get_content_charset()
+    if charset in (None, "us-ascii", "ascii"):
+        payload = part.get_payload(decode=True) or b""
+        if isinstance(payload, bytes) and not payload.isascii():
+            try:
+                return payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return payload.decode("latin-1")
+    try:
+        return part.get_content()
+    except Exception:
+        payload = part.get_payload(decode=True) or b""
+        return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
 
 
 class FieldTest:
@@ -199,7 +220,7 @@ class FieldTest:
     def __init__(self, field: str, needle: str | None = None,
                  day_test: Callable[[int], bool] | None = None) -> None:
         self.column = _COLUMNS[field]
-        self.needle = needle.casefold() if needle is not None else None
+        self.needle = search_form(needle) if needle is not None else None
         self.day_test = day_test
         self.matches: set[str] = set()
 
@@ -252,6 +273,12 @@ class Query:
     def in_memory(self) -> bool:
         """Whether the key is answered from the folder's memory alone (no disk)."""
         return not (self.fields or self.needs_size or self.reads_files)
+
+
+def _has_field(field: str) -> Query:
+    """RFC 3501 6.4.4 HEADER with an empty string: the messages with a field `field`."""
+    name = field.lower().encode("latin-1", "replace")
+    return Query(lambda r: any(k == name for k, _ in r.headers()), reads_files=True)
 
 
 def parse_search(args: Arguments) -> Query:
@@ -366,14 +393,17 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
         present = word == b"KEYWORD"
         return Query(lambda r: any(f.lower() == kw.lower() for f in r.flags) == present)
     if word in _HEADER_KEYS:
-        return _field_key(_HEADER_KEYS[word], _text_arg(args, charset))
+        field = _HEADER_KEYS[word]
+        needle = _text_arg(args, charset)
+        if not needle:   # as HEADER: the messages that have the field (not every one)
+            return _has_field(field)
+        return _field_key(field, needle)
     if word == b"HEADER":
         args.space()
         field = args.astring().decode("ascii", "replace")
         needle = _text_arg(args, charset)
         if not needle:
-            return Query(lambda r: any(k == field.lower().encode() for k, _ in r.headers()),
-                         reads_files=True)
+            return _has_field(field)
         if field.lower() in _COLUMNS and field.lower() != "date":
             return _field_key(field.lower(), needle)
         return Query(lambda r: _contains(r.header_text(field), needle), reads_files=True)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import datetime
 import email.utils
+import functools
 import json
 import os
 import re
@@ -46,7 +48,7 @@ THREAD_ALGORITHMS = frozenset((b"ORDEREDSUBJECT", b"REFERENCES"))
 CHARSETS = (b"UTF-8", b"US-ASCII")
 MAX_CRITERIA = 32          # sort criteria in one SORT (REVERSE not counted)
 MAX_REFERENCES = 1000      # msg-ids of one message used for threading (the last ones)
-CACHE_KEY = "sort1"        # folder-index cache key of a message's SortKeys (JSON)
+CACHE_KEY = "sort2"        # folder-index cache key of a message's SortKeys (JSON)
 HEAD_LIMIT = 256 * 1024    # octets of an oversized header section still looked at
 # The header fields read from each message (lower case, as mime.parse_headers gives them).
 FIELDS = (b"date", b"subject", b"from", b"to", b"cc", b"message-id", b"references",
@@ -215,8 +217,8 @@ def base_subject(subject: str) -> tuple[str, bool]:
             s = s[5:-1]
             reply = True
             continue
-        # (7)
-        return s.casefold(), reply
+        # (7) (case is collation_key's business)
+        return s, reply
 
 
 # -- RFC 5256 2.2 sent date ----------------------------------------------------------------------
@@ -230,6 +232,7 @@ def parse_sent_date(value: str) -> float | None:
         parsed = email.utils.parsedate_tz(value)
         if not parsed:
             return None
+        datetime.date(parsed[0], parsed[1], parsed[2])   # 31 Jun: unparseable, not 1 Jul
         return float(calendar.timegm(parsed[:6] + (0, 0, 0)) - (parsed[9] or 0))
     except (ValueError, OverflowError, TypeError, IndexError):
         return None
@@ -269,13 +272,22 @@ def addr_mailbox(addr_spec: str) -> str:
     return local if at else addr_spec
 
 
+@functools.lru_cache(maxsize=4096)
+def _simple_title(c: str) -> str:
+    """A character's simple titlecase mapping (UnicodeData.txt, not SpecialCasing.txt):
+    "ß" has none, so it stays (its full mapping "Ss" is two characters)."""
+    t = c.title()
+    return t if len(t) == 1 else c
+
+
 def collation_key(text: str) -> str:
     """The comparison form of a string under i;unicode-casemap (RFC 5051, the collation
-    of I18NLEVEL=1 that RFC 5256 requires): case-folded, then decomposed (NFKD), so that
-    "Émile" sorts among the e's rather than after "z"."""
+    of I18NLEVEL=1 that RFC 5256 requires): each character titlecased, then decomposed
+    (NFKD), compared by code point.  So "Émile" sorts among the e's rather than after
+    "z", "[list]" and "_x" after the letters (as in Dovecot), and "ß" is not "ss"."""
     if text.isascii():
-        return text.lower()
-    return unicodedata.normalize("NFKD", text.casefold())
+        return text.upper()
+    return unicodedata.normalize("NFKD", "".join(map(_simple_title, text)))
 
 
 def _mailbox_key(addresses: tuple[Address, ...]) -> str:

@@ -24,6 +24,7 @@ import os
 import re
 import sqlite3
 import struct
+import unicodedata
 from typing import NamedTuple, Sequence
 
 from mailserver.imap import mime
@@ -67,6 +68,20 @@ def header_text(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def search_form(text: str) -> str:
+    """Text as SEARCH compares it, kept in the index and asked for alike: each run of
+    white space one space (a field folded with a TAB, "double  space"), compatibility
+    decomposed and case-folded, so that "café" precomposed, decomposed (as macOS writes
+    it) and in any case, and a ligature and its letters, are the same (as Dovecot)."""
+    text = _SPACES.sub(" ", text)
+    if text.isascii():
+        return text.casefold()
+    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
 
 
 def decoded_text(value: bytes) -> str:
@@ -221,11 +236,11 @@ def summarize(head: bytes) -> Summary:
         if not found:
             search.append("")
         elif name in ADDRESS_FIELDS:
-            search.append("\n".join(_address_field(v)[1] for v in found).casefold())
+            search.append(search_form("\n".join(_address_field(v)[1] for v in found)))
         elif name == b"date":
             search.append("\n".join(decoded_text(v) for v in found))
         else:
-            search.append("\n".join(decoded_text(v) for v in found).casefold())
+            search.append(search_form("\n".join(decoded_text(v) for v in found)))
     return Summary(envelope, lines_value(fields), tuple(search))
 
 

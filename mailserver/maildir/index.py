@@ -72,6 +72,9 @@ VANISHED_KEEP = 200_000
 # The header fields SEARCH keys name most, decoded; the text ones case-folded, so that a
 # substring test in SQL is IMAP's case-insensitive match (RFC 3501 6.4.4).
 SEARCH_COLUMNS = ("subject", "from_", "to_", "cc", "bcc", "date")
+# How the search rows' text is written (imap/summary.search_form); "1" was case-folded
+# only.  Rows of another form are dropped when the file is opened.
+SEARCH_FORM = "2"
 
 
 DECODED_IDLE_SECONDS = 600.0   # decoded memos (SORT's keys) unused this long are forgotten
@@ -157,6 +160,14 @@ class FolderIndex:
             elif row[0] != SCHEMA_VERSION:
                 conn.close()
                 raise sqlite3.DatabaseError(f"schema {row[0]}, expected {SCHEMA_VERSION}")
+            form = conn.execute("SELECT value FROM meta WHERE key='search_form'").fetchone()
+            if form is None or form[0] != SEARCH_FORM:
+                # Search rows written another way (summary.search_form changed): dropped,
+                # and made again as SEARCH needs them; the rest of the index stays.
+                with conn:
+                    conn.execute("DELETE FROM search")
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('search_form', ?)",
+                                 (SEARCH_FORM,))
         except BaseException:
             conn.close()
             raise

@@ -538,6 +538,58 @@ def test_search_charset(searcher):
     assert r.status == "BAD", str(r)
 
 
+SEARCH_CASES = [   # (message, as Dovecot searches it)
+    # 1: 8-bit UTF-8 in a part labelled US-ASCII, 2: in one with no charset, 3: no MIME
+    b"Subject: one\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\nmislabeled \xc3\xa9t\xc3\xa9 word\r\n",
+    b"Subject: two\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+    b"no charset \xc3\xa9t\xc3\xa9\r\n",
+    b"Subject: three\r\n\r\nplain \xc3\xa9t\xc3\xa9\r\n",
+    # 4: decomposed (macOS), 5: precomposed, 6: folded with a TAB, with a Cc
+    b"Subject: Cafe\xcc\x81 nfd\r\n\r\nx\r\n",
+    b"Subject: Caf\xc3\xa9 nfc\r\n\r\nx\r\n",
+    b"Subject: hello\r\n\tworld tabfold\r\nCc: c@example.test\r\n\r\nx\r\n",
+    # 7: a forwarded message, whose headers are part of the text; 8: a day June lacks
+    b"Subject: fwd\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    b"--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--b\r\n"
+    b"Content-Type: message/rfc822\r\n\r\nFrom: inner@y.example\r\n"
+    b"Subject: innersubj\r\n\r\ninner body\r\n--b--\r\n",
+    b"Subject: [blob]\r\nDate: Mon, 31 Jun 2020 10:00:00 +0000\r\n\r\nx\r\n",
+]
+
+
+def test_search_as_a_reader_means_it(imap_server):
+    """Found by the words a user sees, whatever the mail's bytes: mislabelled 8-bit text,
+    decomposed accents, a TAB fold, a forwarded message's headers; an empty string means
+    "has the field"; a day the month does not have is no date."""
+    user = new_user(imap_server, "searchx")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        for m in SEARCH_CASES:
+            assert c.append("INBOX", m).status == "OK"
+        c.select("INBOX")
+
+        def search(*parts: bytes | Lit) -> list[int]:
+            r = c.command_parts([b"SEARCH CHARSET UTF-8 ", *parts])
+            assert r.status == "OK", str(r)
+            return r.search()
+        assert search(b"BODY ", Lit("\u00e9t\u00e9".encode())) == [1, 2, 3]
+        assert search(b"SUBJECT ", Lit("caf\u00e9".encode())) == [4, 5]
+        assert search(b"SUBJECT ", Lit("cafe\u0301".encode())) == [4, 5]
+        assert search(b'SUBJECT "hello world"') == [6]
+        assert search(b'TEXT "hello world"') == [6]
+        assert search(b"TEXT innersubj") == [7]
+        assert search(b'TEXT "inner@y.example"') == [7]
+        assert search(b'CC ""') == [6]
+        assert search(b'NOT CC ""') == [1, 2, 3, 4, 5, 7, 8]
+        assert search(b"SENTON 1-Jul-2020") == []
+        r = c.ok("SORT (SUBJECT) UTF-8 ALL")
+        order = [int(x) for x in r.with_prefix(b"SORT")[0].split()]
+        assert order[-1] == 8, str(r)   # "[blob]" after the letters (titlecase), as Dovecot
+    finally:
+        c.close()
+
+
 def test_search_new_old_recent(imap_server):
     user = new_user(imap_server, "recent")
     c = RawIMAP.login(imap_server, user)

@@ -199,3 +199,35 @@ def test_imap_avatar_provides_its_interface(tmp_path):
     avatar = IMAPAccount("alice@example.test",
                          store.account(store.create_user("example.test", "alice")))
     assert verifyObject(IIMAPAccount, avatar)
+
+
+def test_search_rows_of_another_form_are_dropped_on_open(tmp_path):
+    """Rows written only case-folded (before search_form) would miss a decomposed
+    "café": an index whose rows are of another form loses them, and keeps the rest."""
+    import sqlite3
+
+    from mailserver.maildir.index import SEARCH_FORM, FolderIndex
+
+    index = FolderIndex(tmp_path)
+    index.put_search([("b1", "caf\u00e9", "", "", "", "", "")])
+    index.put_messages([("b1", 10, 1.0)])
+    index.flush()
+    assert index.search_bases() == {"b1"}
+    index.close()
+    conn = sqlite3.connect(index.path)
+    with conn:
+        conn.execute("DELETE FROM meta WHERE key='search_form'")
+    conn.close()
+    again = FolderIndex(tmp_path)
+    try:
+        assert again.search_bases() == set()
+        assert "b1" in again.load()[1]                  # the message rows stay
+        again.put_search([("b1", "cafe\u0301", "", "", "", "", "")])
+        again.flush()
+        assert again.search_bases() == {"b1"}
+    finally:
+        again.close()
+    conn = sqlite3.connect(index.path)
+    assert conn.execute("SELECT value FROM meta WHERE key='search_form'").fetchone() == \
+        (SEARCH_FORM,)
+    conn.close()
