@@ -958,7 +958,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return defer.succeed(None)
         return self._usage().addCallback(lambda used: (
             self.untagged(b'QUOTAROOT ' + self._wire_name(name) + b' ""'),
-            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, quota // 1024)),
+            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((max(used, 0) + 1023) // 1024, quota // 1024)),
             self.done(tag, b"GETQUOTAROOT completed")))
 
     def cmd_auth_GETQUOTA(self, tag: bytes, args: Arguments) -> defer.Deferred:
@@ -969,7 +969,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if root != b"" or quota is None:
             raise CommandFailed(b"No such quota root")
         return self._usage().addCallback(lambda used: (
-            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, quota // 1024)),
+            self.untagged(b'QUOTA "" (STORAGE %d %d)' % ((max(used, 0) + 1023) // 1024, quota // 1024)),
             self.done(tag, b"GETQUOTA completed")))
 
     def cmd_auth_SETQUOTA(self, tag: bytes, args: Arguments) -> None:

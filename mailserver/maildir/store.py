@@ -498,6 +498,10 @@ class QuotaTracker:
     def _count(entry: _QuotaEntry, nbytes: int, count: int, sure: bool) -> None:
         if entry.usage is not None:
             entry.usage = entry.usage.plus(nbytes, count)
+            if entry.usage.bytes < 0 or entry.usage.count < 0:
+                # Removed more than we knew of: mail another program (Dovecot) added
+                # since the read.  What memory holds is wrong: maildirsize is read again.
+                entry.usage = None
         if entry.loading:
             entry.since = (entry.since[0] + nbytes, entry.since[1] + count)
             entry.unsure = entry.unsure or not sure
@@ -538,6 +542,10 @@ class QuotaTracker:
             return
         usage, warned = result
         entry.usage = usage.plus(*entry.since)
+        if entry.usage.bytes < 0 or entry.usage.count < 0:   # see _count: not to be trusted
+            entry.usage = Usage(max(entry.usage.bytes, 0), max(entry.usage.count, 0),
+                                entry.usage.limit)
+            entry.unsure = True
         entry.since = (0, 0)
         entry.read_at = float("-inf") if entry.unsure else self._clock()
         entry.unsure = False

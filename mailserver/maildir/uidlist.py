@@ -452,7 +452,10 @@ class UidList:
             if ext:
                 ul._ext[uid] = ext
         if ul.nextuid <= last:
-            if version != 0:
+            # Dovecot appends its new records to a version 3 file without rewriting the
+            # header's N, and reads the next uid as the last one's + 1: so do we, quietly
+            # (marked damaged, every Dovecot APPEND cost a warning and a rewrite).
+            if version not in (0, 3):
                 ul._damage(f"next uid {ul.nextuid} not above last uid {last}")
             ul.nextuid = last + 1
         return ul

@@ -337,6 +337,19 @@ class TrackerTests(unittest.TestCase):
         self.assertLessEqual(len(lines), 4)  # changes made together share a line
 
     @inlineCallbacks
+    def test_removing_more_than_was_known_reads_maildirsize_again(self):
+        """Another program (Dovecot) added mail after the read, then this process expunged
+        it: memory would say -9 KB.  It is not trusted: the next question reads the file,
+        which has both programs' lines."""
+        yield self.tracker.usage(self.user, 100_000)
+        with open(self.user / MAILDIRSIZE, "ab") as f:   # Dovecot's three appends
+            f.write(b"3120 1\n" * 3)
+        self.tracker.changed(self.user, -3 * 3120, -3)   # ... which this process expunged
+        self.assertIsNone(self.tracker.peek(self.user))
+        usage = yield self.tracker.usage(self.user, 100_000)
+        self.assertEqual((usage.bytes, usage.count), (0, 0))
+
+    @inlineCallbacks
     def test_a_change_made_while_a_read_runs_is_kept(self):
         yield self.tracker.usage(self.user, 100_000)
         self.tracker.fresh_seconds = 0

@@ -88,6 +88,16 @@ def test_damaged_file_keeps_what_parses(tmp_path: Path) -> None:
     assert ul.nextuid == 13  # never below a listed uid
 
 
+def test_records_dovecot_appended_after_the_header_are_not_damage(tmp_path: Path) -> None:
+    """Dovecot appends to a version 3 file without rewriting N, and takes the last uid
+    + 1 as the next one: a quiet read, not a warning and a rewrite per Dovecot APPEND."""
+    ul = UidList.parse(tmp_path, b"3 V1796401612 N2 G00\n1 :ours,S=133\n"
+                                 b"2 :1796401612.M450115P12523.vm,S=126,W=133\n")
+    assert not ul.damaged
+    assert ul.nextuid == 3 and ul.lookup("1796401612.M450115P12523.vm,S=126,W=133") == 2
+    assert UidList.parse(tmp_path, b"1 1100000000 2\n1 a\n5 b\n").damaged   # version 1
+
+
 def test_broken_header(tmp_path: Path) -> None:
     ul = UidList.parse(tmp_path, b"3 Vxyz N\n1 :one\n")
     assert ul.damaged and ul.uidvalidity == 0
