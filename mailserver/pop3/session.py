@@ -37,7 +37,7 @@ from mailserver.metrics import unexported
 from mailserver.pop3.mailbox import (MailboxInUse, MailboxLockLost, MailboxUnavailable,
                                      MessageDeleted, MessageGone, NoSuchMessage, POP3Mailbox)
 from mailserver.streaming import ChunkProducer
-from mailserver.pop3.whole import read_whole, response, send_now
+from mailserver.pop3.whole import drained, read_whole, response, send_now
 from mailserver.pop3.wire import message_chunks
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
@@ -66,6 +66,10 @@ _COMMANDS: dict[bytes, tuple[frozenset[str], int, int | None]] = {
 
 MAX_BAD_COMMANDS = 20       # in a row; then the connection is closed
 PIPELINE_BUFFER = 64 * 1024  # input held while a command runs before reading pauses
+# Replies written without a wait (pipelined CAPA, NOOP, STAT...) before the session waits
+# for the client to take them: 18 MB of "CAPA" never read made 470 MB of replies.
+OUTPUT_BURST = 64 * 1024
+CLOSE_GRACE = 10.0           # seconds a closing connection may take to drain, then aborted
 LIST_CHUNK = 32 * 1024
 _PLAINTEXT_REFUSED = b"Plaintext authentication disallowed without TLS; use STLS"
 
@@ -111,6 +115,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._closing = False
         self._lost = False
         self._reading_paused = False
+        self._burst = 0   # octets of replies since the client last took everything
+        self._abort_call: Any = None
         self._bad_commands = 0
         self._auth_failures = 0
         self._user_arg: bytes | None = None
@@ -127,6 +133,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # type: ignore[assignment]
         self._closing = self._lost = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._buffer = b""
         self._sasl = None
         if self.pop_state == TRANSACTION:
@@ -146,18 +154,30 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._buffer = b""
         self.setTimeout(None)
         self.transport.loseConnection()
+        # A close waits for the output to drain: a client that reads nothing would keep
+        # the connection (and the mailbox lock) for ever.
+        if self._abort_call is None and not self._lost:
+            self._abort_call = self.context.clock.callLater(CLOSE_GRACE,
+                                                            self.transport.abortConnection)
+
+    def _taken(self, drained: bool) -> None:
+        if not drained:   # the connection is going: nothing more is read or answered
+            self._closing = True
+
+    def _send(self, data: bytes) -> None:
+        if not self._lost:
+            self._burst += len(data)
+            self.transport.write(data)
 
     # -- replies -------------------------------------------------------------------------
 
     def ok(self, text: bytes = b"") -> None:
-        if not self._lost:
-            self.transport.write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+        self._send(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
 
     def err(self, text: bytes, code: bytes | None = None) -> None:
         """-ERR with an RFC 2449 8 response code when one applies."""
-        if not self._lost:
-            prefix = b"-ERR [" + code + b"] " if code else b"-ERR "
-            self.transport.write(prefix + text + b"\r\n")
+        prefix = b"-ERR [" + code + b"] " if code else b"-ERR "
+        self._send(prefix + text + b"\r\n")
 
     def successResponse(self, message: Any = "") -> None:
         self.ok(message if isinstance(message, bytes) else str(message).encode())
@@ -186,6 +206,13 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._draining = True
         try:
             while not self._busy and not self._closing:
+                if self._burst > OUTPUT_BURST:
+                    # Many answers written at once: the next command waits until the
+                    # client has taken them (the idle timer runs on meanwhile).
+                    self._burst = 0
+                    self._hold(drained(self.transport).addCallback(self._taken),
+                               idle_timer=True)
+                    break
                 line = self._next_line()
                 if line is None:
                     break
@@ -308,7 +335,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
 
     def do_CAPA(self) -> None:  # RFC 2449 5
         lines = [b"+OK Capability list follows", *self.listCapabilities(), b"."]
-        self.transport.write(b"\r\n".join(lines) + b"\r\n")
+        self._send(b"\r\n".join(lines) + b"\r\n")
 
     def do_STLS(self) -> None:  # RFC 2595 4
         if self.tls_active:
@@ -345,9 +372,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self.err(_PLAINTEXT_REFUSED, b"AUTH")
             return
         if mechanism is None:
-            self.transport.write(b"+OK Mechanisms follow\r\n"
-                                 + b"".join(m.encode() + b"\r\n" for m in sasl.MECHANISMS)
-                                 + b".\r\n")
+            self._send(b"+OK Mechanisms follow\r\n"
+                       + b"".join(m.encode() + b"\r\n" for m in sasl.MECHANISMS) + b".\r\n")
             return
         exchange = sasl.exchange_for(mechanism)
         if exchange is None:
@@ -378,7 +404,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
             self._sasl_next(exchange, following)
 
         self._sasl = respond
-        self.transport.write(b"+ " + base64.b64encode(challenge) + b"\r\n")
+        self._send(b"+ " + base64.b64encode(challenge) + b"\r\n")
 
     def _sasl_refused(self, error: sasl.SASLError) -> None:
         """Login data that could not be read counts as a failed login on this connection

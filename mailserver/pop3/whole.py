@@ -91,13 +91,24 @@ def multiline(data: bytes, crlf: bool = False) -> list[bytes]:
     return parts
 
 
-def send_now(transport: Any, data: bytes) -> Deferred[None] | None:
+def send_now(transport: Any, data: bytes) -> Deferred[bool] | None:
     """Write `data`; a Deferred that fires once the transport's buffer has drained (or
     the connection is gone), None on TLS, whose layer takes it whole, as the streaming
     path does."""
     transport.write(data)
     if getattr(transport, "TLS", True):
         return None
+    waiter = _Drained(transport)
+    transport.registerProducer(waiter, False)
+    waiter.registered = True
+    return waiter.done
+
+
+def drained(transport: Any) -> Deferred[bool]:
+    """Fires once the transport has taken what was written to it (True): its buffer
+    empty (on TLS, the connection below no longer full); or with False when the
+    connection goes.  How pipelined commands answered at once wait for a client that
+    reads their answers slowly, or never."""
     waiter = _Drained(transport)
     transport.registerProducer(waiter, False)
     waiter.registered = True
@@ -112,16 +123,16 @@ class _Drained:
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.registered = False  # registerProducer asks at once: not yet drained
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[bool] = Deferred()
 
     def resumeProducing(self) -> None:
         if self.registered:
-            self._finish()
+            self._finish(True)
 
     def stopProducing(self) -> None:
-        self._finish()
+        self._finish(False)
 
-    def _finish(self) -> None:
+    def _finish(self, drained: bool) -> None:
         if not self.done.called:
             self.transport.unregisterProducer()
-            self.done.callback(None)
+            self.done.callback(drained)

@@ -643,6 +643,37 @@ class POP3SessionTests(unittest.TestCase):
         self.assertTrue(c.transport.disconnecting)
 
     @defer.inlineCallbacks
+    def test_answers_a_client_does_not_take_stop_the_reading(self):
+        """Pipelined commands answered at once (CAPA, 6 octets in, 110 out) wait for the
+        client to take the answers once 64 KB are written: 18 MB of CAPA never read made
+        470 MB of answers."""
+        from mailserver.pop3.session import OUTPUT_BURST
+        c = self.conn()
+        c.send(b"CAPA\r\n" * 5000)
+        written = c.take()
+        self.assertLess(len(written), OUTPUT_BURST + 1024)
+        self.assertIsNotNone(c.transport.producer)     # waiting for the answers to drain
+        self.assertGreater(len(c.proto._buffer), 4000 * 6)   # ... the commands kept unread
+        rest = yield c.wait_for(lambda got: (written + got).count(b"+OK Capability") == 5000)
+        self.assertTrue(rest.endswith(b".\r\n"))
+        r = yield c.cmd(b"NOOP")
+        self.assertTrue(r.startswith(b"-ERR"), r)      # still answering, in order
+
+    def test_a_close_the_client_does_not_drain_is_aborted(self):
+        """An idle timeout (or any close) waits for the output to drain: a client that
+        reads nothing kept its connection, and its mailbox lock, for ever."""
+        from dataclasses import replace
+
+        from mailserver.pop3.session import CLOSE_GRACE
+        clock = task.Clock()
+        c = self.conn(context=replace(self.server.context(), clock=clock))
+        c.proto.timeoutConnection()
+        self.assertTrue(c.transport.disconnecting)
+        self.assertFalse(c.transport.disconnected)
+        clock.advance(CLOSE_GRACE)
+        self.assertTrue(c.transport.disconnected)    # aborted
+
+    @defer.inlineCallbacks
     def test_pipelined_commands_are_answered_in_order(self):
         self.server.drop(message(1))
         c = self.conn()
