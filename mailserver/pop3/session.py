@@ -69,7 +69,7 @@ PIPELINE_BUFFER = 64 * 1024  # input held while a command runs before reading pa
 # Replies written without a wait (pipelined CAPA, NOOP, STAT...) before the session waits
 # for the client to take them: 18 MB of "CAPA" never read made 470 MB of replies.
 OUTPUT_BURST = 64 * 1024
-CLOSE_GRACE = 10.0           # seconds a closing connection may take to drain, then aborted
+CLOSE_GRACE = 30.0           # seconds a closing connection may take to drain, then aborted
 LIST_CHUNK = 32 * 1024
 _PLAINTEXT_REFUSED = b"Plaintext authentication disallowed without TLS; use STLS"
 
