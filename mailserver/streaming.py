@@ -2,17 +2,22 @@
 
 A pull producer: the transport asks for more only when its buffer has drained, so a
 50 MB message to a slow client never piles up in memory, and one large download does not
-keep the reactor from serving other sessions.
+keep the reactor from serving other sessions.  And the same wait for short answers:
+`OutputPacer` holds a session's input while its client leaves many of them untaken.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPullProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+OUTPUT_BURST = 64 * 1024   # octets of answers a client may leave untaken before input waits
+DRAIN_FALLBACK = 10.0      # seconds after which a session's wait for its client ends anyway
+CLOSE_GRACE = 30.0         # seconds a closing connection may take to drain, then aborted
 
 
 @implementer(IPullProducer)
@@ -67,3 +72,80 @@ class ChunkProducer:
             if close is not None:
                 close()
             self.done.errback(result)
+
+
+def drained(transport: Any, fallback: float | None = None,
+            call_later: Callable[..., Any] | None = None) -> defer.Deferred[bool]:
+    """Fires once the transport has taken what was written to it (True): its buffer
+    empty (on TLS, the connection below no longer full); or with False when the
+    connection goes.  How pipelined commands answered at once wait for a client that
+    reads their answers slowly, or never."""
+    waiter = _Drained(transport)
+    transport.registerProducer(waiter, False)
+    waiter.registered = True
+    if fallback is not None and not waiter.done.called:
+        # Were the buffer empty already, no one would ask again: the wait ends after
+        # `fallback` seconds anyway.
+        timer = (call_later or reactor.callLater)(fallback, lambda: waiter._finish(True))
+        waiter.done.addBoth(lambda result: (timer.cancel() if timer.active() else None,
+                                            result)[1])
+    return waiter.done
+
+
+@implementer(IPullProducer)
+class _Drained:
+    """A pull producer with nothing to produce: the transport asks it for more once its
+    buffer is empty, which is the moment it waits for."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.registered = False  # registerProducer asks at once: not yet drained
+        self.done: defer.Deferred[bool] = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.registered:
+            self._finish(True)
+
+    def stopProducing(self) -> None:
+        self._finish(False)
+
+    def _finish(self, drained: bool) -> None:
+        if not self.done.called:
+            self.transport.unregisterProducer()
+            self.done.callback(drained)
+
+
+class OutputPacer:
+    """When a session answering pipelined commands at once should wait for its client.
+
+    A client that sends commands and never reads their answers (18 MB of NOOPs, each
+    answer longer than the command) would have them pile up in the transport without
+    bound.  The session counts what it writes; past OUTPUT_BURST octets since the client
+    was last seen to take everything, it handles no more input until the transport's
+    buffer has drained (`drained`).  It waits only in a turn in which it wrote: the
+    transport still holds that, so the wait ends when the client reads it (a wait on an
+    empty buffer would never end).
+    """
+
+    __slots__ = ("pending", "turn")
+
+    def __init__(self) -> None:
+        self.pending = 0   # octets written since the client last took everything
+        self.turn = 0      # ... of them in this turn
+
+    def wrote(self, size: int) -> None:
+        self.pending += size
+        self.turn += size
+
+    def new_turn(self) -> None:
+        self.turn = 0
+
+    @property
+    def due(self) -> bool:
+        return self.pending > OUTPUT_BURST and self.turn > 0
+
+    def wait(self, transport: Any, call_later: Callable[..., Any]) -> defer.Deferred[bool]:
+        """drained(transport) (ended after DRAIN_FALLBACK seconds of `call_later`'s clock
+        anyway), the count started afresh."""
+        self.pending = self.turn = 0
+        return drained(transport, DRAIN_FALLBACK, call_later)

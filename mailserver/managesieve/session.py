@@ -36,6 +36,7 @@ from mailserver.managesieve.wire import (MAX_NUMBER, Arg, Atom, CommandReader, W
                                          capability_lines, response, string)
 from mailserver.metrics import unexported
 from mailserver.sieve import scripts
+from mailserver.streaming import CLOSE_GRACE, OutputPacer
 
 NONAUTH, AUTH = "non-authenticated", "authenticated"
 IMPLEMENTATION = "mailserver ManageSieve"
@@ -122,6 +123,8 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         self._closing = False
         self._lost = False
         self._reading_paused = False
+        self._pacer = OutputPacer()   # answers the client has not been seen to take
+        self._abort_call: Any = None
         self._bad_commands = 0
         self._auth_failures = 0
 
@@ -137,6 +140,8 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
         self._closing = self._lost = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._sasl = None
         self.reader.clear()
         self.setTimeout(None)
@@ -154,9 +159,14 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         self.reader.clear()
         self.setTimeout(None)
         self.transport.loseConnection()
+        # A close waits for the output to drain: a client that reads nothing would keep
+        # the connection for ever.
+        if self._abort_call is None and not self._lost:
+            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def _send(self, data: bytes) -> None:
         if not self._lost:
+            self._pacer.wrote(len(data))
             self.transport.write(data)
 
     def _ok(self, text: str | None = None, code: str | None = None,
@@ -203,8 +213,16 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         if self._draining:
             return  # a command finished at once, inside the loop below: it goes on
         self._draining = True
+        self._pacer.new_turn()
         try:
             while not self._busy and not self._closing:
+                if self._pacer.due:
+                    # Answers the client has not taken: the next command waits until it
+                    # has (the idle timer runs on meanwhile).
+                    self._busy = True
+                    waited = self._pacer.wait(self.transport, self.callLater)
+                    waited.addCallback(self._taken)
+                    break
                 item = self.reader.next()
                 if item is None:
                     break
@@ -219,6 +237,13 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
                 and self.reader.buffered <= PIPELINE_BUFFER):
             self._reading_paused = False
             self.transport.resumeProducing()
+
+    def _taken(self, drained: bool) -> None:
+        self._busy = False
+        if not drained:   # the connection is going
+            self._closing = True
+        elif not self._closing:
+            self._drain()
 
     def _bad_command(self, why: str, code: str | None = None) -> None:
         self._bad_commands += 1

@@ -36,8 +36,8 @@ from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
 from mailserver.pop3.mailbox import (MailboxInUse, MailboxLockLost, MailboxUnavailable,
                                      MessageDeleted, MessageGone, NoSuchMessage, POP3Mailbox)
-from mailserver.streaming import ChunkProducer
-from mailserver.pop3.whole import drained, read_whole, response, send_now
+from mailserver.streaming import CLOSE_GRACE, ChunkProducer, OutputPacer
+from mailserver.pop3.whole import read_whole, response, send_now
 from mailserver.pop3.wire import message_chunks
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
@@ -66,10 +66,6 @@ _COMMANDS: dict[bytes, tuple[frozenset[str], int, int | None]] = {
 
 MAX_BAD_COMMANDS = 20       # in a row; then the connection is closed
 PIPELINE_BUFFER = 64 * 1024  # input held while a command runs before reading pauses
-# Replies written without a wait (pipelined CAPA, NOOP, STAT...) before the session waits
-# for the client to take them: 18 MB of "CAPA" never read made 470 MB of replies.
-OUTPUT_BURST = 64 * 1024
-CLOSE_GRACE = 30.0           # seconds a closing connection may take to drain, then aborted
 LIST_CHUNK = 32 * 1024
 _PLAINTEXT_REFUSED = b"Plaintext authentication disallowed without TLS; use STLS"
 
@@ -115,7 +111,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._closing = False
         self._lost = False
         self._reading_paused = False
-        self._burst = 0   # octets of replies since the client last took everything
+        self._pacer = OutputPacer()   # answers the client has not been seen to take
         self._abort_call: Any = None
         self._bad_commands = 0
         self._auth_failures = 0
@@ -166,7 +162,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
 
     def _send(self, data: bytes) -> None:
         if not self._lost:
-            self._burst += len(data)
+            self._pacer.wrote(len(data))
             self.transport.write(data)
 
     # -- replies -------------------------------------------------------------------------
@@ -204,14 +200,15 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         if self._draining:
             return  # a command finished at once, inside the loop below: it goes on
         self._draining = True
+        self._pacer.new_turn()
         try:
             while not self._busy and not self._closing:
-                if self._burst > OUTPUT_BURST:
-                    # Many answers written at once: the next command waits until the
-                    # client has taken them (the idle timer runs on meanwhile).
-                    self._burst = 0
-                    self._hold(drained(self.transport).addCallback(self._taken),
-                               idle_timer=True)
+                if self._pacer.due:
+                    # Answers the client has not taken: the next command waits until it
+                    # has (18 MB of CAPA never read made 470 MB of answers); the idle
+                    # timer runs on meanwhile.
+                    waited = self._pacer.wait(self.transport, self.context.clock.callLater)
+                    self._hold(waited.addCallback(self._taken), idle_timer=True)
                     break
                 line = self._next_line()
                 if line is None:

@@ -22,10 +22,9 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer
-from zope.interface import implementer
 
 from mailserver.pop3.wire import CHUNK
+from mailserver.streaming import drained
 
 WHOLE_MAX = CHUNK  # bytes: a file up to this size is read and sent whole
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
@@ -98,41 +97,6 @@ def send_now(transport: Any, data: bytes) -> Deferred[bool] | None:
     transport.write(data)
     if getattr(transport, "TLS", True):
         return None
-    waiter = _Drained(transport)
-    transport.registerProducer(waiter, False)
-    waiter.registered = True
-    return waiter.done
+    return drained(transport)
 
 
-def drained(transport: Any) -> Deferred[bool]:
-    """Fires once the transport has taken what was written to it (True): its buffer
-    empty (on TLS, the connection below no longer full); or with False when the
-    connection goes.  How pipelined commands answered at once wait for a client that
-    reads their answers slowly, or never."""
-    waiter = _Drained(transport)
-    transport.registerProducer(waiter, False)
-    waiter.registered = True
-    return waiter.done
-
-
-@implementer(IPullProducer)
-class _Drained:
-    """A pull producer with nothing to produce: the transport asks it for more once its
-    buffer is empty, which is the moment it waits for."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.registered = False  # registerProducer asks at once: not yet drained
-        self.done: Deferred[bool] = Deferred()
-
-    def resumeProducing(self) -> None:
-        if self.registered:
-            self._finish(True)
-
-    def stopProducing(self) -> None:
-        self._finish(False)
-
-    def _finish(self, drained: bool) -> None:
-        if not self.done.called:
-            self.transport.unregisterProducer()
-            self.done.callback(drained)

@@ -44,6 +44,7 @@ from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
 from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
 from mailserver.smtp.replies import Reply, SMTPReplyError
+from mailserver.streaming import CLOSE_GRACE, OutputPacer
 from mailserver.tls import describe_tls
 
 if TYPE_CHECKING:
@@ -157,8 +158,11 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         self._buffer = b""
         self._discarding_line = False
         self._paused = False
+        self._awaiting_client = False   # paused until the client takes our replies
         self._reading_paused = False
         self._closing = False
+        self._pacer = OutputPacer()     # replies the client has not been seen to take
+        self._abort_call: Any = None
         self._incoming: _Incoming | None = None
         self._replies: list[bytes] | None = None  # replies held while input is handled
         # Anchored at line starts: unanchored, the search tried every offset of a long
@@ -217,6 +221,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         last = lines.pop()
         data = (b"".join(b"%03d-%s\r\n" % (code, line) for line in lines)
                 + b"%03d %s\r\n" % (code, last))
+        self._pacer.wrote(len(data))
         if self._replies is not None:
             self._replies.append(data)  # sent with the others when the input is handled
         else:
@@ -235,7 +240,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         self.sendCode(r.code, text)
 
     def timeoutConnection(self) -> None:
-        if self._paused:  # waiting for our own commit or password check, not the client
+        if self._paused and not self._awaiting_client:  # our own commit or password check
             self.setTimeout(self.timeout)
             return
         self.sendCode(R.TIMEOUT.code, R.TIMEOUT.enhanced.encode() + b" " + self.host + b" "
@@ -250,9 +255,15 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self._incoming = None
         self._flush_replies()
         self.transport.loseConnection()
+        # A close waits for the output to drain: a client that reads nothing would keep
+        # the connection for ever.
+        if self._abort_call is None:
+            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
         self._closing = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         if self._incoming is not None:
             self._incoming.delivery.abort()
             self._incoming = None
@@ -278,8 +289,16 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         outer = self._replies is None
         if outer:
             self._replies = []
+            self._pacer.new_turn()
         try:
             while self._buffer and not self._paused and not self._closing:
+                if self._pacer.due and self._incoming is None:
+                    # Replies the client has not taken (pipelined NOOPs never read):
+                    # the next command waits until it has; the idle timer runs on.
+                    self._paused = self._awaiting_client = True
+                    waited = self._pacer.wait(self.transport, self.callLater)
+                    waited.addCallback(self._replies_taken)
+                    return
                 if self._incoming is not None:
                     if not self._feed_data():
                         return
@@ -289,6 +308,18 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             if outer:
                 self._flush_replies()
                 self._replies = None
+
+    def _replies_taken(self, drained: bool) -> None:
+        self._awaiting_client = False
+        if not drained:   # the connection is going
+            self._closing = True
+            return
+        self._paused = False
+        if self._reading_paused and not self._closing:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        if self._buffer and not self._closing:
+            self._drain()
 
     def _pause(self) -> None:
         """Stop handling input while a commit or an AUTH check is pending.  Input that

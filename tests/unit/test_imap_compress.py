@@ -216,5 +216,7 @@ class CompressedInputTakesTurns(Compress):
             turns += 1
             plain += self.client.unpack(self.transport.value())
             self.transport.clear()
+            self.pump()   # the client took the answers: the session may go on
+            yield self.wait_a_little()   # ... its held input released from the reactor
         self.assertEqual(plain.count(b"a OK"), count)
         self.assertEqual(self.transport.reading_paused, 0)

@@ -247,3 +247,32 @@ class ContextSession(SessionCase):
         out = yield self.command(b"c1", b"SEARCH RETURN (UPDATE) ALL")   # not in use
         self.assertIn(b"c1 OK", out)
         self.assertEqual(re.findall(rb"NOUPDATE", out), [])
+
+
+class AnswersNotTaken(SessionCase):
+    """Commands pipelined and answered at once wait for the client to take the answers
+    once 64 KB are written in a turn: 18 MB of NOOPs never read grew the process by
+    hundreds of MB."""
+
+    @inlineCallbacks
+    def test_the_queue_waits_for_the_client(self):
+        from mailserver.streaming import OUTPUT_BURST
+
+        count = 20000
+        self.transport.clear()
+        self.session.dataReceived(b"a NOOP\r\n" * count)
+        written = self.transport.value()
+        self.assertLess(len(written), OUTPUT_BURST + 1024)
+        self.assertIsNotNone(self.transport.producer)        # waiting for the client
+        self.assertGreater(self.transport.reading_paused, 0)  # ... and reading no more
+        got = written
+        self.transport.clear()
+        for _ in range(400):
+            if got.count(b"a OK") >= count:
+                break
+            self.pump()                                       # the client takes it all
+            yield task.deferLater(reactor, 0.005, lambda: None)
+            got += self.transport.value()
+            self.transport.clear()
+        self.assertEqual(got.count(b"a OK"), count)
+        self.assertEqual(self.transport.reading_paused, 0)

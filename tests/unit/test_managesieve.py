@@ -271,6 +271,19 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(r, b'OK "Logged in"\r\n')
         return c
 
+    def test_answers_the_client_does_not_take_hold_the_input(self):
+        """Pipelined NOOPs whose answers are never read: past 64 KB of answers the next
+        command waits for the client; one that never reads is timed out, then aborted."""
+        from mailserver.streaming import CLOSE_GRACE, OUTPUT_BURST
+        c = self.conn()
+        c.send(b"NOOP\r\n" * 20000)
+        self.assertLess(len(c.take()), OUTPUT_BURST + 1024)
+        self.assertIsNotNone(c.transport.producer)         # waiting for the client
+        for _ in range(int(self.server.limits.idle_timeout + CLOSE_GRACE) // 5 + 40):
+            self.server.clock.advance(5)                   # it takes nothing, ever
+        self.assertTrue(c.transport.disconnecting)
+        self.assertTrue(c.transport.disconnected)
+
     # -- greeting, capabilities, TLS
 
     def test_greeting_before_tls(self):

@@ -647,7 +647,7 @@ class POP3SessionTests(unittest.TestCase):
         """Pipelined commands answered at once (CAPA, 6 octets in, 110 out) wait for the
         client to take the answers once 64 KB are written: 18 MB of CAPA never read made
         470 MB of answers."""
-        from mailserver.pop3.session import OUTPUT_BURST
+        from mailserver.streaming import OUTPUT_BURST
         c = self.conn()
         c.send(b"CAPA\r\n" * 5000)
         written = c.take()

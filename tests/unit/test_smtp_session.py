@@ -429,6 +429,26 @@ class SMTPSessionTests(unittest.TestCase):
         [msg] = self.s.stored()
         self.assertTrue(msg.endswith(b"\r\n\r\nno headers here\r\n"))
 
+    def test_replies_the_client_does_not_take_hold_the_input(self):
+        """Pipelined NOOPs whose replies are never read: past 64 KB of replies the next
+        command waits for the client, and a client that never reads is timed out."""
+        from mailserver.streaming import OUTPUT_BURST
+        clock = task.Clock()
+        self.s.proto.setTimeout(None)
+        self.s.proto.callLater = clock.callLater
+        self.s.proto.setTimeout(self.s.proto.timeout)
+        self.s.send(b"EHLO c\r\n")
+        self.s.lines()
+        self.s.send(b"NOOP\r\n" * 20000)
+        written = self.s.transport.value()
+        self.assertLess(len(written), OUTPUT_BURST + 4096)
+        self.assertIsNotNone(self.s.transport.producer)   # waiting for the client
+        for _ in range(int(self.s.proto.timeout) // 10 + 20):   # it never reads: after
+            clock.advance(10)                             # its input, it is timed out
+        self.assertTrue(self.s.transport.disconnecting)
+        clock.advance(60)                                 # and, taking nothing, aborted
+        self.assertTrue(self.s.transport.disconnected)
+
     def test_input_while_paused_is_kept_then_bounded(self):
         """While a commit (or a password check) is pending, input is kept and handled
         afterwards; past PAUSED_BUFFER_MAX the transport stops reading, and the idle
@@ -451,7 +471,12 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertEqual(self.s.transport.producerState, "paused")
         self.s.proto._resume()
         self.assertEqual(self.s.transport.producerState, "producing")
-        self.assertEqual(set(self.s.codes()), {250})
+        codes = self.s.codes()
+        while self.s.transport.producer is not None:   # the client takes the replies
+            self.s.transport.producer.resumeProducing()
+            codes += self.s.codes()
+        self.assertEqual(set(codes), {250})
+        self.assertEqual(len(codes), PAUSED_BUFFER_MAX // 6 + 2)
         clock.advance(301)
         self.assertTrue(self.s.transport.disconnecting)
 
