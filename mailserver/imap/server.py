@@ -46,7 +46,7 @@ from mailserver.accounts import AccountsUnavailable
 from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
-from mailserver.streaming import ChunkProducer, OutputPacer
+from mailserver.streaming import CLOSE_GRACE, ChunkProducer, OutputPacer
 from mailserver.imap import fetch as F
 from mailserver.imap import headerpass as HP
 from mailserver.imap import listing as L
@@ -173,6 +173,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self._held = 0                      # its bytes in memory (text, literals)
         self._queue_room: defer.Deferred | None = None   # input held: too many queued
         self._pacer = OutputPacer()   # answers the client has not been seen to take
+        self._abort_call: Any = None
         self._literal_left = 0
         self._literal_sink: Any = None      # bytearray, or an AppendWriter for APPEND
         self._append_writer: Any = None     # the APPEND being assembled (AppendCommand)
@@ -210,6 +211,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._end_idle_poll()
         if self._append_writer is not None:
             self._append_writer.abort()
@@ -232,6 +235,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self._closing = True
         self._buffer = b""
         self.transport.loseConnection()
+        # A close waits for the output to drain: a client that reads nothing would keep
+        # the connection for ever.
+        if self._abort_call is None:
+            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def send(self, data: bytes) -> None:
         self._pacer.wrote(len(data))

@@ -79,6 +79,9 @@ class SessionCase(unittest.TestCase):
 
     def _end(self, session: IMAPSession) -> None:
         session.setTimeout(None)
+        abort = session._abort_call   # a close's abort timer: the connection is over now
+        if abort is not None and abort.active():
+            abort.cancel()
         if not session._closing:
             session._deselect()
             if session._append_writer is not None:

@@ -276,3 +276,16 @@ class AnswersNotTaken(SessionCase):
             self.transport.clear()
         self.assertEqual(got.count(b"a OK"), count)
         self.assertEqual(self.transport.reading_paused, 0)
+
+    def test_a_close_the_client_does_not_drain_is_aborted(self):
+        """An idle timeout waits for the output to drain: a client that reads nothing
+        kept its connection for ever."""
+        from mailserver.streaming import CLOSE_GRACE
+
+        clock = task.Clock()
+        self.session.callLater = clock.callLater
+        self.session.timeoutConnection()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.transport.disconnected)
