@@ -62,7 +62,8 @@ from mailserver.imap import specialuse as SU
 from mailserver.imap import utf8 as U
 from mailserver.imap import rev2 as R2
 from mailserver.imap.statussize import STATUS_SIZE_CAPABILITY, mailbox_size
-from mailserver.maildir import FolderError, FolderExists, InvalidFolderName, NoSuchFolder
+from mailserver.maildir import (FolderError, FolderExists, FolderNotEmpty, InvalidFolderName,
+                               NoSuchFolder)
 
 if TYPE_CHECKING:
     from mailserver.imap.context import IMAPContext
@@ -551,6 +552,9 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 self.folder_deleted(self.folder)  # by another process: seen only now
         elif failure.check(FolderExists):
             self.tagged(tag, b"NO", b"[ALREADYEXISTS] Mailbox already exists")
+        elif failure.check(FolderNotEmpty):   # RFC 9051 7.1 HASCHILDREN
+            self.tagged(tag, b"NO", b"[HASCHILDREN] Mailbox has children and no messages "
+                        b"of its own to delete")
         elif failure.check(InvalidFolderName):
             self.tagged(tag, b"NO", b"[CANNOT] Invalid mailbox name")
         elif failure.check(FolderError):
@@ -940,6 +944,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         args.space()
         items = [i.upper() for i in args.paren_list(Arguments.atom)]
         args.end()
+        if not items:   # RFC 3501 9: status-att *(SP status-att), at least one
+            raise BadCommand("STATUS needs at least one item")
         for item in items:
             if item not in F.STATUS_ITEMS:
                 raise BadCommand(f"unknown STATUS item {item.decode('ascii', 'replace')}")

@@ -30,7 +30,7 @@ from mailserver.sieve.parser import VARIABLE_REF, Node, Script, valid_address
 __all__ = ["Envelope", "Limits", "Loader", "SieveIncludeBroken", "SieveIncludeError",
            "evaluate"]
 
-MAX_VARIABLE_SIZE = 4000            # octets of one variable's value, as Pigeonhole
+MAX_VARIABLE_SIZE = 4096            # octets of one variable's value, as Pigeonhole
 MAX_VARIABLES = 1000                # variables one script may set
 MAX_EXPANSION = 1 << 20             # characters of one string after ${...} substitution
 MAX_ADDHEADER_SIZE = 2048           # octets of a field addheader adds (Pigeonhole's default)

@@ -579,6 +579,13 @@ def test_delete(imap_server):
         r = c.command("DELETE INBOX")
         assert r.status == "NO", f"DELETE INBOX:\n{r}"
         c.select("INBOX", examine=True)
+        # A name with children and no folder of its own (RFC 9051 7.1)
+        c.ok("CREATE Parent.Child")
+        c.ok("DELETE Parent")
+        r = c.command("DELETE Parent")
+        assert r.status == "NO" and r.code == b"HASCHILDREN", str(r)
+        r = c.command("STATUS INBOX ()")   # at least one item (RFC 3501 9)
+        assert r.status == "BAD", str(r)
     finally:
         c.close()
 
