@@ -429,16 +429,21 @@ class SMTPSessionTests(unittest.TestCase):
         [msg] = self.s.stored()
         self.assertTrue(msg.endswith(b"\r\n\r\nno headers here\r\n"))
 
-    def test_replies_the_client_does_not_take_hold_the_input(self):
-        """Pipelined NOOPs whose replies are never read: past 64 KB of replies the next
-        command waits for the client, and a client that never reads is timed out."""
-        from mailserver.streaming import OUTPUT_BURST
+    def on_clock_after_ehlo(self) -> task.Clock:
+        """The session's timers on a fake clock, its EHLO answered."""
         clock = task.Clock()
         self.s.proto.setTimeout(None)
         self.s.proto.callLater = clock.callLater
         self.s.proto.setTimeout(self.s.proto.timeout)
         self.s.send(b"EHLO c\r\n")
         self.s.lines()
+        return clock
+
+    def test_replies_the_client_does_not_take_hold_the_input(self):
+        """Pipelined NOOPs whose replies are never read: past 64 KB of replies the next
+        command waits for the client, and a client that never reads is timed out."""
+        from mailserver.streaming import OUTPUT_BURST
+        clock = self.on_clock_after_ehlo()
         self.s.send(b"NOOP\r\n" * 20000)
         written = self.s.transport.value()
         self.assertLess(len(written), OUTPUT_BURST + 4096)
@@ -455,12 +460,7 @@ class SMTPSessionTests(unittest.TestCase):
         timeout does not end the session for our own wait."""
         from mailserver.smtp.session import PAUSED_BUFFER_MAX
 
-        clock = task.Clock()
-        self.s.proto.setTimeout(None)
-        self.s.proto.callLater = clock.callLater
-        self.s.proto.setTimeout(self.s.proto.timeout)
-        self.s.send(b"EHLO c\r\n")
-        self.s.lines()
+        clock = self.on_clock_after_ehlo()
         self.s.proto._pause()
         self.s.send(b"NOOP\r\n")
         self.assertEqual(self.s.lines(), [])
