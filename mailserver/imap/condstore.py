@@ -263,7 +263,7 @@ class CondstoreSession:
         def send(self, data: bytes) -> None: ...
         def _seq_of(self, uid: int) -> int | None: ...
         def _in_view(self, uid: int) -> bool: ...
-        def _remove_from_view(self, uid: int) -> None: ...
+        def _remove_all_from_view(self, uids: Iterable[int]) -> list[tuple[int, int]]: ...
         def _announcing_keywords(self, chunks: Any) -> Any: ...
         _pending_flags: dict[int, Any]
         _pending_expunged: set[int]
@@ -301,9 +301,8 @@ class CondstoreSession:
 
     def announce_vanished(self, uids: Iterable[int]) -> None:
         """Expunges as VANISHED once QRESYNC is enabled (RFC 7162 3.2.10), never EXPUNGE."""
-        gone = [u for u in sorted(uids) if self._in_view(u)]
+        gone = [u for _, u in self._remove_all_from_view(uids)]
         for u in gone:
-            self._remove_from_view(u)
             self._pending_flags.pop(u, None)
             self._pending_expunged.discard(u)
         if gone:

@@ -33,7 +33,7 @@ import bisect
 import re
 import time
 import unicodedata
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
@@ -1110,14 +1110,18 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if self.qresync:  # RFC 7162 3.2.10: VANISHED, never EXPUNGE
             self.announce_vanished(uids)
             return
-        for u in sorted(uids):
-            seq = self._seq_of(u)
-            if seq is None:
-                continue
-            self.untagged(b"%d EXPUNGE" % seq)
-            self._remove_from_view(u)
+        # Each number as it is once the ones before it are gone (ascending order: the
+        # k-th removed, at index i of the view as it was, is message i + 1 - k); the
+        # view made again once, not shifted per message (60,000 expunged from 100,000
+        # took a second of the reactor).
+        lines = []
+        removed = self._remove_all_from_view(uids)
+        for k, (i, u) in enumerate(removed):
+            lines.append(b"* %d EXPUNGE\r\n" % (i + 1 - k))
             self._pending_flags.pop(u, None)
             self._pending_expunged.discard(u)
+        if lines:
+            self.send(b"".join(lines))
 
     # The view is the session's UIDs in ascending order (sequence number = index + 1); it
     # shares the folder's int objects, so a session on a large folder costs one pointer
@@ -1138,11 +1142,25 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self._view_shared = False
         return self.view
 
-    def _remove_from_view(self, uid: int) -> None:
-        i = bisect.bisect_left(self.view, uid)
-        if i < len(self.view) and self.view[i] == uid:
-            del self._own_view()[i]
-        self.recent.discard(uid)
+    def _remove_all_from_view(self, uids: Iterable[int]) -> list[tuple[int, int]]:
+        """Take `uids` out of the view at once; (index in the view before, uid) of those
+        that were in it, ascending."""
+        view = self.view
+        found = []
+        for u in sorted(set(uids)):
+            i = bisect.bisect_left(view, u)
+            if i < len(view) and view[i] == u:
+                found.append((i, u))
+        if not found:
+            return found
+        if len(found) == 1:
+            del self._own_view()[found[0][0]]
+        else:
+            gone = {u for _, u in found}
+            self.view = [u for u in view if u not in gone]
+            self._view_shared = False
+        self.recent.difference_update(u for _, u in found)
+        return found
 
     def _resolve(self, seqset: Any, uid: bool) -> list[int]:
         """UIDs in the view named by a sequence set of message numbers or UIDs."""

@@ -289,3 +289,24 @@ class AnswersNotTaken(SessionCase):
         self.assertFalse(self.transport.disconnected)
         clock.advance(CLOSE_GRACE)
         self.assertTrue(self.transport.disconnected)
+
+
+class ManyExpunged(SessionCase):
+    def test_numbers_are_those_after_the_ones_before_go(self):
+        """RFC 3501 7.4.1: each EXPUNGE's number as it is once the ones before it are
+        gone; the view is made again once, not shifted per message."""
+        import random
+
+        rng = random.Random(7)
+        view = sorted(rng.sample(range(1, 200_000), 50_000))
+        gone = set(rng.sample(view, 30_000)) | {10**9}        # one never in the view
+        self.session.view, self.session._view_shared = list(view), False
+        self.transport.clear()
+        self.session._announce_expunged(list(gone))
+        numbers = [int(line.split()[1]) for line in self.transport.value().splitlines()]
+        self.assertEqual(len(numbers), 30_000)
+        replay = list(view)
+        for n in numbers:                                     # as a client applies them
+            del replay[n - 1]
+        self.assertEqual(replay, self.session.view)
+        self.assertEqual(self.session.view, [u for u in view if u not in gone])
