@@ -28,10 +28,12 @@ class ChunkProducer:
     BURST = 256 * 1024  # bytes handed to the transport per request
 
     def __init__(self, transport: Any, chunks: Iterator[bytes],
-                 progress: Callable[[], None] | None = None) -> None:
+                 progress: Callable[[], None] | None = None,
+                 stopped: Callable[[], None] | None = None) -> None:
         self.transport = transport
         self.chunks = chunks
         self.progress = progress
+        self.stopped = stopped   # told when the connection goes (before `done` fires)
         self.done: defer.Deferred[None] = defer.Deferred()
 
     def start(self) -> defer.Deferred[None]:
@@ -59,6 +61,8 @@ class ChunkProducer:
         close = getattr(self.chunks, "close", None)
         if close is not None:
             close()
+        if self.stopped is not None and not self.done.called:
+            self.stopped()
         self._finish(None)
 
     def _finish(self, result: Failure | None) -> None:

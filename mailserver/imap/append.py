@@ -580,7 +580,7 @@ class AppendCommand:
         try:
             for draft in self.drafts:
                 infos.append((yield draft.writer.commit()))
-        except BaseException:
+        except BaseException as e:
             release()
             self.abort()
             if infos:   # all or nothing (RFC 3502 3): take back what is stored already
@@ -588,6 +588,8 @@ class AppendCommand:
                     yield self.folder.delete_messages([i.uid for i in infos])
                 except Exception:
                     log.failure("cannot remove the messages of a failed APPEND")
+            if isinstance(e, NoSuchFolder):   # deleted while the literal came (6.3.11)
+                raise _failed(b"[TRYCREATE] No such mailbox") from None
             raise
         release()
         return infos

@@ -27,7 +27,6 @@ from mailserver.imap import fetch as F
 from mailserver.imap.fetchitems import FetchItem
 from mailserver.imap.parser import Arguments, BadCommand, SequenceSet
 from mailserver.maildir.folder import intersect_ranges, normalize_ranges, uid_ranges
-from mailserver.streaming import ChunkProducer
 
 # RFC 7162 3.1 and 3.2: what the session adds to its CAPABILITY list.
 CONDSTORE_CAPABILITIES = (b"CONDSTORE", b"QRESYNC")
@@ -265,6 +264,7 @@ class CondstoreSession:
         def _in_view(self, uid: int) -> bool: ...
         def _remove_all_from_view(self, uids: Iterable[int]) -> list[tuple[int, int]]: ...
         def _announcing_keywords(self, chunks: Any) -> Any: ...
+        def stream(self, chunks: Any) -> Any: ...
         _pending_flags: dict[int, Any]
         _pending_expunged: set[int]
 
@@ -370,7 +370,7 @@ class CondstoreSession:
         if len(uids) <= WRITE_AT_ONCE:
             self.send(b"".join(chunks))
             return None
-        return ChunkProducer(self.transport, chunks, self.resetTimeout).start()
+        return self.stream(chunks)
 
 
 def uid_set_ranges(seqset: SequenceSet, largest: int) -> list[tuple[int, int]]:

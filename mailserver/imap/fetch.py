@@ -8,6 +8,7 @@ only for body sections, and then streamed in chunks with the exact stored bytes.
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -63,7 +64,13 @@ def parse_date_time(text: bytes) -> float:
     day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
     try:
         month = [x.lower() for x in _MONTHS].index(mon.decode().lower()) + 1
-        ts = calendar.timegm((int(year), month, int(day), int(hh), int(mm), int(ss), 0, 0, 0))
+        # A moment that exists (timegm alone makes 29-Feb-2023 the 1st of March and
+        # 25:61:61 the next day); a leap second is taken as the second before it.
+        moment = datetime.datetime(int(year), month, int(day), int(hh), int(mm),
+                                   min(int(ss), 59))
+        if int(ss) > 60 or int(zm) > 59:
+            raise ValueError("no such time")
+        ts = calendar.timegm(moment.timetuple())
     except (ValueError, OverflowError):
         raise BadCommand("invalid date-time") from None
     offset = (int(zh) * 60 + int(zm)) * 60

@@ -210,8 +210,20 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self.sendPositiveResponse(message=b"[CAPABILITY " + b" ".join(self.capability_list())
                                   + b"] " + self.context.hostname.encode() + b" " + self.IDENT)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def stream(self, chunks: Iterator[bytes]) -> defer.Deferred:
+        """Send a long answer as fast as the client takes it (streaming.ChunkProducer);
+        fires when it is sent or the connection is gone."""
+        return ChunkProducer(self.transport, chunks, self.resetTimeout,
+                             stopped=self._connection_going).start()
+
+    def _connection_going(self) -> None:
+        """The connection is gone (told before connectionLost, by a stopped answer or
+        wait): nothing queued runs any more, and what queued APPENDs hold is let go."""
         self._closing = True
+        self._drop_queue()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._connection_going()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._end_idle_poll()
@@ -458,7 +470,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def _taken(self, drained: bool) -> None:
         if not drained:   # the connection is going: nothing more is run
-            self._closing = True
+            self._connection_going()
 
     def _command_done(self, _: Any) -> None:
         self._pacer.new_turn()
@@ -1225,13 +1237,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             if HP.wants_pass(items, len(uids)):  # header summaries made in batches aside
                 return HP.stream_fetch(
                     self, uids, items, changed_uids,
-                    lambda chunks: ChunkProducer(
-                        self.transport, self._announcing_keywords(chunks),
-                        self.resetTimeout).start(),
+                    lambda chunks: self.stream(self._announcing_keywords(chunks)),
                     getattr(self.context, "header_workers", None))
             chunks = self._announcing_keywords(
                 F.fetch_responses(self, uids, items, changed_uids))
-            return ChunkProducer(self.transport, chunks, self.resetTimeout).start()
+            return self.stream(chunks)
 
         d.addCallback(stream)
         d.addCallback(lambda _: self.done(tag, b"FETCH completed", expunges=uid))

@@ -806,6 +806,7 @@ class FolderDisk:
         full_base = f"{base},S={size}"
         if file.crlf_size != size:   # bare LFs: the size IMAP and POP3 send differs
             full_base += f",W={file.crlf_size}"
+        placed: Path | None = None
         try:
             mtime = os.stat(tmp).st_mtime
             with DotLock(self.path / "dovecot-uidlist"):
@@ -818,6 +819,7 @@ class FolderDisk:
                     kw.write()
                 name = f"{full_base}:2,{letters}"
                 os.rename(tmp, self.path / "cur" / name)
+                placed = self.path / "cur" / name
                 fsync_directory(self.path / "cur")
                 uid = ul.add(full_base)
                 ul.write()
@@ -825,6 +827,10 @@ class FolderDisk:
             self._keywords = None
             self._uidlist = None
             unlink_quietly(tmp)
+            if placed is not None:
+                # The client is told NO: the message must not turn up anyway (a retry
+                # would store it twice).
+                unlink_quietly(placed)
             raise
         self.index.put_messages([(full_base, size, mtime)])
         modseq = self._issue_modseq()

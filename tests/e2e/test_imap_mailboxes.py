@@ -668,6 +668,28 @@ def test_delete_closes_the_selection_by_folder_not_by_name(imap_server):
         c.close()
 
 
+def test_append_to_a_mailbox_deleted_while_its_literal_comes_is_trycreate(imap_server):
+    """RFC 3501 6.3.11: [TRYCREATE] whenever the mailbox does not exist, also when it was
+    deleted after the check made before the literal."""
+    user = new_user(imap_server, "appgone")
+    a = RawIMAP.login(imap_server, user)
+    b = RawIMAP.login(imap_server, user)
+    try:
+        a.ok("CREATE Gone")
+        body = msg(1)
+        a.send(b"t1 APPEND Gone {%d}\r\n" % len(body))
+        line, seen = a.wait_for(rb"^\+", 5)
+        assert line is not None, seen
+        b.ok("DELETE Gone")
+        a.send(body + b"\r\n")
+        line, seen = a.wait_for(rb"^t1 ", 5)
+        assert line is not None and line.startswith(b"t1 NO [TRYCREATE]"), seen
+        assert not (imap_server.maildir(user) / ".Gone").exists()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_catenate_relative_url_follows_a_renamed_selection(imap_server):
     """A relative URL (;UID=n) means the selected mailbox, under whatever name it has now,
     not a new mailbox made under its old name."""

@@ -310,3 +310,16 @@ class ManyExpunged(SessionCase):
             del replay[n - 1]
         self.assertEqual(replay, self.session.view)
         self.assertEqual(self.session.view, [u for u in view if u not in gone])
+
+    def test_queued_appends_let_go_when_the_connection_goes(self):
+        """APPENDs read in full but queued behind answers the client has not taken hold
+        an open file in tmp/ each: the connection's end closes and removes them."""
+        self.transport.clear()
+        self.session._busy = True   # a command running (a wait for the client, a FETCH)
+        self.session.dataReceived(b"".join(b"p%d APPEND INBOX {5+}\r\nhello\r\n" % i
+                                           for i in range(3)))
+        tmp = self.user_path / "tmp"
+        self.assertEqual(len(list(tmp.iterdir())), 3)          # queued, files open
+        self.session.connectionLost(None)
+        self.assertEqual(list(tmp.iterdir()), [])
+        self.assertEqual(self.session._queue, [])

@@ -71,6 +71,14 @@ def test_append_target_and_dates():
     assert parse_date_time(b"05-Jan-2024 10:00:00 +0100") == 1704445200.0
     with pytest.raises(BadCommand):
         parse_date_time(b"32-Foo-2024 10:00:00 +0100")
+    # A moment that exists: timegm alone stored the 1st of March for 29-Feb-2023
+    assert parse_date_time(b"29-Feb-2024 10:00:00 +0000") == 1709200800.0
+    assert parse_date_time(b"31-Dec-2024 23:59:60 -1200") == 1735732799.0   # leap second
+    for bad in (b"29-Feb-2023 10:00:00 +0000", b"31-Apr-2024 10:00:00 +0000",
+                b"00-Jan-2024 10:00:00 +0000", b"01-Jan-2024 25:61:61 +0000",
+                b"01-Jan-2024 10:00:00 +0099"):
+        with pytest.raises(BadCommand):
+            parse_date_time(bad)
 
 
 def test_formatting_helpers():

@@ -551,6 +551,23 @@ class Changes(FolderTestCase):
         self.assertEqual(self.folder.uids(), [1, 2, 3, 4])
 
     @inlineCallbacks
+    def test_append_that_fails_after_its_rename_leaves_nothing(self):
+        """The uid list cannot be written (ENOSPC) after the file went into cur/: the
+        client is told NO, so the file goes too (a retry would store it twice)."""
+        from mailserver.maildir import uidlist as uidlistmod
+
+        def full(*a, **kw):
+            raise OSError(28, "No space left on device")
+        before = sorted(os.listdir(self.user / "cur"))
+        self.patch(uidlistmod.UidList, "write", full)
+        writer = self.folder.begin_append(origin=self.me)
+        writer.write(MESSAGE)
+        yield self.assertFailure(writer.commit(), OSError)
+        self.assertEqual(os.listdir(self.user / "tmp"), [])
+        self.assertEqual(sorted(os.listdir(self.user / "cur")), before)
+        self.assertEqual(self.folder.uids(), [1, 2, 3, 4])
+
+    @inlineCallbacks
     def test_append_after_another_process_assigned_uids(self):
         """Our uid comes after every uid another process handed out meanwhile."""
         drop(self.user, "77.M1P1.other,S=47", subdir="cur")
