@@ -312,6 +312,24 @@ class TransactionTests(unittest.TestCase):
             yield self.run_tx(port, ["x@d.test"], tls="required")
         self.assertTrue(e.exception.tls_failed)
 
+    @defer.inlineCallbacks
+    def test_replies_sent_with_the_220_before_tls_end_the_connection(self):
+        """RFC 3207 4.2: what follows the 220 to STARTTLS in the same plaintext read is
+        no answer to anything.  Read on as replies, it answered the EHLO, RCPT and DATA
+        meant for the TLS session: a peer on the path, with no certificate, bounced the
+        mail although verified TLS was required."""
+        injected = (b"220 go\r\n250-injected\r\n250 PIPELINING\r\n250 ok\r\n"
+                    b"550 5.1.1 <x@d.test>: injected, no such user\r\n554 no\r\n221 bye")
+        for tls in ("required", "opportunistic"):
+            f, port = self.serve({"EHLO": b"250-mx.test\r\n250 STARTTLS",
+                                  "STARTTLS": injected})
+            with self.assertRaises(HostFailure) as e:
+                yield self.run_tx(port, ["x@d.test"], tls=tls)
+            self.assertEqual(e.exception.result.kind, "temporary")    # never 5.1.1
+            self.assertTrue(e.exception.tls_failed)
+            self.assertFalse(any(c.startswith(b"MAIL") or c.startswith(b"RCPT")
+                                 for c in f.commands), f.commands)
+
 
 class Dripping(protocol.Protocol):
     """A peer that sends its greeting one byte every 50 ms."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
@@ -96,8 +96,7 @@ class DotStuffer:
 FINAL_REPLY_TIMEOUT = 600.0
 
 
-class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
-    delimiter = b"\n"
+class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
     MAX_LENGTH = 4096        # RFC 5321 4.5.3.1.5 says 512; some servers send longer text
     MAX_REPLY_LINES = 200    # an EHLO reply is a few dozen lines at most
 
@@ -106,6 +105,7 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
         if clock is not None:
             self.callLater = clock.callLater  # type: ignore[assignment]
         self._waiting: deque[defer.Deferred[ServerReply]] = deque()
+        self._buffer = b""       # what was read and is not yet a whole line
         self._lines: list[str] = []
         self._code = 0
         self._failed: Failure | None = None
@@ -139,6 +139,32 @@ class SMTPClientProtocol(basic.LineOnlyReceiver, policies.TimeoutMixin):
             self._waiting.popleft().errback(self._failed)
 
     # -- replies -----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while self._failed is None:
+            nl = self._buffer.find(b"\n")
+            if nl < 0:
+                if len(self._buffer) > self.MAX_LENGTH:
+                    self.lineLengthExceeded(self._buffer)
+                return
+            line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
+            if len(line) > self.MAX_LENGTH:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+
+    def start_tls(self, creator: Any) -> None:
+        """TLS from here (RFC 3207), once the 220 to STARTTLS is read.  Anything the peer
+        sent after that reply came before the handshake, unprotected: were it read on
+        as replies, whoever is on the path could answer the EHLO, MAIL and RCPT meant
+        for the TLS session (and make mail bounce) without any certificate.  So it is
+        a protocol violation, and the connection ends (as Postfix ends it)."""
+        if self._buffer:
+            self._fail(SMTPClientError("data after the reply to STARTTLS, before TLS"))
+            self.abort()
+            return
+        self.transport.startTLS(creator)
 
     def lineReceived(self, line: bytes) -> None:
         m = _REPLY_LINE.fullmatch(line.rstrip(b"\r"))

@@ -169,10 +169,10 @@ class Transaction:
             creator: Any = verified_tls(t.name, t.ca_file)
         else:
             creator = opportunistic = OpportunisticTLS(t.name, t.ca_file)
-        proto.transport.startTLS(creator)
         # Left set when the handshake or the EHLO over it fails: run() reads it then, and
         # an opportunistic relay tries again without TLS (RFC 7435).
         self._in_tls_handshake = True
+        proto.start_tls(creator)
         ext = await self._hello(proto)  # RFC 3207 4.2: forget what was said before
         self._in_tls_handshake = False
         self.tls_active = True
