@@ -60,6 +60,13 @@ class CertificatePair:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
 
+    def valid_at(self, when: datetime.datetime,
+                 skew: datetime.timedelta = datetime.timedelta(0)) -> bool:
+        """Whether `when` (aware) lies in the certificate's validity period, its start
+        taken `skew` early (a CA whose clock runs ahead)."""
+        return (self.leaf.not_valid_before_utc - skew <= when
+                <= self.leaf.not_valid_after_utc)
+
     def describe(self) -> str:
         """'CN=mail.example.org, not after 2026-01-31 12:00:00 UTC'"""
         return f"{self.subject}, not after {self.not_after:%Y-%m-%d %H:%M:%S} UTC"

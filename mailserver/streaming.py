@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.interfaces import IPullProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 OUTPUT_BURST = 64 * 1024   # octets of answers a client may leave untaken before input waits
-DRAIN_FALLBACK = 10.0      # seconds after which a session's wait for its client ends anyway
 CLOSE_GRACE = 30.0         # seconds a closing connection may take to drain, then aborted
 
 
@@ -78,8 +77,7 @@ class ChunkProducer:
             self.done.errback(result)
 
 
-def drained(transport: Any, fallback: float | None = None,
-            call_later: Callable[..., Any] | None = None) -> defer.Deferred[bool]:
+def drained(transport: Any) -> defer.Deferred[bool]:
     """Fires once the transport has taken what was written to it (True): its buffer
     empty (on TLS, the connection below no longer full); or with False when the
     connection goes.  How pipelined commands answered at once wait for a client that
@@ -87,12 +85,6 @@ def drained(transport: Any, fallback: float | None = None,
     waiter = _Drained(transport)
     transport.registerProducer(waiter, False)
     waiter.registered = True
-    if fallback is not None and not waiter.done.called:
-        # Were the buffer empty already, no one would ask again: the wait ends after
-        # `fallback` seconds anyway.
-        timer = (call_later or reactor.callLater)(fallback, lambda: waiter._finish(True))
-        waiter.done.addBoth(lambda result: (timer.cancel() if timer.active() else None,
-                                            result)[1])
     return waiter.done
 
 
@@ -148,8 +140,9 @@ class OutputPacer:
     def due(self) -> bool:
         return self.pending > OUTPUT_BURST and self.turn > 0
 
-    def wait(self, transport: Any, call_later: Callable[..., Any]) -> defer.Deferred[bool]:
-        """drained(transport) (ended after DRAIN_FALLBACK seconds of `call_later`'s clock
-        anyway), the count started afresh."""
+    def wait(self, transport: Any) -> defer.Deferred[bool]:
+        """drained(transport), the count started afresh.  No time limit: a client that
+        never reads is ended by the session's idle timer, which no input resets while
+        the session waits (input is held, then the transport stops reading)."""
         self.pending = self.turn = 0
-        return drained(transport, DRAIN_FALLBACK, call_later)
+        return drained(transport)

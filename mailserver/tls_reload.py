@@ -15,6 +15,7 @@ Sources of a new certificate:
 
 from __future__ import annotations
 
+import datetime
 import signal
 import threading
 from typing import TYPE_CHECKING, Any, Callable
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from mailserver.service import MailServer
 
 log = Logger()
+
+CLOCK_SKEW = datetime.timedelta(minutes=10)   # a new certificate may start this much ahead
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -184,6 +187,14 @@ class CertificateFileWatcher(service.Service):
         if found.pair.fingerprint == self.factory.pair.fingerprint:
             if force:
                 log.info("tls certificate unchanged ({what})", what=found.pair.describe())
+            return
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not found.pair.valid_at(now, CLOCK_SKEW) and self.factory.pair.valid_at(now):
+            # Expired, or not valid yet: every client that verifies would fail, where
+            # they succeed now.  A bad file never replaces a certificate that works.
+            log.warn("tls certificate not reloaded from {path}: it is not valid now "
+                     "({what}); still serving ({current})", path=str(self.certificate),
+                     what=found.pair.describe(), current=self.factory.pair.describe())
             return
         try:
             self.factory.swap(found.pair)

@@ -213,6 +213,9 @@ class _Message:
 
     def __init__(self, session: "IMAPSession", uid: int) -> None:
         self.session, self.uid = session, uid
+        # The folder as the FETCH began: a session may be deselected under a streaming
+        # answer (its folder deleted by another session).
+        self.folder = session.folder
         self._bytes: mime.MessageBytes | None = None
         self._file: Any = None
         self._root: mime.Part | None = None
@@ -221,7 +224,7 @@ class _Message:
     @property
     def data(self) -> Any:
         if self._bytes is None:
-            folder = self.session.folder
+            folder = self.folder
             self._file = folder.open_message(self.uid)
             self._bytes = mime.MessageBytes(self._file, crlf=_named_crlf(folder, self.uid))
         return self._bytes.data
@@ -238,7 +241,7 @@ class _Message:
         if self._root is not None or self._bytes is not None:
             return self.data, self.root
         if self._head is None:
-            with self.session.folder.open_message(self.uid) as f:
+            with self.folder.open_message(self.uid) as f:
                 head = mime.read_head(f)
             if head is None:  # a huge header: the general path
                 return self.data, self.root

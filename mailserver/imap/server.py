@@ -440,17 +440,23 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 # has (the queue, then the input, is held meanwhile).  18 MB of NOOPs
                 # never read grew the process by hundreds of MB.
                 self._busy = True
-                waited = self._pacer.wait(self.transport, self.callLater)
+                waited = self._pacer.wait(self.transport)
                 waited.addCallback(self._taken).addBoth(self._command_done)
                 return
             parts, writer = self._queue.pop(0)
             if len(self._queue) <= MAX_QUEUED // 2:
                 self._open_queue()
             d = self._execute(parts, writer)
-            if d is not None:
-                # The idle clock runs on: a client that stops reading the answer (a
-                # FETCH's producer then waits for ever) is logged out like an idle one;
-                # each part of the answer the client takes, and any input, restart it.
+            if d is None:
+                continue
+            finished: list[bool] = []
+            d.addBoth(lambda _: finished.append(True))
+            if not finished:
+                # Not answered yet (answered already, as a NOOP with nothing new on the
+                # disk is, the loop goes on in this turn).  The idle clock runs on: a
+                # client that stops reading the answer (a FETCH's producer then waits
+                # for ever) is logged out like an idle one; each part of the answer the
+                # client takes, and any input, restart it.
                 self._busy = True
                 d.addBoth(self._command_done)
 
@@ -459,6 +465,20 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if self._queue_room is not None:
             room, self._queue_room = self._queue_room, None
             self.callLater(0, lambda: room.callback(None))
+
+    def _forget_input(self) -> None:
+        """Everything read and not run yet, whole commands and a half-read one alike (its
+        open literal would take the first octets sent after the handshake)."""
+        self._buffer = b""
+        self._parts, self._held = [], 0
+        self._literal_left = 0
+        self._literal_sink = None
+        self._discard = False
+        self._continuation = None
+        if self._append_writer is not None:
+            self._append_writer.abort()
+            self._append_writer = None
+        self._drop_queue()
 
     def _drop_queue(self) -> None:
         """Forget what was pipelined (STARTTLS, COMPRESS: none of it counts)."""
@@ -619,8 +639,7 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self.tagged(tag, b"BAD", b"TLS not available")
             return
         self.tagged(tag, b"OK", b"Begin TLS negotiation now")
-        self._buffer = b""  # nothing pipelined before the handshake counts
-        self._drop_queue()
+        self._forget_input()  # nothing pipelined before the handshake counts
         self.transport.startTLS(self.context.tls)
         self.startedTLS = True
         self.canStartTLS = False

@@ -220,7 +220,7 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
                     # Answers the client has not taken: the next command waits until it
                     # has (the idle timer runs on meanwhile).
                     self._busy = True
-                    waited = self._pacer.wait(self.transport, self.callLater)
+                    waited = self._pacer.wait(self.transport)
                     waited.addCallback(self._taken)
                     break
                 item = self.reader.next()

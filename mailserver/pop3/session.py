@@ -207,7 +207,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
                     # Answers the client has not taken: the next command waits until it
                     # has (18 MB of CAPA never read made 470 MB of answers); the idle
                     # timer runs on meanwhile.
-                    waited = self._pacer.wait(self.transport, self.context.clock.callLater)
+                    waited = self._pacer.wait(self.transport)
                     self._hold(waited.addCallback(self._taken), idle_timer=True)
                     break
                 line = self._next_line()

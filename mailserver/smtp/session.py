@@ -296,7 +296,7 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
                     # Replies the client has not taken (pipelined NOOPs never read):
                     # the next command waits until it has; the idle timer runs on.
                     self._paused = self._awaiting_client = True
-                    waited = self._pacer.wait(self.transport, self.callLater)
+                    waited = self._pacer.wait(self.transport)
                     waited.addCallback(self._replies_taken)
                     return
                 if self._incoming is not None:

@@ -82,8 +82,12 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def make_certificate(directory: Path, hostname: str) -> tuple[Path, Path]:
-    """A self-signed certificate for `hostname` (also usable as its own trust anchor)."""
+def make_certificate(directory: Path, hostname: str, *,
+                     valid_from: datetime.timedelta = datetime.timedelta(hours=-1),
+                     valid_until: datetime.timedelta = datetime.timedelta(days=2)
+                     ) -> tuple[Path, Path]:
+    """A self-signed certificate for `hostname` (also usable as its own trust anchor),
+    valid from now + `valid_from` to now + `valid_until`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -94,8 +98,8 @@ def make_certificate(directory: Path, hostname: str) -> tuple[Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
+            .not_valid_before(now + valid_from)
+            .not_valid_after(now + valid_until)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))

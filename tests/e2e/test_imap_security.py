@@ -174,6 +174,27 @@ def test_cannot_log_in_or_authorize_as_another_user(imap_server):
 
 # -- literals and lines ---------------------------------------------------------------------
 
+def test_nothing_half_read_before_starttls_survives_it(imap_server):
+    """CVE-2011-0411 class: a command cut short by STARTTLS (its literal announced in
+    plaintext) must not take the first octets the client sends inside TLS.  It could
+    when 64 KB of unread answers held the session behind STARTTLS."""
+    from imap_helpers import HOSTNAME, tls_client_context
+
+    c = RawIMAP.connect(imap_server, tls=False)
+    try:
+        c.send(b"".join(b"x%d CAPABILITY\r\n" % i for i in range(175))
+               + b"a STARTTLS\r\n" + b"z LOGIN {30+}\r\n")
+        line, seen = c.wait_for(rb"^a OK", 10)
+        assert line is not None, seen[-300:]
+        c.sock = tls_client_context().wrap_socket(c.sock, server_hostname=HOSTNAME)
+        c.buf = b""
+        r = c.command(b"CAPABILITY")
+        assert r.status == "OK" and r.tag != b"z", str(r)
+        assert not any(u.startswith(b"z ") for u in r.untagged), str(r)
+    finally:
+        c.close()
+
+
 def test_huge_literal_refused_without_continuation(imap_server):
     user = new_user(imap_server, "literal")
     bystander = RawIMAP.login(imap_server, user, select="INBOX")

@@ -4,6 +4,7 @@ broken or mismatched file is refused and the old certificate stays."""
 
 from __future__ import annotations
 
+import datetime
 import imaplib
 import os
 import poplib
@@ -98,6 +99,17 @@ def test_sighup_reloads_the_files_and_a_bad_pair_is_refused(make_server, tmp_pat
     assert "private key does not belong to the certificate" in log
     assert served_certificate(srv.ports["imaps"]) == second
     assert starttls_certificates(srv) == [second, second, second]
+
+    # A whole pair, but expired: every verifying client would fail; refused too.
+    cert_d, key_d = make_certificate(tmp_path / "expired", HOSTNAME,
+                                     valid_from=datetime.timedelta(days=-100),
+                                     valid_until=datetime.timedelta(days=-10))
+    replace_file(key_a, key_d.read_bytes())
+    replace_file(cert_a, cert_d.read_bytes())
+    os.kill(pid, signal.SIGHUP)
+    log = srv.wait_for_log(lambda text: "it is not valid now" in text, timeout=30)
+    assert "still serving (CN=mail.example.test" in log
+    assert served_certificate(srv.ports["imaps"]) == second
     assert reloads(srv) == 1
     assert srv.running
 

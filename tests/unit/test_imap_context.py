@@ -277,6 +277,18 @@ class AnswersNotTaken(SessionCase):
         self.assertEqual(got.count(b"a OK"), count)
         self.assertEqual(self.transport.reading_paused, 0)
 
+    @inlineCallbacks
+    def test_commands_answered_through_a_deferred_wait_too(self):
+        """NOOP on a selected folder answers through folder.refresh()'s (fired) Deferred:
+        it counted as a new turn, and the wait never came."""
+        from mailserver.streaming import OUTPUT_BURST
+
+        yield self.command(b"s", b"SELECT INBOX")
+        self.transport.clear()
+        self.session.dataReceived(b"a NOOP\r\n" * 20000)
+        self.assertLess(len(self.transport.value()), OUTPUT_BURST + 1024)
+        self.assertIsNotNone(self.transport.producer)
+
     def test_a_close_the_client_does_not_drain_is_aborted(self):
         """An idle timeout waits for the output to drain: a client that reads nothing
         kept its connection for ever."""
