@@ -195,6 +195,7 @@ class CertificateFileWatcher(service.Service):
             log.warn("tls certificate not reloaded from {path}: it is not valid now "
                      "({what}); still serving ({current})", path=str(self.certificate),
                      what=found.pair.describe(), current=self.factory.pair.describe())
+            self._signature = None   # looked at again next time: it may be valid by then
             return
         try:
             self.factory.swap(found.pair)

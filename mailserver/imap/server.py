@@ -213,8 +213,16 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def stream(self, chunks: Iterator[bytes]) -> defer.Deferred:
         """Send a long answer as fast as the client takes it (streaming.ChunkProducer);
         fires when it is sent or the connection is gone."""
-        return ChunkProducer(self.transport, chunks, self.resetTimeout,
+        return ChunkProducer(self.transport, self._counted(chunks), self.resetTimeout,
                              stopped=self._connection_going).start()
+
+    def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """The chunks, counted as answers written (the transport takes a first burst at
+        once: pipelined FETCHes of small messages are paced as other answers are)."""
+        wrote = self._pacer.wrote
+        for chunk in chunks:
+            wrote(len(chunk))
+            yield chunk
 
     def _connection_going(self) -> None:
         """The connection is gone (told before connectionLost, by a stopped answer or
@@ -451,7 +459,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
                 continue
             finished: list[bool] = []
             d.addBoth(lambda _: finished.append(True))
-            if not finished:
+            if finished:
+                if not self._closing and self._idle_tag is None:
+                    self.setTimeout(self.timeOut)   # a LOGIN's 30 minutes (RFC 3501 5.4)
+            else:
                 # Not answered yet (answered already, as a NOOP with nothing new on the
                 # disk is, the loop goes on in this turn).  The idle clock runs on: a
                 # client that stops reading the answer (a FETCH's producer then waits

@@ -806,7 +806,6 @@ class FolderDisk:
         full_base = f"{base},S={size}"
         if file.crlf_size != size:   # bare LFs: the size IMAP and POP3 send differs
             full_base += f",W={file.crlf_size}"
-        placed: Path | None = None
         try:
             mtime = os.stat(tmp).st_mtime
             with DotLock(self.path / "dovecot-uidlist"):
@@ -820,17 +819,20 @@ class FolderDisk:
                 name = f"{full_base}:2,{letters}"
                 os.rename(tmp, self.path / "cur" / name)
                 placed = self.path / "cur" / name
-                fsync_directory(self.path / "cur")
-                uid = ul.add(full_base)
-                ul.write()
+                try:
+                    fsync_directory(self.path / "cur")
+                    uid = ul.add(full_base)
+                    ul.write()
+                except BaseException:
+                    # The client is told NO: the message must not turn up anyway (a
+                    # retry would store it twice).  Under the lock, so no other process
+                    # gives it a uid meanwhile.
+                    unlink_quietly(placed)
+                    raise
         except BaseException:
             self._keywords = None
             self._uidlist = None
             unlink_quietly(tmp)
-            if placed is not None:
-                # The client is told NO: the message must not turn up anyway (a retry
-                # would store it twice).
-                unlink_quietly(placed)
             raise
         self.index.put_messages([(full_base, size, mtime)])
         modseq = self._issue_modseq()

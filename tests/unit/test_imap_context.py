@@ -335,3 +335,24 @@ class ManyExpunged(SessionCase):
         self.session.connectionLost(None)
         self.assertEqual(list(tmp.iterdir()), [])
         self.assertEqual(self.session._queue, [])
+
+
+class AnsweredAtOnce(SessionCase):
+    def test_a_command_answered_through_a_fired_deferred_sets_the_idle_timer(self):
+        """A LOGIN answered from the login cache fires its Deferred at once; its 30
+        minutes (RFC 3501 5.4) must still replace the 60 s of a stranger."""
+        from twisted.internet import defer
+
+        clock = task.Clock()
+        self.session.callLater = clock.callLater
+
+        def execute(parts, writer):
+            self.session.timeOut = 1800.0    # what a LOGIN sets
+            return defer.succeed(None)
+        self.patch(self.session, "_execute", execute)
+        self.session.timeOut = 60.0
+        self.session.setTimeout(60.0)
+        self.session._queue.append(([b"a LOGIN x y"], None))
+        self.session._run_queue()
+        [timer] = clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 1800.0)

@@ -106,6 +106,7 @@ class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
             self.callLater = clock.callLater  # type: ignore[assignment]
         self._waiting: deque[defer.Deferred[ServerReply]] = deque()
         self._buffer = b""       # what was read and is not yet a whole line
+        self._more_read = False  # the line being handled has more read behind it
         self._lines: list[str] = []
         self._code = 0
         self._failed: Failure | None = None
@@ -141,18 +142,21 @@ class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
     # -- replies -----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while self._failed is None:
-            nl = self._buffer.find(b"\n")
-            if nl < 0:
-                if len(self._buffer) > self.MAX_LENGTH:
-                    self.lineLengthExceeded(self._buffer)
+        lines = (self._buffer + data if self._buffer else data).split(b"\n")
+        self._buffer = lines.pop()   # the start of a line still to come
+        last = len(lines) - 1
+        for k, line in enumerate(lines):
+            if self._failed is not None:
                 return
-            line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
             if len(line) > self.MAX_LENGTH:
                 self.lineLengthExceeded(line)
                 return
+            # Whether the peer sent more after this line (start_tls asks).
+            self._more_read = k < last or bool(self._buffer)
             self.lineReceived(line)
+        self._more_read = False
+        if self._failed is None and len(self._buffer) > self.MAX_LENGTH:
+            self.lineLengthExceeded(self._buffer)
 
     def start_tls(self, creator: Any) -> None:
         """TLS from here (RFC 3207), once the 220 to STARTTLS is read.  Anything the peer
@@ -160,7 +164,7 @@ class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
         as replies, whoever is on the path could answer the EHLO, MAIL and RCPT meant
         for the TLS session (and make mail bounce) without any certificate.  So it is
         a protocol violation, and the connection ends (as Postfix ends it)."""
-        if self._buffer:
+        if self._more_read or self._buffer:
             self._fail(SMTPClientError("data after the reply to STARTTLS, before TLS"))
             self.abort()
             return
