@@ -161,7 +161,11 @@ class CertificateFileWatcher(service.Service):
 
     def _reload(self, force: bool) -> defer.Deferred:
         if self._busy is not None:
-            return self._busy
+            if not force:
+                return self._busy
+            # A SIGHUP during a timed look (which may have read the files before they
+            # changed): a forced read follows it, not the timed look's answer alone.
+            return self._busy.addBoth(lambda result: self._reload(force=True))
         last = None if force else self._signature
         d = threads.deferToThread(check_files, self.certificate, self.private_key, last)
         d.addCallback(self._checked, force)
