@@ -91,7 +91,11 @@ def parse_pair(certificate_pem: bytes, key_pem: bytes) -> CertificatePair:
     except Exception as e:  # ValueError, or cryptography's UnsupportedAlgorithm
         raise CertificateError(f"private key: not a PEM private key ({e})") from None
     leaf = certificates[0]
-    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+    mine = _public_der(key.public_key())
+    if mine != _public_der(leaf.public_key()):
+        if any(mine == _public_der(c.public_key()) for c in certificates[1:]):
+            raise CertificateError("certificate: the server's own certificate must come "
+                                   "first in the file, before the chain")
         raise CertificateError("the private key does not belong to the certificate")
     return CertificatePair(certificate_pem, key_pem, leaf, tuple(certificates[1:]), key)
 

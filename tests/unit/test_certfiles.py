@@ -33,6 +33,16 @@ def make_pem(cn: str = "mail.example.org", issuer_key=None) -> tuple[bytes, byte
                               serialization.NoEncryption()))
 
 
+def test_a_chain_before_the_certificate_is_named_as_such():
+    leaf, key = make_pem()
+    intermediate, _ = make_pem("Intermediate CA")
+    with pytest.raises(CertificateError, match="must come first"):
+        parse_pair(intermediate + leaf, key)
+    _, other_key = make_pem("other.example.org")
+    with pytest.raises(CertificateError, match="does not belong"):
+        parse_pair(leaf + intermediate, other_key)
+
+
 def test_a_matching_pair_with_its_chain():
     leaf, key = make_pem()
     intermediate, _ = make_pem("Intermediate CA")
