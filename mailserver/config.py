@@ -904,7 +904,11 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def is_loopback(host: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped address (::ffff:127.0.0.1: an IPv4
+    client of a dual-stack listener)."""
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

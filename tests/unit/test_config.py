@@ -214,3 +214,13 @@ def test_filters_plugin_names_checked(tmp_path):
         parse_config({"filters": {"plugins": ["../evil"]}}, tmp_path / "mailserver.toml")
     with pytest.raises(ConfigError, match="sieve.unknown"):
         parse_config({"sieve": {"unknown": 1}}, tmp_path / "mailserver.toml")
+
+
+def test_loopback_includes_ipv4_mapped_addresses():
+    """A dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1."""
+    from mailserver.config import is_loopback
+
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "fe80::1%lo"):
+        assert is_loopback(host) is (host != "fe80::1%lo"), host
+    for host in ("192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1", "localhost", ""):
+        assert not is_loopback(host), host
