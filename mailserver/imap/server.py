@@ -1377,7 +1377,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         size = sum(self.folder.by_uid(u).size for u in uids if self.folder.by_uid(u))
         # A MOVE within the account adds nothing (RFC 6851; Dovecot does not check it
         # either): a full mailbox can still move mail to Trash.
-        over = None if move else self._over_quota(size)
+        # Copying nothing adds nothing: no quota to refuse it for (RFC 9051 6.4.9).
+        over = None if move or not uids else self._over_quota(size)
         if over:
             raise CommandFailed(over)
         if not uids:

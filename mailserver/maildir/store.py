@@ -528,6 +528,10 @@ class QuotaTracker:
             return waiter.addBoth(lambda _: self._load(root, entry, limit))
         entry.loading, entry.loading_limit, entry.waiters = True, limit, [waiter]
         entry.limit, entry.since, entry.unsure = limit, (0, 0), False
+        # A change line still waiting is written before this read, which sees it: a
+        # change from now on must not join it (it would be in the file and in `since`,
+        # counted twice), but get a line of its own after the read.
+        entry.batch = None
         self._lane(entry, lambda _: deferToThread(_read_quota, root, limit)).addBoth(
             self._loaded, root, entry)
         return waiter

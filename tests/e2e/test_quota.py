@@ -227,6 +227,8 @@ def test_imap_append_and_copy_refused_over_quota(server):
         assert storage_is(c, server, erin, 4)
         assert storage(c)[0] > 4
         assert c.append("Drafts", message(5, erin, 100)).code == b"OVERQUOTA"
+        # Copying nothing adds nothing (RFC 9051 6.4.9): not refused, as MOVE is not.
+        assert c.command("UID COPY 999999 Archive").status == "OK"
         # An EXPUNGE is counted off at once: room for an APPEND again.
         c.select("INBOX")  # every message of INBOX in the view
         c.ok("STORE 1:* +FLAGS (\\Deleted)")

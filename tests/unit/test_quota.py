@@ -337,6 +337,38 @@ class TrackerTests(unittest.TestCase):
         self.assertLessEqual(len(lines), 4)  # changes made together share a line
 
     @inlineCallbacks
+    def test_a_change_while_a_read_waits_behind_a_line_is_counted_once(self):
+        """A read queued behind a change line that is still to be written sees that line;
+        a change made meanwhile joined it and was also counted on top of the read (a
+        90% warning at 60%)."""
+        import threading
+
+        from mailserver.maildir import quota as quota_module
+
+        yield self.tracker.usage(self.user, 1_000_000)
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        real, first = quota_module.append_delta, [True]
+
+        def slow(*args):
+            if first[0]:
+                first[0] = False
+                gate.wait(10)        # the first line's write holds the lane
+            return real(*args)
+        self.patch(quota_module, "append_delta", slow)
+        self.tracker.changed(self.user, 100, 1)    # written in a thread (held)
+        self.tracker.changed(self.user, 200, 1)    # a line waiting behind it
+        self.tracker.fresh_seconds = 0
+        d = self.tracker.usage(self.user, 1_000_000)   # a read behind that line
+        self.tracker.changed(self.user, 300, 1)    # counted on top of the read
+        gate.set()
+        usage = yield d
+        self.assertEqual((usage.bytes, usage.count), (600, 3))
+        again = yield self.reread(1_000_000)          # after the last line is written
+        self.assertEqual((again.bytes, again.count), (600, 3))
+        self.assertEqual(sums(self.user), (600, 3))
+
+    @inlineCallbacks
     def test_removing_more_than_was_known_reads_maildirsize_again(self):
         """Another program (Dovecot) added mail after the read, then this process expunged
         it: memory would say -9 KB.  It is not trusted: the next question reads the file,
