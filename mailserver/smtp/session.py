@@ -127,6 +127,7 @@ class _Incoming:
     size: int = 0
     error: Reply | None = None
     skip_line: bool = False
+    skip_last: bytes = b""  # the last octet of the over-long line passed over so far
     first_chunk: bool = True
     in_header: bool = True
     hops: int = 0          # Received: fields in the header section
@@ -618,14 +619,24 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         buf = self._buffer
         if inc.skip_line:  # the rest of an over-long line
             nl = buf.find(b"\n")
+            part = buf if nl < 0 else buf[:nl]
+            # Passed over, but held to the same line endings as any line: an LF without
+            # its CR after a long line ("<LF>.<CR><LF>") ended the data, and what came
+            # after it was run as a second, smuggled transaction (RFC 5321 2.3.8).
+            if not self._skipped_line_ok(inc, part, nl >= 0):
+                return False
+            if part:
+                inc.skip_last = part[-1:]
             self._buffer = buf[nl + 1:] if nl >= 0 else b""
             inc.skip_line = nl < 0
             return nl >= 0
         last = buf.rfind(b"\n")
         if last < 0:
             if len(buf) > self.limits.max_line_length + 2:
+                if b"\r" in buf[:-1]:   # a CR not followed by its LF
+                    return self._refuse_bare(R.BARE_CR)
                 self._data_error(inc, R.DATA_LINE_TOO_LONG)
-                self._buffer, inc.skip_line = b"", True
+                self._buffer, inc.skip_line, inc.skip_last = b"", True, buf[-1:]
             return False
         if buf.startswith(b".\r\n"):
             end, resume = 0, 3
@@ -663,6 +674,17 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
         self.resetTimeout()
         if finished:
             self._end_of_data(inc)
+        return True
+
+    def _skipped_line_ok(self, inc: _Incoming, part: bytes, ended: bool) -> bool:
+        """A piece of an over-long data line (`ended`: up to its LF): no bare CR in it,
+        and its LF after a CR; else the session is refused (521) and False."""
+        if inc.skip_last == b"\r" and (part or not ended):
+            return self._refuse_bare(R.BARE_CR)   # the CR before was not followed by LF
+        if b"\r" in part[:-1]:
+            return self._refuse_bare(R.BARE_CR)
+        if ended and (part[-1:] if part else inc.skip_last) != b"\r":
+            return self._refuse_bare(R.BARE_LF)
         return True
 
     def _check_chunk(self, inc: _Incoming, chunk: bytes) -> None:

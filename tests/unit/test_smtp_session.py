@@ -367,6 +367,36 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertEqual(self.s.stored(), [])
         self.assertEqual(self.s.tmp_files(), [])
 
+    def test_no_end_of_data_smuggled_after_a_long_line(self):
+        """SMTP smuggling (CVE-2023-51764 class): the LF ending an over-long data line
+        without its CR, then ".<CR><LF>", ended the data, and the rest ran as a second
+        transaction that was delivered.  Such endings are refused as in any line."""
+        smuggled = (b".\r\nMAIL FROM:<ceo@example.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                    b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
+        for pieces in ([b"z" * 300 + b"\n" + smuggled],                     # one read
+                       [b"z" * 300, b"\n" + smuggled],                     # LF read apart
+                       [b"z" * 300 + b"\r", b"x\n" + smuggled],            # a bare CR
+                       [b"z" * 150 + b"\rz" * 100 + b"\r\n.\r\n"]):        # CR inside
+            self.s.close()
+            self.s = Session(self.tmpdir(), max_line_length=100)
+            self.envelope()
+            self.s.send(b"DATA\r\nSubject: x\r\n\r\n")
+            for piece in pieces:
+                self.s.send(piece)
+            lines = self.s.lines()
+            self.assertTrue(lines[-1].startswith(b"521"), (pieces, lines))
+            self.assertTrue(self.s.transport.disconnecting)
+            self.assertEqual(self.s.stored(), [])
+        # The CR and LF of a long line's CRLF read apart: a long line, not smuggling.
+        self.s.close()
+        self.s = Session(self.tmpdir(), max_line_length=100)
+        self.envelope()
+        self.s.send(b"DATA\r\nSubject: x\r\n\r\n" + b"z" * 300 + b"\r")
+        self.s.send(b"\nok\r\n.\r\nNOOP\r\n")
+        lines = self.s.lines()
+        self.assertTrue(lines[-2].startswith(b"500 5.5.2"), lines)
+        self.assertTrue(lines[-1].startswith(b"250"), lines)
+
     def test_auth_is_not_offered_on_the_mx(self):
         self.s.send(b"EHLO client.test\r\n")
         self.assertNotIn(b"AUTH", b"".join(self.s.lines()))
