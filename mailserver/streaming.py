@@ -77,6 +77,15 @@ class ChunkProducer:
             self.done.errback(result)
 
 
+def close_gracefully(transport: Any, call_later: Callable[..., Any]) -> Any:
+    """transport.loseConnection(), and abortConnection CLOSE_GRACE seconds later unless
+    the caller cancels the returned call first (in its connectionLost).  A close waits
+    for the output to drain, and a client that reads nothing would otherwise keep the
+    connection (a POP3 session's mailbox lock with it) for ever."""
+    transport.loseConnection()
+    return call_later(CLOSE_GRACE, transport.abortConnection)
+
+
 def drained(transport: Any) -> defer.Deferred[bool]:
     """Fires once the transport has taken what was written to it (True): its buffer
     empty (on TLS, the connection below no longer full); or with False when the

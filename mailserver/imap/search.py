@@ -147,8 +147,9 @@ Predicate = Callable[[Row], bool]
 search_form = summary.search_form
 
 
-def _contains(haystack: str, needle: str) -> bool:
-    return search_form(needle) in search_form(haystack)
+def _contains(haystack: str, needle_form: str) -> bool:
+    """`needle_form` (search_form of the key, made once per search) in the text."""
+    return needle_form in search_form(haystack)
 
 
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
@@ -406,11 +407,13 @@ def _key(args: Arguments, charset: str, depth: int) -> Query:
             return _has_field(field)
         if field.lower() in _COLUMNS and field.lower() != "date":
             return _field_key(field.lower(), needle)
-        return Query(lambda r: _contains(r.header_text(field), needle), reads_files=True)
+        wanted = search_form(needle)
+        return Query(lambda r: _contains(r.header_text(field), wanted), reads_files=True)
     if word in (b"BODY", b"TEXT"):
         needle = _text_arg(args, charset)
         with_headers = word == b"TEXT"
-        return Query(lambda r: _contains(_body_text(r, with_headers), needle),
+        wanted = search_form(needle)
+        return Query(lambda r: _contains(_body_text(r, with_headers), wanted),
                      reads_files=True)
     if word in (b"BEFORE", b"ON", b"SINCE"):
         args.space()

@@ -46,7 +46,7 @@ from mailserver.accounts import AccountsUnavailable
 from mailserver.auth import throttled_login
 from mailserver.connlimit import LimitedProtocolMixin
 from mailserver.peer import PeerFacts
-from mailserver.streaming import CLOSE_GRACE, ChunkProducer, OutputPacer
+from mailserver.streaming import ChunkProducer, OutputPacer, close_gracefully
 from mailserver.imap import fetch as F
 from mailserver.imap import headerpass as HP
 from mailserver.imap import listing as L
@@ -255,11 +255,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
     def _close(self) -> None:
         self._closing = True
         self._buffer = b""
-        self.transport.loseConnection()
-        # A close waits for the output to drain: a client that reads nothing would keep
-        # the connection for ever.
         if self._abort_call is None:
-            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
+            self._abort_call = close_gracefully(self.transport, self.callLater)
 
     def send(self, data: bytes) -> None:
         self._pacer.wrote(len(data))

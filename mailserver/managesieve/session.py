@@ -36,7 +36,7 @@ from mailserver.managesieve.wire import (MAX_NUMBER, Arg, Atom, CommandReader, W
                                          capability_lines, response, string)
 from mailserver.metrics import unexported
 from mailserver.sieve import scripts
-from mailserver.streaming import CLOSE_GRACE, OutputPacer
+from mailserver.streaming import OutputPacer, close_gracefully
 
 NONAUTH, AUTH = "non-authenticated", "authenticated"
 IMPLEMENTATION = "mailserver ManageSieve"
@@ -158,11 +158,8 @@ class ManageSieveSession(PeerFacts, LimitedProtocolMixin, TimeoutMixin, protocol
         self._closing = True
         self.reader.clear()
         self.setTimeout(None)
-        self.transport.loseConnection()
-        # A close waits for the output to drain: a client that reads nothing would keep
-        # the connection for ever.
         if self._abort_call is None and not self._lost:
-            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
+            self._abort_call = close_gracefully(self.transport, self.callLater)
 
     def _send(self, data: bytes) -> None:
         if not self._lost:

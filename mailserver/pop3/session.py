@@ -36,7 +36,7 @@ from mailserver.peer import PeerFacts
 from mailserver.metrics import unexported
 from mailserver.pop3.mailbox import (MailboxInUse, MailboxLockLost, MailboxUnavailable,
                                      MessageDeleted, MessageGone, NoSuchMessage, POP3Mailbox)
-from mailserver.streaming import CLOSE_GRACE, ChunkProducer, OutputPacer
+from mailserver.streaming import ChunkProducer, OutputPacer, close_gracefully
 from mailserver.pop3.whole import read_whole, response, send_now
 from mailserver.pop3.wire import message_chunks
 
@@ -149,12 +149,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._closing = True
         self._buffer = b""
         self.setTimeout(None)
-        self.transport.loseConnection()
-        # A close waits for the output to drain: a client that reads nothing would keep
-        # the connection (and the mailbox lock) for ever.
         if self._abort_call is None and not self._lost:
-            self._abort_call = self.context.clock.callLater(CLOSE_GRACE,
-                                                            self.transport.abortConnection)
+            self._abort_call = close_gracefully(self.transport, self.context.clock.callLater)
 
     def _taken(self, drained: bool) -> None:
         if not drained:   # the connection is going: nothing more is read or answered

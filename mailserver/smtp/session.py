@@ -44,7 +44,7 @@ from mailserver.smtp import replies as R
 from mailserver.smtp.delivery import DeliveryOutcome, IDelivery, LocalDelivery, Recipient
 from mailserver.smtp.envelope import EnvelopeSyntaxError, parse_command_path
 from mailserver.smtp.replies import Reply, SMTPReplyError
-from mailserver.streaming import CLOSE_GRACE, OutputPacer
+from mailserver.streaming import OutputPacer, close_gracefully
 from mailserver.tls import describe_tls
 
 if TYPE_CHECKING:
@@ -255,11 +255,8 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             self._incoming.delivery.abort()
             self._incoming = None
         self._flush_replies()
-        self.transport.loseConnection()
-        # A close waits for the output to drain: a client that reads nothing would keep
-        # the connection for ever.
         if self._abort_call is None:
-            self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
+            self._abort_call = close_gracefully(self.transport, self.callLater)
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[attr-defined]
         self._closing = True

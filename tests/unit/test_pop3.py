@@ -664,7 +664,7 @@ class POP3SessionTests(unittest.TestCase):
         reads nothing kept its connection, and its mailbox lock, for ever."""
         from dataclasses import replace
 
-        from mailserver.pop3.session import CLOSE_GRACE
+        from mailserver.streaming import CLOSE_GRACE
         clock = task.Clock()
         c = self.conn(context=replace(self.server.context(), clock=clock))
         c.proto.timeoutConnection()
