@@ -68,6 +68,19 @@ class BoundedRequest(server.Request):
             return  # answered already by the channel; the body was cut off
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        # RFC 9112 3.2: an HTTP/1.1 request without a Host field, or with more than one,
+        # is a 400.  The answers here depend on the name asked for (autoconfig's
+        # redirects), and two names would leave it to chance which one counts.
+        hosts = self.requestHeaders.getRawHeaders(b"host", [])
+        if self.clientproto == b"HTTP/1.1" and len(hosts) != 1:
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.write(b"an HTTP/1.1 request needs one Host header field\n")
+            self.finish()
+            return
+        super().process()
+
 
 @implementer(IHandshakeListener)
 class BoundedChannel(http.HTTPChannel):

@@ -588,3 +588,20 @@ def test_autoconfig_config_defaults():
     assert (ac.hostname, ac.display_name, ac.imaps_port, ac.imap_port, ac.pop3s_port,
             ac.pop3_port, ac.submissions_port, ac.submission_port, ac.https_port) == \
         ("", "", None, None, None, None, None, None, None)   # None: the listener's port
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /.well-known/autoconfig/mail/config-v1.1.xml HTTP/1.1\r\n\r\n",
+    b"GET /.well-known/autoconfig/mail/config-v1.1.xml HTTP/1.1\r\nHost: a.test\r\n"
+    b"Host: mail.example.test\r\n\r\n",
+])
+def test_http11_request_without_exactly_one_host_is_400(head):
+    # RFC 9112 3.2
+    response = Client().raw(head)
+    assert response.status == 400
+    assert b"Host" in response.body
+
+
+def test_http10_request_without_host_is_served():
+    response = Client().raw(b"GET /.well-known/autoconfig/mail/config-v1.1.xml HTTP/1.0\r\n\r\n")
+    assert response.status == 200
