@@ -327,8 +327,26 @@ class NodeMailboxLocks:
                     self._lost.add(key)
 
     def holds(self, key: str) -> bool:
-        """Whether the session that acquired `key` still holds it on every node."""
+        """Whether the session that acquired `key` still holds it on every node, as far
+        as this node has heard."""
         return key in self._local and key not in self._lost
+
+    def confirm(self, key: str) -> Deferred[bool]:
+        """holds(), once the database has been asked: the keepalive hears of a dropped
+        connection only every KEEPALIVE seconds, and meanwhile PostgreSQL has let the
+        lock go and another node's session may have the mailbox.  The link's check
+        reconnects and takes the lock again, or reports it lost; MailboxUnavailable while
+        the database cannot be asked (POP3 then deletes nothing)."""
+        if not self.holds(key):
+            return succeed(False)
+
+        def failed(f: Failure) -> None:
+            if f.check(LinkDown):
+                raise MailboxUnavailable(f.getErrorMessage())
+            f.raiseException()
+
+        d = self._crossnode._run(self._crossnode.link.check)
+        return d.addCallbacks(lambda _: self.holds(key), failed)
 
     def release(self, key: str) -> None:
         self._lost.discard(key)

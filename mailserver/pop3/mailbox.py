@@ -83,6 +83,10 @@ class MailboxLocks:
     def holds(self, key: str) -> bool:
         return key in self._held
 
+    def confirm(self, key: str) -> defer.Deferred[bool]:
+        """Whether the session still holds `key`, asked before deleting (here: known)."""
+        return defer.succeed(self.holds(key))
+
     def keys(self) -> list[str]:
         return list(self._held)
 
@@ -170,10 +174,13 @@ class POP3Mailbox:
         wanted = {e.base for e in self.entries if e.deleted}
         if not wanted:
             return defer.succeed((0, 0))
-        if not self._locks.holds(self._lock_key):
-            # Another node's session has the mailbox now (our lock went while this node's
-            # database connection was down): it decides what is deleted.
-            return defer.fail(MailboxLockLost())
+        return self._locks.confirm(self._lock_key).addCallback(self._delete, wanted)
+
+    def _delete(self, held: bool, wanted: set[str]) -> defer.Deferred[tuple[int, int]]:
+        if not held:
+            # Another node's session has the mailbox now (our lock went with this node's
+            # database connection): it decides what is deleted.
+            raise MailboxLockLost()
         uids = [i.uid for i in self.folder.messages if i.basename in wanted]
         already = len(wanted) - len(uids)
         if not uids:

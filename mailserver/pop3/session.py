@@ -627,6 +627,12 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
                               user=self.user)
                 self.err(b"Mailbox lock lost to another session; no message deleted",
                          b"IN-USE")
+            elif f.check(MailboxUnavailable):   # the lock could not be confirmed
+                self.log.warn("{service} {user}: mailbox lock cannot be confirmed ({why}); "
+                              "nothing deleted", service=self.context.service,
+                              user=self.user, why=f.getErrorMessage())
+                self.err(b"Mailbox lock cannot be confirmed; no message deleted",
+                         b"SYS/TEMP")
             else:
                 self.log.failure("{service} {user}: deleting messages failed", f,
                                  service=self.context.service, user=self.user)

@@ -274,7 +274,7 @@ class LostLocks(unittest.TestCase):
         answers: list[Deferred] = []
 
         class Node:
-            link = type("Link", (), {"try_lock": None, "unlock": None})()
+            link = type("Link", (), {"try_lock": None, "unlock": None, "check": None})()
 
             def _key_of(self, path):
                 return (path.name, False)
@@ -306,3 +306,31 @@ class LostLocks(unittest.TestCase):
         answers[-1].callback(True)
         self.assertTrue(self.successResultOf(again))
         self.assertTrue(locks.holds(key))
+
+    def test_confirm_asks_the_database_and_hears_of_a_loss(self):
+        """QUIT's question: the link's check runs first, and a loss it reports (the
+        connection had dropped, another node has the lock now) answers False."""
+        locks, answers = self.locks()
+        key = "/maildirs/example.org/alice"
+        d = locks.acquire(key)
+        answers[0].callback(True)
+        self.successResultOf(d)
+        asked = locks.confirm(key)
+        self.assertNoResult(asked)
+        locks.lost([lock_key("alice")])   # what the check's reconnect reported
+        answers[-1].callback(None)
+        self.assertFalse(self.successResultOf(asked))
+
+    def test_confirm_while_the_database_cannot_be_asked_is_unavailable(self):
+        from mailserver.crossnode_pg import LinkDown
+        from mailserver.pop3.mailbox import MailboxUnavailable
+
+        locks, answers = self.locks()
+        key = "/maildirs/example.org/alice"
+        d = locks.acquire(key)
+        answers[0].callback(True)
+        self.successResultOf(d)
+        asked = locks.confirm(key)
+        answers[-1].errback(LinkDown("database unreachable"))
+        self.failureResultOf(asked, MailboxUnavailable)
+        self.assertTrue(locks.holds(key))   # nothing known to be lost: QUIT deletes nothing
