@@ -81,15 +81,21 @@ class PgAccounts(SqlAccounts):
     """The accounts database in PostgreSQL; safe to share between threads of one process
     (one connection, one transaction at a time)."""
 
-    def __init__(self, url: str, subaddress_separator: str = "+") -> None:
+    def __init__(self, url: str, subaddress_separator: str = "+", *,
+                 statement_timeout: str | None = None) -> None:
         super().__init__(subaddress_separator)
         self.url = url
         self.display = display_url(url)
         self._conn: psycopg.Connection[Any] | None = None
+        # A running server's statements wait at most this long, for a lock too (a table
+        # locked by someone's CREATE INDEX); the schema upgrade at start is not bound.
+        self._timeout: str | None = None
         with self._lock:
             conn = self._connection()
             try:
                 applied = upgrade(conn)
+                self._timeout = statement_timeout
+                self._bound(conn)
             except SchemaError as e:
                 self.close()
                 raise AccountsError(f"{self.display}: {e}") from None
@@ -109,7 +115,13 @@ class PgAccounts(SqlAccounts):
                 conn.close()
             self._conn = None
             self._conn = conn = connect(self.url)
+            self._bound(conn)
         return conn
+
+    def _bound(self, conn: psycopg.Connection[Any]) -> None:
+        if self._timeout is not None:
+            for name in ("statement_timeout", "lock_timeout"):
+                conn.execute("SELECT set_config(%s, %s, false)", (name, self._timeout))
 
     def close(self) -> None:
         with self._lock:

@@ -139,7 +139,8 @@ class ReplicatedAccounts(service.Service):
 
             call_in_reactor = reactor.callFromThread  # type: ignore[attr-defined]
         self._call = call_in_reactor
-        self._store = PgAccounts(url, subaddress_separator)   # blocking: before the reactor
+        # blocking: before the reactor
+        self._store = PgAccounts(url, subaddress_separator, statement_timeout=STATEMENT_TIMEOUT)
         self.display = self._store.display
         try:
             self._snapshot = Snapshot.build(tables_of(self._store))

@@ -145,6 +145,8 @@ class AccountsChecker:
         self._dummy_hash: str | None = None
         self._dummy_making: defer.Deferred[str] | None = None
         self._dummy()   # ready before the first unknown user asks
+        # address -> its hash upgrade under way (one at a time per address)
+        self.upgrading: dict[str, defer.Deferred[None]] = {}
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred[str]:
         if not self.accounts.available():
@@ -171,8 +173,11 @@ class AccountsChecker:
             if not (ok and user):
                 raise UnauthorizedLogin("invalid credentials")
             if self.upgrade_hashes and needs_rehash(stored):
-                return self._upgrade(user.address, stored, password).addCallback(
-                    lambda _: user.address)
+                # The login does not wait for it: the database write could wait on a
+                # lock without bound, and the client has proved its password already.
+                if user.address not in self.upgrading:
+                    self._upgrade(user.address, stored, password)
+                return user.address
             if self.verified is not None:
                 self.verified.remember(user.address, stored, password)
             return user.address
@@ -207,15 +212,16 @@ class AccountsChecker:
         self._dummy_making.addBoth(lambda result: waiter.callback(result) or result)
         return waiter
 
-    def _upgrade(self, address: str, old: str, password: str | bytes) -> defer.Deferred[None]:
+    def _upgrade(self, address: str, old: str, password: str | bytes) -> None:
         """Re-hash with argon2id after a successful login, and store the new hash, both in
-        the hashing pool (the database write waits); failures only get logged."""
-        d = in_hash_pool(_rehash, self.accounts, address, old, password)
+        the hashing pool, while the login goes on; failures only get logged."""
+        d = self.upgrading[address] = in_hash_pool(_rehash, self.accounts, address, old,
+                                                   password)
         d.addCallback(lambda replaced: replaced and log.info(
             "password hash of {address} upgraded to argon2id", address=address))
         d.addErrback(lambda f: log.failure("cannot upgrade password hash of {address}", f,
                                            address=address))
-        return d
+        d.addBoth(lambda _: self.upgrading.pop(address, None) and None)
 
 
 def _rehash(accounts: IAccounts, address: str, old: str, password: str | bytes) -> bool:

@@ -356,6 +356,35 @@ def test_snapshots_are_swapped_whole_never_changed(pg_url):
         server.close()
 
 
+def test_a_write_stuck_behind_a_lock_fails_within_the_bound(pg_url, monkeypatch):
+    """A running server's write (a login's hash upgrade) waited for ever while someone
+    held a lock on users (CREATE INDEX takes SHARE), reads going on meanwhile."""
+    import time
+
+    import psycopg
+
+    from mailserver import accounts_replica
+
+    monkeypatch.setattr(accounts_replica, "STATEMENT_TIMEOUT", "500ms")
+    server = Synced(replica(pg_url))
+    locker = psycopg.connect(pg_url)
+    try:
+        server.add_domain("example.org")
+        server.add_user("alice@example.org", "{PLAIN}old")
+        locker.execute("LOCK TABLE users IN SHARE MODE")   # a transaction held
+        started = time.monotonic()
+        with pytest.raises(AccountsError):
+            server.inner.replace_password_hash("alice@example.org", "{PLAIN}old",
+                                               "$argon2id$new")
+        assert time.monotonic() - started < 10
+        locker.rollback()
+        assert server.inner.replace_password_hash("alice@example.org", "{PLAIN}old",
+                                                  "$argon2id$new")
+    finally:
+        locker.close()
+        server.inner.close()
+
+
 def test_hash_upgrade_from_a_thread_comes_back(pg_url):
     server = Synced(replica(pg_url))
     try:

@@ -44,6 +44,8 @@ class CheckerTests(unittest.TestCase):
         self.accounts.add_domain("example.org")
         self.accounts.add_user("alice@example.org", hash_password("right"))
         self.checker = AccountsChecker(self.accounts)
+        # an upgrade a test started goes on after its login: done before the accounts close
+        self.addCleanup(lambda: defer.DeferredList(list(self.checker.upgrading.values())))
 
     def test_interface(self):
         self.assertTrue(verifyObject(ICredentialsChecker, self.checker))
@@ -120,6 +122,8 @@ class CheckerTests(unittest.TestCase):
         self.patch(self.accounts, "replace_password_hash", recording)
         avatar_id = yield self.checker.requestAvatarId(UsernamePassword(b"bob@example.org", b"pw"))
         self.assertEqual(avatar_id, "bob@example.org")
+        yield self.checker.upgrading["bob@example.org"]   # the login did not wait for it
+        self.assertNotIn("bob@example.org", self.checker.upgrading)
         stored = self.accounts.get_user("bob@example.org").password_hash
         self.assertTrue(stored.startswith("$argon2id$"))
         # The SQLite write of the new hash happens in a thread, never in the reactor's.
@@ -127,6 +131,34 @@ class CheckerTests(unittest.TestCase):
         self.assertIsNot(writers[0], threading.main_thread())
         avatar_id = yield self.checker.requestAvatarId(UsernamePassword(b"bob@example.org", b"pw"))
         self.assertEqual(avatar_id, "bob@example.org")
+
+    @defer.inlineCallbacks
+    def test_login_does_not_wait_for_the_upgrade_write(self):
+        # A write that cannot go on (a lock held in the accounts database) must not hold
+        # the login: the password was right.
+        self.accounts.add_user("bob@example.org", "{PLAIN}pw")
+        gate = threading.Event()
+        replace = self.accounts.replace_password_hash
+
+        def stuck(*args):
+            gate.wait(30)
+            return replace(*args)
+
+        self.patch(self.accounts, "replace_password_hash", stuck)
+        try:
+            avatar_id = yield self.checker.requestAvatarId(
+                UsernamePassword(b"bob@example.org", b"pw"))
+            self.assertEqual(avatar_id, "bob@example.org")
+            pending = self.checker.upgrading["bob@example.org"]
+            self.assertNoResult(pending)
+            # a second login meanwhile starts no second upgrade
+            yield self.checker.requestAvatarId(UsernamePassword(b"bob@example.org", b"pw"))
+            self.assertIs(self.checker.upgrading["bob@example.org"], pending)
+        finally:
+            gate.set()
+        yield pending
+        self.assertTrue(self.accounts.get_user("bob@example.org").password_hash
+                        .startswith("$argon2id$"))
 
     @defer.inlineCallbacks
     def test_upgrade_can_be_switched_off(self):
@@ -192,7 +224,12 @@ def alice_portal(case: unittest.TestCase) -> Portal:
                       "kKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1")
     realm = MailRealm()
     realm.register(IFake, Avatar)
-    return build_portal(accounts, realm)
+    portal = build_portal(accounts, realm)
+    # alice's hash is upgraded after her first login, while the login goes on: done
+    # before the accounts close
+    checker = portal.checkers[IUsernamePassword]
+    case.addCleanup(lambda: defer.DeferredList(list(checker.upgrading.values())))
+    return portal
 
 
 class PortalTests(unittest.TestCase):
