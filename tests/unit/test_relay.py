@@ -164,6 +164,8 @@ class ScriptedServer(basic.LineReceiver):
                 self.sendLine(reply)
                 if prefix == "STARTTLS" and f.script.get("no handshake"):
                     self.transport.loseConnection()
+                if prefix == f.script.get("close after"):
+                    self.transport.loseConnection()
                 return
         self.sendLine(b"250 ok")
 
@@ -285,6 +287,45 @@ class TransactionTests(unittest.TestCase):
             self.assertEqual((results[0][1].kind, results[0][1].status), ("temporary", "4.5.0"))
             self.assertIn("not 354", results[0][1].text)
             self.assertEqual(f.data, [])
+
+    @defer.inlineCallbacks
+    def test_a_2xx_other_than_250_to_mail_or_rcpt_is_no_delivery(self):
+        """RFC 5321 4.3.2: MAIL succeeds with 250, RCPT with 250 or 251.  A "252 will
+        try" was taken as delivered: the queue dropped the message, nothing was sent,
+        no DSN went out."""
+        for ehlo in (b"250-mx.test\r\n250 PIPELINING", b"250 mx.test"):
+            for script in ({"MAIL": b"252 2.1.0 hm"},
+                           {"RCPT": b"252 2.1.5 will try", "DATA": b"354 go"}):
+                f, port = self.serve({"EHLO": ehlo, **script})
+                results = yield self.run_tx(port, ["x@d.test", "y@d.test"])
+                self.assertEqual([(res.kind, res.status) for _, res in results],
+                                 [("temporary", "4.5.0")] * 2, script)
+                self.assertIn("252", results[0][1].text)
+                self.assertEqual(f.data, [])
+
+    @defer.inlineCallbacks
+    def test_a_pipelined_refusal_then_close_is_the_refusal(self):
+        """A blocklist's 554 to MAIL, then the connection closed: the refusal is the
+        answer (a bounce now), not a lost connection retried for days."""
+        pipelining = b"250-mx.test\r\n250 PIPELINING"
+        f, port = self.serve({"EHLO": pipelining, "MAIL": b"554 5.7.1 your IP is listed",
+                              "close after": "MAIL"})
+        results = yield self.run_tx(port, ["x@d.test", "y@d.test"])
+        self.assertEqual([(res.kind, res.status) for _, res in results],
+                         [("permanent", "5.7.1")] * 2)
+        self.assertIn("listed", results[0][1].text)
+        # a refused recipient keeps its refusal; the one whose answer never came is
+        # this host's failure for now
+        f, port = self.serve({"EHLO": pipelining, "RCPT TO:<bad": b"550 5.1.1 unknown",
+                              "close after": "RCPT TO:<bad"})
+        results = yield self.run_tx(port, ["bad@d.test", "ok@d.test"])
+        got = {r.address: (res.kind, res.status) for r, res in results}
+        self.assertEqual(got, {"bad@d.test": ("permanent", "5.1.1"),
+                               "ok@d.test": ("temporary", "4.4.1")})
+        # nothing definite before the close: the next host's turn, as before
+        f, port = self.serve({"EHLO": pipelining, "MAIL": None})
+        with self.assertRaises(HostFailure):
+            yield self.run_tx(port, ["x@d.test"])
 
     @defer.inlineCallbacks
     def test_connection_reset_during_data_is_this_hosts_failure(self):

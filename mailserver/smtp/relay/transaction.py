@@ -232,10 +232,15 @@ class Transaction:
         commands = [f"MAIL FROM:<{env.sender}>{params}"]
         commands += [f"RCPT TO:<{r.address}>" for r in self.recipients]
         if "PIPELINING" in ext:
-            replies_d = proto.pipeline(commands + ["DATA"])
-            mail = await replies_d[0]
-            rcpts = [await d for d in replies_d[1:-1]]
-            data = await replies_d[-1]
+            # Every reply that came, also when the host then closed the connection (a
+            # blocklist's 554 to MAIL, then close): a definite refusal is not lost.
+            answers = await defer.DeferredList(proto.pipeline(commands + ["DATA"]),
+                                               consumeErrors=True)
+            lost = next((value for ok, value in answers if not ok), None)
+            if lost is not None:
+                return self._cut_short([value if ok else None for ok, value in answers[:-1]],
+                                       lost)
+            mail, *rcpts, data = (value for _, value in answers)
         else:
             mail = await proto.command(commands[0])
             rcpts, data = [], None
@@ -246,7 +251,7 @@ class Transaction:
                     data = await proto.command("DATA")
         self._check_421(mail, *rcpts, *(x for x in [data] if x is not None))
         if mail.code != 250:
-            result = self._result(mail)
+            result = self._refused(mail, "MAIL")
             return [(r, result) for r in self.recipients]
         results: dict[int, AttemptResult] = {}
         accepted = []
@@ -254,7 +259,7 @@ class Transaction:
             if reply.code in (250, 251):
                 accepted.append(i)
             else:
-                results[i] = self._result(reply)
+                results[i] = self._refused(reply, "RCPT")
         if not accepted:
             if data is not None and data.code == 354:
                 await proto.command(".")  # RFC 2920 3.1: end the DATA we were granted, empty
@@ -283,6 +288,36 @@ class Transaction:
 
     def _result(self, reply: ServerReply) -> AttemptResult:
         return AttemptResult.from_reply(reply.code, reply.text, self.target.name)
+
+    def _refused(self, reply: ServerReply, command: str) -> AttemptResult:
+        """A reply to MAIL or RCPT other than its success codes (250; 251 for RCPT).
+        4xx and 5xx say what they say; anything else (a 252 "will try", a 354) is no
+        answer RFC 5321 4.3.2 allows, and certainly no delivery: try again later."""
+        if 400 <= reply.code < 600:
+            return self._result(reply)
+        return _temp(f"{self.target.label} answered {command} with {reply}", self.target,
+                     "4.5.0")
+
+    def _cut_short(self, replies: list[ServerReply | None],
+                   lost: Any) -> list[tuple[RecipientState, AttemptResult]]:
+        """The connection ended before every pipelined reply came (`replies`: MAIL's,
+        then each RCPT's, None where none came).  The refusals that did come count; the
+        rest is this host's failure, and when nothing definite came, the next host's turn
+        (HostFailure)."""
+        mail, rcpts = replies[0], replies[1:]
+        if mail is None:
+            lost.raiseException()
+        self._check_421(mail, *(r for r in rcpts if r is not None))
+        if mail.code != 250:
+            result = self._refused(mail, "MAIL")
+            return [(r, result) for r in self.recipients]
+        refused = {i: self._refused(reply, "RCPT") for i, reply in enumerate(rcpts)
+                   if reply is not None and reply.code not in (250, 251)}
+        if not refused:
+            lost.raiseException()
+        gone = _temp(f"{self.target.label}: connection lost: {lost.getErrorMessage()}",
+                     self.target)
+        return [(r, refused.get(i, gone)) for i, r in enumerate(self.recipients)]
 
     async def _quit(self, proto: SMTPClientProtocol) -> None:
         try:
