@@ -1081,7 +1081,17 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if now - getattr(folder, "_idle_polled", 0.0) < IDLE_POLL * 0.9:
             return None
         folder._idle_polled = now
-        return folder.refresh()
+        return folder.refresh().addErrback(self._poll_failed, folder)
+
+    def _poll_failed(self, failure: Failure, folder: Any) -> None:
+        """A look that failed ends neither IDLE nor its polling (a LoopingCall stops at
+        its first failure): the folder deleted by another process is told as a command
+        would tell it; anything else is logged, and the next period looks again."""
+        if failure.check(NoSuchFolder) or not folder.path.is_dir():
+            self.folder_deleted(folder)
+            return
+        self.log.failure("IDLE: looking for changes in {folder} failed", failure,
+                         folder=folder.name)
 
     def _idle_line(self, line: bytes) -> None:
         tag, self._idle_tag = self._idle_tag, None
@@ -1428,6 +1438,17 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             return
         self._deselect()
         self.untagged(b"BYE Selected mailbox was deleted, have to disconnect")
+        self._close()
+
+    def uidvalidity_changed(self, folder: Any) -> None:
+        """Another process gave the selected folder new uids (it rewrote the uid list
+        with a new UIDVALIDITY): each uid this client holds may now name another message
+        (RFC 3501 2.3.1.1), and its sequence numbers no longer match.  As Dovecot does:
+        BYE; the client reconnects, sees the new UIDVALIDITY and drops its cache."""
+        if folder is not self.folder or self._closing:
+            return
+        self._deselect()
+        self.untagged(b"BYE Mailbox UIDVALIDITY changed, have to disconnect")
         self._close()
 
     def flags_changed(self, infos: list[Any]) -> None:

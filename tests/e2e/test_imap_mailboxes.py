@@ -642,6 +642,61 @@ def test_selected_mailbox_deleted_on_disk_ends_the_session(imap_server):
         c.close()
 
 
+def test_selected_mailbox_deleted_on_disk_during_idle_ends_the_session(imap_server):
+    """IDLE's look for outside changes found the folder gone: BYE then, not a stopped
+    look and an idling client told nothing until it sent DONE."""
+    import shutil
+
+    user = new_user(imap_server, "delidle")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        c.ok("CREATE Away")
+        c.select("Away")
+        c.send(b"i1 IDLE\r\n")
+        assert c.wait_for(rb"^\+ ", 5)[0] is not None
+        shutil.rmtree(imap_server.maildir(user) / ".Away")
+        line, seen = c.wait_for(rb"^\* BYE ", 15)   # within a poll period or two
+        assert line is not None, seen
+        assert c.closed_by_server()
+    finally:
+        c.close()
+
+
+def test_uidvalidity_changed_by_another_process_ends_the_session(imap_server):
+    """Another process rewrote the uid list with a new UIDVALIDITY (and the uids in
+    another order): the client's uids may name other messages now (RFC 3501 2.3.1.1).
+    It got EXPUNGEs and EXISTS and kept its UIDVALIDITY, so uid 1 was another message
+    under the same UIDVALIDITY; now BYE, and a new session sees the new UIDVALIDITY."""
+    import time
+
+    user = new_user(imap_server, "uidv")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        for i in range(3):
+            assert c.append("INBOX", msg(i)).status == "OK"
+        c.select("INBOX")
+        uidlist = imap_server.maildir(user) / "dovecot-uidlist"
+        lines = uidlist.read_text().splitlines()
+        head = lines[0].split()
+        v = next(int(h[1:]) for h in head if h.startswith("V"))
+        head = [f"V{v + 1}" if h.startswith("V") else h for h in head]
+        names = [line.split(" ", 1)[1] for line in lines[1:]][::-1]
+        time.sleep(1.1)
+        uidlist.write_text(" ".join(head) + "\n"
+                           + "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+        r = c.command("NOOP")
+        assert any(u.startswith(b"BYE ") for u in r.untagged), str(r)
+        assert c.closed_by_server()
+        fresh = RawIMAP.login(imap_server, user)
+        try:
+            r = fresh.command("STATUS INBOX (UIDVALIDITY MESSAGES)")
+            assert b"UIDVALIDITY %d" % (v + 1) in b" ".join(r.untagged), str(r)
+        finally:
+            fresh.close()
+    finally:
+        c.close()
+
+
 def test_delete_closes_the_selection_by_folder_not_by_name(imap_server):
     """The selection follows a RENAME: DELETE of a new folder under the old name leaves it
     alone, DELETE under the new name (any INBOX case) closes it."""
