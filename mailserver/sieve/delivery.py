@@ -48,6 +48,7 @@ from mailserver.config import ConfigError
 from mailserver.maildir.names import INBOX
 from mailserver.sieve import reject as rejection
 from mailserver.sieve.actions import Keep, Result
+from mailserver.sieve.parser import parse_mailbox
 from mailserver.sieve import scripts as stored
 from mailserver.sieve.interpreter import (Envelope, Limits, SieveIncludeBroken,
                                           SieveIncludeError, evaluate)
@@ -916,11 +917,13 @@ class SieveDelivery:
                       qid=msg.queue_id, user=t.address, error=e)
 
     def _may_send_as(self, user: str, address: str) -> bool:
-        """:from may be any address the user may send as (never someone else's)."""
-        import email.utils
-        addr = email.utils.parseaddr(address)[1] or address
+        """:from may be any address the user may send as (never someone else's): the
+        one mailbox it names, as the reply's From: will carry it."""
+        mailbox = parse_mailbox(address)
+        if mailbox is None:
+            return False
         try:
-            return bool(self.accounts.may_send_as(user, addr))
+            return bool(self.accounts.may_send_as(user, mailbox[1]))
         except Exception:
             return False
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mailserver.sieve.actions import Vacation
+from mailserver.sieve.parser import parse_mailbox
 from mailserver.smtp.headers import field_values, header_fields
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,22 @@ def _encode_word(text: str) -> str:
     text = " ".join(text.replace("\r", " ").replace("\n", " ").split())
     if text.isascii():
         return text
-    return Header(text, "utf-8").encode()
+    return Header(text, "utf-8").encode(linesep="\r\n")   # folded with CRLF, not LF
+
+
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
+
+
+def _mailbox(name: str, addr: str) -> str:
+    """A From: value: the display name encoded (RFC 2047) or quoted as it needs, the
+    address as it is, outside any encoded word (RFC 2047 5)."""
+    if not name:
+        return f"<{addr}>"
+    if not name.isascii():
+        return f"{_encode_word(name)} <{addr}>"
+    if _SPECIALS.search(name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{addr}>"
 
 
 def _original_subject(fields: list[tuple[str, str]]) -> str:
@@ -132,11 +148,10 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
         # RFC 5230 4.3 / RFC 3834 3.1.5: "Auto:" and the original subject.
         original = _original_subject(fields)
         subject = original if original.lower().startswith("auto:") else f"Auto: {original}".rstrip()
-    from_value = vacation.from_address or user
-    if "<" not in from_value and "@" in from_value:
-        from_value = f"<{from_value}>"
+    mailbox = parse_mailbox(vacation.from_address) if vacation.from_address else None
+    name, addr = mailbox if mailbox is not None else ("", user)
     lines = [
-        f"From: {_encode_word(from_value)}",
+        f"From: {_mailbox(name, addr)}",
         f"To: <{sender}>",
         f"Subject: {_encode_word(subject[:MAX_SUBJECT])}",
         f"Date: {email.utils.formatdate(now if now is not None else time.time(), localtime=True)}",

@@ -9,6 +9,7 @@ import email.policy
 import pytest
 
 from mailserver.sieve.actions import Vacation
+from mailserver.sieve.parser import parse_mailbox
 from mailserver.sieve.vacation import VacationMemory, build_reply, should_reply
 
 USER = "alice@example.test"
@@ -114,6 +115,33 @@ def test_reply_subject_and_from_given() -> None:
     msg = parsed(data)
     assert msg["Subject"] == "Gone fishing"
     assert msg["From"].addresses[0].addr_spec == "a2@example.test"
+
+
+def test_reply_from_with_a_utf8_name_keeps_its_address_outside_the_encoded_word() -> None:
+    # RFC 2047 5: the whole "Name <addr>" in one encoded word left From: without address
+    data = build_reply(vacation(from_address="Jürgen Müller <a2@example.test>"), header(),
+                       SENDER, USER, "h")
+    assert b"<a2@example.test>" in data
+    msg = parsed(data)
+    assert msg["From"].addresses[0].addr_spec == "a2@example.test"
+    assert msg["From"].addresses[0].display_name == "Jürgen Müller"
+
+
+def test_reply_with_a_long_utf8_subject_is_folded_with_crlf() -> None:
+    # RFC 5322 2.3: the encoded words of a long subject were folded with bare LFs
+    subject = "Grüße aus dem schönen Süden, " * 4
+    data = build_reply(vacation(subject=subject), header(), SENDER, USER, "h")
+    msg = parsed(data)   # no bare LF
+    assert str(msg["Subject"]) == subject.strip()
+
+
+@pytest.mark.parametrize("value", [
+    "alice@example.test, The Boss <bob@example.test>",   # two mailboxes
+    "x@y.test <bob@example.test>",
+    "Boss <<bob@example.test>",
+])
+def test_from_must_be_one_mailbox(value: str) -> None:
+    assert parse_mailbox(value) is None
 
 
 def test_reply_subject_not_doubled() -> None:
