@@ -243,9 +243,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
 
     def timeoutConnection(self) -> None:
         self.transport.write(b"* BYE Autologout; connection idle too long\r\n")
-        if self._busy:
+        if self._busy and self._idle_tag is None:
             # An answer the client stopped reading: a close would wait for it to drain
-            # (and the producer to finish), which is for ever.
+            # (and the producer to finish), which is for ever.  (IDLE is a command
+            # running too, but its client reads: it gets its BYE, which an abort drops.)
             self._closing = True
             self._buffer = b""
             self.transport.abortConnection()

@@ -4,6 +4,8 @@ stops reading a long answer is logged out like an idle one, one that reads slowl
 from __future__ import annotations
 
 from twisted.internet import reactor, task
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.defer import inlineCallbacks
 
 from tests.unit.imap_session_harness import SessionCase
@@ -60,3 +62,24 @@ class TimeoutWhileAnswering(SessionCase):
         self.assertIn(BODY[-200:], out)
         self.assertFalse(self.transport.disconnecting)
         self.assertNotIn(b"* BYE", out)
+
+
+class TimeoutInIdle(SessionCase):
+    @inlineCallbacks
+    def test_an_idling_client_gets_its_bye(self):
+        """IDLE counts as a running command, but its client reads: the autologout is a
+        close after the BYE, not an abort that drops the BYE."""
+        yield self.select()
+        self.clock = task.Clock()
+        self.session.callLater = self.clock.callLater
+        self.send(b"i IDLE\r\n")
+        yield self.wait_for(rb"\+ idling\r\n$")
+        aborted = []
+        self.transport.abortConnection = lambda: aborted.append(True)
+        self.session.timeOut = TIMEOUT
+        self.session.setTimeout(TIMEOUT)
+        self.clock.advance(TIMEOUT + 1)
+        self.assertEqual(aborted, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn(b"* BYE Autologout", self.transport.value())
+        self.session.connectionLost(Failure(ConnectionDone()))   # the close done
