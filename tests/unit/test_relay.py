@@ -149,7 +149,11 @@ class ScriptedServer(basic.LineReceiver):
                 return
             if line == b".":
                 self.in_data = False
-                self.sendLine(f.script.get("end", b"250 2.0.0 ok"))
+                end = f.script.get("end", b"250 2.0.0 ok")
+                if f.script.get("end delay"):
+                    reactor.callLater(f.script["end delay"], self.sendLine, end)
+                else:
+                    self.sendLine(end)
             else:
                 f.data.append(line)
             return
@@ -160,6 +164,8 @@ class ScriptedServer(basic.LineReceiver):
                     self.in_data = True
                 if reply is None:
                     self.transport.loseConnection()
+                    return
+                if reply == "silent":
                     return
                 self.sendLine(reply)
                 if prefix == "STARTTLS" and f.script.get("no handshake"):
@@ -470,6 +476,56 @@ class HostOrderTests(unittest.TestCase):
         env = Envelope("T6", "a@example.test", [RecipientState("x@d.test")], size=16)
         results = yield self.relay_on(resolver, 1).deliver(env, self.dir / "m", env.recipients)
         self.assertEqual(results[0][1].kind, "temporary")
+
+
+class StopTests(unittest.TestCase):
+    """At shutdown a delivery whose message is sent is let alone for its final reply:
+    dropped, it would be sent again after the restart."""
+
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        (self.dir / "m").write_bytes(b"Subject: t\r\n\r\nbody\r\n")
+
+    def serve(self, script):
+        f = Scripted(script)
+        port = reactor.listenTCP(0, f, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_abort_keeps_a_delivery_awaiting_its_final_reply(self):
+        slow = self.serve({"DATA": b"354 go", "end delay": 0.3})
+        resolver = NoAddress(mx_answer=[mx(10, "mx1.d.test")],
+                             addresses={"mx1.d.test": ["127.0.0.1"]})
+        relay = make_relay(resolver, slow)
+        env = Envelope("T7", "a@example.test", [RecipientState("x@d.test")], size=20)
+        d = relay.deliver(env, self.dir / "m", env.recipients)
+        for _ in range(200):
+            if any(p.ending for p in relay.connections):
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(any(p.ending for p in relay.connections))
+        relay.abort_all(keep_ending=True)
+        results = yield d
+        self.assertEqual(results[0][1].kind, "ok")
+
+    @defer.inlineCallbacks
+    def test_abort_drops_a_delivery_still_sending(self):
+        waiting = self.serve({"DATA": "silent"})   # DATA never answered
+        resolver = NoAddress(mx_answer=[mx(10, "mx1.d.test")],
+                             addresses={"mx1.d.test": ["127.0.0.1"]})
+        relay = make_relay(resolver, waiting)
+        env = Envelope("T8", "a@example.test", [RecipientState("x@d.test")], size=20)
+        d = relay.deliver(env, self.dir / "m", env.recipients)
+        for _ in range(200):
+            if relay.connections:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        relay.abort_all(keep_ending=True)
+        results = yield d   # at once, not after the 1 s reply timeout
+        self.assertEqual(results[0][1].kind, "temporary")
+        self.assertIn("aborted", results[0][1].text)
 
 
 class OurselvesTests(unittest.TestCase):

@@ -34,6 +34,8 @@ log = Logger()
 
 TICK = 1.0
 STOP_GRACE = 3.0  # seconds stopService waits for attempts in flight to record results
+# ... of which a delivery whose message is sent gets this long for its final reply
+ENDING_GRACE = 2.0
 
 Results = list[tuple[RecipientState, AttemptResult]]
 Router = Callable[[str], list[RecipientState]]
@@ -123,14 +125,23 @@ class QueueRunner(service.Service):
             self._kick_call.cancel()
         abort = getattr(self.relay, "abort_all", None)
         if abort is not None:
-            abort()
+            abort(keep_ending=True)
         pending = list(self.busy.values())
         if not pending:
+            if abort is not None:
+                abort()
             self._release()
             return None
+        late = self.clock.callLater(ENDING_GRACE, abort) if abort is not None else None
         d = defer.DeferredList(pending, consumeErrors=True)
         d.addTimeout(STOP_GRACE, self.clock)
-        d.addBoth(lambda _: self._release())
+
+        def stopped(_: Any) -> None:
+            if late is not None and late.active():
+                late.cancel()
+            self._release()
+
+        d.addBoth(stopped)
         return d
 
     def _release(self) -> None:

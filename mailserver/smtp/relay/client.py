@@ -110,6 +110,9 @@ class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._lines: list[str] = []
         self._code = 0
         self._failed: Failure | None = None
+        # The whole message and its end marker are sent: what is left is the reply that
+        # says whether it was taken (a connection dropped now may mean a duplicate).
+        self.ending = False
         self.greeting: defer.Deferred[ServerReply] = self._expect()
 
     # -- connection --------------------------------------------------------------------
@@ -244,6 +247,7 @@ class SMTPClientProtocol(protocol.Protocol, policies.TimeoutMixin):
             reply = self._expect()
             if self._failed is None:
                 self.transport.write(stuffer.end())
+                self.ending = True
                 # RFC 5321 4.5.3.2.6: the reply to the final "." may take 10 minutes (the
                 # receiver filters the message then); giving up sooner means a duplicate.
                 self.setTimeout(max(self.reply_timeout, FINAL_REPLY_TIMEOUT))

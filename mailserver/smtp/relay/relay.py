@@ -44,11 +44,15 @@ class Relay:
         self.connections: set = set()
         self.stopping = False
 
-    def abort_all(self) -> None:
-        """Drop every connection in progress and start no new one (server shutdown)."""
+    def abort_all(self, keep_ending: bool = False) -> None:
+        """Drop every connection in progress and start no new one (server shutdown).
+        `keep_ending`: not those whose message is sent and whose final reply is awaited:
+        dropped now, the message would be sent again after the restart, and the reply
+        usually comes within a moment (the caller drops them a little later)."""
         self.stopping = True
         for proto in list(self.connections):
-            proto.abort()
+            if not (keep_ending and proto.ending):
+                proto.abort()
 
     def deliver(self, env: Envelope, message: Path,
                 recipients: Sequence[RecipientState]) -> defer.Deferred:
