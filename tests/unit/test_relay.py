@@ -94,6 +94,22 @@ class RouteTests(unittest.TestCase):
         self.assertEqual([(h.preference, h.name) for h in hosts], [(0, "d.test")])
 
     @defer.inlineCallbacks
+    def test_address_hints_are_ordered_deduplicated_and_few(self):
+        """The additional section's addresses of an MX host as host_addresses() gives
+        them: IPv4 first, each once, at most MAX_ADDRESSES (each costs a connect timeout)."""
+        from mailserver.smtp.relay.routes import MAX_ADDRESSES
+
+        extra = [dns.RRHeader(b"mx1.d.test", dns.AAAA, payload=dns.Record_AAAA("2001:db8::1"))]
+        extra += [a("mx1.d.test", f"192.0.2.{i % 50}") for i in range(100)]
+
+        class Many(FakeResolver):
+            def lookupMailExchange(self, name, timeout=None):
+                return defer.succeed(([mx(10, "mx1.d.test")], [], extra))
+
+        hosts = yield mx_hosts(Many(), "d.test")
+        self.assertEqual(hosts[0].hint, tuple(f"192.0.2.{i}" for i in range(MAX_ADDRESSES)))
+
+    @defer.inlineCallbacks
     def test_permanent_and_temporary_route_errors(self):
         cases = [(FakeResolver([mx(0, "")]), "permanent", "5.1.10"),
                  (FakeResolver(mx_error=error.DNSNameError("d.test")), "permanent", "5.1.2"),

@@ -91,14 +91,17 @@ def mx_hosts(resolver: Any, domain: str):
         raise RouteError(AttemptResult.temporary(
             f"DNS lookup of MX {domain}: no usable host name in the answer", "4.4.3"))
     hosts = usable
+    # Addresses the answer carries along, as host_addresses() would give them: IPv4
+    # first, each once, at most MAX_ADDRESSES (a hundred would each get a connect timeout).
     hints: dict[str, list[str]] = {}
-    for rr in additional:
-        if rr.type in (dns.A, dns.AAAA):
-            hints.setdefault(str(rr.name).rstrip(".").lower(), []).append(
-                rr.payload.dottedQuad() if rr.type == dns.A else _ipv6(rr.payload.address))
+    for rr in sorted((rr for rr in additional if rr.type in (dns.A, dns.AAAA)),
+                     key=lambda rr: rr.type != dns.A):
+        hints.setdefault(str(rr.name).rstrip(".").lower(), []).append(
+            rr.payload.dottedQuad() if rr.type == dns.A else _ipv6(rr.payload.address))
     random.shuffle(hosts)
     hosts.sort(key=lambda h: h[0])  # stable: equal preferences stay shuffled
-    return [MXHost(pref, name, tuple(hints.get(name, ()))) for pref, name in hosts[:MAX_MX_HOSTS]]
+    return [MXHost(pref, name, tuple(dict.fromkeys(hints.get(name, ())))[:MAX_ADDRESSES])
+            for pref, name in hosts[:MAX_MX_HOSTS]]
 
 
 @defer.inlineCallbacks
