@@ -13,6 +13,7 @@ import email.utils
 import secrets
 import time
 
+from mailserver.sieve.vacation import text_part
 from mailserver.smtp.headers import field_values, header_fields
 
 MAX_REPLY_TEXT = 200           # characters of a reason in an SMTP reply line
@@ -73,7 +74,6 @@ def build_rejection(reason: str, header: bytes, sender: str, user: str, original
     text_reason = text_reason.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
     text = (f"Your message to <{_ascii(user)}> was automatically rejected:\r\n\r\n"
             f"{text_reason}\r\n")
-    charset = "us-ascii" if text.isascii() else "utf-8"
     report = [f"Reporting-UA: {hostname}; mailserver Sieve"]
     if original_rcpt and original_rcpt.lower() != user.lower():
         report.append(f"Original-Recipient: rfc822; {_ascii(original_rcpt)}")
@@ -82,10 +82,9 @@ def build_rejection(reason: str, header: bytes, sender: str, user: str, original
         report.append(f"Original-Message-ID: {_ascii(msgids[0])}")
     report.append("Disposition: automatic-action/MDN-sent-automatically; deleted")
     out = "\r\n".join(head) + "\r\n\r\nThis is a MIME-encapsulated rejection notice.\r\n\r\n"
-    out += (f"--{boundary}\r\nContent-Type: text/plain; charset={charset}\r\n"
-            f"Content-Disposition: inline\r\n"
-            f"Content-Transfer-Encoding: {'7bit' if charset == 'us-ascii' else '8bit'}\r\n"
-            f"\r\n{text}\r\n")
+    fields, body = text_part(text)   # never 8-bit: the next hop may lack 8BITMIME
+    out += (f"--{boundary}\r\n" + "\r\n".join(fields) + "\r\nContent-Disposition: inline"
+            f"\r\n\r\n{body}\r\n")
     out += (f"--{boundary}\r\nContent-Type: message/disposition-notification\r\n\r\n"
             + "\r\n".join(report) + "\r\n\r\n")
     out += f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"

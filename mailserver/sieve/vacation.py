@@ -177,18 +177,26 @@ def build_reply(vacation: Vacation, header: bytes, sender: str, user: str, hostn
         entity = _mime_entity(reason)
         head = "\r\n".join(lines) + "\r\n"
         return (head + entity.replace("\n", "\r\n")).encode("utf-8", "replace")
-    if reason.isascii():
-        lines += ["Content-Type: text/plain; charset=us-ascii",
+    fields, body = text_part(reason)
+    return ("\r\n".join(lines + fields) + "\r\n\r\n" + body).encode("utf-8", "replace")
+
+
+def text_part(text: str) -> tuple[list[str], str]:
+    """The Content-Type and Content-Transfer-Encoding fields and the CRLF body of a
+    text/plain part: 7bit when ASCII, else UTF-8 in quoted-printable, which a next hop
+    without 8BITMIME takes too (RFC 6152)."""
+    if text.isascii():
+        fields = ["Content-Type: text/plain; charset=us-ascii",
                   "Content-Transfer-Encoding: 7bit"]
-        body = reason
+        body = text
     else:
-        lines += ["Content-Type: text/plain; charset=utf-8",
+        fields = ["Content-Type: text/plain; charset=utf-8",
                   "Content-Transfer-Encoding: quoted-printable"]
-        body = _UTF8_QP.body_encode(reason)
+        body = _UTF8_QP.body_encode(text)
     body = body.replace("\r\n", "\n").replace("\n", "\r\n")
     if not body.endswith("\r\n"):
         body += "\r\n"
-    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8", "replace")
+    return fields, body
 
 
 def _mime_entity(entity: str) -> str:

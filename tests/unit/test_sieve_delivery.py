@@ -181,6 +181,17 @@ def test_rejection_message() -> None:
     assert data.isascii()
 
 
+def test_rejection_message_with_a_utf8_reason_is_7bit() -> None:
+    # The reason went out as 8bit text, which a next hop without 8BITMIME cannot take.
+    data = build_rejection("Nicht erwünscht.", HEADER, "bob@remote.test", USER, USER,
+                           "mail.example.test", now=0)
+    assert data.isascii()
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    text = next(msg.iter_parts())
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "Nicht erwünscht." in text.get_content()
+
+
 # -- holding the message, splitting a queued one ------------------------------------------------
 
 def test_message_spool_memory_and_file(tmp_path: Path) -> None:
