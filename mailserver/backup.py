@@ -280,7 +280,7 @@ def _backup_into(config: Config, dest: Path, copy: bool) -> BackupResult:
     # The queue before the Maildirs: a queued message delivered meanwhile is then in the
     # queue's copy (and maybe in its Maildir's too: a duplicate after a restore, never a
     # loss), where the other order could miss it in both.
-    queued = _backup_queue(config.queue_dir, state / "queue", copier)
+    queued = _backup_queue(config.queue_dir, state / "queue", copier, record_path)
     make_dir(dest / "maildirs")
     counts = _MaildirCounts()
     if config.maildir_root.is_dir():
@@ -315,7 +315,7 @@ def _backup_into(config: Config, dest: Path, copy: bool) -> BackupResult:
         "accounts": accounts,
         "dkim": dkim,
         "tls": tls,
-        "queue": {"messages": queued},
+        "queue": {"messages": queued, "checksummed": True},
         "maildirs": {"users": counts.users, "folders": counts.folders,
                      "messages": counts.messages, "bytes": counts.bytes,
                      "linked": copier.linked, "copied": copier.copied,
@@ -536,9 +536,11 @@ class _Finder:
         self._names = names
 
 
-def _backup_queue(queue: Path, out: Path, copier: _Copier) -> int:
-    """Every queued message with its envelope.  The message goes first, as the queue
-    writes it: an envelope in the backup always has its message."""
+def _backup_queue(queue: Path, out: Path, copier: _Copier,
+                  record: Callable[[Path], None]) -> int:
+    """Every queued message with its envelope, both checksummed in the manifest (a cut
+    envelope was restored as if whole, and its message never sent).  The message goes
+    first, as the queue writes it: an envelope in the backup always has its message."""
     env_dir, msg_dir = queue / "env", queue / "msg"
     for sub in ("", "msg", "env"):
         make_dir(out / sub if sub else out)
@@ -558,6 +560,8 @@ def _backup_queue(queue: Path, out: Path, copier: _Copier) -> int:
         except FileNotFoundError:
             continue   # delivered or deleted meanwhile
         write_durably(out / "env" / name, envelope)
+        record(out / "msg" / queue_id)
+        record(out / "env" / name)
         count += 1
     return count
 

@@ -121,6 +121,8 @@ def _check_shape(m: dict[str, Any], path: Path) -> None:
     if not isinstance(queue, dict):
         raise bad("queue entry")
     number(queue.get("messages"), "queue.messages")
+    if not isinstance(queue.get("checksummed", False), bool):
+        raise bad("queue entry")
     maildirs = m.get("maildirs")
     if not isinstance(maildirs, dict):
         raise bad("maildirs entry")
@@ -171,6 +173,12 @@ def verify(src: Path, manifest: dict[str, Any]) -> _Scan:
     if len(scan.queue) != manifest["queue"]["messages"]:
         raise BackupError(f"{src}: the manifest lists {manifest['queue']['messages']} queued "
                           f"messages, the backup holds {len(scan.queue)}: the backup is damaged")
+    if manifest["queue"].get("checksummed"):   # (older backups counted them only)
+        for queue_id in scan.queue:
+            for rel in (f"state/queue/msg/{queue_id}", f"state/queue/env/{queue_id}.json"):
+                if rel not in manifest["files"]:
+                    raise BackupError(f"{src}: {rel} is not in the manifest: the backup is "
+                                      f"damaged")
     return scan
 
 
@@ -203,12 +211,27 @@ def _scan_maildirs(root: Path) -> _Scan:
 
 
 def _scan_queue(queue: Path) -> list[str]:
+    """The queue ids whose envelope and message the backup holds; BackupError for a link
+    or special file among them, before anything is written (the copy, which follows no
+    link, stopped half-way on one, the accounts and Maildirs replaced already)."""
     try:
         names = os.listdir(queue / "env")
     except FileNotFoundError:
         return []
-    return sorted(n[:-5] for n in names if n.endswith(".json") and ID_RE.fullmatch(n[:-5])
-                  and (queue / "msg" / n[:-5]).is_file())
+    ids = []
+    for name in sorted(names):
+        queue_id = name[:-5]
+        if not name.endswith(".json") or not ID_RE.fullmatch(queue_id):
+            continue
+        try:
+            modes = [os.lstat(p).st_mode for p in (queue / "env" / name, queue / "msg" / queue_id)]
+        except FileNotFoundError:
+            continue   # an envelope without its message: never written so by a backup
+        if not all(stat.S_ISREG(m) for m in modes):
+            raise BackupError(f"{queue / 'msg' / queue_id} or its envelope is not a regular "
+                              f"file: the backup is damaged")
+        ids.append(queue_id)
+    return ids
 
 
 def _server_running(config: Config) -> bool:

@@ -137,7 +137,8 @@ def test_backup_holds_what_matters_and_leaves_caches_out(source, run, tmp_path):
                                     "schema_version": SCHEMA_VERSION,
                                     "domains": 1, "users": 2, "aliases": 1}
     assert manifest["maildirs"]["users"] == 2 and manifest["maildirs"]["messages"] == 4
-    assert manifest["queue"] == {"messages": 1}
+    assert manifest["queue"] == {"messages": 1, "checksummed": True}
+    assert {"state/queue/msg/Q1A2B3", "state/queue/env/Q1A2B3.json"} <= set(manifest["files"])
     assert manifest["tls"]["files"] == {"state/tls/cert.pem": "certificate",
                                         "state/tls/key.pem": "private_key",
                                         "state/acme/account-key.pem": "acme"}
@@ -462,6 +463,28 @@ def test_restore_refuses_links_in_the_backup_and_in_its_target(source, run, tmp_
                  "example.test is a symbolic link", "nothing was changed")
     assert (outside / "alice" / "precious.txt").read_bytes() == b"not the server's"
     assert not load_config(target).accounts_db.exists()
+
+
+def test_a_damaged_queue_in_the_backup_is_refused_before_anything_is_written(source, run,
+                                                                             tmp_path):
+    """A cut envelope was restored as if whole (its message then never sent, the queue
+    listing it nowhere); a link in place of a queued message stopped the restore
+    half-way, the accounts and Maildirs replaced already."""
+    backup = tmp_path / "backup"
+    assert run(source, "backup", str(backup))[0] == 0
+    target = make_config(tmp_path / "b")
+    envelope = backup / "state" / "queue" / "env" / "Q1A2B3.json"
+    whole = envelope.read_bytes()
+    envelope.write_bytes(whole[:len(whole) // 2])
+    assert_error(run(target, "restore", str(backup)), "Q1A2B3.json",
+                 "differs from the manifest's checksum")
+    envelope.write_bytes(whole)
+    message = backup / "state" / "queue" / "msg" / "Q1A2B3"
+    message.unlink()
+    message.symlink_to("/etc/hostname")
+    assert_error(run(target, "restore", str(backup)), "Q1A2B3", "damaged")
+    assert not load_config(target).state_dir.exists()
+    assert not load_config(target).maildir_root.exists()
 
 
 def test_a_pem_file_holding_certificate_and_key_is_restored_as_a_key(tmp_path, run):
