@@ -16,7 +16,8 @@ from typing import Callable, NoReturn, Sequence
 
 from mailserver.accounts import Accounts, AccountsError, IAccounts, open_accounts
 from mailserver.addresses import AddressError, normalize, normalize_domain, split_address
-from mailserver.config import Config, default_config_path, ConfigError, load_config, parse_size
+from mailserver.config import (Config, ConfigError, SizeTooLarge, default_config_path,
+                               load_config, parse_size)
 from mailserver.listening import probe
 from mailserver.passwords import hash_password, is_supported_hash
 
@@ -463,6 +464,10 @@ def _read_password(from_stdin: bool) -> str:
             raise AdminError("passwords do not match")
     if not password:
         raise AdminError("empty password refused")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:   # octets that are no UTF-8, read with surrogateescape
+        raise AdminError("the password is not valid UTF-8") from None
     return password
 
 
@@ -494,6 +499,8 @@ def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
     if args.quota is not None:
         try:
             quota = parse_size(args.quota)
+        except SizeTooLarge:
+            quota = QUOTA_MAX + 1
         except ValueError as e:
             raise AdminError(f"--quota: {e}") from None
         if not QUOTA_MIN <= quota <= QUOTA_MAX:
@@ -644,9 +651,16 @@ def _passwd_file_quota(extra: str, where: str) -> int | None:
             continue
         size = value[len("*:storage="):]
         try:
-            return parse_size(size) or None
+            quota = parse_size(size)
         except ValueError:
             _warn(f"{where}: quota {size!r} not understood; ignored")
+            continue
+        if quota == 0:
+            return None
+        if not QUOTA_MIN <= quota <= QUOTA_MAX:   # as `user add --quota` allows
+            _warn(f"{where}: quota {size!r} is not from 1K to 8388607T; ignored")
+            continue
+        return quota
     return None
 
 

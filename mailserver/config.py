@@ -8,6 +8,7 @@ default.  Relative paths are relative to the directory holding the config file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 import tomllib
@@ -44,20 +45,36 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, 
                "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4,
                "TB": 1024**4, "TIB": 1024**4}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_SIZE = 2**63 - 1              # bytes: SQLite's largest integer
+MAX_DURATION = 10 * 365 * 86400.0  # seconds
+
+
+class SizeTooLarge(ValueError):
+    """A size past MAX_SIZE."""
 
 
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a string such as '50M', '1.5G', '2048'."""
     if isinstance(value, bool):
         raise ValueError("expected a size")
+    if isinstance(value, float):
+        # TOML 1.5 is a float: a size of 1.5 bytes was 1 byte without a word
+        if not value.is_integer():
+            raise ValueError(f"not a size: {value!r} (use bytes or a string such as '1.5M')")
+        value = int(value)
     if isinstance(value, int):
         if value < 0:
             raise ValueError("size must not be negative")
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (use bytes or a number with K, M, G, T)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use bytes or a number with K, M, G, T)")
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+        size = int(number) if math.isfinite(number) else MAX_SIZE + 1
+    if size > MAX_SIZE:
+        raise SizeTooLarge(f"size too large: {value!r}")
+    return size
 
 
 def parse_duration(value: int | float | str) -> float:
@@ -65,13 +82,20 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, (int, float)):
-        if value < 0:
+        seconds = float(value)
+        if seconds < 0:
             raise ValueError("duration must not be negative")
-        return float(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (use seconds or a number with s, m, h, d, w)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use seconds or a number with s, "
+                             f"m, h, d, w)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    # nan and inf pass every comparison with a limit wrongly (nan made each SMTP
+    # connection fail an assertion); ten years is more than any setting needs
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"not a usable duration: {value!r}")
+    return seconds
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -719,6 +743,16 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str, Any], Any]]]] = {
 }
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
+
+
 def _section(name: str, raw: Any, base: Path) -> Any:
     cls, checks = _SCHEMA[name]
     if raw is None:
@@ -730,6 +764,8 @@ def _section(name: str, raw: Any, base: Path) -> Any:
         dotted = f"{name}.{key}"
         if key not in checks:
             raise ConfigError(dotted, f"unknown key (known: {', '.join(sorted(checks))})")
+        if _has_nul(value):   # no name, path or text holds one (a path's made a traceback)
+            raise ConfigError(dotted, "contains a NUL character")
         values[key] = checks[key](dotted, value)
     for key in ("state_dir", "maildir_root"):
         if key in values:

@@ -313,6 +313,31 @@ def test_user_import_dovecot_passwd_file(run, config, tmp_path):
         assert (config.parent.parent / "maildirs" / "example.net" / "bob" / "new").is_dir()
 
 
+def test_user_import_quota_out_of_range_is_ignored_with_a_warning(run, config, tmp_path):
+    # 99999999T made a traceback (too large for SQLite) and left a Maildir with no user
+    run("domain", "add", "example.org")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("big@example.org:{PLAIN}pw::::::userdb_quota_rule=*:storage=99999999T\n"
+                      "tiny@example.org:{PLAIN}pw::::::userdb_quota_rule=*:storage=1\n")
+    code, out, err = run("user", "import", str(passwd))
+    assert code == 0, err
+    assert "imported 2 users" in out
+    assert err.count("ignored") == 2
+    with accounts_of(config) as accounts:
+        assert accounts.get_user("big@example.org").quota is None
+        assert accounts.get_user("tiny@example.org").quota is None
+
+
+def test_a_password_that_is_no_utf8_is_one_error_line(run, monkeypatch):
+    import io
+
+    run("domain", "add", "example.org")
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe\n"), encoding="utf-8",
+                             errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert_error(run("user", "add", "a@example.org", "--password-stdin"), "not valid UTF-8")
+
+
 def test_user_import_missing_file(run, tmp_path):
     assert_error(run("user", "import", str(tmp_path / "nope")), "nope")
 

@@ -53,6 +53,15 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     ("[auth]\nallow_plaintext_loopback = \"yes\"\n", "auth.allow_plaintext_loopback"),
     ("[nonsense]\na = 1\n", "nonsense"),
     ("limits = 3\n", "limits"),
+    # each of these passed, then failed in the server or the tool with a traceback
+    ("[limits]\nidle_timeout = nan\n", "limits.idle_timeout"),
+    ("[limits]\nidle_timeout = inf\n", "limits.idle_timeout"),
+    ("[queue]\nmax_age = nan\n", "queue.max_age"),
+    ("[inbound]\ngreet_delay = nan\n", "inbound.greet_delay"),
+    ("[limits]\nmax_message_size = \"" + "9" * 400 + "\"\n", "limits.max_message_size"),
+    ("[limits]\nmax_message_size = 1.5\n", "limits.max_message_size"),
+    ("[server]\nstate_dir = \"a\\u0000b\"\n", "server.state_dir"),
+    ("[tls]\ncertificate = \"c\\u0000.pem\"\nprivate_key = \"k.pem\"\n", "tls.certificate"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
@@ -81,9 +90,13 @@ def test_sizes_and_durations():
     assert parse_duration("5m") == 300
     assert parse_duration("4h") == 14400
     assert parse_duration(2) == 2.0
-    for bad in ("5 parsecs", "-3", ""):
+    assert parse_size(2048.0) == 2048
+    for bad in ("5 parsecs", "-3", "", "9" * 400, 1.5, "99999999T"):
         with pytest.raises(ValueError):
             parse_size(bad)
+    for bad in (float("nan"), float("inf"), "9" * 400):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
     with pytest.raises(ValueError):
         parse_duration("fortnight")
 
