@@ -49,6 +49,11 @@ LOCK_SUFFIX = ".lock"
 VERSION = 3
 MAX_UID = 0xFFFFFFFF - 1  # uids and uidvalidity are nz-number (32 bits)
 LOCK_STALE_AFTER = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
+# A lock file that names no owner (empty, or a new uid list half written into it) is a
+# writer's that crashed once nothing has touched it for this long: a live one writes its
+# owner as it makes the file and its list within moments.  Below LOCK_TIMEOUT, so that a
+# waiting caller breaks it rather than give up.
+UNOWNED_STALE_AFTER = 20.0
 LOCK_TIMEOUT = 30.0
 _ENCODING = ("utf-8", "surrogateescape")  # file names are bytes; keep them exactly
 
@@ -209,10 +214,8 @@ class DotLock:
         try:
             delay = 0.005
             while True:
-                try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
-                except FileExistsError:
+                fd = self._create()
+                if fd < 0:
                     if self._break_if_stale():
                         continue
                     if time.monotonic() >= deadline:
@@ -221,7 +224,6 @@ class DotLock:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.2)
                     continue
-                os.write(fd, f"{os.getpid()}:{_hostname()}".encode())
                 self._fd = fd
                 with _local_locks_guard:
                     state.fd, state.since = fd, time.monotonic()
@@ -232,6 +234,37 @@ class DotLock:
         except BaseException:
             state.lock.release()
             raise
+
+    def _create(self) -> int:
+        """The lock file, made with its owner already in it: written into a file of its
+        own, then linked into place as Dovecot does.  Created empty and written after, a
+        crash in between left an empty lock that could not be told dead for two minutes.
+        -1 while another holds it.  Where the file system has no hard links, it is
+        created exclusively and written at once."""
+        owner = f"{os.getpid()}:{_hostname()}".encode()
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        temp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(temp, flags, 0o600)
+        try:
+            write_all(fd, owner)
+            os.link(temp, self.path)
+        except FileExistsError:
+            os.close(fd)
+            return -1
+        except OSError:   # no hard links here (or no link at all: the open says why)
+            os.close(fd)
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except FileExistsError:
+                return -1
+            write_all(fd, owner)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            unlink_quietly(temp)
+        return fd
 
     def release(self, unlink: bool = True) -> None:
         """Drop the lock (`unlink=False` when the lock file was renamed into place)."""
@@ -267,9 +300,12 @@ class DotLock:
             return True
         except OSError:
             return False
-        stale = time.time() - st.st_mtime > self.stale_after
+        age = time.time() - st.st_mtime
+        stale = age > self.stale_after
         pid_s, _, host = owner.partition(":")
-        if not stale and host == _hostname() and pid_s.isdigit():
+        if not (pid_s.isdigit() and host and host.isprintable()):
+            stale = stale or age > min(self.stale_after, UNOWNED_STALE_AFTER)
+        elif not stale and host == _hostname():
             pid = int(pid_s)
             if pid == os.getpid():
                 # We hold the in-process lock, so no thread of ours owns this file: it is
@@ -341,9 +377,11 @@ def replace_locked(path: Path, data: bytes | Callable[[bytes | None], bytes | No
             data = data(current)
             if data is None:
                 return False
-        os.ftruncate(fd, 0)
+        # Written over the owner, then cut to length: the file is never empty (a lock
+        # without an owner waits UNOWNED_STALE_AFTER to be broken after a crash).
         os.lseek(fd, 0, os.SEEK_SET)
         write_all(fd, data)
+        os.ftruncate(fd, len(data))
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
         os.fsync(fd)

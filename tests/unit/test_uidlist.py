@@ -238,6 +238,40 @@ def test_dotlock_held_by_live_process_times_out(tmp_path: Path) -> None:
         proc.wait()
 
 
+@pytest.mark.parametrize("content", [b"", b"3 V1700000000 N5 G0123\n1 1700000000.M1P"])
+def test_dotlock_naming_no_owner_is_broken_once_nothing_touched_it_for_a_while(
+        tmp_path: Path, content: bytes) -> None:
+    """A crash between making the lock and writing its owner (or in the middle of a new
+    list written into it) left a lock nobody could tell dead: two minutes of NO."""
+    lock = tmp_path / "x.lock"
+    lock.write_bytes(content)
+    with pytest.raises(LockTimeout):   # a writer may be at work on it still
+        DotLock(tmp_path / "x", timeout=0.3).acquire()
+    old = time.time() - uidlistmod.UNOWNED_STALE_AFTER - 1
+    os.utime(lock, (old, old))
+    started = time.monotonic()
+    with DotLock(tmp_path / "x", timeout=2):
+        pass
+    assert time.monotonic() - started < 1
+
+
+def test_dotlock_is_never_empty_and_leaves_no_file_behind(tmp_path: Path) -> None:
+    target = tmp_path / "dovecot-uidlist"
+    with DotLock(target) as lock:
+        assert lock.path.read_bytes() == f"{os.getpid()}:{uidlistmod._hostname()}".encode()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dovecot-uidlist.lock"]
+        with pytest.raises(LockTimeout):   # taken: another process's attempt waits
+            proc = subprocess.run(
+                [sys.executable, "-c", "import sys; from pathlib import Path; "
+                 "from mailserver.maildir.uidlist import DotLock; "
+                 f"DotLock(Path({str(target)!r}), timeout=0.2).acquire()"],
+                capture_output=True, text=True)
+            if "LockTimeout" in proc.stderr:
+                raise LockTimeout(0, "held", "")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dovecot-uidlist.lock"]
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- keywords ------------------------------------------------------------------------------------
 
 def test_keywords_file(tmp_path: Path) -> None:
