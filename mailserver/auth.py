@@ -259,10 +259,13 @@ class AuthThrottle:
         self._by_account: _Table = OrderedDict()
 
     def failure(self, ip: str, account: str) -> None:
+        """`account` "" when none was named (undecodable SASL data): counted for the IP
+        only, never under one key every such client would share."""
         now = self.clock.seconds()
         ip_key, account_key = _ip_key(ip), account.lower()
         self._touch(self._by_ip, ip_key).append((now, account_key))
-        self._touch(self._by_account, account_key).append((now, account_key))
+        if account_key:
+            self._touch(self._by_account, account_key).append((now, account_key))
 
     def success(self, ip: str, account: str) -> None:
         """Forget this account's failures (also from this IP's count, but not the IP's
@@ -282,7 +285,7 @@ class AuthThrottle:
         """Recent failures that count for this (ip, account): the larger of the two."""
         cutoff = self.clock.seconds() - self.window
         by_ip = self._by_ip.get(_ip_key(ip), ())
-        by_account = self._by_account.get(account.lower(), ())
+        by_account = self._by_account.get(account.lower(), ()) if account else ()
         return max(sum(1 for t, _ in by_ip if t > cutoff),
                    sum(1 for t, _ in by_account if t > cutoff))
 

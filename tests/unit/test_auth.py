@@ -323,6 +323,14 @@ class ThrottleTests(unittest.TestCase):
             self.throttle.failure(f"198.51.100.{i}", "alice@example.org")
         self.assertEqual(self.throttle.delay("203.0.113.9", "Alice@Example.org"), 2)
 
+    def test_failures_naming_no_account_count_for_their_ip_only(self):
+        # undecodable SASL data names no account: under one shared "" key, three such
+        # failures anywhere delayed every other client's by up to 15 s
+        self.fail_n(5, ip="192.0.2.1", account="")
+        self.assertEqual(self.throttle.delay("198.51.100.7", ""), 0)
+        self.assertEqual(self.throttle.delay("198.51.100.7", "alice@example.org"), 0)
+        self.assertGreater(self.throttle.delay("192.0.2.1", ""), 0)
+
     def test_success_resets_that_account_only(self):
         self.fail_n(2, account="victim@example.org")
         self.fail_n(2, account="attacker@example.org")

@@ -278,6 +278,55 @@ class SubmissionTests(unittest.TestCase):
         self.assertEqual(h.queue_store.ids(), [])
 
     @defer.inlineCallbacks
+    def test_a_from_naming_thousands_of_authors_is_refused_unlooked_up(self):
+        """Each address was an accounts lookup in the reactor: 45,000 of them (one's own,
+        repeated) held every session for two seconds."""
+        h = self.harness()
+        yield self.login(h)
+        looked_up = []
+        may_send_as = h.accounts.may_send_as
+        h.accounts.may_send_as = lambda user, a: looked_up.append(a) or may_send_as(user, a)
+        for head in (b"From: " + b", ".join([b"<alice@example.test>"] * 2000),
+                     b"From: " + b", ".join([b"a%d@example.test" % i for i in range(101)]),
+                     b"From: <alice@example.test>\r\nSender: "
+                     + b", ".join([b"<alice@example.test>"] * 2000)):
+            looked_up.clear()
+            h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n"
+                   + head + b"\r\n\r\nbody\r\n.\r\n")
+            finals = yield h.replies(4)
+            self.assertTrue(finals[-1].startswith(b"553 5.7.1 too many addresses"), finals)
+            self.assertLessEqual(len(looked_up), 2)   # MAIL FROM's, From:'s
+        # the same address twice in From: is looked up once
+        looked_up.clear()
+        h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+               b"From: <alice@example.test>, Alice <Alice@example.test>\r\n\r\nb\r\n.\r\n")
+        finals = yield h.replies(4)
+        self.assertTrue(finals[-1].startswith(b"250"), finals)
+        self.assertEqual(looked_up, ["alice@example.test"] * 2)   # MAIL FROM's, From:'s
+
+    @defer.inlineCallbacks
+    def test_a_from_domain_written_in_unicode_is_signed_with_its_key(self):
+        """The key of münchen.test is stored under its IDNA name: a From: naming the
+        domain in Unicode went out unsigned."""
+        from mailserver.dkim.keys import generate
+
+        h = self.harness()
+        h.accounts.add_domain("münchen.test")
+        h.accounts.add_user("carol@münchen.test", secret_hash())
+        generate(h.context.dkim_dir, "xn--mnchen-3ya.test")
+        h.send(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0carol@xn--mnchen-3ya.test\0secret")
+               + b"\r\n")
+        replies = yield h.replies(2)
+        self.assertTrue(replies[-1].startswith(b"235"), replies)
+        h.send(b"MAIL FROM:<carol@xn--mnchen-3ya.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n"
+               + "From: Carol <carol@münchen.test>\r\n".encode() + b"\r\nbody\r\n.\r\n")
+        finals = yield h.replies(4)
+        self.assertTrue(finals[-1].startswith(b"250"), finals)
+        [queued] = h.queue_store.ids()
+        envelope = json.loads((h.queue_store.env_dir / f"{queued}.json").read_text())
+        self.assertIn("d=xn--mnchen-3ya.test", envelope["prefix"])   # sent before the file
+
+    @defer.inlineCallbacks
     def test_bcc_is_taken_out_and_an_obsolete_field_name_is_a_field(self):
         h = self.harness()
         yield self.login(h)
