@@ -230,6 +230,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         _warn("auth.allow_plaintext_loopback: passwords accepted without TLS from loopback")
     if accounts_problem:
         taken.append(accounts_problem)   # the server would not start either
+    taken += _start_problems(config)
     if taken:
         # The server would refuse to start: an error, one line per port.
         for message in taken:
@@ -314,6 +315,24 @@ def _relay_summary(config: Config) -> str:
         return f"smart host {relay.smarthost} ({relay.smarthost_tls}{auth})"
     resolver = relay.resolver or "resolv.conf"
     return f"MX lookup ({resolver}), port {relay.port}, STARTTLS when offered"
+
+
+def _start_problems(config: Config) -> list[str]:
+    """What the server would refuse at its start that loading the config does not see: a
+    file where a directory goes, a certificate and key that do not go together."""
+    problems = []
+    for key, path in (("server.state_dir", config.state_dir),
+                      ("storage.maildir_root", config.maildir_root)):
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"{key}: {existing} is not a directory")
+    if config.tls.certificate:
+        from mailserver.certfiles import CertificateError, load_pair
+        try:
+            load_pair(Path(config.tls.certificate), Path(config.tls.private_key))
+        except (CertificateError, OSError) as e:
+            problems.append(f"tls.certificate: {e}")
+    return problems
 
 
 def _tls_source(config: Config) -> str:

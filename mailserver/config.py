@@ -602,6 +602,14 @@ def check_endpoint(key: str, value: Any) -> str:
         endpoints.serverFromString(reactor, value)
     except Exception as e:  # serverFromString raises ValueError, KeyError, TypeError...
         raise ConfigError(key, f"bad endpoint description {value!r}: {e}") from None
+    # serverFromString takes any number for a port; listen() then fails at start
+    parts = value.split(":")
+    if parts[0].lower() in ("tcp", "tcp6", "ssl") and len(parts) > 1:
+        port = next((p[5:] for p in parts[1:] if p.startswith("port=")),
+                    parts[1] if "=" not in parts[1] else "")
+        if port.isdigit() and int(port) > 65535:
+            raise ConfigError(key, f"bad endpoint description {value!r}: port {port} is "
+                                   f"not 0-65535")
     return value
 
 

@@ -78,8 +78,9 @@ def test_check_prints_listeners_and_paths(run, config):
 
 
 def test_check_with_configured_certificate(tmp_path, capsys):
-    (tmp_path / "cert.pem").write_text("x")
-    (tmp_path / "key.pem").write_text("x")
+    from mailserver.tls import generate_self_signed
+
+    generate_self_signed("mail.example.test", tmp_path / "cert.pem", tmp_path / "key.pem")
     path = tmp_path / "m.toml"
     path.write_text('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'
                     '[auth]\nallow_plaintext_loopback = true\n'
@@ -91,6 +92,32 @@ def test_check_with_configured_certificate(tmp_path, capsys):
             " greet delay 1s; skipped for none") in out
     assert f"certificate {tmp_path / 'cert.pem'}, key {tmp_path / 'key.pem'}" in out
     assert "allow_plaintext_loopback" in err
+
+
+@pytest.mark.parametrize("case", ["junk certificate", "key of another", "state_dir file",
+                                  "maildir_root file", "port"])
+def test_check_refuses_what_the_server_would_refuse(tmp_path, capsys, case):
+    """check said "configuration OK" where the server then refused to start."""
+    from mailserver.tls import generate_self_signed
+
+    generate_self_signed("mail.example.test", tmp_path / "cert.pem", tmp_path / "key.pem")
+    generate_self_signed("other.example.test", tmp_path / "cert2.pem", tmp_path / "key2.pem")
+    (tmp_path / "junk.pem").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    text = {"junk certificate": '[tls]\ncertificate = "junk.pem"\nprivate_key = "key.pem"\n',
+            "key of another": '[tls]\ncertificate = "cert.pem"\nprivate_key = "key2.pem"\n',
+            "state_dir file": '[server]\nstate_dir = "afile"\n',
+            "maildir_root file": '[storage]\nmaildir_root = "afile/mail"\n',
+            "port": '[listen]\nsmtp = "tcp:99999"\n'}[case]
+    path = tmp_path / "m.toml"
+    path.write_text(text + '[listen]\nsmtp = "tcp:0"\n' * (case != "port"))
+    code = admin.main(["--config", str(path), "check"])
+    out, err = capsys.readouterr()
+    assert code == 1, (out, err)
+    assert "configuration OK" not in out
+    assert {"junk certificate": "tls.certificate", "key of another": "does not belong",
+            "state_dir file": "not a directory", "maildir_root file": "not a directory",
+            "port": "not 0-65535"}[case] in err
 
 
 def test_config_error_names_the_key(tmp_path, capsys):
