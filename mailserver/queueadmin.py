@@ -35,7 +35,13 @@ def list_queue(config: Config, out: Callable[[str], None]) -> int:
     store = QueueStore(config.queue_dir)
     now = time.time()
     count = 0
-    for env in store.load():
+    damaged: list[str] = []
+
+    def unreadable(queue_id: str, error: Exception) -> None:
+        damaged.append(queue_id)
+        out(f"{queue_id}  envelope unreadable, left alone: {error}")
+
+    for env in store.load(unreadable):
         count += 1
         sender = env.sender or "<> (DSN)"
         due = "now" if env.next_attempt <= now else f"in {_age(env.next_attempt - now)}"
@@ -46,8 +52,9 @@ def list_queue(config: Config, out: Callable[[str], None]) -> int:
             if r.last_error:
                 line += f": {r.last_error}"
             out(line)
-    out(f"{count} message{'s' if count != 1 else ''} in the queue")
-    return count
+    out(f"{count} message{'s' if count != 1 else ''} in the queue"
+        + (f", and {len(damaged)} whose envelope cannot be read" if damaged else ""))
+    return count + len(damaged)
 
 
 def _wait_handled(path, what: str) -> None:

@@ -402,6 +402,19 @@ def test_queue_commands_on_an_empty_queue(run):
     assert_error(run("queue", "delete", "../etc"), "not a queue id")
 
 
+def test_queue_list_shows_an_envelope_it_cannot_read(run, config):
+    """It went to a log the tool never shows: "0 messages in the queue" with mail in it."""
+    queue = config.parent.parent / "var" / "queue"
+    for sub in ("env", "msg"):
+        (queue / sub).mkdir(parents=True, exist_ok=True)
+    (queue / "msg" / "ABC123").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    (queue / "env" / "ABC123.json").write_text('{"id": "ABC12')
+    code, out, err = run("queue", "list")
+    assert code == 0, err
+    assert "ABC123  envelope unreadable, left alone" in out
+    assert out.endswith("0 messages in the queue, and 1 whose envelope cannot be read\n")
+
+
 def test_domain_add_generates_dkim_key_and_dns_prints_it(run, config):
     out = run("domain", "add", "example.org")[1]
     assert "DKIM key generated: selector mail" in out

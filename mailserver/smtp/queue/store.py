@@ -27,7 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from twisted.logger import Logger
 
@@ -218,16 +218,21 @@ class QueueStore:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json") and ID_RE.fullmatch(n[:-5]))
 
-    def load(self) -> Iterator[Envelope]:
-        """Every readable envelope; unreadable ones are logged and skipped."""
+    def load(self, unreadable: Callable[[str, Exception], None] | None = None
+             ) -> Iterator[Envelope]:
+        """Every readable envelope; unreadable ones are logged (or handed to
+        `unreadable`, for a tool whose user reads no log) and skipped."""
         for queue_id in self.ids():
             try:
                 env = self.read(queue_id)
             except FileNotFoundError:
                 continue
             except (OSError, EnvelopeError) as e:
-                log.error("queue: envelope {id} unreadable, left alone: {error}",
-                          id=queue_id, error=e)
+                if unreadable is not None:
+                    unreadable(queue_id, e)
+                else:
+                    log.error("queue: envelope {id} unreadable, left alone: {error}",
+                              id=queue_id, error=e)
                 continue
             if not self.message_path(queue_id).exists():
                 log.error("queue: message file of {id} missing; dropping the envelope",
