@@ -415,8 +415,15 @@ def cmd_domain_add(config: Config, args: argparse.Namespace) -> int:
 def _add_domain(config: Config, accounts: IAccounts, domain: str) -> str:
     """A new domain with its DKIM key: every way a domain comes into being ends the same."""
     name = accounts.add_domain(domain)
+    try:
+        key, created = _dkim_key(config, name)
+    except OSError as e:
+        # Without its key the domain would be half there: listed, "already exists" to a
+        # second try, and no `dns` records to publish.  Taken out again.
+        accounts.del_domain(name)
+        raise AdminError(f"domain {name} not added: cannot write its DKIM key: "
+                         f"{e.strerror or e}") from None
     print(f"domain {name} added")
-    key, created = _dkim_key(config, name)
     if created:
         print(f"DKIM key generated: selector {key.selector} ({key.path}); "
               f"publish it with the records from: {PROG} dns {name}")

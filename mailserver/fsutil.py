@@ -141,7 +141,8 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o600, tmp: Path | Non
     (a published key stays valid); returns False, writing nothing, when `path` exists.
     The temporary file is gone afterwards whatever happens."""
     if tmp is None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        # (the name cut short: a long one and the suffix could pass NAME_MAX together)
+        tmp = path.with_name(f".{path.name[:128]}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     fd = os.open(tmp, _CREATE, mode)
     placed = False
     try:

@@ -402,6 +402,15 @@ def test_queue_commands_on_an_empty_queue(run):
     assert_error(run("queue", "delete", "../etc"), "not a queue id")
 
 
+def test_domain_add_whose_key_cannot_be_written_adds_nothing(run, config):
+    """A 250-octet domain: its key file's name passes NAME_MAX.  The domain stayed, with
+    no key, "already exists" to a second try."""
+    domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 58])
+    assert_error(run("domain", "add", domain), "not added")
+    assert run("domain", "list")[1] == ""
+    assert_error(run("domain", "add", domain), "not added")   # not "already exists"
+
+
 def test_queue_list_shows_an_envelope_it_cannot_read(run, config):
     """It went to a log the tool never shows: "0 messages in the queue" with mail in it."""
     queue = config.parent.parent / "var" / "queue"
