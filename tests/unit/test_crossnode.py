@@ -293,12 +293,17 @@ class LostLocks(unittest.TestCase):
         self.assertTrue(self.successResultOf(d))
         self.assertTrue(locks.holds(key))
 
-    def test_a_loss_of_a_held_lock_stays_with_that_session_only(self):
+    def held(self):
+        """(locks, answers, key) with alice's mailbox taken."""
         locks, answers = self.locks()
         key = "/maildirs/example.org/alice"
         d = locks.acquire(key)
         answers[0].callback(True)
-        self.successResultOf(d)
+        self.assertTrue(self.successResultOf(d))
+        return locks, answers, key
+
+    def test_a_loss_of_a_held_lock_stays_with_that_session_only(self):
+        locks, answers, key = self.held()
         locks.lost([lock_key("alice")])
         self.assertFalse(locks.holds(key))
         locks.release(key)
@@ -310,11 +315,7 @@ class LostLocks(unittest.TestCase):
     def test_confirm_asks_the_database_and_hears_of_a_loss(self):
         """QUIT's question: the link's check runs first, and a loss it reports (the
         connection had dropped, another node has the lock now) answers False."""
-        locks, answers = self.locks()
-        key = "/maildirs/example.org/alice"
-        d = locks.acquire(key)
-        answers[0].callback(True)
-        self.successResultOf(d)
+        locks, answers, key = self.held()
         asked = locks.confirm(key)
         self.assertNoResult(asked)
         locks.lost([lock_key("alice")])   # what the check's reconnect reported
@@ -325,11 +326,7 @@ class LostLocks(unittest.TestCase):
         from mailserver.crossnode_pg import LinkDown
         from mailserver.pop3.mailbox import MailboxUnavailable
 
-        locks, answers = self.locks()
-        key = "/maildirs/example.org/alice"
-        d = locks.acquire(key)
-        answers[0].callback(True)
-        self.successResultOf(d)
+        locks, answers, key = self.held()
         asked = locks.confirm(key)
         answers[-1].errback(LinkDown("database unreachable"))
         self.failureResultOf(asked, MailboxUnavailable)

@@ -503,41 +503,37 @@ class StopTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         (self.dir / "m").write_bytes(b"Subject: t\r\n\r\nbody\r\n")
 
-    def serve(self, script):
+    @defer.inlineCallbacks
+    def delivering(self, script, until):
+        """(relay, Deferred of its results) for one message to a scripted MX, once
+        `until(relay)` holds."""
         f = Scripted(script)
         port = reactor.listenTCP(0, f, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        return port.getHost().port
-
-    @defer.inlineCallbacks
-    def test_abort_keeps_a_delivery_awaiting_its_final_reply(self):
-        slow = self.serve({"DATA": b"354 go", "end delay": 0.3})
         resolver = NoAddress(mx_answer=[mx(10, "mx1.d.test")],
                              addresses={"mx1.d.test": ["127.0.0.1"]})
-        relay = make_relay(resolver, slow)
+        relay = make_relay(resolver, port.getHost().port)
         env = Envelope("T7", "a@example.test", [RecipientState("x@d.test")], size=20)
         d = relay.deliver(env, self.dir / "m", env.recipients)
         for _ in range(200):
-            if any(p.ending for p in relay.connections):
+            if until(relay):
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(any(p.ending for p in relay.connections))
+        self.assertTrue(until(relay))
+        return relay, d
+
+    @defer.inlineCallbacks
+    def test_abort_keeps_a_delivery_awaiting_its_final_reply(self):
+        relay, d = yield self.delivering({"DATA": b"354 go", "end delay": 0.3},
+                                         lambda r: any(p.ending for p in r.connections))
         relay.abort_all(keep_ending=True)
         results = yield d
         self.assertEqual(results[0][1].kind, "ok")
 
     @defer.inlineCallbacks
     def test_abort_drops_a_delivery_still_sending(self):
-        waiting = self.serve({"DATA": "silent"})   # DATA never answered
-        resolver = NoAddress(mx_answer=[mx(10, "mx1.d.test")],
-                             addresses={"mx1.d.test": ["127.0.0.1"]})
-        relay = make_relay(resolver, waiting)
-        env = Envelope("T8", "a@example.test", [RecipientState("x@d.test")], size=20)
-        d = relay.deliver(env, self.dir / "m", env.recipients)
-        for _ in range(200):
-            if relay.connections:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        relay, d = yield self.delivering({"DATA": "silent"},   # DATA never answered
+                                         lambda r: bool(r.connections))
         relay.abort_all(keep_ending=True)
         results = yield d   # at once, not after the 1 s reply timeout
         self.assertEqual(results[0][1].kind, "temporary")
