@@ -58,7 +58,13 @@ class CertificatePair:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+        """Of what a client is sent: the leaf and its chain.  Of the leaf alone, a chain
+        put right under the same leaf (the intermediate forgotten, then added) read as
+        unchanged, and clients kept failing to verify until a restart."""
+        digest = hashlib.sha256()
+        for certificate in (self.leaf, *self.chain):
+            digest.update(certificate.public_bytes(serialization.Encoding.DER))
+        return digest.hexdigest()
 
     def valid_at(self, when: datetime.datetime,
                  skew: datetime.timedelta = datetime.timedelta(0)) -> bool:

@@ -53,6 +53,15 @@ def test_a_matching_pair_with_its_chain():
     assert pair.describe().startswith("CN=mail.example.org, not after ")
 
 
+def test_the_fingerprint_covers_the_chain():
+    # a reload compares fingerprints: the same leaf with its intermediate added is new
+    leaf, key = make_pem()
+    intermediate, _ = make_pem("Intermediate CA")
+    alone, chained = parse_pair(leaf, key), parse_pair(leaf + intermediate, key)
+    assert alone.fingerprint != chained.fingerprint
+    assert chained.fingerprint == parse_pair(leaf + intermediate, key).fingerprint
+
+
 @pytest.mark.parametrize("case, message", [
     ("garbage certificate", "not a PEM certificate"),
     ("garbage key", "not a PEM private key"),
