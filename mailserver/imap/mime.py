@@ -258,30 +258,45 @@ def _split_multipart(data, start: int, end: int, boundary: bytes) -> list[tuple[
     return spans
 
 
+# What may follow a boundary delimiter on its line: "--" (the close delimiter), or white
+# space to the line's end (RFC 2046 5.1.1).  Possessive: a line of a million blanks and
+# then text is refused in one pass, not retried from each blank.
+_TAIL = re.compile(rb"(--)|[ \t]*+(?:\r\n|\Z)")
+
+
 def _next_delimiter(data, pos: int, end: int, delim: bytes,
                     at_line_start: bool) -> tuple[int, bool] | None:
     """(start, is the close delimiter) of the next boundary delimiter line from `pos` on:
     a line that is `delim` followed by "--", or by nothing but white space (RFC 2046
     5.1.1).  A line that only begins with `delim` is content, such as the delimiter of a
-    nested multipart whose boundary extends this one ("b" and "b2")."""
+    nested multipart whose boundary extends this one ("b" and "b2").
+
+    The usual forms are found with bytes.find, each search stopping at the nearest found
+    so far (the scan stays linear in the message); only a delimiter followed by blanks is
+    checked further.  Each line beginning with the delimiter was looked at in Python
+    before: 2.7 s of the reactor for 7 million of them in one 42 MB message."""
     n = len(delim)
-    while True:
-        if at_line_start and data[pos:pos + n] == delim:
-            cand = pos
-        else:
-            i = data.find(b"\r\n" + delim, pos, end)
-            if i < 0:
-                return None
-            cand = i + 2
-        after = cand + n
-        if data[after:after + 2] == b"--":
-            return cand, True
-        j = after
-        while j < end and data[j:j + 1] in (b" ", b"\t"):
-            j += 1
-        if j >= end or data[j:j + 2] == b"\r\n":
-            return cand, False
-        pos, at_line_start = cand, False
+    if at_line_start and data[pos:pos + n] == delim:
+        m = _TAIL.match(data, pos + n, end)
+        if m is not None:
+            return pos, m.group(1) is not None
+    line = b"\r\n" + delim
+    best: tuple[int, bool] | None = None
+    limit = end
+    for follow, close in ((b"\r\n", False), (b"--", True)):
+        i = data.find(line + follow, pos, limit)
+        if i >= 0:
+            best, limit = (i, close), i
+    for blank in (b" ", b"\t"):
+        i = data.find(line + blank, pos, limit)
+        while i >= 0:
+            if _TAIL.match(data, i + 2 + n, end) is not None:
+                best, limit = (i, False), i
+                break
+            i = data.find(line + blank, i + 1, limit)
+    if best is None and end - pos >= len(line) and data[end - len(line):end] == line:
+        best = (end - len(line), False)   # the last line, without its line break
+    return (best[0] + 2, best[1]) if best is not None else None
 
 
 def find_part(root: Part, numbers: Sequence[int]) -> Part | None:

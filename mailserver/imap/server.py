@@ -1323,8 +1323,10 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if unchanged_since is not None:
             self.enable_condstore()  # RFC 7162 3.1
         folder = self.folder
+        validity = folder.uidvalidity
 
         def store(_: Any) -> defer.Deferred:
+            self._same_uids(folder, validity)
             if unchanged_since is None:
                 return folder.store_flags(uids, flags, mode, origin=self).addCallback(
                     lambda changed: (changed, []))
@@ -1336,6 +1338,8 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         d = folder.refresh().addCallback(store)
 
         def stored(result: tuple[list[Any], list[int]]) -> None:
+            if self.folder is not folder:   # deselected meanwhile: the session is closing
+                return
             changed, conflicts = result
             if not silent:  # RFC 3501 6.4.6: the new flags of every message named
                 refused = set(conflicts)
@@ -1392,8 +1396,11 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         if not uids:
             self.done(tag, b"%s completed" % (b"MOVE" if move else b"COPY"), expunges=uid)
             return defer.succeed(None)
+        source, validity = self.folder, self.folder.uidvalidity
 
         def copied(pairs: list[tuple[int, int]]) -> Any:
+            if move:
+                self._same_uids(source, validity)   # before the originals are deleted
             if not pairs:
                 # Every one was expunged by another session meanwhile: no COPYUID with
                 # empty sets (RFC 4315 3), a NO as RFC 2180 4.4 and RFC 5530 allow.
@@ -1440,6 +1447,14 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
         self._deselect()
         self.untagged(b"BYE Selected mailbox was deleted, have to disconnect")
         self._close()
+
+    def _same_uids(self, folder: Any, validity: int) -> None:
+        """After a wait inside a command: the uids it resolved still name what the client
+        meant.  Another process may have given the folder new uids meanwhile (the session
+        is then being closed, uidvalidity_changed): acting on the old numbers would touch
+        other messages."""
+        if self.folder is not folder or folder.uidvalidity != validity:
+            raise CommandFailed(b"Mailbox UIDVALIDITY changed; nothing done")
 
     def uidvalidity_changed(self, folder: Any) -> None:
         """Another process gave the selected folder new uids (it rewrote the uid list

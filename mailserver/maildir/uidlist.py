@@ -27,6 +27,7 @@ logged and dropped on the next rewrite.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -49,12 +50,10 @@ LOCK_SUFFIX = ".lock"
 VERSION = 3
 MAX_UID = 0xFFFFFFFF - 1  # uids and uidvalidity are nz-number (32 bits)
 LOCK_STALE_AFTER = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
-# A lock file that names no owner (empty, or a new uid list half written into it) is a
-# writer's that crashed once nothing has touched it for this long: a live one writes its
-# owner as it makes the file and its list within moments.  Below LOCK_TIMEOUT, so that a
-# waiting caller breaks it rather than give up.
-UNOWNED_STALE_AFTER = 20.0
 LOCK_TIMEOUT = 30.0
+# link(2) refused because the file system has no hard links (vfat, some FUSE ones)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS,
+                            errno.EMLINK, errno.EXDEV})
 _ENCODING = ("utf-8", "surrogateescape")  # file names are bytes; keep them exactly
 
 
@@ -247,23 +246,37 @@ class DotLock:
         fd = os.open(temp, flags, 0o600)
         try:
             write_all(fd, owner)
-            os.link(temp, self.path)
-        except FileExistsError:
-            os.close(fd)
-            return -1
-        except OSError:   # no hard links here (or no link at all: the open says why)
-            os.close(fd)
             try:
-                fd = os.open(self.path, flags, 0o600)
+                os.link(temp, self.path)
             except FileExistsError:
+                os.close(fd)
                 return -1
-            write_all(fd, owner)
-            return fd
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                os.close(fd)
+                return self._create_in_place(owner, flags)
         except BaseException:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
             raise
         finally:
             unlink_quietly(temp)
+        return fd
+
+    def _create_in_place(self, owner: bytes, flags: int) -> int:
+        """Where the file system has no hard links: made exclusively, then written (a
+        crash in between leaves an empty lock, broken after LOCK_STALE_AFTER)."""
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileExistsError:
+            return -1
+        try:
+            write_all(fd, owner)
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(self.path)
+            raise
         return fd
 
     def release(self, unlink: bool = True) -> None:
@@ -300,12 +313,11 @@ class DotLock:
             return True
         except OSError:
             return False
-        age = time.time() - st.st_mtime
-        stale = age > self.stale_after
+        # A lock naming no owner is judged by its age alone, as Dovecot judges it: Dovecot's
+        # own uid list lock is empty for as long as it is held.
+        stale = time.time() - st.st_mtime > self.stale_after
         pid_s, _, host = owner.partition(":")
-        if not (pid_s.isdigit() and host and host.isprintable()):
-            stale = stale or age > min(self.stale_after, UNOWNED_STALE_AFTER)
-        elif not stale and host == _hostname():
+        if not stale and host == _hostname() and pid_s.isdigit():
             pid = int(pid_s)
             if pid == os.getpid():
                 # We hold the in-process lock, so no thread of ours owns this file: it is

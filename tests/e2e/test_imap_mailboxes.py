@@ -697,6 +697,40 @@ def test_uidvalidity_changed_by_another_process_ends_the_session(imap_server):
         c.close()
 
 
+def test_store_across_a_uidvalidity_change_touches_no_other_message(imap_server):
+    """STORE looks at the files first; when that look found the folder renumbered by
+    another process, the STORE went on with the old uids on the new list and flagged
+    another message (then failed on the closed selection)."""
+    import time
+
+    user = new_user(imap_server, "uidvs")
+    c = RawIMAP.login(imap_server, user)
+    try:
+        for i in range(3):
+            assert c.append("INBOX", msg(i)).status == "OK"
+        c.select("INBOX")
+        uidlist = imap_server.maildir(user) / "dovecot-uidlist"
+        lines = uidlist.read_text().splitlines()
+        head = lines[0].split()
+        v = next(int(h[1:]) for h in head if h.startswith("V"))
+        head = [f"V{v + 1}" if h.startswith("V") else h for h in head]
+        names = [line.split(" ", 1)[1] for line in lines[1:]][::-1]
+        time.sleep(1.1)
+        new = uidlist.with_name("uidlist.new")
+        new.write_text(" ".join(head) + "\n"
+                       + "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+        new.rename(uidlist)
+        r = c.command("UID STORE 1 +FLAGS (\\Deleted)")   # uid 1 was message 0
+        assert r.status != "OK" or any(u.startswith(b"BYE ") for u in r.untagged), str(r)
+    finally:
+        c.close()
+    first = msg(0).split(b"\r\n\r\n")[0]
+    for path in (imap_server.maildir(user) / "cur").iterdir():
+        if "T" in path.name.partition(":2,")[2]:
+            assert path.read_bytes().startswith(first), path.name
+    assert "object has no attribute 'by_uid'" not in imap_server.log_text()
+
+
 def test_delete_closes_the_selection_by_folder_not_by_name(imap_server):
     """The selection follows a RENAME: DELETE of a new folder under the old name leaves it
     alone, DELETE under the new name (any INBOX case) closes it."""
