@@ -110,6 +110,7 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         self._draining = False
         self._closing = False
         self._lost = False
+        self._update_logout: Callable[[], None] | None = None   # see connectionLost
         self._reading_paused = False
         self._pacer = OutputPacer()   # answers the client has not been seen to take
         self._abort_call: Any = None
@@ -136,6 +137,11 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
         if self.pop_state == TRANSACTION:
             self.log.info("{service} {user} disconnected without QUIT: nothing deleted",
                           service=self.context.service, user=self.user)
+        if self.pop_state == UPDATE:
+            # QUIT is deleting: the mailbox is let go once that is done (do_QUIT), not
+            # now.  A client that hangs up right after QUIT (many do) had its deletions
+            # refused, its lock across nodes seemingly lost to another session.
+            self._update_logout, self._onLogout = self._onLogout, None
         super().connectionLost(reason)  # the mailbox is released; nothing is deleted
 
     def timeoutConnection(self) -> None:
@@ -643,7 +649,8 @@ class POP3Session(PeerFacts, LimitedProtocolMixin, pop3.POP3):
 
     def _logout(self) -> None:
         """Release the mailbox before saying goodbye, so the client may log in again at once."""
-        logout, self._onLogout = self._onLogout, None
+        logout = self._onLogout or self._update_logout
+        self._onLogout = self._update_logout = None
         if logout is not None:
             logout()
 

@@ -921,3 +921,43 @@ class MailboxTests(unittest.TestCase):
         again = yield open_inbox(self.server.store, self.server.inbox(), ALICE,
                                  self.server.locks)
         again.logout()
+
+
+class QuitThenHangUp(unittest.TestCase):
+    """Across nodes QUIT asks the database whether the mailbox is still this session's
+    before deleting.  A client that hung up right after QUIT (many do) made the session
+    let go of the mailbox meanwhile: the answer was "no", and nothing was deleted."""
+
+    @defer.inlineCallbacks
+    def test_the_deletions_of_a_client_gone_after_quit_are_made(self):
+        server = Server(Path(self.mktemp()))
+        self.addCleanup(server.close)
+        asked: list[tuple[defer.Deferred, str]] = []
+
+        class AskingLocks(MailboxLocks):
+            def confirm(self, key):
+                d: defer.Deferred = defer.Deferred()
+                asked.append((d, key))
+                return d
+
+        server.locks = AskingLocks()
+        server.realm.register(IMailbox, avatar_factory(server.accounts, server.store,
+                                                       server.locks))
+        server.drop(b"Subject: x\r\n\r\nhi\r\n")
+        c = Conn(server)
+        r = yield c.login()
+        self.assertTrue(r.startswith(b"+OK"), r)
+        r = yield c.cmd(b"DELE 1")
+        self.assertTrue(r.startswith(b"+OK"), r)
+        c.send(b"QUIT\r\n")
+        c.close()                      # gone before the answer
+        [(d, key)] = asked
+        self.assertIn(key, server.locks)   # still held while the deletions are made
+        d.callback(server.locks.holds(key))
+        for _ in range(200):
+            if not server.files() and key not in server.locks:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(server.files(), [])
+        self.assertNotIn(key, server.locks)   # and let go after
+
