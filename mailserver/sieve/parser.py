@@ -490,17 +490,28 @@ _ADDR_SPEC = re.compile(
 )
 
 
-# A display name written as a phrase: none of RFC 5322's specials (a comma would start a
-# second mailbox, "@" and "<" another address), no controls; UTF-8 allowed (RFC 6532).
-_PHRASE = re.compile(r'[^<>,;:@"()\[\]\\\x00-\x1f\x7f]*\Z')
+def valid_address(value: str) -> bool:
+    """An RFC 5322 addr-spec, optionally as "Name <addr-spec>" (the last <...> is the
+    address; what comes before it is not looked at: scripts written by clients hold
+    "bob@x <bob@x>" and "Smith, John <j@x>", and must keep compiling)."""
+    value = value.strip()
+    if value.endswith(">") and "<" in value:
+        value = value[value.rindex("<") + 1:-1].strip()
+    return len(value) <= 998 and _ADDR_SPEC.match(value) is not None
+
+
+# A display name as vacation's From: can carry it: no comma or semicolon (a second
+# mailbox or a group would begin), no angle bracket, quote, colon or control.
+_NAME = re.compile(r'[^<>,;:"\\\x00-\x1f\x7f]*\Z')
 _QUOTED = re.compile(r'"((?:[^"\\\r\n]|\\.)*)"\Z')
 
 
 def parse_mailbox(value: str) -> tuple[str, str] | None:
     """(display name, addr-spec) of exactly one mailbox, "addr-spec" or "Name
-    <addr-spec>" (the name a phrase or a quoted string); None for anything else, a list
-    of mailboxes included: a vacation :from of "me@here, Boss <boss@there>" passed as
-    one address, checked as the one and written as both (RFC 5230 4.4)."""
+    <addr-spec>" (the name plain or a quoted string); None for anything else, a list of
+    mailboxes included: a vacation :from of "me@here, Boss <boss@there>" was checked as
+    one address and written into From: whole.  At delivery an unusable :from is ignored
+    (RFC 5230 4.4)."""
     value = value.strip()
     name = ""
     if value.endswith(">") and "<" in value:
@@ -508,17 +519,12 @@ def parse_mailbox(value: str) -> tuple[str, str] | None:
         quoted = _QUOTED.match(name)
         if quoted:
             name = re.sub(r"\\(.)", r"\1", quoted.group(1))
-        elif not _PHRASE.match(name):
+        elif not _NAME.match(name):
             return None
         name = " ".join(name.split())
     if len(value) > 998 or _ADDR_SPEC.match(value) is None:
         return None
     return name, value
-
-
-def valid_address(value: str) -> bool:
-    """An RFC 5322 addr-spec, optionally as "Name <addr-spec>" (one mailbox)."""
-    return parse_mailbox(value) is not None
 
 
 def valid_script_name(name: str) -> bool:

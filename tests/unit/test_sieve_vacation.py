@@ -137,11 +137,30 @@ def test_reply_with_a_long_utf8_subject_is_folded_with_crlf() -> None:
 
 @pytest.mark.parametrize("value", [
     "alice@example.test, The Boss <bob@example.test>",   # two mailboxes
-    "x@y.test <bob@example.test>",
     "Boss <<bob@example.test>",
+    "Smith, John <john@example.test>",
 ])
 def test_from_must_be_one_mailbox(value: str) -> None:
     assert parse_mailbox(value) is None
+
+
+@pytest.mark.parametrize("value", [
+    "bob@example.test <bob@example.test>", "John (work) <j@example.test>",
+    "Smith, John <john@example.test>", "alice@example.test, Boss <bob@example.test>",
+])
+def test_scripts_with_such_addresses_still_compile(value: str) -> None:
+    # the check at compile time looks at the last <...> only, as it always did:
+    # a stored script must not stop working because its :from has a display name
+    from mailserver.sieve.parser import valid_address
+
+    assert valid_address(value)
+
+
+def test_an_unusable_from_gives_the_users_own_address() -> None:
+    data = build_reply(vacation(from_address="alice@example.test, Boss <bob@example.test>"),
+                       header(), SENDER, USER, "h")
+    msg = parsed(data)
+    assert [a.addr_spec for a in msg["From"].addresses] == [USER]
 
 
 def test_reply_subject_not_doubled() -> None:
