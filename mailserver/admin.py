@@ -323,15 +323,24 @@ def _start_problems(config: Config) -> list[str]:
     problems = []
     for key, path in (("server.state_dir", config.state_dir),
                       ("storage.maildir_root", config.maildir_root)):
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            problems.append(f"{key}: {existing} is not a directory")
+        try:
+            existing = next((p for p in (path, *path.parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                problems.append(f"{key}: {existing} is not a directory")
+        except OSError:   # a directory this user may not look into: the server's to judge
+            continue
     if config.tls.certificate:
         from mailserver.certfiles import CertificateError, load_pair
-        try:
-            load_pair(Path(config.tls.certificate), Path(config.tls.private_key))
-        except (CertificateError, OSError) as e:
-            problems.append(f"tls.certificate: {e}")
+        files = (Path(config.tls.certificate), Path(config.tls.private_key))
+        unreadable = [str(f) for f in files if f.exists() and not os.access(f, os.R_OK)]
+        if unreadable:   # run as a user who may not read the key: the server's to judge
+            _warn(f"tls.certificate: not checked: this user cannot read "
+                  f"{', '.join(unreadable)}")
+        else:
+            try:
+                load_pair(*files)
+            except CertificateError as e:
+                problems.append(f"tls.certificate: {e}")
     return problems
 
 
