@@ -314,7 +314,14 @@ def _section_chunks(msg: _Message, item: Any) -> Iterator[bytes]:
         end = min(start + item.partial_length, end)
     yield name + b" {%d}\r\n" % (end - start)
     for pos in range(start, end, CHUNK):
-        yield bytes(source[pos:min(pos + CHUNK, end)])
+        yield _no_nul(bytes(source[pos:min(pos + CHUNK, end)]))
+
+
+def _no_nul(data: bytes) -> bytes:
+    """RFC 3501 4.3, RFC 9051 4.3: a literal holds no NUL (only BINARY's literal8 may);
+    0x80 in its place, as Dovecot sends, the length the same.  (bytes.replace hands the
+    same object back when there is none.)"""
+    return data.replace(b"\x00", b"\x80")
 
 
 ROWS_PER_BATCH = 512
@@ -590,6 +597,7 @@ def _summary_responses(session: "IMAPSession", ctx: _FetchContext, uids: list[in
                             data = value[summary.lines_start(n):]
                         else:
                             data = fields_from_lines(value, single[2], memo)
+                        data = _no_nul(data)
                         line = b"* %d FETCH (%s%d}\r\n%s)\r\n" % (seq, single[1], len(data),
                                                                     data)
                     elif isinstance(value, bytes):
@@ -644,7 +652,7 @@ def _summary_parts(ctx: _FetchContext, plan: list[tuple[str, Any, Any, Any]], u:
             if value is None:
                 parts.append(_fetch_slow(ctx, info, item))
             else:
-                data = summary.fields_from_lines(value, names, memo)
+                data = _no_nul(summary.fields_from_lines(value, names, memo))
                 parts.append(b"%s%d}\r\n%s" % (label, len(data), data))
         elif kind == "uid":
             parts.append(b"UID %d" % u)
@@ -693,12 +701,12 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
             lines = ctx.cached.get(summary.LINES_KEY, {}).get(u)
             if lines is None:
                 lines = _summarize(ctx, msg, u).lines
-            data = summary.fields_from_lines(lines, names, ctx.lines_memo)
+            data = _no_nul(summary.fields_from_lines(lines, names, ctx.lines_memo))
             return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         key = _cache_key(item)
         if key is not None:  # header fields: small, asked for again and again by clients
-            data = ctx.get(u, key, lambda: mime.header_fields(
-                *msg.head(), item.header.fields, bool(item.header.negate)))
+            data = ctx.get(u, key, lambda: _no_nul(mime.header_fields(
+                *msg.head(), item.header.fields, bool(item.header.negate))))
             return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         return _section_chunks(msg, item)
     if kind == "rfc822":
@@ -731,7 +739,7 @@ def _labelled(label: bytes, msg: _Message, start: int, end: int | None) -> Itera
     end = len(data) if end is None else end
     yield label + b" {%d}\r\n" % (end - start)
     for pos in range(start, end, CHUNK):
-        yield bytes(data[pos:min(pos + CHUNK, end)])
+        yield _no_nul(bytes(data[pos:min(pos + CHUNK, end)]))
 
 
 def _crlf_size(ctx: _FetchContext, msg: _Message, info: Any) -> int:

@@ -216,10 +216,15 @@ def _parse_part(data, start: int, end: int, default: tuple[str, str], depth: int
         boundary = dict(part.params).get("boundary")
         if boundary:
             child_default = ("message", "rfc822") if part.subtype == "digest" else ("text", "plain")
-            for s, e in _split_multipart(data, body_start, end, boundary.encode("latin-1")):
-                part.children.append(_parse_part(data, s, e, child_default, depth + 1, counter))
-                if counter[0] > MAX_PARTS:
+            spans = _split_multipart(data, body_start, end, boundary.encode("latin-1"))
+            for k, (s, e) in enumerate(spans):
+                if counter[0] >= MAX_PARTS and k < len(spans) - 1:
+                    # The part-count limit: this part runs over the rest, unparsed, as
+                    # in Dovecot; what lies beyond it stays within reach of BODY[n].
+                    part.children.append(_parse_part(data, s, spans[-1][1], child_default,
+                                                     MAX_DEPTH, counter))
                     break
+                part.children.append(_parse_part(data, s, e, child_default, depth + 1, counter))
         if not part.children:
             # RFC 3501 requires at least one part; treat a broken multipart as text.
             part.maintype, part.subtype = "text", "plain"
@@ -252,9 +257,11 @@ def _split_multipart(data, start: int, end: int, boundary: bytes) -> list[tuple[
         if found is None:
             spans.append((part_start, end))  # no close delimiter: the part runs to the end
             return spans
-        spans.append((part_start, max(part_start, found[0] - 2)))
-        if len(spans) > MAX_PARTS:
+        if len(spans) == MAX_PARTS - 1:
+            # the last part the limit allows runs to the end (see _parse_part)
+            spans.append((part_start, end))
             return spans
+        spans.append((part_start, max(part_start, found[0] - 2)))
     return spans
 
 
@@ -863,11 +870,26 @@ class QuotedPrintableDecoder:
             while cut > len(data) - 3 and b"=" in data[cut - 2:cut]:
                 cut -= 1  # not inside "=XX" nor before a soft break's line end
         self._pending = data[cut:]
-        return binascii.a2b_qp(data[:cut]) if cut else b""
+        return binascii.a2b_qp(_without_trailing_blanks(data[:cut])) if cut else b""
 
     def flush(self) -> bytes:
         tail, self._pending = self._pending, b""
-        return binascii.a2b_qp(tail) if tail else b""
+        return binascii.a2b_qp(tail.rstrip(b" \t")) if tail else b""
+
+
+def _without_trailing_blanks(lines: bytes) -> bytes:
+    """RFC 2045 6.7 rule 3: white space at the end of an encoded line is not data (a
+    decoder deletes it), and "=" then blanks is still a soft line break.  binascii keeps
+    both.  Most encoders leave none: looked for line by line only when there is some."""
+    if not any(blank in lines for blank in (b" \n", b"\t\n", b" \r\n", b"\t\r\n")):
+        return lines
+    out = []
+    for line in lines.split(b"\n"):
+        if line.endswith(b"\r"):
+            out.append(line[:-1].rstrip(b" \t") + b"\r")
+        else:
+            out.append(line.rstrip(b" \t"))
+    return b"\n".join(out)
 
 
 class IdentityDecoder:

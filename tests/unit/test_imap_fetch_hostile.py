@@ -54,6 +54,62 @@ def test_no_nul_in_a_literal():
     assert b"\x00" not in envelope and b"{3}\r\na\x80b" in envelope
 
 
+def test_lines_that_only_begin_with_the_delimiter_are_content():
+    """Found with bytes.find now; each such line was looked at in Python (2.7 s of the
+    reactor for 7 million in one message)."""
+    body = (b"--b\r\n\r\n" + b"--bx\r\n" * 10000 + b"--b   \r\nsecond\r\n"
+            + b"--b" + b" " * 100000 + b"x\r\n" + b"--b--\r\n")
+    root = mime.parse_structure(b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + body)
+    assert len(root.children) == 2
+    first, second = root.children
+    assert first.end - first.body_start == len(b"--bx\r\n") * 10000 - 2
+    # the second part runs to the close delimiter, over the line of blanks and "x"
+    assert second.end - second.start == len(b"second\r\n--b" + b" " * 100000 + b"x")
+    # the last line as the delimiter, without its line break
+    root = mime.parse_structure(b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+                                b"--b\r\n\r\none\r\n--b")
+    assert len(root.children) == 1
+
+
+def test_parts_past_the_limit_stay_within_reach():
+    """Past MAX_PARTS the rest was dropped: parts 5,001 to 10,000 answered BODY[n] with
+    nothing.  The last part now runs over the rest, as in Dovecot."""
+    message = (b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+               + b"".join(b"--b\r\n\r\np%d\r\n" % i for i in range(2 * mime.MAX_PARTS))
+               + b"--b--\r\n")
+    root = mime.parse_structure(message)
+    assert len(root.children) == mime.MAX_PARTS
+    last = root.children[-1]
+    held = message[last.body_start:last.end]
+    assert held.startswith(b"p%d\r\n" % (mime.MAX_PARTS - 1))
+    assert b"p%d\r\n" % (2 * mime.MAX_PARTS - 1) in held
+    assert mime.body_structure(root, True).count(b"\"TEXT\" \"PLAIN\"") == mime.MAX_PARTS
+
+
+def test_quoted_printable_blanks_at_line_ends_are_not_data():
+    # RFC 2045 6.7 rule 3; "= " then the line break is still a soft line break
+    decoder = mime.QuotedPrintableDecoder()
+    out = decoder.feed(b"a=3Db  \r\nc= \r\nd\t\nlast") + decoder.flush()
+    assert out == b"a=b\r\ncd\nlast"
+
+
+class NoNulInLiterals(SessionCase):
+    @inlineCallbacks
+    def test_sections_send_0x80_for_nul_as_dovecot_does(self):
+        # RFC 3501 4.3: a literal holds no NUL; BINARY's literal8 keeps it
+        yield self.append(b"From: a@b.test\r\nSubject: nul\x00here\r\n\r\nbody\x00nul\r\n")
+        yield self.select()
+        for items in (b"BODY.PEEK[]", b"RFC822", b"RFC822.HEADER", b"BODY.PEEK[TEXT]<2.5>",
+                      b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]"):
+            out = yield self.command(b"f", b"FETCH 1 (" + items + b")")
+            self.assertIn(b"f OK", out)
+            self.assertNotIn(b"\x00", out, items)
+            self.assertIn(b"\x80", out, items)
+        out = yield self.command(b"f", b"FETCH 1 (BINARY.PEEK[])")
+        self.assertIn(b"~{", out)
+        self.assertIn(b"body\x00nul", out)
+
+
 class HeaderFieldNames(SessionCase):
     @inlineCallbacks
     def test_names_are_echoed_as_the_astrings_they_were(self):
