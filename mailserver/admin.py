@@ -332,7 +332,8 @@ def _start_problems(config: Config) -> list[str]:
     if config.tls.certificate:
         from mailserver.certfiles import CertificateError, load_pair
         files = (Path(config.tls.certificate), Path(config.tls.private_key))
-        unreadable = [str(f) for f in files if f.exists() and not os.access(f, os.R_OK)]
+        # (os.access, not Path.exists: that raises in a directory this user may not enter)
+        unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
         if unreadable:   # run as a user who may not read the key: the server's to judge
             _warn(f"tls.certificate: not checked: this user cannot read "
                   f"{', '.join(unreadable)}")

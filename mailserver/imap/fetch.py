@@ -705,7 +705,8 @@ def _fetch_item(ctx: _FetchContext, msg: _Message, info: Any, item: Any) -> byte
             return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         key = _cache_key(item)
         if key is not None:  # header fields: small, asked for again and again by clients
-            data = ctx.get(u, key, lambda: _no_nul(mime.header_fields(
+            # (_no_nul on what the index gives too: rows kept before it held NUL)
+            data = _no_nul(ctx.get(u, key, lambda: mime.header_fields(
                 *msg.head(), item.header.fields, bool(item.header.negate))))
             return b"BODY[" + _section_name(item) + b"] {%d}\r\n" % len(data) + data
         return _section_chunks(msg, item)

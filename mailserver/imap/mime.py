@@ -867,7 +867,13 @@ class QuotedPrintableDecoder:
         cut = data.rfind(b"\n") + 1
         if cut == 0 and len(data) > _QP_MAX_PENDING:
             cut = len(data)
-            while cut > len(data) - 3 and b"=" in data[cut - 2:cut]:
+            # Blanks at the end are held back too: if the line ends right after them
+            # they are no data (rule 3).  (A longer run goes out as it is.)
+            blank = len(data.rstrip(b" \t\r"))
+            if cut - blank <= _QP_MAX_PENDING:
+                cut = blank
+            floor = cut - 2
+            while cut > floor and b"=" in data[cut - 2:cut]:
                 cut -= 1  # not inside "=XX" nor before a soft break's line end
         self._pending = data[cut:]
         return binascii.a2b_qp(_without_trailing_blanks(data[:cut])) if cut else b""

@@ -27,7 +27,6 @@ logged and dropped on the next rewrite.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -244,24 +243,22 @@ class DotLock:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         temp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
         fd = os.open(temp, flags, 0o600)
+        linked = False
         try:
             write_all(fd, owner)
-            try:
-                os.link(temp, self.path)
-            except FileExistsError:
-                os.close(fd)
-                return -1
-            except OSError as e:
-                if e.errno not in _NO_HARD_LINKS:
-                    raise
-                os.close(fd)
-                return self._create_in_place(owner, flags)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
+            os.link(temp, self.path)
+            linked = True
+        except FileExistsError:
+            return -1
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
         finally:
+            if not linked:
+                os.close(fd)
             unlink_quietly(temp)
+        if not linked:   # no hard links on this file system
+            return self._create_in_place(owner, flags)
         return fd
 
     def _create_in_place(self, owner: bytes, flags: int) -> int:

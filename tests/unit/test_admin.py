@@ -1,6 +1,7 @@
 """mailserver-admin through main(argv), against a temporary config and state directory."""
 
 import functools
+import os
 import textwrap
 
 import pytest
@@ -118,6 +119,23 @@ def test_check_refuses_what_the_server_would_refuse(tmp_path, capsys, case):
     assert {"junk certificate": "tls.certificate", "key of another": "does not belong",
             "state_dir file": "not a directory", "maildir_root file": "not a directory",
             "port": "not 0-65535"}[case] in err
+
+
+def test_check_of_a_key_this_user_cannot_read_is_a_warning(tmp_path, capsys, monkeypatch):
+    """Run as a user who may not read the server's key (/etc/letsencrypt/live is 0700):
+    the server's to judge, not a start problem of check's."""
+    from mailserver.tls import generate_self_signed
+
+    generate_self_signed("mail.example.test", tmp_path / "cert.pem", tmp_path / "key.pem")
+    path = tmp_path / "m.toml"
+    path.write_text('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n')
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if str(p).endswith("key.pem") else real_access(p, mode, **kw)))
+    from mailserver.config import load_config
+
+    assert admin._start_problems(load_config(path)) == []
+    assert "not checked" in capsys.readouterr().err
 
 
 def test_config_error_names_the_key(tmp_path, capsys):

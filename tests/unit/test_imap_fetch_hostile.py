@@ -91,6 +91,12 @@ def test_quoted_printable_blanks_at_line_ends_are_not_data():
     decoder = mime.QuotedPrintableDecoder()
     out = decoder.feed(b"a=3Db  \r\nc= \r\nd\t\nlast") + decoder.flush()
     assert out == b"a=b\r\ncd\nlast"
+    # also when a long line is cut inside its blanks, the line break in the next piece
+    encoded = b"x" * 65530 + b" " * 10 + b"\r\nnext\r\n"
+    for cut in (65534, 65540, 65541):
+        decoder = mime.QuotedPrintableDecoder()
+        out = decoder.feed(encoded[:cut]) + decoder.feed(encoded[cut:]) + decoder.flush()
+        assert out == b"x" * 65530 + b"\r\nnext\r\n", cut
 
 
 class NoNulInLiterals(SessionCase):
@@ -108,6 +114,15 @@ class NoNulInLiterals(SessionCase):
         out = yield self.command(b"f", b"FETCH 1 (BINARY.PEEK[])")
         self.assertIn(b"~{", out)
         self.assertIn(b"body\x00nul", out)
+
+    @inlineCallbacks
+    def test_header_fields_kept_in_the_index_with_nul_go_out_without(self):
+        # an index row written before: it holds the NUL
+        yield self.append(b"From: a@b.test\r\nX-Foo: nul\x00here\r\n\r\nbody\r\n")
+        yield self.select()
+        self.session.folder.cache_put(1, "hf:X-FOO", b"X-Foo: nul\x00here\r\n\r\n")
+        out = yield self.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (X-FOO)])")
+        self.assertIn(b"X-Foo: nul\x80here", out)
 
 
 class HeaderFieldNames(SessionCase):

@@ -264,6 +264,41 @@ def test_dotlock_without_hard_links_is_made_in_place(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dotlock_without_hard_links_that_cannot_be_written_closes_once(
+        tmp_path: Path, monkeypatch) -> None:
+    # a second close of a descriptor number shuts whatever another thread opened since
+    opened: list[int] = []
+    closed: list[int] = []
+    real_open, real_close, real_write = os.open, os.close, uidlistmod.write_all
+    writes = []
+
+    def open_(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        opened.append(fd)
+        return fd
+
+    def close(fd):
+        closed.append(fd)
+        real_close(fd)
+
+    def write_all(fd, data):
+        writes.append(fd)
+        if len(writes) == 2:   # the lock's own, after the temporary file's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(os, "link", lambda s, d: (_ for _ in ()).throw(
+        OSError(errno.EPERM, "Operation not permitted")))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(uidlistmod, "write_all", write_all)
+    with pytest.raises(OSError):
+        DotLock(tmp_path / "x", timeout=0.3).acquire()
+    monkeypatch.undo()
+    assert len(opened) == len(closed) == 2   # each descriptor closed once
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dotlock_is_never_empty_and_leaves_no_file_behind(tmp_path: Path) -> None:
     target = tmp_path / "dovecot-uidlist"
     with DotLock(target) as lock:
