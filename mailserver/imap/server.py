@@ -1397,10 +1397,16 @@ class IMAPSession(SearchCommands, SortingCommands, C.CondstoreSession, R2.Rev2Se
             self.done(tag, b"%s completed" % (b"MOVE" if move else b"COPY"), expunges=uid)
             return defer.succeed(None)
         source, validity = self.folder, self.folder.uidvalidity
+        files = {u: i.basename for u in uids if (i := source.by_uid(u)) is not None}
 
         def copied(pairs: list[tuple[int, int]]) -> Any:
-            if move:
-                self._same_uids(source, validity)   # before the originals are deleted
+            if move and (self.folder is not source or source.uidvalidity != validity):
+                # Another process renumbered the folder during the copy (this session is
+                # being closed): the originals are found by their files, not by uids
+                # that now name other messages, so the MOVE still ends once.
+                moved = {files[s] for s, _ in pairs if s in files}
+                return source.delete_messages(
+                    [i.uid for i in source.messages if i.basename in moved], origin=self)
             if not pairs:
                 # Every one was expunged by another session meanwhile: no COPYUID with
                 # empty sets (RFC 4315 3), a NO as RFC 2180 4.4 and RFC 5530 allow.

@@ -135,3 +135,4 @@ class HeaderFieldNames(SessionCase):
         out = yield self.command(b"f", b'FETCH 1 (BODY.PEEK[HEADER.FIELDS ("")])')
         self.assertIn(b'BODY[HEADER.FIELDS ("")] {2}\r\n\r\n', out)
         self.assertTrue(re.search(rb"f OK", out))
+
