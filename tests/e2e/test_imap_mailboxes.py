@@ -662,28 +662,38 @@ def test_selected_mailbox_deleted_on_disk_during_idle_ends_the_session(imap_serv
         c.close()
 
 
+def _three_messages_renumbered(c: RawIMAP, maildir) -> int:
+    """Three messages appended and INBOX selected; then, as another process would, the
+    uid list replaced by one with the next UIDVALIDITY and the uids in reverse order.
+    Returns the UIDVALIDITY before."""
+    import time
+
+    for i in range(3):
+        assert c.append("INBOX", msg(i)).status == "OK"
+    c.select("INBOX")
+    uidlist = maildir / "dovecot-uidlist"
+    lines = uidlist.read_text().splitlines()
+    head = lines[0].split()
+    v = next(int(h[1:]) for h in head if h.startswith("V"))
+    head = [f"V{v + 1}" if h.startswith("V") else h for h in head]
+    names = [line.split(" ", 1)[1] for line in lines[1:]][::-1]
+    time.sleep(1.1)   # a new mtime
+    new = uidlist.with_name("uidlist.new")
+    new.write_text(" ".join(head) + "\n"
+                   + "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+    new.rename(uidlist)
+    return v
+
+
 def test_uidvalidity_changed_by_another_process_ends_the_session(imap_server):
     """Another process rewrote the uid list with a new UIDVALIDITY (and the uids in
     another order): the client's uids may name other messages now (RFC 3501 2.3.1.1).
     It got EXPUNGEs and EXISTS and kept its UIDVALIDITY, so uid 1 was another message
     under the same UIDVALIDITY; now BYE, and a new session sees the new UIDVALIDITY."""
-    import time
-
     user = new_user(imap_server, "uidv")
     c = RawIMAP.login(imap_server, user)
     try:
-        for i in range(3):
-            assert c.append("INBOX", msg(i)).status == "OK"
-        c.select("INBOX")
-        uidlist = imap_server.maildir(user) / "dovecot-uidlist"
-        lines = uidlist.read_text().splitlines()
-        head = lines[0].split()
-        v = next(int(h[1:]) for h in head if h.startswith("V"))
-        head = [f"V{v + 1}" if h.startswith("V") else h for h in head]
-        names = [line.split(" ", 1)[1] for line in lines[1:]][::-1]
-        time.sleep(1.1)
-        uidlist.write_text(" ".join(head) + "\n"
-                           + "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+        v = _three_messages_renumbered(c, imap_server.maildir(user))
         r = c.command("NOOP")
         assert any(u.startswith(b"BYE ") for u in r.untagged), str(r)
         assert c.closed_by_server()
@@ -701,25 +711,10 @@ def test_store_across_a_uidvalidity_change_touches_no_other_message(imap_server)
     """STORE looks at the files first; when that look found the folder renumbered by
     another process, the STORE went on with the old uids on the new list and flagged
     another message (then failed on the closed selection)."""
-    import time
-
     user = new_user(imap_server, "uidvs")
     c = RawIMAP.login(imap_server, user)
     try:
-        for i in range(3):
-            assert c.append("INBOX", msg(i)).status == "OK"
-        c.select("INBOX")
-        uidlist = imap_server.maildir(user) / "dovecot-uidlist"
-        lines = uidlist.read_text().splitlines()
-        head = lines[0].split()
-        v = next(int(h[1:]) for h in head if h.startswith("V"))
-        head = [f"V{v + 1}" if h.startswith("V") else h for h in head]
-        names = [line.split(" ", 1)[1] for line in lines[1:]][::-1]
-        time.sleep(1.1)
-        new = uidlist.with_name("uidlist.new")
-        new.write_text(" ".join(head) + "\n"
-                       + "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
-        new.rename(uidlist)
+        _three_messages_renumbered(c, imap_server.maildir(user))
         r = c.command("UID STORE 1 +FLAGS (\\Deleted)")   # uid 1 was message 0
         assert r.status != "OK" or any(u.startswith(b"BYE ") for u in r.untagged), str(r)
     finally:
