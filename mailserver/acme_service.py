@@ -41,6 +41,10 @@ log = Logger()
 CHECK_INTERVAL = 86400.0   # the daily renewal check
 RETRY_BUSY = 300.0         # another node holds the order lock: look again this much later
 STOP_WAIT = 5.0            # how long a stop waits for a conversation with the CA to end
+# A conversation with the CA that has not ended after this long is given up: a CA (or
+# something in between) that sends its answer a byte every few seconds never trips the
+# per-read timeout, and every later check would otherwise wait on it for ever.
+RUN_DEADLINE = 30 * 60.0
 
 
 class AcmeService(service.Service):
@@ -61,6 +65,7 @@ class AcmeService(service.Service):
         self._daily: LoopingCall | None = None
         self._retry: IDelayedCall | None = None
         self._running: defer.Deferred | None = None
+        self._deadline: IDelayedCall | None = None   # of the conversation running
         self._alpn_poll: LoopingCall | None = None
         self._refreshing = False
 
@@ -94,7 +99,7 @@ class AcmeService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._cancel.clear()
+        self._cancel = threading.Event()
         self._daily = LoopingCall(self.check, "daily check")
         self._daily.clock = self.reactor
         self._daily.start(CHECK_INTERVAL, now=True)
@@ -113,8 +118,9 @@ class AcmeService(service.Service):
             self._daily.stop()
         if self._alpn_poll is not None and self._alpn_poll.running:
             self._alpn_poll.stop()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for call in (self._retry, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
         super().stopService()
         if self._running is None:
             return None
@@ -150,16 +156,38 @@ class AcmeService(service.Service):
         ensure = ensure_certificate
         if self.settings.shared:
             from mailserver.acme_shared import ensure_certificate_shared as ensure
-        d = in_own_thread(self.reactor, ensure, self.settings, wanted, self.board,
-                          self._cancel)
+        # One cancel per conversation: one given up on keeps its own, set.
+        cancel = self._cancel = threading.Event()
+        d = in_own_thread(self.reactor, ensure, self.settings, wanted, self.board, cancel)
         d.addCallbacks(self._succeeded, self._failed)
         self._running = d
+        deadline = self._deadline = self.reactor.callLater(RUN_DEADLINE, self._overdue, d,
+                                                          cancel)
 
         def done(result: Any) -> Any:
-            self._running = None
+            if deadline.active():
+                deadline.cancel()
+            if self._running is d:
+                self._running = None
             return result
         d.addBoth(done)
         return d
+
+    def _overdue(self, d: defer.Deferred, cancel: threading.Event) -> None:
+        """The conversation has run RUN_DEADLINE: given up.  Its thread (in a read that
+        may never end) is left behind and stops at its next step; the next attempt is
+        scheduled as after a failure."""
+        if self._running is not d:
+            return
+        cancel.set()
+        self._running = None
+        self.failures += 1
+        delay = retry_delay(self.failures)
+        log.error("acme: no end to the conversation with {ca} after {minutes:.0f} minutes; "
+                  "given up, trying again in {delay:.0f} s", ca=self.settings.directory,
+                  minutes=RUN_DEADLINE / 60, delay=delay)
+        if self.running:
+            self._retry = self.reactor.callLater(delay, self.check, "retry")
 
     def _succeeded(self, outcome: Outcome) -> None:
         self.failures = 0

@@ -108,3 +108,41 @@ class InOwnThreadTests(unittest.TestCase):
         self.assertTrue(found[0].daemon)
         release.set()
         return d
+
+
+class DeadlineTests(unittest.TestCase):
+    """A CA that sends its answer a byte at a time never trips the per-read timeout: the
+    conversation is given up after RUN_DEADLINE, and the next check starts a new one
+    (every later check, daily and SIGHUP, waited on the stuck one for ever)."""
+
+    @defer.inlineCallbacks
+    def test_a_conversation_past_its_deadline_is_given_up(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        started: list[threading.Event] = []
+
+        def stuck(settings, wanted, board, cancel) -> Outcome:
+            started.append(cancel)
+            release.wait(30)   # a read that does not end; `cancel` is not looked at
+            return Outcome(pair=None, issued=False, names=wanted.names, reason="", note="")
+
+        self.patch(acme_service, "ensure_certificate", stuck)
+        self.patch(acme_service, "RUN_DEADLINE", 0.3)
+        svc = service(Path(self.mktemp()))
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        for _ in range(200):
+            if svc.failures:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(svc.failures, 1)
+        self.assertTrue(started[0].is_set())          # told to stop at its next step
+        svc.check("SIGHUP")                            # a new conversation, not the old one
+        for _ in range(200):
+            if len(started) == 2:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(started), 2)
+        self.assertFalse(started[1].is_set())
+        self.flushLoggedErrors()
+
