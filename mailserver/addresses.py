@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import idna
+
 MAX_LOCALPART_OCTETS = 64
 MAX_ADDRESS_OCTETS = 254
 MAX_DOMAIN_OCTETS = 253
@@ -210,15 +212,17 @@ def _normalize_domain_name(domain: str) -> str:
     return domain
 
 
+def to_a_labels(name: str) -> str:
+    """A domain name (or one label) with its U-labels as A-labels, by IDNA 2008 (UTS 46,
+    not transitional), as RFC 8616 and the registries have it: faß.de is xn--fa-hia.de.
+    Python's "idna" codec is IDNA 2003, which maps it to fass.de, another domain with
+    another owner (and another DMARC policy).  UnicodeError (idna.IDNAError) when it
+    has no A-label form."""
+    return idna.encode(name, uts46=True, transitional=False).decode("ascii")
+
+
 def _idna_encode(domain: str) -> str:
     try:
-        import idna
-    except ImportError:  # pragma: no cover - idna comes with twisted[tls]
-        try:
-            return domain.encode("idna").decode("ascii")
-        except UnicodeError as e:
-            raise AddressError(f"invalid internationalised domain: {e}") from None
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError as e:
+        return to_a_labels(domain)
+    except UnicodeError as e:
         raise AddressError(f"invalid internationalised domain: {e}") from None

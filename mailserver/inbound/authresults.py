@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from mailserver.addresses import to_a_labels
 from mailserver.rfc5322 import comment_end
 from mailserver.shortcache import cache_short
 
@@ -50,7 +51,7 @@ def _ascii(value: str) -> str:
     else that is not ASCII as "?"."""
     local, at, domain = value.rpartition("@")
     try:
-        domain = domain.encode("idna").decode("ascii")
+        domain = to_a_labels(domain)
     except UnicodeError:
         domain = "".join(c if c.isascii() else "?" for c in domain)
     return "".join(c if c.isascii() else "?" for c in local) + at + domain

@@ -24,6 +24,7 @@ from typing import Any, Union
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailserver.addresses import to_a_labels
 from mailserver.inbound.dns import Answer
 
 log = Logger()
@@ -286,7 +287,7 @@ def _identity_domain(text: str) -> str | None:
         return None
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
+            name = to_a_labels(name)
         except UnicodeError:
             return None
     if not _check_host_domain_ok(name):

@@ -62,6 +62,7 @@ def test_no_results():
     # other non-ASCII as "?" (a d= of a forged signature carried raw UTF-8 in).
     ("b\u00e4nk.example", "xn--bnk-qla.example"),
     ("ceo@b\u00e4nk.example", "ceo@xn--bnk-qla.example"),
+    ("ceo@fa\u00df.de", "ceo@xn--fa-hia.de"),   # IDNA 2008, not fass.de
     ("s\u00e9l", "xn--sl-bja"),
     ("j\u00f6rg@example.com", "j?rg@example.com"),
 ])

@@ -124,6 +124,10 @@ def test_bad_values_of_other_tags_take_defaults():
     ("xn--bcher-kva.example.de", "example.de"),
     ("mail.xn--bcher-kva.de", "xn--bcher-kva.de"),
     ("bücher.de", "xn--bcher-kva.de"),          # U-labels come back as A-labels
+    # IDNA 2008: not fass.de, another domain (IDNA 2003's mapping let its p=none stand
+    # for faß.de's p=reject)
+    ("www.faß.de", "xn--fa-hia.de"),
+    ("ς.gr", "xn--3xa.gr"),
     ("www.xn--85x722f.xn--55qx5d.cn", "xn--85x722f.xn--55qx5d.cn"),  # 公司.cn is a suffix
     ("www.city.kobe.jp", "city.kobe.jp"),       # an exception rule (!city.kobe.jp)
 ])
@@ -404,6 +408,7 @@ def test_pct_sampling(orgs):
     (b"From: <@relay.test:a@example.com>\r\n", "example.com"),              # obs-route
     (b"From: Friends: a@example.net;\r\n", "example.net"),                  # a group
     ("From: Jörg <j@bücher.example>\r\n".encode(), "xn--bcher-kva.example"),
+    ("From: ceo@faß.de\r\n".encode(), "xn--fa-hia.de"),
     (b"Resent-From: a@other.test\r\nX-From: b@other.test\r\nFrom: c@example.com\r\n",
      "example.com"),
 ])

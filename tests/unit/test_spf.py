@@ -70,6 +70,14 @@ def test_selection():
     assert error.result == "temperror" and "timeout" in error.reason
 
 
+def test_an_idn_sender_domain_is_checked_in_its_idna_2008_form():
+    # RFC 8616 4: faß.de is xn--fa-hia.de; IDNA 2003 made it fass.de, another domain
+    table = {("xn--fa-hia.de", "TXT"): txt("v=spf1 -all"),
+             ("fass.de", "TXT"): txt("v=spf1 ip4:192.0.2.0/24 -all")}
+    r = spf(table, mail_from="x@fa\u00df.de")
+    assert (r.result, r.domain) == ("fail", "xn--fa-hia.de")
+
+
 def test_result_fields():
     r = spf({("example.com", "TXT"): txt("v=spf1 ip4:192.0.2.0/24 -all")}, ip=IP4,
             mail_from="Alice@Example.COM")
