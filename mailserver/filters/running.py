@@ -65,8 +65,35 @@ def _guarded(plugin: IDeliveryFilter, facts: DeliveryFacts, timeout: float,
              clock: IReactorTime, room: int) -> defer.Deferred[FilterDecision | None]:
     """One plugin's checked decision, or None (logged) when it has none to give."""
     name = _name(plugin)
-    d = defer.maybeDeferred(lambda: plugin.filter(facts))
-    d.addTimeout(timeout, clock)
+    # The plugin races the clock; the first to end decides.  (Deferred.addTimeout ends
+    # the wait by cancelling, which a plugin may refuse: one that caught the
+    # cancellation and went on answered after 25 s, one whose canceller raised held
+    # the session for ever.)
+    d: defer.Deferred[Any] = defer.Deferred()
+
+    def timed_out() -> None:
+        d.errback(defer.TimeoutError())
+        try:
+            result.cancel()   # a courtesy: its answer is not waited for any more
+        except Exception:
+            log.failure("delivery filter {plugin}: cancelling it failed", plugin=name)
+
+    def arrived(value: Any) -> None:
+        if d.called:
+            if not isinstance(value, Failure):
+                log.info("delivery filter {plugin} answered {queue_id} after the timeout; "
+                         "not used", plugin=name, queue_id=facts.queue_id)
+            return None
+        timer.cancel()
+        if isinstance(value, Failure):
+            d.errback(value)
+        else:
+            d.callback(value)
+        return None
+
+    timer = clock.callLater(timeout, timed_out)
+    result = defer.maybeDeferred(lambda: plugin.filter(facts))
+    result.addBoth(arrived)
 
     def check(result: Any) -> FilterDecision | None:
         decision, problems = checked(result, room)

@@ -714,6 +714,9 @@ class SMTPSession(PeerFacts, LimitedProtocolMixin, smtp.ESMTP):
             # first body line is not read as a continuation of our trace headers.
             if chunk[:2] != b"\r\n" and not _HEADER_LINE.match(chunk):
                 chunk = b"\r\n" + chunk
+                # The client's octets count against SIZE and the limit (RFC 1870), not
+                # the line added here: a message of exactly the limit was refused.
+                inc.size -= 2
         return chunk
 
     def _data_error(self, inc: _Incoming, r: Reply) -> None:

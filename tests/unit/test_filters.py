@@ -178,6 +178,31 @@ class RunFiltersTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), FilterDecision())
         pending.callback(FilterDecision("reject", "too late"))   # no AlreadyCalledError
 
+    def test_a_plugin_that_refuses_cancellation_does_not_hold_the_delivery(self) -> None:
+        """addTimeout ended the wait by cancelling: a plugin that caught that and went
+        on was waited for and its late answer used; one whose canceller raised held the
+        session for ever."""
+        later: defer.Deferred = defer.Deferred()
+
+        async def goes_on(f: Any) -> Any:
+            try:
+                await defer.Deferred()
+            except defer.CancelledError:   # an `except Exception` in a plugin does this
+                return await later
+
+        def raise_on_cancel(d: defer.Deferred) -> None:
+            raise RuntimeError("cannot cancel")
+
+        stuck: defer.Deferred = defer.Deferred(raise_on_cancel)
+        for answer in (goes_on, lambda f: stuck):
+            d = run_filters([self.plugin("stubborn", answer)], facts(), 2.0, self.clock)
+            self.clock.advance(2.1)
+            self.assertEqual(self.successResultOf(d), FilterDecision())
+        later.callback(FilterDecision("reject", "too late"))   # not used
+        stuck.callback(FilterDecision("reject", "too late"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_deferred_answer_in_time_counts(self) -> None:
         pending: defer.Deferred = defer.Deferred()
         d = run_filters([self.plugin("later", lambda f: pending)], facts(), 5.0, self.clock)

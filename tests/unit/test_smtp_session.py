@@ -354,6 +354,24 @@ class SMTPSessionTests(unittest.TestCase):
         self.assertEqual(self.s.stored(), [])
         self.assertEqual(self.s.tmp_files(), [])
 
+    @defer.inlineCallbacks
+    def test_a_message_of_exactly_the_limit_without_a_header_is_taken(self):
+        # the empty header section added in front of a headless message is no octet of
+        # the client's: counted, 1000 octets became 1002 and were refused (RFC 1870)
+        self.s.close()
+        self.s = Session(self.tmpdir(), max_message_size=1000)
+        self.envelope()
+        self.s.send(b"DATA\r\n")
+        self.s.lines()
+        self.s.send(b"x" * 998 + b"\r\n.\r\n")
+        codes, _ = yield self.s.wait_codes(1)
+        self.assertEqual(codes, [250])
+        self.s.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.s.lines()
+        self.s.send(b"x" * 999 + b"\r\n.\r\n")   # one more is over
+        lines = self.s.lines()
+        self.assertTrue(lines[-1].startswith(b"552 5.3.4"), lines)
+
     def test_long_data_line_refused(self):
         self.s.close()
         self.s = Session(self.tmpdir(), max_line_length=100)
