@@ -66,6 +66,7 @@ class AcmeService(service.Service):
         self._retry: IDelayedCall | None = None
         self._running: defer.Deferred | None = None
         self._deadline: IDelayedCall | None = None   # of the conversation running
+        self._given_up: set[defer.Deferred] = set()   # conversations left to their thread
         self._alpn_poll: LoopingCall | None = None
         self._refreshing = False
 
@@ -99,6 +100,11 @@ class AcmeService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._running is not None:
+            # A conversation from before a stop (cancelled then, its deadline too): it is
+            # left to its thread; a new one starts with the first check.
+            self._given_up.add(self._running)
+            self._running = None
         self._cancel = threading.Event()
         self._daily = LoopingCall(self.check, "daily check")
         self._daily.clock = self.reactor
@@ -159,7 +165,7 @@ class AcmeService(service.Service):
         # One cancel per conversation: one given up on keeps its own, set.
         cancel = self._cancel = threading.Event()
         d = in_own_thread(self.reactor, ensure, self.settings, wanted, self.board, cancel)
-        d.addCallbacks(self._succeeded, self._failed)
+        d.addCallbacks(self._current(d, self._succeeded), self._current(d, self._failed))
         self._running = d
         deadline = self._deadline = self.reactor.callLater(RUN_DEADLINE, self._overdue, d,
                                                           cancel)
@@ -173,6 +179,20 @@ class AcmeService(service.Service):
         d.addBoth(done)
         return d
 
+    def _current(self, d: defer.Deferred, handle: Callable[[Any], None]
+                 ) -> Callable[[Any], None]:
+        """`handle` for the result of conversation `d`, unless it was given up: a late
+        result would count a failure twice, or set a second retry timer that nothing
+        cancels (not even a stop)."""
+        def handled(result: Any) -> None:
+            if d in self._given_up:
+                self._given_up.discard(d)
+                log.info("acme: a conversation given up on has ended; its result is "
+                         "not used")
+                return None
+            return handle(result)
+        return handled
+
     def _overdue(self, d: defer.Deferred, cancel: threading.Event) -> None:
         """The conversation has run RUN_DEADLINE: given up.  Its thread (in a read that
         may never end) is left behind and stops at its next step; the next attempt is
@@ -180,6 +200,7 @@ class AcmeService(service.Service):
         if self._running is not d:
             return
         cancel.set()
+        self._given_up.add(d)
         self._running = None
         self.failures += 1
         delay = retry_delay(self.failures)

@@ -221,6 +221,17 @@ def to_a_labels(name: str) -> str:
     return idna.encode(name, uts46=True, transitional=False).decode("ascii")
 
 
+def to_a_labels_as_read(name: str) -> str:
+    """to_a_labels() for a name someone else wrote (a From: or MAIL FROM domain): one
+    IDNA 2008 refuses but IDNA 2003 maps (a zero-width joiner inside "pay\u200dpal.com",
+    which a reader shows as paypal.com) is taken as IDNA 2003 reads it, so that the
+    policy of the domain a reader sees applies, not none at all."""
+    try:
+        return to_a_labels(name)
+    except UnicodeError:
+        return name.encode("idna").decode("ascii")
+
+
 def _idna_encode(domain: str) -> str:
     try:
         return to_a_labels(domain)

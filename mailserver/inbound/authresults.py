@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from mailserver.addresses import to_a_labels
+from mailserver.addresses import to_a_labels_as_read
 from mailserver.rfc5322 import comment_end
 from mailserver.shortcache import cache_short
 
@@ -51,7 +51,7 @@ def _ascii(value: str) -> str:
     else that is not ASCII as "?"."""
     local, at, domain = value.rpartition("@")
     try:
-        domain = to_a_labels(domain)
+        domain = to_a_labels_as_read(domain)
     except UnicodeError:
         domain = "".join(c if c.isascii() else "?" for c in domain)
     return "".join(c if c.isascii() else "?" for c in local) + at + domain

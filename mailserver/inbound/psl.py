@@ -19,7 +19,7 @@ from pathlib import Path
 
 from publicsuffixlist import PublicSuffixList
 
-from mailserver.addresses import to_a_labels
+from mailserver.addresses import to_a_labels_as_read
 from mailserver.shortcache import cache_short
 
 MAX_PSL_BYTES = 64 * 1024 * 1024   # a PSL file larger than this is not a PSL file
@@ -41,7 +41,7 @@ def normalize_domain(domain: str) -> str | None:
     for label in name.split("."):
         if not label.isascii():
             try:
-                label = to_a_labels(label).lower()
+                label = to_a_labels_as_read(label).lower()
             except UnicodeError:
                 return None
         if not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label):

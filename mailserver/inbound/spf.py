@@ -24,7 +24,7 @@ from typing import Any, Union
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailserver.addresses import to_a_labels
+from mailserver.addresses import to_a_labels_as_read
 from mailserver.inbound.dns import Answer
 
 log = Logger()
@@ -287,7 +287,7 @@ def _identity_domain(text: str) -> str | None:
         return None
     if not name.isascii():
         try:
-            name = to_a_labels(name)
+            name = to_a_labels_as_read(name)
         except UnicodeError:
             return None
     if not _check_host_domain_ok(name):

@@ -117,14 +117,15 @@ class DeadlineTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_conversation_past_its_deadline_is_given_up(self):
-        release = threading.Event()
-        self.addCleanup(release.set)
+        releases = [threading.Event(), threading.Event()]
+        for release in releases:
+            self.addCleanup(release.set)
         started: list[threading.Event] = []
 
         def stuck(settings, wanted, board, cancel) -> Outcome:
             started.append(cancel)
-            release.wait(30)   # a read that does not end; `cancel` is not looked at
-            return Outcome(pair=None, issued=False, names=wanted.names, reason="", note="")
+            releases[len(started) - 1].wait(30)   # a read that does not end; `cancel`
+            raise ConnectionError("the CA's connection ended at last")   # is not looked at
 
         self.patch(acme_service, "ensure_certificate", stuck)
         self.patch(acme_service, "RUN_DEADLINE", 0.3)
@@ -144,5 +145,17 @@ class DeadlineTests(unittest.TestCase):
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(len(started), 2)
         self.assertFalse(started[1].is_set())
+        # the given-up one ends at last: its failure is not counted again, and sets no
+        # second retry timer (one nothing would cancel)
+        retry = svc._retry
+        releases[0].set()
+        for _ in range(200):
+            if not svc._given_up:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(svc._given_up, set())
+        self.assertEqual(svc.failures, 1)
+        self.assertIs(svc._retry, retry)
+        self.assertIsNotNone(svc._running)   # the new one goes on
         self.flushLoggedErrors()
 
