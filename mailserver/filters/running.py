@@ -83,6 +83,10 @@ def _guarded(plugin: IDeliveryFilter, facts: DeliveryFacts, timeout: float,
             if not isinstance(value, Failure):
                 log.info("delivery filter {plugin} answered {queue_id} after the timeout; "
                          "not used", plugin=name, queue_id=facts.queue_id)
+            elif not value.check(defer.CancelledError):
+                log.failure("delivery filter {plugin} failed on {queue_id} after the "
+                            "timeout", value, LogLevel.warn, plugin=name,
+                            queue_id=facts.queue_id)
             return None
         timer.cancel()
         if isinstance(value, Failure):
