@@ -221,7 +221,10 @@ class AccountsChecker:
             "password hash of {address} upgraded to argon2id", address=address))
         d.addErrback(lambda f: log.failure("cannot upgrade password hash of {address}", f,
                                            address=address))
-        d.addBoth(lambda _: self.upgrading.pop(address, None) and None)
+
+        def finished(_: Any) -> None:
+            del self.upgrading[address]
+        d.addBoth(finished)
 
 
 def _rehash(accounts: IAccounts, address: str, old: str, password: str | bytes) -> bool:

@@ -340,10 +340,10 @@ class NodeMailboxLocks:
         if not self.holds(key):
             return succeed(False)
 
-        def failed(f: Failure) -> None:
+        def failed(f: Failure) -> Failure:
             if f.check(LinkDown):
                 raise MailboxUnavailable(f.getErrorMessage())
-            f.raiseException()
+            return f
 
         d = self._crossnode._run(self._crossnode.link.check)
         return d.addCallbacks(lambda _: self.holds(key), failed)

@@ -386,11 +386,9 @@ def replace_locked(path: Path, data: bytes | Callable[[bytes | None], bytes | No
             data = data(current)
             if data is None:
                 return False
-        # Written over the owner, then cut to length: the file is never empty (a lock
-        # without an owner waits UNOWNED_STALE_AFTER to be broken after a crash).
+        os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         write_all(fd, data)
-        os.ftruncate(fd, len(data))
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
         os.fsync(fd)

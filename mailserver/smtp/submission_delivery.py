@@ -118,13 +118,11 @@ class SubmissionDelivery:
         if not from_values:
             added.append(f"From: <{self.sender}>")
             addresses = [self.sender]
-        elif _too_many(from_values):
-            addresses = []
-            self._error = TOO_MANY_AUTHORS
         else:
-            addresses = mailbox_addresses(from_values) or []
-            if len(addresses) > MAX_AUTHOR_ADDRESSES:
-                self._error = TOO_MANY_AUTHORS
+            named = _authors(from_values)
+            addresses = [] if isinstance(named, Reply) else named or []
+            if isinstance(named, Reply):
+                self._error = named
             elif not addresses:
                 self._error = FROM_UNREADABLE
             elif not self._owns(addresses):
@@ -139,12 +137,9 @@ class SubmissionDelivery:
         for name in _SENDER_FIELDS:
             values = field_values(fields, name)
             if values and self._error is None:
-                if _too_many(values):
-                    self._error = TOO_MANY_AUTHORS
-                    continue
-                named = mailbox_addresses(values)
-                if named is not None and len(named) > MAX_AUTHOR_ADDRESSES:
-                    self._error = TOO_MANY_AUTHORS
+                named = _authors(values)
+                if isinstance(named, Reply):
+                    self._error = named
                 elif not named or not self._owns(named):
                     self._error = SENDER_NOT_OWNED
         if any(n in _BLIND_FIELDS for n, _ in fields):
@@ -224,6 +219,12 @@ class SubmissionDelivery:
         return signature.decode("ascii")
 
 
-def _too_many(values: list[str]) -> bool:
-    """Author fields too long to be worth parsing (before any address is looked up)."""
-    return sum(len(v) for v in values) > MAX_AUTHOR_OCTETS
+def _authors(values: list[str]) -> list[str] | Reply | None:
+    """The addresses author fields name (None when one cannot be read), or the refusal
+    of fields too long or too many to be worth a lookup each."""
+    if sum(len(v) for v in values) > MAX_AUTHOR_OCTETS:   # not even parsed
+        return TOO_MANY_AUTHORS
+    named = mailbox_addresses(values)
+    if named is not None and len(named) > MAX_AUTHOR_ADDRESSES:
+        return TOO_MANY_AUTHORS
+    return named

@@ -249,8 +249,8 @@ def test_an_empty_dotlock_is_judged_by_its_age_as_dovecot_does(tmp_path: Path) -
         DotLock(tmp_path / "x", timeout=0.3).acquire()
     old = time.time() - uidlistmod.LOCK_STALE_AFTER - 1
     os.utime(lock, (old, old))
-    with DotLock(tmp_path / "x", timeout=2):
-        pass
+    with DotLock(tmp_path / "x", timeout=2):   # broken, and taken by us
+        assert lock.read_bytes() == f"{os.getpid()}:{uidlistmod._hostname()}".encode()
 
 
 def test_dotlock_without_hard_links_is_made_in_place(tmp_path: Path, monkeypatch) -> None:
